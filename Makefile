@@ -1,0 +1,24 @@
+# Each target makes its own virtual environment (.venv) and installs what it needs:
+# torch 2.13.0 (CPU wheel) first, so nothing pulls a multi-GB CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= runs/demo
+
+.PHONY: demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/fewchips info --preset tiny
+	$(PY) -m fewchips.demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -x
+
+clean:
+	rm -rf $(VENV) runs

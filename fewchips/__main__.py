@@ -1,0 +1,5 @@
+import sys
+
+from fewchips.cli import main
+
+sys.exit(main())

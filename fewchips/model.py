@@ -1,0 +1,515 @@
+"""DeepSeek-V3 in one file, in the paper's order: RMSNorm, RoPE/YaRN, MLA, SwiGLU, the DeepSeekMoE
+router and experts, the decoder block, the model, and the Multi-Token Prediction module.
+
+Shape legend (suffixes on tensor names):
+    B batch  T tokens in the step  S cache length  H heads  D hidden_size
+    C kv_lora_rank (the cached latent)  R qk_rope_head_dim  N qk_nope_head_dim  V v_head_dim
+    E routed experts  K experts per token  F expert (or dense FFN) width  M flattened tokens (B*T)
+
+Parameter names are the Hugging Face checkpoint's (reference section 8.1), except that routed experts
+are stacked into `experts.gate_up_proj [E, 2F, D]` and `experts.down_proj [E, D, F]` (as transformers
+does internally) and the MTP layers live in `mtp.{i}` (`model.layers.{num_hidden_layers + i}` on disk);
+the checkpoint module maps between the two.
+
+Seams for the rest of the project: every projection is a plain `nn.Linear` (FP8 swaps modules),
+`RoutedExperts` is the whole dispatch → expert FFN → combine step (expert parallelism replaces it),
+and `LatentCache` is the only inference state (owned by the caller, passed in).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, yarn_mscale
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation and rotary embeddings
+# ---------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 whatever the activation dtype (reference pitfall 16)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Per-pair angular frequencies of the decoupled rope dims, with YaRN's ramp (reference 1.3),
+    and the cos/sin amplitude factor (1.0 for the released V3 config)."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
+    y = cfg.yarn
+    if y is None:
+        return 1.0 / pos_freqs, 1.0
+    factor = cfg.yarn_factor
+    orig = y["original_max_position_embeddings"]
+    beta_fast, beta_slow = y.get("beta_fast") or 32, y.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+    if y.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, dim - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - lo) / (hi - lo)).clamp(0, 1)
+    keep = 1 - ramp                     # 1: pair untouched (high frequency), 0: fully interpolated by 1/s
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    amp = y.get("attention_factor")
+    if amp is None:
+        ms, msa = y.get("mscale"), y.get("mscale_all_dim")
+        amp = yarn_mscale(factor, ms) / yarn_mscale(factor, msa) if ms and msa else yarn_mscale(factor)
+    return inv_freq, float(amp)
+
+
+class Rotary(nn.Module):
+    """cos/sin for given positions, computed on the fly (no table: V3's 163,840 positions need none)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.inv_freq_cpu, self.amplitude = rope_frequencies(cfg)   # a plain tensor: survives meta init
+        self._per_device: dict = {}
+
+    def forward(self, positions):                                   # positions [B, T] (int)
+        dev = positions.device
+        if dev not in self._per_device:
+            self._per_device[dev] = self.inv_freq_cpu.to(dev)
+        freqs = positions[..., None].float() * self._per_device[dev]  # [B, T, R/2]
+        return freqs.cos() * self.amplitude, freqs.sin() * self.amplitude
+
+
+def apply_rope(x, cos, sin):
+    """Rotate interleaved pairs (x0,x1),(x2,x3)... - the released weights' layout - and write the result
+    half-split ([all evens | all odds]). q and k get the same permutation, so every q.k is unchanged
+    and no weight permutation is needed (reference 2.2). x [..., T, h, R], cos/sin [..., T, R/2]."""
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-head Latent Attention (reference section 2)
+# ---------------------------------------------------------------------------------------------
+
+class LatentCache:
+    """The MLA inference cache: per layer, the normalised KV latent c [C] and the rotated shared rope
+    key k^R [R] of every token - (C + R) numbers per token per layer, pre-allocated.
+    `slots` rows of the batch dimension can be reused by different requests over time."""
+
+    def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int, n_layers: int | None = None,
+                 dtype=torch.float32, device="cpu"):
+        n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers if n_layers is None else n_layers
+        self.max_len = max_len
+        self.latent_LBSC = torch.zeros(n_layers, n_slots, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.k_rope_LBSR = torch.zeros(n_layers, n_slots, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return (self.latent_LBSC[:, 0, 0].numel() + self.k_rope_LBSR[:, 0, 0].numel()) * self.latent_LBSC.element_size()
+
+
+@dataclass
+class CacheView:
+    """What one layer's attention needs to read and write the cache for this step."""
+    latent_BSC: torch.Tensor      # this layer's buffers (all slots)
+    k_rope_BSR: torch.Tensor
+    slots_B: torch.Tensor         # cache row of each batch row
+    positions_BT: torch.Tensor    # absolute position of each new token
+    attend_len: int               # attend over cache positions [0, attend_len)
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = H = cfg.num_attention_heads
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.q_lora_rank = cfg.q_lora_rank
+        qk = self.nope + self.rope
+        D = cfg.hidden_size
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
+        self.softmax_scale = cfg.softmax_scale   # 192^-1/2 * mscale^2; also for the absorbed form
+
+    def forward(self, x_BTD, cos, sin, cache: CacheView | None = None):
+        B, T, _ = x_BTD.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x_BTD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        q_BTHk = q.view(B, T, self.n_heads, self.nope + self.rope)
+        q_nope_BTHN, q_rope_BTHR = q_BTHk.split([self.nope, self.rope], dim=-1)
+        q_rope_BTHR = apply_rope(q_rope_BTHR, cos, sin)
+
+        kv = self.kv_a_proj_with_mqa(x_BTD)
+        c_BTC, k_rope_BTR = kv.split([self.kv_lora_rank, self.rope], dim=-1)
+        c_BTC = self.kv_a_layernorm(c_BTC)                              # norm on the latent only
+        k_rope_BTR = apply_rope(k_rope_BTR.unsqueeze(2), cos, sin).squeeze(2)  # one key for all heads
+
+        if cache is not None:
+            rows = cache.slots_B[:, None].expand(B, T)
+            cache.latent_BSC[rows, cache.positions_BT] = c_BTC.to(cache.latent_BSC.dtype)
+            cache.k_rope_BSR[rows, cache.positions_BT] = k_rope_BTR.to(cache.k_rope_BSR.dtype)
+            if cache.attend_len > T or not _starts_at_zero(cache.positions_BT):
+                o_BTHV = self._absorbed(q_nope_BTHN, q_rope_BTHR, cache)
+                return self.o_proj(o_BTHV.reshape(B, T, -1))
+        # Expanded ("MHA mode") attention over the tokens of this step: training and prefill.
+        kv_BTHk = self.kv_b_proj(c_BTC).view(B, T, self.n_heads, self.nope + self.v_dim)
+        k_nope_BTHN, v_BTHV = kv_BTHk.split([self.nope, self.v_dim], dim=-1)
+        q_BHTk = torch.cat((q_nope_BTHN, q_rope_BTHR), dim=-1).transpose(1, 2)
+        k_BHTk = torch.cat((k_nope_BTHN, k_rope_BTR[:, :, None].expand(B, T, self.n_heads, self.rope)),
+                           dim=-1).transpose(1, 2)
+        o_BHTV = F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BTHV.transpose(1, 2),
+                                                is_causal=True, scale=self.softmax_scale)
+        return self.o_proj(o_BHTV.transpose(1, 2).reshape(B, T, -1))
+
+    def _absorbed(self, q_nope_BTHN, q_rope_BTHR, cache: CacheView):
+        """Attend over the cached latent directly: W_UK folded into the query, W_UV applied after
+        the attention-weighted sum (reference 2.3). Causal by absolute position."""
+        S = cache.attend_len
+        latent_BSC = cache.latent_BSC[cache.slots_B, :S].to(q_nope_BTHN.dtype)
+        k_rope_BSR = cache.k_rope_BSR[cache.slots_B, :S].to(q_nope_BTHN.dtype)
+        w_HkC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk_HNC, w_uv_HVC = w_HkC.split([self.nope, self.v_dim], dim=1)
+        q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_nope_BTHN, w_uk_HNC.to(q_nope_BTHN.dtype))
+        scores_BTHS = (torch.einsum("bthc,bsc->bths", q_lat_BTHC, latent_BSC)
+                       + torch.einsum("bthr,bsr->bths", q_rope_BTHR, k_rope_BSR)) * self.softmax_scale
+        future_BTS = torch.arange(S, device=scores_BTHS.device)[None, None, :] > cache.positions_BT[..., None]
+        scores_BTHS = scores_BTHS.masked_fill(future_BTS[:, :, None, :], float("-inf"))
+        p_BTHS = scores_BTHS.softmax(dim=-1, dtype=torch.float32).to(q_nope_BTHN.dtype)
+        o_lat_BTHC = torch.einsum("bths,bsc->bthc", p_BTHS, latent_BSC)
+        return torch.einsum("bthc,hvc->bthv", o_lat_BTHC, w_uv_HVC.to(q_nope_BTHN.dtype))
+
+
+def _starts_at_zero(positions_BT) -> bool:
+    # A prefill from position 0 needs nothing from the cache, so it may use the expanded form.
+    return bool((positions_BT[:, 0] == 0).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# Feed-forward: SwiGLU, the router, routed experts, DeepSeekMoE (reference section 3)
+# ---------------------------------------------------------------------------------------------
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class RouterOutput:
+    weights_MK: torch.Tensor      # gating weights of the selected experts (fp32, routed scale applied)
+    experts_MK: torch.Tensor      # selected expert indices
+    scores_ME: torch.Tensor       # unbiased affinities s (sigmoid or softmax), fp32
+
+
+class Router(nn.Module):
+    """Affinities in fp32, selection on s + b under group limits, weights from the unbiased s."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.scoring_func, self.topk_method = cfg.scoring_func, cfg.topk_method
+        self.norm_topk_prob, self.routed_scaling_factor = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        # The aux-loss-free balancing bias: selection only, no gradient, always fp32 (pitfall 7).
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x_MD) -> RouterOutput:
+        logits_ME = F.linear(x_MD.float(), self.weight.float())
+        scores_ME = logits_ME.sigmoid() if self.scoring_func == "sigmoid" else logits_ME.softmax(-1)
+        choice_ME = scores_ME + self.e_score_correction_bias if self.topk_method == "noaux_tc" else scores_ME
+        if self.topk_method != "greedy" and self.n_group > 1:
+            M = choice_ME.shape[0]
+            grouped_MGe = choice_ME.view(M, self.n_group, -1)
+            if self.topk_method == "noaux_tc":
+                group_score_MG = grouped_MGe.topk(2, dim=-1).values.sum(-1)     # V3: top-2 sum
+            else:
+                group_score_MG = grouped_MGe.amax(-1)                             # V2: max
+            keep_MG = group_score_MG.topk(self.topk_group, dim=-1, sorted=False).indices
+            drop_MG = torch.ones_like(group_score_MG, dtype=torch.bool).scatter_(1, keep_MG, False)
+            choice_ME = grouped_MGe.masked_fill(drop_MG[..., None], float("-inf")).view(M, -1)  # -inf, not 0
+        experts_MK = choice_ME.topk(self.top_k, dim=-1, sorted=False).indices
+        weights_MK = scores_ME.gather(1, experts_MK)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights_MK = weights_MK / (weights_MK.sum(-1, keepdim=True) + 1e-20)
+        return RouterOutput(weights_MK * self.routed_scaling_factor, experts_MK, scores_ME)
+
+    def _apply(self, fn, recurse=True):
+        # `.to(bfloat16)` of the model must not round the bias: only differences of ~1e-3 between
+        # values near 2-4 decide selection. Keep it fp32 on whatever device the model moves to.
+        bias = self.e_score_correction_bias
+        out = super()._apply(fn, recurse)
+        new = self.e_score_correction_bias
+        if new.dtype != torch.float32 and not new.is_meta:
+            self.e_score_correction_bias = bias.to(device=new.device, dtype=torch.float32)
+        return out
+
+
+class RoutedExperts(nn.Module):
+    """Dispatch (sort token copies by expert), one grouped SwiGLU over all experts, combine (weighted
+    scatter-add back to the tokens). No Python loop over experts. Expert parallelism replaces this
+    module with one whose dispatch and combine are all-to-alls."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, Fd = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.n_experts = E
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Fd, D))   # [gate; up] rows per expert
+        self.down_proj = nn.Parameter(torch.empty(E, D, Fd))
+
+    def forward(self, x_MD, experts_MK, weights_MK):
+        M, K = experts_MK.shape
+        flat = experts_MK.reshape(-1)
+        order = flat.argsort(stable=True)
+        token_of = order // K                                             # source token of each copy
+        counts_E = torch.bincount(flat, minlength=self.n_experts)
+        y = self.expert_ffn(x_MD[token_of], counts_E)
+        y = y * weights_MK.reshape(-1)[order, None].to(y.dtype)
+        return torch.zeros_like(x_MD).index_add_(0, token_of, y)
+
+    def expert_ffn(self, x_sorted, counts_E):
+        """SwiGLU of each expert on its contiguous run of rows (rows sorted by expert)."""
+        offs = counts_E.cumsum(0).to(torch.int32)
+        h = F.grouped_mm(x_sorted, self.gate_up_proj.transpose(-2, -1), offs=offs)
+        gate, up = h.chunk(2, dim=-1)
+        return F.grouped_mm((F.silu(gate) * up).contiguous(), self.down_proj.transpose(-2, -1), offs=offs)
+
+
+@dataclass
+class MoEStats:
+    """What training reads off one MoE layer in one forward."""
+    load_E: torch.Tensor          # token copies routed to each expert (no grad)
+    seq_balance: torch.Tensor     # sum_i f_i P_i averaged over sequences (has grad; times alpha = L_Bal)
+
+
+class MoE(nn.Module):
+    """h' = shared(u) + sum_i g_i FFN_i(u) (reference 3.1); the block adds the residual."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = RoutedExperts(cfg)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts > 0 else None)
+        self.top_k, self.n_experts = cfg.num_experts_per_tok, cfg.n_routed_experts
+
+    def forward(self, x_BTD, stats: list | None = None):
+        B, T, D = x_BTD.shape
+        x_MD = x_BTD.reshape(-1, D)
+        r = self.gate(x_MD)
+        y_MD = self.experts(x_MD, r.experts_MK, r.weights_MK)
+        if self.shared_experts is not None:
+            y_MD = y_MD + self.shared_experts(x_MD)
+        if stats is not None:
+            stats.append(self._stats(r, B, T))
+        return y_MD.view(B, T, D)
+
+    def _stats(self, r: RouterOutput, B: int, T: int) -> MoEStats:
+        """Expert loads for the bias update, and the complementary sequence-wise balance loss
+        (reference 3.4) with the indicator taken on the experts actually selected."""
+        E, K = self.n_experts, self.top_k
+        onehot_BTE = torch.zeros(B * T, E, device=r.experts_MK.device).scatter_(1, r.experts_MK, 1.0).view(B, T, E)
+        f_BE = onehot_BTE.sum(1) * (E / (K * T))
+        s_norm_BTE = (r.scores_ME / r.scores_ME.sum(-1, keepdim=True)).view(B, T, E)
+        P_BE = s_norm_BTE.mean(1)
+        return MoEStats(load_E=onehot_BTE.sum((0, 1)).detach(), seq_balance=(f_BE * P_BE).sum(-1).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder block, model, MTP
+# ---------------------------------------------------------------------------------------------
+
+class DecoderLayer(nn.Module):
+    """Pre-norm: h = x + MLA(norm(x)); out = h + FFN(norm(h)). FFN is dense or DeepSeekMoE."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MLA(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache: CacheView | None = None, stats: list | None = None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        ffn_in = self.post_attention_layernorm(h)
+        return h + (self.mlp(ffn_in, stats) if isinstance(self.mlp, MoE) else self.mlp(ffn_in))
+
+
+class Backbone(nn.Module):
+    """`model.*` in the checkpoint: embedding, the decoder layers, the final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class SharedHead(nn.Module):
+    """The MTP module's own final norm; the output head itself is the main model's (shared)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPLayer(DecoderLayer):
+    """Depth-k MTP module (reference 4.1): h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]),
+    then a full decoder block. Embedding and output head are the main model's."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = SharedHead(cfg)
+
+    def forward(self, emb_BTD, h_BTD, cos, sin, cache: CacheView | None = None, stats: list | None = None):
+        x = self.eh_proj(torch.cat((self.enorm(emb_BTD), self.hnorm(h_BTD)), dim=-1))  # [emb; h] order
+        return super().forward(x, cos, sin, cache, stats)
+
+
+class DeepseekV3(nn.Module):
+    """Calling the model on token ids [B, T] returns the main head's logits [B, T, vocab_size]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers))
+        self.rotary = Rotary(cfg)
+
+    # ---- forward passes ---------------------------------------------------------------------
+    def forward(self, input_ids, positions=None, cache: LatentCache | None = None, slots=None,
+                stats: list | None = None):
+        return self.lm_head(self.hidden_states(input_ids, positions, cache, slots, stats))
+
+    def hidden_states(self, input_ids, positions=None, cache: LatentCache | None = None, slots=None,
+                      stats: list | None = None):
+        """The final-normed hidden states [B, T, D] (what the head and the MTP module read).
+        With a cache, new tokens sit at `positions` [B, T] of cache rows `slots` [B]."""
+        B, T = input_ids.shape
+        positions = self._positions(input_ids, positions)
+        cos, sin = self.rotary(positions)
+        h = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, cos, sin, self._cache_view(cache, i, slots, positions), stats)
+        return self.model.norm(h)
+
+    def mtp_hidden(self, depth: int, input_ids, h_prev_BTD, positions=None, cache: LatentCache | None = None,
+                   slots=None, stats: list | None = None):
+        """MTP module `depth` (0-based) on hidden states h_prev [B, T, D] of positions i and the
+        tokens t_{i+depth+1} in `input_ids` [B, T]; returns its hidden states (position i of depth
+        k = depth+1 then predicts token i+k+1 through `mtp_logits`)."""
+        positions = self._positions(input_ids, positions)
+        cos, sin = self.rotary(positions)
+        layer = self.mtp[depth]
+        view = self._cache_view(cache, self.config.num_hidden_layers + depth, slots, positions)
+        return layer(self.model.embed_tokens(input_ids), h_prev_BTD, cos, sin, view, stats)
+
+    def mtp_logits(self, depth: int, h_BTD):
+        return self.lm_head(self.mtp[depth].shared_head.norm(h_BTD))
+
+    def mtp_forward(self, input_ids, h_main_BTD, stats: list | None = None):
+        """Training-time MTP: a list over depths k = 1..D of logits [B, T-k, V]; position i of
+        depth k predicts token i+k+1 (so its targets are input_ids[:, i+k+1], where they exist)."""
+        out, h = [], h_main_BTD
+        T = input_ids.shape[1]
+        for d in range(len(self.mtp)):
+            k = d + 1
+            if T - k <= 0:
+                break
+            h = self.mtp_hidden(d, input_ids[:, k:], h[:, : T - k], stats=stats)
+            out.append(self.mtp_logits(d, h))
+        return out
+
+    @staticmethod
+    def _positions(input_ids, positions):
+        if positions is None:
+            B, T = input_ids.shape
+            return torch.arange(T, device=input_ids.device).expand(B, T)
+        return positions
+
+    @staticmethod
+    def _cache_view(cache, layer, slots, positions):
+        if cache is None:
+            return None
+        if slots is None:
+            slots = torch.arange(positions.shape[0], device=positions.device)
+        return CacheView(cache.latent_LBSC[layer], cache.k_rope_LBSR[layer], slots, positions,
+                         int(positions.max()) + 1)
+
+    # ---- weights ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None, generator: torch.Generator | None = None):
+        """N(0, std) for every matrix (the report's 0.006 by default), ones for norms, zero bias."""
+        std = self.config.initializer_range if std is None else std
+        for p in self.parameters():
+            p.normal_(0.0, std, generator=generator)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+            elif isinstance(m, Router):
+                m.e_score_correction_bias.zero_()
+        return self
+
+    def num_parameters(self) -> dict[str, int]:
+        """Total, activated per token, embedding/head and MTP parameter counts, from the module tree."""
+        cfg = self.config
+        main = sum(p.numel() for n, p in self.named_parameters() if not n.startswith("mtp."))
+        mtp = sum(p.numel() for n, p in self.named_parameters() if n.startswith("mtp."))
+        embed = self.model.embed_tokens.weight.numel()
+        head = 0 if cfg.tie_word_embeddings else self.lm_head.weight.numel()
+
+        def inactive(module_iter):
+            n = 0
+            for m in module_iter:
+                if isinstance(m, RoutedExperts):
+                    per_expert = (m.gate_up_proj.numel() + m.down_proj.numel()) // m.n_experts
+                    n += per_expert * (m.n_experts - cfg.num_experts_per_tok)
+            return n
+
+        active = main - inactive(self.model.modules())
+        mtp_active = mtp - inactive(self.mtp.modules())
+        return {"total": main, "active": active, "embedding": embed, "head": head,
+                "mtp": mtp, "mtp_active": mtp_active}
+
+    def save_pretrained(self, path, **kw):
+        from .checkpoint import save_pretrained   # checkpoint I/O lives beside, not inside, the model
+        return save_pretrained(self, path, **kw)
