@@ -1,0 +1,81 @@
+"""Decoding through the MLA latent cache (absorbed attention) gives the full forward's logits at every position."""
+
+import pytest
+import torch
+
+from fewchips import LatentCache
+
+from inference_utils import YARN, tiny_model
+
+CONFIGS = {"q_lora": {}, "no_q_lora": {"q_lora_rank": None}, "yarn": {"rope_scaling": YARN}}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_token_by_token_decode_matches_full_forward(name):
+    model = tiny_model(1, **CONFIGS[name])
+    ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids)
+        cache = LatentCache(model.config, n_slots=2, max_len=32)
+        P = 5   # prefill 5 tokens (expanded form), then one token at a time (absorbed form)
+        steps = [model(ids[:, :P], cache=cache)]
+        for t in range(P, ids.shape[1]):
+            pos = torch.full((2, 1), t)
+            steps.append(model(ids[:, t:t + 1], positions=pos, cache=cache))
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_chunked_decode_in_reused_slots_matches_full_forward(name):
+    """Several tokens per step from a non-zero position (MTP verification), into cache rows that held
+    another request before: stale entries beyond the current position must not be attended."""
+    model = tiny_model(2, **CONFIGS[name])
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, model.config.vocab_size, (2, 20), generator=g)
+    with torch.no_grad():
+        full = model(ids)
+        cache = LatentCache(model.config, n_slots=4, max_len=40)
+        slots = torch.tensor([3, 1])
+        junk = torch.randint(3, model.config.vocab_size, (2, 40), generator=g)
+        model(junk, cache=cache, slots=slots)                   # an earlier, longer request
+        out = [model(ids[:, :3], cache=cache, slots=slots)]
+        t = 3
+        for n in (2, 1, 4, 3, 2, 5):
+            pos = torch.arange(t, t + n).expand(2, n)
+            out.append(model(ids[:, t:t + n], positions=pos, cache=cache, slots=slots))
+            t += n
+    torch.testing.assert_close(torch.cat(out, 1), full[:, :t], rtol=1e-4, atol=1e-5)
+
+
+def test_rows_at_different_positions():
+    """One decode step where every row sits at its own position (continuous batching, ragged prompts
+    right-padded in the prefill): each row equals its own unpadded full forward."""
+    model = tiny_model(3, rope_scaling=YARN)
+    g = torch.Generator().manual_seed(2)
+    lens = [4, 9, 6]
+    seqs = [torch.randint(3, model.config.vocab_size, (n + 3,), generator=g) for n in lens]
+    with torch.no_grad():
+        cache = LatentCache(model.config, n_slots=3, max_len=16)
+        T = max(lens)
+        padded = torch.zeros(3, T, dtype=torch.long)
+        for i, (s, n) in enumerate(zip(seqs, lens)):
+            padded[i, :n] = s[:n]
+        pre = model(padded, cache=cache)
+        got = [[pre[i, n - 1]] for i, n in enumerate(lens)]
+        for k in range(3):
+            pos = torch.tensor([[n + k] for n in lens])
+            step = model(torch.stack([s[n + k] for s, n in zip(seqs, lens)])[:, None], positions=pos, cache=cache)
+            for i in range(3):
+                got[i].append(step[i, 0])
+        for i, (s, n) in enumerate(zip(seqs, lens)):
+            want = model(s[None, : n + 3])[0, n - 1:]
+            torch.testing.assert_close(torch.stack(got[i]), want, rtol=1e-4, atol=1e-5)
+
+
+def test_cache_bytes_per_token():
+    model = tiny_model(0)
+    cfg = model.config
+    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
+        cache = LatentCache(cfg, n_slots=1, max_len=8, dtype=dtype)
+        assert cache.bytes_per_token == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * layers * size
