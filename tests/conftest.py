@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random configs and models (nothing is downloaded)."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(2)
+
+
+def tiny_config(**overrides):
+    """A very small V3-shaped config: every mechanism present, seconds to run."""
+    from fewchips import ModelConfig
+
+    base = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, intermediate_size=96,
+                num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
+                qk_rope_head_dim=8, v_head_dim=12, first_k_dense_replace=1, moe_intermediate_size=24,
+                n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+                rope_scaling=None, max_position_embeddings=256, num_nextn_predict_layers=1)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def random_model(cfg, seed=0, std=0.05, bias_std=0.1):
+    """A randomly initialised model with non-zero balancing biases (selection must use them)."""
+    from fewchips import DeepseekV3
+    from fewchips.model import Router
+
+    g = torch.Generator().manual_seed(seed)
+    model = DeepseekV3(cfg).init_weights(std, generator=g)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, Router):
+                m.e_score_correction_bias.normal_(0.0, bias_std, generator=g)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_cfg():
+    return tiny_config()
