@@ -10,7 +10,7 @@ import logging
 import sys
 
 # Command modules, in the order `--help` lists them.
-COMMANDS = ["info"]
+COMMANDS = ["info", "plan"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,247 @@
+"""`fewchips plan`: how many chips, how long, how much memory, for any DeepSeek-V3-style config.
+
+    fewchips plan --preset v3 --tokens 14.8T --gpus 2048 --gpu h800 --ep 64 --pp 16 --fp8
+    fewchips plan --preset v3 --implied-mfu            # what DeepSeek-V3's own run achieved
+    fewchips plan --model path/to/config.json --gpus 8 --gpu h200 --explain
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+
+def register(sub):
+    from fewchips.plan.gpus import GPUS   # a plain table, no torch: keeps --help fast
+
+    p = sub.add_parser("plan", help="parameters, FLOPs, memory per GPU, serving capacity and training time",
+                       description="Plan a training or serving run from the model definition itself. "
+                                   "Add --explain to see the formula behind every line.")
+    g = p.add_argument_group("model")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=None, help="tiny, small, v2-lite or v3 (default: v3)")
+    src.add_argument("--model", default=None, help="a Hugging Face-format directory or a config.json file")
+    g = p.add_argument_group("run")
+    g.add_argument("--tokens", default="14.8T",
+                   help="training tokens: 14.8T, 500B, 2e12 (K/M/B/T = 1e3/1e6/1e9/1e12; default 14.8T, V3's run)")
+    g.add_argument("--seq", type=int, default=4096, help="sequence length (default 4096, V3's pre-training length); "
+                   "sets the attention FLOPs, activations and the serving context")
+    g.add_argument("--micro-batch", type=int, default=1,
+                   help="sequences per micro-batch per GPU (default 1); activations scale with it")
+    g.add_argument("--fp8", action="store_true",
+                   help="the report's FP8 recipe: FP8 linears (time at the FP8 peak, FP8 serving weights)")
+    g.add_argument("--mfu", type=float, default=0.35,
+                   help="model FLOPs utilisation to plan with, against the dense peak of the precision used "
+                        "(default 0.35; V3 achieved about 0.20 of FP8 peak, 0.41 of BF16 peak)")
+    g.add_argument("--price", type=float, default=2.0,
+                   help="USD per GPU-hour (default 2, the report's H800 rental assumption)")
+    g = p.add_argument_group("hardware and layout (gpus = dp x ep x pp, no tensor parallelism)")
+    g.add_argument("--gpu", default=None, help=f"{', '.join(GPUS)} (default h800)")
+    g.add_argument("--gpu-spec", default=None, metavar="SPEC",
+                   help="another accelerator, e.g. mem=192,bf16=1307,fp8=2615,link=896 (GiB, dense TFLOPS, GB/s); "
+                        "with --gpu, overrides that GPU's fields")
+    g.add_argument("--gpus", type=int, default=None, help="total GPUs (default dp x ep x pp)")
+    g.add_argument("--dp", type=int, default=None, help="data-parallel replicas of the ep x pp grid "
+                   "(default gpus / (ep x pp))")
+    g.add_argument("--ep", type=int, default=None, help="expert parallelism: must divide the routed experts "
+                   "(V3 used 64)")
+    g.add_argument("--pp", type=int, default=None, help="pipeline stages, at most the layer count (V3 used 16)")
+    g.add_argument("--zero", type=int, default=1, choices=(0, 1, 2, 3),
+                   help="ZeRO stage: 1 shards optimizer state over data parallelism (default 1, as V3)")
+    g = p.add_argument_group("output")
+    g.add_argument("--implied-mfu", nargs="?", const="2664K", default=None, metavar="GPU_HOURS",
+                   help="the MFU a finished run implies from its GPU-hours and --tokens "
+                        "(default 2664K: V3's pre-training on H800s)")
+    g.add_argument("--explain", action="store_true", help="print the formula behind each line")
+    g.add_argument("--json", action="store_true", help="one JSON object (bytes, FLOPs, seconds) instead of text")
+    p.set_defaults(func=run)
+
+
+def load_config(preset, model):
+    from fewchips.config import ModelConfig
+    if model:
+        return ModelConfig.from_json(model)
+    return ModelConfig.from_preset(preset or "v3")
+
+
+def resolve_gpu(name, spec):
+    """--gpu alone: the table's entry; --gpu-spec alone: a new accelerator; both: the entry, overridden."""
+    from fewchips.plan.gpus import get_gpu, parse_gpu_spec
+    if spec:
+        return parse_gpu_spec(spec, base=get_gpu(name) if name else None)
+    return get_gpu(name or "h800")
+
+
+def build_plan(args) -> dict:
+    """Everything the text and JSON outputs show, computed once."""
+    from fewchips.plan import estimate as est
+
+    cfg = load_config(args.preset, args.model)
+    gpu = resolve_gpu(args.gpu, args.gpu_spec)
+    tokens = est.parse_count(args.tokens, "--tokens")
+    for name, v in (("--seq", args.seq), ("--micro-batch", args.micro_batch)):
+        if v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v}")
+    if not 0 < args.mfu <= 1:
+        raise ValueError(f"--mfu must be in (0, 1], got {args.mfu:g} (0.35 means 35%)")
+    if args.price < 0:
+        raise ValueError(f"--price must be >= 0, got {args.price:g}")
+    layout = est.make_layout(cfg, gpus=args.gpus, dp=args.dp, ep=args.ep, pp=args.pp, zero=args.zero)
+    params = est.count_params(cfg)
+    flops = est.flops_per_token(params, args.seq)
+    memory = {}
+    for prec, fp8 in (("bf16", False), ("fp8", True)):
+        stages = est.training_memory(params, layout, args.seq, args.micro_batch, fp8)
+        worst = max(stages, key=lambda s: s.total)
+        memory[prec] = dict(stage=worst, fits=worst.total <= gpu.memory_gib * est.GIB,
+                            acts=est.activation_bytes_per_token(cfg, "moe" if params.sum("routed_experts") else "dense", fp8))
+    plan = dict(
+        name=args.model or args.preset or "v3", cfg=cfg, gpu=gpu, layout=layout, tokens=tokens, fp8=args.fp8,
+        seq=args.seq, micro_batch=args.micro_batch, mfu=args.mfu, price=args.price,
+        params=est.param_terms(params), flops=flops, memory=memory,
+        serving=est.serving_terms(params, gpu, layout.gpus, args.seq, args.fp8),
+        time=est.time_terms(tokens, flops, gpu, layout.gpus, args.mfu, args.fp8, args.price),
+        six_n=6 * (params.counts["active"] - params.counts["embedding"]),
+    )
+    if args.implied_mfu is not None:
+        hours = est.parse_count(args.implied_mfu, "--implied-mfu")
+        plan["implied"] = est.implied_mfu_terms(tokens, hours, flops, gpu)
+        plan["implied_hours"] = hours
+    return plan
+
+
+def run(args):
+    plan = build_plan(args)
+    if args.json:
+        print(json.dumps(to_json(plan, args.explain)))
+    else:
+        print("\n".join(render(plan, args.explain)))
+    return 0
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+def to_json(plan, explain=False) -> dict:
+    def terms(ts):
+        d = {t.name: t.value for t in ts}
+        if explain:
+            d["formulas"] = {t.name: t.formula for t in ts}
+        return d
+
+    flops = plan["flops"]
+    out = {
+        "model": plan["name"], "gpu": dataclasses.asdict(plan["gpu"]), "layout": dataclasses.asdict(plan["layout"]),
+        "tokens": plan["tokens"], "seq": plan["seq"], "micro_batch": plan["micro_batch"], "fp8": plan["fp8"],
+        "params": terms(plan["params"]),
+        "flops_per_token": {"forward": terms(flops.terms), "forward_total": flops.forward,
+                            "training": flops.training, "training_main_model": flops.training_main,
+                            "six_n_active_non_embedding": plan["six_n"]},
+        "memory_per_gpu": {},
+        "serving": terms(plan["serving"]),
+        "time": terms(plan["time"]),
+    }
+    for prec, m in plan["memory"].items():
+        st = m["stage"]
+        out["memory_per_gpu"][prec] = {**terms(st.terms), "total": st.total, "fits": m["fits"],
+                                       "largest": st.largest.name, "stage": st.stage, "blocks": st.blocks}
+    if "implied" in plan:
+        out["implied_mfu"] = {**terms(plan["implied"]), "gpu_hours": plan["implied_hours"]}
+    return out
+
+
+def render(plan, explain=False) -> list[str]:
+    from fewchips.plan.estimate import GIB, _h
+
+    cfg, gpu, layout, flops = plan["cfg"], plan["gpu"], plan["layout"], plan["flops"]
+    lines = []
+
+    def line(label, value, formula="", width=28):
+        lines.append(f"  {label:<{width}} {value}")
+        if explain and formula:
+            lines.append(f"  {'':<{width}}   = {formula}")
+
+    fp8_peak = f"{gpu.fp8_tflops:g}" if gpu.fp8_tflops else "no FP8"
+    lines.append(f"{plan['name']}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+                 f"{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok}), "
+                 f"{cfg.num_nextn_predict_layers} MTP")
+    lines.append(f"{layout} on {gpu.name} ({gpu.memory_gib:g} GiB, {gpu.bf16_tflops:g}/{fp8_peak} TFLOPS "
+                 f"BF16/FP8 dense, {gpu.link_gbps:g} GB/s link)")
+
+    lines.append("\nparameters (counted from the model on the meta device)")
+    for t in plan["params"]:
+        line(t.name, f"{_h(t.value):>10}", t.formula)
+
+    lines.append(f"\nFLOPs per token at seq {flops.seq} (forward; training = 3x)")
+    for t in flops.terms:
+        line(t.name, f"{t.value / 1e9:>10.2f} GFLOP", t.formula)
+    line("forward total", f"{flops.forward / 1e9:>10.2f} GFLOP", "sum of the lines above")
+    line("training (fwd + bwd)", f"{flops.training / 1e9:>10.2f} GFLOP",
+         f"3 x forward; {flops.training_main / 1e9:.2f} without MTP. Rule of thumb 6 x activated "
+         f"non-embedding params = {plan['six_n'] / 1e9:.2f} GFLOP (no attention core, no MTP)")
+
+    cap = gpu.memory_gib
+    lines.append(f"\ntraining memory per GPU, worst pipeline stage (micro-batch {plan['micro_batch']} x "
+                 f"{plan['seq']} tokens, 1F1B)")
+    by_name = {p: {t.name: t for t in plan["memory"][p]["stage"].terms} for p in ("bf16", "fp8")}
+    names = list(dict.fromkeys([*by_name["bf16"], *by_name["fp8"]]))   # the stages may differ
+    lines.append(f"  {'':<28} {'BF16':>10} {'FP8':>10}")
+    for name in names:
+        vals = [by_name[p][name].value / GIB if name in by_name[p] else 0.0 for p in ("bf16", "fp8")]
+        lines.append(f"  {name:<28} {vals[0]:>6.1f} GiB {vals[1]:>6.1f} GiB")
+        if explain:
+            for p in ("bf16", "fp8"):
+                if name in by_name[p]:
+                    lines.append(f"  {'':<28}   {p.upper()}: {by_name[p][name].formula}")
+    tot = [plan["memory"][p]["stage"].total / GIB for p in ("bf16", "fp8")]
+    lines.append(f"  {'total':<28} {tot[0]:>6.1f} GiB {tot[1]:>6.1f} GiB")
+    if explain:
+        for p in ("bf16", "fp8"):
+            acts = plan["memory"][p]["acts"]
+            lines.append(f"  activations per token per MoE layer, {p.upper()}: "
+                         f"{sum(t.value for t in acts) / 1024:.1f} KiB")
+            for t in acts:
+                lines.append(f"      {t.name}: {t.value / 1024:.1f} KiB = {t.formula}")
+    for p in ("bf16", "fp8"):
+        m = plan["memory"][p]
+        st = m["stage"]
+        where = f"stage {st.stage}: {st.blocks[0]} .. {st.blocks[-1]}"
+        if m["fits"]:
+            verdict = f"fits {cap:g} GiB ({st.total / GIB / cap:.0%} used; {where})"
+        else:
+            big = st.largest
+            verdict = (f"does NOT fit: {st.total / GIB:,.1f} GiB > {cap:g} GiB; largest term: {big.name} "
+                       f"{big.value / GIB:,.1f} GiB ({where})")
+        lines.append(f"  {p.upper() + ':':<28} {verdict}")
+
+    s = {t.name: t for t in plan["serving"]}
+    lines.append(f"\nserving ({'FP8' if plan['fp8'] else 'BF16'} weights, BF16 MLA cache) on {layout.gpus} x {gpu.name}")
+    kv = s["KV cache per token"]
+    line("KV cache per token", f"{kv.value / 1024:.1f} KiB", kv.formula)
+    line("weights", f"{s['serving weights'].value / GIB:,.1f} GiB of {s['memory'].value / GIB:,.0f} GiB",
+         s["serving weights"].formula)
+    tok = s["KV tokens that fit"]
+    if tok.value > 0:
+        line("KV tokens that fit", f"{tok.value:,.0f}", tok.formula)
+        line("largest batch x context", f"{s['batch at context'].value:,.0f} x {plan['seq']}",
+             s["batch at context"].formula + " (upper bound: no activation workspace)")
+    else:
+        line("KV tokens that fit", "0: the weights alone do not fit", tok.formula)
+
+    t = {x.name: x for x in plan["time"]}
+    lines.append(f"\ntraining {_h(plan['tokens'])} tokens at MFU {plan['mfu']:g} "
+                 f"({'FP8' if plan['fp8'] and gpu.fp8_tflops else 'BF16'} peak)")
+    line("FLOPs", f"{t['training FLOPs'].value:.3e}", t["training FLOPs"].formula)
+    days = t["wall time"].value / 86400
+    line("wall time", f"{days:,.1f} days" if days >= 1 else f"{t['wall time'].value / 3600:,.2f} hours",
+         t["wall time"].formula)
+    line("GPU-hours", f"{t['GPU-hours'].value:,.0f}", t["GPU-hours"].formula)
+    if "cost" in t:
+        line("cost", f"${t['cost'].value:,.0f}", t["cost"].formula)
+
+    if "implied" in plan:
+        lines.append(f"\nimplied MFU of a run of {_h(plan['implied_hours'])} {gpu.name} GPU-hours on "
+                     f"{_h(plan['tokens'])} tokens (seq {flops.seq})")
+        for x in plan["implied"]:
+            value = f"{x.value:.1f} TFLOPS" if x.unit == "TFLOPS" else f"{x.value:.1%}"
+            line(x.name, value, x.formula)
+    return lines

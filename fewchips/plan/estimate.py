@@ -1,0 +1,495 @@
+"""Back-of-the-envelope planning for a DeepSeek-V3-style model: parameters, FLOPs, memory, time.
+
+Every number comes with the formula that produced it (`Term.formula`, printed by `--explain`).
+Parameters are counted from the real module tree on the meta device, never from a separate formula;
+the FLOPs, memory and time follow from those counts and the config.
+
+Conventions (reference sections 5-7):
+- FLOPs per token: a matmul with N weights costs 2N FLOPs per token forward; backward costs twice
+  the forward (input and weight gradients), so training = 3 x forward. Causal attention at sequence
+  length S attends to (S+1)/2 positions on average. Recomputation is not counted (that is what makes
+  it *model* FLOPs utilisation).
+- Training memory, as in the report: working weights in BF16 (or FP8 for the linears the recipe runs
+  in FP8), gradients accumulated in FP32, FP32 master weights and BF16 AdamW moments (8 bytes per
+  parameter) sharded over data parallelism by ZeRO-1.
+- Parallelism: gpus = dp x ep x pp and no tensor parallelism (the report's layout). Expert
+  parallelism shards the routed experts of each layer over `ep` GPUs that each run their own data,
+  so non-expert weights have dp x ep data-parallel replicas and expert weights have dp.
+- Pipeline: a 1F1B schedule; stage s keeps the activations of pp - s micro-batches in flight.
+  Embedding on the first stage; head and MTP on the last. DualPipe (two parameter copies, pp + 1
+  micro-batches) is not modelled.
+- Memory is in GiB (2^30 bytes); a GPU's vendor capacity is read as GiB (see gpus.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from dataclasses import dataclass, field
+
+from fewchips.config import ModelConfig
+from fewchips.plan.gpus import GPU
+
+GIB = 2 ** 30
+
+# DeepSeek-V3 report, Table 1 (reference 7.1): pre-training on 14.8T tokens took 2,664K H800 GPU-hours.
+REPORT_PRETRAIN_GPU_HOURS = 2_664_000
+REPORT_TOKENS = 14.8e12
+REPORT_SEQ = 4096
+REPORT_PRICE = 2.0    # USD per H800 GPU-hour, the report's rental assumption
+
+# Bytes per parameter for training state, as in the report (section 3.3.3).
+GRAD_BYTES = 4        # FP32 gradient accumulation
+MASTER_BYTES = 4      # FP32 master weights (in the optimizer)
+MOMENT_BYTES = 2 + 2  # BF16 AdamW first and second moments
+FP8_WEIGHT_BYTES = 1 + 4 / (128 * 128)   # E4M3 plus one FP32 scale per 128x128 block
+FP8_ACT_BYTES = 1 + 4 / 128              # E4M3 plus one FP32 scale per 1x128 tile
+E5M6_BYTES = 1.5                          # the attention output kept for o_proj's backward (report 3.3)
+
+# Parameter categories; the routed experts are the only ones activated sparsely.
+FP8_LINEARS = ("attention", "dense_ffn", "shared_experts", "routed_experts")   # the report runs these in FP8
+CATEGORY_NAMES = {
+    "embedding": "embedding", "attention": "attention (MLA projections)", "dense_ffn": "dense FFN",
+    "shared_experts": "shared experts", "routed_experts": "routed experts", "router": "router",
+    "mtp_proj": "MTP eh_proj", "norm": "norms", "head": "output head", "other": "other",
+}
+
+
+@dataclass
+class Term:
+    """One line of the plan: a value and the formula behind it."""
+    name: str
+    value: float
+    formula: str = ""
+    unit: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Units
+# ---------------------------------------------------------------------------------------------
+
+_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
+_NUMBER = re.compile(r"^\s*([0-9][0-9_,]*(?:\.[0-9]*)?(?:e[+-]?[0-9]+)?|\.[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgtp]?)\s*$",
+                     re.IGNORECASE)
+
+
+def parse_count(text, what: str = "value") -> float:
+    """'14.8T', '500B', '2,664K', '2e12', '4096' -> a positive number. K/M/B/T are 1e3/1e6/1e9/1e12
+    (B is billions, not bytes)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        m = _NUMBER.match(str(text))
+        if not m:
+            raise ValueError(f"{what}: cannot read {text!r}; use a number with an optional K/M/B/T "
+                             f"suffix, e.g. 14.8T, 500B, 2e12")
+        digits = m.group(1).replace(",", "").replace("_", "")
+        try:
+            value = float(digits) * _SUFFIX[m.group(2).lower()]
+        except ValueError:
+            raise ValueError(f"{what}: cannot read {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{what}: must be a positive finite number, got {text!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters, from the module tree
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Block:
+    """A unit the pipeline places whole: the embedding, one decoder layer, the head, one MTP layer."""
+    name: str
+    kind: str                      # embedding | dense | moe | head | mtp
+    params: dict[str, int] = field(default_factory=dict)
+
+    def total(self, cats=None) -> int:
+        return sum(v for k, v in self.params.items() if cats is None or k in cats)
+
+
+@dataclass
+class Params:
+    cfg: ModelConfig
+    blocks: list[Block]
+    counts: dict[str, int]         # DeepseekV3.num_parameters()
+
+    def sum(self, cat: str, part: str = "main") -> int:
+        return sum(b.params.get(cat, 0) for b in self.blocks if (b.kind == "mtp") == (part == "mtp"))
+
+    @property
+    def active_fraction(self) -> float:
+        return self.cfg.num_experts_per_tok / self.cfg.n_routed_experts
+
+    def matmul_active(self, part: str = "main") -> float:
+        """Weights a token multiplies by (embedding lookup and norms excluded; top-k experts only)."""
+        cats = ("attention", "dense_ffn", "shared_experts", "router", "mtp_proj", "other")
+        n = sum(self.sum(c, part) for c in cats) + self.sum("routed_experts", part) * self.active_fraction
+        return n + (self.head_matmul if part == "main" else 0)
+
+    @property
+    def head_matmul(self) -> int:
+        return self.cfg.vocab_size * self.cfg.hidden_size   # a matmul whether or not it is tied
+
+
+def _category(name: str, ndim: int) -> tuple[str, str]:
+    """(block, category) of a parameter from its name in the module tree."""
+    if name.startswith("model.embed_tokens."):
+        return "embedding", "embedding"
+    if name.startswith("lm_head.") or name.startswith("model.norm."):
+        return "head", "head" if ndim >= 2 else "norm"
+    m = re.match(r"^(model\.layers|mtp)\.(\d+)\.(.*)$", name)
+    if not m:
+        return "other", "other"
+    block = ("layer " if m.group(1) == "model.layers" else "mtp ") + m.group(2)
+    rest = m.group(3)
+    if ndim < 2:
+        return block, "norm"
+    for prefix, cat in (("self_attn.", "attention"), ("mlp.experts.", "routed_experts"),
+                        ("mlp.gate.", "router"), ("mlp.shared_experts.", "shared_experts"),
+                        ("mlp.", "dense_ffn"), ("eh_proj.", "mtp_proj")):
+        if rest.startswith(prefix):
+            return block, cat
+    return block, "other"
+
+
+def count_params(cfg: ModelConfig) -> Params:
+    """Build the model on the meta device (no memory) and sort its parameters into blocks."""
+    return _count_params_cached(json.dumps(cfg.to_dict(), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _count_params_cached(cfg_json: str) -> Params:
+    import torch
+
+    from fewchips.model import DeepseekV3
+
+    cfg = ModelConfig.from_dict(json.loads(cfg_json))
+    with torch.device("meta"):
+        model = DeepseekV3(cfg)
+    blocks: dict[str, Block] = {"embedding": Block("embedding", "embedding")}
+    for i in range(cfg.num_hidden_layers):
+        blocks[f"layer {i}"] = Block(f"layer {i}", "moe" if cfg.is_moe_layer(i) else "dense")
+    blocks["head"] = Block("head", "head")
+    for k in range(cfg.num_nextn_predict_layers):
+        blocks[f"mtp {k}"] = Block(f"mtp {k}", "mtp")
+    for name, p in model.named_parameters():
+        b, cat = _category(name, p.ndim)
+        blk = blocks.setdefault(b, Block(b, "other"))
+        blk.params[cat] = blk.params.get(cat, 0) + p.numel()
+    params = Params(cfg, list(blocks.values()), model.num_parameters())
+    main = sum(b.total() for b in params.blocks if b.kind != "mtp")
+    assert main == params.counts["total"], (main, params.counts)   # the blocks cover the whole model
+    return params
+
+
+def param_terms(p: Params) -> list[Term]:
+    c = p.counts
+    cfg = p.cfg
+    K, E = cfg.num_experts_per_tok, cfg.n_routed_experts
+    routed = p.sum("routed_experts")
+    return [
+        Term("total", c["total"], "sum of numel() over the module tree on the meta device, MTP excluded"),
+        Term("activated per token", c["active"],
+             f"total - routed experts x (1 - {K}/{E}) = {_h(c['total'])} - {_h(routed)} x {1 - K / E:.4f}"
+             f" (embedding and head included)"),
+        Term("embedding", c["embedding"], f"vocab x hidden = {cfg.vocab_size} x {cfg.hidden_size}"),
+        Term("output head", c["head"], "vocab x hidden" + (" (tied: 0 extra)" if cfg.tie_word_embeddings else "")),
+        Term("routed experts", routed, f"{E} experts x 3 x hidden x moe_intermediate x MoE layers"),
+        Term("MTP", c["mtp"], f"{cfg.num_nextn_predict_layers} MTP layer(s): a decoder block + eh_proj + norms; "
+             "embedding and head shared with the main model"),
+        Term("MTP activated", c["mtp_active"], f"MTP - its routed experts x (1 - {K}/{E})"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs per token
+# ---------------------------------------------------------------------------------------------
+
+def attention_core_flops(cfg: ModelConfig, seq: int) -> float:
+    """Forward FLOPs per token per layer of softmax(QK^T)V, causal: 2 H (d_qk + d_v) (S+1)/2."""
+    return 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (seq + 1) / 2
+
+
+def flops_terms(p: Params, seq: int) -> list[Term]:
+    """Forward FLOPs per token, term by term; training is 3x each (see module docstring)."""
+    cfg = p.cfg
+    L, H, n_mtp = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_nextn_predict_layers
+    K, E = cfg.num_experts_per_tok, cfg.n_routed_experts
+    core = attention_core_flops(cfg, seq)
+    terms = [
+        Term("attention projections", 2 * p.sum("attention"), f"2 x {_h(p.sum('attention'))} MLA projection weights"),
+        Term("attention core", L * core,
+             f"{L} layers x 2 x {H} heads x ({cfg.qk_head_dim} + {cfg.v_head_dim}) x (S+1)/2, S = {seq} (causal)"),
+        Term("dense FFN", 2 * p.sum("dense_ffn"), f"2 x {_h(p.sum('dense_ffn'))} dense SwiGLU weights"),
+        Term("shared experts", 2 * p.sum("shared_experts"), f"2 x {_h(p.sum('shared_experts'))}"),
+        Term("routed experts", 2 * p.sum("routed_experts") * K / E,
+             f"2 x {_h(p.sum('routed_experts'))} x {K}/{E} (top-{K} of {E})"),
+        Term("router", 2 * p.sum("router"), f"2 x {_h(p.sum('router'))}"),
+        Term("output head", 2 * p.head_matmul, f"2 x vocab x hidden = 2 x {cfg.vocab_size} x {cfg.hidden_size}"),
+    ]
+    if n_mtp:
+        mtp = 2 * p.matmul_active("mtp") + n_mtp * (2 * p.head_matmul + core)
+        terms.append(Term("MTP", mtp, f"{n_mtp} x (2 x ({_h(p.matmul_active('mtp') / n_mtp)} activated MTP weights"
+                          f" + {_h(p.head_matmul)} shared head) + attention core)"))
+    return terms
+
+
+@dataclass
+class Flops:
+    terms: list[Term]
+    seq: int
+
+    @property
+    def forward(self) -> float:
+        return sum(t.value for t in self.terms)
+
+    @property
+    def forward_main(self) -> float:
+        return sum(t.value for t in self.terms if t.name != "MTP")
+
+    @property
+    def training(self) -> float:
+        return 3 * self.forward
+
+    @property
+    def training_main(self) -> float:
+        return 3 * self.forward_main
+
+
+def flops_per_token(p: Params, seq: int) -> Flops:
+    return Flops(flops_terms(p, seq), seq)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout and training memory
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Layout:
+    gpus: int
+    dp: int
+    ep: int
+    pp: int
+    zero: int = 1
+
+    def __str__(self):
+        return f"{self.gpus} GPUs = dp {self.dp} x ep {self.ep} x pp {self.pp}, ZeRO-{self.zero}"
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def make_layout(cfg: ModelConfig, gpus: int | None = None, dp: int | None = None, ep: int | None = None,
+                pp: int | None = None, zero: int = 1) -> Layout:
+    """Fill in what was not given (gpus = dp x ep x pp) and reject splits the model cannot take."""
+    for name, v in (("--gpus", gpus), ("--dp", dp), ("--ep", ep), ("--pp", pp)):
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"--zero must be 0, 1, 2 or 3, got {zero!r}")
+    ep, pp = ep or 1, pp or 1
+    has_moe = any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    E = cfg.n_routed_experts
+    if ep > 1 and not has_moe:
+        raise ValueError(f"--ep {ep}: this model has no MoE layers to shard; use --ep 1")
+    if has_moe and E % ep:
+        ok = ", ".join(str(d) for d in _divisors(E))
+        raise ValueError(f"--ep {ep} does not divide the {E} routed experts; use one of {ok}")
+    L = cfg.num_hidden_layers
+    if pp > L:
+        raise ValueError(f"--pp {pp} is more pipeline stages than the model's {L} layers")
+    if gpus is None:
+        gpus = (dp or 1) * ep * pp
+    if dp is None:
+        if gpus % (ep * pp):
+            raise ValueError(f"{gpus} GPUs cannot be split into ep x pp = {ep} x {pp} = {ep * pp} "
+                             f"(gpus must equal dp x ep x pp)")
+        dp = gpus // (ep * pp)
+    if dp * ep * pp != gpus:
+        raise ValueError(f"dp x ep x pp = {dp} x {ep} x {pp} = {dp * ep * pp}, but --gpus is {gpus}")
+    return Layout(gpus, dp, ep, pp, zero)
+
+
+def pipeline_stages(p: Params, pp: int) -> list[list[Block]]:
+    """Decoder and MTP layers split as evenly as possible (earlier stages take the remainder);
+    the embedding joins the first stage and the head the last."""
+    by_kind = {b.name: b for b in p.blocks}
+    layers = [b for b in p.blocks if b.kind in ("dense", "moe", "mtp")]
+    n = len(layers)
+    stages, i = [], 0
+    for s in range(pp):
+        size = n // pp + (1 if s < n % pp else 0)
+        stages.append(layers[i:i + size])
+        i += size
+    stages[0].insert(0, by_kind["embedding"])
+    stages[-1].append(by_kind["head"])
+    return stages
+
+
+def activation_bytes_per_token(cfg: ModelConfig, kind: str, fp8: bool) -> list[Term]:
+    """Bytes one layer keeps per token for its backward, with the report's recompute choices:
+    RMSNorms and MLA up-projections are recomputed, the SwiGLU output is recomputed from its inputs,
+    linear inputs are cached in FP8 (1x128 tiles) under --fp8, the attention output in E5M6."""
+    D, H = cfg.hidden_size, cfg.num_attention_heads
+    lin = FP8_ACT_BYTES if fp8 else 2
+    lin_name = "FP8" if fp8 else "BF16"
+    out: list[Term] = []
+    if kind in ("dense", "moe", "mtp"):
+        q_lat = cfg.q_lora_rank or 0
+        lat = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        o_bytes = E5M6_BYTES if fp8 else 2
+        attn = 2 * D + 2 * (q_lat + lat) + o_bytes * H * cfg.v_head_dim + 4 * H
+        out.append(Term("attention", attn, f"residual 2x{D} + latents 2x({q_lat}+{lat}) + output "
+                        f"{o_bytes}x{H}x{cfg.v_head_dim} ({'E5M6' if fp8 else 'BF16'}) + softmax stats 4x{H}"))
+    if kind == "dense":
+        F = cfg.intermediate_size
+        out.append(Term("dense FFN", 2 * D + lin * 2 * F, f"residual 2x{D} + SwiGLU inputs {lin:.3g}x2x{F} ({lin_name})"))
+    if kind in ("moe", "mtp"):
+        K, E, F = cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.moe_intermediate_size
+        Fs = F * cfg.n_shared_experts
+        moe = 2 * D + 4 * E + lin * K * (D + 2 * F) + lin * 2 * Fs
+        out.append(Term("MoE", moe, f"residual 2x{D} + router scores 4x{E} + {K} dispatched copies x "
+                        f"{lin:.3g}x({D} input + 2x{F} SwiGLU inputs) + shared SwiGLU inputs {lin:.3g}x2x{Fs} ({lin_name})"))
+    if kind == "mtp":
+        out.append(Term("MTP inputs", 2 * 2 * D, f"embedding and hidden state 2x2x{D} (their norms recomputed)"))
+    return out
+
+
+@dataclass
+class StageMemory:
+    stage: int
+    blocks: list[str]
+    terms: list[Term]          # bytes per GPU
+
+    @property
+    def total(self) -> float:
+        return sum(t.value for t in self.terms)
+
+    @property
+    def largest(self) -> Term:
+        return max(self.terms, key=lambda t: t.value)
+
+
+def training_memory(p: Params, layout: Layout, seq: int, micro_batch: int, fp8: bool) -> list[StageMemory]:
+    """Bytes per GPU on every pipeline stage (the plan reports the worst)."""
+    cfg = p.cfg
+    dense_dp = layout.dp * layout.ep          # replicas of non-expert weights
+    expert_dp = layout.dp                     # replicas of each expert
+    tokens = micro_batch * seq
+    n_heads = 1 + cfg.num_nextn_predict_layers
+    out = []
+    for s, blocks in enumerate(pipeline_stages(p, layout.pp)):
+        w = wf = g = o = 0.0   # bytes; wf: for the formula, element counts per GPU
+        n_dense = n_expert = 0.0
+        for b in blocks:
+            for cat, n in b.params.items():
+                per_gpu = n / layout.ep if cat == "routed_experts" else n
+                replicas = expert_dp if cat == "routed_experts" else dense_dp
+                wbytes = FP8_WEIGHT_BYTES if (fp8 and cat in FP8_LINEARS) else 2
+                w += per_gpu * wbytes / (replicas if layout.zero >= 3 else 1)
+                g += per_gpu * GRAD_BYTES / (replicas if layout.zero >= 2 else 1)
+                o += per_gpu * (MASTER_BYTES + MOMENT_BYTES) / (replicas if layout.zero >= 1 else 1)
+                if cat == "routed_experts":
+                    n_expert += per_gpu
+                else:
+                    n_dense += per_gpu
+        in_flight = layout.pp - s
+        act = 0.0
+        for b in blocks:
+            if b.kind in ("dense", "moe", "mtp"):
+                act += sum(t.value for t in activation_bytes_per_token(cfg, b.kind, fp8)) * tokens * in_flight
+        shard = {0: "not sharded", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}
+        params_txt = f"{_h(n_dense)} non-expert + {_h(n_expert)} expert params on this GPU"
+        terms = [
+            Term("weights", w, f"{params_txt}; BF16 2 B" + (", FP8 linears 1 B + block scales" if fp8 else "")
+                 + (f"; / replicas (ZeRO-3)" if layout.zero >= 3 else "")),
+            Term("gradients", g, f"{params_txt} x {GRAD_BYTES} B (FP32 accumulation)"
+                 + ("; / replicas (ZeRO-2)" if layout.zero >= 2 else "")),
+            Term("optimizer state", o, f"{params_txt} x {MASTER_BYTES + MOMENT_BYTES} B (FP32 master + BF16 Adam m, v)"
+                 + (f" / {dense_dp} non-expert, / {expert_dp} expert replicas ({shard[layout.zero]})"
+                    if layout.zero >= 1 else " (not sharded)")),
+            Term("activations", act, f"per-token layer bytes (see --explain activations) x {micro_batch} x {seq} tokens"
+                 f" x {in_flight} micro-batch(es) in flight (1F1B stage {s} of {layout.pp})"),
+        ]
+        if any(b.kind == "head" for b in blocks):
+            terms.append(Term("logits", 4 * tokens * cfg.vocab_size * n_heads,
+                              f"FP32 logits 4 x {micro_batch} x {seq} x {cfg.vocab_size} x {n_heads} head(s)"
+                              f" (main{' + MTP' if n_heads > 1 else ''})"))
+        out.append(StageMemory(s, [b.name for b in blocks], terms))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving, time and cost
+# ---------------------------------------------------------------------------------------------
+
+def serving_terms(p: Params, gpu: GPU, n_gpus: int, seq: int, fp8: bool) -> list[Term]:
+    """The MLA cache (normalised latent + rotated rope key per layer, BF16) and how many tokens of it
+    fit beside the weights on n_gpus (an upper bound: no activation workspace)."""
+    cfg = p.cfg
+    kv_el = cfg.kv_cache_elements_per_token
+    kv = 2 * kv_el
+    weights = 0.0
+    for b in p.blocks:
+        if b.kind == "mtp":
+            continue
+        for cat, n in b.params.items():
+            weights += n * (FP8_WEIGHT_BYTES if (fp8 and cat in FP8_LINEARS) else 2)
+    capacity = n_gpus * gpu.memory_gib * GIB
+    free = capacity - weights
+    tokens = max(0, int(free // kv))
+    wname = "FP8 linears, BF16 rest" if fp8 else "BF16"
+    return [
+        Term("KV cache per token", kv, f"2 B x {cfg.num_hidden_layers} layers x ({cfg.kv_lora_rank} latent + "
+             f"{cfg.qk_rope_head_dim} rope key) = 2 x {kv_el}", "B"),
+        Term("serving weights", weights, f"main model, {wname} (MTP not loaded)", "B"),
+        Term("memory", capacity, f"{n_gpus} x {gpu.memory_gib:g} GiB ({gpu.name})", "B"),
+        Term("KV tokens that fit", tokens, "(memory - weights) / KV bytes per token" if free > 0 else
+             "the weights alone do not fit", "tokens"),
+        Term("batch at context", tokens // seq, f"KV tokens / {seq} context", "sequences"),
+    ]
+
+
+def time_terms(tokens: float, flops: Flops, gpu: GPU, gpus: int, mfu: float, fp8: bool,
+               price: float | None) -> list[Term]:
+    peak = gpu.peak_tflops(fp8)
+    prec = "FP8" if fp8 and gpu.fp8_tflops else "BF16"
+    total = tokens * flops.training
+    seconds = total / (gpus * peak * 1e12 * mfu)
+    gpu_hours = seconds * gpus / 3600
+    terms = [
+        Term("training FLOPs", total, f"{_h(tokens)} tokens x {flops.training / 1e9:.1f} GFLOP/token"),
+        Term("wall time", seconds, f"FLOPs / ({gpus} GPUs x {peak:g} TFLOPS {prec} dense peak x MFU {mfu:g})", "s"),
+        Term("GPU-hours", gpu_hours, f"{gpus} x wall time in hours", "GPU-h"),
+    ]
+    if price is not None:
+        terms.append(Term("cost", gpu_hours * price, f"GPU-hours x ${price:g}", "USD"))
+    return terms
+
+
+def implied_mfu_terms(tokens: float, gpu_hours: float, flops: Flops, gpu: GPU) -> list[Term]:
+    """What a run of `gpu_hours` on `tokens` achieved, as a fraction of the BF16 and FP8 dense peaks."""
+    achieved = tokens * flops.training / (gpu_hours * 3600)
+    achieved_main = tokens * flops.training_main / (gpu_hours * 3600)
+    terms = [Term("achieved per GPU", achieved / 1e12,
+                  f"{_h(tokens)} tokens x {flops.training / 1e9:.1f} GFLOP/token / ({_h(gpu_hours)} GPU-h x 3600)",
+                  "TFLOPS")]
+    for prec, peak in (("BF16", gpu.bf16_tflops), ("FP8", gpu.fp8_tflops)):
+        if peak:
+            terms.append(Term(f"MFU vs {prec} peak", achieved / (peak * 1e12),
+                              f"{achieved / 1e12:.1f} / {peak:g} TFLOPS ({gpu.name} {prec} dense); "
+                              f"{achieved_main / (peak * 1e12):.1%} counting the main model only (no MTP)"))
+    return terms
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _h(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:,.2f}{unit}"
+    return f"{n:g}"
