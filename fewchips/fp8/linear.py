@@ -1,0 +1,191 @@
+"""FP8 training layers: a linear layer and the grouped routed experts, each running Fprop, Dgrad
+and Wgrad as FP8 GEMMs (reference 5.1-5.4), and `apply_fp8` that swaps them into a model.
+
+Per linear layer y = x W^T (x [M, K] tokens by inputs, W [N, K]):
+
+    Fprop  y  = x W^T      x: 1x128 tiles          W: 128x128 blocks
+    Dgrad  dx = dy W       dy: 1x128 tiles         W^T: the same 128x128 blocks, transposed
+    Wgrad  dW = dy^T x     dy^T, x^T: 1x128 tiles along tokens (x re-tiled from its cached FP8 copy)
+
+The activation is cached for backward in FP8 (1 byte per element, plus scales), the weight's FP8
+copy too; the master weight and its gradient stay in the parameter's dtype (FP32 for training).
+Everything here is plain PyTorch around `fp8_mm`, whose backend (cuBLAS on Hopper, emulation
+elsewhere) is resolved per device at the first call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import RoutedExperts
+from .gemm import fp8_mm, resolve_backend
+from .quant import BLOCK, TILE, dequantize, quantize, quantize_segments, retile
+from .recipe import FP8_EXPERTS_RE, is_fp8_linear
+
+
+class _FP8Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, backend: str, pow2: bool):
+        x_MK = x.reshape(-1, x.shape[-1])
+        xq, xs = quantize(x_MK, TILE, pow2)
+        wq, ws = quantize(weight.detach(), BLOCK, pow2)
+        y_MN = fp8_mm(xq, xs, wq, ws, BLOCK, x.dtype, backend)
+        ctx.save_for_backward(xq, xs, wq, ws)
+        ctx.meta = (backend, pow2, x.shape, x.dtype, weight.dtype)
+        return y_MN.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xq, xs, wq, ws = ctx.saved_tensors
+        backend, pow2, x_shape, x_dtype, w_dtype = ctx.meta
+        g_MN = dy.reshape(-1, dy.shape[-1])
+        dx = dw = None
+        if ctx.needs_input_grad[0]:                                   # Dgrad: dy [M, N] @ (W^T [K, N])^T
+            gq, gs = quantize(g_MN, TILE, pow2)
+            dx = fp8_mm(gq, gs, wq.t().contiguous(), ws.t(), BLOCK, x_dtype, backend).view(x_shape)
+        if ctx.needs_input_grad[1]:                                   # Wgrad: dy^T [N, M] @ (x^T [K, M])^T
+            gtq, gts = quantize(g_MN.t(), TILE, pow2)
+            xtq, xts = retile(xq, xs, pow2)
+            dw = fp8_mm(gtq, gts, xtq, xts, TILE, torch.float32, backend).to(w_dtype)
+        return dx, dw, None, None
+
+
+def fp8_linear(x, weight, backend: str = "emulate", pow2: bool = False):
+    """y = x W^T with all three GEMMs in FP8 (`backend` already resolved)."""
+    return _FP8Matmul.apply(x, weight, backend, pow2)
+
+
+class FP8Linear(nn.Linear):
+    """nn.Linear whose matmuls run in FP8; the parameter (the master weight) is unchanged, so state
+    dicts, checkpoints and optimisers see an ordinary linear layer."""
+
+    def __init__(self, in_features, out_features, bias=True, backend: str = "auto", pow2_scales: bool = False,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.backend, self.pow2_scales = backend, pow2_scales
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, backend: str = "auto", pow2_scales: bool = False) -> "FP8Linear":
+        new = cls(lin.in_features, lin.out_features, bias=False, backend=backend, pow2_scales=pow2_scales,
+                  device="meta")
+        new.weight, new.bias = lin.weight, lin.bias                  # the same Parameter objects
+        return new
+
+    def forward(self, x):
+        y = fp8_linear(x, self.weight, resolve_backend(self.backend, str(x.device)), self.pow2_scales)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", fp8 backend={self.backend}, pow2_scales={self.pow2_scales}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped routed experts: rows of x sorted by expert, segment e is rows [offs[e-1], offs[e])
+# ---------------------------------------------------------------------------------------------
+
+def _segments(offs_E):
+    ends = offs_E.tolist()
+    return list(zip([0] + ends[:-1], ends))
+
+
+def grouped_fp8_mm(xq, xs, wq_ENK, ws_ENK, offs_E, out_dtype, backend):
+    """y[rows of e] = x[rows of e] @ W_e^T for every expert e; x in 1x128 tiles, W_e in 128x128 blocks."""
+    if backend == "scaled_mm":          # no block-wise grouped GEMM in torch yet: one GEMM per expert
+        y = xq.new_zeros(xq.shape[0], wq_ENK.shape[1], dtype=out_dtype)
+        for e, (a, b) in enumerate(_segments(offs_E)):
+            if b > a:
+                y[a:b] = fp8_mm(xq[a:b], xs[a:b], wq_ENK[e], ws_ENK[e], BLOCK, out_dtype, backend)
+        return y
+    w_ENK = dequantize(wq_ENK, ws_ENK, BLOCK)
+    return F.grouped_mm(dequantize(xq, xs, TILE), w_ENK.transpose(-2, -1), offs=offs_E.int()).to(out_dtype)
+
+
+class _FP8GroupedMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_MK, w_ENK, offs_E, backend: str, pow2: bool):
+        xq, xs = quantize(x_MK, TILE, pow2)
+        wq, ws = quantize(w_ENK.detach(), BLOCK, pow2)
+        y = grouped_fp8_mm(xq, xs, wq, ws, offs_E, x_MK.dtype, backend)
+        ctx.save_for_backward(xq, xs, wq, ws, offs_E)
+        ctx.meta = (backend, pow2, x_MK.dtype, w_ENK.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy_MN):
+        xq, xs, wq, ws, offs_E = ctx.saved_tensors
+        backend, pow2, x_dtype, w_dtype = ctx.meta
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            gq, gs = quantize(dy_MN, TILE, pow2)
+            dx = grouped_fp8_mm(gq, gs, wq.transpose(-2, -1).contiguous(), ws.transpose(-2, -1), offs_E,
+                                x_dtype, backend)
+        if ctx.needs_input_grad[1]:
+            dw = _grouped_wgrad(dy_MN, xq, xs, offs_E, wq.shape, backend, pow2).to(w_dtype)
+        return dx, dw, None, None, None
+
+
+def _grouped_wgrad(g_MN, xq, xs, offs_E, shape_ENK, backend, pow2):
+    """dW_e = g_e^T x_e with both operands in 128x1 tiles along each expert's own tokens."""
+    dw = torch.zeros(shape_ENK, dtype=torch.float32, device=g_MN.device)
+    if backend == "scaled_mm":
+        for e, (a, b) in enumerate(_segments(offs_E)):
+            if b > a:
+                gtq, gts = quantize(g_MN[a:b].t(), TILE, pow2)
+                xtq, xts = retile(xq[a:b], xs[a:b], pow2)
+                dw[e] = fp8_mm(gtq, gts, xtq, xts, TILE, torch.float32, backend)
+        return dw
+    gq, gs, tile_M = quantize_segments(g_MN, offs_E, pow2)
+    x2q, x2s, _ = quantize_segments(dequantize(xq, xs, TILE), offs_E, pow2)
+    g = gq.float() * gs[tile_M]
+    x = x2q.float() * x2s[tile_M]
+    for e, (a, b) in enumerate(_segments(offs_E)):
+        if b > a:
+            dw[e] = g[a:b].t() @ x[a:b]
+    return dw
+
+
+class FP8RoutedExperts(RoutedExperts):
+    """The routed experts with both grouped GEMMs (gate_up and down) in FP8; dispatch, SwiGLU and
+    the weighted combine stay in the activation dtype."""
+
+    backend: str = "auto"
+    pow2_scales: bool = False
+
+    @classmethod
+    def from_experts(cls, ex: RoutedExperts, backend: str = "auto", pow2_scales: bool = False):
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.n_experts = ex.n_experts
+        new.gate_up_proj, new.down_proj = ex.gate_up_proj, ex.down_proj   # the same Parameter objects
+        new.backend, new.pow2_scales = backend, pow2_scales
+        return new
+
+    def expert_ffn(self, x_sorted, counts_E):
+        backend = resolve_backend(self.backend, str(x_sorted.device))
+        offs_E = counts_E.cumsum(0)
+        h = _FP8GroupedMatmul.apply(x_sorted, self.gate_up_proj, offs_E, backend, self.pow2_scales)
+        gate, up = h.chunk(2, dim=-1)
+        return _FP8GroupedMatmul.apply((F.silu(gate) * up).contiguous(), self.down_proj, offs_E, backend,
+                                       self.pow2_scales)
+
+    def extra_repr(self):
+        return f"fp8 backend={self.backend}, pow2_scales={self.pow2_scales}"
+
+
+def apply_fp8(model: nn.Module, backend: str = "auto", pow2_scales: bool = False) -> list[str]:
+    """Swap the recipe's layers (recipe.py) for FP8 ones in place; returns the converted module names.
+    Parameters are kept (same objects), so this may run before or after the optimiser is built."""
+    converted = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and not isinstance(module, FP8Linear) and is_fp8_linear(name):
+            new = FP8Linear.from_linear(module, backend, pow2_scales)
+        elif type(module) is RoutedExperts and FP8_EXPERTS_RE.search(name):
+            new = FP8RoutedExperts.from_experts(module, backend, pow2_scales)
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        converted.append(name)
+    return converted

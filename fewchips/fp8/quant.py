@@ -1,0 +1,100 @@
+"""FP8 quantisation primitives in plain PyTorch (reference section 5.2).
+
+FP8 E4M3 keeps 3 mantissa bits and a range of +-448, so a tensor is stored as FP8 values q and
+FP32 scales s with x ~ q * s. One scale per *group* of elements, computed online from the group's
+current max-abs: s = max(amax, floor) / 448, so the largest element lands on 448 exactly. DeepSeek-V3
+uses two group shapes:
+
+    activations and activation gradients   1 x 128 tiles   (one scale per token per 128 channels)
+    weights                                 128 x 128 blocks
+
+and for the weight-gradient GEMM, whose contraction runs over tokens, activations and gradients are
+tiled 128 x 1 (128 tokens, one channel): `retile` turns a cached 1x128 FP8 activation into that.
+Edge groups are partial: computed as if zero-padded (the release's `weight_scale_inv` convention).
+With `pow2=True` scales are rounded up to a power of two (ue8m0, V3.1's `scale_fmt`), so that
+multiplying by a scale is exact.
+
+Shapes: `x [..., R, C]` with groups of `block = (br, bc)` over the last two dims gives scales
+`[..., ceil(R/br), ceil(C/bc)]`; 1-D blocks over activations are `(1, 128)`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+AMAX_FLOOR = 1e-4        # the demo's floor: an all-zero group gets a tiny scale instead of a division by 0
+TILE = (1, 128)
+BLOCK = (128, 128)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def scale_from_amax(amax: torch.Tensor, pow2: bool = False) -> torch.Tensor:
+    """s = max(amax, 1e-4) / 448, optionally rounded up to 2^ceil(log2 s); fp32."""
+    s = amax.float().clamp(min=AMAX_FLOOR) / E4M3_MAX
+    return torch.exp2(torch.ceil(torch.log2(s))) if pow2 else s
+
+
+def _blocked(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """[..., R, C] -> zero-padded [..., R/br, br, C/bc, bc]."""
+    *lead, R, C = x.shape
+    br, bc = block
+    pr, pc = _cdiv(R, br) * br - R, _cdiv(C, bc) * bc - C
+    if pr or pc:
+        x = torch.nn.functional.pad(x, (0, pc, 0, pr))
+    return x.reshape(*lead, (R + pr) // br, br, (C + pc) // bc, bc)
+
+
+def _unblocked(xb: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of `_blocked`: [..., R/br, br, C/bc, bc] -> [..., R, C] (padding dropped)."""
+    R, C = shape[-2:]
+    x = xb.reshape(*xb.shape[:-4], xb.shape[-4] * xb.shape[-3], xb.shape[-2] * xb.shape[-1])
+    return x[..., :R, :C]
+
+
+def quantize(x: torch.Tensor, block: tuple[int, int] = TILE, pow2: bool = False):
+    """x [..., R, C] -> (q [..., R, C] E4M3, s [..., ceil(R/br), ceil(C/bc)] fp32) with x ~ q * s."""
+    xb = _blocked(x.float(), block)
+    s = scale_from_amax(xb.abs().amax(dim=(-3, -1)), pow2)                       # [..., Rb, Cb]
+    q = (xb / s[..., :, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return _unblocked(q, x.shape).contiguous(), s
+
+
+def dequantize(q: torch.Tensor, s: torch.Tensor, block: tuple[int, int] = TILE, dtype=torch.float32):
+    """q * s per group, in `dtype` (the product is formed in fp32)."""
+    xb = _blocked(q.float(), block) * s.float()[..., :, None, :, None]
+    return _unblocked(xb, q.shape).to(dtype)
+
+
+def retile(q: torch.Tensor, s: torch.Tensor, pow2: bool = False):
+    """A 1x128-tiled activation [M, K] -> its transpose [K, M] quantised in 1x128 tiles along M
+    (i.e. 128x1 tiles of the original): the operand layout of the weight-gradient GEMM."""
+    return quantize(dequantize(q, s, TILE).t(), TILE, pow2)
+
+
+def segment_tiles(offs: torch.Tensor, M: int, tile: int = 128):
+    """For rows grouped into consecutive segments ending at `offs` (int, [E]): the tile id of each
+    row when every segment is cut into `tile`-row tiles starting at its own first row; (tile_M, n)."""
+    ends = offs.long()
+    starts = torch.cat((ends.new_zeros(1), ends[:-1]))
+    n_tiles_E = (ends - starts + tile - 1) // tile
+    first_tile_E = torch.cumsum(n_tiles_E, 0) - n_tiles_E
+    seg_M = torch.searchsorted(ends, torch.arange(M, device=offs.device), right=True)
+    tile_M = first_tile_E[seg_M] + (torch.arange(M, device=offs.device) - starts[seg_M]) // tile
+    return tile_M, int(n_tiles_E.sum())
+
+
+def quantize_segments(x: torch.Tensor, offs: torch.Tensor, pow2: bool = False):
+    """x [M, C] with rows grouped by `offs` (grouped experts) -> (q [M, C], s [n_tiles, C], tile_M):
+    128x1 tiles that never cross a segment boundary (each expert's Wgrad GEMM is separate)."""
+    M, C = x.shape
+    tile_M, n = segment_tiles(offs, M)
+    xf = x.float()
+    amax = torch.zeros(n, C, device=x.device).scatter_reduce_(0, tile_M[:, None].expand(M, C), xf.abs(), "amax")
+    s = scale_from_amax(amax, pow2)
+    q = (xf / s[tile_M]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return q, s, tile_M
