@@ -183,8 +183,12 @@ class MLA(nn.Module):
         q_BHTk = torch.cat((q_nope_BTHN, q_rope_BTHR), dim=-1).transpose(1, 2)
         k_BHTk = torch.cat((k_nope_BTHN, k_rope_BTR[:, :, None].expand(B, T, self.n_heads, self.rope)),
                            dim=-1).transpose(1, 2)
-        o_BHTV = F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BTHV.transpose(1, 2),
-                                                is_causal=True, scale=self.softmax_scale)
+        v_BHTV = v_BTHV.transpose(1, 2)
+        pad = q_BHTk.shape[-1] - self.v_dim
+        if pad > 0:   # equal head dims select torch's fused CPU kernel (2x faster than the math path)
+            v_BHTV = F.pad(v_BHTV, (0, pad))
+        o_BHTV = F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BHTV, is_causal=True,
+                                                scale=self.softmax_scale)[..., : self.v_dim]
         return self.o_proj(o_BHTV.transpose(1, 2).reshape(B, T, -1))
 
     def _absorbed(self, q_nope_BTHN, q_rope_BTHR, cache: CacheView):
