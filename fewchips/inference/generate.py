@@ -1,0 +1,123 @@
+"""`fewchips.generate`: prefill the prompts into a latent cache, then decode one token per step.
+
+Prompts of different lengths are right-padded for the prefill. No attention mask is needed: attention
+is causal by absolute position, so a real token never sees the padding after it, and a row's padding
+entries in the cache sit beyond its position until its own decoded tokens overwrite them. Rows that
+stop leave the batch (the remaining rows keep their cache slots).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model import LatentCache
+from .sampling import SamplingParams, sample
+
+
+def stop_reason(gen_ids: list[int], params: SamplingParams, tokenizer=None) -> str | None:
+    """'stop' if the last token is a stop token or the generated text now holds a stop string,
+    'length' at max_tokens, else None."""
+    if gen_ids and gen_ids[-1] in params.stop_token_ids:
+        return "stop"
+    if params.stop and tokenizer is not None and gen_ids:
+        longest = max(len(s) for s in params.stop)
+        tail = tokenizer.decode(gen_ids[-(4 * longest + 4):])   # a char is at most 4 byte-level tokens
+        if any(s in tail for s in params.stop):
+            return "stop"
+    if len(gen_ids) >= params.max_tokens:
+        return "length"
+    return None
+
+
+def as_rows(input_ids) -> tuple[list[list[int]], bool]:
+    """Token ids as a list of rows, and whether they came as a tensor."""
+    if isinstance(input_ids, torch.Tensor):
+        t = input_ids if input_ids.dim() == 2 else input_ids[None]
+        return t.tolist(), True
+    if input_ids and isinstance(input_ids[0], int):
+        return [list(input_ids)], False
+    return [list(r) for r in input_ids], False
+
+
+def pad_rows(rows: list[list[int]], pad_id: int, device) -> torch.Tensor:
+    T = max(len(r) for r in rows)
+    return torch.tensor([r + [pad_id] * (T - len(r)) for r in rows], dtype=torch.long, device=device)
+
+
+def finish(rows, gens, as_tensor, pad_id, device):
+    """Prompt + new ids per row; a tensor (padded with `pad_id` after early stops) if the input was one."""
+    out = [r + g for r, g in zip(rows, gens)]
+    if not as_tensor:
+        return out
+    return pad_rows(out, pad_id, device)
+
+
+def row_params(B, max_new_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids, eos) -> list[SamplingParams]:
+    if stop_token_ids is None:
+        stop_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    return [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                           seed=None if seed is None else seed + i, stop=list(stop or []),
+                           stop_token_ids=list(stop_token_ids)) for i in range(B)]
+
+
+@torch.inference_mode()
+def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: int = 0, seed: int | None = None, stop_token_ids: list[int] | None = None,
+             stop: list[str] | None = None, tokenizer=None, use_mtp: bool = False, stats: dict | None = None):
+    """Generate up to `max_new_tokens` after each prompt and return prompt + new ids.
+
+    input_ids: a tensor [T] or [B, T] (returns a tensor [B, T + n], rows that stopped early padded with
+    the first stop token) or a list of token lists of any lengths (returns a list of lists).
+    temperature 0 is greedy; top_k 0 and top_p 1 are off; `seed` makes sampling reproducible (row i
+    uses seed + i). Generation of a row ends at a token in `stop_token_ids` (default: the config's
+    eos) - kept in the output - or once its text contains a string of `stop` (needs `tokenizer`).
+    use_mtp: speculative decoding with the MTP module as drafter (same output distribution; greedy
+    output identical); `stats`, if given, receives the acceptance rate and tokens per forward."""
+    cfg = model.config
+    rows, as_tensor = as_rows(input_ids)
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token")
+    params = row_params(len(rows), max_new_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids,
+                        cfg.eos_token_id)
+    pad_id = params[0].stop_token_ids[0] if params[0].stop_token_ids else 0
+    device = next(model.parameters()).device
+    if max(len(r) for r in rows) + max_new_tokens + 1 > cfg.max_position_embeddings:
+        raise ValueError(f"prompt + max_new_tokens exceeds max_position_embeddings={cfg.max_position_embeddings}")
+    if max_new_tokens == 0:
+        return finish(rows, [[] for _ in rows], as_tensor, pad_id, device)
+    if use_mtp:
+        from .speculative import mtp_generate
+        gens = mtp_generate(model, rows, params, tokenizer, stats)
+    else:
+        gens = plain_generate(model, rows, params, tokenizer)
+    return finish(rows, gens, as_tensor, pad_id, device)
+
+
+def plain_generate(model, rows, params, tokenizer=None) -> list[list[int]]:
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    B = len(rows)
+    lens = torch.tensor([len(r) for r in rows], device=device)
+    cache = LatentCache(model.config, B, int(lens.max()) + params[0].max_tokens, dtype=dtype, device=device)
+    gens_gen = [p.generator(device) for p in params]
+    logits_BTV = model(pad_rows(rows, 0, device), cache=cache)
+    last_BV = logits_BTV[torch.arange(B, device=device), lens - 1]
+    gens: list[list[int]] = [[] for _ in rows]
+    active = list(range(B))
+    pos_B = lens.clone()
+    while True:
+        tok_B = sample(last_BV, [params[i] for i in active], [gens_gen[i] for i in active])
+        keep = []
+        for j, (i, t) in enumerate(zip(active, tok_B.tolist())):
+            gens[i].append(t)
+            if stop_reason(gens[i], params[i], tokenizer) is None:
+                keep.append(j)
+        if not keep:
+            return gens
+        if len(keep) < len(active):
+            active = [active[j] for j in keep]
+            tok_B = tok_B[torch.tensor(keep, device=device)]
+        sel = torch.tensor(active, device=device)
+        slots = None if len(active) == B else sel
+        last_BV = model(tok_B[:, None], positions=pos_B[sel][:, None], cache=cache, slots=slots)[:, 0]
+        pos_B[sel] += 1

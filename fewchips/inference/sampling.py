@@ -1,0 +1,92 @@
+"""Sampling parameters and the per-row logits -> token step (greedy, temperature, top-k, top-p).
+
+Every row of a batch carries its own parameters and its own `torch.Generator`, so a seeded request
+draws the same tokens whatever else shares the batch. Draws use the exponential race (argmax of
+p / Exp(1) noise), which is categorical sampling without a cumulative sum (reference section 9).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0          # 0: greedy
+    top_p: float = 1.0                # 1: off
+    top_k: int = 0                    # 0: off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)            # stop strings (need a tokenizer)
+    stop_token_ids: list[int] = field(default_factory=list)  # e.g. the eos token
+    logprobs: int | None = None       # also return the top-N logprobs of every generated token
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generator(self, device="cpu") -> torch.Generator | None:
+        if self.greedy:
+            return None
+        g = torch.Generator(device=device)
+        if self.seed is None:
+            g.seed()
+        else:
+            g.manual_seed(self.seed)
+        return g
+
+
+def probabilities(logits_BV: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k and top-p applied row by row: the distribution sampling draws from [B, V] (fp32).
+    Greedy rows get a one-hot on their argmax."""
+    logits_BV = logits_BV.float()
+    B, V = logits_BV.shape
+    temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits_BV.device)
+    probs_BV = (logits_BV / temp[:, None]).softmax(-1)
+    top_k = [p.top_k for p in params]
+    top_p = [p.top_p for p in params]
+    if any(0 < k < V for k in top_k) or any(p < 1 for p in top_p):
+        sorted_BV, idx_BV = probs_BV.sort(-1, descending=True)
+        rank_V = torch.arange(V, device=logits_BV.device)
+        k_B = torch.tensor([k if 0 < k < V else V for k in top_k], device=logits_BV.device)
+        p_B = torch.tensor(top_p, device=logits_BV.device)
+        before_BV = sorted_BV.cumsum(-1) - sorted_BV          # mass strictly before each token
+        keep_BV = (rank_V[None] < k_B[:, None]) & (before_BV < p_B[:, None])
+        keep_BV[:, 0] = True                                   # the most likely token always survives
+        sorted_BV = sorted_BV * keep_BV
+        probs_BV = torch.zeros_like(probs_BV).scatter_(1, idx_BV, sorted_BV)
+        probs_BV = probs_BV / probs_BV.sum(-1, keepdim=True)
+    greedy = torch.tensor([p.greedy for p in params], device=logits_BV.device)
+    if greedy.any():
+        onehot = torch.zeros_like(probs_BV).scatter_(1, logits_BV.argmax(-1, keepdim=True), 1.0)
+        probs_BV = torch.where(greedy[:, None], onehot, probs_BV)
+    return probs_BV
+
+
+def draw(probs_BV: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row from `probs_BV`; rows without a generator (greedy) take the argmax."""
+    noise_BV = torch.ones_like(probs_BV)
+    for i, g in enumerate(generators):
+        if g is not None:
+            noise_BV[i].exponential_(generator=g)
+    return (probs_BV / noise_BV).argmax(-1)
+
+
+def sample(logits_BV, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
+    if all(p.greedy for p in params):
+        return logits_BV.argmax(-1)
+    return draw(probabilities(logits_BV, params), generators)

@@ -1,0 +1,150 @@
+"""`fewchips.generate` matches transformers' greedy generation, handles ragged batches and stops,
+samples reproducibly with a seed, and MTP speculative decoding leaves the output unchanged."""
+
+import pytest
+import torch
+
+import fewchips
+from fewchips.inference.sampling import SamplingParams, probabilities
+from fewchips.inference.speculative import verify
+
+from inference_utils import YARN, one_thread, tiny_model, tiny_tokenizer  # noqa: F401 (autouse fixture)
+
+
+def prompts(n, lens, seed=0, vocab=320):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (k,), generator=g).tolist() for k in lens[:n]]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None, "rope_scaling": YARN}], ids=["q_lora", "yarn_no_q_lora"])
+def test_greedy_matches_transformers(tmp_path, overrides):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    model = tiny_model(0, **overrides)
+    model.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.tensor(prompts(2, [12, 12], seed=1))
+    with torch.no_grad():
+        want = hf.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+    got = fewchips.generate(model, ids, max_new_tokens=24, stop_token_ids=[])
+    assert torch.equal(got, want)
+
+
+def test_ragged_batch_equals_one_by_one():
+    model = tiny_model(0)
+    rows = prompts(4, [3, 11, 1, 7], seed=2)
+    batch = fewchips.generate(model, rows, max_new_tokens=10, stop_token_ids=[])
+    for r, out in zip(rows, batch):
+        assert out[: len(r)] == r and len(out) == len(r) + 10
+        assert out == fewchips.generate(model, [r], max_new_tokens=10, stop_token_ids=[])[0]
+
+
+def test_stop_tokens_and_strings():
+    model = tiny_model(0)
+    rows = prompts(3, [5, 8, 6], seed=3)
+    free = fewchips.generate(model, rows, max_new_tokens=12, stop_token_ids=[])
+    # Stop at the 4th generated token of row 0: that row ends there (token kept), the others go on.
+    stop_tok = free[0][5 + 3]
+    out = fewchips.generate(model, rows, max_new_tokens=12, stop_token_ids=[stop_tok])
+    first = free[0][5:].index(stop_tok)
+    assert out[0] == free[0][: 5 + first + 1]
+    for r, o, f in zip(rows, out, free):
+        gen = f[len(r):]
+        cut = gen.index(stop_tok) + 1 if stop_tok in gen else len(gen)
+        assert o == f[: len(r) + cut]
+    # Tensor input: rows that stopped early are padded with the stop token.
+    t = fewchips.generate(model, torch.tensor([rows[0]]), max_new_tokens=12, stop_token_ids=[stop_tok])
+    assert t.shape == (1, 5 + first + 1)
+    # Stop strings: generation ends at the first token whose text completes the string.
+    tok = tiny_tokenizer()
+    text = tok.decode(free[1][8:])
+    needle = text[3:5]
+    assert needle
+    out = fewchips.generate(model, [rows[1]], max_new_tokens=12, stop_token_ids=[], stop=[needle], tokenizer=tok)[0]
+    gen = out[8:]
+    assert needle in tok.decode(gen) and needle not in tok.decode(gen[:-1])
+    assert out == free[1][: len(out)]
+
+
+def test_seeded_sampling_is_reproducible():
+    model = tiny_model(0)
+    rows = prompts(3, [4, 9, 2], seed=4)
+    kw = dict(max_new_tokens=16, temperature=0.9, top_p=0.9, top_k=40, stop_token_ids=[])
+    a = fewchips.generate(model, rows, seed=123, **kw)
+    b = fewchips.generate(model, rows, seed=123, **kw)
+    c = fewchips.generate(model, rows, seed=124, **kw)
+    greedy = fewchips.generate(model, rows, max_new_tokens=16, stop_token_ids=[])
+    assert a == b
+    assert a != c and a != greedy
+    # A row's draws depend on its own seed only, not on the batch it runs in.
+    assert fewchips.generate(model, [rows[0]], seed=123, **kw)[0] == a[0]
+
+
+def test_top_k_top_p_filtering():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]] * 3)
+    p = probabilities(logits, [SamplingParams(temperature=1.0, top_k=2), SamplingParams(temperature=1.0, top_p=0.6),
+                               SamplingParams(temperature=0.0)])
+    full = logits[0].softmax(-1)
+    assert torch.allclose(p[0, :2], full[:2] / full[:2].sum()) and (p[0, 2:] == 0).all()
+    assert full[0] < 0.6 < full[:2].sum()           # top_p 0.6 keeps the two tokens that reach 0.6
+    assert (p[1, 2:] == 0).all() and (p[1, :2] > 0).all()
+    assert torch.equal(p[2], torch.tensor([1.0, 0, 0, 0, 0]))
+
+
+def copy_drafter_model(noise: float, seed: int = 0):
+    """A 1-layer model whose MTP block is a noisy copy of its decoder layer: a drafter that is often
+    right, so both acceptances and rejections happen (a random MTP module is almost never right)."""
+    model = tiny_model(seed, num_hidden_layers=1, first_k_dense_replace=0)
+    D = model.config.hidden_size
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        model.mtp[0].load_state_dict(model.model.layers[0].state_dict(), strict=False)
+        eh = torch.cat((torch.eye(D), torch.zeros(D, D)), 1)      # keep the embedding half: x = enorm(emb)
+        model.mtp[0].eh_proj.weight.copy_(eh + noise * torch.randn(D, 2 * D, generator=g))
+        model.mtp[0].shared_head.norm.weight.copy_(model.model.norm.weight)
+    return model
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.05])
+def test_mtp_greedy_is_token_for_token_plain_greedy(noise):
+    model = copy_drafter_model(noise)
+    rows = prompts(3, [6, 1, 10], seed=5)
+    plain = fewchips.generate(model, rows, max_new_tokens=40, stop_token_ids=[])
+    stats = {}
+    spec = fewchips.generate(model, rows, max_new_tokens=40, stop_token_ids=[], use_mtp=True, stats=stats)
+    assert spec == plain
+    assert 0 < stats["accepted"] < stats["drafted"]                 # both branches were exercised
+    # tokens per row-forward: the prefill (one per row) plus one verification per draft
+    assert stats["tokens_per_forward"] == pytest.approx(stats["tokens"] / (3 + stats["drafted"]))
+    assert 1.0 < stats["tokens_per_forward"] <= 2.0
+    # With stops the outputs still agree (a stop inside an accepted pair ends the row there).
+    stop_tok = plain[0][6 + 7]
+    assert (fewchips.generate(model, rows, max_new_tokens=40, stop_token_ids=[stop_tok], use_mtp=True)
+            == fewchips.generate(model, rows, max_new_tokens=40, stop_token_ids=[stop_tok]))
+
+
+def test_mtp_sampling_is_seeded_and_accepts():
+    model = copy_drafter_model(0.0)
+    rows = prompts(2, [5, 8], seed=6)
+    kw = dict(max_new_tokens=30, temperature=0.8, top_p=0.95, stop_token_ids=[], use_mtp=True, seed=7)
+    stats = {}
+    a = fewchips.generate(model, rows, stats=stats, **kw)
+    assert a == fewchips.generate(model, rows, **kw)
+    assert [len(r) for r in a] == [35, 38]
+    assert stats["acceptance_rate"] > 0.5                           # q close to p: most drafts kept
+
+
+def test_rejection_rule_preserves_the_target_distribution():
+    """Draft from q, accept/replace with `verify`: the emitted tokens follow p, not q."""
+    V, N = 5, 40000
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    q = torch.tensor([0.1, 0.1, 0.2, 0.3, 0.3])
+    g = torch.Generator().manual_seed(0)
+    draft = torch.multinomial(q, N, replacement=True, generator=g)
+    params = [SamplingParams(temperature=1.0)] * N
+    gens = [g] * N
+    ok, fix = verify(p.expand(N, V), q.expand(N, V), draft, params, gens)
+    out = torch.where(ok, draft, fix)
+    freq = torch.bincount(out, minlength=V).float() / N
+    assert torch.allclose(freq, p, atol=0.01)
+    assert abs(ok.float().mean().item() - torch.minimum(p, q).sum().item()) < 0.01   # acceptance = sum min(p, q)
