@@ -1,0 +1,154 @@
+"""`fewchips plan` gets DeepSeek-V3's numbers right (parameters from the model, FLOPs against a hand count, the MFU its run implies, the report's layout fitting an H800) and rejects bad input clearly."""
+
+import json
+
+import pytest
+
+from fewchips.cli import main
+from fewchips.config import ModelConfig
+from fewchips.plan import estimate as est
+from fewchips.plan.gpus import GPUS, get_gpu, parse_gpu_spec
+
+
+@pytest.fixture(scope="module")
+def v3():
+    cfg = ModelConfig.from_preset("v3")
+    return cfg, est.count_params(cfg)   # the 671B model on the meta device: a few seconds, once
+
+
+def test_v3_parameters_from_the_model(v3):
+    _, p = v3
+    c = p.counts
+    assert abs(c["total"] / 671e9 - 1) < 0.005                  # 671B main model
+    assert 36.5e9 < c["active"] < 38e9                           # ~37B activated (embedding + head included)
+    assert 11e9 < c["mtp"] < 12.5e9                              # MTP counted separately (11.5B in the report)
+    assert sum(b.total() for b in p.blocks if b.kind == "mtp") == c["mtp"]
+    assert p.sum("embedding") == c["embedding"] == 129280 * 7168
+
+
+def test_v3_flops_per_token_against_a_hand_count(v3):
+    _, p = v3
+    D, L, H, S = 7168, 61, 128, 4096
+    attn = D * 1536 + 1536 * H * (128 + 64) + D * (512 + 64) + 512 * H * (128 + 128) + H * 128 * D
+    dense = 3 * D * 18432                 # SwiGLU gate, up, down
+    expert = 3 * D * 2048
+    router = 256 * D
+    head = 129280 * D
+    activated_non_embedding = L * attn + 3 * dense + 58 * ((1 + 8) * expert + router) + head
+    causal_attention = 6 * L * H * (192 + 128) * S / 2    # QK^T and PV, fwd + bwd, half the positions
+    hand = 6 * activated_non_embedding + causal_attention
+    flops = est.flops_per_token(p, S)
+    assert abs(flops.training_main / hand - 1) < 0.02
+    assert 219e9 < 6 * activated_non_embedding < 221e9
+    mtp = next(t for t in flops.terms if t.name == "MTP").value
+    assert 0.02 < mtp / flops.forward < 0.06                    # one extra MoE block + the head again
+
+
+def test_implied_mfu_of_deepseek_v3(v3):
+    _, p = v3
+    flops = est.flops_per_token(p, est.REPORT_SEQ)
+    terms = {t.name: t.value for t in est.implied_mfu_terms(est.REPORT_TOKENS, est.REPORT_PRETRAIN_GPU_HOURS,
+                                                             flops, get_gpu("h800"))}
+    achieved = 14.8e12 * flops.training / (2_664_000 * 3600)
+    assert terms["achieved per GPU"] == pytest.approx(achieved / 1e12)
+    assert terms["MFU vs BF16 peak"] == pytest.approx(achieved / 989.4e12)
+    assert terms["MFU vs FP8 peak"] == pytest.approx(achieved / 1978.9e12)
+    assert 0.39 < terms["MFU vs BF16 peak"] < 0.42               # ~40.7%
+    assert 0.195 < terms["MFU vs FP8 peak"] < 0.21               # ~20.3%
+
+
+def test_report_layout_fits_an_h800(v3):
+    cfg, p = v3
+    layout = est.make_layout(cfg, gpus=2048, ep=64, pp=16, zero=1)
+    assert (layout.dp, layout.ep, layout.pp) == (2, 64, 16)
+    stages = est.training_memory(p, layout, seq=4096, micro_batch=1, fp8=True)
+    worst = max(s.total for s in stages)
+    assert worst < 80 * est.GIB
+    assert worst < max(s.total for s in est.training_memory(p, layout, 4096, 1, fp8=False))   # FP8 saves
+    assert {b for s in stages for b in s.blocks} >= {"embedding", "head", "mtp 0", "layer 60"}
+
+
+def test_671b_on_one_gpu_does_not_fit_and_names_the_largest_term(v3, capsys):
+    cfg, p = v3
+    (stage,) = est.training_memory(p, est.make_layout(cfg, gpus=1), 4096, 1, fp8=True)
+    assert stage.total > 80 * est.GIB
+    assert stage.largest.name == "optimizer state"              # 8 B x 683B params
+    assert main(["plan", "--preset", "v3", "--gpus", "1", "--fp8"]) == 0
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "largest term: optimizer state" in out
+
+
+def test_cli_report_layout_end_to_end(capsys):
+    argv = ["plan", "--preset", "v3", "--tokens", "14.8T", "--gpus", "2048", "--gpu", "h800",
+            "--ep", "64", "--pp", "16", "--dp", "2", "--fp8", "--implied-mfu", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["memory_per_gpu"]["fp8"]["fits"] is True
+    assert out["params"]["total"] == pytest.approx(671e9, rel=0.005)
+    assert 0.39 < out["implied_mfu"]["MFU vs BF16 peak"] < 0.42
+    assert out["serving"]["KV cache per token"] == 2 * 61 * (512 + 64)
+    assert out["time"]["GPU-hours"] > 0 and out["time"]["cost"] == pytest.approx(2 * out["time"]["GPU-hours"])
+    assert main(argv[:-1] + ["--explain"]) == 0
+    text = capsys.readouterr().out
+    assert "= 61 layers x 2 x 128 heads" in text and "MFU vs FP8 peak" in text
+
+
+def test_small_preset_on_a_laptop_gpu_spec(capsys):
+    assert main(["plan", "--preset", "small", "--tokens", "100M", "--gpu-spec",
+                 "name=laptop,mem=16,bf16=0.5", "--seq", "512", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gpu"]["name"] == "laptop" and out["memory_per_gpu"]["bf16"]["fits"] is True
+
+
+@pytest.mark.parametrize("text,value", [("14.8T", 14.8e12), ("500B", 500e9), ("2e12", 2e12), ("2,664K", 2.664e6),
+                                        ("4096", 4096), ("1.5m", 1.5e6), (" 3 K ", 3e3)])
+def test_units_parse(text, value):
+    assert est.parse_count(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["garbage", "14.8X", "-5T", "0", "T", "1e400", "nan", "", "1.2.3B"])
+def test_units_rejected(text):
+    with pytest.raises(ValueError, match="--tokens"):
+        est.parse_count(text, "--tokens")
+
+
+def test_gpu_table_and_spec():
+    for name in ("h800", "h100", "h200", "a100", "b200", "rtx4090"):
+        g = GPUS[name]
+        assert g.memory_gib > 0 and g.bf16_tflops > 0 and g.link_gbps > 0
+    assert GPUS["h800"].bf16_tflops == GPUS["h100"].bf16_tflops and GPUS["h800"].link_gbps < GPUS["h100"].link_gbps
+    assert GPUS["a100"].fp8_tflops is None and GPUS["a100"].peak_tflops(fp8=True) == 312.0
+    g = parse_gpu_spec("mem=192,bf16=1307,fp8=2615,link=896,name=x")
+    assert (g.name, g.memory_gib, g.fp8_tflops) == ("x", 192, 2615)
+    assert parse_gpu_spec("mem=96", base=GPUS["h100"]).memory_gib == 96
+    with pytest.raises(ValueError, match="missing bf16"):
+        parse_gpu_spec("mem=192")
+    with pytest.raises(ValueError, match="not a number"):
+        parse_gpu_spec("mem=lots,bf16=1")
+    with pytest.raises(ValueError, match="bad item"):
+        parse_gpu_spec("memory=1,bf16=1")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--gpu", "h900"], "unknown GPU 'h900'; known: h800, h100"),
+    (["--ep", "48"], "--ep 48 does not divide the 256 routed experts"),
+    (["--pp", "62"], "--pp 62 is more pipeline stages than the model's 61 layers"),
+    (["--gpus", "2048", "--ep", "64", "--pp", "16", "--dp", "4"], "dp x ep x pp = 4 x 64 x 16 = 4096"),
+    (["--gpus", "100", "--ep", "64"], "100 GPUs cannot be split into ep x pp"),
+    (["--tokens", "lots"], "--tokens: cannot read 'lots'"),
+    (["--implied-mfu", "2664Q"], "--implied-mfu: cannot read"),
+    (["--mfu", "35"], "--mfu must be in (0, 1]"),
+    (["--seq", "0"], "--seq must be a positive integer"),
+    (["--gpu-spec", "mem=x,bf16=1"], "not a number"),
+])
+def test_bad_input_is_one_clear_line(argv, message, capsys):
+    assert main(["plan", "--preset", "v3", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_dense_model_rejects_expert_parallelism():
+    cfg = ModelConfig.from_preset("tiny", first_k_dense_replace=4, num_nextn_predict_layers=0)
+    with pytest.raises(ValueError, match="no MoE layers"):
+        est.make_layout(cfg, ep=2)
+    assert est.make_layout(cfg, gpus=8, pp=4).dp == 2
