@@ -1,0 +1,85 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP): every rank writes its own shards in
+parallel, and a checkpoint loads at any other dp x ep layout (resharding), or into one process.
+
+A checkpoint directory holds the DCP files (`.metadata`, `__*_*.distcp`) for
+    {"model": FQN -> tensor, "optim": FQN-keyed optimizer state, "extra": a dict of plain values}
+plus `config.json`. FSDP parameters are DTensors sharded over all ranks and routed experts are
+DTensors sharded over ep; DCP stores both as their global tensors, so the names and shapes are the
+single-process model's. Saves go to `DIR.tmp` and are renamed once every rank has finished, so a
+crash mid-save leaves the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
+from ..config import ModelConfig
+
+
+def save(path: str, model, optimizer=None, extra: dict | None = None):
+    """Collective: every rank calls it. `extra` (step, data position, ...) must be the same on all ranks."""
+    path = os.path.abspath(path)
+    tmp = path + ".tmp"
+    rank = dist.get_rank()
+    if rank == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    dist.barrier()
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    state["extra"] = dict(extra or {})
+    dcp.save(state, checkpoint_id=tmp)
+    if rank == 0:
+        model.config.save(os.path.join(tmp, "config.json"))
+        old = path + ".old"
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
+def load(path: str, model, optimizer=None) -> dict:
+    """Collective: fill `model` (and `optimizer`) in place from a checkpoint written at any layout;
+    returns its `extra` dict."""
+    if not os.path.exists(os.path.join(path, ".metadata")):
+        raise FileNotFoundError(f"{path}: not a fewchips sharded checkpoint (no .metadata)")
+    state = {"model": get_model_state_dict(model), "extra": _saved_extra(path)}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+    return state["extra"]
+
+
+def _saved_extra(path) -> dict:
+    """A template for the `extra` entries the checkpoint holds (DCP loads into existing keys)."""
+    md = dcp.FileSystemReader(path).read_metadata()
+    return {k.split(".", 1)[1]: None for k in md.state_dict_metadata if k.startswith("extra.")}
+
+
+def export_hf(path: str, out_dir: str, dtype=None, config: ModelConfig | None = None):
+    """A sharded checkpoint → one Hugging Face directory (config.json + safetensors), in this one
+    process with no process group: DCP reassembles every tensor from the shards."""
+    from ..checkpoint import save_pretrained
+    from ..model import DeepseekV3
+
+    if config is None:
+        config = ModelConfig.from_json(os.path.join(path, "config.json"))
+    with torch.device("meta"):
+        model = DeepseekV3(config)
+    model.to_empty(device="cpu")
+    sd = model.state_dict()
+    dcp.load({"model": sd}, checkpoint_id=path, no_dist=True)
+    model.load_state_dict(sd)
+    return save_pretrained(model, out_dir, dtype=dtype)

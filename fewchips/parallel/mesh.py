@@ -1,0 +1,122 @@
+"""The process mesh: data parallel (dp) x expert parallel (ep) ranks, one process per chip.
+
+    rank = dp_rank * ep + ep_rank        (the ep ranks of one dp replica are neighbours: one node)
+
+Every rank reads its own slice of the global batch. Routed experts are split over the `ep` dimension
+(whole experts per rank) and replicated over `dp`; everything else is FSDP-sharded over all ranks.
+The same code runs for one process (a one-rank group on an in-memory store) and for N under torchrun.
+gloo on CPU, NCCL on CUDA; every collective has a timeout, so a dead or stuck peer ends the job
+with an error instead of a hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+log = logging.getLogger("fewchips")
+
+
+@dataclass
+class Parallel:
+    """Who this process is in the dp x ep mesh, and the groups it talks over."""
+    mesh: DeviceMesh              # 2-D, dims ("dp", "ep")
+    fsdp_mesh: DeviceMesh         # 1-D over all ranks: where non-expert parameters are sharded
+    dp: int
+    ep: int
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def ep_group(self):
+        return self.mesh.get_group("ep")
+
+    @property
+    def dp_group(self):
+        return self.mesh.get_group("dp")
+
+    @property
+    def ep_rank(self) -> int:
+        return self.mesh.get_local_rank("ep")
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh.get_local_rank("dp")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def local_batch(self, batch_B):
+        """This rank's rows of a global batch [B, ...] (B divisible by the world size)."""
+        B = batch_B.shape[0]
+        if B % self.world_size:
+            raise ValueError(f"global batch {B} is not divisible by the world size {self.world_size} (dp x ep)")
+        n = B // self.world_size
+        return batch_B[self.rank * n:(self.rank + 1) * n]
+
+
+def init_parallel(dp: int | None = None, ep: int = 1, backend: str | None = None,
+                  timeout_s: float = 300.0) -> Parallel:
+    """Join (or start) the process group and build the dp x ep mesh. Reads torchrun's environment
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); without it, a one-process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if ep < 1 or world % ep:
+        raise ValueError(f"--ep {ep} must divide the number of processes ({world})")
+    dp = world // ep if dp is None else dp
+    if dp * ep != world:
+        raise ValueError(f"--dp {dp} x --ep {ep} = {dp * ep}, but {world} processes were started "
+                         f"(torchrun --nproc_per_node x --nnodes must equal dp x ep)")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    timeout = timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        kw = dict(backend=backend, timeout=timeout)
+        if backend == "nccl":
+            kw["device_id"] = device
+        if "RANK" not in os.environ and world == 1:
+            dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1, **kw)
+        else:
+            dist.init_process_group(**kw)
+    mesh = init_device_mesh(device.type, (dp, ep), mesh_dim_names=("dp", "ep"))
+    fsdp_mesh = mesh._flatten("dp_ep")
+    return Parallel(mesh=mesh, fsdp_mesh=fsdp_mesh, dp=dp, ep=ep, rank=dist.get_rank(),
+                    world_size=world, device=device)
+
+
+def shutdown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def abort_on_failure(par: Parallel | None = None, what: str = "training step"):
+    """Turn a failed collective (a peer died, hung past the timeout, or raised) into one clear line on
+    this rank and an immediate exit, instead of a traceback followed by a hang in teardown."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as e:   # gloo/NCCL errors are RuntimeError subclasses
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        lines = str(e).strip().splitlines()
+        msg = lines[0] if lines else type(e).__name__
+        comm = isinstance(e, dist.DistError) or re.search(r"gloo|nccl|connect|timed? ?out|peer|socket", str(e), re.I)
+        if not comm:
+            raise
+        print(f"fewchips: rank {rank}: {what} failed: {msg}\n"
+              f"fewchips: rank {rank}: a peer process probably exited or stopped responding; "
+              f"aborting (resume from the last checkpoint)", file=sys.stderr, flush=True)
+        os._exit(17)   # no destroy_process_group: it would wait on the dead peer
