@@ -1,0 +1,348 @@
+"""FP8 checkpoints in the released layout (reference 5.6): E4M3 weights with an FP32
+`weight_scale_inv` per 128x128 block (a dequantisation *multiplier*), `quantization_config` in
+config.json, everything outside the recipe (recipe.py) in BF16.
+
+    save_fp8(model, dir)            quantise the FP8 weights from the master weights and write
+    load_fp8(dir)                   a model whose FP8 weights stay FP8 in memory (1 byte per element),
+                                    dequantised per block on the fly (or run through the FP8 GEMM)
+    convert(src, dst, to)           a whole checkpoint FP8 <-> BF16, one shard at a time
+
+Loading a dequantised model is `fewchips.checkpoint.from_pretrained`, which reads these files too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import (FP8_DTYPES, INDEX_FILE, SINGLE_FILE, CheckpointError, _atomic_save, _atomic_write_text,
+                          _check_scale, _EXPERT_RE, _memory_name, _Reader, _shares_storage, hf_state_dict,
+                          weight_files)
+from ..config import ModelConfig
+from ..model import DeepseekV3, RoutedExperts, Router
+from .gemm import fp8_mm, resolve_backend
+from .quant import BLOCK, TILE, dequantize, quantize
+from .recipe import FP8_EXPERTS_RE, is_fp8_linear, is_fp8_weight
+
+log = logging.getLogger("fewchips")
+
+QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                       "weight_block_size": [128, 128]}
+
+
+def quantization_config(pow2_scales: bool = False) -> dict:
+    return {**QUANTIZATION_CONFIG, **({"scale_fmt": "ue8m0"} if pow2_scales else {})}
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+
+def fp8_tensors(named_tensors, dtype=torch.bfloat16, pow2_scales: bool = False):
+    """(disk name, tensor) -> the release's FP8 form: recipe weights become an E4M3 tensor followed
+    by its `_scale_inv`; other float tensors are cast to `dtype` (the FP32 router bias stays FP32)."""
+    for name, t in named_tensors:
+        t = t.detach()
+        if is_fp8_weight(name) and t.dtype not in FP8_DTYPES:
+            q, s = quantize(t.float(), BLOCK, pow2_scales)
+            yield name, q
+            yield name + "_scale_inv", s
+        elif t.is_floating_point() and t.dtype not in FP8_DTYPES and not name.endswith("e_score_correction_bias") \
+                and not name.endswith("_scale_inv"):
+            yield name, t.to(dtype)
+        else:
+            yield name, t
+
+
+def _write_shards(path, named_tensors, max_shard_bytes):
+    """Write safetensors shards (a weight and its scale always share a shard) and the index."""
+    shards, cur, cur_bytes = [], {}, 0
+    for name, t in named_tensors:
+        t = t.contiguous().cpu()
+        nbytes = t.numel() * t.element_size()
+        if cur and cur_bytes + nbytes > max_shard_bytes and not name.endswith("_scale_inv"):
+            shards.append(cur)
+            cur, cur_bytes = {}, 0
+        cur[name] = t.clone() if _shares_storage(t) else t
+        cur_bytes += nbytes
+    shards.append(cur)
+    for old in os.listdir(path):
+        if old.endswith(".safetensors") or old == INDEX_FILE:
+            os.remove(os.path.join(path, old))
+    if len(shards) == 1:
+        _atomic_save(shards[0], os.path.join(path, SINGLE_FILE))
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _atomic_save(shard, os.path.join(path, fname))
+        for n, t in shard.items():
+            weight_map[n] = fname
+            total += t.numel() * t.element_size()
+    _atomic_write_text(os.path.join(path, INDEX_FILE),
+                       json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def save_fp8(model: DeepseekV3, path, dtype=torch.bfloat16, pow2_scales: bool = False,
+             max_shard_bytes: int = 4 * 2**30):
+    """Write `model` as an FP8 checkpoint in the released layout (weights quantised from the master
+    weights, once, here)."""
+    os.makedirs(path, exist_ok=True)
+    _write_shards(path, fp8_tensors(hf_state_dict(model), dtype, pow2_scales), max_shard_bytes)
+    d = model.config.replace(quantization_config=quantization_config(pow2_scales)).to_dict()
+    d["torch_dtype"] = str(dtype).replace("torch.", "")
+    _atomic_write_text(os.path.join(path, "config.json"), json.dumps(d, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 inference modules: weights held in FP8, dequantised per 128x128 block when used
+# ---------------------------------------------------------------------------------------------
+
+class FP8StoredLinear(nn.Module):
+    """A bias-free linear layer holding an E4M3 weight and its block scales. `weight` (a property)
+    is the dequantised weight, so code that reads it (absorbed MLA) sees ordinary values. With
+    `fp8_gemm=True` activations are quantised in 1x128 tiles and the product runs as an FP8 GEMM."""
+
+    def __init__(self, in_features, out_features, dtype=torch.bfloat16, fp8_gemm: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.dtype, self.fp8_gemm = in_features, out_features, dtype, fp8_gemm
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("weight_scale_inv", torch.empty(-(-out_features // 128), -(-in_features // 128),
+                                                             dtype=torch.float32, device=device))
+
+    @property
+    def weight(self):
+        return dequantize(self.qweight, self.weight_scale_inv, BLOCK, self.dtype)
+
+    def forward(self, x):
+        if self.fp8_gemm:
+            x_MK = x.reshape(-1, self.in_features)
+            xq, xs = quantize(x_MK, TILE)
+            backend = resolve_backend("auto", str(x.device))
+            y = fp8_mm(xq, xs, self.qweight, self.weight_scale_inv, BLOCK, x.dtype, backend)
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight.to(x.dtype))
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 (128x128 scales)"
+
+
+class FP8StoredExperts(RoutedExperts):
+    """Routed experts holding E4M3 `gate`, `up` [E, F, D] and `down` [E, D, F] with per-expert block
+    scales; each expert that received tokens is dequantised just before its SwiGLU (bounded memory)."""
+
+    def __init__(self, n_experts, dim, hidden, dtype=torch.bfloat16, device=None):
+        nn.Module.__init__(self)
+        self.n_experts, self.dtype = n_experts, dtype
+        for kind, (r, c) in (("gate", (hidden, dim)), ("up", (hidden, dim)), ("down", (dim, hidden))):
+            self.register_buffer(f"{kind}_q", torch.empty(n_experts, r, c, dtype=torch.float8_e4m3fn, device=device))
+            self.register_buffer(f"{kind}_s", torch.empty(n_experts, -(-r // 128), -(-c // 128),
+                                                          dtype=torch.float32, device=device))
+
+    def _w(self, kind, e, dtype):
+        return dequantize(getattr(self, f"{kind}_q")[e], getattr(self, f"{kind}_s")[e], BLOCK, dtype)
+
+    def expert_ffn(self, x_sorted, counts_E):
+        y = x_sorted.new_zeros(x_sorted.shape[0], self.down_q.shape[1])
+        start = 0
+        for e, n in enumerate(counts_E.tolist()):
+            if n:
+                x = x_sorted[start:start + n]
+                h = F.silu(F.linear(x, self._w("gate", e, x.dtype))) * F.linear(x, self._w("up", e, x.dtype))
+                y[start:start + n] = F.linear(h, self._w("down", e, x.dtype))
+            start += n
+        return y
+
+
+def _swap_in_fp8_storage(model: DeepseekV3, dtype, fp8_gemm: bool):
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and is_fp8_linear(name):
+            new = FP8StoredLinear(m.in_features, m.out_features, dtype, fp8_gemm, device="meta")
+        elif type(m) is RoutedExperts and FP8_EXPERTS_RE.search(name):
+            E, D, Fd = m.down_proj.shape
+            new = FP8StoredExperts(E, D, Fd, dtype, device="meta")
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _fp8_pair(name, t, files, reader, block):
+    """(E4M3 tensor, scales) for a recipe weight: read its scales, or quantise a high-precision tensor."""
+    if t.dtype in FP8_DTYPES:
+        sname = name + "_scale_inv"
+        if sname not in files:
+            raise CheckpointError(f"{files[name]}: FP8 tensor {name!r} has no {sname!r}")
+        s = reader.get(files[sname], sname)
+        _check_scale(name, files[sname], t, s, block)
+        return t.to(torch.float8_e4m3fn), s.float()
+    return quantize(t.float(), BLOCK)
+
+
+def load_fp8(path, dtype=torch.bfloat16, device="cpu", fp8_gemm: bool = False) -> DeepseekV3:
+    """Load a checkpoint for inference with the recipe's weights kept in FP8 (an FP8 checkpoint's
+    tensors are used as stored; a BF16 checkpoint's are quantised on load). Other weights: `dtype`."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not a directory")
+    cfg = ModelConfig.from_json(path)
+    files = weight_files(path)
+    block = tuple((cfg.quantization_config or {}).get("weight_block_size", BLOCK))
+    if block != BLOCK:
+        raise CheckpointError(f"{path}: weight_block_size {list(block)} is not supported (only [128, 128])")
+    N = cfg.num_hidden_layers
+    has_mtp = any(re.match(rf"^model\.layers\.{N + k}\.", n) and "embed_tokens" not in n and "shared_head.head" not in n
+                  for n in files for k in range(cfg.num_nextn_predict_layers))
+    if cfg.num_nextn_predict_layers and not has_mtp:
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+
+    with torch.device("meta"):
+        model = DeepseekV3(cfg).to(dtype)
+        for m in model.modules():                  # the balancing bias is FP32 whatever `dtype` is
+            if isinstance(m, Router):
+                m.e_score_correction_bias = torch.empty(cfg.n_routed_experts, dtype=torch.float32)
+    _swap_in_fp8_storage(model, dtype, fp8_gemm)
+    model = model.to_empty(device=device)
+    targets = dict(model.state_dict(keep_vars=True))
+    filled = defaultdict(int)
+    reader, unexpected = _Reader(), []
+
+    def put(key, value, src):
+        dest = targets.get(key)
+        if dest is None:
+            unexpected.append(src)
+            return
+        if tuple(value.shape) != tuple(dest.shape):
+            raise CheckpointError(f"{files[src]}: tensor {src!r} has shape {tuple(value.shape)}, "
+                                  f"the config expects {tuple(dest.shape)}")
+        with torch.no_grad():
+            dest.copy_(value.to(dest.dtype))
+        filled[key] += value.numel()
+
+    for name in sorted(files, key=lambda n: (files[n], n)):
+        if name.endswith("_scale_inv") or re.match(r"^model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$", name):
+            continue
+        mem = _memory_name(cfg, name)
+        if mem.startswith("mtp.") and not cfg.num_nextn_predict_layers:
+            continue
+        t = reader.get(files[name], name)
+        em = _EXPERT_RE.match(mem)
+        if em:
+            base, e, kind = em.group(1), int(em.group(2)), em.group(3).replace("_proj", "")
+            if f"{base}.{kind}_q" not in targets:
+                unexpected.append(name)
+                continue
+            if e >= cfg.n_routed_experts:
+                raise CheckpointError(f"{files[name]}: {name} names expert {e}, config has {cfg.n_routed_experts}")
+            q, s = _fp8_pair(name, t, files, reader, block)
+            for key, value in ((f"{base}.{kind}_q", q), (f"{base}.{kind}_s", s)):
+                dest = targets[key][e]
+                if tuple(value.shape) != tuple(dest.shape):
+                    raise CheckpointError(f"{files[name]}: tensor {name!r} has shape {tuple(value.shape)}, "
+                                          f"the config expects {tuple(dest.shape)}")
+                dest.copy_(value)
+                filled[key] += value.numel()
+            continue
+        mod = mem[: -len(".weight")] if mem.endswith(".weight") else None
+        if mod is not None and f"{mod}.qweight" in targets:
+            q, s = _fp8_pair(name, t, files, reader, block)
+            put(f"{mod}.qweight", q, name)
+            put(f"{mod}.weight_scale_inv", s, name + "_scale_inv")
+        else:
+            if t.dtype in FP8_DTYPES:
+                t = dequantize(*_fp8_pair(name, t, files, reader, block), BLOCK)
+            put(mem, t, name)
+
+    if unexpected:
+        raise CheckpointError(f"{path}: tensors that do not belong to this config: {unexpected[:5]}")
+    missing = [k for k, v in targets.items() if filled[k] != v.numel()
+               and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensors {missing[:5]}" + (f" (and {len(missing) - 5} more)"
+                                                                          if len(missing) > 5 else ""))
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-checkpoint conversion, shard by shard
+# ---------------------------------------------------------------------------------------------
+
+def convert(src, dst, to: str, pow2_scales: bool = False, progress=None) -> dict:
+    """Convert a Hugging Face-format checkpoint directory to `to` = "fp8" (recipe weights quantised to
+    E4M3 with 128x128 scales) or "bf16" (FP8 weights dequantised). Each output shard is built from the
+    matching input shard and written before the next is read, so memory stays at about one shard.
+    Other files (tokenizer, generation config) are copied. Returns counts of what was done."""
+    if to not in ("fp8", "bf16"):
+        raise ValueError(f"--to must be fp8 or bf16, got {to!r}")
+    src, dst = os.fspath(src), os.fspath(dst)
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"{src}: not a directory")
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise ValueError("--in and --out must be different directories")
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    block = tuple(((config.get("quantization_config") or {}).get("weight_block_size")) or BLOCK)
+    files = weight_files(src)
+    os.makedirs(dst, exist_ok=True)
+    by_shard = defaultdict(list)
+    for name, file in files.items():
+        by_shard[file].append(name)
+    reader = _Reader()
+    weight_map, total, stats = {}, 0, defaultdict(int)
+    for file in sorted(by_shard):
+        out = {}
+        for name in sorted(by_shard[file]):
+            if name.endswith("_scale_inv"):
+                continue                                 # written beside its weight (or dropped)
+            t = reader.get(file, name)
+            if t.dtype in FP8_DTYPES:
+                q, s = _fp8_pair(name, t, files, reader, block)
+                if to == "bf16":
+                    out[name] = dequantize(q, s, block, torch.bfloat16)
+                    stats["dequantised"] += 1
+                else:
+                    out[name], out[name + "_scale_inv"] = q, s
+                    stats["kept"] += 1
+            elif to == "fp8" and is_fp8_weight(name):
+                out[name], out[name + "_scale_inv"] = quantize(t.float(), BLOCK, pow2_scales)
+                stats["quantised"] += 1
+            else:
+                out[name] = t
+                stats["copied"] += 1
+        fname = os.path.basename(file)
+        _atomic_save(out, os.path.join(dst, fname))
+        for n, t in out.items():
+            weight_map[n] = fname
+            total += t.numel() * t.element_size()
+        reader.handles.pop(file, None)                   # release the input shard's mapping
+        del out
+        if progress:
+            progress(fname)
+    for old in os.listdir(dst):                          # stale files of an earlier conversion
+        if old.endswith(".safetensors") and old not in set(weight_map.values()):
+            os.remove(os.path.join(dst, old))
+    if os.path.exists(os.path.join(src, INDEX_FILE)):
+        _atomic_write_text(os.path.join(dst, INDEX_FILE),
+                           json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    elif os.path.exists(os.path.join(dst, INDEX_FILE)):
+        os.remove(os.path.join(dst, INDEX_FILE))
+    if to == "fp8":
+        config["quantization_config"] = quantization_config(pow2_scales)
+    else:
+        config.pop("quantization_config", None)
+    config["torch_dtype"] = "bfloat16"
+    _atomic_write_text(os.path.join(dst, "config.json"), json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for extra in os.listdir(src):                        # tokenizer files and the like
+        p = os.path.join(src, extra)
+        if os.path.isfile(p) and not extra.endswith(".safetensors") and extra not in (INDEX_FILE, "config.json"):
+            shutil.copy2(p, os.path.join(dst, extra))
+    return dict(stats)
