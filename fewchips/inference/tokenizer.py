@@ -1,0 +1,66 @@
+"""A model directory's tokenizer: `tokenizer.json` through the `tokenizers` library, plus the chat
+template and special tokens of `tokenizer_config.json` when present."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def _token_text(v):
+    return v.get("content") if isinstance(v, dict) else v
+
+
+class Tokenizer:
+    def __init__(self, tok, config: dict | None = None):
+        self.tok = tok
+        config = config or {}
+        self.chat_template = config.get("chat_template")
+        if isinstance(self.chat_template, list):      # named templates: take the default one
+            named = {t.get("name"): t.get("template") for t in self.chat_template}
+            self.chat_template = named.get("default") or next(iter(named.values()), None)
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        self.eos_token_id = self.tok.token_to_id(self.eos_token) if self.eos_token else None
+        self._template = None
+
+    @classmethod
+    def from_dir(cls, path) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+        file = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{path}: no tokenizer.json (the model directory needs one to take text)")
+        config = {}
+        cfg_file = os.path.join(path, "tokenizer_config.json")
+        if os.path.exists(cfg_file):
+            with open(cfg_file) as f:
+                config = json.load(f)
+        return cls(HFTokenizer.from_file(file), config)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text as clients see it (for logprobs); special tokens keep their name."""
+        return self.tok.decode([token_id], skip_special_tokens=False)
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        """Token ids of the conversation followed by the assistant's turn opening."""
+        if self.chat_template:
+            if self._template is None:
+                from jinja2.sandbox import ImmutableSandboxedEnvironment
+                env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+                self._template = env.from_string(self.chat_template)
+            text = self._template.render(messages=messages, add_generation_prompt=True,
+                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            return self.encode(text, add_special_tokens=False)
+        # No template: a plain transcript.
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
+        return self.encode(text)
