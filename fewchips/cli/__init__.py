@@ -10,7 +10,7 @@ import logging
 import sys
 
 # Command modules, in the order `--help` lists them.
-COMMANDS = ["info", "plan", "convert"]
+COMMANDS = ["info", "train", "plan", "convert"]
 
 
 def build_parser() -> argparse.ArgumentParser:

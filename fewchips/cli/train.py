@@ -1,0 +1,93 @@
+"""`fewchips train`: DeepSeek-V3's pre-training recipe on a preset, by default on the Python
+standard library's own source (no downloads)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(sub):
+    p = sub.add_parser("train", help="train a model with the DeepSeek-V3 recipe (default: tiny on the stdlib)",
+                       description="Train with DeepSeek-V3's recipe: aux-loss-free balancing, sequence-wise "
+                                   "balance loss, MTP, FIM, AdamW with warm-up/constant/cosine. OUT ends up "
+                                   "holding a Hugging Face-format model, tokenizer.json, metrics.jsonl, "
+                                   "loss.png/expert_load.png and checkpoint/ (resumable).")
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default="tiny", help="tiny (~10M, minutes on a laptop CPU), small (~170M), ...")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="override the preset's vocabulary (the BPE is trained to this size)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None,
+                   help="text file, folder, .jsonl or .parquet (default: this Python's standard library .py files)")
+    g.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet rows")
+    g.add_argument("--max-corpus-mb", type=float, default=None,
+                   help="use at most this many MB of text (a deterministic subset); tokenising is ~1 MB/s")
+    g.add_argument("--val-fraction", type=float, default=0.03, help="share of documents held out, chosen by name hash")
+    g.add_argument("--tokenizer", default=None,
+                   help="an existing tokenizer.json (must have DeepSeek's BOS/EOS/FIM tokens); default: train a BPE")
+    g.add_argument("--cache-dir", default=None, help="where tokenised shards are kept and reused (default OUT/cache)")
+    g.add_argument("--fim-rate", type=float, default=0.1, help="share of training documents turned into PSM FIM samples")
+    g = p.add_argument_group("schedule (lr: warm-up, constant to 67.6%%, cosine to 0.1x by 96.6%% of the run)")
+    g.add_argument("--steps", type=int, default=500, help="optimizer steps; all schedules scale to this length")
+    g.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch; lower it if memory is short")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (bigger effective batch)")
+    g.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
+    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (2e-3 suits tiny; ~6e-4 for small)")
+    g.add_argument("--warmup", type=int, default=None, dest="warmup_steps", help="warm-up steps (default 3%% of --steps)")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices (never on norms/biases)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
+    g = p.add_argument_group("DeepSeek-V3 recipe")
+    g.add_argument("--bias-update-speed", type=float, default=0.001,
+                   help="γ of the aux-loss-free balancing bias (0 turns it off; set to 0 for the last 3.4%% of steps)")
+    g.add_argument("--balance-alpha", type=float, default=1e-4, help="α of the sequence-wise balance loss")
+    g.add_argument("--mtp-lambda", type=float, default=0.3, help="MTP loss weight for the first 67.6%% of steps")
+    g.add_argument("--mtp-lambda-late", type=float, default=0.1, help="MTP loss weight afterwards")
+    g.add_argument("--init-std", type=float, default=0.006, help="std of the N(0, std) initialisation")
+    g = p.add_argument_group("systems")
+    g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="autocast precision; auto = bf16 where the hardware has native bf16 (AMX/AVX512-BF16, GPUs)")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute layers in backward: less memory, ~30%% more compute")
+    g.add_argument("--compile", action="store_true", help="torch.compile each layer (slow start; pays off on long runs)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--seed", type=int, default=0, help="seeds the init, FIM choices and data order")
+    g = p.add_argument_group("output and checkpoints")
+    g.add_argument("--out", required=True, help="output folder (model, tokenizer, metrics, plots, checkpoint)")
+    g.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds a run (keeps the data cache)")
+    g.add_argument("--stop-at", type=int, default=None, help="stop with a checkpoint after this step (split a run)")
+    g.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl records")
+    g.add_argument("--eval-every", type=int, default=100, help="steps between validation runs and plot updates")
+    g.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
+    g.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
+    g.add_argument("--max-bad-steps", type=int, default=5,
+                   help="stop after this many consecutive non-finite (skipped) steps")
+    g.add_argument("--no-plots", dest="plots", action="store_false", help="skip the matplotlib PNGs")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def train_config(args):
+    import dataclasses
+
+    from fewchips.train import TrainConfig
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def run(args):
+    from fewchips.config import ModelConfig
+    from fewchips.train import TrainError, train
+
+    overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+    cfg = ModelConfig.from_preset(args.preset, **overrides)
+    try:
+        result = train(cfg, train_config(args))
+    except TrainError as e:
+        print(f"fewchips train: error: {e}", file=sys.stderr)
+        return 1
+    if "val_loss" in result:
+        print(f"done: step {result['step']}, val loss {result['val_loss']:.3f} nats/token "
+              f"({result['val_bpb']:.3f} bits/byte; unigram entropy {result['unigram_entropy']:.3f}); "
+              f"model in {args.out}")
+    return 0

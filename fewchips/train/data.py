@@ -1,0 +1,314 @@
+"""Training data: find documents, split them by file, tokenise once into memory-mapped shards, and
+sample fixed-length windows deterministically.
+
+Layout of a prepared corpus (one folder per corpus x tokenizer x FIM setting, reused when it exists):
+    train.bin, val.bin   every document as BOS body EOS, back to back (document packing), as
+                         uint16 (vocab <= 65536) or uint32, read with numpy.memmap
+    index.json           dtype, token and byte counts, document start offsets, unigram entropy
+
+FIM (reference section 6): with probability `fim_rate` a training document is cut at two random
+character positions into prefix/middle/suffix and stored in PSM order,
+    BOS FIM_BEGIN prefix FIM_HOLE suffix FIM_END middle EOS
+before packing. Validation documents are never transformed, so bits per byte stay comparable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sysconfig
+from dataclasses import dataclass
+
+import numpy as np
+
+from .tokenizer import SpecialIds
+
+TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".c", ".h", ".cc", ".cpp", ".hpp", ".js", ".ts", ".java",
+                 ".go", ".rs", ".sh", ".toml", ".yaml", ".yml", ".json", ".html", ".css", ".tex", ".csv"}
+SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", ".git"}
+
+
+class DataError(ValueError):
+    """The data cannot be used as given; the message says what to change."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding documents
+# ---------------------------------------------------------------------------------------------
+
+def default_corpus_root() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def read_documents(path: str | None = None, max_bytes: int | None = None, text_field: str = "text"):
+    """[(name, text)], sorted by a hash of the name (a deterministic shuffle), capped at `max_bytes`
+    of UTF-8. `path` None: the Python standard library's own .py files (tests excluded)."""
+    if path is None:
+        root = default_corpus_root()
+        docs = list(_read_tree(root, suffixes={".py"}))
+        where = f"the Python standard library at {root}"
+    else:
+        path = os.path.expanduser(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--data {path}: no such file or directory")
+        docs = list(_read_tree(path) if os.path.isdir(path) else _read_file(path, os.path.basename(path), text_field))
+        where = path
+    docs = [(n, t) for n, t in docs if t.strip()]
+    if not docs:
+        raise DataError(f"no text found in {where}; --data takes text files, folders of them, "
+                        f".jsonl (a {text_field!r} field per line) or .parquet")
+    docs.sort(key=lambda d: _hash(d[0]))
+    if max_bytes:
+        kept, total = [], 0
+        for n, t in docs:
+            if total >= max_bytes:
+                break
+            kept.append((n, t))
+            total += len(t.encode())
+        docs = kept
+    return docs
+
+
+def _read_tree(root, suffixes=None):
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+        for f in sorted(filenames):
+            full = os.path.join(dirpath, f)
+            ext = os.path.splitext(f)[1].lower()
+            if suffixes is not None and ext not in suffixes:
+                continue
+            if suffixes is None and ext not in TEXT_SUFFIXES | {".jsonl", ".parquet"}:
+                continue
+            yield from _read_file(full, os.path.relpath(full, root), "text")
+
+
+def _read_file(full, name, text_field):
+    ext = os.path.splitext(full)[1].lower()
+    if ext == ".jsonl":
+        with open(full, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{full}:{i + 1}: not valid JSON ({e})") from None
+                if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                    raise DataError(f"{full}:{i + 1}: no string field {text_field!r} (set --text-field)")
+                yield f"{name}:{i}", row[text_field]
+    elif ext == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{full}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+        table = pq.read_table(full, columns=[text_field])
+        for i, t in enumerate(table.column(text_field).to_pylist()):
+            if isinstance(t, str):
+                yield f"{name}:{i}", t
+    else:
+        try:
+            with open(full, encoding="utf-8") as f:
+                yield name, f.read()
+        except UnicodeDecodeError:
+            return   # binary or non-UTF-8 files are skipped
+
+
+def _hash(s: str) -> int:
+    return int.from_bytes(hashlib.sha1(s.encode()).digest()[:8], "big")
+
+
+def split_documents(docs, val_fraction: float = 0.03):
+    """Split by a hash of the document name: the same file always lands on the same side.
+    With two or more documents, validation gets at least one."""
+    cut = int(val_fraction * 2**64)
+    train = [d for d in docs if _hash("split:" + d[0]) >= cut]
+    val = [d for d in docs if _hash("split:" + d[0]) < cut]
+    if not val and len(docs) >= 2 and val_fraction > 0:
+        val, train = train[-1:], train[:-1]
+    return train, val
+
+
+def corpus_fingerprint(docs) -> str:
+    h = hashlib.sha1()
+    for n, t in docs:
+        h.update(n.encode())
+        h.update(hashlib.sha1(t.encode()).digest())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# FIM and tokenisation into shards
+# ---------------------------------------------------------------------------------------------
+
+def fim_split(text: str, rng: np.random.Generator):
+    """Two uniform cut points over the characters: (prefix, middle, suffix)."""
+    a, b = sorted(rng.integers(0, len(text) + 1, size=2).tolist())
+    return text[:a], text[a:b], text[b:]
+
+
+def psm(prefix_ids, middle_ids, suffix_ids, sp: SpecialIds) -> list[int]:
+    """The PSM-order FIM body (without BOS/EOS)."""
+    return [sp.fim_begin, *prefix_ids, sp.fim_hole, *suffix_ids, sp.fim_end, *middle_ids]
+
+
+def parse_psm(body, sp: SpecialIds):
+    """Inverse of `psm`: (prefix_ids, middle_ids, suffix_ids); ValueError if not a PSM sample."""
+    body = list(body)
+    if not body or body[0] != sp.fim_begin or body.count(sp.fim_hole) != 1 or body.count(sp.fim_end) != 1:
+        raise ValueError("not a PSM sample")
+    h, e = body.index(sp.fim_hole), body.index(sp.fim_end)
+    if not h < e:
+        raise ValueError("FIM_HOLE must come before FIM_END")
+    return body[1:h], body[e + 1:], body[h + 1:e]
+
+
+def encode_documents(docs, tok, sp: SpecialIds, fim_rate: float = 0.0, seed: int = 0, batch: int = 256):
+    """Yield one int array per document: BOS body EOS, with FIM (PSM) applied at `fim_rate`."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, len(docs), batch):
+        chunk = docs[start:start + batch]
+        pieces, plan = [], []
+        for _, text in chunk:
+            if fim_rate > 0 and rng.random() < fim_rate:
+                plan.append(("fim", len(pieces)))
+                pieces.extend(fim_split(text, rng))
+            else:
+                plan.append(("doc", len(pieces)))
+                pieces.append(text)
+        enc = [e.ids for e in tok.encode_batch(pieces, add_special_tokens=False)]
+        for kind, i in plan:
+            body = psm(enc[i], enc[i + 1], enc[i + 2], sp) if kind == "fim" else enc[i]
+            yield np.asarray([sp.bos, *body, sp.eos], dtype=np.int64), kind == "fim"
+
+
+@dataclass
+class Split:
+    tokens: np.ndarray        # memmap, uint16/uint32
+    n_bytes: int              # UTF-8 bytes of the documents (for bits per byte)
+    doc_starts: np.ndarray
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.n_bytes / max(len(self.tokens), 1)
+
+
+@dataclass
+class Corpus:
+    path: str
+    train: Split
+    val: Split
+    index: dict
+
+
+def prepare_corpus(train_docs, val_docs, tok, sp: SpecialIds, cache_dir: str, key: str,
+                   fim_rate: float = 0.1, seed: int = 0, log=print) -> Corpus:
+    """Tokenise into `cache_dir/key/` once (atomically: a temp folder renamed into place), then
+    memory-map it. An existing folder with a complete index is reused."""
+    out = os.path.join(cache_dir, key)
+    if not os.path.exists(os.path.join(out, "index.json")):
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = out + f".tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        vocab = tok.get_vocab_size()
+        dtype = np.uint16 if vocab <= 2**16 else np.uint32
+        index = {"dtype": np.dtype(dtype).name, "vocab_size": vocab, "fim_rate": fim_rate, "seed": seed, "splits": {}}
+        counts = np.zeros(vocab, dtype=np.int64)
+        for split, docs, rate in (("train", train_docs, fim_rate), ("val", val_docs, 0.0)):
+            starts, n_tok, n_fim = [], 0, 0
+            with open(os.path.join(tmp, f"{split}.bin"), "wb") as f:
+                for ids, is_fim in encode_documents(docs, tok, sp, rate, seed):
+                    starts.append(n_tok)
+                    n_tok += len(ids)
+                    n_fim += is_fim
+                    if split == "train":
+                        counts += np.bincount(ids, minlength=vocab)
+                    f.write(ids.astype(dtype).tobytes())
+            np.save(os.path.join(tmp, f"{split}_doc_starts.npy"), np.asarray(starts, dtype=np.int64))
+            index["splits"][split] = {"tokens": n_tok, "documents": len(docs), "fim_documents": n_fim,
+                                      "bytes": sum(len(t.encode()) for _, t in docs)}
+        p = counts[counts > 0] / max(counts.sum(), 1)
+        index["unigram_entropy_nats"] = float(-(p * np.log(p)).sum())
+        with open(os.path.join(tmp, "index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        log(f"tokenised {index['splits']['train']['documents']} train / {index['splits']['val']['documents']} val "
+            f"documents into {out}")
+    return load_corpus(out)
+
+
+def load_corpus(path: str) -> Corpus:
+    with open(os.path.join(path, "index.json")) as f:
+        index = json.load(f)
+    splits = {}
+    for name in ("train", "val"):
+        n = index["splits"][name]["tokens"]
+        toks = (np.memmap(os.path.join(path, f"{name}.bin"), dtype=index["dtype"], mode="r", shape=(n,))
+                if n else np.zeros(0, dtype=index["dtype"]))
+        splits[name] = Split(toks, index["splits"][name]["bytes"], np.load(os.path.join(path, f"{name}_doc_starts.npy")))
+    return Corpus(path, splits["train"], splits["val"], index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+class Sampler:
+    """Non-overlapping windows of seq_len + 1 tokens over the packed stream, visited in a fresh
+    seeded permutation each epoch. `state_dict()` is the exact position; resuming continues it."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int = 0):
+        if len(tokens) < seq_len + 1:
+            raise DataError(f"the training split has {len(tokens)} tokens, fewer than one sequence of "
+                            f"--seq-len {seq_len} (+1 for the shifted target); add data or lower --seq-len")
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        self.n_windows = (len(tokens) - 1) // seq_len
+        self.epoch, self.cursor = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch):
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+
+    def next_batch(self, batch_size: int):
+        """ids [B, seq_len + 1] (int64) and the window numbers [B]."""
+        rows, which = [], []
+        for _ in range(batch_size):
+            if self.cursor == self.n_windows:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            w = int(self._order[self.cursor])
+            self.cursor += 1
+            start = w * self.seq_len
+            rows.append(np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64))
+            which.append(w)
+        return np.stack(rows), np.asarray(which)
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "seq_len": self.seq_len,
+                "n_windows": self.n_windows}
+
+    def load_state_dict(self, s):
+        if (s["seq_len"], s["n_windows"], s["seed"]) != (self.seq_len, self.n_windows, self.seed):
+            raise DataError(f"the checkpoint's data position is for seq_len={s['seq_len']}, "
+                            f"{s['n_windows']} windows, seed={s['seed']}; this run has seq_len={self.seq_len}, "
+                            f"{self.n_windows} windows, seed={self.seed} (same --data, --seq-len and --seed needed)")
+        self.epoch, self.cursor = s["epoch"], s["cursor"]
+        self._order = self._permutation(self.epoch)
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> np.ndarray:
+    """The first windows of the validation stream, in order (the same every evaluation); a stream
+    shorter than one window gives one shorter window; an empty one gives none."""
+    if len(tokens) < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    T = min(seq_len, len(tokens) - 1)
+    n = min(max_windows, (len(tokens) - 1) // T)
+    return np.stack([np.asarray(tokens[i * T:i * T + T + 1], dtype=np.int64) for i in range(n)])
+
+
+def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
+    return loss_nats / (math.log(2) * bytes_per_token) if bytes_per_token > 0 else float("nan")

@@ -1,0 +1,66 @@
+"""PNG plots of a run, from its metrics.jsonl: loss curves, lr and MaxVio, and an expert-load
+heatmap (layers x experts, load / mean load since the start of the run)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_plots(metrics_path, load_LE, out_dir, unigram_entropy=None):
+    recs = read_metrics(metrics_path)
+    train = [r for r in recs if "loss" in r]
+    val = [r for r in recs if "val_loss" in r]
+    fig, ax = plt.subplots(2, 2, figsize=(11, 7))
+    a = ax[0, 0]
+    a.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (main)")
+    a.plot([r["step"] for r in train], [r["mtp_loss"] for r in train], label="train (MTP, next-next token)", alpha=0.7)
+    if val:
+        a.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    if unigram_entropy:
+        a.axhline(unigram_entropy, color="grey", ls="--", label="unigram entropy")
+    a.set(xlabel="step", ylabel="nats / token", title="loss")
+    a.legend(fontsize=8)
+    a = ax[0, 1]
+    if val:
+        a.plot([r["step"] for r in val], [r["val_bpb"] for r in val], "o-")
+    a.set(xlabel="step", ylabel="bits / byte", title="validation bits per byte")
+    a = ax[1, 0]
+    if train and train[0].get("maxvio"):
+        n_layers = len(train[0]["maxvio"])
+        for i in range(n_layers):
+            a.plot([r["step"] for r in train], [r["maxvio"][i] for r in train], label=f"MoE layer {i}")
+        a.legend(fontsize=7)
+    a.set(xlabel="step", ylabel="(max - mean) / mean load", title="expert-load imbalance (MaxVio)")
+    a = ax[1, 1]
+    a.plot([r["step"] for r in train], [r["lr"] for r in train])
+    a.set(xlabel="step", ylabel="lr", title="learning rate")
+    fig.tight_layout()
+    _save(fig, os.path.join(out_dir, "loss.png"))
+
+    load = load_LE.float()
+    if load.numel() and load.sum() > 0:
+        rel = (load / load.mean(-1, keepdim=True).clamp_min(1e-9)).numpy()
+        fig, a = plt.subplots(figsize=(max(5, 0.35 * rel.shape[1] + 2), 0.5 * rel.shape[0] + 2))
+        im = a.imshow(rel, aspect="auto", cmap="coolwarm", vmin=0, vmax=2)
+        a.set(xlabel="expert", ylabel="MoE layer (last: MTP)", title="expert load / mean load (whole run)")
+        fig.colorbar(im, ax=a)
+        fig.tight_layout()
+        _save(fig, os.path.join(out_dir, "expert_load.png"))
+
+
+def _save(fig, path):
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)

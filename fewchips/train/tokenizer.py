@@ -1,0 +1,87 @@
+"""Byte-level BPE tokenizer, trained with the `tokenizers` library on the training corpus.
+
+Special tokens use DeepSeek-V3's literal strings (full-width bars and `▁`, reference section 6) and
+take the first ids, so they agree with the presets' `bos_token_id=0`, `eos_token_id=1`. An existing
+`tokenizer.json` (DeepSeek-V3's own, say) is accepted as long as it has these tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+FIM_HOLE = "<｜fim▁hole｜>"
+FIM_BEGIN = "<｜fim▁begin｜>"
+FIM_END = "<｜fim▁end｜>"
+SPECIAL_TOKENS = [BOS, EOS, FIM_HOLE, FIM_BEGIN, FIM_END]   # ids 0..4 in a tokenizer we train
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    bos: int
+    eos: int
+    fim_begin: int
+    fim_hole: int
+    fim_end: int
+
+
+def special_ids(tok: Tokenizer, source: str = "tokenizer") -> SpecialIds:
+    ids = {name: tok.token_to_id(s) for name, s in
+           (("bos", BOS), ("eos", EOS), ("fim_begin", FIM_BEGIN), ("fim_hole", FIM_HOLE), ("fim_end", FIM_END))}
+    missing = [k for k, v in ids.items() if v is None]
+    if missing:
+        raise ValueError(f"{source}: lacks the special token(s) {missing}; fewchips needs "
+                         f"{SPECIAL_TOKENS} (DeepSeek-V3's spelling)")
+    return SpecialIds(**ids)
+
+
+def train_tokenizer(texts, vocab_size: int, n_texts: int | None = None) -> Tokenizer:
+    """Byte-level BPE over `texts` (an iterable of strings); every byte is in the base alphabet, so
+    any text encodes and decodes losslessly."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer, length=n_texts)
+    return tok
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no tokenizer.json here")
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:  # the Rust side raises plain Exceptions
+        raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
+    special_ids(tok, path)
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, out_dir: str, model_max_length: int = 2048):
+    """tokenizer.json plus the tokenizer_config.json that lets transformers.AutoTokenizer load it."""
+    os.makedirs(out_dir, exist_ok=True)
+    _atomic_text(os.path.join(out_dir, "tokenizer.json"), tok.to_str())
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
+           "pad_token": EOS, "add_bos_token": False, "add_eos_token": False,
+           "model_max_length": model_max_length, "clean_up_tokenization_spaces": False}
+    _atomic_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
+def tokenizer_hash(tok: Tokenizer) -> str:
+    return hashlib.sha1(tok.to_str().encode()).hexdigest()[:16]
+
+
+def _atomic_text(dest, text):
+    tmp = dest + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, dest)

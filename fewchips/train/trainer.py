@@ -1,0 +1,591 @@
+"""DeepSeek-V3's pre-training recipe (reference sections 3, 4, 6), scaled to the length of the run.
+
+One optimizer step:
+    for each micro-batch:  loss = CE(main) + λ·mean_k CE(MTP depth k) + α·Σ_layers seq_balance
+                           backward; add up each MoE layer's expert loads
+    all loads of the step  (`step_loads`: the one place a data-parallel all-reduce goes)
+    clip to 1.0, AdamW, schedule; then, outside autograd, per MoE layer:
+                           b ← b + γ·sign(mean(load) − load)          (aux-loss-free balancing)
+
+Schedules, as fractions of the run (the report's token counts out of 14.8T):
+    lr  linear warm-up → constant until 67.6% (10T) → cosine to 0.1·peak by 96.6% (14.3T)
+        → 0.1·peak until 98.9% → 0.033·peak (the report's 2.2e-4 → 2.2e-5 → 7.3e-6)
+    γ   `bias_update_speed` until 96.6%, then 0
+    λ   0.3 until 67.6%, then 0.1
+
+Checkpoints live in OUT/checkpoint/ (written to a temp folder, then renamed; a failed write leaves
+the previous one as it was): the Hugging Face model (weights and balancing biases), the optimizer
+and schedule, the sampler position, RNG states and both configs. The final model is also exported
+to OUT itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import from_pretrained, save_pretrained
+from ..config import ModelConfig
+from ..model import DeepseekV3, MoE, MoEStats
+from . import data as D
+from .tokenizer import load_tokenizer, save_tokenizer, special_ids, tokenizer_hash, train_tokenizer
+
+# Fractions of the run at which the report's schedules change (token counts / 14.8T).
+CONSTANT_END = 10.0 / 14.8
+COSINE_END = 14.3 / 14.8
+MIN_LR_END = (14.3 + 0.333) / 14.8
+MIN_LR_RATIO, FINAL_LR_RATIO = 2.2e-5 / 2.2e-4, 7.3e-6 / 2.2e-4
+
+
+class TrainError(RuntimeError):
+    """Training cannot go on; the message says why and where the last good checkpoint is."""
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/train"
+    data: str | None = None              # None: the Python standard library's .py files
+    text_field: str = "text"
+    max_corpus_mb: float | None = None
+    val_fraction: float = 0.03
+    tokenizer: str | None = None         # an existing tokenizer.json; None: train one
+    cache_dir: str | None = None         # None: OUT/cache
+    fim_rate: float = 0.1
+    # schedule and batch
+    steps: int = 500
+    batch_size: int = 16
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 2e-3
+    warmup_steps: int | None = None      # None: 3% of the run
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # the V3 recipe
+    bias_update_speed: float = 0.001     # γ
+    balance_alpha: float = 1e-4          # α
+    mtp_lambda: float = 0.3              # λ for the first 67.6% of the run
+    mtp_lambda_late: float = 0.1         # λ after that
+    init_std: float = 0.006
+    # systems
+    dtype: str = "auto"                  # auto | bf16 | fp32 (autocast; weights and optimizer stay fp32)
+    activation_checkpointing: bool = False
+    compile: bool = False
+    threads: int | None = None
+    seed: int = 0
+    # watching and saving
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 100
+    plots: bool = True
+    progress: bool = True
+    resume: bool = False
+    overwrite: bool = False
+    stop_at: int | None = None           # stop (with a checkpoint) after this step: split a run
+    max_bad_steps: int = 5               # consecutive non-finite steps before stopping
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len
+
+    # fields that must agree with a checkpoint for `--resume` to continue exactly
+    RESUME_FIELDS = ("seq_len", "batch_size", "grad_accum", "seed", "fim_rate", "val_fraction", "max_corpus_mb")
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules
+# ---------------------------------------------------------------------------------------------
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Multiplier on the peak lr at optimizer step `step` (0-based)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    frac = step / max(total, 1)
+    if frac < CONSTANT_END:
+        return 1.0
+    if frac < COSINE_END:
+        t = (frac - CONSTANT_END) / (COSINE_END - CONSTANT_END)
+        return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * t))
+    return MIN_LR_RATIO if frac < MIN_LR_END else FINAL_LR_RATIO
+
+
+def bias_speed(step: int, total: int, gamma: float) -> float:
+    return gamma if step / max(total, 1) < COSINE_END else 0.0
+
+
+def mtp_weight(step: int, total: int, early: float, late: float) -> float:
+    return early if step / max(total, 1) < CONSTANT_END else late
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks (small functions: FP8 and parallelism plug in here)
+# ---------------------------------------------------------------------------------------------
+
+def autocast_dtype(name: str, device: torch.device):
+    if name == "fp32":
+        return None
+    if name == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    try:   # CPUs with AVX512-BF16/AMX run bf16 matmuls natively; elsewhere bf16 is emulated and slow
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def build_model(cfg: ModelConfig, tc: TrainConfig, device="cpu") -> DeepseekV3:
+    """The model as it will be trained: initialised, and (optionally) with activation checkpointing
+    and compiled layers. FP8 linears and parallel wrapping are applied here."""
+    torch.manual_seed(tc.seed)
+    model = DeepseekV3(cfg).to(device).init_weights(tc.init_std)
+    if tc.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if tc.compile:
+        for layer in [*model.model.layers, *model.mtp]:
+            layer.compile(dynamic=True)
+    return model
+
+
+def apply_activation_checkpointing(model: DeepseekV3):
+    """Recompute each decoder layer (and MTP layer) in backward instead of keeping its activations.
+    The layer's forward is replaced on the instance, so parameter names (and checkpoints) do not
+    change. MoE stats come out of the checkpointed region as outputs, so recomputation cannot
+    append them twice."""
+    from torch.utils.checkpoint import checkpoint
+
+    def wrap(layer, n_inputs):
+        orig = layer.forward
+
+        def forward(*args, cache=None, stats=None):
+            args = list(args)
+            if len(args) > n_inputs:
+                cache = args[n_inputs]
+            if len(args) > n_inputs + 1:
+                stats = args[n_inputs + 1]
+            inputs = args[:n_inputs]
+            if cache is not None or not torch.is_grad_enabled():
+                return orig(*inputs, cache, stats)
+
+            def run(*inp):
+                local: list = []
+                out = orig(*inp, None, local)
+                return (out, *[t for s in local for t in (s.load_E, s.seq_balance)])
+
+            out, *rest = checkpoint(run, *inputs, use_reentrant=False)
+            if stats is not None:
+                stats.extend(MoEStats(rest[i], rest[i + 1]) for i in range(0, len(rest), 2))
+            return out
+
+        layer.forward = forward
+
+    for layer in model.model.layers:
+        wrap(layer, 3)       # (x, cos, sin)
+    for layer in model.mtp:
+        wrap(layer, 4)       # (emb, h, cos, sin)
+
+
+def moe_routers(model: DeepseekV3):
+    """Routers in the order their layers append MoEStats: main layers, then MTP layers."""
+    layers = [*model.model.layers, *model.mtp]
+    return [layer.mlp.gate for layer in layers if isinstance(layer.mlp, MoE)]
+
+
+def build_optimizer(model: DeepseekV3, tc: TrainConfig, total_steps: int):
+    """AdamW with weight decay on matrices only (not on norms, biases or any 1-D parameter)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and not name.endswith("bias") else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kw = dict(lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8)
+    try:
+        opt = torch.optim.AdamW(groups, fused=True, **kw)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.AdamW(groups, **kw)
+    warmup = tc.warmup_steps if tc.warmup_steps is not None else max(1, round(0.03 * total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup))
+    return opt, sched
+
+
+def compute_losses(model: DeepseekV3, ids_BT1: torch.Tensor, mtp_lambda: float, amp_dtype):
+    """Losses of one micro-batch of windows ids [B, T+1]. Returns (main CE, MTP CE averaged over
+    depths, Σ_layers seq_balance, stats). MTP depth k at position i predicts token i+k+1."""
+    inp_BT, tgt_BT = ids_BT1[:, :-1], ids_BT1[:, 1:]
+    stats: list = []
+    with torch.autocast(ids_BT1.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        h_BTD = model.hidden_states(inp_BT, stats=stats)
+        main = _ce(model.lm_head(h_BTD), tgt_BT)
+        mtp_terms = []
+        if mtp_lambda > 0 and len(model.mtp):
+            for k, logits in enumerate(model.mtp_forward(inp_BT, h_BTD, stats), start=1):
+                mtp_terms.append(_ce(logits, ids_BT1[:, k + 1:]))   # [B, T-k] targets t_{i+k+1}
+    mtp = torch.stack(mtp_terms).mean() if mtp_terms else torch.zeros((), device=ids_BT1.device)
+    bal = torch.stack([s.seq_balance.float() for s in stats]).sum() if stats else torch.zeros((), device=ids_BT1.device)
+    return main, mtp, bal, stats
+
+
+def _ce(logits_BTV, targets_BT):
+    return F.cross_entropy(logits_BTV.float().reshape(-1, logits_BTV.shape[-1]), targets_BT.reshape(-1))
+
+
+def step_loads(loads_LE: torch.Tensor) -> torch.Tensor:
+    """Expert loads of the whole optimizer step [layers, experts]. With data parallelism, this is
+    where they are summed over ranks (all-reduce) so every rank applies the same bias update."""
+    return loads_LE
+
+
+@torch.no_grad()
+def update_biases(routers, loads_LE: torch.Tensor, gamma: float):
+    """b ← b + γ·sign(mean(load) − load), per layer: overloaded experts become less attractive."""
+    if gamma == 0:
+        return
+    for router, load_E in zip(routers, loads_LE):
+        router.e_score_correction_bias += gamma * torch.sign(load_E.mean() - load_E).to(torch.float32)
+
+
+def max_violation(loads_LE: torch.Tensor) -> list[float]:
+    """MaxVio per layer: (max load − mean load) / mean load (0 = perfectly balanced)."""
+    mean = loads_LE.float().mean(-1).clamp_min(1e-9)
+    return ((loads_LE.float().amax(-1) - mean) / mean).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Data, tokenizer
+# ---------------------------------------------------------------------------------------------
+
+def prepare_data(cfg: ModelConfig, tc: TrainConfig, log=print, tokenizer_path: str | None = None):
+    """Documents → tokenizer (trained once per corpus, cached) → memory-mapped shards (cached)."""
+    max_bytes = int(tc.max_corpus_mb * 2**20) if tc.max_corpus_mb else None
+    docs = D.read_documents(tc.data, max_bytes, tc.text_field)
+    train_docs, val_docs = D.split_documents(docs, tc.val_fraction)
+    if not train_docs:
+        raise D.DataError(f"all {len(docs)} documents went to validation; lower --val-fraction or add data")
+    fp = D.corpus_fingerprint(docs)
+    cache = tc.cache_dir or os.path.join(tc.out, "cache")
+    tokenizer_path = tokenizer_path or tc.tokenizer
+    if tokenizer_path:
+        tok = load_tokenizer(tokenizer_path)
+    else:
+        cached = os.path.join(cache, f"tokenizer-{fp}-{cfg.vocab_size}.json")
+        if os.path.exists(cached):
+            tok = load_tokenizer(cached)
+        else:
+            t0 = time.time()
+            tok = train_tokenizer((t for _, t in train_docs), cfg.vocab_size, len(train_docs))
+            os.makedirs(cache, exist_ok=True)
+            tok.save(cached + ".tmp")
+            os.replace(cached + ".tmp", cached)
+            log(f"trained a {tok.get_vocab_size()}-token byte-level BPE in {time.time() - t0:.1f}s")
+    if tok.get_vocab_size() > cfg.vocab_size:
+        raise D.DataError(f"the tokenizer has {tok.get_vocab_size()} tokens but the model's vocab_size is "
+                          f"{cfg.vocab_size}; pass --vocab-size {tok.get_vocab_size()} (or more)")
+    sp = special_ids(tok)
+    key = f"tokens-{fp}-{tokenizer_hash(tok)}-fim{tc.fim_rate}-val{tc.val_fraction}-seed{tc.seed}"
+    corpus = D.prepare_corpus(train_docs, val_docs, tok, sp, cache, key, tc.fim_rate, tc.seed, log)
+    return tok, sp, corpus
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class StepResult:
+    loss: float
+    mtp_loss: float
+    balance_loss: float
+    grad_norm: float
+    loads_LE: torch.Tensor
+    skipped: bool
+    windows: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+class Trainer:
+    def __init__(self, cfg: ModelConfig, tc: TrainConfig, log=print, device="cpu"):
+        self.cfg, self.tc, self.log, self.device = cfg, tc, log, torch.device(device)
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.ckpt_dir = os.path.join(tc.out, "checkpoint")
+        self.metrics_path = os.path.join(tc.out, "metrics.jsonl")
+        self._check_out_dir()
+        resume_from = self._resume_dir() if tc.resume else None
+        self.tok, self.sp, self.corpus = prepare_data(
+            cfg, tc, log, tokenizer_path=os.path.join(resume_from, "tokenizer.json") if resume_from else None)
+        self.cfg = cfg = cfg.replace(bos_token_id=self.sp.bos, eos_token_id=self.sp.eos)
+        self.sampler = D.Sampler(self.corpus.train.tokens, tc.seq_len, tc.seed)
+        self.val = D.eval_windows(self.corpus.val.tokens, tc.seq_len, tc.eval_batches * tc.batch_size)
+        self.model = build_model(cfg, tc, self.device)
+        self.routers = moe_routers(self.model)
+        self.opt, self.sched = build_optimizer(self.model, tc, tc.steps)
+        self.amp = autocast_dtype(tc.dtype, self.device)
+        self.step = 0
+        self.tokens_seen = 0
+        self.bad_steps_total = 0
+        self.bad_streak = 0
+        self.load_accum_LE = torch.zeros(len(self.routers), cfg.n_routed_experts)
+        self.data_log: list[int] = []          # window numbers consumed by this process (tests read it)
+        if resume_from:
+            self._load(resume_from)
+        else:
+            self._reset_metrics()
+        self.unigram_entropy = self.corpus.index["unigram_entropy_nats"]
+
+    # ---- setup -------------------------------------------------------------------------------
+    def _check_out_dir(self):
+        tc = self.tc
+        has_ckpt = any(os.path.exists(self.ckpt_dir + s) for s in ("", ".old"))
+        if has_ckpt and not tc.resume and not tc.overwrite:
+            raise TrainError(f"{tc.out} already holds a training run; pass --resume to continue it or "
+                             f"--overwrite to start over (the tokenised data cache is kept)")
+        if tc.overwrite and not tc.resume:
+            for name in ("checkpoint", "checkpoint.old", "metrics.jsonl"):
+                p = os.path.join(tc.out, name)
+                shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
+        os.makedirs(tc.out, exist_ok=True)
+
+    def _resume_dir(self):
+        for d in (self.ckpt_dir, self.ckpt_dir + ".old"):   # .old: a crash between the two renames
+            if os.path.exists(os.path.join(d, "train_state.pt")):
+                return d
+        raise TrainError(f"--resume: no checkpoint in {self.ckpt_dir}")
+
+    def _reset_metrics(self):
+        open(self.metrics_path, "w").close()
+
+    # ---- one step ----------------------------------------------------------------------------
+    def train_step(self) -> StepResult:
+        tc, model = self.tc, self.model
+        lam = mtp_weight(self.step, tc.steps, tc.mtp_lambda, tc.mtp_lambda_late)
+        loads_LE = torch.zeros(len(self.routers), self.cfg.n_routed_experts, device=self.device)
+        tot_main = tot_mtp = tot_bal = 0.0
+        finite = True
+        windows = []
+        for _ in range(tc.grad_accum):
+            ids, which = self.sampler.next_batch(tc.batch_size)
+            windows.append(which)
+            main, mtp, bal, stats = self.compute_losses(torch.from_numpy(ids).to(self.device), lam)
+            loss = main + lam * mtp + tc.balance_alpha * bal
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            (loss / tc.grad_accum).backward()
+            loads_LE[:len(stats)] += torch.stack([s.load_E for s in stats]) if stats else 0
+            tot_main += main.item() / tc.grad_accum
+            tot_mtp += mtp.item() / tc.grad_accum
+            tot_bal += bal.item() / tc.grad_accum
+        grad_norm = float("nan")
+        if finite:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+            finite = math.isfinite(grad_norm)
+        if finite:
+            self.opt.step()
+            loads_LE = step_loads(loads_LE)
+            update_biases(self.routers, loads_LE, bias_speed(self.step, tc.steps, tc.bias_update_speed))
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        self.step += 1
+        self.tokens_seen += tc.tokens_per_step
+        return StepResult(tot_main if finite else float("nan"), tot_mtp, tot_bal, grad_norm, loads_LE.cpu(),
+                          not finite, np.concatenate(windows))
+
+    def compute_losses(self, ids, lam):
+        return compute_losses(self.model, ids, lam, self.amp)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if not len(self.val):
+            return {}
+        self.model.eval()
+        total, n = 0.0, 0
+        B = self.tc.batch_size
+        for i in range(0, len(self.val), B):
+            ids = torch.from_numpy(self.val[i:i + B]).to(self.device)
+            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                logits = self.model(ids[:, :-1])
+            total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                     reduction="sum").item()
+            n += ids[:, 1:].numel()
+        self.model.train()
+        loss = total / n
+        return {"val_loss": loss, "val_bpb": D.bits_per_byte(loss, self.corpus.val.bytes_per_token)}
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def train(self) -> dict:
+        tc = self.tc
+        last_step = min(tc.steps, tc.stop_at) if tc.stop_at else tc.steps
+        self.log(f"training {self.cfg.num_hidden_layers}-layer model for {tc.steps} steps of "
+                 f"{tc.tokens_per_step} tokens; train {len(self.corpus.train.tokens):,} tokens, "
+                 f"val {len(self.corpus.val.tokens):,}; unigram entropy {self.unigram_entropy:.3f} nats; "
+                 f"autocast {self.amp or 'off'}")
+        bar = None
+        if tc.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=tc.steps, initial=self.step, unit="step", dynamic_ncols=True)
+        tok_s, last = None, {}
+        self.model.train()
+        try:
+            while self.step < last_step:
+                t0 = time.perf_counter()
+                r = self.train_step()
+                dt = time.perf_counter() - t0
+                self.data_log.extend(r.windows.tolist())
+                rate = tc.tokens_per_step / dt
+                tok_s = rate if tok_s is None else 0.9 * tok_s + 0.1 * rate
+                if r.skipped:
+                    self._on_bad_step()
+                else:
+                    self.bad_streak = 0
+                    self.load_accum_LE += r.loads_LE
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{r.loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                if self.step % tc.log_every == 0 or self.step == last_step:
+                    self._write({"step": self.step, "tokens": self.tokens_seen, "loss": r.loss,
+                                 "mtp_loss": r.mtp_loss, "balance_loss": tc.balance_alpha * r.balance_loss,
+                                 "lr": self.sched.get_last_lr()[0], "grad_norm": r.grad_norm, "tok_per_s": tok_s,
+                                 "maxvio": max_violation(r.loads_LE), "skipped_steps": self.bad_steps_total})
+                if self.step % tc.eval_every == 0 or self.step == tc.steps:
+                    last = self._eval_and_plot(bar)
+                if self.step % tc.save_every == 0 and self.step < last_step:
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            if bar is not None:
+                bar.close()
+            self.log(f"\ninterrupted at step {self.step}; saving a checkpoint")
+            self.save_checkpoint()
+            self.export()
+            self.log(f"saved to {self.ckpt_dir}; continue with --resume")
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        self.save_checkpoint()
+        self.export()
+        if self.tc.plots:
+            self.plot()
+        return {"step": self.step, **last, "unigram_entropy": self.unigram_entropy,
+                "skipped_steps": self.bad_steps_total}
+
+    def _on_bad_step(self):
+        self.bad_steps_total += 1
+        self.bad_streak += 1
+        self.log(f"step {self.step}: non-finite loss or gradient; step skipped "
+                 f"({self.bad_streak} in a row, {self.bad_steps_total} in all)")
+        if self.bad_streak >= self.tc.max_bad_steps:
+            where = self.ckpt_dir if os.path.exists(self.ckpt_dir) else "none written yet"
+            raise TrainError(f"stopping at step {self.step}: {self.bad_streak} steps in a row had a non-finite "
+                             f"loss or gradient ({self.bad_steps_total} skipped in all). Last checkpoint: {where}. "
+                             f"Try a lower --lr, a longer --warmup, or --dtype fp32.")
+
+    def _eval_and_plot(self, bar):
+        ev = self.evaluate()
+        if ev:
+            self._write({"step": self.step, "tokens": self.tokens_seen, **ev})
+            msg = (f"step {self.step}: val loss {ev['val_loss']:.3f} nats ({ev['val_bpb']:.3f} bits/byte), "
+                   f"unigram entropy {self.unigram_entropy:.3f}")
+            (bar.write if bar is not None else self.log)(msg)
+        if self.tc.plots:
+            self.plot()
+        return ev
+
+    def _write(self, rec: dict):
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def plot(self):
+        from .plots import write_plots
+        write_plots(self.metrics_path, self.load_accum_LE, self.tc.out, self.unigram_entropy)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "step": self.step, "tokens_seen": self.tokens_seen, "bad_steps_total": self.bad_steps_total,
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "sampler": self.sampler.state_dict(), "load_accum": self.load_accum_LE,
+            "biases": [r.e_score_correction_bias.clone() for r in self.routers],
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "train_config": dataclasses.asdict(self.tc), "model_config": self.cfg.to_dict(),
+            "corpus": self.corpus.index, "tokenizer_hash": tokenizer_hash(self.tok),
+        }
+
+    def save_checkpoint(self):
+        """Write everything to a temp folder beside the checkpoint, then swap it in by renames.
+        Any failure (a full disk) removes the temp folder and leaves the old checkpoint alone."""
+        out = self.tc.out
+        tmp = tempfile.mkdtemp(dir=out, prefix=".checkpoint.tmp-")
+        try:
+            save_pretrained(self.model, tmp)
+            save_tokenizer(self.tok, tmp, self.tc.seq_len)
+            torch.save(self.state(), os.path.join(tmp, "train_state.pt"))
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = f"the previous checkpoint in {self.ckpt_dir} is intact" if os.path.exists(self.ckpt_dir) \
+                else "no earlier checkpoint exists"
+            raise TrainError(f"could not write a checkpoint at step {self.step} ({e.strerror or e}); {kept}. "
+                             f"Free some disk space and rerun with --resume.") from e
+        old = self.ckpt_dir + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(self.ckpt_dir):
+            os.replace(self.ckpt_dir, old)
+        os.replace(tmp, self.ckpt_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def export(self):
+        """The final model in OUT itself: config.json, model.safetensors, tokenizer files."""
+        try:
+            save_pretrained(self.model, self.tc.out)
+            save_tokenizer(self.tok, self.tc.out, self.tc.seq_len)
+        except OSError as e:
+            raise TrainError(f"could not export the model to {self.tc.out} ({e.strerror or e}); "
+                             f"the checkpoint in {self.ckpt_dir} is intact") from e
+
+    def _load(self, path):
+        st = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=False)
+        saved_cfg = ModelConfig.from_dict(st["model_config"])
+        if saved_cfg.to_dict() != self.cfg.to_dict():
+            a, b = saved_cfg.to_dict(), self.cfg.to_dict()
+            diff = [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            raise TrainError(f"--resume: the model config does not match the checkpoint in {path} ({'; '.join(diff)})")
+        for k in TrainConfig.RESUME_FIELDS:
+            if st["train_config"].get(k) != getattr(self.tc, k):
+                raise TrainError(f"--resume: {k} is {getattr(self.tc, k)!r} but the checkpoint was trained with "
+                                 f"{st['train_config'].get(k)!r}; pass the same value to continue exactly")
+        if st["corpus"]["splits"] != self.corpus.index["splits"]:
+            raise TrainError(f"--resume: the data differs from the checkpoint's (train/val token counts "
+                             f"{st['corpus']['splits']} vs {self.corpus.index['splits']}); pass the same --data")
+        loaded = from_pretrained(path, dtype=torch.float32)
+        self.model.load_state_dict(loaded.state_dict())
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        self.sampler.load_state_dict(st["sampler"])
+        self.step, self.tokens_seen, self.bad_steps_total = st["step"], st["tokens_seen"], st["bad_steps_total"]
+        self.load_accum_LE = st["load_accum"]
+        torch.set_rng_state(st["rng"]["torch"])
+        np.random.set_state(st["rng"]["numpy"])
+        random.setstate(st["rng"]["python"])
+        if os.path.exists(self.metrics_path):   # drop records past the checkpoint (an interrupted tail)
+            with open(self.metrics_path) as f:
+                keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= self.step]
+            with open(self.metrics_path, "w") as f:
+                f.writelines(keep)
+        self.log(f"resumed from {path} at step {self.step}")
+
+
+def train(cfg: ModelConfig, tc: TrainConfig, log=print) -> dict:
+    """Build everything, train, export. Returns the final metrics."""
+    return Trainer(cfg, tc, log).train()
