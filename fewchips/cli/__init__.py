@@ -10,7 +10,7 @@ import logging
 import sys
 
 # Command modules, in the order `--help` lists them.
-COMMANDS = ["info", "train", "plan", "convert"]
+COMMANDS = ["info", "train", "plan", "convert", "generate", "chat", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

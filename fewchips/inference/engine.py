@@ -85,6 +85,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
+        self.peak_batch = 0           # most requests decoded together so far
 
     @property
     def cache_bytes(self) -> int:
@@ -140,6 +141,7 @@ class Engine:
                 self._prefill(new)
             batch = [r for r in self.running if r.finish_reason is None and r not in new]
             if batch:
+                self.peak_batch = max(self.peak_batch, len(batch))
                 self._decode(batch)
         except Exception as e:          # a failed forward fails its requests, not the engine
             log.exception("engine step failed")

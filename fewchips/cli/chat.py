@@ -1,0 +1,57 @@
+"""`fewchips chat`: an interactive conversation in the terminal, streamed token by token."""
+
+from __future__ import annotations
+
+import sys
+
+from .generate import add_model_flags, add_sampling_flags, load_model_and_tokenizer
+
+
+def register(sub):
+    p = sub.add_parser("chat", help="talk to a saved model in the terminal (uses its chat template)")
+    add_model_flags(p)
+    add_sampling_flags(p, max_new_tokens=512, temperature=0.7)
+    p.add_argument("--system", default=None, help="a system message to start the conversation with")
+    p.set_defaults(func=run)
+
+
+def run(args, stdin=None, stdout=None):
+    from fewchips.inference.engine import Engine, Request
+    from fewchips.inference.sampling import SamplingParams
+    from fewchips.inference.server import TextStream
+
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    model, tok = load_model_and_tokenizer(args)
+    engine = Engine(model, tok, max_batch=1)
+    base = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(base)
+    print("fewchips chat: empty line or /exit quits, /reset starts over", file=sys.stderr)
+    while True:
+        stdout.write("> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line or line.strip() in ("", "/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = list(base)
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        ids = tok.apply_chat_template(messages)
+        budget = min(args.max_new_tokens, engine.max_len - len(ids))
+        if budget <= 0:
+            print("the conversation fills the context; /reset to start over", file=sys.stderr)
+            messages.pop()
+            continue
+        stream = TextStream(tok, [])
+
+        def show(req, kind, payload):
+            if kind == "tokens":
+                stdout.write(stream.push(payload))
+                stdout.flush()
+
+        stops = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        req = Request(ids, SamplingParams(max_tokens=budget, temperature=args.temperature, top_p=args.top_p,
+                                          top_k=args.top_k, seed=args.seed, stop_token_ids=stops), on_event=show)
+        engine.run([req])
+        stdout.write(stream.flush() + "\n")
+        messages.append({"role": "assistant", "content": stream.text})

@@ -1,0 +1,76 @@
+"""`fewchips generate`: complete one prompt with a saved model (optionally MTP-speculative)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def add_model_flags(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="a model directory: config.json, safetensors, tokenizer.json")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and cache dtype (auto: bfloat16 on GPU, float32 on CPU, where bf16 is slow)")
+
+
+def load_model_and_tokenizer(args, mtp: bool = False):
+    import torch
+
+    from fewchips.checkpoint import from_pretrained
+    from fewchips.inference.tokenizer import Tokenizer
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    tokenizer = Tokenizer.from_dir(args.model)
+    model = from_pretrained(args.model, dtype=dtype, device=device, mtp=None if mtp else False)
+    return model, tokenizer
+
+
+def add_sampling_flags(p, max_new_tokens: int, temperature: float):
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
+    g.add_argument("--temperature", type=float, default=temperature,
+                   help="0 is greedy; 0.2-0.7 for coherent text, 1.0 samples the model's own distribution")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off); try 0.95")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+
+
+def register(sub):
+    p = sub.add_parser("generate", help="complete a prompt with a saved model")
+    add_model_flags(p)
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
+    add_sampling_flags(p, max_new_tokens=64, temperature=0.0)
+    p.add_argument("--mtp", action="store_true",
+                   help="speculative decoding with the model's MTP module as drafter: same output, fewer "
+                        "forwards; prints the acceptance rate and tokens per forward")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    model, tok = load_model_and_tokenizer(args, mtp=args.mtp)
+    from fewchips.inference import generate
+
+    ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens")
+    stops = [tok.eos_token_id] if tok.eos_token_id is not None else None
+    stats: dict = {}
+    t0 = time.perf_counter()
+    out = generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop_token_ids=stops,
+                   use_mtp=args.mtp, stats=stats)[0]
+    dt = time.perf_counter() - t0
+    new = out[len(ids):]
+    print(args.prompt + tok.decode(new) if not args.chat else tok.decode(new))
+    line = f"{len(new)} tokens in {dt:.2f}s ({len(new) / max(dt, 1e-9):.1f} tok/s)"
+    if args.mtp:
+        line += (f"; MTP acceptance {stats['acceptance_rate']:.1%}, "
+                 f"{stats['tokens_per_forward']:.2f} tokens per forward")
+    print(line, file=sys.stderr)
+    return 0

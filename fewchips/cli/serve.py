@@ -1,0 +1,38 @@
+"""`fewchips serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) with continuous batching."""
+
+from __future__ import annotations
+
+import os
+
+from .generate import add_model_flags, load_model_and_tokenizer
+
+
+def register(sub):
+    p = sub.add_parser("serve", help="serve a saved model over an OpenAI-compatible HTTP API")
+    add_model_flags(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 exposes it to the network")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    g.add_argument("--model-name", default=None, help="the id clients send as `model` (default: directory name)")
+    e = p.add_argument_group("engine")
+    e.add_argument("--max-batch", type=int, default=16, help="requests decoded together (cache slots)")
+    e.add_argument("--max-len", type=int, default=None,
+                   help="prompt + completion tokens per request (default: the config's max_position_embeddings)")
+    e.add_argument("--cache-gb", type=float, default=None,
+                   help="cap on latent-cache memory; fewer slots are allocated and extra requests queue")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    from fewchips.inference.engine import Engine
+    from fewchips.inference.server import serve
+
+    model, tok = load_model_and_tokenizer(args)
+    cap = None if args.cache_gb is None else int(args.cache_gb * 2**30)
+    engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len, max_cache_bytes=cap)
+    name = args.model_name or os.path.basename(os.path.normpath(args.model))
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({engine.n_slots} slots of "
+          f"{engine.max_len} tokens, cache {engine.cache_bytes / 2**20:.1f} MiB)")
+    serve(engine, tok, name, host=args.host, port=args.port, api_key=args.api_key)
+    return 0
