@@ -31,8 +31,10 @@ BACKENDS = ("auto", "scaled_mm", "emulate")
 
 
 def mm_emulated(a_q, a_s, b_q, b_s, b_block, out_dtype):
-    """A @ B^T with both operands dequantised to FP32 (the plain-PyTorch twin)."""
-    return (dequantize(a_q, a_s, TILE) @ dequantize(b_q, b_s, b_block).t()).to(out_dtype)
+    """A @ B^T with both operands dequantised to FP32 (the plain-PyTorch twin). Autocast is off here:
+    an enclosing bf16 autocast would otherwise round the dequantised operands again."""
+    with torch.autocast(a_q.device.type, enabled=False):
+        return (dequantize(a_q, a_s, TILE) @ dequantize(b_q, b_s, b_block).t()).to(out_dtype)
 
 
 def _pad_fp8(q, rows, cols):

@@ -34,7 +34,7 @@ class _FP8Matmul(torch.autograd.Function):
         y_MN = fp8_mm(xq, xs, wq, ws, BLOCK, x.dtype, backend)
         ctx.save_for_backward(xq, xs, wq, ws)
         ctx.meta = (backend, pow2, x.shape, x.dtype, weight.dtype)
-        return y_MN.view(*x.shape[:-1], -1)
+        return y_MN.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
@@ -99,7 +99,8 @@ def grouped_fp8_mm(xq, xs, wq_ENK, ws_ENK, offs_E, out_dtype, backend):
                 y[a:b] = fp8_mm(xq[a:b], xs[a:b], wq_ENK[e], ws_ENK[e], BLOCK, out_dtype, backend)
         return y
     w_ENK = dequantize(wq_ENK, ws_ENK, BLOCK)
-    return F.grouped_mm(dequantize(xq, xs, TILE), w_ENK.transpose(-2, -1), offs=offs_E.int()).to(out_dtype)
+    with torch.autocast(xq.device.type, enabled=False):
+        return F.grouped_mm(dequantize(xq, xs, TILE), w_ENK.transpose(-2, -1), offs=offs_E.int()).to(out_dtype)
 
 
 class _FP8GroupedMatmul(torch.autograd.Function):
@@ -140,9 +141,10 @@ def _grouped_wgrad(g_MN, xq, xs, offs_E, shape_ENK, backend, pow2):
     x2q, x2s, _ = quantize_segments(dequantize(xq, xs, TILE), offs_E, pow2)
     g = gq.float() * gs[tile_M]
     x = x2q.float() * x2s[tile_M]
-    for e, (a, b) in enumerate(_segments(offs_E)):
-        if b > a:
-            dw[e] = g[a:b].t() @ x[a:b]
+    with torch.autocast(g.device.type, enabled=False):
+        for e, (a, b) in enumerate(_segments(offs_E)):
+            if b > a:
+                dw[e] = g[a:b].t() @ x[a:b]
     return dw
 
 

@@ -77,24 +77,27 @@ def retile(q: torch.Tensor, s: torch.Tensor, pow2: bool = False):
 
 
 def segment_tiles(offs: torch.Tensor, M: int, tile: int = 128):
-    """For rows grouped into consecutive segments ending at `offs` (int, [E]): the tile id of each
-    row when every segment is cut into `tile`-row tiles starting at its own first row; (tile_M, n)."""
+    """For rows grouped into consecutive segments ending at `offs` (int, [E]): the tile id and the
+    row within the tile of each row, when every segment is cut into `tile`-row tiles starting at its
+    own first row; (tile_M, row_in_tile_M, n_tiles)."""
     ends = offs.long()
     starts = torch.cat((ends.new_zeros(1), ends[:-1]))
     n_tiles_E = (ends - starts + tile - 1) // tile
     first_tile_E = torch.cumsum(n_tiles_E, 0) - n_tiles_E
-    seg_M = torch.searchsorted(ends, torch.arange(M, device=offs.device), right=True)
-    tile_M = first_tile_E[seg_M] + (torch.arange(M, device=offs.device) - starts[seg_M]) // tile
-    return tile_M, int(n_tiles_E.sum())
+    rows = torch.arange(M, device=offs.device)
+    seg_M = torch.searchsorted(ends, rows, right=True)
+    local_M = rows - starts[seg_M]
+    return first_tile_E[seg_M] + local_M // tile, local_M % tile, int(n_tiles_E.sum())
 
 
 def quantize_segments(x: torch.Tensor, offs: torch.Tensor, pow2: bool = False):
     """x [M, C] with rows grouped by `offs` (grouped experts) -> (q [M, C], s [n_tiles, C], tile_M):
     128x1 tiles that never cross a segment boundary (each expert's Wgrad GEMM is separate)."""
     M, C = x.shape
-    tile_M, n = segment_tiles(offs, M)
+    tile_M, row_M, n = segment_tiles(offs, M)
     xf = x.float()
-    amax = torch.zeros(n, C, device=x.device).scatter_reduce_(0, tile_M[:, None].expand(M, C), xf.abs(), "amax")
-    s = scale_from_amax(amax, pow2)
+    padded = xf.new_zeros(n * 128, C)
+    padded[tile_M * 128 + row_M] = xf.abs()                          # each tile zero-padded to 128 rows
+    s = scale_from_amax(padded.view(n, 128, C).amax(1), pow2)
     q = (xf / s[tile_M]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return q, s, tile_M
