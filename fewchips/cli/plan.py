@@ -171,13 +171,14 @@ def render(plan, explain=False) -> list[str]:
     for t in plan["params"]:
         line(t.name, f"{_h(t.value):>10}", t.formula)
 
+    div, unit = (1e9, "GFLOP") if flops.forward >= 1e9 else (1e6, "MFLOP")
     lines.append(f"\nFLOPs per token at seq {flops.seq} (forward; training = 3x)")
     for t in flops.terms:
-        line(t.name, f"{t.value / 1e9:>10.2f} GFLOP", t.formula)
-    line("forward total", f"{flops.forward / 1e9:>10.2f} GFLOP", "sum of the lines above")
-    line("training (fwd + bwd)", f"{flops.training / 1e9:>10.2f} GFLOP",
-         f"3 x forward; {flops.training_main / 1e9:.2f} without MTP. Rule of thumb 6 x activated "
-         f"non-embedding params = {plan['six_n'] / 1e9:.2f} GFLOP (no attention core, no MTP)")
+        line(t.name, f"{t.value / div:>10.2f} {unit}", t.formula)
+    line("forward total", f"{flops.forward / div:>10.2f} {unit}", "sum of the lines above")
+    line("training (fwd + bwd)", f"{flops.training / div:>10.2f} {unit}",
+         f"3 x forward; {flops.training_main / div:.2f} without MTP. Rule of thumb 6 x activated "
+         f"non-embedding params = {plan['six_n'] / div:.2f} {unit} (no attention core, no MTP)")
 
     cap = gpu.memory_gib
     lines.append(f"\ntraining memory per GPU, worst pipeline stage (micro-batch {plan['micro_batch']} x "
