@@ -1,0 +1,185 @@
+"""One rank of a multi-process test (tests/test_parallel*.py start it with torchrun's environment:
+RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Usage: parallel_worker.py SCENARIO OUT_DIR [EP].
+Each rank writes OUT_DIR/rank{r}.json with what it measured; the test compares."""
+
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import random_model, tiny_config  # noqa: E402
+
+from fewchips.model import Router  # noqa: E402
+from fewchips.parallel import (ExpertParallelExperts, abort_on_failure, clip_grad_norm_, global_expert_loads,  # noqa: E402
+                               init_parallel, lm_loss, parallelize, reduce_expert_grads, shutdown, train_step,
+                               update_biases)
+from fewchips.parallel import checkpoint as pckpt  # noqa: E402
+
+torch.set_num_threads(1)
+B, T, LR, GAMMA = 8, 12, 1e-2, 1e-2
+
+
+def batch(step, cfg):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+
+
+def make_optimizer(model):
+    return torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def reference_step(ref, opt, ids):
+    """The single-process twin of train_step on the whole global batch."""
+    opt.zero_grad(set_to_none=True)
+    stats = []
+    loss = lm_loss(ref, ids, stats)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in ref.named_parameters()}     # before clipping
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    opt.step()
+    update_biases(ref, torch.stack([s.load_E for s in stats]), GAMMA)
+    return loss.item(), grads
+
+
+def full(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def biases(model):
+    return torch.cat([m.e_score_correction_bias for m in model.modules() if isinstance(m, Router)])
+
+
+def parity(par, out, save_dir=None):
+    """Step 1: loss and gathered gradients against the single-process model; step 2: the loss again
+    (so the sharded AdamW step and bias update match too); bias identical on every rank."""
+    cfg = tiny_config()
+    ref = random_model(cfg).train()
+    model = parallelize(copy.deepcopy(ref), par)
+    opt, ref_opt = make_optimizer(model), make_optimizer(ref)
+    res = {"rank": par.rank}
+
+    ids = batch(1, cfg)
+    opt.zero_grad(set_to_none=True)
+    stats = []
+    loss = lm_loss(model, par.local_batch(ids), stats)
+    loss.backward()
+    reduce_expert_grads(model, par)
+    ref_loss, ref_grads = reference_step(ref, ref_opt, ids)
+    g = loss.detach().clone()
+    dist.all_reduce(g)
+    res["loss1"], res["ref_loss1"] = g.item() / par.world_size, ref_loss
+    worst = 0.0
+    for n, p in model.named_parameters():                           # gathered: FSDP shards, ep shards
+        r = ref_grads[n]
+        worst = max(worst, ((full(p.grad) - r).abs().max() / (r.abs().max() + 1e-30)).item())
+    res["grad_rel_err"] = worst
+    loads = global_expert_loads(stats, par)
+    clip_grad_norm_(model, 1.0, par)
+    opt.step()
+    update_biases(model, loads, GAMMA)
+    b = biases(model)
+    every = [torch.empty_like(b) for _ in range(par.world_size)]
+    dist.all_gather(every, b)
+    res["bias_same_on_all_ranks"] = all(torch.equal(e, every[0]) for e in every)
+    res["bias_vs_ref"] = (b - biases(ref)).abs().max().item()
+    res["bias_moved"] = b.abs().max().item()
+    if save_dir:
+        pckpt.save(save_dir, model, opt, extra={"step": 1})
+    ids2 = batch(2, cfg)
+    res["loss2"] = train_step(model, opt, par.local_batch(ids2), par, gamma=GAMMA)["loss"]
+    res["ref_loss2"] = reference_step(ref, ref_opt, ids2)[0]
+    res["roundtrip"] = roundtrip(par)
+    return res
+
+
+def roundtrip(par):
+    """Dispatch + combine with an exactly checkable expert function: every copy of token t sent to
+    expert e comes back as x_t + e, so the combined output is K*x_t + sum(e) exactly (small integers)."""
+    E, K, D, M = 4 * par.ep, 3, 5, 7
+    L = E // par.ep
+    mod = ExpertParallelExperts(E, torch.zeros(L, 2, D), torch.zeros(L, D, 1), par)
+    results = {}
+    gen = torch.Generator().manual_seed(par.rank)
+    cases = {
+        "random": torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(M)]),
+        "all_to_rank0": torch.stack([torch.randperm(L, generator=gen)[:K] for _ in range(M)]),  # others get none
+        "only_to_other_ranks": (torch.stack([torch.randperm(L, generator=gen)[:K] for _ in range(M)])
+                            + (0 if par.rank % 2 else L * (par.ep - 1))),
+    }
+    for name, experts_MK in cases.items():
+        x = (torch.arange(M * D, dtype=torch.float32).view(M, D) + 100 * par.rank).requires_grad_(True)
+        received = []
+
+        def fn(x_local, counts_L):
+            received.append(x_local.shape[0])
+            ids = mod.first + torch.repeat_interleave(torch.arange(L), counts_L)
+            return x_local + ids[:, None].float()
+
+        flat = experts_MK.reshape(-1)
+        order = flat.argsort(stable=True)
+        y_sorted = mod.exchange(x[order // K], torch.bincount(flat, minlength=E), fn)
+        y = torch.zeros_like(x).index_add_(0, order // K, y_sorted)
+        expect = K * x.detach() + experts_MK.sum(1, keepdim=True).float()
+        y.sum().backward()
+        results[name] = {"exact": torch.equal(y.detach(), expect), "received": received[0],
+                         "grad_exact": torch.equal(x.grad, torch.full_like(x, float(K)))}
+    return results
+
+
+def resume(par, out, ckpt):
+    """Load a checkpoint written at another world size and take step 2."""
+    cfg = tiny_config()
+    model = parallelize(random_model(cfg, seed=999).train(), par)      # different weights: must be overwritten
+    opt = make_optimizer(model)
+    extra = pckpt.load(ckpt, model, opt)
+    ids2 = batch(2, cfg)
+    return {"rank": par.rank, "step": extra["step"],
+            "loss2": train_step(model, opt, par.local_batch(ids2), par, gamma=GAMMA)["loss"]}
+
+
+def fault(par, out, how="die"):
+    """Rank 1 dies (or hangs) in the middle of the forward, after the dispatch all-to-all; the
+    others must exit with a clear error within the collective timeout, not hang."""
+    cfg = tiny_config()
+    model = parallelize(random_model(cfg).train(), par)
+    opt = make_optimizer(model)
+    moe_layer = next(m for m in model.modules() if isinstance(m, ExpertParallelExperts))
+    if par.rank == 1:
+        def die(*a, **k):
+            if how == "hang":
+                time.sleep(3600)
+            os._exit(3)
+        moe_layer.expert_ffn = die
+    with abort_on_failure(par, "training step"):
+        for step in range(3):
+            train_step(model, opt, par.local_batch(batch(step, cfg)), par)
+    return {"rank": par.rank, "finished": True}
+
+
+def main():
+    scenario, out = sys.argv[1], sys.argv[2]
+    ep = int(sys.argv[3]) if len(sys.argv) > 3 else 2
+    par = init_parallel(ep=ep, timeout_s=float(os.environ.get("FEWCHIPS_TEST_TIMEOUT", "60")))
+    if scenario == "parity":
+        res = parity(par, out)
+    elif scenario == "parity_save":
+        res = parity(par, out, save_dir=os.path.join(out, "ckpt"))
+    elif scenario == "resume":
+        res = resume(par, out, sys.argv[4])
+    elif scenario in ("fault", "hang"):
+        res = fault(par, out, "die" if scenario == "fault" else "hang")
+    else:
+        raise SystemExit(f"unknown scenario {scenario}")
+    with open(os.path.join(out, f"rank{par.rank}.json"), "w") as f:
+        json.dump(res, f)
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Expert + data parallelism on real gloo processes match the single-process model: loss, gathered gradients, bias updates, all-to-all round trips, 4→2-rank resume, HF export, and dead/hung ranks fail fast."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import tiny_config
+
+WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(n, args, out, timeout=180, env=None, grace=5.0):
+    """Start n ranks the way torchrun does (RANK, WORLD_SIZE, MASTER_* in the environment); returns
+    (exit codes, stderr texts, seconds). Ranks still running at the timeout, or `grace` seconds after
+    another rank failed, are killed (exit code None)."""
+    port, procs, errs = _free_port(), [], []
+    os.makedirs(out, exist_ok=True)
+    t0 = time.time()
+    for r in range(n):
+        e = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n),
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+             "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+        err = open(os.path.join(out, f"rank{r}.err"), "w+")
+        errs.append(err)
+        procs.append(subprocess.Popen([sys.executable, WORKER, *map(str, args)], env=e, stdout=err, stderr=err))
+    deadline = t0 + timeout
+    while time.time() < deadline and any(p.poll() is None for p in procs):
+        if any(p.poll() not in (None, 0) for p in procs):          # like torchrun: once one rank has
+            deadline = min(deadline, time.time() + grace)          # failed, the rest get `grace` s
+        time.sleep(0.2)
+    codes = [p.poll() for p in procs]                             # None: still running, killed below
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    texts = []
+    for f in errs:
+        f.seek(0)
+        texts.append(f.read())
+        f.close()
+    return codes, texts, time.time() - t0
+
+
+def results(out, n):
+    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(n)]
+
+
+def check_parity(res):
+    for r in res:
+        assert r["loss1"] == pytest.approx(r["ref_loss1"], rel=1e-5, abs=1e-6)
+        assert r["grad_rel_err"] < 1e-4, r["grad_rel_err"]
+        assert r["bias_same_on_all_ranks"]
+        assert r["bias_vs_ref"] == 0.0                 # loads are integers: the update is exact
+        assert r["loss2"] == pytest.approx(r["ref_loss2"], rel=1e-5, abs=1e-6)
+        for case, rt in r["roundtrip"].items():
+            assert rt["exact"] and rt["grad_exact"], (r["rank"], case)
+    received = [r["roundtrip"]["all_to_rank0"]["received"] for r in res]
+    ep_rank = [i % 2 for i in range(len(res))]         # ep=2 in both layouts
+    assert all(n == 0 for n, e in zip(received, ep_rank) if e == 1)   # those ranks received no tokens
+    assert len({r["loss2"] for r in res}) == 1
+
+
+def _assert_ok(codes, errs):
+    assert codes == [0] * len(codes), "\n".join(e[-3000:] for e in errs)
+
+
+def test_ep2_matches_single_process(tmp_path):
+    codes, errs, _ = launch(2, ["parity", tmp_path, 2], tmp_path)
+    _assert_ok(codes, errs)
+    check_parity(results(tmp_path, 2))
+
+
+@pytest.fixture(scope="module")
+def dp2_ep2_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dp2ep2")
+    codes, errs, _ = launch(4, ["parity_save", out, 2], out)
+    _assert_ok(codes, errs)
+    return out, results(out, 4)
+
+
+def test_dp2_ep2_matches_single_process(dp2_ep2_run):
+    check_parity(dp2_ep2_run[1])
+
+
+def test_save_at_4_ranks_resume_at_2(dp2_ep2_run, tmp_path):
+    out, res4 = dp2_ep2_run
+    codes, errs, _ = launch(2, ["resume", tmp_path, 2, out / "ckpt"], tmp_path)
+    _assert_ok(codes, errs)
+    for r in results(tmp_path, 2):
+        assert r["step"] == 1
+        assert r["loss2"] == pytest.approx(res4[0]["loss2"], rel=1e-6, abs=1e-6)
+
+
+def test_export_sharded_checkpoint_to_hf(dp2_ep2_run, tmp_path):
+    """The 4-rank checkpoint exported in one process loads with from_pretrained and gives the loss
+    the 4-rank run saw at the start of step 2."""
+    from fewchips import from_pretrained
+    from fewchips.parallel import checkpoint as pckpt
+    from fewchips.parallel import lm_loss
+    from parallel_worker import batch
+
+    out, res4 = dp2_ep2_run
+    pckpt.export_hf(str(out / "ckpt"), str(tmp_path / "hf"))
+    model = from_pretrained(str(tmp_path / "hf"))
+    with torch.no_grad():
+        loss = lm_loss(model, batch(2, tiny_config()), [])
+    assert loss.item() == pytest.approx(res4[0]["loss2"], rel=1e-5)
+
+
+@pytest.mark.parametrize("how", ["fault", "hang"])
+def test_dead_or_hung_rank_fails_fast_with_clear_error(tmp_path, how):
+    timeout = 20
+    codes, errs, secs = launch(2, [how, tmp_path, 2], tmp_path, timeout=timeout + 60,
+                               env={"FEWCHIPS_TEST_TIMEOUT": str(timeout)})
+    assert codes[0] == 17, errs[0][-3000:]             # the survivor aborted on its own
+    assert "rank 0: training step failed" in errs[0] and "peer process" in errs[0]
+    assert codes[1] == (3 if how == "fault" else None)  # the hung rank is killed by the launcher
+    assert secs < timeout + 60
