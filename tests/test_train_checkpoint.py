@@ -1,0 +1,147 @@
+"""Training checkpoints: N steps equal N/2 + resume + N/2 (weights, biases, data order), the output
+loads in fewchips and transformers to the same logits, and resume mismatches, non-finite losses,
+a full disk and an occupied output folder each stop with a clear message and lose no checkpoint."""
+
+import errno
+import os
+
+import pytest
+import torch
+
+import fewchips
+from fewchips.train import Trainer, TrainError
+from train_utils import _restore_threads, micro_config, quiet, train_config, write_corpus  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def test_resume_continues_exactly(tmp_path, corpus):
+    N = 8
+    full = Trainer(micro_config(), train_config(tmp_path / "full", corpus, steps=N), log=quiet)
+    full.train()
+    first = Trainer(micro_config(), train_config(tmp_path / "split", corpus, steps=N, stop_at=N // 2), log=quiet)
+    first.train()
+    assert first.step == N // 2 and os.path.exists(tmp_path / "split" / "checkpoint" / "train_state.pt")
+    second = Trainer(micro_config(), train_config(tmp_path / "split", corpus, steps=N, resume=True), log=quiet)
+    assert second.step == N // 2
+    second.train()
+    assert full.data_log == first.data_log + second.data_log          # same data order
+    a, b = full.model.state_dict(), second.model.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert any(float(r.e_score_correction_bias.abs().max()) > 0 for r in second.routers)   # biases moved
+    sa, sb = full.opt.state_dict()["state"], second.opt.state_dict()["state"]
+    torch.testing.assert_close(sa[0]["exp_avg_sq"], sb[0]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+    assert full.sched.get_last_lr() == second.sched.get_last_lr()
+
+
+def test_output_loads_in_fewchips_and_transformers(tmp_path, corpus):
+    out = tmp_path / "run"
+    tr = Trainer(micro_config(), train_config(out, corpus, steps=4, plots=True), log=quiet)
+    tr.train()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "metrics.jsonl",
+                 "loss.png", "expert_load.png", "checkpoint/train_state.pt"):
+        assert (out / name).exists(), name
+    ids = torch.randint(0, 300, (2, 12))
+    ours = fewchips.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        ref = tr.model.eval()(ids)
+        torch.testing.assert_close(ours(ids), ref)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ref, rtol=1e-4, atol=1e-4)
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tok.decode(tok.encode("def f(x): return x", add_special_tokens=False)) == "def f(x): return x"
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path, corpus):
+    Trainer(micro_config(), train_config(tmp_path / "run", corpus, steps=2), log=quiet).train()
+    with pytest.raises(TrainError, match="hidden_size: checkpoint 64, now 32"):
+        Trainer(micro_config(hidden_size=32), train_config(tmp_path / "run", corpus, steps=4, resume=True), log=quiet)
+    with pytest.raises(TrainError, match="seq_len"):
+        Trainer(micro_config(), train_config(tmp_path / "run", corpus, steps=4, seq_len=32, resume=True), log=quiet)
+    with pytest.raises(TrainError, match="already holds a training run"):
+        Trainer(micro_config(), train_config(tmp_path / "run", corpus, steps=4), log=quiet)
+    with pytest.raises(TrainError, match="no checkpoint"):
+        Trainer(micro_config(), train_config(tmp_path / "empty", corpus, resume=True), log=quiet)
+
+
+class NanAt(Trainer):
+    """Returns a NaN loss at the given steps."""
+
+    def __init__(self, *a, bad=(), **k):
+        super().__init__(*a, **k)
+        self.bad = set(bad)
+
+    def compute_losses(self, ids, lam):
+        main, mtp, bal, stats = super().compute_losses(ids, lam)
+        return (main * float("nan") if self.step in self.bad else main), mtp, bal, stats
+
+
+def test_nan_steps_are_skipped_then_stop(tmp_path, corpus):
+    tr = NanAt(micro_config(), train_config(tmp_path / "a", corpus, steps=6), log=quiet, bad={2})
+    before = {}
+
+    orig = tr.train_step
+
+    def step():
+        if tr.step == 2:
+            before.update({k: v.clone() for k, v in tr.model.state_dict().items()})
+        r = orig()
+        if tr.step == 3:     # the skipped step changed nothing
+            assert all(torch.equal(before[k], v) for k, v in tr.model.state_dict().items())
+        return r
+
+    tr.train_step = step
+    assert tr.train()["skipped_steps"] == 1
+    tr = NanAt(micro_config(), train_config(tmp_path / "b", corpus, steps=20, max_bad_steps=3, save_every=2),
+               log=quiet, bad=range(5, 20))
+    with pytest.raises(TrainError, match="3 steps in a row had a non-finite loss"):
+        tr.train()
+    assert os.path.exists(tmp_path / "b" / "checkpoint" / "train_state.pt")      # the last good one
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, corpus, monkeypatch):
+    tr = Trainer(micro_config(), train_config(tmp_path / "run", corpus, steps=4, stop_at=2), log=quiet)
+    tr.train()
+    ckpt = tmp_path / "run" / "checkpoint"
+    saved = (ckpt / "model.safetensors").read_bytes()
+    tr.train_step()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(TrainError, match="No space left on device.*previous checkpoint .* is intact"):
+        tr.save_checkpoint()
+    monkeypatch.undo()
+    assert (ckpt / "model.safetensors").read_bytes() == saved
+    assert not [p for p in os.listdir(tmp_path / "run") if p.startswith(".checkpoint.tmp")]
+    again = Trainer(micro_config(), train_config(tmp_path / "run", corpus, steps=4, resume=True), log=quiet)
+    assert again.step == 2
+
+
+def test_ctrl_c_saves_and_resumes(tmp_path, corpus):
+    tr = Trainer(micro_config(), train_config(tmp_path / "run", corpus, steps=10), log=quiet)
+    orig = tr.train_step
+
+    def step():
+        if tr.step == 3:
+            raise KeyboardInterrupt
+        return orig()
+
+    tr.train_step = step
+    with pytest.raises(KeyboardInterrupt):
+        tr.train()
+    again = Trainer(micro_config(), train_config(tmp_path / "run", corpus, steps=10, resume=True), log=quiet)
+    assert again.step == 3
+
+
+def test_cli_reports_bad_input(tmp_path, capsys):
+    from fewchips.cli import main
+    assert main(["train", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "nope"), "--no-progress"]) == 2
+    assert "no such file or directory" in capsys.readouterr().err

@@ -1,0 +1,137 @@
+"""The training data pipeline: the BPE tokenizer loads in transformers, FIM makes valid PSM samples
+that round-trip to the document, shards and the split are deterministic, the sampler resumes
+exactly, and bad data gives clear errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from fewchips.train import Trainer
+from fewchips.train import data as D
+from fewchips.train.tokenizer import SPECIAL_TOKENS, load_tokenizer, save_tokenizer, special_ids, train_tokenizer
+from train_utils import _restore_threads, micro_config, quiet, train_config, write_corpus  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def tok(corpus):
+    docs = D.read_documents(corpus)
+    return train_tokenizer((t for _, t in docs), 384, len(docs))
+
+
+def test_tokenizer_special_ids_and_transformers_loading(tok, tmp_path):
+    sp = special_ids(tok)
+    assert (sp.bos, sp.eos) == (0, 1) and tok.get_vocab_size() <= 384
+    text = "def f(x):\n    return x  # ünïcode ✓\n"
+    assert tok.decode(tok.encode(text).ids) == text            # byte-level: lossless
+    save_tokenizer(tok, tmp_path)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf.encode(text, add_special_tokens=False) == tok.encode(text).ids
+    assert hf.bos_token == SPECIAL_TOKENS[0] and hf.eos_token_id == 1
+    assert load_tokenizer(str(tmp_path)).to_str() == tok.to_str()
+
+
+def test_fim_psm_round_trip(corpus, tok):
+    sp = special_ids(tok)
+    docs = D.read_documents(corpus)
+    samples = list(D.encode_documents(docs, tok, sp, fim_rate=1.0, seed=3))
+    assert all(is_fim for _, is_fim in samples)
+    for (name, text), (ids, _) in zip(docs, samples):
+        ids = ids.tolist()
+        assert ids[0] == sp.bos and ids[-1] == sp.eos
+        body = ids[1:-1]
+        assert body[0] == sp.fim_begin and body.index(sp.fim_hole) < body.index(sp.fim_end)   # PSM order
+        prefix, middle, suffix = D.parse_psm(body, sp)
+        assert tok.decode(prefix) + tok.decode(middle) + tok.decode(suffix) == text
+    with pytest.raises(ValueError):
+        D.parse_psm([sp.fim_hole, 5, sp.fim_begin], sp)
+
+
+def test_fim_rate_and_plain_documents(corpus, tok):
+    sp = special_ids(tok)
+    docs = D.read_documents(corpus) * 20                        # 240 documents
+    flags = [f for _, f in D.encode_documents(docs, tok, sp, fim_rate=0.1, seed=0)]
+    assert 8 <= sum(flags) <= 45                                 # ~24 expected
+    plain = next(D.encode_documents(docs[:1], tok, sp, fim_rate=0.0))[0].tolist()
+    assert plain == [sp.bos, *tok.encode(docs[0][1]).ids, sp.eos]
+
+
+def test_split_shards_and_determinism(corpus, tok, tmp_path):
+    sp = special_ids(tok)
+    docs = D.read_documents(corpus)
+    train, val = D.split_documents(docs, 0.2)
+    assert train and val and not {n for n, _ in train} & {n for n, _ in val}
+    assert {n for n, _ in D.split_documents(list(reversed(docs)), 0.2)[1]} == {n for n, _ in val}  # by name
+    a = D.prepare_corpus(train, val, tok, sp, str(tmp_path), "a", 0.1, 0, log=quiet)
+    b = D.prepare_corpus(train, val, tok, sp, str(tmp_path), "b", 0.1, 0, log=quiet)
+    assert a.train.tokens.dtype == np.uint16 and isinstance(a.train.tokens, np.memmap)
+    assert np.array_equal(a.train.tokens, b.train.tokens) and np.array_equal(a.val.tokens, b.val.tokens)
+    idx = json.load(open(os.path.join(a.path, "index.json")))
+    assert idx["splits"]["val"]["fim_documents"] == 0
+    assert idx["splits"]["train"]["tokens"] == len(a.train.tokens)
+    # packing: document starts point at BOS, the token before each start is EOS
+    starts = a.train.doc_starts
+    assert all(a.train.tokens[s] == sp.bos for s in starts) and all(a.train.tokens[s - 1] == sp.eos for s in starts[1:])
+    assert 0 < idx["unigram_entropy_nats"] < np.log(tok.get_vocab_size())
+
+
+def test_sampler_is_deterministic_and_resumes():
+    tokens = np.arange(1000, dtype=np.uint16)
+    s = D.Sampler(tokens, 16, seed=1)
+    first = [s.next_batch(5)[1] for _ in range(30)]              # crosses an epoch (62 windows)
+    s2 = D.Sampler(tokens, 16, seed=1)
+    for _ in range(13):
+        s2.next_batch(5)
+    state = s2.state_dict()
+    s3 = D.Sampler(tokens, 16, seed=1)
+    s3.load_state_dict(state)
+    rest = [s3.next_batch(5)[1] for _ in range(17)]
+    assert all(np.array_equal(x, y) for x, y in zip(first[13:], rest))
+    ids, which = D.Sampler(tokens, 16, seed=1).next_batch(2)
+    assert ids.shape == (2, 17) and ids[0, 0] == which[0] * 16 and np.all(np.diff(ids, axis=1) == 1)
+
+
+def test_jsonl_and_text_inputs(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "alpha beta"}\n\n{"text": "gamma"}\n')
+    assert sorted(t for _, t in D.read_documents(str(p))) == ["alpha beta", "gamma"]
+    p.write_text('{"body": "x"}\n')
+    with pytest.raises(D.DataError, match="text-field"):
+        D.read_documents(str(p))
+    q = tmp_path / "notes.txt"
+    q.write_text("hello")
+    assert D.read_documents(str(q)) == [("notes.txt", "hello")]
+
+
+def test_bad_data_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        D.read_documents(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "blank.txt").write_text("   \n")
+    with pytest.raises(D.DataError, match="no text found"):
+        D.read_documents(str(tmp_path / "empty"))
+    with pytest.raises(D.DataError, match="fewer than one sequence"):
+        D.Sampler(np.zeros(10, dtype=np.uint16), 64)
+
+
+def test_corpus_smaller_than_one_sequence_via_trainer(tmp_path):
+    data = tmp_path / "small"
+    data.mkdir()
+    (data / "a.py").write_text("x = 1\n")
+    (data / "b.py").write_text("y = 2\n")
+    with pytest.raises(D.DataError, match="fewer than one sequence"):
+        Trainer(micro_config(), train_config(tmp_path / "run", data), log=quiet)
+
+
+def test_default_corpus_is_the_standard_library():
+    docs = D.read_documents(None, max_bytes=200_000)
+    assert docs and all(n.endswith(".py") for n, _ in docs)
+    assert not any(n.startswith(("test/", "site-packages/")) for n, _ in docs)
+    assert docs == D.read_documents(None, max_bytes=200_000)     # deterministic
