@@ -185,7 +185,8 @@ def render(plan, explain=False) -> list[str]:
                  f"{plan['seq']} tokens, 1F1B)")
     by_name = {p: {t.name: t for t in plan["memory"][p]["stage"].terms} for p in ("bf16", "fp8")}
     names = list(dict.fromkeys([*by_name["bf16"], *by_name["fp8"]]))   # the stages may differ
-    lines.append(f"  {'':<28} {'BF16':>10} {'FP8':>10}")
+    lines.append(f"  {'':<28} {'BF16':>10} {'FP8':>10}"
+                 + ("" if gpu.fp8_tflops else f"   (FP8 storage only: the {gpu.name} has no FP8 tensor cores)"))
     for name in names:
         vals = [by_name[p][name].value / GIB if name in by_name[p] else 0.0 for p in ("bf16", "fp8")]
         lines.append(f"  {name:<28} {vals[0]:>6.1f} GiB {vals[1]:>6.1f} GiB")
