@@ -71,12 +71,18 @@ def test_linear_gradients_close_to_fp32():
         assert F.cosine_similarity(got.flatten().double(), ref.flatten().double(), dim=0) > 0.998
 
 
-def test_emulation_ignores_autocast():
+def test_autocast_sets_the_output_dtype_only():
+    """Under bf16 autocast the layer outputs bf16 like nn.Linear, but the FP8 operands are still
+    multiplied in FP32 (autocast must not round the dequantised values a second time)."""
     x, w, _ = _data(seed=2)
-    y = fp8_linear(x, w)
+    layer = FP8Linear(x.shape[1], w.shape[0], bias=False, backend="emulate")
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    y = layer(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y_ac = fp8_linear(x, w)
-    assert y_ac.dtype == torch.float32 and torch.equal(y, y_ac)
+        y_ac = layer(x)
+        assert fp8_linear(x, w).dtype == torch.float32                  # the functional form: input dtype
+    assert y_ac.dtype == torch.bfloat16 and torch.equal(y.to(torch.bfloat16), y_ac)
 
 
 def test_grouped_experts_match_a_loop_of_fp8_linears():

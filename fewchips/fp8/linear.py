@@ -25,13 +25,19 @@ from .quant import BLOCK, TILE, dequantize, quantize, quantize_segments, retile
 from .recipe import FP8_EXPERTS_RE, is_fp8_linear
 
 
+def _out_dtype(x):
+    """The output dtype a linear layer would have here: autocast's if it is on, else the input's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 class _FP8Matmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, backend: str, pow2: bool):
+    def forward(ctx, x, weight, backend: str, pow2: bool, out_dtype=None):
         x_MK = x.reshape(-1, x.shape[-1])
         xq, xs = quantize(x_MK, TILE, pow2)
         wq, ws = quantize(weight.detach(), BLOCK, pow2)
-        y_MN = fp8_mm(xq, xs, wq, ws, BLOCK, x.dtype, backend)
+        y_MN = fp8_mm(xq, xs, wq, ws, BLOCK, out_dtype or x.dtype, backend)
         ctx.save_for_backward(xq, xs, wq, ws)
         ctx.meta = (backend, pow2, x.shape, x.dtype, weight.dtype)
         return y_MN.view(*x.shape[:-1], weight.shape[0])
@@ -49,12 +55,13 @@ class _FP8Matmul(torch.autograd.Function):
             gtq, gts = quantize(g_MN.t(), TILE, pow2)
             xtq, xts = retile(xq, xs, pow2)
             dw = fp8_mm(gtq, gts, xtq, xts, TILE, torch.float32, backend).to(w_dtype)
-        return dx, dw, None, None
+        return dx, dw, None, None, None
 
 
-def fp8_linear(x, weight, backend: str = "emulate", pow2: bool = False):
-    """y = x W^T with all three GEMMs in FP8 (`backend` already resolved)."""
-    return _FP8Matmul.apply(x, weight, backend, pow2)
+def fp8_linear(x, weight, backend: str = "emulate", pow2: bool = False, out_dtype=None):
+    """y = x W^T with all three GEMMs in FP8 (`backend` already resolved); y in `out_dtype`
+    (default: the input's), dx in the input's dtype, dW in the weight's."""
+    return _FP8Matmul.apply(x, weight, backend, pow2, out_dtype)
 
 
 class FP8Linear(nn.Linear):
@@ -74,7 +81,7 @@ class FP8Linear(nn.Linear):
         return new
 
     def forward(self, x):
-        y = fp8_linear(x, self.weight, resolve_backend(self.backend, str(x.device)), self.pow2_scales)
+        y = fp8_linear(x, self.weight, resolve_backend(self.backend, str(x.device)), self.pow2_scales, _out_dtype(x))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self):
@@ -105,10 +112,10 @@ def grouped_fp8_mm(xq, xs, wq_ENK, ws_ENK, offs_E, out_dtype, backend):
 
 class _FP8GroupedMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_MK, w_ENK, offs_E, backend: str, pow2: bool):
+    def forward(ctx, x_MK, w_ENK, offs_E, backend: str, pow2: bool, out_dtype=None):
         xq, xs = quantize(x_MK, TILE, pow2)
         wq, ws = quantize(w_ENK.detach(), BLOCK, pow2)
-        y = grouped_fp8_mm(xq, xs, wq, ws, offs_E, x_MK.dtype, backend)
+        y = grouped_fp8_mm(xq, xs, wq, ws, offs_E, out_dtype or x_MK.dtype, backend)
         ctx.save_for_backward(xq, xs, wq, ws, offs_E)
         ctx.meta = (backend, pow2, x_MK.dtype, w_ENK.dtype)
         return y
@@ -124,7 +131,7 @@ class _FP8GroupedMatmul(torch.autograd.Function):
                                 x_dtype, backend)
         if ctx.needs_input_grad[1]:
             dw = _grouped_wgrad(dy_MN, xq, xs, offs_E, wq.shape, backend, pow2).to(w_dtype)
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None
 
 
 def _grouped_wgrad(g_MN, xq, xs, offs_E, shape_ENK, backend, pow2):
@@ -167,10 +174,11 @@ class FP8RoutedExperts(RoutedExperts):
     def expert_ffn(self, x_sorted, counts_E):
         backend = resolve_backend(self.backend, str(x_sorted.device))
         offs_E = counts_E.cumsum(0)
-        h = _FP8GroupedMatmul.apply(x_sorted, self.gate_up_proj, offs_E, backend, self.pow2_scales)
+        out_dtype = _out_dtype(x_sorted)
+        h = _FP8GroupedMatmul.apply(x_sorted, self.gate_up_proj, offs_E, backend, self.pow2_scales, out_dtype)
         gate, up = h.chunk(2, dim=-1)
         return _FP8GroupedMatmul.apply((F.silu(gate) * up).contiguous(), self.down_proj, offs_E, backend,
-                                       self.pow2_scales)
+                                       self.pow2_scales, out_dtype)
 
     def extra_repr(self):
         return f"fp8 backend={self.backend}, pow2_scales={self.pow2_scales}"
