@@ -152,3 +152,14 @@ def test_dense_model_rejects_expert_parallelism():
     with pytest.raises(ValueError, match="no MoE layers"):
         est.make_layout(cfg, ep=2)
     assert est.make_layout(cfg, gpus=8, pp=4).dp == 2
+
+
+def test_model_from_a_config_file(tmp_path, capsys):
+    ModelConfig.from_preset("tiny").save(tmp_path)          # writes tmp_path/config.json
+    for src in (str(tmp_path), str(tmp_path / "config.json")):
+        assert main(["plan", "--model", src, "--gpus", "4", "--ep", "4", "--gpu", "rtx4090", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["layout"] == {"gpus": 4, "dp": 1, "ep": 4, "pp": 1, "zero": 1}
+        assert out["params"]["total"] == est.count_params(ModelConfig.from_preset("tiny")).counts["total"]
+    assert main(["plan", "--model", str(tmp_path / "missing")]) == 2
+    assert "no config.json" in capsys.readouterr().err
