@@ -302,7 +302,7 @@ class RoutedExperts(nn.Module):
         counts_E = torch.bincount(flat, minlength=self.n_experts)
         y = self.expert_ffn(x_MD[token_of], counts_E)
         y = y * weights_MK.reshape(-1)[order, None].to(y.dtype)
-        return torch.zeros_like(x_MD).index_add_(0, token_of, y)
+        return torch.zeros_like(x_MD).index_add_(0, token_of, y.to(x_MD.dtype))   # y is bf16 under autocast
 
     def expert_ffn(self, x_sorted, counts_E):
         """SwiGLU of each expert on its contiguous run of rows (rows sorted by expert)."""
