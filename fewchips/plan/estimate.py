@@ -330,7 +330,7 @@ def pipeline_stages(p: Params, pp: int) -> list[list[Block]]:
     return stages
 
 
-def activation_bytes_per_token(cfg: ModelConfig, kind: str, fp8: bool) -> list[Term]:
+def activation_bytes_per_token(cfg: ModelConfig, kind: str, fp8: bool, mtp: bool = False) -> list[Term]:
     """Bytes one layer keeps per token for its backward, with the report's recompute choices:
     RMSNorms and MLA up-projections are recomputed, the SwiGLU output is recomputed from its inputs,
     linear inputs are cached in FP8 (1x128 tiles) under --fp8, the attention output in E5M6."""
@@ -338,7 +338,9 @@ def activation_bytes_per_token(cfg: ModelConfig, kind: str, fp8: bool) -> list[T
     lin = FP8_ACT_BYTES if fp8 else 2
     lin_name = "FP8" if fp8 else "BF16"
     out: list[Term] = []
-    if kind in ("dense", "moe", "mtp"):
+    if kind == "mtp":              # an MTP block is a MoE block plus its two inputs
+        kind, mtp = "moe", True
+    if kind in ("dense", "moe"):
         q_lat = cfg.q_lora_rank or 0
         lat = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         o_bytes = E5M6_BYTES if fp8 else 2
@@ -348,13 +350,13 @@ def activation_bytes_per_token(cfg: ModelConfig, kind: str, fp8: bool) -> list[T
     if kind == "dense":
         F = cfg.intermediate_size
         out.append(Term("dense FFN", 2 * D + lin * 2 * F, f"residual 2x{D} + SwiGLU inputs {lin:.3g}x2x{F} ({lin_name})"))
-    if kind in ("moe", "mtp"):
+    if kind == "moe":
         K, E, F = cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.moe_intermediate_size
         Fs = F * cfg.n_shared_experts
         moe = 2 * D + 4 * E + lin * K * (D + 2 * F) + lin * 2 * Fs
         out.append(Term("MoE", moe, f"residual 2x{D} + router scores 4x{E} + {K} dispatched copies x "
                         f"{lin:.3g}x({D} input + 2x{F} SwiGLU inputs) + shared SwiGLU inputs {lin:.3g}x2x{Fs} ({lin_name})"))
-    if kind == "mtp":
+    if mtp:
         out.append(Term("MTP inputs", 2 * 2 * D, f"embedding and hidden state 2x2x{D} (their norms recomputed)"))
     return out
 
@@ -401,7 +403,9 @@ def training_memory(p: Params, layout: Layout, seq: int, micro_batch: int, fp8: 
         act = 0.0
         for b in blocks:
             if b.kind in ("dense", "moe", "mtp"):
-                act += sum(t.value for t in activation_bytes_per_token(cfg, b.kind, fp8)) * tokens * in_flight
+                kind = "moe" if "routed_experts" in b.params else "dense"
+                per_token = activation_bytes_per_token(cfg, kind, fp8, mtp=b.kind == "mtp")
+                act += sum(t.value for t in per_token) * tokens * in_flight
         shard = {0: "not sharded", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}
         params_txt = f"{_h(n_dense)} non-expert + {_h(n_expert)} expert params on this GPU"
         terms = [
