@@ -50,11 +50,6 @@ E5M6_BYTES = 1.5                          # the attention output kept for o_proj
 
 # Parameter categories; the routed experts are the only ones activated sparsely.
 FP8_LINEARS = ("attention", "dense_ffn", "shared_experts", "routed_experts")   # the report runs these in FP8
-CATEGORY_NAMES = {
-    "embedding": "embedding", "attention": "attention (MLA projections)", "dense_ffn": "dense FFN",
-    "shared_experts": "shared experts", "routed_experts": "routed experts", "router": "router",
-    "mtp_proj": "MTP eh_proj", "norm": "norms", "head": "output head", "other": "other",
-}
 
 
 @dataclass
@@ -385,7 +380,7 @@ def training_memory(p: Params, layout: Layout, seq: int, micro_batch: int, fp8: 
     n_heads = 1 + cfg.num_nextn_predict_layers
     out = []
     for s, blocks in enumerate(pipeline_stages(p, layout.pp)):
-        w = wf = g = o = 0.0   # bytes; wf: for the formula, element counts per GPU
+        w = g = o = 0.0                        # bytes per GPU
         n_dense = n_expert = 0.0
         for b in blocks:
             for cat, n in b.params.items():
