@@ -29,11 +29,10 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..model import MoE, RoutedExperts
+from ..model import MoE, RoutedExperts, expert_swiglu
 from .mesh import Parallel
 
 
@@ -99,7 +98,7 @@ class ExpertParallelExperts(nn.Module):
         token_of = order // K                                               # source token of each copy
         y_sorted = self.exchange(x_MD[token_of], torch.bincount(flat, minlength=self.n_experts), self.expert_ffn)
         y_sorted = y_sorted * weights_MK.reshape(-1)[order, None].to(y_sorted.dtype)
-        return torch.zeros_like(x_MD).index_add_(0, token_of, y_sorted)
+        return torch.zeros_like(x_MD).index_add_(0, token_of, y_sorted.to(x_MD.dtype))  # bf16 under autocast
 
     def exchange(self, x_sorted, counts_E, fn):
         """Send rows sorted by global expert to their owners, apply fn(x_local, counts_L) there (rows
@@ -119,13 +118,10 @@ class ExpertParallelExperts(nn.Module):
         return all_to_all(y_recv, send, recv, self.group, self)
 
     def expert_ffn(self, x_sorted, counts_L):
-        """SwiGLU of each local expert on its run of rows (weights cast to the activations' dtype)."""
+        """The model's grouped SwiGLU on the local experts (weights cast to the activations' dtype)."""
         w1 = self.gate_up_proj.to_local().to(x_sorted.dtype)
         w2 = self.down_proj.to_local().to(x_sorted.dtype)
-        offs = counts_L.cumsum(0).to(torch.int32)
-        h = F.grouped_mm(x_sorted, w1.transpose(-2, -1), offs=offs)
-        gate, up = h.chunk(2, dim=-1)
-        return F.grouped_mm((F.silu(gate) * up).contiguous(), w2.transpose(-2, -1), offs=offs)
+        return expert_swiglu(x_sorted, counts_L, w1, w2)
 
 
 def apply_expert_parallel(model: nn.Module, par: Parallel) -> nn.Module:

@@ -390,11 +390,11 @@ class Trainer:
             tot_bal += bal.item() / tc.grad_accum
         grad_norm = float("nan")
         if finite:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+            grad_norm = float(self.clip_grad_norm())
             finite = math.isfinite(grad_norm)
         if finite:
             self.opt.step()
-            loads_LE = step_loads(loads_LE)
+            loads_LE = self.step_loads(loads_LE)
             update_biases(self.routers, loads_LE, bias_speed(self.step, tc.steps, tc.bias_update_speed))
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
@@ -405,6 +405,13 @@ class Trainer:
 
     def compute_losses(self, ids, lam):
         return compute_losses(self.model, ids, lam, self.amp)
+
+    # Hooks that the distributed trainer (fewchips/train/distributed.py) overrides.
+    def clip_grad_norm(self):
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
+
+    def step_loads(self, loads_LE):
+        return step_loads(loads_LE)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
