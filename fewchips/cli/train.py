@@ -3,6 +3,7 @@ standard library's own source (no downloads)."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -51,6 +52,11 @@ def register(sub):
     g.add_argument("--compile", action="store_true", help="torch.compile each layer (slow start; pays off on long runs)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--seed", type=int, default=0, help="seeds the init, FIM choices and data order")
+    g = p.add_argument_group("parallelism (launch with torchrun --nproc_per_node=N -m fewchips train ...)")
+    g.add_argument("--ep", type=int, default=1,
+                   help="expert-parallel ranks: each holds n_routed_experts/ep experts; keep it within a node")
+    g.add_argument("--dp", type=int, default=None,
+                   help="data-parallel ranks (default: processes / ep); --batch-size stays the global micro-batch")
     g = p.add_argument_group("output and checkpoints")
     g.add_argument("--out", required=True, help="output folder (model, tokenizer, metrics, plots, checkpoint)")
     g.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint")
@@ -82,7 +88,13 @@ def run(args):
     overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
     cfg = ModelConfig.from_preset(args.preset, **overrides)
     try:
-        result = train(cfg, train_config(args))
+        if args.ep > 1 or args.dp or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from fewchips.train.distributed import train_distributed
+            result = train_distributed(cfg, train_config(args), args.dp, args.ep)
+            if int(os.environ.get("RANK", "0")) != 0:
+                return 0
+        else:
+            result = train(cfg, train_config(args))
     except TrainError as e:
         print(f"fewchips train: error: {e}", file=sys.stderr)
         return 1

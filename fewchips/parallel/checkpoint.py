@@ -23,14 +23,16 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
 from ..config import ModelConfig
 
 
-def save(path: str, model, optimizer=None, extra: dict | None = None):
-    """Collective: every rank calls it. `extra` (step, data position, ...) must be the same on all ranks."""
+def save(path: str, model, optimizer=None, extra: dict | None = None, before_commit=None, group=None):
+    """Collective: every rank calls it. `extra` (step, data position, ...) must be the same on all ranks.
+    `before_commit(tmp_dir)` runs on rank 0 before the rename (other files that belong with it);
+    `group` is used for the barriers (a group with a long timeout for big models)."""
     path = os.path.abspath(path)
     tmp = path + ".tmp"
     rank = dist.get_rank()
     if rank == 0 and os.path.exists(tmp):
         shutil.rmtree(tmp)
-    dist.barrier()
+    dist.barrier(group=group)
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
@@ -38,12 +40,14 @@ def save(path: str, model, optimizer=None, extra: dict | None = None):
     dcp.save(state, checkpoint_id=tmp)
     if rank == 0:
         model.config.save(os.path.join(tmp, "config.json"))
+        if before_commit is not None:
+            before_commit(tmp)
         old = path + ".old"
         if os.path.exists(path):
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    dist.barrier(group=group)
     return path
 
 
@@ -66,6 +70,23 @@ def _saved_extra(path) -> dict:
     """A template for the `extra` entries the checkpoint holds (DCP loads into existing keys)."""
     md = dcp.FileSystemReader(path).read_metadata()
     return {k.split(".", 1)[1]: None for k in md.state_dict_metadata if k.startswith("extra.")}
+
+
+def full_model(model):
+    """Collective: the parallelized model's weights gathered into a plain single-process DeepseekV3 on
+    rank 0's CPU (None on the other ranks)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    from ..model import DeepseekV3
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    with torch.device("meta"):
+        plain = DeepseekV3(model.config)
+    plain.to_empty(device="cpu")
+    plain.load_state_dict(sd)
+    return plain
 
 
 def export_hf(path: str, out_dir: str, dtype=None, config: ModelConfig | None = None):

@@ -1,0 +1,171 @@
+"""`fewchips train` on N processes (torchrun): the same Trainer, with the model parallelized
+(routed experts split over --ep ranks, everything else FSDP2-sharded over all ranks) and sharded
+checkpoints.
+
+    torchrun --nproc_per_node=4 -m fewchips train --preset tiny --out runs/ep --ep 2   # dp = 4 / 2
+
+What changes against one process:
+  - --batch-size stays the *global* micro-batch: every rank draws the same windows and trains on
+    its 1/N slice, so a run's data, loss and resume point do not depend on the number of processes
+  - losses are averaged over ranks (the values logged are the global ones), expert gradients are
+    reduced over dp, and the gradient norm is the global one
+  - the expert loads of the whole step are summed over ranks before the bias update (`step_loads`)
+  - OUT/checkpoint holds torch.distributed.checkpoint shards (resumable at another world size) plus
+    train_state.pt and the tokenizer; the final model is still exported to OUT as one HF directory
+  - rank 0 prepares the data (tokenizer, shards) and writes logs, metrics and plots
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..checkpoint import save_pretrained
+from ..config import ModelConfig
+from ..parallel import abort_on_failure, clip_grad_norm_, init_parallel, parallelize, reduce_expert_grads
+from ..parallel import checkpoint as pckpt
+from .tokenizer import save_tokenizer
+from .trainer import TrainConfig, Trainer, TrainError, build_optimizer, compute_losses, prepare_data
+
+
+class DistributedTrainer(Trainer):
+    def __init__(self, cfg: ModelConfig, tc: TrainConfig, log=print, dp: int | None = None, ep: int = 1,
+                 timeout_s: float = 600.0):
+        self.par = par = init_parallel(dp=dp, ep=ep, timeout_s=timeout_s)
+        # Data preparation and big checkpoints can keep rank 0 busy far longer than a collective's timeout.
+        self.slow_group = dist.new_group(backend="gloo", timeout=timedelta(hours=3))
+        if tc.batch_size % par.world_size:
+            raise TrainError(f"--batch-size {tc.batch_size} (the global micro-batch) must be divisible by the "
+                             f"{par.world_size} processes")
+        if not par.is_main:
+            tc = dataclasses.replace(tc, progress=False, plots=False)
+            log = _quiet
+        self._resume_path = None
+        super().__init__(cfg, tc, log, device=par.device)      # calls the overrides below
+        parallelize(self.model, par)
+        self.opt, self.sched = build_optimizer(self.model, self.tc, self.tc.steps)
+        if self._resume_path:
+            self._load_sharded(self._resume_path)
+        log(f"parallel: {par.world_size} processes, dp {par.dp} x ep {par.ep} "
+            f"({self.cfg.n_routed_experts // par.ep} experts per rank), {par.device.type}")
+
+    # ---- setup: rank 0 checks OUT and prepares the data; the others then read its cache ------
+    def _check_out_dir(self):
+        err = None
+        if self.par.is_main:
+            try:
+                super()._check_out_dir()
+                resume = self._resume_dir() if self.tc.resume else None
+                prepare_data(self.cfg, self.tc, self.log,
+                             tokenizer_path=os.path.join(resume, "tokenizer.json") if resume else None)
+            except Exception as e:   # noqa: BLE001 - re-raised below, on every rank
+                err = e
+        msg = [f"{type(err).__name__}: {err}" if err else None]
+        dist.broadcast_object_list(msg, src=0, group=self.slow_group)
+        if err is not None:
+            raise err
+        if msg[0]:
+            raise TrainError(f"rank 0 could not set up the run: {msg[0]}")
+
+    def _reset_metrics(self):
+        if self.par.is_main:
+            super()._reset_metrics()
+
+    def _write(self, rec: dict):
+        if self.par.is_main:
+            super()._write(rec)
+
+    # ---- the step hooks ----------------------------------------------------------------------
+    def compute_losses(self, ids, lam):
+        main, mtp, bal, stats = compute_losses(self.model, self.par.local_batch(ids), lam, self.amp)
+        return self._global_value(main), self._global_value(mtp), self._global_value(bal), stats
+
+    def _global_value(self, t):
+        """The mean over ranks as the value, this rank's term as the gradient (FSDP and
+        reduce_expert_grads average the gradients), so logs and the finiteness check agree everywhere."""
+        avg = t.detach().clone()
+        dist.all_reduce(avg)
+        return t + (avg / self.par.world_size - t.detach())
+
+    def clip_grad_norm(self):
+        reduce_expert_grads(self.model, self.par)
+        return clip_grad_norm_(self.model, self.tc.grad_clip, self.par)
+
+    def step_loads(self, loads_LE):
+        dist.all_reduce(loads_LE)
+        return loads_LE
+
+    def train(self) -> dict:
+        with abort_on_failure(self.par, "training"):
+            return super().train()
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self):
+        state = {k: v for k, v in self.state().items() if k not in ("optimizer", "biases")}
+        state["parallel"] = {"dp": self.par.dp, "ep": self.par.ep}
+
+        def with_state(tmp):
+            save_tokenizer(self.tok, tmp, self.tc.seq_len)
+            torch.save(state, os.path.join(tmp, "train_state.pt"))
+
+        try:
+            pckpt.save(self.ckpt_dir, self.model, self.opt, extra={"step": self.step}, before_commit=with_state,
+                       group=self.slow_group)
+        except OSError as e:
+            raise TrainError(f"could not write a checkpoint at step {self.step} ({e.strerror or e}); "
+                             f"the previous one in {self.ckpt_dir} is intact unless this was during its rename") from e
+
+    def _load(self, path):
+        self._resume_path = path           # loaded once the model is parallelized (see __init__)
+
+    def _load_sharded(self, path):
+        st = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=False)
+        if ModelConfig.from_dict(st["model_config"]).to_dict() != self.cfg.to_dict():
+            raise TrainError(f"--resume: the model config does not match the checkpoint in {path}")
+        for k in TrainConfig.RESUME_FIELDS:
+            if st["train_config"].get(k) != getattr(self.tc, k):
+                raise TrainError(f"--resume: {k} is {getattr(self.tc, k)!r} but the checkpoint was trained with "
+                                 f"{st['train_config'].get(k)!r}; pass the same value to continue exactly")
+        if not os.path.exists(os.path.join(path, ".metadata")):
+            raise TrainError(f"--resume: {path} is a single-process checkpoint; resume it without torchrun")
+        pckpt.load(path, self.model, self.opt)
+        self.sched.load_state_dict(st["scheduler"])
+        self.sampler.load_state_dict(st["sampler"])
+        self.step, self.tokens_seen, self.bad_steps_total = st["step"], st["tokens_seen"], st["bad_steps_total"]
+        self.load_accum_LE = st["load_accum"]
+        torch.set_rng_state(st["rng"]["torch"])
+        np.random.set_state(st["rng"]["numpy"])
+        random.setstate(st["rng"]["python"])
+        if self.par.is_main and os.path.exists(self.metrics_path):
+            with open(self.metrics_path) as f:
+                keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= self.step]
+            with open(self.metrics_path, "w") as f:
+                f.writelines(keep)
+        was = st.get("parallel", {})
+        self.log(f"resumed from {path} at step {self.step} (saved at dp {was.get('dp')} x ep {was.get('ep')})")
+
+    def export(self):
+        plain = pckpt.full_model(self.model)
+        if self.par.is_main:
+            try:
+                save_pretrained(plain, self.tc.out)
+                save_tokenizer(self.tok, self.tc.out, self.tc.seq_len)
+            except OSError as e:
+                raise TrainError(f"could not export the model to {self.tc.out} ({e.strerror or e}); "
+                                 f"the checkpoint in {self.ckpt_dir} is intact") from e
+        dist.barrier(group=self.slow_group)
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+def train_distributed(cfg: ModelConfig, tc: TrainConfig, dp: int | None, ep: int, log=print) -> dict:
+    return DistributedTrainer(cfg, tc, log, dp=dp, ep=ep).train()
