@@ -197,6 +197,24 @@ def test_backend_resolution_and_fallback(caplog):
     assert layer(torch.randn(3, 128)).shape == (3, 128)
 
 
+@pytest.mark.parametrize("M,K,N", [(256, 512, 384), (200, 320, 272)])
+def test_fast_path_layouts_pass_torch_checks(M, K, N):
+    """The scaled_mm operands (row-/column-major data, outer-dim-major 1x128 scales, padded 128x128
+    scales) satisfy torch's own shape and stride checks for all three GEMMs, run on meta tensors."""
+    from fewchips.fp8.gemm import mm_scaled
+    x, w, dy = _data(M, K, N)
+    meta = lambda *ts: [t.to("meta") for t in ts]                                      # noqa: E731
+    (xq, xs), (wq, ws), (gq, gs) = quantize(x, TILE), quantize(w, BLOCK), quantize(dy, TILE)
+    (gtq, gts), (xtq, xts) = quantize(dy.t(), TILE), retile(xq, xs)
+    assert mm_scaled(*meta(xq, xs, wq, ws), BLOCK, torch.bfloat16).shape == (M, N)                      # Fprop
+    assert mm_scaled(*meta(gq, gs, wq.t().contiguous(), ws.t()), BLOCK, torch.float32).shape == (M, K)  # Dgrad
+    assert mm_scaled(*meta(gtq, gts, xtq, xts), TILE, torch.float32).shape == (N, K)                    # Wgrad
+    with pytest.raises(Exception, match="stride"):                       # and the checks do look at layouts
+        torch.nn.functional.scaled_mm(*meta(xq, wq.t().contiguous().t().t()), *meta(xs),
+                                      torch.nn.functional.ScalingType.BlockWise1x128, *meta(ws),
+                                      torch.nn.functional.ScalingType.BlockWise128x128)
+
+
 needs_sm90 = pytest.mark.skipif(not fast_path_available("cuda")[0] if torch.cuda.is_available() else True,
                                 reason="needs a Hopper (SM90) GPU with block-wise scaled_mm")
 
