@@ -50,6 +50,11 @@ def register(sub):
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute layers in backward: less memory, ~30%% more compute")
     g.add_argument("--compile", action="store_true", help="torch.compile each layer (slow start; pays off on long runs)")
+    g.add_argument("--fp8", action="store_true",
+                   help="DeepSeek-V3's FP8 recipe: attention projections, MLPs and experts run their three GEMMs "
+                        "in E4M3 with 1x128/128x128 scales (fast on Hopper; emulated, slower, elsewhere)")
+    g.add_argument("--fp8-backend", choices=["auto", "scaled_mm", "emulate"], default="auto",
+                   help="auto: cuBLAS block-wise scaled_mm on Hopper, emulation elsewhere")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--seed", type=int, default=0, help="seeds the init, FIM choices and data order")
     g = p.add_argument_group("parallelism (launch with torchrun --nproc_per_node=N -m fewchips train ...)")

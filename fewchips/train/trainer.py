@@ -83,6 +83,8 @@ class TrainConfig:
     dtype: str = "auto"                  # auto | bf16 | fp32 (autocast; weights and optimizer stay fp32)
     activation_checkpointing: bool = False
     compile: bool = False
+    fp8: bool = False                    # DeepSeek-V3's FP8 recipe on the linears and experts (fewchips.fp8)
+    fp8_backend: str = "auto"            # auto | scaled_mm (Hopper) | emulate
     threads: int | None = None
     seed: int = 0
     # watching and saving
@@ -152,6 +154,9 @@ def build_model(cfg: ModelConfig, tc: TrainConfig, device="cpu") -> DeepseekV3:
     and compiled layers. FP8 linears and parallel wrapping are applied here."""
     torch.manual_seed(tc.seed)
     model = DeepseekV3(cfg).to(device).init_weights(tc.init_std)
+    if tc.fp8:
+        from ..fp8 import apply_fp8
+        apply_fp8(model, backend=tc.fp8_backend)
     if tc.activation_checkpointing:
         apply_activation_checkpointing(model)
     if tc.compile:
