@@ -55,6 +55,8 @@ def register(sub):
                         "in E4M3 with 1x128/128x128 scales (fast on Hopper; emulated, slower, elsewhere)")
     g.add_argument("--fp8-backend", choices=["auto", "scaled_mm", "emulate"], default="auto",
                    help="auto: cuBLAS block-wise scaled_mm on Hopper, emulation elsewhere")
+    g.add_argument("--bf16-moments", action="store_true",
+                   help="store AdamW's two moments in BF16 as DeepSeek-V3 does (half the optimizer memory)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--seed", type=int, default=0, help="seeds the init, FIM choices and data order")
     g = p.add_argument_group("parallelism (launch with torchrun --nproc_per_node=N -m fewchips train ...)")

@@ -85,6 +85,7 @@ class TrainConfig:
     compile: bool = False
     fp8: bool = False                    # DeepSeek-V3's FP8 recipe on the linears and experts (fewchips.fp8)
     fp8_backend: str = "auto"            # auto | scaled_mm (Hopper) | emulate
+    bf16_moments: bool = False           # AdamW moments stored in BF16, as in the report (fewchips.fp8.optim)
     threads: int | None = None
     seed: int = 0
     # watching and saving
@@ -218,10 +219,14 @@ def build_optimizer(model: DeepseekV3, tc: TrainConfig, total_steps: int):
         (decay if p.dim() >= 2 and not name.endswith("bias") else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kw = dict(lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8)
-    try:
-        opt = torch.optim.AdamW(groups, fused=True, **kw)
-    except (RuntimeError, TypeError):
-        opt = torch.optim.AdamW(groups, **kw)
+    if tc.bf16_moments:
+        from ..fp8.optim import AdamWBF16Moments
+        opt = AdamWBF16Moments(groups, **kw)
+    else:
+        try:
+            opt = torch.optim.AdamW(groups, fused=True, **kw)
+        except (RuntimeError, TypeError):
+            opt = torch.optim.AdamW(groups, **kw)
     warmup = tc.warmup_steps if tc.warmup_steps is not None else max(1, round(0.03 * total_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup))
     return opt, sched
