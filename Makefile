@@ -13,9 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-demo: $(VENV)/.installed
-	$(VENV)/bin/fewchips info --preset tiny
-	$(PY) -m fewchips.demo
+demo: $(VENV)/.installed   # train tiny on the Python stdlib (~8 min on 2 CPU cores), then sample from it
+	$(VENV)/bin/fewchips train --preset tiny --out $(OUT) --overwrite
+	$(PY) -m fewchips.demo $(OUT)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -x

@@ -29,7 +29,8 @@ def register(sub):
     g.add_argument("--cache-dir", default=None, help="where tokenised shards are kept and reused (default OUT/cache)")
     g.add_argument("--fim-rate", type=float, default=0.1, help="share of training documents turned into PSM FIM samples")
     g = p.add_argument_group("schedule (lr: warm-up, constant to 67.6%%, cosine to 0.1x by 96.6%% of the run)")
-    g.add_argument("--steps", type=int, default=500, help="optimizer steps; all schedules scale to this length")
+    g.add_argument("--steps", type=int, default=300,
+                   help="optimizer steps (300 x 4096 tokens: ~7 min for tiny on 2 CPU cores); all schedules scale to it")
     g.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch; lower it if memory is short")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (bigger effective batch)")
     g.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")

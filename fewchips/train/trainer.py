@@ -63,7 +63,7 @@ class TrainConfig:
     cache_dir: str | None = None         # None: OUT/cache
     fim_rate: float = 0.1
     # schedule and batch
-    steps: int = 500
+    steps: int = 300
     batch_size: int = 16
     grad_accum: int = 1
     seq_len: int = 256
