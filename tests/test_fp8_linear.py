@@ -242,3 +242,22 @@ def test_fast_grouped_experts_match_emulation_on_gpu():
     x = torch.randn(int(counts.sum()), 256, device="cuda")
     ys = [FP8RoutedExperts.from_experts(ex, b).expert_ffn(x, counts) for b in ("emulate", "scaled_mm")]
     assert _rel(ys[1], ys[0]) < 1e-3
+
+
+def test_adamw_with_bf16_moments_tracks_adamw():
+    from fewchips.fp8.optim import AdamWBF16Moments
+    g = torch.Generator().manual_seed(5)
+    w0 = torch.randn(64, 32, generator=g)
+    grads = [torch.randn(64, 32, generator=g) for _ in range(20)]
+    ws = []
+    for cls in (torch.optim.AdamW, AdamWBF16Moments):
+        w = nn.Parameter(w0.clone())
+        opt = cls([w], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+        for gr in grads:
+            w.grad = gr.clone()
+            opt.step()
+        ws.append(w.detach())
+        if cls is AdamWBF16Moments:
+            assert opt.state[w]["exp_avg"].dtype == torch.bfloat16 and w.dtype == torch.float32
+    moved = (ws[0] - w0).abs().mean()
+    assert (ws[1] - ws[0]).abs().mean() < 0.01 * moved
