@@ -93,7 +93,7 @@ def fast_path_available(device) -> tuple[bool, str]:
         fast = mm_scaled(aq, as_, bq, bs, BLOCK, torch.float32)
         ref = mm_emulated(aq, as_, bq, bs, BLOCK, torch.float32)
         err = ((fast - ref).norm() / ref.norm()).item()
-        if not err < 1e-3:
+        if not err < 1e-2:                 # a layout mistake gives O(1) errors
             return False, f"the probe GEMM disagrees with emulation (relative error {err:.2e})"
     except Exception as e:  # noqa: BLE001 - any failure of the probe means: use emulation
         return False, f"block-wise scaled_mm failed on this build ({type(e).__name__}: {str(e)[:200]})"
