@@ -1,4 +1,4 @@
-"""`torchrun -m fewchips train --ep 2` (dp 2 x ep 2, stopped at step 2 and resumed at 2 processes) logs the same losses as the single-process trainer."""
+"""`torchrun -m fewchips train --ep 2` (dp 2 x ep 2, stopped at step 2, resumed at 2 processes with activation checkpointing; gradient accumulation) logs the same losses and exports the same model as the single-process trainer."""
 
 import json
 import os
@@ -13,7 +13,7 @@ from train_utils import micro_config, quiet, train_config, write_corpus
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--preset", "tiny", "--vocab-size", "384", "--steps", "4", "--batch-size", "4", "--seq-len", "32",
         "--dtype", "fp32", "--log-every", "1", "--eval-every", "4", "--eval-batches", "1", "--no-plots",
-        "--no-progress", "--val-fraction", "0.1", "--threads", "1"]
+        "--no-progress", "--val-fraction", "0.1", "--threads", "1", "--grad-accum", "2"]
 
 
 def torchrun(n, *args, timeout=240):
@@ -37,13 +37,14 @@ def test_torchrun_train_matches_single_process_and_resumes_at_another_world_size
     one = tmp_path / "one"
     cfg = ModelConfig.from_preset("tiny", vocab_size=384)
     tc = train_config(one, data, steps=4, batch_size=4, seq_len=32, eval_every=4, eval_batches=1, log_every=1,
-                      lr=2e-3, warmup_steps=None)                                # the CLI defaults
+                      grad_accum=2, lr=2e-3, warmup_steps=None)                                # the CLI defaults
     Trainer(cfg, tc, quiet).train()
 
     out = tmp_path / "par"
     torchrun(4, "--data", data, "--out", out, "--ep", "2", "--stop-at", "2")       # dp 2 x ep 2
     assert os.path.exists(out / "checkpoint" / ".metadata")
-    p = torchrun(2, "--data", data, "--out", out, "--ep", "2", "--resume")          # dp 1 x ep 2
+    p = torchrun(2, "--data", data, "--out", out, "--ep", "2", "--resume",          # dp 1 x ep 2
+                 "--activation-checkpointing")                                   # recompute: same numbers
     assert "saved at dp 2 x ep 2" in p.stdout + p.stderr
 
     ref, got = losses(one), losses(out)
