@@ -1,0 +1,86 @@
+"""Training throughput - forward + backward + AdamW step - of our trainer's step against
+transformers' DeepseekV3ForCausalLM with the same config, weights, batch and sequence length.
+Prints tokens/s, the ratio, and model FLOPs as a share of this machine's measured fp32 matmul rate.
+
+Ours runs the trainer's real step (`compute_losses`: CE + α·sequence-wise balance loss, MTP off
+because transformers has no MTP; then clip, AdamW, bias update). Transformers runs
+`model(ids, labels=ids).loss`, clip, the same AdamW. Both fp32 unless --dtype bf16 (autocast).
+
+    python benchmarks/bench_train.py [--presets small tiny] [--batch 4] [--seq 256] [--repeats 3]
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_model import forward_flops, matmul_rate  # noqa: E402
+
+from fewchips import DeepseekV3, ModelConfig  # noqa: E402
+from fewchips.train import trainer as T  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--presets", nargs="+", default=["small", "tiny"])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    amp = torch.bfloat16 if args.dtype == "bf16" else None
+    rate = matmul_rate()
+    print(f"fp32 matmul rate: {rate / 1e9:.1f} GFLOP/s (torch {torch.__version__}, {torch.get_num_threads()} threads); "
+          f"training step = forward + backward + AdamW, {args.dtype}")
+    tc = T.TrainConfig(mtp_lambda=0.0, mtp_lambda_late=0.0)
+    for preset in args.presets:
+        cfg = ModelConfig.from_preset(preset, num_nextn_predict_layers=0)
+        torch.manual_seed(0)
+        ours = DeepseekV3(cfg).init_weights()
+        hf = DeepseekV3ForCausalLM(DeepseekV3Config.from_dict(cfg.to_dict())).float()
+        hf.load_state_dict(ours.state_dict(), strict=True)
+        ours.train(), hf.train()
+        routers = T.moe_routers(ours)
+        opt_ours, _ = T.build_optimizer(ours, tc, 100)
+        opt_hf, _ = T.build_optimizer(hf, tc, 100)
+        ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
+
+        def step_ours():
+            main, _, bal, stats = T.compute_losses(ours, ids, 0.0, amp)
+            (main + tc.balance_alpha * bal).backward()
+            torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
+            opt_ours.step()
+            opt_ours.zero_grad(set_to_none=True)
+            T.update_biases(routers, torch.stack([s.load_E for s in stats]), 1e-3)
+
+        def step_hf():
+            with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+                loss = hf(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+            opt_hf.step()
+            opt_hf.zero_grad(set_to_none=True)
+
+        step_ours(), step_hf()                  # warm up (allocations, optimizer state)
+        t_ours, t_hf = [], []
+        for _ in range(args.repeats):           # interleaved, so load drift hits both
+            for fn, ts in ((step_ours, t_ours), (step_hf, t_hf)):
+                t = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t)
+        a, b = min(t_ours), min(t_hf)
+        tok = args.batch * args.seq
+        fl = 3 * forward_flops(ours, args.batch, args.seq)
+        print(f"{preset:6s} B={args.batch} T={args.seq}: ours {tok / a:7.0f} tok/s ({fl / a / rate:5.1%} of matmul rate)  "
+              f"transformers {tok / b:7.0f} tok/s ({fl / b / rate:5.1%})  ratio {b / a:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
