@@ -1,0 +1,63 @@
+"""The parallel code path in one process (a one-rank group) matches the plain model, and group-limited routing bounds how many expert-parallel ranks a token reaches."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import random_model, tiny_config
+
+
+def test_one_process_path_matches_plain_model():
+    import torch.distributed as dist
+
+    from fewchips.parallel import init_parallel, lm_loss, parallelize, reduce_expert_grads, shutdown
+
+    assert not dist.is_initialized()
+    par = init_parallel()                        # no torchrun environment: a one-rank gloo group
+    try:
+        assert (par.dp, par.ep, par.world_size) == (1, 1, 1)
+        cfg = tiny_config()
+        ref = random_model(cfg).train()
+        model = parallelize(copy.deepcopy(ref), par)
+        ids = torch.randint(0, cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+        stats, ref_stats = [], []
+        loss, ref_loss = lm_loss(model, ids, stats), lm_loss(ref, ids, ref_stats)
+        (loss + 0).backward()
+        ref_loss.backward()
+        reduce_expert_grads(model, par)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+        assert len(stats) == len(ref_stats) == 3
+        refp = dict(ref.named_parameters())
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad.full_tensor(), refp[n].grad, rtol=1e-4, atol=1e-7)
+    finally:
+        shutdown()
+
+
+def test_layout_errors_name_the_flag():
+    from fewchips.parallel import init_parallel
+    with pytest.raises(ValueError, match="--ep 3"):
+        init_parallel(ep=3)
+    with pytest.raises(ValueError, match="--dp 2"):
+        init_parallel(dp=2, ep=1)
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_group_limited_routing_bounds_ranks_per_token(ep):
+    """Groups and ranks are both contiguous runs of experts: with n_group a multiple of ep, each rank
+    holds whole groups, so a token's copies reach at most topk_group ranks (node-limited routing)."""
+    from fewchips.model import Router
+    from fewchips.parallel.expert_parallel import ranks_per_token
+
+    cfg = tiny_config(n_routed_experts=16, n_group=4, topk_group={2: 1, 4: 2}[ep], num_experts_per_tok=4)
+    free = cfg.replace(n_group=1, topk_group=1)
+    x = torch.randn(512, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    for c, bound in ((cfg, cfg.topk_group), (free, None)):
+        router = Router(c)
+        torch.nn.init.normal_(router.weight, std=0.5, generator=torch.Generator().manual_seed(1))
+        n_ranks = ranks_per_token(router(x).experts_MK, c.n_routed_experts, ep)
+        if bound is not None:
+            assert int(n_ranks.max()) <= bound
+        else:
+            assert int(n_ranks.max()) > cfg.topk_group      # without groups, tokens spread further
