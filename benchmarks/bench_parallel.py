@@ -31,7 +31,7 @@ def worker(args):
     from fewchips.parallel.expert_parallel import comm_seconds
 
     n = int(os.environ["WORLD_SIZE"])
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // n))
     par = init_parallel(ep=n, timeout_s=1800)
     cfg = ModelConfig.from_preset(args.preset, max_position_embeddings=max(args.seq, 256))
     model = DeepseekV3(cfg).init_weights(generator=torch.Generator().manual_seed(0))
@@ -84,6 +84,7 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3, help="timed steps (after --warmup)")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores // processes)")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args, _ = ap.parse_known_args()
@@ -92,7 +93,7 @@ def main():
     argv = [a for a in sys.argv[1:] if a != "--worker"]
     rows = []
     print(f"{args.preset} preset, global batch {args.batch} x {args.seq} tokens, {os.cpu_count()} cores, "
-          f"AdamW training step (forward + backward + step)")
+          f"threads/process {args.threads or 'cores // processes'}, AdamW training step (forward + backward + step)")
     print(f"{'procs':>5} {'step s':>8} {'tokens/s':>9} {'all-to-all share':>17}")
     for n in args.procs:
         row = launch(n, argv)
