@@ -129,9 +129,22 @@ class CacheView:
     """What one layer's attention needs to read and write the cache for this step."""
     latent_BSC: torch.Tensor      # this layer's buffers (all slots)
     k_rope_BSR: torch.Tensor
-    slots_B: torch.Tensor         # cache row of each batch row
+    slots_B: torch.Tensor | None  # cache row of each batch row; None: rows 0..B-1 (read as a view)
     positions_BT: torch.Tensor    # absolute position of each new token
     attend_len: int               # attend over cache positions [0, attend_len)
+    flat_M: torch.Tensor          # slot * max_len + position of each new token (one index_copy_ per write)
+
+    def write(self, c_BTC, k_rope_BTR):
+        for buf, x in ((self.latent_BSC, c_BTC), (self.k_rope_BSR, k_rope_BTR)):
+            buf.view(-1, buf.shape[-1]).index_copy_(0, self.flat_M, x.reshape(-1, x.shape[-1]).to(buf.dtype))
+
+    def read(self, dtype):
+        """The latent [B, S, C] and rope keys [B, S, R] of this step's rows, S = attend_len."""
+        S = self.attend_len
+        if self.slots_B is None:
+            B = self.positions_BT.shape[0]
+            return self.latent_BSC[:B, :S].to(dtype), self.k_rope_BSR[:B, :S].to(dtype)
+        return self.latent_BSC[self.slots_B, :S].to(dtype), self.k_rope_BSR[self.slots_B, :S].to(dtype)
 
 
 class MLA(nn.Module):
@@ -171,9 +184,7 @@ class MLA(nn.Module):
         k_rope_BTR = apply_rope(k_rope_BTR.unsqueeze(2), cos, sin).squeeze(2)  # one key for all heads
 
         if cache is not None:
-            rows = cache.slots_B[:, None].expand(B, T)
-            cache.latent_BSC[rows, cache.positions_BT] = c_BTC.to(cache.latent_BSC.dtype)
-            cache.k_rope_BSR[rows, cache.positions_BT] = k_rope_BTR.to(cache.k_rope_BSR.dtype)
+            cache.write(c_BTC, k_rope_BTR)
             if cache.attend_len > T or not _starts_at_zero(cache.positions_BT):
                 o_BTHV = self._absorbed(q_nope_BTHN, q_rope_BTHR, cache)
                 return self.o_proj(o_BTHV.reshape(B, T, -1))
@@ -195,8 +206,7 @@ class MLA(nn.Module):
         """Attend over the cached latent directly: W_UK folded into the query, W_UV applied after
         the attention-weighted sum (reference 2.3). Causal by absolute position."""
         S = cache.attend_len
-        latent_BSC = cache.latent_BSC[cache.slots_B, :S].to(q_nope_BTHN.dtype)
-        k_rope_BSR = cache.k_rope_BSR[cache.slots_B, :S].to(q_nope_BTHN.dtype)
+        latent_BSC, k_rope_BSR = cache.read(q_nope_BTHN.dtype)
         w_HkC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk_HNC, w_uv_HVC = w_HkC.split([self.nope, self.v_dim], dim=1)
         q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_nope_BTHN, w_uk_HNC.to(q_nope_BTHN.dtype))
@@ -316,6 +326,17 @@ def expert_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF):
     CPU the runs are padded to the longest one and batched - when that wastes at most half the work
     (the balancing bias keeps loads near uniform); a badly skewed router falls back to grouped_mm."""
     E, (N, D) = counts_E.shape[0], x_sorted.shape
+    if not x_sorted.is_cuda and N < E:
+        # Decode-sized batches on CPU: most experts are idle, so run only the busy ones (each weight
+        # is read once, nothing is padded; grouped_mm would still visit every expert).
+        y_ND = x_sorted.new_empty(N, down_EDF.shape[1])
+        start = 0
+        for e, n in enumerate(counts_E.tolist()):
+            if n:
+                gate, up = F.linear(x_sorted[start: start + n], gate_up_EfD[e]).chunk(2, dim=-1)
+                y_ND[start: start + n] = F.linear(F.silu(gate) * up, down_EDF[e])
+                start += n
+        return y_ND
     cap = int(counts_E.max()) if N else 0
     aligned = all(n * x_sorted.element_size() % 16 == 0 for n in (D, down_EDF.shape[-1]))  # grouped_mm needs it
     if x_sorted.is_cuda or (aligned and E * cap > 2 * N):
@@ -451,8 +472,9 @@ class DeepseekV3(nn.Module):
         positions = self._positions(input_ids, positions)
         cos, sin = self.rotary(positions)
         h = self.model.embed_tokens(input_ids)
+        step = self._cache_step(cache, slots, positions)
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, self._cache_view(cache, i, slots, positions), stats)
+            h = layer(h, cos, sin, self._cache_view(cache, i, step), stats)
         return self.model.norm(h)
 
     def mtp_hidden(self, depth: int, input_ids, h_prev_BTD, positions=None, cache: LatentCache | None = None,
@@ -463,7 +485,7 @@ class DeepseekV3(nn.Module):
         positions = self._positions(input_ids, positions)
         cos, sin = self.rotary(positions)
         layer = self.mtp[depth]
-        view = self._cache_view(cache, self.config.num_hidden_layers + depth, slots, positions)
+        view = self._cache_view(cache, self.config.num_hidden_layers + depth, self._cache_step(cache, slots, positions))
         return layer(self.model.embed_tokens(input_ids), h_prev_BTD, cos, sin, view, stats)
 
     def mtp_logits(self, depth: int, h_BTD):
@@ -490,13 +512,20 @@ class DeepseekV3(nn.Module):
         return positions
 
     @staticmethod
-    def _cache_view(cache, layer, slots, positions):
+    def _cache_step(cache, slots, positions):
+        """Cache addressing for one forward, shared by all layers: slots, positions, attend length and
+        the flat write index (slot * max_len + position)."""
         if cache is None:
             return None
-        if slots is None:
-            slots = torch.arange(positions.shape[0], device=positions.device)
-        return CacheView(cache.latent_LBSC[layer], cache.k_rope_LBSR[layer], slots, positions,
-                         int(positions.max()) + 1)
+        rows_B = slots if slots is not None else torch.arange(positions.shape[0], device=positions.device)
+        flat_M = (rows_B[:, None] * cache.max_len + positions).reshape(-1)
+        return slots, positions, int(positions.max()) + 1, flat_M
+
+    @staticmethod
+    def _cache_view(cache, layer, step):
+        if cache is None:
+            return None
+        return CacheView(cache.latent_LBSC[layer], cache.k_rope_LBSR[layer], *step)
 
     # ---- weights ----------------------------------------------------------------------------
     @torch.no_grad()
