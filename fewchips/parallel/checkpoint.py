@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -101,6 +102,8 @@ def export_hf(path: str, out_dir: str, dtype=None, config: ModelConfig | None = 
         model = DeepseekV3(config)
     model.to_empty(device="cpu")
     sd = model.state_dict()
-    dcp.load({"model": sd}, checkpoint_id=path, no_dist=True)
+    with warnings.catch_warnings():     # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": sd}, checkpoint_id=path, no_dist=True)
     model.load_state_dict(sd)
     return save_pretrained(model, out_dir, dtype=dtype)
