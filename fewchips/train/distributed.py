@@ -49,7 +49,9 @@ class DistributedTrainer(Trainer):
             log = _quiet
         self._resume_path = None
         super().__init__(cfg, tc, log, device=par.device)      # calls the overrides below
-        parallelize(self.model, par)
+        # Under bf16 autocast, FSDP also all-gathers the weights in bf16 (half the traffic); master
+        # weights, gradient reduction and optimizer state stay fp32.
+        parallelize(self.model, par, param_dtype=self.amp)
         self.opt, self.sched = build_optimizer(self.model, self.tc, self.tc.steps)
         if self._resume_path:
             self._load_sharded(self._resume_path)
