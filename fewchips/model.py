@@ -41,10 +41,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # x * rsqrt(mean(x^2) + eps) in fp32, as one fused op (decode steps are op-count bound)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -204,19 +202,26 @@ class MLA(nn.Module):
 
     def _absorbed(self, q_nope_BTHN, q_rope_BTHR, cache: CacheView):
         """Attend over the cached latent directly: W_UK folded into the query, W_UV applied after
-        the attention-weighted sum (reference 2.3). Causal by absolute position."""
-        S = cache.attend_len
-        latent_BSC, k_rope_BSR = cache.read(q_nope_BTHN.dtype)
-        w_HkC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        the attention-weighted sum (reference 2.3). Causal by absolute position. Effectively MQA:
+        every head of every new token is one query row (Q = T*H) against one 576-wide key per position.
+        Written as bmm/matmul rather than einsum: at decode sizes the per-op overhead is the cost."""
+        B, T, H, N = q_nope_BTHN.shape
+        dtype = q_nope_BTHN.dtype
+        latent_BSC, k_rope_BSR = cache.read(dtype)
+        w_HkC = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank).to(dtype)
         w_uk_HNC, w_uv_HVC = w_HkC.split([self.nope, self.v_dim], dim=1)
-        q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_nope_BTHN, w_uk_HNC.to(q_nope_BTHN.dtype))
-        scores_BTHS = (torch.einsum("bthc,bsc->bths", q_lat_BTHC, latent_BSC)
-                       + torch.einsum("bthr,bsr->bths", q_rope_BTHR, k_rope_BSR)) * self.softmax_scale
-        future_BTS = torch.arange(S, device=scores_BTHS.device)[None, None, :] > cache.positions_BT[..., None]
-        scores_BTHS = scores_BTHS.masked_fill(future_BTS[:, :, None, :], float("-inf"))
-        p_BTHS = scores_BTHS.softmax(dim=-1, dtype=torch.float32).to(q_nope_BTHN.dtype)
-        o_lat_BTHC = torch.einsum("bths,bsc->bthc", p_BTHS, latent_BSC)
-        return torch.einsum("bthc,hvc->bthv", o_lat_BTHC, w_uv_HVC.to(q_nope_BTHN.dtype))
+        q_lat_HMC = torch.bmm(q_nope_BTHN.reshape(B * T, H, N).transpose(0, 1), w_uk_HNC)     # M = B*T
+        q_lat_BQC = q_lat_HMC.transpose(0, 1).reshape(B, T * H, -1) * self.softmax_scale
+        q_rope_BQR = q_rope_BTHR.reshape(B, T * H, self.rope) * self.softmax_scale
+        scores_BQS = torch.baddbmm(torch.bmm(q_rope_BQR, k_rope_BSR.transpose(1, 2)), q_lat_BQC,
+                                   latent_BSC.transpose(1, 2))
+        S = scores_BQS.shape[-1]
+        future_BTS = torch.arange(S, device=scores_BQS.device) > cache.positions_BT[..., None]
+        scores_BQS = scores_BQS.masked_fill(future_BTS.repeat_interleave(H, dim=1), float("-inf"))
+        p_BQS = scores_BQS.softmax(dim=-1, dtype=torch.float32).to(dtype)
+        o_lat_HMC = torch.bmm(p_BQS, latent_BSC).view(B * T, H, -1).transpose(0, 1)
+        o_HMV = torch.bmm(o_lat_HMC, w_uv_HVC.transpose(1, 2))
+        return o_HMV.transpose(0, 1).reshape(B, T, H, self.v_dim)
 
 
 def _starts_at_zero(positions_BT) -> bool:
