@@ -127,6 +127,22 @@ def main():
                 "expert up x[M,7168] W[2048,7168]": gemm_case(M, D, FE, BLOCK),
                 "wgrad dense up dy^T[18432,M] x^T[7168,M]": gemm_case(FD, M, D, TILE)}
 
+    @section(results, "quantisation cost: eager PyTorch vs torch.compile (the fusion the fast path needs)")
+    def _():
+        out = {}
+        cq = torch.compile(quantize, dynamic=False)
+        for name, shape, block in (("activation 1x128", (M, D), TILE), ("weight 128x128", (FD, D), BLOCK)):
+            x = torch.randn(*shape, device=dev, dtype=torch.bfloat16)
+            te = timed(lambda: quantize(x, block), dev, **it)
+            tc = timed(lambda: cq(x, block), dev, **it)
+            q1, s1 = quantize(x, block)
+            q2, s2 = cq(x, block)
+            same = torch.equal(q1.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s1, s2)
+            gbps = x.numel() * 3 / 1e9                                  # read bf16 + write fp8, ideal
+            out[name] = {"shape": list(shape), "eager_ms": te * 1e3, "compiled_ms": tc * 1e3,
+                         "compiled_GBps_ideal": gbps / tc, "bitwise_equal": same}
+        return out
+
     def linear_case(k, n):
         x = torch.randn(M, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn(M, n, device=dev, dtype=torch.bfloat16)
