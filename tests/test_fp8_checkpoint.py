@@ -91,6 +91,18 @@ def test_load_fp8_keeps_weights_in_fp8(fp8_dir):
     assert stored > 0.7 * sum(p.numel() for p in ref.parameters() if p.dim() > 1) - 2 * ref.lm_head.weight.numel()
 
 
+def test_load_fp8_with_fp8_gemms(fp8_dir):
+    """Inference through the FP8 GEMM (activations quantised per 1x128 tile, as the demo's fp8 path)."""
+    ref = from_pretrained(fp8_dir, dtype=torch.float32)
+    m8 = load_fp8(fp8_dir, dtype=torch.float32, fp8_gemm=True)
+    with torch.no_grad():
+        a, b = m8.model.layers[0].self_attn.q_a_proj, ref.model.layers[0].self_attn.q_a_proj
+        x = torch.randn(3, 5, CFG["hidden_size"])
+        y, y_ref = a(x), b(x)
+        assert y.shape == y_ref.shape and ((y - y_ref).norm() / y_ref.norm()) < 0.05
+        assert torch.isfinite(m8(IDS)).all()
+
+
 def test_load_fp8_quantises_a_bf16_checkpoint(model, tmp_path):
     model.save_pretrained(tmp_path, dtype=torch.bfloat16)
     m8 = load_fp8(tmp_path, dtype=torch.float32)
