@@ -108,12 +108,14 @@ def apply_rope(x, cos, sin):
 class LatentCache:
     """The MLA inference cache: per layer, the normalised KV latent c [C] and the rotated shared rope
     key k^R [R] of every token - (C + R) numbers per token per layer, pre-allocated.
-    `slots` rows of the batch dimension can be reused by different requests over time."""
+    `slots` rows of the batch dimension can be reused by different requests over time.
+    static=True: every step attends over all max_len positions (the causal mask hides the unwritten
+    ones), so shapes never change and nothing syncs with the host - what CUDA-graph capture needs."""
 
     def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int, n_layers: int | None = None,
-                 dtype=torch.float32, device="cpu"):
+                 dtype=torch.float32, device="cpu", static: bool = False):
         n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers if n_layers is None else n_layers
-        self.max_len = max_len
+        self.max_len, self.static = max_len, static
         self.latent_LBSC = torch.zeros(n_layers, n_slots, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
         self.k_rope_LBSR = torch.zeros(n_layers, n_slots, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
 
@@ -314,7 +316,7 @@ class RoutedExperts(nn.Module):
         flat = experts_MK.reshape(-1)
         order = flat.argsort(stable=True)
         token_of = order // K                                             # source token of each copy
-        counts_E = torch.bincount(flat, minlength=self.n_experts)
+        counts_E = flat.new_zeros(self.n_experts).index_add_(0, flat, torch.ones_like(flat))  # bincount syncs on GPU
         y = self.expert_ffn(x_MD[token_of], counts_E)
         y = y * weights_MK.reshape(-1)[order, None].to(y.dtype)
         return torch.zeros_like(x_MD).index_add_(0, token_of, y.to(x_MD.dtype))   # y is bf16 under autocast
@@ -342,7 +344,7 @@ def expert_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF):
                 y_ND[start: start + n] = F.linear(F.silu(gate) * up, down_EDF[e])
                 start += n
         return y_ND
-    cap = int(counts_E.max()) if N else 0
+    cap = 0 if x_sorted.is_cuda or not N else int(counts_E.max())     # no host sync on GPU
     aligned = all(n * x_sorted.element_size() % 16 == 0 for n in (D, down_EDF.shape[-1]))  # grouped_mm needs it
     if x_sorted.is_cuda or (aligned and E * cap > 2 * N):
         offs = counts_E.cumsum(0).to(torch.int32)
@@ -524,7 +526,8 @@ class DeepseekV3(nn.Module):
             return None
         rows_B = slots if slots is not None else torch.arange(positions.shape[0], device=positions.device)
         flat_M = (rows_B[:, None] * cache.max_len + positions).reshape(-1)
-        return slots, positions, int(positions.max()) + 1, flat_M
+        attend_len = cache.max_len if cache.static else int(positions.max()) + 1
+        return slots, positions, attend_len, flat_M
 
     @staticmethod
     def _cache_view(cache, layer, step):

@@ -10,13 +10,15 @@ from inference_utils import YARN, one_thread, tiny_model  # noqa: F401 (autouse 
 CONFIGS = {"q_lora": {}, "no_q_lora": {"q_lora_rank": None}, "yarn": {"rope_scaling": YARN}}
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["growing", "static"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_token_by_token_decode_matches_full_forward(name):
+def test_token_by_token_decode_matches_full_forward(name, static):
+    """static: every step attends over the whole buffer (fixed shapes for CUDA graphs), masked."""
     model = tiny_model(1, **CONFIGS[name])
     ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(ids)
-        cache = LatentCache(model.config, n_slots=2, max_len=32)
+        cache = LatentCache(model.config, n_slots=2, max_len=32, static=static)
         P = 5   # prefill 5 tokens (expanded form), then one token at a time (absorbed form)
         steps = [model(ids[:, :P], cache=cache)]
         for t in range(P, ids.shape[1]):
