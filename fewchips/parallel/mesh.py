@@ -93,7 +93,7 @@ def init_parallel(dp: int | None = None, ep: int = 1, backend: str | None = None
         else:
             dist.init_process_group(**kw)
     mesh = init_device_mesh(device.type, (dp, ep), mesh_dim_names=("dp", "ep"))
-    fsdp_mesh = mesh._flatten("dp_ep")
+    fsdp_mesh = mesh._flatten("dp_ep")          # 1-D view over all ranks (as torchtitan does)
     return Parallel(mesh=mesh, fsdp_mesh=fsdp_mesh, dp=dp, ep=ep, rank=dist.get_rank(),
                     world_size=world, device=device)
 
@@ -110,7 +110,7 @@ def abort_on_failure(par: Parallel | None = None, what: str = "training step"):
     try:
         yield
     except (RuntimeError, dist.DistError) as e:   # gloo/NCCL errors are RuntimeError subclasses
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        rank = par.rank if par is not None else (dist.get_rank() if dist.is_initialized() else 0)
         lines = str(e).strip().splitlines()
         msg = lines[0] if lines else type(e).__name__
         comm = isinstance(e, dist.DistError) or re.search(r"gloo|nccl|connect|timed? ?out|peer|socket", str(e), re.I)
