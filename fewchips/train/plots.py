@@ -17,7 +17,7 @@ def read_metrics(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_plots(metrics_path, load_LE, out_dir, unigram_entropy=None):
+def write_plots(metrics_path, load_LE, out_dir, unigram_entropy=None, layer_names=None):
     recs = read_metrics(metrics_path)
     train = [r for r in recs if "loss" in r]
     val = [r for r in recs if "val_loss" in r]
@@ -39,7 +39,8 @@ def write_plots(metrics_path, load_LE, out_dir, unigram_entropy=None):
     if train and train[0].get("maxvio"):
         n_layers = len(train[0]["maxvio"])
         for i in range(n_layers):
-            a.plot([r["step"] for r in train], [r["maxvio"][i] for r in train], label=f"MoE layer {i}")
+            name = layer_names[i] if layer_names and i < len(layer_names) else f"MoE layer {i}"
+            a.plot([r["step"] for r in train], [r["maxvio"][i] for r in train], label=name)
         a.legend(fontsize=7)
     a.set(xlabel="step", ylabel="(max - mean) / mean load", title="expert-load imbalance (MaxVio)")
     a = ax[1, 1]
@@ -53,7 +54,8 @@ def write_plots(metrics_path, load_LE, out_dir, unigram_entropy=None):
         rel = (load / load.mean(-1, keepdim=True).clamp_min(1e-9)).numpy()
         fig, a = plt.subplots(figsize=(max(5, 0.35 * rel.shape[1] + 2), 0.5 * rel.shape[0] + 2))
         im = a.imshow(rel, aspect="auto", cmap="coolwarm", vmin=0, vmax=2)
-        a.set(xlabel="expert", ylabel="MoE layer (last: MTP)", title="expert load / mean load (whole run)")
+        a.set(xlabel="expert", title="expert load / mean load (whole run)")
+        a.set_yticks(range(rel.shape[0]), layer_names or [f"MoE layer {i}" for i in range(rel.shape[0])])
         fig.colorbar(im, ax=a)
         fig.tight_layout()
         _save(fig, os.path.join(out_dir, "expert_load.png"))

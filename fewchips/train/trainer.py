@@ -526,7 +526,9 @@ class Trainer:
 
     def plot(self):
         from .plots import write_plots
-        write_plots(self.metrics_path, self.load_accum_LE, self.tc.out, self.unigram_entropy)
+        layers = [f"layer {i}" for i in range(self.cfg.num_hidden_layers) if self.cfg.is_moe_layer(i)]
+        layers += [f"MTP {k + 1}" for k in range(self.cfg.num_nextn_predict_layers)]
+        write_plots(self.metrics_path, self.load_accum_LE, self.tc.out, self.unigram_entropy, layers)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state(self) -> dict:
