@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from train_utils import micro_config, quiet, train_config, write_corpus
+from train_utils import quiet, train_config, write_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--preset", "tiny", "--vocab-size", "384", "--steps", "4", "--batch-size", "4", "--seq-len", "32",
