@@ -574,6 +574,9 @@ class Trainer:
                              f"the checkpoint in {self.ckpt_dir} is intact") from e
 
     def _load(self, path):
+        if os.path.exists(os.path.join(path, ".metadata")):
+            raise TrainError(f"--resume: {path} holds a sharded checkpoint from a torchrun run; resume it with "
+                             f"torchrun (any number of processes), or in one process with --dp 1")
         st = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=False)
         saved_cfg = ModelConfig.from_dict(st["model_config"])
         if saved_cfg.to_dict() != self.cfg.to_dict():
