@@ -22,7 +22,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def launch(n, args, out, timeout=180, env=None, grace=5.0):
+def launch(n, args, out, timeout=180, env=None, grace=10.0):
     """Start n ranks the way torchrun does (RANK, WORLD_SIZE, MASTER_* in the environment); returns
     (exit codes, stderr texts, seconds). Ranks still running at the timeout, or `grace` seconds after
     another rank failed, are killed (exit code None)."""
