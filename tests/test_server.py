@@ -210,6 +210,21 @@ def test_sixteen_concurrent_streaming_clients(served):
     assert served.engine.peak_batch > 1                        # they were decoded together
 
 
+def test_disconnected_stream_frees_its_slot(served, monkeypatch):
+    aborted = []
+    real_abort = served.engine.abort
+    monkeypatch.setattr(served.engine, "abort", lambda r: (aborted.append(r), real_abort(r)))
+    with httpx.stream("POST", served.url + "/v1/completions", json={
+            "model": NAME, "prompt": "hello", "max_tokens": 120, "stream": True, "temperature": 0}, timeout=30) as r:
+        next(r.iter_lines())                                       # first chunk, then hang up
+    deadline = time.time() + 20
+    while served.engine.running or served.engine.waiting:
+        assert time.time() < deadline, "the abandoned request kept decoding"
+        time.sleep(0.05)
+    assert len(served.engine.free_slots) == served.engine.n_slots
+    assert [r.finish_reason for r in aborted] == ["abort"] and len(aborted[0].output_ids) < 100
+
+
 def test_api_key(tmp_path):
     path = save_tiny_model_dir(tmp_path / "m", seed=1)
     s = Served(path, api_key="sekrit")

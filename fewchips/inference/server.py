@@ -390,7 +390,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             c = m.content
             text = c if isinstance(c, str) else "".join(p.text for p in c or [] if p.type == "text")
             msgs.append({"role": m.role, "content": text})
-        ids = tokenizer.apply_chat_template(msgs)
+        try:
+            ids = tokenizer.apply_chat_template(msgs)
+        except Exception as e:   # the template rejected the conversation (roles out of order, ...)
+            raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
         if not ids:
             raise APIError(400, "the conversation is empty", param="messages")
         return ids

@@ -11,6 +11,10 @@ def _token_text(v):
     return v.get("content") if isinstance(v, dict) else v
 
 
+def _raise(message):
+    raise ValueError(f"chat template: {message}")
+
+
 class Tokenizer:
     def __init__(self, tok, config: dict | None = None):
         self.tok = tok
@@ -57,6 +61,7 @@ class Tokenizer:
             if self._template is None:
                 from jinja2.sandbox import ImmutableSandboxedEnvironment
                 env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+                env.globals["raise_exception"] = _raise          # what Hugging Face templates call
                 self._template = env.from_string(self.chat_template)
             text = self._template.render(messages=messages, add_generation_prompt=True,
                                          bos_token=self.bos_token or "", eos_token=self.eos_token or "")
