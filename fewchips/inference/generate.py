@@ -77,6 +77,8 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
     rows, as_tensor = as_rows(input_ids)
     if any(len(r) == 0 for r in rows):
         raise ValueError("every prompt needs at least one token")
+    if stop and tokenizer is None:
+        raise ValueError("stop strings need tokenizer= to read the generated text")
     params = row_params(len(rows), max_new_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids,
                         cfg.eos_token_id)
     pad_id = params[0].stop_token_ids[0] if params[0].stop_token_ids else 0
