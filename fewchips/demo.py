@@ -10,7 +10,7 @@ import torch
 
 from fewchips import from_pretrained
 
-PROMPTS = ["def ", "import os\n\n\nclass ", "    for i in range("]
+PROMPTS = ["def", "import os\n\n\nclass", "    for i in range("]
 
 
 def main(out="runs/demo"):
