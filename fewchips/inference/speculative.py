@@ -63,6 +63,7 @@ def mtp_generate(model, rows: list[list[int]], params: list[SamplingParams], tok
     q_BV = probabilities(model.mtp_logits(0, hm_BTD[arangeB, lens_B - 1]), params)
     draft_B = draw(q_BV, gen_rngs)
 
+    greedy = all(p.greedy for p in params)
     gens: list[list[int]] = [[t] for t in first_B.tolist()]
     active = [i for i in range(B) if stop_reason(gens[i], params[i], tokenizer) is None]
     last_B, pos_B = first_B, lens_B.clone()            # last emitted token and its position, per row
@@ -77,9 +78,12 @@ def mtp_generate(model, rows: list[list[int]], params: list[SamplingParams], tok
         last_A, d_A = last_B[sel], draft_B[sel]
         h_A2D = model.hidden_states(torch.stack((last_A, d_A), 1), positions=pos_A2, cache=cache, slots=slots)
         logits_A2V = model.lm_head(h_A2D)
-        p0_AV = probabilities(logits_A2V[:, 0], a_params)
-        ok_A, fix_A = verify(p0_AV, q_BV[sel], d_A, a_params, a_rngs)
-        bonus_A = draw(probabilities(logits_A2V[:, 1], a_params), a_rngs)
+        if greedy:                  # exact match; the same rule as below with one-hot p and q, minus the softmaxes
+            best_A2 = logits_A2V.argmax(-1)
+            ok_A, fix_A, bonus_A = best_A2[:, 0] == d_A, best_A2[:, 0], best_A2[:, 1]
+        else:
+            ok_A, fix_A = verify(probabilities(logits_A2V[:, 0], a_params), q_BV[sel], d_A, a_params, a_rngs)
+            bonus_A = draw(probabilities(logits_A2V[:, 1], a_params), a_rngs)
         n_forwards += 1
         n_row_forwards += A
         n_drafted += A
@@ -90,10 +94,12 @@ def mtp_generate(model, rows: list[list[int]], params: list[SamplingParams], tok
         tok2_A = torch.where(ok_A, bonus_A, fix_A)
         hm_A2D = model.mtp_hidden(0, torch.stack((tok1_A, tok2_A), 1), h_A2D, positions=pos_A2, cache=cache, slots=slots)
         idx_A = ok_A.long()
-        q_new = probabilities(model.mtp_logits(0, hm_A2D[arangeA, idx_A]), a_params)
-        d_new = draw(q_new, a_rngs)
-
-        q_BV[sel], draft_B[sel] = q_new, d_new
+        mtp_logits_AV = model.mtp_logits(0, hm_A2D[arangeA, idx_A])
+        if greedy:
+            draft_B[sel] = mtp_logits_AV.argmax(-1)
+        else:
+            q_BV[sel] = probabilities(mtp_logits_AV, a_params)
+            draft_B[sel] = draw(q_BV[sel], a_rngs)
         last_B[sel] = tok2_A
         pos_B[sel] += 1 + idx_A
         still = []
