@@ -79,3 +79,20 @@ def test_serve_command_starts_and_answers(model_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_tokenizer_config_bos_and_chat_template(model_dir, tmp_path):
+    import json
+    import shutil
+
+    from fewchips.inference.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(model_dir)
+    assert tok.encode("hello")[0] != tok.bos_token_id                 # add_bos_token absent: as tokenized
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert ids[0] == tok.bos_token_id and tok.decode(ids, skip_special_tokens=False).endswith("<|assistant|>")
+    shutil.copy(f"{model_dir}/tokenizer.json", tmp_path)
+    with open(tmp_path / "tokenizer_config.json", "w") as f:
+        json.dump({"bos_token": "<bos>", "eos_token": {"content": "<eos>"}, "add_bos_token": True}, f)
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.encode("hello")[0] == tok.bos_token_id and tok.eos_token_id == tok.tok.token_to_id("<eos>")
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}])     # no template: a plain transcript

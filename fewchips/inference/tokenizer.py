@@ -26,6 +26,8 @@ class Tokenizer:
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.eos_token_id = self.tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.bos_token_id = self.tok.token_to_id(self.bos_token) if self.bos_token else None
+        self.add_bos = bool(config.get("add_bos_token")) and self.bos_token_id is not None
         self._template = None
 
     @classmethod
@@ -46,7 +48,11 @@ class Tokenizer:
         return self.tok.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids; with add_special_tokens, BOS first when tokenizer_config.json says add_bos_token."""
+        ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos and ids[:1] != [self.bos_token_id]:
+            ids = [self.bos_token_id] + ids
+        return ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
