@@ -146,7 +146,10 @@ def test_apply_fp8_converts_exactly_the_recipe(q_lora_rank, monkeypatch):
     used = set()
     for fn in (fp8lin._FP8Matmul, fp8lin._FP8GroupedMatmul):
         orig = fn.forward
-        monkeypatch.setattr(fn, "forward", staticmethod(lambda ctx, x, w, *a, _o=orig: (used.add(id(w)), _o(ctx, x, w, *a))[1]))
+        def recording(ctx, x, w, *a, _o=orig):
+            used.add(id(w))
+            return _o(ctx, x, w, *a)
+        monkeypatch.setattr(fn, "forward", staticmethod(recording))
     ids = torch.randint(0, cfg.vocab_size, (2, 12))
     h = model.hidden_states(ids)
     loss = F.cross_entropy(model.lm_head(h).flatten(0, 1), ids.flatten()) + model.mtp_forward(ids, h)[0].mean()

@@ -15,7 +15,9 @@ def _spread(shape, seed=0):
     """Values whose magnitude varies over six decades from row to row and column to column."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g)
-    return x * 10 ** torch.empty(shape[0], 1).uniform_(-3, 3, generator=g) * 10 ** torch.empty(1, shape[1]).uniform_(-1, 1, generator=g)
+    rows = 10 ** torch.empty(shape[0], 1).uniform_(-3, 3, generator=g)
+    cols = 10 ** torch.empty(1, shape[1]).uniform_(-1, 1, generator=g)
+    return x * rows * cols
 
 
 def _reference(x, block, pow2=False):

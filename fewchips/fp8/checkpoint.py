@@ -13,7 +13,6 @@ Loading a dequantised model is `fewchips.checkpoint.from_pretrained`, which read
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -32,8 +31,7 @@ from .gemm import fp8_mm, resolve_backend
 from .quant import BLOCK, TILE, dequantize, quantize
 from .recipe import FP8_EXPERTS_RE, is_fp8_linear, is_fp8_weight
 
-log = logging.getLogger("fewchips")
-
+_MTP_COPY_RE = re.compile(r"^model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$")
 QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                        "weight_block_size": [128, 128]}
 
@@ -115,7 +113,8 @@ class FP8StoredLinear(nn.Module):
     def __init__(self, in_features, out_features, dtype=torch.bfloat16, fp8_gemm: bool = False, device=None):
         super().__init__()
         self.in_features, self.out_features, self.dtype, self.fp8_gemm = in_features, out_features, dtype, fp8_gemm
-        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn,
+                                                    device=device))
         self.register_buffer("weight_scale_inv", torch.empty(-(-out_features // 128), -(-in_features // 128),
                                                              dtype=torch.float32, device=device))
 
@@ -229,8 +228,8 @@ def load_fp8(path, dtype=torch.bfloat16, device="cpu", fp8_gemm: bool = False) -
         filled[key] += value.numel()
 
     for name in sorted(files, key=lambda n: (files[n], n)):
-        if name.endswith("_scale_inv") or re.match(r"^model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$", name):
-            continue
+        if name.endswith("_scale_inv") or _MTP_COPY_RE.match(name):
+            continue                                 # scales go with their weight; MTP copies of shared tensors
         mem = _memory_name(cfg, name)
         if mem.startswith("mtp.") and not cfg.num_nextn_predict_layers:
             continue
