@@ -264,3 +264,16 @@ def test_adamw_with_bf16_moments_tracks_adamw():
             assert opt.state[w]["exp_avg"].dtype == torch.bfloat16 and w.dtype == torch.float32
     moved = (ws[0] - w0).abs().mean()
     assert (ws[1] - ws[0]).abs().mean() < 0.01 * moved
+
+
+def test_fp8_model_under_bf16_autocast():
+    """What `fewchips train --fp8` does with bf16 autocast: bf16 layer outputs, FP32 gradients."""
+    cfg = tiny_config()
+    model = random_model(cfg).train()
+    apply_fp8(model, backend="emulate")
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids)
+    F.cross_entropy(logits.float().flatten(0, 1), ids.flatten()).backward()
+    w = model.model.layers[1].mlp.experts.gate_up_proj
+    assert w.grad is not None and w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
