@@ -21,7 +21,7 @@ from torch import nn
 
 from ..model import RoutedExperts
 from .gemm import fp8_mm, resolve_backend
-from .quant import BLOCK, TILE, dequantize, quantize, quantize_segments, retile
+from .quant import BLOCK, TILE, dequantize, quantize, quantize_segments, retile, to_float
 from .recipe import FP8_EXPERTS_RE, is_fp8_linear
 
 
@@ -146,8 +146,8 @@ def _grouped_wgrad(g_MN, xq, xs, offs_E, shape_ENK, backend, pow2):
         return dw
     gq, gs, tile_M = quantize_segments(g_MN, offs_E, pow2)
     x2q, x2s, _ = quantize_segments(dequantize(xq, xs, TILE), offs_E, pow2)
-    g = gq.float() * gs[tile_M]
-    x = x2q.float() * x2s[tile_M]
+    g = to_float(gq) * gs[tile_M]
+    x = to_float(x2q) * x2s[tile_M]
     with torch.autocast(g.device.type, enabled=False):
         for e, (a, b) in enumerate(_segments(offs_E)):
             if b > a:
