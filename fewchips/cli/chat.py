@@ -22,7 +22,7 @@ def run(args, stdin=None, stdout=None):
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     model, tok = load_model_and_tokenizer(args)
-    engine = Engine(model, tok, max_batch=1)
+    engine = Engine(model, tok, max_batch=1, max_len=min(model.config.max_position_embeddings, 8192))
     base = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(base)
     print("fewchips chat: empty line or /exit quits, /reset starts over", file=sys.stderr)

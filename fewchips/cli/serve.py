@@ -18,7 +18,8 @@ def register(sub):
     e = p.add_argument_group("engine")
     e.add_argument("--max-batch", type=int, default=16, help="requests decoded together (cache slots)")
     e.add_argument("--max-len", type=int, default=None,
-                   help="prompt + completion tokens per request (default: the config's max_position_embeddings)")
+                   help="prompt + completion tokens per request (default: max_position_embeddings, at most "
+                        "4096; every slot reserves this many tokens of cache)")
     e.add_argument("--cache-gb", type=float, default=None,
                    help="cap on latent-cache memory; fewer slots are allocated and extra requests queue")
     p.set_defaults(func=run)
@@ -30,7 +31,8 @@ def run(args):
 
     model, tok = load_model_and_tokenizer(args)
     cap = None if args.cache_gb is None else int(args.cache_gb * 2**30)
-    engine = Engine(model, tok, max_batch=args.max_batch, max_len=args.max_len, max_cache_bytes=cap)
+    max_len = args.max_len or min(model.config.max_position_embeddings, 4096)
+    engine = Engine(model, tok, max_batch=args.max_batch, max_len=max_len, max_cache_bytes=cap)
     name = args.model_name or os.path.basename(os.path.normpath(args.model))
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({engine.n_slots} slots of "
           f"{engine.max_len} tokens, cache {engine.cache_bytes / 2**20:.1f} MiB)")
