@@ -329,24 +329,14 @@ class RoutedExperts(nn.Module):
 def expert_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF):
     """Grouped SwiGLU: rows of x_sorted belong to experts 0..E-1 in runs of counts_E.
 
-    On GPUs, `grouped_mm` is the fused kernel. torch's CPU `grouped_mm` is ~3x slower than `bmm`, so on
-    CPU the runs are padded to the longest one and batched - when that wastes at most half the work
-    (the balancing bias keeps loads near uniform); a badly skewed router falls back to grouped_mm."""
+    `grouped_mm` is the fused kernel on GPUs and, on CPU, right for decode-sized batches (most
+    experts idle) and skewed loads. For training-sized batches on CPU it is ~3x slower than `bmm`, so
+    there the runs are padded to the longest one and batched, when that wastes at most half the work
+    (the balancing bias keeps loads near uniform). No Python loop over experts either way."""
     E, (N, D) = counts_E.shape[0], x_sorted.shape
-    if not x_sorted.is_cuda and N < E:
-        # Decode-sized batches on CPU: most experts are idle, so run only the busy ones (each weight
-        # is read once, nothing is padded; grouped_mm would still visit every expert).
-        y_ND = x_sorted.new_empty(N, down_EDF.shape[1])
-        start = 0
-        for e, n in enumerate(counts_E.tolist()):
-            if n:
-                gate, up = F.linear(x_sorted[start: start + n], gate_up_EfD[e]).chunk(2, dim=-1)
-                y_ND[start: start + n] = F.linear(F.silu(gate) * up, down_EDF[e])
-                start += n
-        return y_ND
     cap = 0 if x_sorted.is_cuda or not N else int(counts_E.max())     # no host sync on GPU
     aligned = all(n * x_sorted.element_size() % 16 == 0 for n in (D, down_EDF.shape[-1]))  # grouped_mm needs it
-    if x_sorted.is_cuda or (aligned and E * cap > 2 * N):
+    if x_sorted.is_cuda or (aligned and (N < E or E * cap > 2 * N)):
         offs = counts_E.cumsum(0).to(torch.int32)
         h = F.grouped_mm(x_sorted, gate_up_EfD.transpose(-2, -1), offs=offs)
         gate, up = h.chunk(2, dim=-1)

@@ -174,7 +174,7 @@ def test_mtp_shapes_and_gradient_flow():
 
 
 @pytest.mark.parametrize("counts,dims", [([3, 0, 5, 4], (6, 5)), ([3, 0, 5, 4], (8, 4)), ([12, 0, 0, 0], (8, 4)),
-                                         ([12, 0, 0, 0], (6, 5)), ([0, 0, 0, 0], (8, 4))])
+                                         ([12, 0, 0, 0], (6, 5)), ([0, 0, 0, 0], (8, 4)), ([1, 0, 1, 0], (8, 4))])
 def test_expert_swiglu_paths_match_reference(counts, dims):
     """The padded-bmm CPU path and the grouped_mm path both equal a per-expert reference (values and grads)."""
     from fewchips.model import expert_swiglu
