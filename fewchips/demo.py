@@ -32,7 +32,7 @@ def main(out="runs/demo"):
               f"(unigram entropy of the corpus: {entropy:.3f} nats/token)\n")
     t0 = time.time()
     for i, prompt in enumerate(PROMPTS):
-        ids = [model.config.bos_token_id, *tok.encode(prompt).ids]
+        ids = tok.encode(prompt).ids          # the tokenizer puts BOS first, as in training
         out_ids = generate(model, [ids], max_new_tokens=80, temperature=0.7, top_k=40, seed=i)[0]
         text = tok.decode(out_ids[1:], skip_special_tokens=True)
         print(f"--- sample {i + 1} (prompt {prompt!r}) ---\n{text}\n")

@@ -33,7 +33,9 @@ def test_tokenizer_special_ids_and_transformers_loading(tok, tmp_path):
     save_tokenizer(tok, tmp_path)
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
-    assert hf.encode(text, add_special_tokens=False) == tok.encode(text).ids
+    assert hf.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False).ids
+    # text for the model starts with BOS, as every training document does
+    assert hf.encode(text) == tok.encode(text).ids == [sp.bos, *tok.encode(text, add_special_tokens=False).ids]
     assert hf.bos_token == SPECIAL_TOKENS[0] and hf.eos_token_id == 1
     assert load_tokenizer(str(tmp_path)).to_str() == tok.to_str()
 
@@ -60,7 +62,7 @@ def test_fim_rate_and_plain_documents(corpus, tok):
     flags = [f for _, f in D.encode_documents(docs, tok, sp, fim_rate=0.1, seed=0)]
     assert 8 <= sum(flags) <= 45                                 # ~24 expected
     plain = next(D.encode_documents(docs[:1], tok, sp, fim_rate=0.0))[0].tolist()
-    assert plain == [sp.bos, *tok.encode(docs[0][1]).ids, sp.eos]
+    assert plain == [*tok.encode(docs[0][1]).ids, sp.eos]           # encode() adds the BOS
 
 
 def test_split_shards_and_determinism(corpus, tok, tmp_path):

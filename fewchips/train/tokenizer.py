@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -50,6 +50,11 @@ def train_tokenizer(texts, vocab_size: int, n_texts: int | None = None) -> Token
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer, length=n_texts)
+    # Training puts BOS before every document, so encoding text for the model does too (as DeepSeek-V3's
+    # own tokenizer does); the data pipeline encodes with add_special_tokens=False and adds it itself.
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, bos_id)])
     return tok
 
 
@@ -71,7 +76,7 @@ def save_tokenizer(tok: Tokenizer, out_dir: str, model_max_length: int = 2048):
     os.makedirs(out_dir, exist_ok=True)
     _atomic_text(os.path.join(out_dir, "tokenizer.json"), tok.to_str())
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
-           "pad_token": EOS, "add_bos_token": False, "add_eos_token": False,
+           "pad_token": EOS, "add_bos_token": True, "add_eos_token": False,
            "model_max_length": model_max_length, "clean_up_tokenization_spaces": False}
     _atomic_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
