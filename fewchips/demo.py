@@ -24,7 +24,7 @@ def main(out="runs/demo"):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         val = [r for r in map(json.loads, f) if "val_loss" in r]
     with open(os.path.join(out, "checkpoint", "train_state.pt"), "rb") as f:
-        entropy = torch.load(f, map_location="cpu", weights_only=False)["corpus"]["unigram_entropy_nats"]
+        entropy = torch.load(f, map_location="cpu", weights_only=True)["corpus"]["unigram_entropy_nats"]
     if val:
         curve = ", ".join(f"{r['step']}: {r['val_loss']:.2f}" for r in val)
         print(f"\nvalidation loss by step (nats/token): {curve}")

@@ -20,10 +20,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 from datetime import timedelta
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -32,7 +30,7 @@ from ..config import ModelConfig
 from ..parallel import abort_on_failure, clip_grad_norm_, init_parallel, parallelize, reduce_expert_grads
 from ..parallel import checkpoint as pckpt
 from .tokenizer import save_tokenizer
-from .trainer import TrainConfig, Trainer, TrainError, build_optimizer, compute_losses, prepare_data
+from .trainer import TrainConfig, Trainer, TrainError, build_optimizer, compute_losses, prepare_data, set_rng_state
 
 
 class DistributedTrainer(Trainer):
@@ -128,7 +126,7 @@ class DistributedTrainer(Trainer):
         self._resume_path = path           # loaded once the model is parallelized (see __init__)
 
     def _load_sharded(self, path):
-        st = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=False)
+        st = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
         if ModelConfig.from_dict(st["model_config"]).to_dict() != self.cfg.to_dict():
             raise TrainError(f"--resume: the model config does not match the checkpoint in {path}")
         for k in TrainConfig.RESUME_FIELDS:
@@ -142,9 +140,7 @@ class DistributedTrainer(Trainer):
         self.sampler.load_state_dict(st["sampler"])
         self.step, self.tokens_seen, self.bad_steps_total = st["step"], st["tokens_seen"], st["bad_steps_total"]
         self.load_accum_LE = st["load_accum"]
-        torch.set_rng_state(st["rng"]["torch"])
-        np.random.set_state(st["rng"]["numpy"])
-        random.setstate(st["rng"]["python"])
+        set_rng_state(st["rng"])
         if self.par.is_main and os.path.exists(self.metrics_path):
             with open(self.metrics_path) as f:
                 keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= self.step]

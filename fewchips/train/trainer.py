@@ -537,7 +537,7 @@ class Trainer:
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
             "sampler": self.sampler.state_dict(), "load_accum": self.load_accum_LE,
             "biases": [r.e_score_correction_bias.clone() for r in self.routers],
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": rng_state(),
             "train_config": dataclasses.asdict(self.tc), "model_config": self.cfg.to_dict(),
             "corpus": self.corpus.index, "tokenizer_hash": tokenizer_hash(self.tok),
         }
@@ -577,7 +577,7 @@ class Trainer:
         if os.path.exists(os.path.join(path, ".metadata")):
             raise TrainError(f"--resume: {path} holds a sharded checkpoint from a torchrun run; resume it with "
                              f"torchrun (any number of processes), or in one process with --dp 1")
-        st = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=False)
+        st = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
         saved_cfg = ModelConfig.from_dict(st["model_config"])
         if saved_cfg.to_dict() != self.cfg.to_dict():
             a, b = saved_cfg.to_dict(), self.cfg.to_dict()
@@ -597,9 +597,7 @@ class Trainer:
         self.sampler.load_state_dict(st["sampler"])
         self.step, self.tokens_seen, self.bad_steps_total = st["step"], st["tokens_seen"], st["bad_steps_total"]
         self.load_accum_LE = st["load_accum"]
-        torch.set_rng_state(st["rng"]["torch"])
-        np.random.set_state(st["rng"]["numpy"])
-        random.setstate(st["rng"]["python"])
+        set_rng_state(st["rng"])
         if os.path.exists(self.metrics_path):   # drop records past the checkpoint (an interrupted tail)
             with open(self.metrics_path) as f:
                 keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= self.step]
@@ -611,3 +609,22 @@ class Trainer:
 def train(cfg: ModelConfig, tc: TrainConfig, log=print) -> dict:
     """Build everything, train, export. Returns the final metrics."""
     return Trainer(cfg, tc, log).train()
+
+
+def rng_state() -> dict:
+    """torch, numpy and Python RNG states as tensors and plain values, so the training state loads
+    with torch.load(weights_only=True) - no arbitrary pickles."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+
+
+def set_rng_state(st: dict):
+    torch.set_rng_state(st["torch"])
+    n = st["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = st["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
