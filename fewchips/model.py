@@ -317,8 +317,8 @@ class RoutedExperts(nn.Module):
         order = flat.argsort(stable=True)
         token_of = order // K                                             # source token of each copy
         counts_E = flat.new_zeros(self.n_experts).index_add_(0, flat, torch.ones_like(flat))  # bincount syncs on GPU
-        y = self.expert_ffn(x_MD[token_of], counts_E)
-        y = y * weights_MK.reshape(-1)[order, None].to(y.dtype)
+        y = self.expert_ffn(x_MD.index_select(0, token_of), counts_E)   # backward: index_add, not index_put
+        y = y * weights_MK.reshape(-1).index_select(0, order)[:, None].to(y.dtype)
         return torch.zeros_like(x_MD).index_add_(0, token_of, y.to(x_MD.dtype))   # y is bf16 under autocast
 
     def expert_ffn(self, x_sorted, counts_E):
@@ -330,9 +330,9 @@ def expert_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF):
     """Grouped SwiGLU: rows of x_sorted belong to experts 0..E-1 in runs of counts_E.
 
     `grouped_mm` is the fused kernel on GPUs and, on CPU, right for decode-sized batches (most
-    experts idle) and skewed loads. For training-sized batches on CPU it is ~3x slower than `bmm`, so
-    there the runs are padded to the longest one and batched, when that wastes at most half the work
-    (the balancing bias keeps loads near uniform). No Python loop over experts either way."""
+    experts idle) and badly skewed loads. For training-sized batches on CPU it is ~3x slower than `bmm`,
+    so there the runs are padded to the longest one and batched when that at most doubles the rows (the
+    balancing bias keeps loads near uniform; measured, 3x padding already loses). No Python loop over experts."""
     E, (N, D) = counts_E.shape[0], x_sorted.shape
     cap = 0 if x_sorted.is_cuda or not N else int(counts_E.max())     # no host sync on GPU
     aligned = all(n * x_sorted.element_size() % 16 == 0 for n in (D, down_EDF.shape[-1]))  # grouped_mm needs it
@@ -343,10 +343,11 @@ def expert_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF):
         return F.grouped_mm((F.silu(gate) * up).contiguous(), down_EDF.transpose(-2, -1), offs=offs)
     expert_of = torch.repeat_interleave(torch.arange(E, device=x_sorted.device), counts_E, output_size=N)
     slot = torch.arange(N, device=x_sorted.device) - (counts_E.cumsum(0) - counts_E)[expert_of]
-    x_ECD = x_sorted.new_zeros(E, cap, D).index_put((expert_of, slot), x_sorted)
+    row = expert_of * cap + slot                   # unique rows: index_copy/index_select, cheap backwards
+    x_ECD = x_sorted.new_zeros(E * cap, D).index_copy(0, row, x_sorted).view(E, cap, D)
     gate, up = torch.bmm(x_ECD, gate_up_EfD.transpose(-2, -1)).chunk(2, dim=-1)
     y_ECD = torch.bmm(F.silu(gate) * up, down_EDF.transpose(-2, -1))
-    return y_ECD[expert_of, slot]
+    return y_ECD.reshape(E * cap, -1).index_select(0, row)
 
 
 @dataclass
