@@ -92,39 +92,49 @@ def save_pretrained(model: DeepseekV3, path, max_shard_bytes: int = 4 * 2**30, d
     Every file is written to a temporary name and renamed, so a crash leaves the old file."""
     os.makedirs(path, exist_ok=True)
     cfg = model.config
+
+    def tensors():
+        for name, t in hf_state_dict(model):
+            t = t.detach()
+            if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
+                t = t.to(dtype)
+            yield name, t
+
+    write_shards(path, tensors(), max_shard_bytes)
+    d = cfg.to_dict()
+    d["torch_dtype"] = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
+    _atomic_write_text(os.path.join(path, "config.json"), json.dumps(d, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def write_shards(path, named_tensors, max_shard_bytes: int):
+    """Safetensors shards (a weight and its `_scale_inv` always share one) plus the index, or a single
+    `model.safetensors`; stale shards of an earlier save are removed first."""
     shards, cur, cur_bytes = [], {}, 0
-    for name, t in hf_state_dict(model):
-        t = t.detach()
-        if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
-            t = t.to(dtype)
+    for name, t in named_tensors:
         t = t.contiguous().cpu()
         nbytes = t.numel() * t.element_size()
-        if cur and cur_bytes + nbytes > max_shard_bytes:
+        if cur and cur_bytes + nbytes > max_shard_bytes and not name.endswith("_scale_inv"):
             shards.append(cur)
             cur, cur_bytes = {}, 0
         cur[name] = t.clone() if _shares_storage(t) else t
         cur_bytes += nbytes
     shards.append(cur)
-
     for old in os.listdir(path):   # stale shards of an earlier save would confuse loaders
         if old.endswith(".safetensors") or old == INDEX_FILE:
             os.remove(os.path.join(path, old))
     if len(shards) == 1:
         _atomic_save(shards[0], os.path.join(path, SINGLE_FILE))
-    else:
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_save(shard, os.path.join(path, fname))
-            for n, t in shard.items():
-                weight_map[n] = fname
-                total += t.numel() * t.element_size()
-        _atomic_write_text(os.path.join(path, INDEX_FILE),
-                           json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    d = cfg.to_dict()
-    d["torch_dtype"] = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
-    _atomic_write_text(os.path.join(path, "config.json"), json.dumps(d, indent=2, sort_keys=True) + "\n")
-    return path
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _atomic_save(shard, os.path.join(path, fname))
+        for n, t in shard.items():
+            weight_map[n] = fname
+            total += t.numel() * t.element_size()
+    _atomic_write_text(os.path.join(path, INDEX_FILE),
+                       json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
 def _shares_storage(t):

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import (FP8_DTYPES, INDEX_FILE, SINGLE_FILE, CheckpointError, _atomic_save, _atomic_write_text,
-                          _check_scale, _EXPERT_RE, _memory_name, _Reader, _shares_storage, hf_state_dict,
-                          weight_files)
+from ..checkpoint import (FP8_DTYPES, INDEX_FILE, CheckpointError, _atomic_save, _atomic_write_text,
+                          _check_scale, _EXPERT_RE, _memory_name, _Reader, hf_state_dict, weight_files,
+                          write_shards)
 from ..config import ModelConfig
 from ..model import DeepseekV3, RoutedExperts, Router
 from .gemm import fp8_mm, resolve_backend
@@ -60,41 +60,12 @@ def fp8_tensors(named_tensors, dtype=torch.bfloat16, pow2_scales: bool = False):
             yield name, t
 
 
-def _write_shards(path, named_tensors, max_shard_bytes):
-    """Write safetensors shards (a weight and its scale always share a shard) and the index."""
-    shards, cur, cur_bytes = [], {}, 0
-    for name, t in named_tensors:
-        t = t.contiguous().cpu()
-        nbytes = t.numel() * t.element_size()
-        if cur and cur_bytes + nbytes > max_shard_bytes and not name.endswith("_scale_inv"):
-            shards.append(cur)
-            cur, cur_bytes = {}, 0
-        cur[name] = t.clone() if _shares_storage(t) else t
-        cur_bytes += nbytes
-    shards.append(cur)
-    for old in os.listdir(path):
-        if old.endswith(".safetensors") or old == INDEX_FILE:
-            os.remove(os.path.join(path, old))
-    if len(shards) == 1:
-        _atomic_save(shards[0], os.path.join(path, SINGLE_FILE))
-        return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        _atomic_save(shard, os.path.join(path, fname))
-        for n, t in shard.items():
-            weight_map[n] = fname
-            total += t.numel() * t.element_size()
-    _atomic_write_text(os.path.join(path, INDEX_FILE),
-                       json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-
-
 def save_fp8(model: DeepseekV3, path, dtype=torch.bfloat16, pow2_scales: bool = False,
              max_shard_bytes: int = 4 * 2**30):
     """Write `model` as an FP8 checkpoint in the released layout (weights quantised from the master
     weights, once, here)."""
     os.makedirs(path, exist_ok=True)
-    _write_shards(path, fp8_tensors(hf_state_dict(model), dtype, pow2_scales), max_shard_bytes)
+    write_shards(path, fp8_tensors(hf_state_dict(model), dtype, pow2_scales), max_shard_bytes)
     d = model.config.replace(quantization_config=quantization_config(pow2_scales)).to_dict()
     d["torch_dtype"] = str(dtype).replace("torch.", "")
     _atomic_write_text(os.path.join(path, "config.json"), json.dumps(d, indent=2, sort_keys=True) + "\n")
