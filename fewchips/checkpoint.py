@@ -221,6 +221,16 @@ def _check_scale(name, file, w, s, block):
                               f"for a {tuple(w.shape)} weight in {block[0]}x{block[1]} blocks")
 
 
+def read_scale(name, w, files, reader: _Reader, block) -> torch.Tensor:
+    """The `weight_scale_inv` of FP8 tensor `name`, checked against the weight's block grid."""
+    sname = name + "_scale_inv"
+    if sname not in files:
+        raise CheckpointError(f"{files[name]}: FP8 tensor {name!r} has no {sname!r}")
+    s = reader.get(files[sname], sname)
+    _check_scale(name, files[sname], w, s, block)
+    return s
+
+
 def from_pretrained(path, dtype=None, device="cpu", mtp: bool | None = None) -> DeepseekV3:
     """Load a Hugging Face-format DeepSeek-V3 directory. MTP layers load when present; a config that
     names MTP layers whose weights are absent (what transformers writes) loads with MTP off."""
@@ -254,19 +264,14 @@ def from_pretrained(path, dtype=None, device="cpu", mtp: bool | None = None) -> 
     for name in sorted(files, key=lambda n: (files[n], n)):
         if name.endswith("_scale_inv"):
             continue
-        if re.match(rf"^model\.layers\.(\d+)\.(embed_tokens|shared_head\.head)\.weight$", name):
+        if re.match(r"^model\.layers\.(\d+)\.(embed_tokens|shared_head\.head)\.weight$", name):
             continue   # MTP copies of the shared embedding and head
         mem = _memory_name(cfg, name)
         if mem.startswith("mtp.") and not cfg.num_nextn_predict_layers:
             continue
         t = reader.get(files[name], name)
         if t.dtype in FP8_DTYPES:
-            sname = name + "_scale_inv"
-            if sname not in files:
-                raise CheckpointError(f"{files[name]}: FP8 tensor {name!r} has no {sname!r}")
-            s = reader.get(files[sname], sname)
-            _check_scale(name, files[sname], t, s, block)
-            t = dequantize_fp8_blocks(t, s, block)
+            t = dequantize_fp8_blocks(t, read_scale(name, t, files, reader, block), block)
         em = _EXPERT_RE.match(mem)
         if em:
             base, e, kind = em.group(1), int(em.group(2)), em.group(3)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import (FP8_DTYPES, INDEX_FILE, CheckpointError, _atomic_save, _atomic_write_text,
-                          _check_scale, _EXPERT_RE, _memory_name, _Reader, hf_state_dict, weight_files,
+                          _EXPERT_RE, _memory_name, _Reader, hf_state_dict, read_scale, weight_files,
                           write_shards)
 from ..config import ModelConfig
 from ..model import DeepseekV3, RoutedExperts, Router
@@ -149,12 +149,7 @@ def _swap_in_fp8_storage(model: DeepseekV3, dtype, fp8_gemm: bool):
 def _fp8_pair(name, t, files, reader, block):
     """(E4M3 tensor, scales) for a recipe weight: read its scales, or quantise a high-precision tensor."""
     if t.dtype in FP8_DTYPES:
-        sname = name + "_scale_inv"
-        if sname not in files:
-            raise CheckpointError(f"{files[name]}: FP8 tensor {name!r} has no {sname!r}")
-        s = reader.get(files[sname], sname)
-        _check_scale(name, files[sname], t, s, block)
-        return t.to(torch.float8_e4m3fn), s.float()
+        return t.to(torch.float8_e4m3fn), read_scale(name, t, files, reader, block).float()
     return quantize(t.float(), BLOCK)
 
 

@@ -152,7 +152,6 @@ class Engine:
         self.steps += 1
 
     def _prefill(self, reqs: list[Request]):
-        B = len(reqs)
         lens_B = torch.tensor([len(r.prompt_ids) for r in reqs], device=self.device)
         slots_B = torch.tensor([r.slot for r in reqs], device=self.device)
         h_BTD = self.model.hidden_states(pad_rows([r.prompt_ids for r in reqs], 0, self.device),

@@ -14,7 +14,7 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Literal, Union
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError

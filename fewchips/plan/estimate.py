@@ -405,7 +405,7 @@ def training_memory(p: Params, layout: Layout, seq: int, micro_batch: int, fp8: 
         params_txt = f"{_h(n_dense)} non-expert + {_h(n_expert)} expert params on this GPU"
         terms = [
             Term("weights", w, f"{params_txt}; BF16 2 B" + (", FP8 linears 1 B + block scales" if fp8 else "")
-                 + (f"; / replicas (ZeRO-3)" if layout.zero >= 3 else "")),
+                 + ("; / replicas (ZeRO-3)" if layout.zero >= 3 else "")),
             Term("gradients", g, f"{params_txt} x {GRAD_BYTES} B (FP32 accumulation)"
                  + ("; / replicas (ZeRO-2)" if layout.zero >= 2 else "")),
             Term("optimizer state", o, f"{params_txt} x {MASTER_BYTES + MOMENT_BYTES} B (FP32 master + BF16 Adam m, v)"

@@ -379,7 +379,7 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------------
     def train_step(self) -> StepResult:
-        tc, model = self.tc, self.model
+        tc = self.tc
         lam = mtp_weight(self.step, tc.steps, tc.mtp_lambda, tc.mtp_lambda_late)
         loads_LE = torch.zeros(len(self.routers), self.cfg.n_routed_experts, device=self.device)
         tot_main = tot_mtp = tot_bal = 0.0
