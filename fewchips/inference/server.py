@@ -258,6 +258,14 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             engine.add(r)
         return reqs, queue
 
+    async def collect(reqs, queue, streams):
+        """Run non-streaming requests to the end, feeding each choice's tokens to its text stream."""
+        async for k, kind, payload in events(reqs, queue):
+            if kind == "tokens":
+                streams[k].push([x if isinstance(x, int) else x.token for x in payload])
+            elif kind == "error":
+                raise APIError(500, f"generation failed: {payload}", "server_error")
+
     async def events(reqs, queue):
         """Yield (choice index, kind, payload) until every request is done; abort leftovers on exit."""
         index = {r.id: k for k, r in enumerate(reqs)}
@@ -364,11 +372,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 yield "data: [DONE]\n\n"
             return StreamingResponse(gen(), media_type="text/event-stream")
 
-        async for k, kind, payload in events(reqs, queue):
-            if kind == "tokens":
-                streams[k].push([x if isinstance(x, int) else x.token for x in payload])
-            elif kind == "error":
-                raise APIError(500, f"generation failed: {payload}", "server_error")
+        await collect(reqs, queue, streams)
         choices = []
         for k, r in enumerate(reqs):
             echo, text = choice_text(k)
@@ -450,11 +454,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 yield "data: [DONE]\n\n"
             return StreamingResponse(gen(), media_type="text/event-stream")
 
-        async for k, kind, payload in events(reqs, queue):
-            if kind == "tokens":
-                streams[k].push([x if isinstance(x, int) else x.token for x in payload])
-            elif kind == "error":
-                raise APIError(500, f"generation failed: {payload}", "server_error")
+        await collect(reqs, queue, streams)
         choices = [{"index": k, "message": {"role": "assistant", "content": streams[k].text},
                     "logprobs": chat_logprobs(r.logprobs) if logprobs is not None else None,
                     "finish_reason": r.finish_reason} for k, r in enumerate(reqs)]
