@@ -334,6 +334,10 @@ def expert_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF):
     so there the runs are padded to the longest one and batched when that at most doubles the rows (the
     balancing bias keeps loads near uniform; measured, 3x padding already loses). No Python loop over experts."""
     E, (N, D) = counts_E.shape[0], x_sorted.shape
+    dev = x_sorted.device.type
+    if torch.is_autocast_enabled(dev):       # bmm is on autocast's list, grouped_mm is not: cast for both
+        dt = torch.get_autocast_dtype(dev)
+        x_sorted, gate_up_EfD, down_EDF = x_sorted.to(dt), gate_up_EfD.to(dt), down_EDF.to(dt)
     cap = 0 if x_sorted.is_cuda or not N else int(counts_E.max())     # no host sync on GPU
     aligned = all(n * x_sorted.element_size() % 16 == 0 for n in (D, down_EDF.shape[-1]))  # grouped_mm needs it
     if x_sorted.is_cuda or (aligned and (N < E or E * cap > 2 * N)):

@@ -199,3 +199,23 @@ def test_expert_swiglu_paths_match_reference(counts, dims):
         grads_ref = torch.autograd.grad((ref * proj).sum(), (x, w1, w2))
         for a, b in zip(grads, grads_ref):
             assert torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("counts", [[60, 2, 0, 2], [16, 16, 16, 16]])   # grouped_mm path, padded-bmm path
+def test_expert_swiglu_runs_in_autocast_dtype(counts):
+    """Under bf16 autocast both expert paths compute in bf16 (grouped_mm is not on autocast's list, so
+    the experts cast explicitly) and the fp32 master weights still get fp32 gradients."""
+    from fewchips.model import expert_swiglu
+
+    g = torch.Generator().manual_seed(0)
+    counts_E = torch.tensor(counts)
+    x = torch.randn(int(counts_E.sum()), 64, generator=g)
+    w1 = torch.randn(4, 2 * 32, 64, generator=g, requires_grad=True)
+    w2 = torch.randn(4, 64, 32, generator=g, requires_grad=True)
+    ref = expert_swiglu(x, counts_E, w1, w2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = expert_swiglu(x, counts_E, w1, w2)
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
+    out.float().sum().backward()
+    assert w1.grad.dtype == torch.float32 and w2.grad.abs().sum() > 0
