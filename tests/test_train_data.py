@@ -4,6 +4,7 @@ exactly, and bad data gives clear errors."""
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -110,6 +111,23 @@ def test_jsonl_and_text_inputs(tmp_path):
     q = tmp_path / "notes.txt"
     q.write_text("hello")
     assert D.read_documents(str(q)) == [("notes.txt", "hello")]
+
+
+def test_parquet_input(tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    p = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"content": ["def f():\n    return 1\n", None, "x = 2\n"], "n": [1, 2, 3]}), p,
+                   row_group_size=2)
+    assert sorted(t for _, t in D.read_documents(str(p), text_field="content")) == ["def f():\n    return 1\n", "x = 2\n"]
+    with pytest.raises(D.DataError, match="no column 'text'.*content, n"):
+        D.read_documents(str(p))
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(D.DataError, match="not a readable parquet"):
+        D.read_documents(str(tmp_path / "bad.parquet"))
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)     # as if pyarrow were not installed
+    with pytest.raises(D.DataError, match="needs pyarrow"):
+        D.read_documents(str(p), text_field="content")
 
 
 def test_bad_data_errors(tmp_path):

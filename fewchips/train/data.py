@@ -104,10 +104,19 @@ def _read_file(full, name, text_field):
             import pyarrow.parquet as pq
         except ImportError:
             raise DataError(f"{full}: reading .parquet needs pyarrow (pip install pyarrow)") from None
-        table = pq.read_table(full, columns=[text_field])
-        for i, t in enumerate(table.column(text_field).to_pylist()):
-            if isinstance(t, str):
-                yield f"{name}:{i}", t
+        try:
+            pf = pq.ParquetFile(full)
+        except Exception as e:      # pyarrow raises ArrowInvalid/OSError for corrupt or non-parquet files
+            raise DataError(f"{full}: not a readable parquet file ({e})") from None
+        columns = pf.schema_arrow.names
+        if text_field not in columns:
+            raise DataError(f"{full}: no column {text_field!r} (columns: {', '.join(columns)}; set --text-field)")
+        i = 0
+        for batch in pf.iter_batches(columns=[text_field]):    # row groups stream; the file need not fit twice
+            for t in batch.column(0).to_pylist():
+                if isinstance(t, str):
+                    yield f"{name}:{i}", t
+                i += 1
     else:
         try:
             with open(full, encoding="utf-8") as f:
