@@ -41,6 +41,14 @@ def test_tokenizer_special_ids_and_transformers_loading(tok, tmp_path):
     assert load_tokenizer(str(tmp_path)).to_str() == tok.to_str()
 
 
+def test_token_byte_lengths_count_utf8_bytes_exactly(tok):
+    from fewchips.train.tokenizer import token_byte_lengths
+    lengths = token_byte_lengths(tok)
+    text = "def f(x):\n    return x  # ünïcode ✓ 数\n"
+    ids = tok.encode(text).ids                           # BOS first: a special token, 0 bytes
+    assert lengths[ids].sum() == len(text.encode("utf-8")) and lengths[special_ids(tok).bos] == 0
+
+
 def test_fim_psm_round_trip(corpus, tok):
     sp = special_ids(tok)
     docs = D.read_documents(corpus)

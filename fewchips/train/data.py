@@ -196,12 +196,8 @@ def encode_documents(docs, tok, sp: SpecialIds, fim_rate: float = 0.0, seed: int
 @dataclass
 class Split:
     tokens: np.ndarray        # memmap, uint16/uint32
-    n_bytes: int              # UTF-8 bytes of the documents (for bits per byte)
+    n_bytes: int              # UTF-8 bytes of the documents
     doc_starts: np.ndarray
-
-    @property
-    def bytes_per_token(self) -> float:
-        return self.n_bytes / max(len(self.tokens), 1)
 
 
 @dataclass

@@ -12,6 +12,8 @@ import json
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -90,3 +92,17 @@ def _atomic_text(dest, text):
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, dest)
+
+
+def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (0 for special tokens), so bits per byte is exact on any
+    slice of text. Byte-level BPE (ours, DeepSeek-V3's) writes one alphabet character per byte; other
+    tokenizers fall back to decoding each id alone."""
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    lengths = np.zeros(tok.get_vocab_size(with_added_tokens=True), dtype=np.int64)
+    for piece, i in tok.get_vocab(with_added_tokens=True).items():
+        if piece in special:
+            continue
+        lengths[i] = len(piece) if set(piece) <= alphabet else len(tok.decode([i]).encode())
+    return lengths

@@ -39,7 +39,8 @@ from ..checkpoint import from_pretrained, save_pretrained
 from ..config import ModelConfig
 from ..model import DeepseekV3, MoE, MoEStats
 from . import data as D
-from .tokenizer import load_tokenizer, save_tokenizer, special_ids, tokenizer_hash, train_tokenizer
+from .tokenizer import (load_tokenizer, save_tokenizer, special_ids, token_byte_lengths, tokenizer_hash,
+                        train_tokenizer)
 
 # Fractions of the run at which the report's schedules change (token counts / 14.8T).
 CONSTANT_END = 10.0 / 14.8
@@ -339,6 +340,8 @@ class Trainer:
         self.cfg = cfg = cfg.replace(bos_token_id=self.sp.bos, eos_token_id=self.sp.eos)
         self.sampler = D.Sampler(self.corpus.train.tokens, tc.seq_len, tc.seed)
         self.val = D.eval_windows(self.corpus.val.tokens, tc.seq_len, tc.eval_batches * tc.batch_size)
+        # exact bytes behind the evaluated targets: bits per byte compares across tokenizers
+        self.val_bytes = int(token_byte_lengths(self.tok)[self.val[:, 1:]].sum()) if len(self.val) else 0
         self.model = build_model(cfg, tc, self.device)
         self.routers = moe_routers(self.model)
         self.opt, self.sched = build_optimizer(self.model, tc, tc.steps)
@@ -439,7 +442,7 @@ class Trainer:
             n += ids[:, 1:].numel()
         self.model.train()
         loss = total / n
-        return {"val_loss": loss, "val_bpb": D.bits_per_byte(loss, self.corpus.val.bytes_per_token)}
+        return {"val_loss": loss, "val_bpb": D.bits_per_byte(loss, self.val_bytes / n)}
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self) -> dict:
