@@ -202,9 +202,9 @@ def test_expert_swiglu_paths_match_reference(counts, dims):
 
 
 @pytest.mark.parametrize("counts", [[60, 2, 0, 2], [16, 16, 16, 16]])   # grouped_mm path, padded-bmm path
-def test_expert_swiglu_runs_in_autocast_dtype(counts):
-    """Under bf16 autocast both expert paths compute in bf16 (grouped_mm is not on autocast's list, so
-    the experts cast explicitly) and the fp32 master weights still get fp32 gradients."""
+def test_expert_swiglu_under_autocast(counts):
+    """Under bf16 autocast both expert paths stay close to fp32 and the fp32 master weights get fp32
+    gradients (bmm autocasts to bf16; CPU grouped_mm deliberately stays fp32, see expert_swiglu)."""
     from fewchips.model import expert_swiglu
 
     g = torch.Generator().manual_seed(0)
@@ -215,7 +215,6 @@ def test_expert_swiglu_runs_in_autocast_dtype(counts):
     ref = expert_swiglu(x, counts_E, w1, w2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = expert_swiglu(x, counts_E, w1, w2)
-    assert out.dtype == torch.bfloat16
     assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
     out.float().sum().backward()
     assert w1.grad.dtype == torch.float32 and w2.grad.abs().sum() > 0
