@@ -221,6 +221,15 @@ def _check_scale(name, file, w, s, block):
                               f"for a {tuple(w.shape)} weight in {block[0]}x{block[1]} blocks")
 
 
+def copy_checked(dest: torch.Tensor, value: torch.Tensor, name: str, file: str):
+    """dest <- value, refusing a shape the config does not expect with the tensor's name and file."""
+    if tuple(value.shape) != tuple(dest.shape):
+        raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(value.shape)}, "
+                              f"the config expects {tuple(dest.shape)}")
+    with torch.no_grad():
+        dest.copy_(value.to(dest.dtype))
+
+
 def read_scale(name, w, files, reader: _Reader, block) -> torch.Tensor:
     """The `weight_scale_inv` of FP8 tensor `name`, checked against the weight's block grid."""
     sname = name + "_scale_inv"
@@ -291,11 +300,7 @@ def from_pretrained(path, dtype=None, device="cpu", mtp: bool | None = None) -> 
                 unexpected.append(name)
                 continue
             dest, key = params[mem], mem
-        if tuple(t.shape) != tuple(dest.shape):
-            raise CheckpointError(f"{files[name]}: tensor {name!r} has shape {tuple(t.shape)}, "
-                                  f"the config expects {tuple(dest.shape)}")
-        with torch.no_grad():
-            dest.copy_(t.to(dest.dtype))
+        copy_checked(dest, t, name, files[name])
         filled[key] += t.numel()
 
     if unexpected:

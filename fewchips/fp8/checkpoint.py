@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import (FP8_DTYPES, INDEX_FILE, CheckpointError, _atomic_save, _atomic_write_text,
-                          _EXPERT_RE, _memory_name, _Reader, hf_state_dict, read_scale, weight_files,
+                          _EXPERT_RE, _memory_name, _Reader, copy_checked, hf_state_dict, read_scale, weight_files,
                           write_shards)
 from ..config import ModelConfig
 from ..model import DeepseekV3, RoutedExperts, Router
@@ -186,11 +186,7 @@ def load_fp8(path, dtype=torch.bfloat16, device="cpu", fp8_gemm: bool = False) -
         if dest is None:
             unexpected.append(src)
             return
-        if tuple(value.shape) != tuple(dest.shape):
-            raise CheckpointError(f"{files[src]}: tensor {src!r} has shape {tuple(value.shape)}, "
-                                  f"the config expects {tuple(dest.shape)}")
-        with torch.no_grad():
-            dest.copy_(value.to(dest.dtype))
+        copy_checked(dest, value, src, files.get(src) or files[src.removesuffix("_scale_inv")])
         filled[key] += value.numel()
 
     for name in sorted(files, key=lambda n: (files[n], n)):
@@ -210,11 +206,7 @@ def load_fp8(path, dtype=torch.bfloat16, device="cpu", fp8_gemm: bool = False) -
                 raise CheckpointError(f"{files[name]}: {name} names expert {e}, config has {cfg.n_routed_experts}")
             q, s = _fp8_pair(name, t, files, reader, block)
             for key, value in ((f"{base}.{kind}_q", q), (f"{base}.{kind}_s", s)):
-                dest = targets[key][e]
-                if tuple(value.shape) != tuple(dest.shape):
-                    raise CheckpointError(f"{files[name]}: tensor {name!r} has shape {tuple(value.shape)}, "
-                                          f"the config expects {tuple(dest.shape)}")
-                dest.copy_(value)
+                copy_checked(targets[key][e], value, name, files[name])
                 filled[key] += value.numel()
             continue
         mod = mem[: -len(".weight")] if mem.endswith(".weight") else None
