@@ -1,11 +1,27 @@
 """fewchips: DeepSeek-V3 - the model, its frugal training recipe, and fast inference - on few chips."""
 
+import importlib
+
 from .config import PRESETS, ConfigError, ModelConfig
-from .model import DeepseekV3, LatentCache
-from .checkpoint import CheckpointError, from_pretrained, save_pretrained
-from .inference import SamplingParams, generate
 
 __version__ = "0.1.0"
 
-__all__ = ["ModelConfig", "PRESETS", "ConfigError", "DeepseekV3", "LatentCache", "from_pretrained",
-           "save_pretrained", "CheckpointError", "generate", "SamplingParams", "__version__"]
+# Everything that needs torch is imported on first use (PEP 562), so `fewchips --help` and the
+# planner start without loading torch.
+_LAZY = {"DeepseekV3": "model", "LatentCache": "model", "CheckpointError": "checkpoint",
+         "from_pretrained": "checkpoint", "save_pretrained": "checkpoint", "SamplingParams": "inference",
+         "generate": "inference"}
+
+__all__ = ["ModelConfig", "PRESETS", "ConfigError", *_LAZY, "__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fewchips' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
