@@ -126,3 +126,14 @@ def test_segment_tiles_restart_at_each_expert():
             tiles += s_ref.shape[0]
         start += n
     assert tiles == s.shape[0] and tile_M.max().item() == tiles - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_cpu_table_lookup_equals_torch_cast_for_every_code(dtype):
+    from fewchips.fp8.quant import to_float
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype)
+    ref = torch.tensor([float(c) for c in codes.float().tolist()])     # torch's own scalar cast
+    got = to_float(codes.view(16, 16).t())                              # non-contiguous input too
+    assert torch.equal(got.t().reshape(-1).isnan(), ref.isnan())
+    ok = ~ref.isnan()
+    assert torch.equal(got.t().reshape(-1)[ok], ref[ok])

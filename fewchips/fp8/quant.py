@@ -20,6 +20,8 @@ Shapes: `x [..., R, C]` with groups of `block = (br, bc)` over the last two dims
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 E4M3 = torch.float8_e4m3fn
@@ -56,10 +58,18 @@ def _unblocked(xb: torch.Tensor, shape) -> torch.Tensor:
     return x[..., :R, :C]
 
 
+@functools.lru_cache(maxsize=None)
+def _fp8_table(dtype: torch.dtype) -> torch.Tensor:
+    """The FP32 value of each of the 256 codes of an FP8 dtype."""
+    return torch.arange(256, dtype=torch.uint8).view(dtype).float()
+
+
 def to_float(q: torch.Tensor) -> torch.Tensor:
-    """E4M3 -> FP32, exactly. On CPU through FP16 (every E4M3 value is an FP16 value): torch's direct
-    FP8 -> FP32 cast there is a scalar loop, about 3x slower."""
-    return q.half().float() if q.device.type == "cpu" else q.float()
+    """FP8 -> FP32, exactly. On CPU a 256-entry table lookup: torch's FP8 casts there are scalar
+    loops (measured ~16 ns per element, 6x slower than the lookup)."""
+    if q.device.type != "cpu" or q.element_size() != 1:
+        return q.float()
+    return _fp8_table(q.dtype).index_select(0, q.view(torch.uint8).reshape(-1).int()).view(q.shape)
 
 
 def quantize(x: torch.Tensor, block: tuple[int, int] = TILE, pow2: bool = False):
