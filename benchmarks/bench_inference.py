@@ -35,7 +35,8 @@ class Ours:
     def start(self, ids, n_new):
         from fewchips import LatentCache
         B, T = ids.shape
-        self.cache = LatentCache(self.model.config, B, T + n_new + 1, n_layers=self.model.config.num_hidden_layers)
+        self.cache = LatentCache(self.model.config, B, T + n_new + 1, n_layers=self.model.config.num_hidden_layers,
+                                 dtype=self.model.lm_head.weight.dtype)
         self.pos = T
         tok = self.model(ids, cache=self.cache)[:, -1].argmax(-1)
         return tok
@@ -79,8 +80,9 @@ def bench_preset(name, args, log):
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
         DeepseekV3(cfg).init_weights(std=0.02).save_pretrained(d)
-        systems = [Ours(from_pretrained(d, dtype=torch.float32, mtp=False)),
-                   Reference(transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval())]
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+        systems = [Ours(from_pretrained(d, dtype=dtype, mtp=False)),
+                   Reference(transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval())]
     g = torch.Generator().manual_seed(1)
     res = {"preset": name, "context": args.context}
 
@@ -140,6 +142,7 @@ def main():
                    help="tokens already in the cache when decoding is timed (the reference's per-step cost grows with it)")
     p.add_argument("--steps", type=int, default=8, help="decode steps per timed round")
     p.add_argument("--rounds", type=int, default=4, help="alternating rounds per system; the fastest is kept")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights, activations and cache, both systems")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -148,7 +151,7 @@ def main():
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": _cpu_name(), "cpus": os.cpu_count(),
             "threads": args.threads, "load_average_1m": load, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(), **{
-                k: getattr(args, k) for k in ("prefill_len", "context", "steps", "rounds")}}
+                k: getattr(args, k) for k in ("prefill_len", "context", "steps", "rounds", "dtype")}}
     print(json.dumps(meta), flush=True)
     results = []
     for name in args.presets.split(","):
