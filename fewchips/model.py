@@ -326,6 +326,7 @@ class RoutedExperts(nn.Module):
         return expert_swiglu(x_sorted, counts_E, self.gate_up_proj, self.down_proj)
 
 
+@torch.compiler.disable   # grouped_mm's meta kernel accepts only bf16 and the row counts are data-dependent
 def expert_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF):
     """Grouped SwiGLU: rows of x_sorted belong to experts 0..E-1 in runs of counts_E.
 
