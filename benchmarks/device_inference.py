@@ -23,6 +23,8 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_inference import Reference  # noqa: E402  (the same transformers decode loop as the CPU benchmark)
 
 DEVICE, DTYPE = "cuda", torch.bfloat16
 
@@ -84,27 +86,6 @@ class Ours:
             logits = self.model(tok[:, None], positions=self.pos, cache=self.cache)
         self.pos += 1
         return logits[:, 0].argmax(-1)
-
-
-class Reference:
-    name = "transformers"
-
-    def __init__(self, model):
-        self.model = model
-
-    def prefill(self, ids):
-        return self.model(ids, use_cache=False).logits[:, -1]
-
-    def start(self, ids, n_new):
-        from transformers import DynamicCache
-        out = self.model(ids, past_key_values=DynamicCache(config=self.model.config), use_cache=True)
-        self.cache = out.past_key_values
-        return out.logits[:, -1].argmax(-1)
-
-    def step(self, tok):
-        out = self.model(tok[:, None], past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
-        return out.logits[:, -1].argmax(-1)
 
 
 @torch.inference_mode()
