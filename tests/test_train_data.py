@@ -158,6 +158,23 @@ def test_corpus_smaller_than_one_sequence_via_trainer(tmp_path):
         Trainer(micro_config(), train_config(tmp_path / "run", data), log=quiet)
 
 
+def test_training_with_an_existing_tokenizer(corpus, tok, tmp_path):
+    """--tokenizer: the given tokenizer.json is used as is (no BPE training) and shipped with the model;
+    one with more tokens than vocab_size, or without the special tokens, is refused clearly."""
+    from tokenizers import Tokenizer, models
+    path = tmp_path / "given" / "tokenizer.json"
+    save_tokenizer(tok, path.parent)
+    tr = Trainer(micro_config(), train_config(tmp_path / "run", corpus, tokenizer=str(path)), log=quiet)
+    assert tr.tok.to_str() == tok.to_str()
+    assert not any(f.startswith("tokenizer-") for f in os.listdir(tmp_path / "run" / "cache"))   # none trained
+    with pytest.raises(D.DataError, match="vocab_size"):
+        Trainer(micro_config().replace(vocab_size=64), train_config(tmp_path / "run2", corpus, tokenizer=str(path)), log=quiet)
+    bare = tmp_path / "bare.json"
+    Tokenizer(models.BPE()).save(str(bare))
+    with pytest.raises(ValueError, match="special token"):
+        Trainer(micro_config(), train_config(tmp_path / "run3", corpus, tokenizer=str(bare)), log=quiet)
+
+
 def test_default_corpus_is_the_standard_library():
     docs = D.read_documents(None, max_bytes=200_000)
     assert docs and all(n.endswith(".py") for n, _ in docs)
