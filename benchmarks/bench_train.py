@@ -58,6 +58,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="ours with `fewchips train --compile` (compile time not timed)")
     ap.add_argument("--balance-iters", type=int, default=30,
                     help="bias-update passes before timing, so routing is as balanced as in training "
                          "(both models get the same biases); 0 keeps random-init routing")
@@ -85,6 +86,8 @@ def main():
         hf = DeepseekV3ForCausalLM(DeepseekV3Config.from_dict(cfg.to_dict())).float()
         hf.load_state_dict(ours.state_dict(), strict=True)
         ours.train(), hf.train()
+        if args.compile:
+            T.compile_layers(ours)
         routers = T.moe_routers(ours)
         opt_ours, _ = T.build_optimizer(ours, tc, 100)
         opt_hf, _ = T.build_optimizer(hf, tc, 100)
@@ -107,7 +110,7 @@ def main():
             opt_hf.step()
             opt_hf.zero_grad(set_to_none=True)
 
-        step_ours(batches[0]), step_hf(batches[0])     # warm up (allocations, optimizer state)
+        step_ours(batches[0]), step_hf(batches[0])     # warm up (allocations, optimizer state, compiling)
         t_ours, t_hf, vio = [], [], []
         for ids in batches[1:]:                 # interleaved, so load drift hits both
             for fn, ts in ((step_ours, t_ours), (step_hf, t_hf)):

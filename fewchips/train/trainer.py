@@ -162,19 +162,23 @@ def build_model(cfg: ModelConfig, tc: TrainConfig, device="cpu") -> DeepseekV3:
     if tc.activation_checkpointing:
         apply_activation_checkpointing(model)
     if tc.compile:
-        # Compile the pieces with fixed control flow: attention, norms, dense and shared MLPs, router.
-        # Not whole layers: MoE layers append to the caller's stats list (dynamo would recompile per
-        # layer), and the routed experts are data-dependent grouped GEMMs that stay eager anyway.
-        for layer in [*model.model.layers, *model.mtp]:
-            for m in (layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm):
-                m.compile(dynamic=True)
-            if isinstance(layer.mlp, MoE):
-                for m in (layer.mlp.gate, layer.mlp.shared_experts):
-                    if m is not None:
-                        m.compile(dynamic=True)
-            else:
-                layer.mlp.compile(dynamic=True)
+        compile_layers(model)
     return model
+
+
+def compile_layers(model: DeepseekV3):
+    """torch.compile the pieces with fixed control flow: attention, norms, dense and shared MLPs,
+    router. Not whole layers: MoE layers append to the caller's stats list (dynamo would recompile per
+    layer), and the routed experts are data-dependent grouped GEMMs that stay eager anyway."""
+    for layer in [*model.model.layers, *model.mtp]:
+        for m in (layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm):
+            m.compile(dynamic=True)
+        if isinstance(layer.mlp, MoE):
+            for m in (layer.mlp.gate, layer.mlp.shared_experts):
+                if m is not None:
+                    m.compile(dynamic=True)
+        else:
+            layer.mlp.compile(dynamic=True)
 
 
 def apply_activation_checkpointing(model: DeepseekV3):
