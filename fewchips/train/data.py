@@ -196,7 +196,6 @@ def encode_documents(docs, tok, sp: SpecialIds, fim_rate: float = 0.0, seed: int
 @dataclass
 class Split:
     tokens: np.ndarray        # memmap, uint16/uint32
-    n_bytes: int              # UTF-8 bytes of the documents
     doc_starts: np.ndarray
 
 
@@ -254,7 +253,7 @@ def load_corpus(path: str) -> Corpus:
         n = index["splits"][name]["tokens"]
         toks = (np.memmap(os.path.join(path, f"{name}.bin"), dtype=index["dtype"], mode="r", shape=(n,))
                 if n else np.zeros(0, dtype=index["dtype"]))
-        splits[name] = Split(toks, index["splits"][name]["bytes"], np.load(os.path.join(path, f"{name}_doc_starts.npy")))
+        splits[name] = Split(toks, np.load(os.path.join(path, f"{name}_doc_starts.npy")))
     return Corpus(path, splits["train"], splits["val"], index)
 
 
