@@ -194,12 +194,7 @@ class MLA(nn.Module):
         q_BHTk = torch.cat((q_nope_BTHN, q_rope_BTHR), dim=-1).transpose(1, 2)
         k_BHTk = torch.cat((k_nope_BTHN, k_rope_BTR[:, :, None].expand(B, T, self.n_heads, self.rope)),
                            dim=-1).transpose(1, 2)
-        v_BHTV = v_BTHV.transpose(1, 2)
-        pad = q_BHTk.shape[-1] - self.v_dim
-        if pad > 0:   # equal head dims select torch's fused CPU kernel (2x faster than the math path)
-            v_BHTV = F.pad(v_BHTV, (0, pad))
-        o_BHTV = F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BHTV, is_causal=True,
-                                                scale=self.softmax_scale)[..., : self.v_dim]
+        o_BHTV = causal_attention(q_BHTk, k_BHTk, v_BTHV.transpose(1, 2), self.softmax_scale)
         return self.o_proj(o_BHTV.transpose(1, 2).reshape(B, T, -1))
 
     def _absorbed(self, q_nope_BTHN, q_rope_BTHR, cache: CacheView):
@@ -224,6 +219,24 @@ class MLA(nn.Module):
         o_lat_HMC = torch.bmm(p_BQS, latent_BSC).view(B * T, H, -1).transpose(0, 1)
         o_HMV = torch.bmm(o_lat_HMC, w_uv_HVC.transpose(1, 2))
         return o_HMV.transpose(0, 1).reshape(B, T, H, self.v_dim)
+
+
+# On CPU, up to this many tokens plain softmax(QK^T + mask)V beats torch's fused attention kernel
+# (forward + backward, small preset shapes, bf16 and fp32: 10.6 against 20 ms per layer at 256 tokens,
+# 40 against 50 at 512); beyond it the fused kernel's O(T) memory wins.
+CPU_EXPLICIT_ATTENTION_MAX_T = 512
+
+
+def causal_attention(q_BHTk, k_BHTk, v_BHTV, scale):
+    T, v_dim = q_BHTk.shape[-2], v_BHTV.shape[-1]
+    if q_BHTk.is_cuda or T > CPU_EXPLICIT_ATTENTION_MAX_T:
+        pad = q_BHTk.shape[-1] - v_dim
+        if pad > 0:   # equal head dims select torch's fused CPU kernel (2x faster than its math path)
+            v_BHTV = F.pad(v_BHTV, (0, pad))
+        return F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BHTV, is_causal=True, scale=scale)[..., :v_dim]
+    future_TT = torch.full((T, T), float("-inf"), device=q_BHTk.device).triu_(1)
+    scores_BHTT = torch.matmul(q_BHTk * scale, k_BHTk.transpose(-2, -1)) + future_TT   # fp32 from here
+    return torch.matmul(scores_BHTT.softmax(dim=-1).to(v_BHTV.dtype), v_BHTV)
 
 
 def _starts_at_zero(positions_BT) -> bool:
@@ -326,34 +339,55 @@ class RoutedExperts(nn.Module):
         return expert_swiglu(x_sorted, counts_E, self.gate_up_proj, self.down_proj)
 
 
+# Distinct row counts one grouped GEMM may see on CPU in low precision. oneDNN's bf16 matmul JIT-compiles
+# a kernel per shape and caches ~1024 of them; per-expert row counts that change every step miss that
+# cache every time (measured: 9-36 ms instead of 3.5 ms for 32 experts x 128 rows x 512 x 512). Rounding
+# each expert's run up to a multiple of N / CPU_GEMM_SHAPES rows bounds the shapes at a few % of padding.
+CPU_GEMM_SHAPES = 128
+
+
 @torch.compiler.disable   # grouped_mm's meta kernel accepts only bf16 and the row counts are data-dependent
 def expert_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF):
     """Grouped SwiGLU: rows of x_sorted belong to experts 0..E-1 in runs of counts_E.
 
-    `grouped_mm` is the fused kernel on GPUs and, on CPU, right for decode-sized batches (most
-    experts idle) and badly skewed loads. For training-sized batches on CPU it is ~3x slower than `bmm`,
-    so there the runs are padded to the longest one and batched when that at most doubles the rows (the
-    balancing bias keeps loads near uniform; measured, 3x padding already loses). No Python loop over experts."""
+    `grouped_mm` is the fused kernel on GPUs. On CPU it issues one GEMM per expert: right for
+    decode-sized batches (most experts idle) and skewed loads, ~3x slower than `bmm` for balanced
+    training batches, so there the runs are padded to the longest one and batched when that at most
+    doubles the rows (measured, 3x padding already loses). No Python loop over experts."""
     E, (N, D) = counts_E.shape[0], x_sorted.shape
-    if x_sorted.is_cuda and torch.is_autocast_enabled("cuda"):
-        # grouped_mm is not on autocast's list. On CPU it stays fp32 on purpose: its bf16 kernel goes
-        # through mm(out=), measured 3-6x slower than fp32 here (the bmm path below autocasts by itself).
-        dt = torch.get_autocast_dtype("cuda")
+    device = x_sorted.device.type
+    if torch.is_autocast_enabled(device):      # grouped_mm is not on autocast's list: cast by hand
+        dt = torch.get_autocast_dtype(device)
         x_sorted, gate_up_EfD, down_EDF = x_sorted.to(dt), gate_up_EfD.to(dt), down_EDF.to(dt)
-    cap = 0 if x_sorted.is_cuda or not N else int(counts_E.max())     # no host sync on GPU
+    if x_sorted.is_cuda:                       # no host sync on GPU
+        return _grouped_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF)
+    cap = int(counts_E.max()) if N else 0
     aligned = all(n * x_sorted.element_size() % 16 == 0 for n in (D, down_EDF.shape[-1]))  # grouped_mm needs it
-    if x_sorted.is_cuda or (aligned and (N < E or E * cap > 2 * N)):
-        offs = counts_E.cumsum(0).to(torch.int32)
-        h = F.grouped_mm(x_sorted, gate_up_EfD.transpose(-2, -1), offs=offs)
-        gate, up = h.chunk(2, dim=-1)
-        return F.grouped_mm((F.silu(gate) * up).contiguous(), down_EDF.transpose(-2, -1), offs=offs)
+    if not aligned or N >= E and E * cap <= 2 * N:
+        run_E = torch.full_like(counts_E, cap)                 # padded bmm
+    elif x_sorted.dtype != torch.float32 and N > CPU_GEMM_SHAPES:
+        q = 1 << (N // CPU_GEMM_SHAPES - 1).bit_length()    # power of two >= N / CPU_GEMM_SHAPES
+        run_E = (counts_E + q - 1) // q * q
+    else:
+        return _grouped_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF)
+    # Place each expert's rows at the start of its padded run; index_copy/index_select (cheap backwards).
     expert_of = torch.repeat_interleave(torch.arange(E, device=x_sorted.device), counts_E, output_size=N)
-    slot = torch.arange(N, device=x_sorted.device) - (counts_E.cumsum(0) - counts_E)[expert_of]
-    row = expert_of * cap + slot                   # unique rows: index_copy/index_select, cheap backwards
-    x_ECD = x_sorted.new_zeros(E * cap, D).index_copy(0, row, x_sorted).view(E, cap, D)
-    gate, up = torch.bmm(x_ECD, gate_up_EfD.transpose(-2, -1)).chunk(2, dim=-1)
-    y_ECD = torch.bmm(F.silu(gate) * up, down_EDF.transpose(-2, -1))
-    return y_ECD.reshape(E * cap, -1).index_select(0, row)
+    shift_E = (run_E.cumsum(0) - run_E) - (counts_E.cumsum(0) - counts_E)
+    row = torch.arange(N, device=x_sorted.device) + shift_E[expert_of]
+    x_pad = x_sorted.new_zeros(int(run_E.sum()), D).index_copy(0, row, x_sorted)
+    if run_E.eq(cap).all():
+        x_ECD = x_pad.view(E, cap, D)
+        gate, up = torch.bmm(x_ECD, gate_up_EfD.transpose(-2, -1)).chunk(2, dim=-1)
+        y_pad = torch.bmm(F.silu(gate) * up, down_EDF.transpose(-2, -1)).reshape(E * cap, -1)
+    else:
+        y_pad = _grouped_swiglu(x_pad, run_E, gate_up_EfD, down_EDF)
+    return y_pad.index_select(0, row)
+
+
+def _grouped_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF):
+    offs = counts_E.cumsum(0).to(torch.int32)
+    gate, up = F.grouped_mm(x_sorted, gate_up_EfD.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+    return F.grouped_mm((F.silu(gate) * up).contiguous(), down_EDF.transpose(-2, -1), offs=offs)
 
 
 @dataclass

@@ -201,20 +201,55 @@ def test_expert_swiglu_paths_match_reference(counts, dims):
             assert torch.allclose(a, b, atol=1e-4)
 
 
-@pytest.mark.parametrize("counts", [[60, 2, 0, 2], [16, 16, 16, 16]])   # grouped_mm path, padded-bmm path
-def test_expert_swiglu_under_autocast(counts):
-    """Under bf16 autocast both expert paths stay close to fp32 and the fp32 master weights get fp32
-    gradients (bmm autocasts to bf16; CPU grouped_mm deliberately stays fp32, see expert_swiglu)."""
-    from fewchips.model import expert_swiglu
+@pytest.mark.parametrize("counts,shapes", [([60, 2, 0, 2], 128), ([60, 2, 0, 2], 4), ([16, 16, 16, 16], 128)])
+def test_expert_swiglu_under_autocast(counts, shapes, monkeypatch):
+    """Under bf16 autocast all three CPU expert paths (grouped_mm; grouped_mm on runs padded to a
+    multiple of rows, which CPU_GEMM_SHAPES=4 forces here; padded bmm) compute in bf16, match a
+    per-expert reference on the same bf16-rounded operands, and give the fp32 master weights fp32 gradients."""
+    import fewchips.model as M
 
+    monkeypatch.setattr(M, "CPU_GEMM_SHAPES", shapes)
     g = torch.Generator().manual_seed(0)
     counts_E = torch.tensor(counts)
-    x = torch.randn(int(counts_E.sum()), 64, generator=g)
+    x = torch.randn(int(counts_E.sum()), 64, generator=g, requires_grad=True)
     w1 = torch.randn(4, 2 * 32, 64, generator=g, requires_grad=True)
     w2 = torch.randn(4, 64, 32, generator=g, requires_grad=True)
-    ref = expert_swiglu(x, counts_E, w1, w2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = expert_swiglu(x, counts_E, w1, w2)
-    assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
-    (out.float() * torch.randn(out.shape, generator=g)).sum().backward()   # grouped_mm's backward rejects sum()'s expanded grad
-    assert w1.grad.dtype == torch.float32 and w2.grad.abs().sum() > 0
+        out = M.expert_swiglu(x, counts_E, w1, w2)
+    assert out.dtype == torch.bfloat16
+    ref, s = [], 0
+    r = lambda t: t.bfloat16().float()      # the operands the bf16 GEMMs see; accumulation is fp32 in both
+    for e, c in enumerate(counts):
+        gate, up = (r(x[s:s + c]) @ r(w1[e]).T).chunk(2, dim=-1)
+        ref.append(r(r(torch.nn.functional.silu(gate)) * r(up)) @ r(w2[e]).T)
+        s += c
+    ref = torch.cat(ref)
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+    proj = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad((out.float() * proj).sum(), (x, w1, w2))
+    grads_ref = torch.autograd.grad((ref * proj).sum(), (x, w1, w2))
+    for a, b in zip(grads, grads_ref):
+        assert a.dtype == torch.float32 and ((a - b).norm() / b.norm()).item() < 2e-2
+
+
+def test_causal_attention_paths_agree(monkeypatch):
+    """The explicit short-sequence path and torch's fused kernel (V padded to the q/k head dim) give the
+    same outputs and gradients, and are causal: a later token never changes an earlier output."""
+    import fewchips.model as M
+
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 3, 20, 12, generator=g, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 3, 20, 8, generator=g, requires_grad=True)
+    proj = torch.randn(2, 3, 20, 8, generator=g)
+    outs = []
+    for max_t in (512, 0):        # explicit, then fused
+        monkeypatch.setattr(M, "CPU_EXPLICIT_ATTENTION_MAX_T", max_t)
+        o = M.causal_attention(q, k, v, 0.3)
+        outs.append((o, torch.autograd.grad((o * proj).sum(), (q, k, v))))
+        k2 = k.detach().clone()
+        k2[:, :, -1] += 5.0
+        assert torch.allclose(M.causal_attention(q, k2, v, 0.3)[:, :, :-1], o[:, :, :-1], atol=1e-6)
+    (a, ga), (b, gb) = outs
+    assert torch.allclose(a, b, atol=1e-5)
+    for x, y in zip(ga, gb):
+        assert torch.allclose(x, y, atol=1e-5)

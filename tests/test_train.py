@@ -184,3 +184,28 @@ def test_compiled_layers_give_the_same_losses_and_follow_bias_updates(corpus, tm
             router.e_score_correction_bias[3] -= 100.0
         assert (r.experts_MK == 3).any(-1).all()
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("grad_mult", [1e-4, 1e3])          # nothing clipped, clipped
+def test_clip_matches_torch_clip_then_adamw(fused, grad_mult):
+    """The trainer's clip (folded into fused AdamW's grad_scale, or skipped when nothing is clipped)
+    gives the same update as torch's clip_grad_norm_ followed by AdamW, and leaves no scale behind."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 32)), torch.nn.Parameter(torch.randn(32))]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    model, ref_model = torch.nn.ParameterList(params), torch.nn.ParameterList(ref)
+    opt = torch.optim.AdamW(params, lr=1e-2, fused=fused)
+    opt_ref = torch.optim.AdamW(ref, lr=1e-2, fused=fused)
+    for _ in range(3):
+        grads = [torch.randn_like(p) * grad_mult for p in params]
+        for p, q, g in zip(params, ref, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        norm = T.clip_grad_norm(model, opt, 1.0)
+        assert torch.allclose(norm, torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 1.0))
+        assert hasattr(opt, "grad_scale") == (fused and grad_mult > 1)
+        opt.step()
+        opt.__dict__.pop("grad_scale", None)
+        opt_ref.step()
+    for p, q in zip(params, ref):
+        assert torch.allclose(p, q, atol=1e-6, rtol=0)

@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    from ..runtime import keep_freed_memory
+    keep_freed_memory()          # big tensors reuse warm pages instead of faulting fresh ones each step
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
