@@ -59,6 +59,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (fresh batches, both models)")
     ap.add_argument("--compile", action="store_true", help="ours with `fewchips train --compile` (compile time not timed)")
     ap.add_argument("--balance-iters", type=int, default=30,
                     help="bias-update passes before timing, so routing is as balanced as in training "
@@ -83,7 +84,7 @@ def main():
         ours = DeepseekV3(cfg).init_weights()
         g = torch.Generator().manual_seed(1)
         batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
-                   for _ in range(args.repeats + 1)]
+                   for _ in range(args.warmup + args.repeats)]
         v0, v1 = balance_routing(ours, batches[0][:, :-1], args.balance_iters)
         hf = DeepseekV3ForCausalLM(DeepseekV3Config.from_dict(cfg.to_dict())).float()
         hf.load_state_dict(ours.state_dict(), strict=True)
@@ -113,9 +114,10 @@ def main():
             opt_hf.step()
             opt_hf.zero_grad(set_to_none=True)
 
-        step_ours(batches[0]), step_hf(batches[0])     # warm up (allocations, optimizer state, compiling)
+        for ids in batches[:args.warmup]:   # allocations, optimizer state, compiling; oneDNN's kernels per shape
+            step_ours(ids), step_hf(ids)
         t_ours, t_hf, vio = [], [], []
-        for ids in batches[1:]:                 # interleaved, so load drift hits both
+        for ids in batches[args.warmup:]:       # interleaved, so load drift hits both
             for fn, ts in ((step_ours, t_ours), (step_hf, t_hf)):
                 t = clock()
                 fn(ids)

@@ -339,11 +339,11 @@ class RoutedExperts(nn.Module):
         return expert_swiglu(x_sorted, counts_E, self.gate_up_proj, self.down_proj)
 
 
-# Distinct row counts one grouped GEMM may see on CPU in low precision. oneDNN's bf16 matmul JIT-compiles
-# a kernel per shape and caches ~1024 of them; per-expert row counts that change every step miss that
-# cache every time (measured: 9-36 ms instead of 3.5 ms for 32 experts x 128 rows x 512 x 512). Rounding
-# each expert's run up to a multiple of N / CPU_GEMM_SHAPES rows bounds the shapes at a few % of padding.
-CPU_GEMM_SHAPES = 128
+# On CPU in low precision, each expert's run of rows is rounded up to a number with this many
+# significant bits (<= 1/8 padding at 4). oneDNN's bf16 matmul JIT-compiles a kernel per shape and caches
+# ~1,024; row counts that change every step missed that cache on nearly every call (measured: 9-36 ms
+# instead of 3.5 ms for 32 experts x 128 rows x 512 x 512). Rounded, the shapes repeat: 8 per octave.
+CPU_GEMM_ROW_BITS = 4
 
 
 @torch.compiler.disable   # grouped_mm's meta kernel accepts only bf16 and the row counts are data-dependent
@@ -353,7 +353,8 @@ def expert_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF):
     `grouped_mm` is the fused kernel on GPUs. On CPU it issues one GEMM per expert: right for
     decode-sized batches (most experts idle) and skewed loads, ~3x slower than `bmm` for balanced
     training batches, so there the runs are padded to the longest one and batched when that at most
-    doubles the rows (measured, 3x padding already loses). No Python loop over experts."""
+    doubles the rows (measured, 3x padding already loses). In bf16 on CPU the runs are rounded up to
+    a few shapes (CPU_GEMM_ROW_BITS). No Python loop over experts."""
     E, (N, D) = counts_E.shape[0], x_sorted.shape
     device = x_sorted.device.type
     if torch.is_autocast_enabled(device):      # grouped_mm is not on autocast's list: cast by hand
@@ -365,9 +366,9 @@ def expert_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF):
     aligned = all(n * x_sorted.element_size() % 16 == 0 for n in (D, down_EDF.shape[-1]))  # grouped_mm needs it
     if not aligned or N >= E and E * cap <= 2 * N:
         run_E = torch.full_like(counts_E, cap)                 # padded bmm
-    elif x_sorted.dtype != torch.float32 and N > CPU_GEMM_SHAPES:
-        q = 1 << (N // CPU_GEMM_SHAPES - 1).bit_length()    # power of two >= N / CPU_GEMM_SHAPES
-        run_E = (counts_E + q - 1) // q * q
+    elif x_sorted.dtype != torch.float32 and cap >= 1 << CPU_GEMM_ROW_BITS:
+        step_E = (counts_E.clamp(min=1).float().log2().floor() + 1 - CPU_GEMM_ROW_BITS).clamp(min=0).exp2().long()
+        run_E = (counts_E + step_E - 1) // step_E * step_E
     else:
         return _grouped_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF)
     # Place each expert's rows at the start of its padded run; index_copy/index_select (cheap backwards).

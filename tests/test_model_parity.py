@@ -201,14 +201,14 @@ def test_expert_swiglu_paths_match_reference(counts, dims):
             assert torch.allclose(a, b, atol=1e-4)
 
 
-@pytest.mark.parametrize("counts,shapes", [([60, 2, 0, 2], 128), ([60, 2, 0, 2], 4), ([16, 16, 16, 16], 128)])
-def test_expert_swiglu_under_autocast(counts, shapes, monkeypatch):
-    """Under bf16 autocast all three CPU expert paths (grouped_mm; grouped_mm on runs padded to a
-    multiple of rows, which CPU_GEMM_SHAPES=4 forces here; padded bmm) compute in bf16, match a
+@pytest.mark.parametrize("counts,bits", [([60, 2, 0, 2], 8), ([60, 2, 0, 2], 1), ([16, 16, 16, 16], 4)])
+def test_expert_swiglu_under_autocast(counts, bits, monkeypatch):
+    """Under bf16 autocast all three CPU expert paths (grouped_mm; grouped_mm on runs rounded up to
+    fewer significant bits, here to powers of two; padded bmm) compute in bf16, match a
     per-expert reference on the same bf16-rounded operands, and give the fp32 master weights fp32 gradients."""
     import fewchips.model as M
 
-    monkeypatch.setattr(M, "CPU_GEMM_SHAPES", shapes)
+    monkeypatch.setattr(M, "CPU_GEMM_ROW_BITS", bits)
     g = torch.Generator().manual_seed(0)
     counts_E = torch.tensor(counts)
     x = torch.randn(int(counts_E.sum()), 64, generator=g, requires_grad=True)
