@@ -103,6 +103,8 @@ def main():
     p.add_argument("--runs", default="baseline,fp8", help="comma-separated: baseline, fp8")
     p.add_argument("--plot-only", action="store_true")
     args = p.parse_args()
+    from fewchips.runtime import keep_freed_memory
+    keep_freed_memory()       # as `fewchips train` does
     if not args.plot_only:
         for kind in args.runs.split(","):
             run(kind, args)
