@@ -209,3 +209,19 @@ def test_clip_matches_torch_clip_then_adamw(fused, grad_mult):
         opt_ref.step()
     for p, q in zip(params, ref):
         assert torch.allclose(p, q, atol=1e-6, rtol=0)
+
+
+def test_keep_freed_memory_applies_on_glibc_and_can_be_turned_off():
+    """The CLI's allocator setting takes effect on Linux/glibc and FEWCHIPS_KEEP_FREED_MEMORY=0 skips it
+    (run in fresh interpreters: the setting is process-wide)."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    code = "from fewchips.runtime import keep_freed_memory; print(keep_freed_memory())"
+    out = {v: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "FEWCHIPS_KEEP_FREED_MEMORY": v}).stdout.strip() for v in ("0", "1")}
+    assert out["0"] == "False"
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert out["1"] == "True"
