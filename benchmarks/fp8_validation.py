@@ -27,7 +27,8 @@ def run(kind: str, args):
                      steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                      eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=10**9,
                      log_every=10, plots=False, progress=False, overwrite=True, dtype="fp32",
-                     threads=args.threads, seed=args.seed, max_corpus_mb=args.max_corpus_mb)
+                     threads=args.threads, seed=args.seed, max_corpus_mb=args.max_corpus_mb,
+                     **({"bias_update_speed": args.bias_update_speed} if args.bias_update_speed is not None else {}))
     trainer = Trainer(cfg, tc)
     if kind == "fp8":
         names = apply_fp8(trainer.model, backend="emulate")
@@ -98,6 +99,9 @@ def main():
     p.add_argument("--data", default=None, help="a text corpus (default: the Python standard library's .py files)")
     p.add_argument("--max-corpus-mb", type=float, default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--bias-update-speed", type=float, default=None,
+                   help="the balancing bias's γ (default: the trainer's, the paper's 0.001); larger keeps the "
+                        "routing out of the early collapse that otherwise dominates short comparisons")
     p.add_argument("--seed", type=int, default=0, help="init, data order and FIM seed (both runs use the same)")
     p.add_argument("--out", default="runs/fp8_validation")
     p.add_argument("--runs", default="baseline,fp8", help="comma-separated: baseline, fp8")
