@@ -364,8 +364,9 @@ def expert_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF):
         return _grouped_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF)
     cap = int(counts_E.max()) if N else 0
     aligned = all(n * x_sorted.element_size() % 16 == 0 for n in (D, down_EDF.shape[-1]))  # grouped_mm needs it
-    if not aligned or N >= E and E * cap <= 2 * N:
-        run_E = torch.full_like(counts_E, cap)                 # padded bmm
+    padded_bmm = not aligned or N >= E and E * cap <= 2 * N
+    if padded_bmm:
+        run_E = torch.full_like(counts_E, cap)
     elif x_sorted.dtype != torch.float32 and cap >= 1 << CPU_GEMM_ROW_BITS:
         step_E = (counts_E.clamp(min=1).float().log2().floor() + 1 - CPU_GEMM_ROW_BITS).clamp(min=0).exp2().long()
         run_E = (counts_E + step_E - 1) // step_E * step_E
@@ -375,8 +376,8 @@ def expert_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF):
     expert_of = torch.repeat_interleave(torch.arange(E, device=x_sorted.device), counts_E, output_size=N)
     shift_E = (run_E.cumsum(0) - run_E) - (counts_E.cumsum(0) - counts_E)
     row = torch.arange(N, device=x_sorted.device) + shift_E[expert_of]
-    x_pad = x_sorted.new_zeros(int(run_E.sum()), D).index_copy(0, row, x_sorted)
-    if run_E.eq(cap).all():
+    x_pad = x_sorted.new_zeros(E * cap if padded_bmm else int(run_E.sum()), D).index_copy(0, row, x_sorted)
+    if padded_bmm:
         x_ECD = x_pad.view(E, cap, D)
         gate, up = torch.bmm(x_ECD, gate_up_EfD.transpose(-2, -1)).chunk(2, dim=-1)
         y_pad = torch.bmm(F.silu(gate) * up, down_EDF.transpose(-2, -1)).reshape(E * cap, -1)
