@@ -50,6 +50,32 @@ class Ours:
         return logits[:, 0].argmax(-1)
 
 
+class OursCompiled(Ours):
+    """The same model with each decode step one compiled graph over a static cache
+    (`fewchips.inference.generate(..., compile=True)`); the prefill stays eager."""
+    name = "fewchips+compile"
+
+    def start(self, ids, n_new):
+        from fewchips import LatentCache
+        from fewchips.inference.generate import compiled_decode_step, static_cache_len
+        B, T = ids.shape
+        cfg = self.model.config
+        self.cache = LatentCache(cfg, B, static_cache_len(T + n_new + 1, cfg.max_position_embeddings),
+                                 n_layers=cfg.num_hidden_layers, dtype=self.model.lm_head.weight.dtype)
+        tok = self.model(ids, cache=self.cache)[:, -1].argmax(-1)
+        self.cache.static = True
+        self.pos, self._step, self.compile_seconds = torch.full((B,), T), compiled_decode_step(), None
+        return tok
+
+    def step(self, tok):
+        t0 = time.perf_counter()
+        logits = self._step(self.model, tok, self.pos, self.cache)
+        if self.compile_seconds is None:                            # the first (warm-up) step compiles
+            self.compile_seconds = time.perf_counter() - t0
+        self.pos = self.pos + 1
+        return logits.argmax(-1)
+
+
 class Reference:
     name = "transformers"
 
@@ -83,8 +109,8 @@ def bench_preset(name, args, log):
     with tempfile.TemporaryDirectory() as d:
         DeepseekV3(cfg).init_weights(std=0.02).save_pretrained(d)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-        systems = [Ours(from_pretrained(d, dtype=dtype, mtp=False)),
-                   Reference(transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval())]
+        ours = from_pretrained(d, dtype=dtype, mtp=False)
+        systems = [Ours(ours), Reference(transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval())]
     g = torch.Generator().manual_seed(1)
     res = {"preset": name, "context": args.context}
 
@@ -107,25 +133,32 @@ def bench_preset(name, args, log):
     for B in (1, 8):
         ids = torch.randint(3, cfg.vocab_size, (B, args.context), generator=g)
         toks, outs = {}, {}
-        for s in systems:
+        # compiled decoding pays off where the experts' gathered form applies (RoutedExperts._gathered)
+        compiled = [OursCompiled(ours)] if args.compile and 4 * B * cfg.num_experts_per_tok <= cfg.n_routed_experts else []
+        for s in systems + compiled:
             toks[s.name] = s.start(ids, args.rounds * args.steps + 1)
             outs[s.name] = [toks[s.name]]
             toks[s.name] = s.step(toks[s.name])                  # warm-up step
             outs[s.name].append(toks[s.name])
-        best = {s.name: float("inf") for s in systems}
+        best = {s.name: float("inf") for s in systems + compiled}
         for _ in range(args.rounds):
-            for s in systems:
+            for s in systems + compiled:
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
                     toks[s.name] = s.step(toks[s.name])
                     outs[s.name].append(toks[s.name])
                 best[s.name] = min(best[s.name], (time.perf_counter() - t0) / args.steps)
-        for s in systems:
+        ref = torch.stack(outs["transformers"], 1)
+        for s in systems + compiled:
             res[f"{s.name}_decode_b{B}_tok_s"] = B / best[s.name]
-        a, b = (torch.stack(outs[s.name], 1) for s in systems)
-        res[f"same_greedy_tokens_b{B}"] = float((a == b).float().mean())
+            if s.name != "transformers":
+                tag = "" if s.name == "fewchips" else "_compiled"
+                res[f"same_greedy_tokens{tag}_b{B}"] = float((torch.stack(outs[s.name], 1) == ref).float().mean())
+        for s in compiled:
+            res[f"ratio_decode_b{B}_compiled"] = res[f"{s.name}_decode_b{B}_tok_s"] / res[f"transformers_decode_b{B}_tok_s"]
+            res[f"compile_seconds_b{B}"] = s.compile_seconds
         log(f"  {name} decode batch {B}: " + ", ".join(f"{s.name} {res[f'{s.name}_decode_b{B}_tok_s']:.1f} tok/s"
-                                                     for s in systems))
+                                                     for s in systems + compiled))
     for k in ("prefill", "decode_b1", "decode_b8"):
         res[f"ratio_{k}"] = res[f"fewchips_{k}_tok_s"] / res[f"transformers_{k}_tok_s"]
     per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim
@@ -145,6 +178,8 @@ def main():
     p.add_argument("--steps", type=int, default=8, help="decode steps per timed round")
     p.add_argument("--rounds", type=int, default=4, help="alternating rounds per system; the fastest is kept")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights, activations and cache, both systems")
+    p.add_argument("--compile", action="store_true",
+                   help="also time fewchips with compiled decode steps (batch sizes where they apply)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     keep_freed_memory()   # for both sides alike: big tensors reuse warm pages (fewchips/runtime.py)
@@ -162,7 +197,9 @@ def main():
         results.append(r)
         print(f"{name:6s} prefill {r['ratio_prefill']:.2f}x | decode b1 {r['ratio_decode_b1']:.2f}x | decode b8 "
               f"{r['ratio_decode_b8']:.2f}x | cache {r['cache_bytes_per_token_bf16']} B/token (bf16) | same greedy "
-              f"tokens b1 {r['same_greedy_tokens_b1']:.2f} b8 {r['same_greedy_tokens_b8']:.2f}", flush=True)
+              f"tokens b1 {r['same_greedy_tokens_b1']:.2f} b8 {r['same_greedy_tokens_b8']:.2f}" +
+              "".join(f" | compiled decode b{B} {r[f'ratio_decode_b{B}_compiled']:.2f}x (compile {r[f'compile_seconds_b{B}']:.0f} s)"
+                      for B in (1, 8) if f"ratio_decode_b{B}_compiled" in r), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)

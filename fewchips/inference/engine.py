@@ -89,7 +89,7 @@ class Engine:
 
     @property
     def cache_bytes(self) -> int:
-        return self.cache.latent_LBSC.nbytes + self.cache.k_rope_LBSR.nbytes
+        return self.cache.nbytes
 
     # ---- requests ----------------------------------------------------------------------------
     def check(self, prompt_ids: list[int], max_tokens: int):
