@@ -25,6 +25,8 @@ def test_generate_plain_and_mtp(model_dir, capsys):
     spec = capsys.readouterr()
     assert spec.out == plain.out                                   # greedy: MTP changes speed, not text
     assert "MTP acceptance" in spec.err and "tokens per forward" in spec.err
+    assert main(["generate", "--model", model_dir, "--prompt", "hello world", "--max-new-tokens", "6", "--compile"]) == 0
+    assert capsys.readouterr().out == plain.out                    # compiled decode steps: same greedy text
     assert main(["generate", "--model", model_dir, "--prompt", "hi", "--temperature", "0.8", "--seed", "3",
                  "--top-p", "0.9", "--top-k", "50", "--chat"]) == 0
 

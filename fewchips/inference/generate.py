@@ -145,9 +145,11 @@ def plain_generate(model, rows, params, tokenizer=None, compile: bool = False) -
 
 
 def static_cache_len(needed: int, limit: int) -> int:
-    """Cache positions for a compiled decode: `needed` rounded up to a power of two (at least 64,
-    at most `limit`), so that few distinct shapes are ever compiled."""
-    return max(needed, min(max(64, 1 << (needed - 1).bit_length()), limit))
+    """Cache positions for a compiled decode: `needed` rounded up to two significant bits (at least 16:
+    ... 64, 96, 128, 192, ... 512, 768, 1024, ...; at most a third unused), capped at `limit`. Every step attends over
+    all of them, so this trades a little attention work for few distinct compiled shapes."""
+    step = 1 << max(needed.bit_length() - 2, 4)
+    return max(needed, min(-(-needed // step) * step, limit))
 
 
 _compiled_step = None
