@@ -72,6 +72,10 @@ def run(args):
     new = out[len(ids):]
     print(args.prompt + tok.decode(new) if not args.chat else tok.decode(new))
     line = f"{len(new)} tokens in {dt:.2f}s ({len(new) / max(dt, 1e-9):.1f} tok/s)"
+    if "compile_seconds" in stats:
+        rest = dt - stats["compile_seconds"]
+        line = (f"{len(new)} tokens in {dt:.2f}s, of which {stats['compile_seconds']:.1f}s compiling the decode step "
+                f"(then {max(len(new) - 2, 0) / max(rest, 1e-9):.1f} tok/s)")
     if args.mtp:
         line += (f"; MTP acceptance {stats['acceptance_rate']:.1%}, "
                  f"{stats['tokens_per_forward']:.2f} tokens per forward")

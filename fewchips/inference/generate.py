@@ -8,6 +8,8 @@ stop leave the batch (the remaining rows keep their cache slots).
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..model import LatentCache
@@ -76,7 +78,8 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
     output identical); `stats`, if given, receives the acceptance rate and tokens per forward.
     compile: run each decode step as one `torch.compile`d graph over a static cache (see
     `compiled_decode_step`): faster single-stream decoding after a one-time compile per batch size and
-    cache length; the same tokens as eager up to float rounding."""
+    cache length; the same tokens as eager up to float rounding. `stats` receives `compile_seconds`
+    (the first compiled step, compile included)."""
     cfg = model.config
     rows, as_tensor = as_rows(input_ids)
     if any(len(r) == 0 for r in rows):
@@ -97,11 +100,11 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
         from .speculative import mtp_generate
         gens = mtp_generate(model, rows, params, tokenizer, stats)
     else:
-        gens = plain_generate(model, rows, params, tokenizer, compile)
+        gens = plain_generate(model, rows, params, tokenizer, compile, stats)
     return finish(rows, gens, as_tensor, pad_id, device)
 
 
-def plain_generate(model, rows, params, tokenizer=None, compile: bool = False) -> list[list[int]]:
+def plain_generate(model, rows, params, tokenizer=None, compile: bool = False, stats: dict | None = None) -> list[list[int]]:
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     B = len(rows)
@@ -118,6 +121,7 @@ def plain_generate(model, rows, params, tokenizer=None, compile: bool = False) -
     tok_all_B = torch.zeros(B, dtype=torch.long, device=device)
     if compile:
         cache.static = True      # from here every step attends over all max_len positions: fixed shapes
+        t_compile = time.perf_counter()            # importing torch._dynamo is part of the cost
         step = compiled_decode_step()
     while True:
         tok_B = sample(last_BV, [params[i] for i in active], [gens_gen[i] for i in active])
@@ -133,6 +137,8 @@ def plain_generate(model, rows, params, tokenizer=None, compile: bool = False) -
             tok_all_B[sel] = tok_B
             active = [active[j] for j in keep]
             last_BV = step(model, tok_all_B, pos_B, cache)[torch.tensor(active, device=device)]
+            if stats is not None and "compile_seconds" not in stats:
+                stats["compile_seconds"] = time.perf_counter() - t_compile
             pos_B += 1
             continue
         if len(keep) < len(active):
