@@ -87,7 +87,7 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
     if stop and tokenizer is None:
         raise ValueError("stop strings need tokenizer= to read the generated text")
     if compile and use_mtp:
-        raise ValueError("compile=True compiles plain decoding; MTP speculative decoding runs eagerly")
+        raise ValueError("compile=True and use_mtp=True (--compile, --mtp) cannot be combined: only plain decoding is compiled")
     params = row_params(len(rows), max_new_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids,
                         cfg.eos_token_id)
     pad_id = params[0].stop_token_ids[0] if params[0].stop_token_ids else 0
