@@ -118,11 +118,11 @@ def plain_generate(model, rows, params, tokenizer=None, compile: bool = False, s
     gens: list[list[int]] = [[] for _ in rows]
     active = list(range(B))
     pos_B = lens.clone()
-    tok_all_B = torch.zeros(B, dtype=torch.long, device=device)
     if compile:
         cache.static = True      # from here every step attends over all max_len positions: fixed shapes
         t_compile = time.perf_counter()            # importing torch._dynamo is part of the cost
         step = compiled_decode_step()
+        tok_all_B = torch.zeros(B, dtype=torch.long, device=device)
     while True:
         tok_B = sample(last_BV, [params[i] for i in active], [gens_gen[i] for i in active])
         keep = []
@@ -151,9 +151,9 @@ def plain_generate(model, rows, params, tokenizer=None, compile: bool = False, s
 
 
 def static_cache_len(needed: int, limit: int) -> int:
-    """Cache positions for a compiled decode: `needed` rounded up to two significant bits (at least 16:
-    ... 64, 96, 128, 192, ... 512, 768, 1024, ...; at most a third unused), capped at `limit`. Every step attends over
-    all of them, so this trades a little attention work for few distinct compiled shapes."""
+    """Cache positions for a compiled decode: `needed` rounded up to two significant bits (at least
+    16; ... 64, 96, 128, 192, ... 512, 768, 1024, ...: at most a third unused), capped at `limit`.
+    Every step attends over all of them: a little attention work traded for few compiled shapes."""
     step = 1 << max(needed.bit_length() - 2, 4)
     return max(needed, min(-(-needed // step) * step, limit))
 
