@@ -54,7 +54,7 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def section(results, name):
+def section(results, name, path):
     def deco(fn):
         t0 = time.time()
         try:
@@ -63,6 +63,8 @@ def section(results, name):
             results[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
         print(f"== {name} ({time.time() - t0:.1f}s)\n{json.dumps(results[name], indent=1, default=str)[:3000]}",
               flush=True)
+        with open(path, "w") as f:                                # after every section: a timeout keeps the rest
+            json.dump(results, f, indent=1, default=str)
         return fn
     return deco
 
@@ -90,8 +92,10 @@ def main():
                "fast_path": fast, "fast_path_reason": why, "backend": backend}
     print(json.dumps(results, indent=1), flush=True)
     it = dict(warmup=1, iters=2) if smoke else {}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "device_fp8.json")
 
-    @section(results, "correctness: fast path vs emulation (relative error)")
+    @section(results, "correctness: fast path vs emulation (relative error)", path)
     def _():
         g = torch.Generator(device=dev).manual_seed(0)
         x = torch.randn(512, 1024, device=dev, generator=g)
@@ -120,14 +124,14 @@ def main():
         return {"shape_MKN": [m, k, n], "bf16_tflops": fl / t16 / 1e12, "fp8_tflops": fl / t8 / 1e12,
                 "speedup": t16 / t8, "quantise_1x128_ms": tq * 1e3, "bf16_ms": t16 * 1e3, "fp8_ms": t8 * 1e3}
 
-    @section(results, "gemm only (operands pre-quantised)")
+    @section(results, "gemm only (operands pre-quantised)", path)
     def _():
         return {"dense up  x[M,7168] W[18432,7168]": gemm_case(M, D, FD, BLOCK),
                 "dense down x[M,18432] W[7168,18432]": gemm_case(M, FD, D, BLOCK),
                 "expert up x[M,7168] W[2048,7168]": gemm_case(M, D, FE, BLOCK),
                 "wgrad dense up dy^T[18432,M] x^T[7168,M]": gemm_case(FD, M, D, TILE)}
 
-    @section(results, "quantisation cost: eager PyTorch vs torch.compile (the fusion the fast path needs)")
+    @section(results, "quantisation cost: eager PyTorch vs torch.compile (the fusion the fast path needs)", path)
     def _():
         out = {}
         cq = torch.compile(quantize, dynamic=False)
@@ -159,11 +163,11 @@ def main():
         return {"shape_MKN": [M, k, n], "bf16_tflops": fl / t16 / 1e12, "fp8_tflops": fl / t8 / 1e12,
                 "speedup": t16 / t8, "bf16_ms": t16 * 1e3, "fp8_ms": t8 * 1e3}
 
-    @section(results, "linear forward+backward (autocast bf16, fp32 master weight, quantisation included)")
+    @section(results, "linear forward+backward (autocast bf16, fp32 master weight, quantisation included)", path)
     def _():
         return {"dense up 7168->18432": linear_case(D, FD), "dense down 18432->7168": linear_case(FD, D)}
 
-    @section(results, "grouped experts forward+backward (SwiGLU, 32 local experts, 7168x2048)")
+    @section(results, "grouped experts forward+backward (SwiGLU, 32 local experts, 7168x2048)", path)
     def _():
         E = 8 if smoke else 32
         cfg = ModelConfig(hidden_size=D, moe_intermediate_size=FE, n_routed_experts=E, num_experts_per_tok=2,
@@ -199,7 +203,7 @@ def main():
                 "note": "the FP8 path runs one block-wise scaled_mm per expert (torch has no block-wise grouped GEMM)"}
 
     if not args.skip_step:
-        @section(results, "training step (~1.5B-parameter MoE, AdamW, autocast bf16)")
+        @section(results, "training step (~1.5B-parameter MoE, AdamW, autocast bf16)", path)
         def _():
             if smoke:
                 cfg = ModelConfig.from_preset("tiny", num_nextn_predict_layers=0)
@@ -243,10 +247,6 @@ def main():
             out["speedup"] = out["bf16"]["step_s"] / out["fp8"]["step_s"]
             return out
 
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "device_fp8.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1, default=str)
     print(f"wrote {path}")
     return 0
 

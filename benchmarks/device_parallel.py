@@ -49,6 +49,9 @@ def main() -> int:
         row = {"check": name, "passed": bool(passed), **kw}
         results.append(row)
         print(json.dumps(row), flush=True)
+        if os.environ.get("OUT"):      # after every check: a crash or timeout keeps what was measured
+            with open(os.path.join(os.environ["OUT"], "results.json"), "w") as f:
+                json.dump(results, f, indent=1)
 
     par = init_parallel(ep=1, backend="gloo" if cpu else "nccl", timeout_s=120)
     dev = par.device
@@ -130,9 +133,6 @@ def main() -> int:
 
     dist.barrier()
     shutdown()
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
     print("device_parallel:", "all checks passed" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -200,7 +200,7 @@ def test_backend_resolution_and_fallback(caplog):
     assert layer(torch.randn(3, 128)).shape == (3, 128)
 
 
-@pytest.mark.parametrize("M,K,N", [(256, 512, 384), (200, 320, 272)])
+@pytest.mark.parametrize("M,K,N", [(256, 512, 384), (200, 320, 272), (1, 512, 384), (3, 320, 272)])
 def test_fast_path_layouts_pass_torch_checks(M, K, N):
     """The scaled_mm operands (row-/column-major data, outer-dim-major 1x128 scales, padded 128x128
     scales) satisfy torch's own shape and stride checks for all three GEMMs, run on meta tensors."""

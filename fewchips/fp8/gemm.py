@@ -46,14 +46,18 @@ def _pad_fp8(q, rows, cols):
 
 def mm_scaled(a_q, a_s, b_q, b_s, b_block, out_dtype):
     """A @ B^T through cuBLAS block-wise scaled GEMM. K and N are zero-padded to multiples of 128
-    (padding changes no scale: partial groups are already computed as if zero-padded)."""
+    (padding changes no scale: partial groups are already computed as if zero-padded), M to a
+    multiple of 16: torch's 1x128 check wants A's scales strided [1, M], which a single row (an expert
+    with one token) cannot give, and cuBLAS's row-count rules for this scaling are undocumented."""
     M, K = a_q.shape
     N = b_q.shape[0]
-    Kp, Np = _cdiv(K, 128) * 128, _cdiv(N, 128) * 128
+    Mp, Kp, Np = _cdiv(M, 16) * 16, _cdiv(K, 128) * 128, _cdiv(N, 128) * 128
     Kb = Kp // 128
-    a = _pad_fp8(a_q, M, Kp)
+    a = _pad_fp8(a_q, Mp, Kp)
     b = _pad_fp8(b_q, Np, Kp)
-    scale_a = a_s.float().t().contiguous().t()                              # [M, Kb], stride [1, M]
+    sa = torch.ones(Mp, Kb, device=a_s.device, dtype=torch.float32)
+    sa[:M] = a_s
+    scale_a = sa.t().contiguous().t()                                        # [Mp, Kb], stride [1, Mp]
     if b_block == TILE:
         sb = torch.ones(Np, Kb, device=b_s.device, dtype=torch.float32)
         sb[:N] = b_s
@@ -65,7 +69,7 @@ def mm_scaled(a_q, a_s, b_q, b_s, b_block, out_dtype):
         scale_b, recipe_b = sb.t(), F.ScalingType.BlockWise128x128              # [L4, Nb], stride [1, L4]
     out = F.scaled_mm(a, b.t(), scale_a, F.ScalingType.BlockWise1x128, scale_b, recipe_b,
                       output_dtype=out_dtype)
-    return out[:, :N] if Np != N else out
+    return out[:M, :N] if (Mp, Np) != (M, N) else out
 
 
 def fp8_mm(a_q, a_s, b_q, b_s, b_block=BLOCK, out_dtype=torch.float32, backend: str = "emulate"):
