@@ -51,28 +51,22 @@ class Ours:
 
 
 class OursCompiled(Ours):
-    """The same model with each decode step one compiled graph over a static cache
+    """The same model with each decode step one compiled graph
     (`fewchips.inference.generate(..., compile=True)`); the prefill stays eager."""
     name = "fewchips+compile"
 
     def start(self, ids, n_new):
-        from fewchips import LatentCache
-        from fewchips.inference.generate import compiled_decode_step, static_cache_len
-        B, T = ids.shape
-        cfg = self.model.config
-        self.cache = LatentCache(cfg, B, static_cache_len(T + n_new + 1, cfg.max_position_embeddings),
-                                 n_layers=cfg.num_hidden_layers, dtype=self.model.lm_head.weight.dtype)
-        tok = self.model(ids, cache=self.cache)[:, -1].argmax(-1)
-        self.cache.static = True
-        self.pos, self._step, self.compile_seconds = torch.full((B,), T), compiled_decode_step(), None
+        from fewchips.inference.generate import compiled_decode_step
+        tok = super().start(ids, n_new)
+        self.pos_B, self._step, self.compile_seconds = torch.full((ids.shape[0],), self.pos), compiled_decode_step(), None
         return tok
 
     def step(self, tok):
         t0 = time.perf_counter()
-        logits = self._step(self.model, tok, self.pos, self.cache)
+        logits = self._step(self.model, tok, self.pos_B, self.cache, None, self.pos + 1)
         if self.compile_seconds is None:                            # the first (warm-up) step compiles
             self.compile_seconds = time.perf_counter() - t0
-        self.pos = self.pos + 1
+        self.pos_B, self.pos = self.pos_B + 1, self.pos + 1
         return logits.argmax(-1)
 
 

@@ -527,18 +527,20 @@ class DeepseekV3(nn.Module):
 
     # ---- forward passes ---------------------------------------------------------------------
     def forward(self, input_ids, positions=None, cache: LatentCache | None = None, slots=None,
-                stats: list | None = None):
-        return self.lm_head(self.hidden_states(input_ids, positions, cache, slots, stats))
+                stats: list | None = None, attend_len: int | None = None):
+        return self.lm_head(self.hidden_states(input_ids, positions, cache, slots, stats, attend_len))
 
     def hidden_states(self, input_ids, positions=None, cache: LatentCache | None = None, slots=None,
-                      stats: list | None = None):
+                      stats: list | None = None, attend_len: int | None = None):
         """The final-normed hidden states [B, T, D] (what the head and the MTP module read).
-        With a cache, new tokens sit at `positions` [B, T] of cache rows `slots` [B]."""
+        With a cache, new tokens sit at `positions` [B, T] of cache rows `slots` [B] and attend over
+        cache positions [0, attend_len): by default max(positions) + 1 (read from the tensor: a host
+        sync), or all max_len for a static cache. A caller that knows it passes it (compiled steps)."""
         B, T = input_ids.shape
         positions = self._positions(input_ids, positions)
         cos, sin = self.rotary(positions)
         h = self.model.embed_tokens(input_ids)
-        step = self._cache_step(cache, slots, positions)
+        step = self._cache_step(cache, slots, positions, attend_len)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, self._cache_view(cache, i, step), stats)
         return self.model.norm(h)
@@ -578,14 +580,15 @@ class DeepseekV3(nn.Module):
         return positions
 
     @staticmethod
-    def _cache_step(cache, slots, positions):
+    def _cache_step(cache, slots, positions, attend_len: int | None = None):
         """Cache addressing for one forward, shared by all layers: slots, positions, attend length and
         the flat write index (slot * max_len + position)."""
         if cache is None:
             return None
         rows_B = slots if slots is not None else torch.arange(positions.shape[0], device=positions.device)
         flat_M = (rows_B[:, None] * cache.max_len + positions).reshape(-1)
-        attend_len = cache.max_len if cache.static else int(positions.max()) + 1
+        if attend_len is None:
+            attend_len = cache.max_len if cache.static else int(positions.max()) + 1
         return slots, positions, attend_len, flat_M
 
     @staticmethod

@@ -115,3 +115,15 @@ def test_abort_frees_the_slot():
         engine.step()
     assert a.finish_reason == "abort" and len(a.output_ids) < 40
     assert b.prompt_ids + b.output_ids == fewchips.generate(model, [[8, 9]], max_new_tokens=4, stop_token_ids=[])[0]
+
+
+def test_compiled_engine_matches_eager_one_slot():
+    """Engine(compile=True), as `fewchips chat --compile` runs it: requests one after another through one
+    slot (the slot reused, the cache length growing every step), the same greedy tokens as eager."""
+    model = tiny_model(0)
+    rows = prompts(3, seed=4)
+    want = [Engine(model, max_batch=1, max_len=64).run([Request(r, SamplingParams(max_tokens=9))])[0].output_ids
+            for r in rows]
+    engine = Engine(model, max_batch=1, max_len=64, compile=True)
+    got = [engine.run([Request(r, SamplingParams(max_tokens=9))])[0].output_ids for r in rows]
+    assert got == want

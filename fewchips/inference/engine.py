@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from ..model import LatentCache
-from .generate import pad_rows, stop_reason
+from .generate import compiled_decode_step, pad_rows, stop_reason
 from .sampling import SamplingParams, sample
 
 log = logging.getLogger("fewchips")
@@ -62,7 +62,7 @@ class Request:
 
 class Engine:
     def __init__(self, model, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
-                 max_cache_bytes: int | None = None, max_prefill_tokens: int = 8192):
+                 max_cache_bytes: int | None = None, max_prefill_tokens: int = 8192, compile: bool = False):
         cfg = model.config
         self.model, self.tokenizer = model, tokenizer
         p = next(model.parameters())
@@ -86,6 +86,9 @@ class Engine:
         self._stopping = False
         self.steps = 0
         self.peak_batch = 0           # most requests decoded together so far
+        # compile: decode steps as one compiled graph (generate.compiled_decode_step); pays off for
+        # batches of one or two, e.g. `fewchips chat --compile`. Prefill stays eager.
+        self._step = compiled_decode_step() if compile else None
 
     @property
     def cache_bytes(self) -> int:
@@ -176,7 +179,11 @@ class Engine:
         ids_B1 = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)
         pos_B1 = torch.tensor([[len(r.prompt_ids) + len(r.output_ids) - 1] for r in reqs], device=self.device)
         slots_B = torch.tensor([r.slot for r in reqs], device=self.device)
-        logits_BV = self.model(ids_B1, positions=pos_B1, cache=self.cache, slots=slots_B)[:, 0]
+        if self._step is not None:
+            attend_len = max(len(r.prompt_ids) + len(r.output_ids) for r in reqs)   # no host sync in the graph
+            logits_BV = self._step(self.model, ids_B1[:, 0], pos_B1[:, 0], self.cache, slots_B, attend_len)
+        else:
+            logits_BV = self.model(ids_B1, positions=pos_B1, cache=self.cache, slots=slots_B)[:, 0]
         self._emit(reqs, logits_BV)
 
     def _emit(self, reqs: list[Request], logits_BV):

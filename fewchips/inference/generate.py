@@ -76,9 +76,8 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
     eos) - kept in the output - or once its text contains a string of `stop` (needs `tokenizer`).
     use_mtp: speculative decoding with the MTP module as drafter (same output distribution; greedy
     output identical); `stats`, if given, receives the acceptance rate and tokens per forward.
-    compile: run each decode step as one `torch.compile`d graph over a static cache (see
-    `compiled_decode_step`): faster single-stream decoding after a one-time compile per batch size and
-    cache length; the same tokens as eager up to float rounding. `stats` receives `compile_seconds`
+    compile: run each decode step as one `torch.compile`d graph (see `compiled_decode_step`): faster
+    single-stream decoding after a one-time compile; the same tokens as eager up to float rounding. `stats` receives `compile_seconds`
     (the first compiled step, compile included)."""
     cfg = model.config
     rows, as_tensor = as_rows(input_ids)
@@ -109,9 +108,7 @@ def plain_generate(model, rows, params, tokenizer=None, compile: bool = False, s
     dtype = next(model.parameters()).dtype
     B = len(rows)
     lens = torch.tensor([len(r) for r in rows], device=device)
-    needed = int(lens.max()) + params[0].max_tokens
-    max_len = static_cache_len(needed, model.config.max_position_embeddings) if compile else needed
-    cache = LatentCache(model.config, B, max_len, dtype=dtype, device=device)
+    cache = LatentCache(model.config, B, int(lens.max()) + params[0].max_tokens, dtype=dtype, device=device)
     gens_gen = [p.generator(device) for p in params]
     logits_BTV = model(pad_rows(rows, 0, device), cache=cache)    # prefill: eager, expanded attention
     last_BV = logits_BTV[torch.arange(B, device=device), lens - 1]
@@ -119,7 +116,6 @@ def plain_generate(model, rows, params, tokenizer=None, compile: bool = False, s
     active = list(range(B))
     pos_B = lens.clone()
     if compile:
-        cache.static = True      # from here every step attends over all max_len positions: fixed shapes
         t_compile = time.perf_counter()            # importing torch._dynamo is part of the cost
         step = compiled_decode_step()
         tok_all_B = torch.zeros(B, dtype=torch.long, device=device)
@@ -136,7 +132,7 @@ def plain_generate(model, rows, params, tokenizer=None, compile: bool = False, s
         if compile:             # finished rows keep stepping (outputs unused): the batch shape never changes
             tok_all_B[sel] = tok_B
             active = [active[j] for j in keep]
-            last_BV = step(model, tok_all_B, pos_B, cache)[torch.tensor(active, device=device)]
+            last_BV = step(model, tok_all_B, pos_B, cache, None, int(pos_B.max()) + 1)[torch.tensor(active, device=device)]
             if stats is not None and "compile_seconds" not in stats:
                 stats["compile_seconds"] = time.perf_counter() - t_compile
             pos_B += 1
@@ -150,29 +146,23 @@ def plain_generate(model, rows, params, tokenizer=None, compile: bool = False, s
         pos_B[sel] += 1
 
 
-def static_cache_len(needed: int, limit: int) -> int:
-    """Cache positions for a compiled decode: `needed` rounded up to two significant bits (at least
-    16; ... 64, 96, 128, 192, ... 512, 768, 1024, ...: at most a third unused), capped at `limit`.
-    Every step attends over all of them: a little attention work traded for few compiled shapes."""
-    step = 1 << max(needed.bit_length() - 2, 4)
-    return max(needed, min(-(-needed // step) * step, limit))
-
-
 _compiled_step = None
 
 
-def _decode_step(model, tok_B, pos_B, cache):
-    return model(tok_B[:, None], positions=pos_B[:, None], cache=cache)[:, 0]
+def _decode_step(model, tok_B, pos_B, cache, slots, attend_len: int):
+    return model(tok_B[:, None], positions=pos_B[:, None], cache=cache, slots=slots, attend_len=attend_len)[:, 0]
 
 
 def compiled_decode_step():
-    """`step(model, tok_B, pos_B, cache) -> logits [B, V]`: one decode step as a single compiled graph.
+    """`step(model, tok_B, pos_B, cache, slots, attend_len) -> logits [B, V]`: one decode step (token
+    `tok_B[b]` at position `pos_B[b]` of cache row `slots[b]`, or row b if None) as one compiled graph.
 
     Eager, a batch-1 step of `small` on CPU is ~1,800 small ops whose dispatch costs more than reading
-    the weights. Compiled (inductor, fixed shapes) over a static cache, with the routed experts in
-    their gathered form (`RoutedExperts._gathered`), the step has no graph break and no host sync.
-    One compile per model, batch size and cache length (about a minute for `small` on 2 cores)."""
+    the weights. Compiled by inductor, with the routed experts in their gathered form
+    (`RoutedExperts._gathered`) and the attend length passed in (no host sync), the step has no graph
+    break. Shapes are dynamic: the cache length grows every step and one compile serves them all
+    (about a minute for `small` on 2 cores; batch 1 is its own graph)."""
     global _compiled_step
     if _compiled_step is None:
-        _compiled_step = torch.compile(_decode_step, dynamic=False)
+        _compiled_step = torch.compile(_decode_step, dynamic=True)
     return _compiled_step
