@@ -113,8 +113,7 @@ class LatentCache:
     compiler copy the whole buffer.
     `slots` rows of the batch dimension can be reused by different requests over time.
     static=True: every step attends over all max_len positions (the causal mask hides the unwritten
-    ones), so shapes never change and nothing syncs with the host - what CUDA-graph capture and
-    torch.compile need."""
+    ones), so shapes never change and nothing syncs with the host - what CUDA-graph capture needs."""
 
     def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int, n_layers: int | None = None,
                  dtype=torch.float32, device="cpu", static: bool = False):
@@ -336,7 +335,8 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x_MD, experts_MK, weights_MK):
         M, K = experts_MK.shape
-        if torch.compiler.is_compiling() and not torch.is_grad_enabled() and 4 * M * K <= self.n_experts:
+        if (torch.compiler.is_compiling() and not torch.is_grad_enabled() and 4 * M * K <= self.n_experts
+                and type(self).expert_ffn is RoutedExperts.expert_ffn):   # FP8 experts have their own FFN
             return self._gathered(x_MD, experts_MK, weights_MK)
         flat = experts_MK.reshape(-1)
         order = flat.argsort(stable=True)
@@ -352,8 +352,8 @@ class RoutedExperts(nn.Module):
 
     def _gathered(self, x_MD, experts_MK, weights_MK):
         """Decode-sized batches inside a compiled graph (no grad, token copies at most a quarter of the
-        experts): every copy reads only its expert's rows. Static shapes and no host sync, so the whole
-        decode step stays one graph. Inductor fuses the gather into the reduction and copies no weights;
+        experts): every copy reads only its expert's rows. No data-dependent shapes and no host sync, so
+        the whole decode step stays one graph. Inductor fuses the gather into the reduction and copies no weights;
         run eagerly, the same lines would copy each chosen expert's matrices (2-4x slower than grouped_mm).
         Inductor's reduction reads ~half as fast as MKL's GEMV, and a busy expert is read once per copy,
         so at a copy per expert (batch 8 of `small`) this measured 118 against 80 ms per step."""

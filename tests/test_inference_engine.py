@@ -127,3 +127,17 @@ def test_compiled_engine_matches_eager_one_slot():
     engine = Engine(model, max_batch=1, max_len=64, compile=True)
     got = [engine.run([Request(r, SamplingParams(max_tokens=9))])[0].output_ids for r in rows]
     assert got == want
+
+
+def test_compiled_engine_matches_eager_with_joins_and_leaves():
+    """Engine(compile=True) with three slots: requests at different positions, joining and leaving,
+    slots reused; batch sizes where the compiled step uses gathered experts and where it does not."""
+    model = tiny_model(0)
+    rows = prompts(5, seed=5)
+    lengths = [4, 9, 6, 3, 8]
+    out = {}
+    for compile in (False, True):
+        reqs = [Request(r, SamplingParams(max_tokens=n)) for r, n in zip(rows, lengths)]
+        Engine(model, max_batch=3, max_len=64, compile=compile).run(reqs)
+        out[compile] = [r.output_ids for r in reqs]
+    assert out[True] == out[False]

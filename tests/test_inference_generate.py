@@ -191,7 +191,40 @@ def test_compiled_decoding_equals_eager(lens, overrides):
     counters.clear()
     got = fewchips.generate(model, rows, max_new_tokens=12, stop_token_ids=[], compile=True)
     assert got == fewchips.generate(model, rows, max_new_tokens=12, stop_token_ids=[])
+    assert counters["stats"]["unique_graphs"] >= 1                  # it did compile (no silent eager fallback)
     if len(lens) == 1:
         assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     with pytest.raises(ValueError, match="cannot be combined"):
         fewchips.generate(model, rows, max_new_tokens=2, compile=True, use_mtp=True)
+
+
+def test_compiled_decoding_with_rows_stopping_early():
+    """Under compile finished rows keep stepping with their outputs unused; the others are unaffected."""
+    model = tiny_model(0)
+    rows = prompts(3, [4, 9, 6], seed=8)
+    free = fewchips.generate(model, rows, max_new_tokens=12, stop_token_ids=[])
+    stop = free[0][len(rows[0]) + 3]                   # row 0 stops at its 4th new token (or earlier)
+    want = fewchips.generate(model, rows, max_new_tokens=12, stop_token_ids=[stop])
+    assert any(len(w) < len(f) for w, f in zip(want, free))
+    assert fewchips.generate(model, rows, max_new_tokens=12, stop_token_ids=[stop], compile=True) == want
+
+
+def test_compiled_step_keeps_fp8_experts():
+    """A compiled step of an FP8 model runs its experts through FP8 (not the gathered full-precision
+    form): its logits equal the eager step's."""
+    from fewchips.fp8 import apply_fp8
+    from fewchips.inference.generate import compiled_decode_step
+    model = tiny_model(0)
+    apply_fp8(model, backend="emulate")
+    ids = torch.tensor(prompts(1, [7], seed=9))
+    logits = {}
+    with torch.inference_mode():
+        for name in ("eager", "compiled"):
+            cache = fewchips.LatentCache(model.config, 1, 16)
+            tok = model(ids, cache=cache)[:, -1].argmax(-1)
+            pos = torch.tensor([7])
+            if name == "eager":
+                logits[name] = model(tok[:, None], positions=pos[:, None], cache=cache)[:, 0]
+            else:
+                logits[name] = compiled_decode_step()(model, tok, pos, cache, None, 8)
+    torch.testing.assert_close(logits["compiled"], logits["eager"], rtol=1e-4, atol=1e-5)

@@ -50,8 +50,8 @@ def register(sub):
                    help="speculative decoding with the model's MTP module as drafter: same output, fewer "
                         "forwards; prints the acceptance rate and tokens per forward")
     p.add_argument("--compile", action="store_true",
-                   help="compile the decode step (torch.compile; ~1 min once per model and length bucket): "
-                        "faster single-prompt decoding, same tokens up to float rounding")
+                   help="compile the decode step (torch.compile; up to ~1 min, once): faster single-prompt "
+                        "decoding, same tokens up to float rounding")
     p.set_defaults(func=run)
 
 
@@ -75,7 +75,7 @@ def run(args):
     if "compile_seconds" in stats:
         rest = dt - stats["compile_seconds"]
         line = (f"{len(new)} tokens in {dt:.2f}s, of which {stats['compile_seconds']:.1f}s compiling the decode step "
-                f"(then {max(len(new) - 2, 0) / max(rest, 1e-9):.1f} tok/s)")
+                f"(then about {max(len(new) - 2, 0) / max(rest, 1e-9):.1f} tok/s)")
     if args.mtp:
         line += (f"; MTP acceptance {stats['acceptance_rate']:.1%}, "
                  f"{stats['tokens_per_forward']:.2f} tokens per forward")

@@ -171,6 +171,7 @@ class FP8RoutedExperts(RoutedExperts):
         new.backend, new.pow2_scales = backend, pow2_scales
         return new
 
+    @torch.compiler.disable   # like expert_swiglu: data-dependent row counts, grouped_mm's meta kernel is bf16-only
     def expert_ffn(self, x_sorted, counts_E):
         backend = resolve_backend(self.backend, str(x_sorted.device))
         offs_E = counts_E.cumsum(0)

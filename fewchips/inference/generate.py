@@ -3,7 +3,8 @@
 Prompts of different lengths are right-padded for the prefill. No attention mask is needed: attention
 is causal by absolute position, so a real token never sees the padding after it, and a row's padding
 entries in the cache sit beyond its position until its own decoded tokens overwrite them. Rows that
-stop leave the batch (the remaining rows keep their cache slots).
+stop leave the batch (the remaining rows keep their cache slots); with compile=True they keep stepping
+instead, their outputs unused, so the compiled batch keeps its shape.
 """
 
 from __future__ import annotations
