@@ -44,6 +44,14 @@ def _pad_fp8(q, rows, cols):
     return F.pad(q.view(torch.uint8), (0, cols - C, 0, rows - R)).view(q.dtype)
 
 
+def _outer_major_scales(s, rows):
+    """1x128 scales [R, Kb] padded with ones to [rows, Kb], stored outer-dim-major (stride [1, rows]),
+    the layout torch's block-wise check wants; one allocation, no transposing copy."""
+    out = torch.ones(s.shape[1], rows, device=s.device, dtype=torch.float32).t()
+    out[: s.shape[0]] = s
+    return out
+
+
 def mm_scaled(a_q, a_s, b_q, b_s, b_block, out_dtype):
     """A @ B^T through cuBLAS block-wise scaled GEMM. K and N are zero-padded to multiples of 128
     (padding changes no scale: partial groups are already computed as if zero-padded), M to a
@@ -55,13 +63,9 @@ def mm_scaled(a_q, a_s, b_q, b_s, b_block, out_dtype):
     Kb = Kp // 128
     a = _pad_fp8(a_q, Mp, Kp)
     b = _pad_fp8(b_q, Np, Kp)
-    sa = torch.ones(Mp, Kb, device=a_s.device, dtype=torch.float32)
-    sa[:M] = a_s
-    scale_a = sa.t().contiguous().t()                                        # [Mp, Kb], stride [1, Mp]
+    scale_a = _outer_major_scales(a_s, Mp)                                   # [Mp, Kb], stride [1, Mp]
     if b_block == TILE:
-        sb = torch.ones(Np, Kb, device=b_s.device, dtype=torch.float32)
-        sb[:N] = b_s
-        scale_b, recipe_b = sb.t().contiguous().t(), F.ScalingType.BlockWise1x128   # [Np, Kb], stride [1, Np]
+        scale_b, recipe_b = _outer_major_scales(b_s, Np), F.ScalingType.BlockWise1x128   # [Np, Kb], stride [1, Np]
     else:
         L4 = _cdiv(Kb, 4) * 4
         sb = torch.ones(Np // 128, L4, device=b_s.device, dtype=torch.float32)
