@@ -335,7 +335,7 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x_MD, experts_MK, weights_MK):
         M, K = experts_MK.shape
-        if (torch.compiler.is_compiling() and not torch.is_grad_enabled() and 4 * M * K <= self.n_experts
+        if (torch.compiler.is_compiling() and not torch.is_grad_enabled() and gathered_experts_fit(M, K, self.n_experts)
                 and type(self).expert_ffn is RoutedExperts.expert_ffn):   # FP8 experts have their own FFN
             return self._gathered(x_MD, experts_MK, weights_MK)
         flat = experts_MK.reshape(-1)
@@ -363,6 +363,12 @@ class RoutedExperts(nn.Module):
         gate, up = (self.gate_up_proj[e] * x_ND[:, None, :]).sum(-1).chunk(2, dim=-1)
         y_ND = (self.down_proj[e] * (F.silu(gate) * up)[:, None, :]).sum(-1)
         return (y_ND * weights_MK.reshape(-1, 1)).view(M, K, -1).sum(1).to(x_MD.dtype)
+
+
+def gathered_experts_fit(tokens: int, top_k: int, n_experts: int) -> bool:
+    """Whether a compiled step may use `RoutedExperts._gathered`: token copies at most a quarter of the
+    experts, so reading each copy's expert stays well below reading every expert once."""
+    return 4 * tokens * top_k <= n_experts
 
 
 # On CPU in low precision, each expert's run of rows is rounded up to a number with this many

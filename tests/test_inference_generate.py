@@ -183,7 +183,7 @@ def test_gathered_experts_equal_the_grouped_path():
 @pytest.mark.parametrize("lens,overrides", [([9], {}), ([5, 12], {}), ([70], {"q_lora_rank": None, "rope_scaling": YARN})],
                          ids=["batch1_one_graph", "ragged_batch2", "batch1_yarn_no_q_lora"])
 def test_compiled_decoding_equals_eager(lens, overrides):
-    """generate(compile=True): prefill eager, each decode step one compiled graph over a static cache.
+    """generate(compile=True): prefill eager, each decode step one compiled graph.
     Same greedy tokens as eager decoding; at batch 1 the step compiles without a graph break."""
     from torch._dynamo.utils import counters
     model = tiny_model(0, **overrides)

@@ -72,7 +72,7 @@ def run(args):
     new = out[len(ids):]
     print(args.prompt + tok.decode(new) if not args.chat else tok.decode(new))
     line = f"{len(new)} tokens in {dt:.2f}s ({len(new) / max(dt, 1e-9):.1f} tok/s)"
-    if "compile_seconds" in stats:
+    if "compile_seconds" in stats:   # the prefill's token and the compiling step's token come before `rest`
         rest = dt - stats["compile_seconds"]
         line = (f"{len(new)} tokens in {dt:.2f}s, of which {stats['compile_seconds']:.1f}s compiling the decode step "
                 f"(then about {max(len(new) - 2, 0) / max(rest, 1e-9):.1f} tok/s)")

@@ -176,12 +176,12 @@ class Engine:
             self._emit([reqs[i] for i in live], self.model.lm_head(h_BTD[idx, lens_B[idx] - 1]))
 
     def _decode(self, reqs: list[Request]):
+        pos = [len(r.prompt_ids) + len(r.output_ids) - 1 for r in reqs]      # of each row's last token
         ids_B1 = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)
-        pos_B1 = torch.tensor([[len(r.prompt_ids) + len(r.output_ids) - 1] for r in reqs], device=self.device)
+        pos_B1 = torch.tensor(pos, device=self.device)[:, None]
         slots_B = torch.tensor([r.slot for r in reqs], device=self.device)
-        if self._step is not None:
-            attend_len = max(len(r.prompt_ids) + len(r.output_ids) for r in reqs)   # no host sync in the graph
-            logits_BV = self._step(self.model, ids_B1[:, 0], pos_B1[:, 0], self.cache, slots_B, attend_len)
+        if self._step is not None:     # the attend length from the host-side positions: no sync in the graph
+            logits_BV = self._step(self.model, ids_B1[:, 0], pos_B1[:, 0], self.cache, slots_B, max(pos) + 1)
         else:
             logits_BV = self.model(ids_B1, positions=pos_B1, cache=self.cache, slots=slots_B)[:, 0]
         self._emit(reqs, logits_BV)

@@ -9,6 +9,7 @@ instead, their outputs unused, so the compiled batch keeps its shape.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -78,8 +79,8 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
     use_mtp: speculative decoding with the MTP module as drafter (same output distribution; greedy
     output identical); `stats`, if given, receives the acceptance rate and tokens per forward.
     compile: run each decode step as one `torch.compile`d graph (see `compiled_decode_step`): faster
-    single-stream decoding after a one-time compile; the same tokens as eager up to float rounding. `stats` receives `compile_seconds`
-    (the first compiled step, compile included)."""
+    single-stream decoding after a one-time compile; the same tokens as eager up to float rounding.
+    `stats` receives `compile_seconds` (the first compiled step, compile included)."""
     cfg = model.config
     rows, as_tensor = as_rows(input_ids)
     if any(len(r) == 0 for r in rows):
@@ -120,6 +121,7 @@ def plain_generate(model, rows, params, tokenizer=None, compile: bool = False, s
         t_compile = time.perf_counter()            # importing torch._dynamo is part of the cost
         step = compiled_decode_step()
         tok_all_B = torch.zeros(B, dtype=torch.long, device=device)
+        attend_len = int(lens.max()) + 1                  # all rows advance together: a host-side count
     while True:
         tok_B = sample(last_BV, [params[i] for i in active], [gens_gen[i] for i in active])
         keep = []
@@ -133,10 +135,11 @@ def plain_generate(model, rows, params, tokenizer=None, compile: bool = False, s
         if compile:             # finished rows keep stepping (outputs unused): the batch shape never changes
             tok_all_B[sel] = tok_B
             active = [active[j] for j in keep]
-            last_BV = step(model, tok_all_B, pos_B, cache, None, int(pos_B.max()) + 1)[torch.tensor(active, device=device)]
+            last_BV = step(model, tok_all_B, pos_B, cache, None, attend_len)[torch.tensor(active, device=device)]
             if stats is not None and "compile_seconds" not in stats:
                 stats["compile_seconds"] = time.perf_counter() - t_compile
             pos_B += 1
+            attend_len += 1
             continue
         if len(keep) < len(active):
             active = [active[j] for j in keep]
@@ -147,13 +150,11 @@ def plain_generate(model, rows, params, tokenizer=None, compile: bool = False, s
         pos_B[sel] += 1
 
 
-_compiled_step = None
-
-
 def _decode_step(model, tok_B, pos_B, cache, slots, attend_len: int):
     return model(tok_B[:, None], positions=pos_B[:, None], cache=cache, slots=slots, attend_len=attend_len)[:, 0]
 
 
+@functools.cache
 def compiled_decode_step():
     """`step(model, tok_B, pos_B, cache, slots, attend_len) -> logits [B, V]`: one decode step (token
     `tok_B[b]` at position `pos_B[b]` of cache row `slots[b]`, or row b if None) as one compiled graph.
@@ -163,7 +164,4 @@ def compiled_decode_step():
     (`RoutedExperts._gathered`) and the attend length passed in (no host sync), the step has no graph
     break. Shapes are dynamic: the cache length grows every step and one compile serves them all
     (about a minute for `small` on 2 cores; batch 1 is its own graph)."""
-    global _compiled_step
-    if _compiled_step is None:
-        _compiled_step = torch.compile(_decode_step, dynamic=True)
-    return _compiled_step
+    return torch.compile(_decode_step, dynamic=True)
