@@ -18,6 +18,7 @@ and `LatentCache` is the only inference state (owned by the caller, passed in).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -244,7 +245,9 @@ def causal_attention(q_BHTk, k_BHTk, v_BHTV, scale):
             v_BHTV = F.pad(v_BHTV, (0, pad))
         return F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BHTV, is_causal=True, scale=scale)[..., :v_dim]
     future_TT = torch.full((T, T), float("-inf"), device=q_BHTk.device).triu_(1)
-    scores_BHTT = torch.matmul(q_BHTk * scale, k_BHTk.transpose(-2, -1)) + future_TT   # fp32 from here
+    # Under bf16 autocast the scores leave the matmul in bf16 (as in transformers' eager attention;
+    # fused kernels keep them fp32); the mask add promotes them, so the softmax runs in fp32.
+    scores_BHTT = torch.matmul(q_BHTk * scale, k_BHTk.transpose(-2, -1)) + future_TT
     return torch.matmul(scores_BHTT.softmax(dim=-1).to(v_BHTV.dtype), v_BHTV)
 
 
@@ -277,8 +280,17 @@ class RouterOutput:
     scores_ME: torch.Tensor       # unbiased affinities s (sigmoid or softmax), fp32
 
 
+def no_autocast(device_type: str):
+    """A region autocast does not reach: what must stay fp32 (the gate, the MoE statistics) stays fp32
+    inside a caller's `torch.autocast`, which recasts `linear`/`matmul` to bf16 whatever its inputs."""
+    if not torch.amp.is_autocast_available(device_type):      # e.g. meta tensors
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
 class Router(nn.Module):
-    """Affinities in fp32, selection on s + b under group limits, weights from the unbiased s."""
+    """Affinities in fp32 (also under autocast), selection on s + b under group limits, weights from the
+    unbiased s."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -291,7 +303,11 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x_MD) -> RouterOutput:
-        logits_ME = F.linear(x_MD.float(), self.weight.float())
+        with no_autocast(x_MD.device.type):   # autocast would recast the fp32 linear to bf16
+            return self._route(x_MD.float())
+
+    def _route(self, x_MD) -> RouterOutput:
+        logits_ME = F.linear(x_MD, self.weight.float())
         scores_ME = logits_ME.sigmoid() if self.scoring_func == "sigmoid" else logits_ME.softmax(-1)
         choice_ME = scores_ME + self.e_score_correction_bias if self.topk_method == "noaux_tc" else scores_ME
         if self.topk_method != "greedy" and self.n_group > 1:
@@ -321,50 +337,6 @@ class Router(nn.Module):
         return out
 
 
-class RoutedExperts(nn.Module):
-    """Dispatch (sort token copies by expert), one grouped SwiGLU over all experts, combine (weighted
-    scatter-add back to the tokens). No Python loop over experts. Expert parallelism replaces this
-    module with one whose dispatch and combine are all-to-alls."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        E, D, Fd = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.n_experts = E
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Fd, D))   # [gate; up] rows per expert
-        self.down_proj = nn.Parameter(torch.empty(E, D, Fd))
-
-    def forward(self, x_MD, experts_MK, weights_MK):
-        M, K = experts_MK.shape
-        if (torch.compiler.is_compiling() and not torch.is_grad_enabled() and gathered_experts_fit(M, K, self.n_experts)
-                and type(self).expert_ffn is RoutedExperts.expert_ffn):   # FP8 experts have their own FFN
-            return self._gathered(x_MD, experts_MK, weights_MK)
-        flat = experts_MK.reshape(-1)
-        order = flat.argsort(stable=True)
-        token_of = order // K                                             # source token of each copy
-        counts_E = flat.new_zeros(self.n_experts).index_add_(0, flat, torch.ones_like(flat))  # bincount syncs on GPU
-        y = self.expert_ffn(x_MD.index_select(0, token_of), counts_E)   # backward: index_add, not index_put
-        y = y * weights_MK.reshape(-1).index_select(0, order)[:, None].to(y.dtype)
-        return torch.zeros_like(x_MD).index_add_(0, token_of, y.to(x_MD.dtype))   # y is bf16 under autocast
-
-    def expert_ffn(self, x_sorted, counts_E):
-        """SwiGLU of each expert on its contiguous run of rows (rows sorted by expert)."""
-        return expert_swiglu(x_sorted, counts_E, self.gate_up_proj, self.down_proj)
-
-    def _gathered(self, x_MD, experts_MK, weights_MK):
-        """Decode-sized batches inside a compiled graph (no grad, token copies at most a quarter of the
-        experts): every copy reads only its expert's rows. No data-dependent shapes and no host sync, so
-        the whole decode step stays one graph. Inductor fuses the gather into the reduction and copies no weights;
-        run eagerly, the same lines would copy each chosen expert's matrices (2-4x slower than grouped_mm).
-        Inductor's reduction reads ~half as fast as MKL's GEMV, and a busy expert is read once per copy,
-        so at a copy per expert (batch 8 of `small`) this measured 118 against 80 ms per step."""
-        M, K = experts_MK.shape
-        e = experts_MK.reshape(-1)
-        x_ND = x_MD.repeat_interleave(K, dim=0).to(self.gate_up_proj.dtype)             # N = M*K copies
-        gate, up = (self.gate_up_proj[e] * x_ND[:, None, :]).sum(-1).chunk(2, dim=-1)
-        y_ND = (self.down_proj[e] * (F.silu(gate) * up)[:, None, :]).sum(-1)
-        return (y_ND * weights_MK.reshape(-1, 1)).view(M, K, -1).sum(1).to(x_MD.dtype)
-
-
 def gathered_experts_fit(tokens: int, top_k: int, n_experts: int) -> bool:
     """Whether a compiled step may use `RoutedExperts._gathered`: token copies at most a quarter of the
     experts, so reading each copy's expert stays well below reading every expert once."""
@@ -389,9 +361,9 @@ def expert_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF):
     a few shapes (CPU_GEMM_ROW_BITS). No Python loop over experts."""
     E, (N, D) = counts_E.shape[0], x_sorted.shape
     device = x_sorted.device.type
-    if torch.is_autocast_enabled(device):      # grouped_mm is not on autocast's list: cast by hand
-        dt = torch.get_autocast_dtype(device)
-        x_sorted, gate_up_EfD, down_EDF = x_sorted.to(dt), gate_up_EfD.to(dt), down_EDF.to(dt)
+    # grouped_mm is not on autocast's list: cast by hand (weights follow the activations without autocast)
+    dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_sorted.dtype
+    x_sorted, gate_up_EfD, down_EDF = x_sorted.to(dt), gate_up_EfD.to(dt), down_EDF.to(dt)
     if x_sorted.is_cuda:                       # no host sync on GPU
         return _grouped_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF)
     cap = int(counts_E.max()) if N else 0
@@ -422,6 +394,56 @@ def _grouped_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF):
     offs = counts_E.cumsum(0).to(torch.int32)
     gate, up = F.grouped_mm(x_sorted, gate_up_EfD.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
     return F.grouped_mm((F.silu(gate) * up).contiguous(), down_EDF.transpose(-2, -1), offs=offs)
+
+
+class RoutedExperts(nn.Module):
+    """Dispatch (sort token copies by expert), one grouped SwiGLU over all experts, combine (weighted
+    scatter-add back to the tokens). No Python loop over experts. Expert parallelism replaces this
+    module with one whose dispatch and combine are all-to-alls.
+
+    `swiglu(x_sorted, counts_E, gate_up, down)` is the grouped FFN on given weights: a seam like the
+    linear layers (FP8 sets its own; expert parallelism carries it over to the local experts)."""
+
+    swiglu = staticmethod(expert_swiglu)
+    gathered_decode = True        # compiled decode steps may read experts by gather (`_gathered`)
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, Fd = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.n_experts = E
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Fd, D))   # [gate; up] rows per expert
+        self.down_proj = nn.Parameter(torch.empty(E, D, Fd))
+
+    def forward(self, x_MD, experts_MK, weights_MK):
+        M, K = experts_MK.shape
+        if (torch.compiler.is_compiling() and not torch.is_grad_enabled() and gathered_experts_fit(M, K, self.n_experts)
+                and self.gathered_decode and self.swiglu is expert_swiglu):   # the same math on full-precision weights
+            return self._gathered(x_MD, experts_MK, weights_MK)
+        flat = experts_MK.reshape(-1)
+        order = flat.argsort(stable=True)
+        token_of = order // K                                             # source token of each copy
+        counts_E = flat.new_zeros(self.n_experts).index_add_(0, flat, torch.ones_like(flat))  # bincount syncs on GPU
+        y = self.expert_ffn(x_MD.index_select(0, token_of), counts_E)   # backward: index_add, not index_put
+        y = y * weights_MK.reshape(-1).index_select(0, order)[:, None].to(y.dtype)
+        return torch.zeros_like(x_MD).index_add_(0, token_of, y.to(x_MD.dtype))   # y is bf16 under autocast
+
+    def expert_ffn(self, x_sorted, counts_E):
+        """SwiGLU of each expert on its contiguous run of rows (rows sorted by expert)."""
+        return self.swiglu(x_sorted, counts_E, self.gate_up_proj, self.down_proj)
+
+    def _gathered(self, x_MD, experts_MK, weights_MK):
+        """Decode-sized batches inside a compiled graph (no grad, token copies at most a quarter of the
+        experts): every copy reads only its expert's rows. No data-dependent shapes and no host sync, so
+        the whole decode step stays one graph. Inductor fuses the gather into the reduction and copies no weights;
+        run eagerly, the same lines would copy each chosen expert's matrices (2-4x slower than grouped_mm).
+        Inductor's reduction reads ~half as fast as MKL's GEMV, and a busy expert is read once per copy,
+        so at a copy per expert (batch 8 of `small`) this measured 118 against 80 ms per step."""
+        M, K = experts_MK.shape
+        e = experts_MK.reshape(-1)
+        x_ND = x_MD.repeat_interleave(K, dim=0).to(self.gate_up_proj.dtype)             # N = M*K copies
+        gate, up = (self.gate_up_proj[e] * x_ND[:, None, :]).sum(-1).chunk(2, dim=-1)
+        y_ND = (self.down_proj[e] * (F.silu(gate) * up)[:, None, :]).sum(-1)
+        return (y_ND * weights_MK.reshape(-1, 1)).view(M, K, -1).sum(1).to(x_MD.dtype)
 
 
 @dataclass
@@ -455,7 +477,8 @@ class MoE(nn.Module):
 
     def _stats(self, r: RouterOutput, B: int, T: int) -> MoEStats:
         """Expert loads for the bias update, and the complementary sequence-wise balance loss
-        (reference 3.4) with the indicator taken on the experts actually selected."""
+        (reference 3.4) with the indicator taken on the experts actually selected. fp32, like the gate's
+        scores they are made of (no op here is one autocast lowers)."""
         E, K = self.n_experts, self.top_k
         onehot_BTE = torch.zeros(B * T, E, device=r.experts_MK.device).scatter_(1, r.experts_MK, 1.0).view(B, T, E)
         f_BE = onehot_BTE.sum(1) * (E / (K * T))
@@ -566,16 +589,18 @@ class DeepseekV3(nn.Module):
         return self.lm_head(self.mtp[depth].shared_head.norm(h_BTD))
 
     def mtp_forward(self, input_ids, h_main_BTD, stats: list | None = None):
-        """Training-time MTP: a list over depths k = 1..D of logits [B, T-k, V]; position i of
-        depth k predicts token i+k+1 (so its targets are input_ids[:, i+k+1], where they exist)."""
+        """Training-time MTP (arXiv 2412.19437 §2.2, eqs. 21-23): a list over depths k = 1..D of logits
+        [B, T-k, V]; position i of depth k predicts token i+k+1 (its targets are input_ids[:, i+k+1],
+        where they exist). Depth k reads what the head before it read: the main model's final-normed
+        state for k = 1, depth k-1's output after its `shared_head.norm` beyond (docs/model.md)."""
         out, h = [], h_main_BTD
         T = input_ids.shape[1]
         for d in range(len(self.mtp)):
             k = d + 1
             if T - k <= 0:
                 break
-            h = self.mtp_hidden(d, input_ids[:, k:], h[:, : T - k], stats=stats)
-            out.append(self.mtp_logits(d, h))
+            h = self.mtp[d].shared_head.norm(self.mtp_hidden(d, input_ids[:, k:], h[:, : T - k], stats=stats))
+            out.append(self.lm_head(h))
         return out
 
     @staticmethod

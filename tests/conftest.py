@@ -41,3 +41,23 @@ def random_model(cfg, seed=0, std=0.05, bias_std=0.1):
 @pytest.fixture
 def tiny_cfg():
     return tiny_config()
+
+
+def mtp_depth_from_the_report(model, mtp, next_ids_BT, h_prev_BTD):
+    """One MTP depth written from the report's equations (arXiv 2412.19437 §2.2), without the model's
+    MTP code: for positions i = 0..T-1,
+        h'_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)]    (eq. 21; the release's [emb; h] order)
+        h^k = TRM_k(h')                                            (eq. 22; one causal decoder block)
+        P^k_{i+k+1} = OutHead(h^k_i)                                (eq. 23; the release's shared_head.norm first)
+    next_ids [B, T] holds t_{i+k}; h_prev [B, T, D] holds h^{k-1}_i. Returns (normed h^k, logits)."""
+    from fewchips.model import DecoderLayer
+
+    def rms_norm(x, weight, eps=model.config.rms_norm_eps):
+        return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+    T = next_ids_BT.shape[1]
+    emb = model.model.embed_tokens.weight[next_ids_BT]
+    x = torch.cat((rms_norm(emb, mtp.enorm.weight), rms_norm(h_prev_BTD, mtp.hnorm.weight)), -1) @ mtp.eh_proj.weight.t()
+    cos, sin = model.rotary(torch.arange(T)[None])
+    h = rms_norm(DecoderLayer.forward(mtp, x, cos, sin), mtp.shared_head.norm.weight)
+    return h, h @ model.lm_head.weight.t()

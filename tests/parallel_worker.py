@@ -132,6 +132,36 @@ def roundtrip(par):
     return results
 
 
+def fp8_parity(par, out):
+    """FP8 (emulated) experts split over ep ranks: the split experts still run the FP8 grouped FFN, and
+    one step's loss and gathered gradients equal FP8 in one process to FP8's own noise. That noise is
+    large: FP8 rounding and expert choices flip on ulp-sized input changes (scaling the embedding by
+    1 + 1e-6 moves the gradient by ~1% in L2), and the split computation is not bitwise the single
+    one. Plain experts in place of FP8 ones move the loss by ~7e-5 and the gradient by ~12%; with the
+    old 1e-4 floor on FP8 scales the split moved it by 5.3% (per-rank gradients are twice as large)."""
+    from fewchips.fp8 import apply_fp8
+    from fewchips.fp8.linear import fp8_expert_swiglu
+    cfg = tiny_config()
+    ref = random_model(cfg).train()
+    apply_fp8(ref, backend="emulate")
+    model = parallelize(copy.deepcopy(ref), par)
+    split = [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
+    ids = torch.randint(0, cfg.vocab_size, (128 * par.world_size, 4), generator=torch.Generator().manual_seed(5))
+    loss = lm_loss(model, par.local_batch(ids), [])
+    loss.backward()
+    reduce_expert_grads(model, par)
+    ref_loss = lm_loss(ref, ids, [])
+    ref_loss.backward()
+    g = loss.detach().clone()
+    dist.all_reduce(g)
+    refp = dict(ref.named_parameters())
+    got = torch.cat([full(p.grad).flatten() for _, p in model.named_parameters()])
+    want = torch.cat([refp[n].grad.flatten() for n, _ in model.named_parameters()])
+    return {"rank": par.rank, "loss": g.item() / par.world_size, "ref_loss": ref_loss.item(),
+            "grad_rel_l2": ((got - want).norm() / want.norm()).item(),
+            "n_split": len(split), "fp8_ffn": all(getattr(m.swiglu, "func", None) is fp8_expert_swiglu for m in split)}
+
+
 def resume(par, out, ckpt):
     """Load a checkpoint written at another world size and take step 2."""
     cfg = tiny_config()
@@ -170,6 +200,8 @@ def main():
         res = parity(par, out)
     elif scenario == "parity_save":
         res = parity(par, out, save_dir=os.path.join(out, "ckpt"))
+    elif scenario == "fp8_parity":
+        res = fp8_parity(par, out)
     elif scenario == "resume":
         res = resume(par, out, sys.argv[4])
     elif scenario in ("fault", "hang"):

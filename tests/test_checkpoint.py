@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import fewchips
@@ -24,14 +23,29 @@ def logits(model, ids=IDS):
     return out.logits if hasattr(out, "logits") else out
 
 
+# The MTP module's own tensors in the release (model.layers.61.* for V3), and where each lives in memory.
+MTP_KEYS = {"enorm.weight": "mtp.0.enorm.weight", "hnorm.weight": "mtp.0.hnorm.weight",
+            "eh_proj.weight": "mtp.0.eh_proj.weight", "shared_head.norm.weight": "mtp.0.shared_head.norm.weight",
+            "embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+
+
 def test_save_load_roundtrip_keeps_mtp(tmp_path):
     model = random_model(tiny_config())
+    with torch.no_grad():                                  # distinct values, so a swapped name cannot pass
+        for i, p in enumerate(model.parameters()):
+            p.add_(i)
     model.save_pretrained(tmp_path)
-    names = set(load_file(tmp_path / "model.safetensors"))
-    assert "model.layers.3.eh_proj.weight" in names                     # MTP at layer num_hidden_layers
-    assert "model.layers.3.shared_head.head.weight" in names
-    assert "model.layers.1.mlp.experts.7.down_proj.weight" in names      # released per-expert names
+    disk = load_file(tmp_path / "model.safetensors")
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in disk       # released per-expert names
+    mem = dict(model.state_dict())
+    for key, where in MTP_KEYS.items():                                  # MTP at layer num_hidden_layers
+        assert torch.equal(disk[f"model.layers.3.{key}"], mem[where]), key
+    assert torch.equal(disk["model.layers.3.self_attn.kv_b_proj.weight"], mem["mtp.0.self_attn.kv_b_proj.weight"])
+    assert torch.equal(disk["model.layers.3.mlp.gate.e_score_correction_bias"],
+                       mem["mtp.0.mlp.gate.e_score_correction_bias"])
     back = fewchips.from_pretrained(tmp_path)
+    for key, where in MTP_KEYS.items():
+        assert torch.equal(back.state_dict()[where], disk[f"model.layers.3.{key}"]), key
     assert back.config.num_nextn_predict_layers == 1
     for (n, a), (m, b) in zip(model.state_dict().items(), back.state_dict().items()):
         assert n == m and torch.equal(a, b), n
@@ -107,6 +121,16 @@ FP8_CFG = dict(hidden_size=200, intermediate_size=300, moe_intermediate_size=136
                kv_lora_rank=72, num_attention_heads=3, qk_nope_head_dim=40, v_head_dim=24)
 
 
+def dequantize_by_hand(q, s, block=128):
+    """W[r, c] = q[r, c] * s[r // 128, c // 128], one block at a time (the release's weight_scale_inv)."""
+    w = torch.empty(q.shape, dtype=torch.float32)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            rows, cols = slice(i * block, (i + 1) * block), slice(j * block, (j + 1) * block)
+            w[rows, cols] = q[rows, cols].float() * s[i, j]
+    return w
+
+
 def write_fp8_checkpoint(path, model):
     """A checkpoint in the released layout: projections and experts in e4m3 with fp32 weight_scale_inv;
     embeddings, head, norms, router and eh_proj in high precision. Returns the dequantised reference."""
@@ -119,7 +143,7 @@ def write_fp8_checkpoint(path, model):
         if fp8:
             q, s = quantize_blocks(t)
             tensors[name], tensors[name + "_scale_inv"] = q, s
-            reference[name] = dequantize_fp8_blocks(q, s)
+            reference[name] = dequantize_by_hand(q, s)
         else:
             tensors[name] = t
     os.makedirs(path, exist_ok=True)

@@ -75,9 +75,14 @@ def test_rows_at_different_positions():
 
 
 def test_cache_bytes_per_token():
-    model = tiny_model(0)
-    cfg = model.config
-    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-    for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
-        cache = LatentCache(cfg, n_slots=1, max_len=8, dtype=dtype)
-        assert cache.bytes_per_token == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * layers * size
+    """The cache holds the normalised latent and the rotated rope key, 512 + 64 = 576 numbers per token
+    per layer for V3: 70,272 bytes per token over its 61 layers in BF16 (68.6 KiB), 1,152 more with the
+    MTP layer; and `bytes_per_token` is what one more cache position really allocates."""
+    from fewchips import ModelConfig
+    v3 = ModelConfig.from_preset("v3")
+    assert LatentCache(v3, 1, 1, n_layers=61, dtype=torch.bfloat16, device="meta").bytes_per_token == 70_272
+    assert LatentCache(v3, 1, 1, dtype=torch.bfloat16, device="meta").bytes_per_token == 70_272 + 1_152
+    cfg = tiny_model(0).config
+    for dtype in (torch.float32, torch.bfloat16):
+        short, longer = LatentCache(cfg, 3, 8, dtype=dtype), LatentCache(cfg, 3, 9, dtype=dtype)
+        assert longer.nbytes - short.nbytes == 3 * short.bytes_per_token

@@ -91,17 +91,25 @@ def test_top_k_top_p_filtering():
     assert torch.equal(p[2], torch.tensor([1.0, 0, 0, 0, 0]))
 
 
-def copy_drafter_model(noise: float, seed: int = 0):
+def copy_drafter_model(noise: float, seed: int = 0, hidden_gain: float = 0.3):
     """A 1-layer model whose MTP block is a noisy copy of its decoder layer: a drafter that is often
-    right, so both acceptances and rejections happen (a random MTP module is almost never right)."""
+    right, so both acceptances and rejections happen (a random MTP module is almost never right).
+    Embedding rows have unit RMS, so enorm(emb) ~ emb and the MTP block at position i sees what the
+    main layer sees at i+1. The hidden half of eh_proj is live (x = enorm(emb) + gain·hnorm(h) + noise)
+    and the norms have distinct weights, so the drafts depend on hnorm(h), on which hidden state feeds
+    the MTP module, and on each norm being the right one."""
     model = tiny_model(seed, num_hidden_layers=1, first_k_dense_replace=0)
     D = model.config.hidden_size
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb.div_(emb.pow(2).mean(-1, keepdim=True).sqrt())
         model.mtp[0].load_state_dict(model.model.layers[0].state_dict(), strict=False)
-        eh = torch.cat((torch.eye(D), torch.zeros(D, D)), 1)      # keep the embedding half: x = enorm(emb)
+        eh = torch.cat((torch.eye(D), hidden_gain * torch.eye(D)), 1)
         model.mtp[0].eh_proj.weight.copy_(eh + noise * torch.randn(D, 2 * D, generator=g))
-        model.mtp[0].shared_head.norm.weight.copy_(model.model.norm.weight)
+        for norm, spread in ((model.model.norm, 0.1), (model.mtp[0].enorm, 0.05), (model.mtp[0].hnorm, 0.5)):
+            norm.weight.uniform_(1 - spread, 1 + spread, generator=g)
+        model.mtp[0].shared_head.norm.weight.copy_(model.model.norm.weight * torch.empty(D).uniform_(0.95, 1.05, generator=g))
     return model
 
 
@@ -121,6 +129,32 @@ def test_mtp_greedy_is_token_for_token_plain_greedy(noise):
     stop_tok = plain[0][6 + 7]
     assert (fewchips.generate(model, rows, max_new_tokens=40, stop_token_ids=[stop_tok], use_mtp=True)
             == fewchips.generate(model, rows, max_new_tokens=40, stop_token_ids=[stop_tok]))
+
+
+def test_mtp_drafts_equal_the_report_equations():
+    """Every draft of greedy speculative decoding (its logits, recorded at each call) equals the MTP
+    module written from the report's equations over the final sequence: at position i it reads the
+    main model's final-normed h_i and token i+1 and predicts token i+2. Checks the hidden state, the
+    token and the MTP cache fed at every step, accepted or rejected."""
+    from conftest import mtp_depth_from_the_report
+    model = copy_drafter_model(0.05)
+    prompt = prompts(1, [6], seed=11)[0]
+    recorded, plain_logits = [], model.mtp_logits
+    model.mtp_logits = lambda depth, h: recorded.append(plain_logits(depth, h)) or recorded[-1]
+    seq = fewchips.generate(model, [prompt], max_new_tokens=24, stop_token_ids=[], use_mtp=True)[0]
+    del model.mtp_logits
+    with torch.no_grad():
+        ids = torch.tensor([seq])
+        _, want = mtp_depth_from_the_report(model, model.mtp[0], ids[:, 1:], model.hidden_states(ids)[:, :-1])
+    last, outcomes = len(prompt), []            # position of the newest emitted token
+    for logits in recorded:
+        if last >= len(seq):                    # the draft after the final step
+            break
+        torch.testing.assert_close(logits[0], want[0, last - 1], rtol=1e-4, atol=1e-5)
+        accepted = last + 1 < len(seq) and int(logits[0].argmax()) == seq[last + 1]
+        outcomes.append(accepted)
+        last += 2 if accepted else 1
+    assert len(outcomes) >= len(recorded) - 1 and any(outcomes) and not all(outcomes)
 
 
 def test_mtp_sampling_is_seeded_and_accepts():

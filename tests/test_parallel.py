@@ -83,6 +83,18 @@ def test_ep2_matches_single_process(tmp_path):
     check_parity(results(tmp_path, 2))
 
 
+def test_fp8_experts_keep_fp8_under_ep2(tmp_path):
+    """FP8 (emulated) + ep 2 gives the loss and gradients of FP8 in one process, to FP8's own noise
+    (see parallel_worker.fp8_parity): the experts split over ranks keep the FP8 grouped FFN (they
+    silently fell back to the plain one before, which these tolerances tell apart)."""
+    codes, errs, _ = launch(2, ["fp8_parity", tmp_path, 2], tmp_path)
+    _assert_ok(codes, errs)
+    for r in results(tmp_path, 2):
+        assert r["n_split"] == 3 and r["fp8_ffn"]            # two MoE layers and the MTP layer
+        assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-6)          # plain experts: ~7e-5 off
+        assert r["grad_rel_l2"] < 0.02, r["grad_rel_l2"]                     # measured 0.0036; plain experts ~0.12
+
+
 @pytest.fixture(scope="module")
 def dp2_ep2_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dp2ep2")

@@ -35,6 +35,31 @@ def test_one_process_path_matches_plain_model():
         shutdown()
 
 
+def test_fp8_modules_survive_parallelize_at_ep1():
+    """Pure data parallelism (ep 1) keeps every FP8 layer: the linears as FP8Linear, the split experts
+    with the FP8 grouped FFN; the loss equals the FP8 model's in one process. FP8 after parallelize is refused."""
+    from fewchips.fp8 import FP8Linear, apply_fp8
+    from fewchips.fp8.linear import fp8_expert_swiglu
+    from fewchips.parallel import ExpertParallelExperts, init_parallel, lm_loss, parallelize, shutdown
+
+    par = init_parallel()
+    try:
+        cfg = tiny_config()
+        ref = random_model(cfg).train()
+        n_fp8 = len(apply_fp8(ref, backend="emulate"))
+        model = parallelize(copy.deepcopy(ref), par)
+        linears = [m for m in model.modules() if isinstance(m, FP8Linear)]
+        experts = [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
+        assert len(linears) + len(experts) == n_fp8 and len(experts) == 3
+        assert all(m.swiglu.func is fp8_expert_swiglu for m in experts)
+        ids = torch.randint(0, cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+        assert lm_loss(model, ids, []).item() == pytest.approx(lm_loss(ref, ids, []).item(), rel=1e-6)
+        with pytest.raises(ValueError, match="before parallelize"):
+            apply_fp8(parallelize(random_model(cfg).train(), par))
+    finally:
+        shutdown()
+
+
 def test_layout_errors_name_the_flag():
     from fewchips.parallel import init_parallel
     with pytest.raises(ValueError, match="--ep 3"):

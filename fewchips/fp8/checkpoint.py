@@ -110,6 +110,8 @@ class FP8StoredExperts(RoutedExperts):
     """Routed experts holding E4M3 `gate`, `up` [E, F, D] and `down` [E, D, F] with per-expert block
     scales; each expert that received tokens is dequantised just before its SwiGLU (bounded memory)."""
 
+    gathered_decode = False       # it has its own `expert_ffn` over the FP8 buffers
+
     def __init__(self, n_experts, dim, hidden, dtype=torch.bfloat16, device=None):
         nn.Module.__init__(self)
         self.n_experts, self.dtype = n_experts, dtype

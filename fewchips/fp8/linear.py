@@ -15,9 +15,12 @@ elsewhere) is resolved per device at the first call.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..model import RoutedExperts
 from .gemm import fp8_mm, resolve_backend
@@ -155,10 +158,29 @@ def _grouped_wgrad(g_MN, xq, xs, offs_E, shape_ENK, backend, pow2):
     return dw
 
 
+@torch.compiler.disable   # like expert_swiglu: data-dependent row counts, grouped_mm's meta kernel is bf16-only
+def fp8_expert_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF, backend: str = "auto", pow2_scales: bool = False):
+    """`model.expert_swiglu` with both grouped GEMMs (gate_up and down) in FP8, quantised from the weights
+    given (the master weights); the SwiGLU itself stays in the activation dtype."""
+    backend = resolve_backend(backend, str(x_sorted.device))
+    offs_E = counts_E.cumsum(0)
+    out_dtype = _out_dtype(x_sorted)
+    h = _FP8GroupedMatmul.apply(x_sorted, gate_up_EfD, offs_E, backend, pow2_scales, out_dtype)
+    gate, up = h.chunk(2, dim=-1)
+    return _FP8GroupedMatmul.apply((F.silu(gate) * up).contiguous(), down_EDF, offs_E, backend, pow2_scales, out_dtype)
+
+
+def fp8_swiglu(backend: str = "auto", pow2_scales: bool = False):
+    """The FP8 grouped FFN as a plain function of (x_sorted, counts_E, gate_up, down): what an expert
+    module's `swiglu` seam holds under the FP8 recipe (expert parallelism carries it to the local experts)."""
+    return functools.partial(fp8_expert_swiglu, backend=backend, pow2_scales=pow2_scales)
+
+
 class FP8RoutedExperts(RoutedExperts):
-    """The routed experts with both grouped GEMMs (gate_up and down) in FP8; dispatch, SwiGLU and
+    """The routed experts with both grouped GEMMs in FP8 (`fp8_expert_swiglu`); dispatch, SwiGLU and
     the weighted combine stay in the activation dtype."""
 
+    gathered_decode = False       # the gathered decode form would read the full-precision weights
     backend: str = "auto"
     pow2_scales: bool = False
 
@@ -169,17 +191,8 @@ class FP8RoutedExperts(RoutedExperts):
         new.n_experts = ex.n_experts
         new.gate_up_proj, new.down_proj = ex.gate_up_proj, ex.down_proj   # the same Parameter objects
         new.backend, new.pow2_scales = backend, pow2_scales
+        new.swiglu = fp8_swiglu(backend, pow2_scales)
         return new
-
-    @torch.compiler.disable   # like expert_swiglu: data-dependent row counts, grouped_mm's meta kernel is bf16-only
-    def expert_ffn(self, x_sorted, counts_E):
-        backend = resolve_backend(self.backend, str(x_sorted.device))
-        offs_E = counts_E.cumsum(0)
-        out_dtype = _out_dtype(x_sorted)
-        h = _FP8GroupedMatmul.apply(x_sorted, self.gate_up_proj, offs_E, backend, self.pow2_scales, out_dtype)
-        gate, up = h.chunk(2, dim=-1)
-        return _FP8GroupedMatmul.apply((F.silu(gate) * up).contiguous(), self.down_proj, offs_E, backend,
-                                       self.pow2_scales, out_dtype)
 
     def extra_repr(self):
         return f"fp8 backend={self.backend}, pow2_scales={self.pow2_scales}"
@@ -188,6 +201,9 @@ class FP8RoutedExperts(RoutedExperts):
 def apply_fp8(model: nn.Module, backend: str = "auto", pow2_scales: bool = False) -> list[str]:
     """Swap the recipe's layers (recipe.py) for FP8 ones in place; returns the converted module names.
     Parameters are kept (same objects), so this may run before or after the optimiser is built."""
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ValueError("apply_fp8 must run before parallelize: the layers it swaps are then held by FSDP "
+                         "(FP8 experts carry over into expert parallelism)")
     converted = []
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and not isinstance(module, FP8Linear) and is_fp8_linear(name):

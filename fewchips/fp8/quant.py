@@ -26,7 +26,11 @@ import torch
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
-AMAX_FLOOR = 1e-4        # the demo's floor: an all-zero group gets a tiny scale instead of a division by 0
+# Guards only an all-zero group against a division by zero. Not the demo's 1e-4 (an inference-time
+# floor for activations): gradients are far smaller (a loss averaged over N tokens gives each token's
+# logits a gradient ~1/N), and a group below the floor is quantised on the floor's grid instead of its
+# own, losing most of its bits, or all of them.
+AMAX_FLOOR = 1e-12
 TILE = (1, 128)
 BLOCK = (128, 128)
 
@@ -36,7 +40,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def scale_from_amax(amax: torch.Tensor, pow2: bool = False) -> torch.Tensor:
-    """s = max(amax, 1e-4) / 448, optionally rounded up to 2^ceil(log2 s); fp32."""
+    """s = max(amax, 1e-12) / 448, optionally rounded up to 2^ceil(log2 s); fp32."""
     s = amax.float().clamp(min=AMAX_FLOOR) / E4M3_MAX
     return torch.exp2(torch.ceil(torch.log2(s))) if pow2 else s
 

@@ -78,10 +78,14 @@ class ExpertParallelExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(DTensor.from_local(gate_up_LFD, par.mesh, place, run_check=False))
         self.down_proj = nn.Parameter(DTensor.from_local(down_LDF, par.mesh, place, run_check=False))
         self.comm_seconds = 0.0                             # all-to-all wall time, forward and backward
+        self.swiglu = expert_swiglu                         # the grouped FFN: the replaced module's (FP8 too)
 
     @classmethod
     def from_dense(cls, experts: RoutedExperts, par: Parallel) -> "ExpertParallelExperts":
         E = experts.n_experts
+        if not isinstance(getattr(experts, "gate_up_proj", None), nn.Parameter):
+            raise ValueError(f"{type(experts).__name__} holds no trainable expert weights (FP8 kept for inference?): "
+                             f"load the model with fewchips.from_pretrained to train or split it over ranks")
         if E % par.ep:
             raise ValueError(f"--ep {par.ep} must divide n_routed_experts ({E}): experts are placed whole")
         L = E // par.ep
@@ -89,7 +93,9 @@ class ExpertParallelExperts(nn.Module):
         with torch.no_grad():
             gate_up = experts.gate_up_proj[sl].detach().clone().to(par.device)
             down = experts.down_proj[sl].detach().clone().to(par.device)
-        return cls(E, gate_up, down, par)
+        new = cls(E, gate_up, down, par)
+        new.swiglu = experts.swiglu
+        return new
 
     def forward(self, x_MD, experts_MK, weights_MK):
         M, K = experts_MK.shape
@@ -118,14 +124,13 @@ class ExpertParallelExperts(nn.Module):
         return all_to_all(y_recv, send, recv, self.group, self)
 
     def expert_ffn(self, x_sorted, counts_L):
-        """The model's grouped SwiGLU on the local experts (weights cast to the activations' dtype)."""
-        w1 = self.gate_up_proj.to_local().to(x_sorted.dtype)
-        w2 = self.down_proj.to_local().to(x_sorted.dtype)
-        return expert_swiglu(x_sorted, counts_L, w1, w2)
+        """The grouped SwiGLU of the replaced experts (plain or FP8) on the local experts' master weights."""
+        return self.swiglu(x_sorted, counts_L, self.gate_up_proj.to_local(), self.down_proj.to_local())
 
 
 def apply_expert_parallel(model: nn.Module, par: Parallel) -> nn.Module:
-    """Replace every MoE layer's RoutedExperts by its ExpertParallelExperts (in place)."""
+    """Replace every MoE layer's RoutedExperts (FP8 ones included: their `swiglu` comes along) by its
+    ExpertParallelExperts (in place), at every ep including 1."""
     for m in model.modules():
         if isinstance(m, MoE) and isinstance(m.experts, RoutedExperts):
             m.experts = ExpertParallelExperts.from_dense(m.experts, par)

@@ -36,8 +36,9 @@ def lm_loss(model, ids_BT, stats: list, mtp_weight: float = 0.3, balance_alpha: 
     mtp = []
     for d, lg in enumerate(model.mtp_forward(ids_BT, h_BTD, stats=stats)):
         k = d + 1                                      # position i of depth k predicts token i+k+1
-        if T - k - 1 > 0:
-            mtp.append(F.cross_entropy(lg[:, :T - k - 1].flatten(0, 1).float(), ids_BT[:, k + 1:].flatten()))
+        if T - k - 1 > 0:   # summed over the targets that exist, divided by the sequence length (eq. 24)
+            mtp.append(F.cross_entropy(lg[:, :T - k - 1].flatten(0, 1).float(), ids_BT[:, k + 1:].flatten(),
+                                       reduction="sum") / (ids_BT.shape[0] * (T - 1)))
     if mtp:
         loss = loss + mtp_weight * torch.stack(mtp).mean()
     if stats:
