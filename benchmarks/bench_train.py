@@ -92,8 +92,8 @@ def main():
         if args.compile:
             T.compile_layers(ours)
         routers = T.moe_routers(ours)
-        opt_ours, _ = T.build_optimizer(ours, tc, 100)
-        opt_hf, _ = T.build_optimizer(hf, tc, 100)
+        opt_ours, _ = T.build_optimizer(ours, tc)
+        opt_hf, _ = T.build_optimizer(hf, tc)
 
         # A fresh batch every step (the same sequence for both models): repeating one batch overfits it
         # within a few steps and collapses the routing onto a few experts, which is not what training sees.

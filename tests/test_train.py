@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fewchips.model import MoE, RouterOutput
+from fewchips.model import MoE, RMSNorm, RouterOutput
 from fewchips.train import Trainer
 from fewchips.train import trainer as T
 from train_utils import _restore_threads, micro_config, quiet, train_config, write_corpus  # noqa: F401
@@ -111,33 +111,111 @@ def test_balance_loss_reaches_router_weights_and_is_summed_over_layers(corpus, t
     assert all(r.weight.grad is not None and r.weight.grad.abs().sum() > 0 for r in tr.routers)
 
 
-def test_mtp_targets_are_shifted(corpus, tmp_path):
-    """Position i of depth k is scored against token i+k+1 of the window."""
-    tr = Trainer(micro_config(), train_config(tmp_path / "run", corpus), log=quiet)
-    ids = torch.from_numpy(tr.sampler.next_batch(2)[0])          # [B, T+1]
-    main, mtp, _, _ = T.compute_losses(tr.model, ids, 0.3, None)
-    inp = ids[:, :-1]
+def mtp_losses_from_the_report(model, ids_BT1):
+    """The MTP losses from the report's equations: eqs. 21-23 per depth (conftest), then
+        L^k = -1/T sum_{i=2+k}^{T+1} log P^k_i[t_i]                     (eq. 24)
+    with h^0 the main model's final-normed state and depth k+1 reading depth k's normed output (the
+    form fewchips documents, Megatron-Core's). Returns the list of L^k (eq. 25 averages them, times λ)."""
+    from conftest import mtp_depth_from_the_report
+    inp = ids_BT1[:, :-1]
+    B, T = inp.shape
+    h = model.hidden_states(inp)                                         # h^0, checked against transformers elsewhere
+    losses = []
+    for k, mtp in enumerate(model.mtp, start=1):
+        h, logits = mtp_depth_from_the_report(model, mtp, inp[:, k:], h[:, :T - k])
+        logp = logits.log_softmax(-1)                                    # [B, T-k, V]
+        targets = ids_BT1[:, k + 1:]                                     # t_{i+k+1}
+        losses.append(-logp.gather(-1, targets[..., None]).sum() / (B * T))
+    return losses
+
+
+def test_mtp_losses_follow_the_report_equations_at_depth_2():
+    """Two MTP depths with live hidden paths (random eh_proj, both halves): the trainer's MTP loss is
+    eq. 25's average of eq. 24 computed from the equations; the main loss is plain next-token CE."""
+    from conftest import random_model, tiny_config
+    model = random_model(tiny_config(num_nextn_predict_layers=2), std=0.1).train()
+    with torch.no_grad():              # norms with their own weights: RMSNorm(RMSNorm(h)) = RMSNorm(h) at weight 1
+        for m in model.modules():
+            if isinstance(m, RMSNorm):
+                m.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(m.weight)))
+    assert model.mtp[1].eh_proj.weight[:, 64:].abs().min() > 0          # the hidden half is live
+    ids = torch.randint(0, 128, (3, 17), generator=torch.Generator().manual_seed(0))
+    main, mtp, _, _ = T.compute_losses(model, ids, 0.3, None)
     with torch.no_grad():
-        h = tr.model.hidden_states(inp)
-        (logits1,) = tr.model.mtp_forward(inp, h)
-        Tn = inp.shape[1]
-        assert logits1.shape[1] == Tn - 1
-        nll = [F.cross_entropy(logits1[:, i], ids[:, i + 2], reduction="none") for i in range(Tn - 1)]
-        manual = torch.stack(nll).mean()
-        main_manual = torch.stack([F.cross_entropy(tr.model(inp)[:, i], ids[:, i + 1]) for i in range(Tn)]).mean()
-    assert mtp.item() == pytest.approx(manual.item(), rel=1e-5)
-    assert main.item() == pytest.approx(main_manual.item(), rel=1e-5)
+        want = mtp_losses_from_the_report(model, ids)
+        main_want = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+    assert len(want) == 2
+    assert mtp.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-5)
+    assert main.item() == pytest.approx(main_want.item(), rel=1e-6)
 
 
 def test_schedules_follow_the_report():
     total, warm = 1000, 20
-    lr = [T.lr_factor(s, total, warm) for s in range(total)]
+    lr = [T.lr_factor(s, warm, s / total) for s in range(total)]
     assert lr[0] == pytest.approx(1 / warm) and lr[warm - 1] == 1.0
-    assert lr[600] == 1.0                                         # constant until 67.6%
+    assert lr[600] == 1.0                                         # constant until 67.6% of the tokens
     assert 0.1 < lr[800] < 1.0 and lr[800] > lr[900]              # cosine
     assert lr[970] == pytest.approx(0.1) and lr[995] == pytest.approx(7.3 / 220)
-    assert T.bias_speed(960, total, 1e-3) == 1e-3 and T.bias_speed(970, total, 1e-3) == 0.0
-    assert T.mtp_weight(600, total, 0.3, 0.1) == 0.3 and T.mtp_weight(700, total, 0.3, 0.1) == 0.1
+    assert T.bias_speed(0.96, 1e-3) == 1e-3 and T.bias_speed(0.97, 1e-3) == 0.0   # γ off after 14.3T / 14.8T
+    assert T.mtp_weight(0.6, 0.3, 0.1) == 0.3 and T.mtp_weight(0.7, 0.3, 0.1) == 0.1   # λ 0.3 → 0.1 at 10T
+
+
+def test_batch_ramp_grows_in_whole_micro_batches_and_keys_schedules_on_tokens():
+    """The global batch grows linearly in tokens (rounded down to whole micro-batches) from the start
+    size to the full batch, reached once the ramp's tokens are seen; lr/γ/λ switch on token fractions,
+    which then run behind step fractions."""
+    tc = T.TrainConfig(steps=400, batch_size=4, grad_accum=6, seq_len=32, batch_ramp_tokens=100_000,
+                       batch_size_start=8, warmup_steps=1)
+    s = T.RunSchedule.of(tc)
+    per_micro = 4 * 32
+    assert s.micro_batches[0] == 2 and s.micro_batches[-1] == 6
+    assert set(s.micro_batches) == {2, 3, 4, 5, 6}                 # every whole micro-batch count on the way
+    assert list(s.micro_batches) == sorted(s.micro_batches)
+    for step, n in enumerate(s.micro_batches):
+        seen = s.tokens_before[step]
+        assert s.tokens_before[step + 1] - seen == n * per_micro
+        linear = 2 + 4 * min(seen / 100_000, 1.0)                  # micro-batches on the straight line
+        assert n <= linear < n + 1
+    assert s.total_tokens == sum(s.micro_batches) * per_micro
+    ramp_end = next(i for i, n in enumerate(s.micro_batches) if n == 6)
+    assert s.tokens_before[ramp_end - 1] < 100_000 <= s.tokens_before[ramp_end]
+    # the schedules key on tokens: the first step past 67.6% of the tokens lowers λ and starts the cosine
+    switch = next(i for i in range(tc.steps) if s.fraction(i) >= T.CONSTANT_END)
+    assert switch / tc.steps > T.CONSTANT_END + 0.02               # steps run ahead of tokens under a ramp
+    assert s.lr_factor(switch - 1, 1) == 1.0 and s.lr_factor(switch, 1) < 1.0
+    assert T.mtp_weight(s.fraction(switch - 1), 0.3, 0.1) == 0.3 and T.mtp_weight(s.fraction(switch), 0.3, 0.1) == 0.1
+    no_ramp = T.RunSchedule.of(T.TrainConfig(steps=10, batch_size=4, grad_accum=3, seq_len=32))
+    assert no_ramp.micro_batches == (3,) * 10 and no_ramp.fraction(5) == 0.5
+
+
+@pytest.mark.parametrize("bad,match", [(dict(batch_size_start=6), "multiple of --batch-size"),
+                                       (dict(batch_size_start=40), "between 4 and"),
+                                       (dict(batch_ramp_tokens=-1), "--batch-ramp-tokens")])
+def test_bad_ramp_settings_name_the_flag(bad, match):
+    with pytest.raises(T.TrainError, match=match):
+        T.TrainConfig(batch_size=4, grad_accum=6, **{"batch_ramp_tokens": 1000, **bad})
+
+
+def test_ramped_run_logs_the_batch_and_resumes_mid_ramp_exactly(tmp_path, corpus):
+    """Ramp over the first third of the run's tokens: metrics log the batch growing in whole
+    micro-batches; stopping mid-ramp and resuming gives the same per-step losses."""
+    kw = dict(steps=10, batch_size=2, grad_accum=3, seq_len=32, batch_ramp_tokens=400)
+    full = Trainer(micro_config(), train_config(tmp_path / "full", corpus, **kw), log=quiet)
+    assert full.schedule.tokens_before[full.schedule.micro_batches.index(3)] <= full.schedule.total_tokens / 2
+    full.train()
+    want = [r for r in records(full.metrics_path) if "loss" in r]
+    batches = [r["batch"] for r in want]
+    assert batches[0] == 2 and batches[-1] == 6 and set(batches) == {2, 4, 6} and batches == sorted(batches)
+    assert all(b - a == r["batch"] * 32 for (a, b, r) in zip([0] + [r["tokens"] for r in want], [r["tokens"] for r in want], want))
+    stop = 2
+    assert full.schedule.micro_batches[stop] < 3                   # the split lands inside the ramp
+    Trainer(micro_config(), train_config(tmp_path / "split", corpus, stop_at=stop, **kw), log=quiet).train()
+    Trainer(micro_config(), train_config(tmp_path / "split", corpus, resume=True, **kw), log=quiet).train()
+    got = [r for r in records(tmp_path / "split" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want):
+        assert (g["batch"], g["tokens"]) == (w["batch"], w["tokens"])
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-6), g["step"]
 
 
 def test_no_weight_decay_on_norms_and_biases(corpus, tmp_path):

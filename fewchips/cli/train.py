@@ -28,11 +28,16 @@ def register(sub):
                    help="an existing tokenizer.json (must have DeepSeek's BOS/EOS/FIM tokens); default: train a BPE")
     g.add_argument("--cache-dir", default=None, help="where tokenised shards are kept and reused (default OUT/cache)")
     g.add_argument("--fim-rate", type=float, default=0.1, help="share of training documents turned into PSM FIM samples")
-    g = p.add_argument_group("schedule (lr: warm-up, constant to 67.6%%, cosine to 0.1x by 96.6%% of the run)")
+    g = p.add_argument_group("schedule (lr: warm-up, constant to 67.6%%, cosine to 0.1x by 96.6%% of the run's tokens)")
     g.add_argument("--steps", type=int, default=300,
                    help="optimizer steps (300 x 4096 tokens: ~7 min for tiny on 2 CPU cores); all schedules scale to it")
     g.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch; lower it if memory is short")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (bigger effective batch)")
+    g.add_argument("--batch-ramp-tokens", type=_token_count, default=0,
+                   help="ramp the global batch up over the run's first N tokens (e.g. 2M; the report: 3,072 -> "
+                        "15,360 sequences over 469B), one micro-batch at a time, up to --batch-size x --grad-accum")
+    g.add_argument("--batch-size-start", type=int, default=None,
+                   help="sequences per step when the ramp starts: a multiple of --batch-size (default: one micro-batch)")
     g.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (2e-3 suits tiny; ~6e-4 for small)")
     g.add_argument("--warmup", type=int, default=None, dest="warmup_steps", help="warm-up steps (default 3%% of --steps)")
@@ -79,6 +84,18 @@ def register(sub):
     g.add_argument("--no-plots", dest="plots", action="store_false", help="skip the matplotlib PNGs")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run)
+
+
+def _token_count(text) -> int:
+    import argparse
+
+    from fewchips.plan.estimate import parse_count
+    if str(text).strip() == "0":
+        return 0
+    try:
+        return int(parse_count(text, "--batch-ramp-tokens"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def train_config(args):

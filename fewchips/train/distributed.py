@@ -30,7 +30,8 @@ from ..config import ModelConfig
 from ..parallel import abort_on_failure, clip_grad_norm_, init_parallel, parallelize, reduce_expert_grads
 from ..parallel import checkpoint as pckpt
 from .tokenizer import save_tokenizer
-from .trainer import TrainConfig, Trainer, TrainError, build_optimizer, compute_losses, prepare_data, set_rng_state
+from .trainer import (TrainConfig, Trainer, TrainError, build_optimizer, check_resume_fields, compute_losses,
+                      prepare_data, set_rng_state)
 
 
 class DistributedTrainer(Trainer):
@@ -50,7 +51,7 @@ class DistributedTrainer(Trainer):
         # Under bf16 autocast, FSDP also all-gathers the weights in bf16 (half the traffic); master
         # weights, gradient reduction and optimizer state stay fp32.
         parallelize(self.model, par, param_dtype=self.amp)
-        self.opt, self.sched = build_optimizer(self.model, self.tc, self.tc.steps)
+        self.opt, self.sched = build_optimizer(self.model, self.tc, self.schedule)
         if self._resume_path:
             self._load_sharded(self._resume_path)
         log(f"parallel: {par.world_size} processes, dp {par.dp} x ep {par.ep} "
@@ -129,10 +130,7 @@ class DistributedTrainer(Trainer):
         st = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
         if ModelConfig.from_dict(st["model_config"]).to_dict() != self.cfg.to_dict():
             raise TrainError(f"--resume: the model config does not match the checkpoint in {path}")
-        for k in TrainConfig.RESUME_FIELDS:
-            if st["train_config"].get(k) != getattr(self.tc, k):
-                raise TrainError(f"--resume: {k} is {getattr(self.tc, k)!r} but the checkpoint was trained with "
-                                 f"{st['train_config'].get(k)!r}; pass the same value to continue exactly")
+        check_resume_fields(st["train_config"], self.tc)
         if not os.path.exists(os.path.join(path, ".metadata")):
             raise TrainError(f"--resume: {path} is a single-process checkpoint; resume it without torchrun")
         pckpt.load(path, self.model, self.opt)

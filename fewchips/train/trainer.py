@@ -7,11 +7,13 @@ One optimizer step:
     clip to 1.0, AdamW, schedule; then, outside autograd, per MoE layer:
                            b ← b + γ·sign(mean(load) − load)          (aux-loss-free balancing)
 
-Schedules, as fractions of the run (the report's token counts out of 14.8T):
-    lr  linear warm-up → constant until 67.6% (10T) → cosine to 0.1·peak by 96.6% (14.3T)
+Schedules, keyed on tokens as in the report: fractions of the run's tokens (its token counts out of 14.8T):
+    lr  linear warm-up (steps) → constant until 67.6% (10T) → cosine to 0.1·peak by 96.6% (14.3T)
         → 0.1·peak until 98.9% → 0.033·peak (the report's 2.2e-4 → 2.2e-5 → 7.3e-6)
     γ   `bias_update_speed` until 96.6%, then 0
     λ   0.3 until 67.6%, then 0.1
+    batch  optionally ramped (the report: 3,072 → 15,360 sequences over the first 469B tokens) in whole
+           micro-batches, so a step's share of the tokens is not its share of the steps (`RunSchedule`)
 
 Checkpoints live in OUT/checkpoint/ (written to a temp folder, then renamed; a failed write leaves
 the previous one as it was): the Hugging Face model (weights and balancing biases), the optimizer
@@ -74,6 +76,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    batch_ramp_tokens: int = 0           # grow the batch over the run's first N tokens (0: no ramp)
+    batch_size_start: int | None = None  # sequences per step when the ramp starts (default: one micro-batch)
     # the V3 recipe
     bias_update_speed: float = 0.001     # γ
     balance_alpha: float = 1e-4          # α
@@ -101,23 +105,37 @@ class TrainConfig:
     stop_at: int | None = None           # stop (with a checkpoint) after this step: split a run
     max_bad_steps: int = 5               # consecutive non-finite steps before stopping
 
+    def __post_init__(self):
+        full = self.batch_size * self.grad_accum
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise TrainError(f"--batch-size ({self.batch_size}) and --grad-accum ({self.grad_accum}) must be >= 1")
+        if self.batch_ramp_tokens < 0:
+            raise TrainError(f"--batch-ramp-tokens must be >= 0, got {self.batch_ramp_tokens}")
+        start = self.batch_size_start
+        if start is not None and (start % self.batch_size or not self.batch_size <= start <= full):
+            raise TrainError(f"--batch-size-start {start} must be a multiple of --batch-size {self.batch_size} "
+                             f"(the batch grows in whole micro-batches) between {self.batch_size} and "
+                             f"--batch-size x --grad-accum = {full}")
+
     @property
     def tokens_per_step(self) -> int:
+        """Tokens of a full step (after any batch ramp)."""
         return self.batch_size * self.grad_accum * self.seq_len
 
     # fields that must agree with a checkpoint for `--resume` to continue exactly
-    RESUME_FIELDS = ("seq_len", "batch_size", "grad_accum", "seed", "fim_rate", "val_fraction", "max_corpus_mb")
+    RESUME_FIELDS = ("seq_len", "batch_size", "grad_accum", "seed", "fim_rate", "val_fraction", "max_corpus_mb",
+                     "batch_ramp_tokens", "batch_size_start")
 
 
 # ---------------------------------------------------------------------------------------------
 # Schedules
 # ---------------------------------------------------------------------------------------------
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Multiplier on the peak lr at optimizer step `step` (0-based)."""
+def lr_factor(step: int, warmup: int, frac: float) -> float:
+    """Multiplier on the peak lr at optimizer step `step` (0-based) that starts `frac` of the way
+    through the run's tokens. The warm-up counts steps (the report's first 2K steps)."""
     if step < warmup:
         return (step + 1) / warmup
-    frac = step / max(total, 1)
     if frac < CONSTANT_END:
         return 1.0
     if frac < COSINE_END:
@@ -126,12 +144,46 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return MIN_LR_RATIO if frac < MIN_LR_END else FINAL_LR_RATIO
 
 
-def bias_speed(step: int, total: int, gamma: float) -> float:
-    return gamma if step / max(total, 1) < COSINE_END else 0.0
+def bias_speed(frac: float, gamma: float) -> float:
+    return gamma if frac < COSINE_END else 0.0
 
 
-def mtp_weight(step: int, total: int, early: float, late: float) -> float:
-    return early if step / max(total, 1) < CONSTANT_END else late
+def mtp_weight(frac: float, early: float, late: float) -> float:
+    return early if frac < CONSTANT_END else late
+
+
+@dataclass(frozen=True)
+class RunSchedule:
+    """Each step's micro-batches and the tokens seen before it. With a ramp, the global batch grows
+    linearly in tokens (as Megatron's batch-size ramp-up) from `batch_size_start` sequences to
+    `batch_size x grad_accum`, one micro-batch at a time, reaching the full batch after `batch_ramp_tokens`.
+    Deterministic from the config, so a resumed run recomputes exactly the same schedule."""
+    micro_batches: tuple[int, ...]      # per step
+    tokens_before: tuple[int, ...]      # per step, and the run's total at the end
+
+    @classmethod
+    def of(cls, tc: TrainConfig) -> "RunSchedule":
+        full, ramp = tc.grad_accum, tc.batch_ramp_tokens
+        first = (tc.batch_size_start or tc.batch_size) // tc.batch_size if ramp else full
+        per_micro = tc.batch_size * tc.seq_len
+        micro, before, seen = [], [], 0
+        for _ in range(tc.steps):
+            n = full if seen >= ramp else min(full, first + (full - first) * seen // ramp)
+            micro.append(n)
+            before.append(seen)
+            seen += n * per_micro
+        return cls(tuple(micro), tuple(before) + (seen,))
+
+    @property
+    def total_tokens(self) -> int:
+        return self.tokens_before[-1]
+
+    def fraction(self, step: int) -> float:
+        """Share of the run's tokens seen before optimizer step `step`."""
+        return self.tokens_before[min(step, len(self.tokens_before) - 1)] / max(self.total_tokens, 1)
+
+    def lr_factor(self, step: int, warmup: int) -> float:
+        return lr_factor(step, warmup, self.fraction(step))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,8 +277,10 @@ def moe_routers(model: DeepseekV3):
     return [layer.mlp.gate for layer in layers if isinstance(layer.mlp, MoE)]
 
 
-def build_optimizer(model: DeepseekV3, tc: TrainConfig, total_steps: int):
-    """AdamW with weight decay on matrices only (not on norms, biases or any 1-D parameter)."""
+def build_optimizer(model: DeepseekV3, tc: TrainConfig, schedule: RunSchedule | None = None):
+    """AdamW with weight decay on matrices only (not on norms, biases or any 1-D parameter), and the
+    lr schedule on the run's tokens."""
+    schedule = schedule or RunSchedule.of(tc)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -242,8 +296,8 @@ def build_optimizer(model: DeepseekV3, tc: TrainConfig, total_steps: int):
             opt = torch.optim.AdamW(groups, fused=True, **kw)
         except (RuntimeError, TypeError):
             opt = torch.optim.AdamW(groups, **kw)
-    warmup = tc.warmup_steps if tc.warmup_steps is not None else max(1, round(0.03 * total_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup))
+    warmup = tc.warmup_steps if tc.warmup_steps is not None else max(1, round(0.03 * tc.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule.lr_factor(s, warmup))
     return opt, sched
 
 
@@ -268,7 +322,8 @@ def clip_grad_norm(model, opt, max_norm: float) -> torch.Tensor:
 
 def compute_losses(model: DeepseekV3, ids_BT1: torch.Tensor, mtp_lambda: float, amp_dtype):
     """Losses of one micro-batch of windows ids [B, T+1]. Returns (main CE, MTP CE averaged over
-    depths, Σ_layers seq_balance, stats). MTP depth k at position i predicts token i+k+1."""
+    depths, Σ_layers seq_balance, stats). MTP depth k at position i predicts token i+k+1; as in the
+    report's eq. 24, its T-k log-likelihoods are summed and divided by T, the sequence length."""
     inp_BT, tgt_BT = ids_BT1[:, :-1], ids_BT1[:, 1:]
     stats: list = []
     with torch.autocast(ids_BT1.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -277,14 +332,16 @@ def compute_losses(model: DeepseekV3, ids_BT1: torch.Tensor, mtp_lambda: float, 
         mtp_terms = []
         if mtp_lambda > 0 and len(model.mtp):
             for k, logits in enumerate(model.mtp_forward(inp_BT, h_BTD, stats), start=1):
-                mtp_terms.append(_ce(logits, ids_BT1[:, k + 1:]))   # [B, T-k] targets t_{i+k+1}
+                mtp_terms.append(_ce(logits, ids_BT1[:, k + 1:], per=inp_BT.numel()))   # targets t_{i+k+1}
     mtp = torch.stack(mtp_terms).mean() if mtp_terms else torch.zeros((), device=ids_BT1.device)
     bal = torch.stack([s.seq_balance.float() for s in stats]).sum() if stats else torch.zeros((), device=ids_BT1.device)
     return main, mtp, bal, stats
 
 
-def _ce(logits_BTV, targets_BT):
-    return F.cross_entropy(logits_BTV.float().reshape(-1, logits_BTV.shape[-1]), targets_BT.reshape(-1))
+def _ce(logits_BTV, targets_BT, per: int | None = None):
+    """Mean cross-entropy over the targets, or their sum divided by `per`."""
+    flat = logits_BTV.float().reshape(-1, logits_BTV.shape[-1]), targets_BT.reshape(-1)
+    return F.cross_entropy(*flat) if per is None else F.cross_entropy(*flat, reduction="sum") / per
 
 
 def step_loads(loads_LE: torch.Tensor) -> torch.Tensor:
@@ -356,6 +413,7 @@ class StepResult:
     grad_norm: float
     loads_LE: torch.Tensor
     skipped: bool
+    batch: int                           # sequences in this step (grows during a batch ramp)
     windows: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
@@ -377,7 +435,8 @@ class Trainer:
         self.val_bytes = int(token_byte_lengths(self.tok)[self.val[:, 1:]].sum()) if len(self.val) else 0
         self.model = build_model(cfg, tc, self.device)
         self.routers = moe_routers(self.model)
-        self.opt, self.sched = build_optimizer(self.model, tc, tc.steps)
+        self.schedule = RunSchedule.of(tc)
+        self.opt, self.sched = build_optimizer(self.model, tc, self.schedule)
         self.amp = autocast_dtype(tc.dtype, self.device)
         self.step = 0
         self.tokens_seen = 0
@@ -416,12 +475,14 @@ class Trainer:
     # ---- one step ----------------------------------------------------------------------------
     def train_step(self) -> StepResult:
         tc = self.tc
-        lam = mtp_weight(self.step, tc.steps, tc.mtp_lambda, tc.mtp_lambda_late)
+        frac = self.schedule.fraction(self.step)
+        n_micro = self.schedule.micro_batches[self.step]
+        lam = mtp_weight(frac, tc.mtp_lambda, tc.mtp_lambda_late)
         loads_LE = torch.zeros(len(self.routers), self.cfg.n_routed_experts, device=self.device)
         tot_main = tot_mtp = tot_bal = 0.0
         finite = True
         windows = []
-        for _ in range(tc.grad_accum):
+        for _ in range(n_micro):
             ids, which = self.sampler.next_batch(tc.batch_size)
             windows.append(which)
             main, mtp, bal, stats = self.compute_losses(torch.from_numpy(ids).to(self.device), lam)
@@ -429,11 +490,11 @@ class Trainer:
             if not torch.isfinite(loss):
                 finite = False
                 break
-            (loss / tc.grad_accum).backward()
+            (loss / n_micro).backward()
             loads_LE[:len(stats)] += torch.stack([s.load_E for s in stats]) if stats else 0
-            tot_main += main.item() / tc.grad_accum
-            tot_mtp += mtp.item() / tc.grad_accum
-            tot_bal += bal.item() / tc.grad_accum
+            tot_main += main.item() / n_micro
+            tot_mtp += mtp.item() / n_micro
+            tot_bal += bal.item() / n_micro
         grad_norm = float("nan")
         if finite:
             grad_norm = float(self.clip_grad_norm())
@@ -441,14 +502,14 @@ class Trainer:
         if finite:
             self.opt.step()
             loads_LE = self.step_loads(loads_LE)
-            update_biases(self.routers, loads_LE, bias_speed(self.step, tc.steps, tc.bias_update_speed))
+            update_biases(self.routers, loads_LE, bias_speed(frac, tc.bias_update_speed))
         self.opt.__dict__.pop("grad_scale", None)       # a clip folded into this step only
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
         self.step += 1
-        self.tokens_seen += tc.tokens_per_step
+        self.tokens_seen += n_micro * tc.batch_size * tc.seq_len
         return StepResult(tot_main if finite else float("nan"), tot_mtp, tot_bal, grad_norm, loads_LE.cpu(),
-                          not finite, np.concatenate(windows))
+                          not finite, n_micro * tc.batch_size, np.concatenate(windows))
 
     def compute_losses(self, ids, lam):
         return compute_losses(self.model, ids, lam, self.amp)
@@ -482,8 +543,10 @@ class Trainer:
     def train(self) -> dict:
         tc = self.tc
         last_step = min(tc.steps, tc.stop_at) if tc.stop_at else tc.steps
-        self.log(f"training {self.cfg.num_hidden_layers}-layer model for {tc.steps} steps of "
-                 f"{tc.tokens_per_step} tokens; train {len(self.corpus.train.tokens):,} tokens, "
+        ramp = (f" (batch ramps from {self.schedule.micro_batches[0] * tc.batch_size} sequences over the first "
+                f"{tc.batch_ramp_tokens:,} tokens)" if tc.batch_ramp_tokens else "")
+        self.log(f"training {self.cfg.num_hidden_layers}-layer model for {tc.steps} steps, {self.schedule.total_tokens:,} "
+                 f"tokens, {tc.tokens_per_step} per step{ramp}; train {len(self.corpus.train.tokens):,} tokens, "
                  f"val {len(self.corpus.val.tokens):,}; unigram entropy {self.unigram_entropy:.3f} nats; "
                  f"autocast {self.amp or 'off'}")
         bar = None
@@ -498,7 +561,7 @@ class Trainer:
                 r = self.train_step()
                 dt = time.perf_counter() - t0
                 self.data_log.extend(r.windows.tolist())
-                rate = tc.tokens_per_step / dt
+                rate = r.batch * tc.seq_len / dt
                 tok_s = rate if tok_s is None else 0.9 * tok_s + 0.1 * rate
                 if r.skipped:
                     self._on_bad_step()
@@ -509,7 +572,7 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{r.loss:.3f}", tok_s=f"{tok_s:,.0f}")
                 if self.step % tc.log_every == 0 or self.step == last_step:
-                    self._write({"step": self.step, "tokens": self.tokens_seen, "loss": r.loss,
+                    self._write({"step": self.step, "tokens": self.tokens_seen, "batch": r.batch, "loss": r.loss,
                                  "mtp_loss": r.mtp_loss, "balance_loss": tc.balance_alpha * r.balance_loss,
                                  "lr": self.sched.get_last_lr()[0], "grad_norm": r.grad_norm, "tok_per_s": tok_s,
                                  "maxvio": max_violation(r.loads_LE), "skipped_steps": self.bad_steps_total})
@@ -620,10 +683,7 @@ class Trainer:
             a, b = saved_cfg.to_dict(), self.cfg.to_dict()
             diff = [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
             raise TrainError(f"--resume: the model config does not match the checkpoint in {path} ({'; '.join(diff)})")
-        for k in TrainConfig.RESUME_FIELDS:
-            if st["train_config"].get(k) != getattr(self.tc, k):
-                raise TrainError(f"--resume: {k} is {getattr(self.tc, k)!r} but the checkpoint was trained with "
-                                 f"{st['train_config'].get(k)!r}; pass the same value to continue exactly")
+        check_resume_fields(st["train_config"], self.tc)
         if st["corpus"]["splits"] != self.corpus.index["splits"]:
             raise TrainError(f"--resume: the data differs from the checkpoint's (train/val token counts "
                              f"{st['corpus']['splits']} vs {self.corpus.index['splits']}); pass the same --data")
@@ -641,6 +701,17 @@ class Trainer:
             with open(self.metrics_path, "w") as f:
                 f.writelines(keep)
         self.log(f"resumed from {path} at step {self.step}")
+
+
+def check_resume_fields(saved: dict, tc: TrainConfig):
+    """Refuse to resume with a setting that would change the data or the schedule of the saved run.
+    A field the checkpoint predates had its default then."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for k in TrainConfig.RESUME_FIELDS:
+        was = saved.get(k, fields[k].default)
+        if was != getattr(tc, k):
+            raise TrainError(f"--resume: {k} is {getattr(tc, k)!r} but the checkpoint was trained with "
+                             f"{was!r}; pass the same value to continue exactly")
 
 
 def train(cfg: ModelConfig, tc: TrainConfig, log=print) -> dict:
