@@ -93,7 +93,7 @@ def _token_count(text) -> int:
     if str(text).strip() == "0":
         return 0
     try:
-        return int(parse_count(text, "--batch-ramp-tokens"))
+        return int(parse_count(text, "a token count"))
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 

@@ -544,7 +544,8 @@ class Trainer:
         tc = self.tc
         last_step = min(tc.steps, tc.stop_at) if tc.stop_at else tc.steps
         ramp = (f" (batch ramps from {self.schedule.micro_batches[0] * tc.batch_size} sequences over the first "
-                f"{tc.batch_ramp_tokens:,} tokens)" if tc.batch_ramp_tokens else "")
+                f"{tc.batch_ramp_tokens:,} tokens{'; the run ends first' if tc.batch_ramp_tokens > self.schedule.total_tokens else ''})"
+                if tc.batch_ramp_tokens else "")
         self.log(f"training {self.cfg.num_hidden_layers}-layer model for {tc.steps} steps, {self.schedule.total_tokens:,} "
                  f"tokens, {tc.tokens_per_step} per step{ramp}; train {len(self.corpus.train.tokens):,} tokens, "
                  f"val {len(self.corpus.val.tokens):,}; unigram entropy {self.unigram_entropy:.3f} nats; "
