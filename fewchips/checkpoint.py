@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections import defaultdict
 
 import torch
@@ -21,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .files import atomic_path, atomic_write_text
 from .model import DeepseekV3
 
 log = logging.getLogger("fewchips")
@@ -103,7 +103,7 @@ def save_pretrained(model: DeepseekV3, path, max_shard_bytes: int = 4 * 2**30, d
     write_shards(path, tensors(), max_shard_bytes)
     d = cfg.to_dict()
     d["torch_dtype"] = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
-    _atomic_write_text(os.path.join(path, "config.json"), json.dumps(d, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(os.path.join(path, "config.json"), json.dumps(d, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -124,16 +124,16 @@ def write_shards(path, named_tensors, max_shard_bytes: int):
         if old.endswith(".safetensors") or old == INDEX_FILE:
             os.remove(os.path.join(path, old))
     if len(shards) == 1:
-        _atomic_save(shards[0], os.path.join(path, SINGLE_FILE))
+        write_safetensors(shards[0], os.path.join(path, SINGLE_FILE))
         return
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        _atomic_save(shard, os.path.join(path, fname))
+        write_safetensors(shard, os.path.join(path, fname))
         for n, t in shard.items():
             weight_map[n] = fname
             total += t.numel() * t.element_size()
-    _atomic_write_text(os.path.join(path, INDEX_FILE),
+    atomic_write_text(os.path.join(path, INDEX_FILE),
                        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
@@ -141,22 +141,10 @@ def _shares_storage(t):
     return t.untyped_storage().nbytes() != t.numel() * t.element_size()
 
 
-def _atomic_save(tensors, dest):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
+def write_safetensors(tensors: dict, dest):
+    """One safetensors file, written beside `dest` and renamed into place."""
+    with atomic_path(dest, ".safetensors") as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _atomic_write_text(dest, text):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, dest)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -125,22 +125,6 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, corpus, monkeypatch):
     assert again.step == 2
 
 
-def test_ctrl_c_saves_and_resumes(tmp_path, corpus):
-    tr = Trainer(micro_config(), train_config(tmp_path / "run", corpus, steps=10), log=quiet)
-    orig = tr.train_step
-
-    def step():
-        if tr.step == 3:
-            raise KeyboardInterrupt
-        return orig()
-
-    tr.train_step = step
-    with pytest.raises(KeyboardInterrupt):
-        tr.train()
-    again = Trainer(micro_config(), train_config(tmp_path / "run", corpus, steps=10, resume=True), log=quiet)
-    assert again.step == 3
-
-
 def test_cli_reports_bad_input(tmp_path, capsys):
     from fewchips.cli import main
     assert main(["train", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "nope"), "--no-progress"]) == 2

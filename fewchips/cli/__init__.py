@@ -13,18 +13,41 @@ import sys
 COMMANDS = ["info", "train", "plan", "convert", "generate", "chat", "serve"]
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help plus each option's default, where it has one worth showing and the help text
+    does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or any(action.default is v for v in (None, False, True, argparse.SUPPRESS))
+                or "default" in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewchips", description="DeepSeek-V3 training and serving on few chips.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
         importlib.import_module(f"fewchips.cli.{name}").register(sub)
+    for p in sub.choices.values():
+        p.formatter_class = HelpFormatter
     return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Like parse_args, but an unknown flag is reported with the subcommand's usage, not the top level's."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     from ..runtime import keep_freed_memory
     keep_freed_memory()          # big tensors reuse warm pages instead of faulting fresh ones each step
     try:

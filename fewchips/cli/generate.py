@@ -70,7 +70,9 @@ def run(args):
                    use_mtp=args.mtp, stats=stats, compile=args.compile)[0]
     dt = time.perf_counter() - t0
     new = out[len(ids):]
-    print(args.prompt + tok.decode(new) if not args.chat else tok.decode(new))
+    text = args.prompt + tok.decode(new) if not args.chat else tok.decode(new)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()                  # the text ends before the stats line starts, on a terminal or a pipe
     line = f"{len(new)} tokens in {dt:.2f}s ({len(new) / max(dt, 1e-9):.1f} tok/s)"
     if "compile_seconds" in stats:   # the prefill's token and the compiling step's token come before `rest`
         rest = dt - stats["compile_seconds"]

@@ -3,55 +3,61 @@ standard library's own source (no downloads)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
 
 def register(sub):
+    from fewchips.config import PRESETS
+    from fewchips.train.config import TrainConfig
+
     p = sub.add_parser("train", help="train a model with the DeepSeek-V3 recipe (default: tiny on the stdlib)",
                        description="Train with DeepSeek-V3's recipe: aux-loss-free balancing, sequence-wise "
                                    "balance loss, MTP, FIM, AdamW with warm-up/constant/cosine. OUT ends up "
                                    "holding a Hugging Face-format model, tokenizer.json, metrics.jsonl, "
                                    "loss.png/expert_load.png and checkpoint/ (resumable).")
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default="tiny", help="tiny (~10M, minutes on a laptop CPU), small (~170M), ...")
+    g.add_argument("--preset", default="tiny", choices=list(PRESETS),
+                   help="tiny (~10M parameters, minutes on a laptop CPU), small (~170M), v2-lite (DeepSeek-V2-Lite's "
+                        "shapes, 16B), v3 (the 671B release)")
     g.add_argument("--vocab-size", type=int, default=None,
                    help="override the preset's vocabulary (the BPE is trained to this size)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None,
+    g.add_argument("--data",
                    help="text file, folder, .jsonl or .parquet (default: this Python's standard library .py files)")
-    g.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet rows")
-    g.add_argument("--max-corpus-mb", type=float, default=None,
+    g.add_argument("--text-field", help="field holding the text in .jsonl/.parquet rows")
+    g.add_argument("--max-corpus-mb", type=float,
                    help="use at most this many MB of text (a deterministic subset); tokenising is ~1 MB/s")
-    g.add_argument("--val-fraction", type=float, default=0.03, help="share of documents held out, chosen by name hash")
-    g.add_argument("--tokenizer", default=None,
+    g.add_argument("--val-fraction", type=float, help="share of documents held out, chosen by name hash")
+    g.add_argument("--tokenizer",
                    help="an existing tokenizer.json (must have DeepSeek's BOS/EOS/FIM tokens); default: train a BPE")
-    g.add_argument("--cache-dir", default=None, help="where tokenised shards are kept and reused (default OUT/cache)")
-    g.add_argument("--fim-rate", type=float, default=0.1, help="share of training documents turned into PSM FIM samples")
-    g = p.add_argument_group("schedule (lr: warm-up, constant to 67.6%%, cosine to 0.1x by 96.6%% of the run's tokens)")
-    g.add_argument("--steps", type=int, default=300,
+    g.add_argument("--cache-dir", help="where tokenised shards are kept and reused (default OUT/cache)")
+    g.add_argument("--fim-rate", type=float, help="share of training documents turned into PSM FIM samples")
+    g = p.add_argument_group("schedule (lr: warm-up, constant to 67.6%, cosine to 0.1x by 96.6% of the run's tokens)")
+    g.add_argument("--steps", type=int,
                    help="optimizer steps (300 x 4096 tokens: ~7 min for tiny on 2 CPU cores); all schedules scale to it")
-    g.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch; lower it if memory is short")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (bigger effective batch)")
-    g.add_argument("--batch-ramp-tokens", type=_token_count, default=0,
+    g.add_argument("--batch-size", type=int, help="sequences per micro-batch; lower it if memory is short")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (bigger effective batch)")
+    g.add_argument("--batch-ramp-tokens", type=_token_count,
                    help="ramp the global batch up over the run's first N tokens (e.g. 2M; the report: 3,072 -> "
                         "15,360 sequences over 469B), one micro-batch at a time, up to --batch-size x --grad-accum")
-    g.add_argument("--batch-size-start", type=int, default=None,
+    g.add_argument("--batch-size-start", type=int,
                    help="sequences per step when the ramp starts: a multiple of --batch-size (default: one micro-batch)")
-    g.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
-    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (2e-3 suits tiny; ~6e-4 for small)")
-    g.add_argument("--warmup", type=int, default=None, dest="warmup_steps", help="warm-up steps (default 3%% of --steps)")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices (never on norms/biases)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
+    g.add_argument("--seq-len", type=int, help="tokens per training sequence")
+    g.add_argument("--lr", type=float, help="peak learning rate (2e-3 suits tiny; ~6e-4 for small)")
+    g.add_argument("--warmup", type=int, dest="warmup_steps", help="warm-up steps (default 3%% of --steps)")
+    g.add_argument("--weight-decay", type=float, help="AdamW decay on matrices (never on norms/biases)")
+    g.add_argument("--grad-clip", type=float, help="global gradient-norm clip")
     g = p.add_argument_group("DeepSeek-V3 recipe")
-    g.add_argument("--bias-update-speed", type=float, default=0.001,
+    g.add_argument("--bias-update-speed", type=float,
                    help="γ of the aux-loss-free balancing bias (0 turns it off; set to 0 for the last 3.4%% of steps)")
-    g.add_argument("--balance-alpha", type=float, default=1e-4, help="α of the sequence-wise balance loss")
-    g.add_argument("--mtp-lambda", type=float, default=0.3, help="MTP loss weight for the first 67.6%% of steps")
-    g.add_argument("--mtp-lambda-late", type=float, default=0.1, help="MTP loss weight afterwards")
-    g.add_argument("--init-std", type=float, default=0.006, help="std of the N(0, std) initialisation")
+    g.add_argument("--balance-alpha", type=float, help="α of the sequence-wise balance loss")
+    g.add_argument("--mtp-lambda", type=float, help="MTP loss weight for the first 67.6%% of steps")
+    g.add_argument("--mtp-lambda-late", type=float, help="MTP loss weight afterwards")
+    g.add_argument("--init-std", type=float, help="std of the N(0, std) initialisation")
     g = p.add_argument_group("systems")
-    g.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+    g.add_argument("--dtype", choices=["auto", "bf16", "fp32"],
                    help="autocast precision; auto = bf16 where the hardware has native bf16 (AMX/AVX512-BF16, GPUs)")
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute layers in backward: less memory, ~30%% more compute")
@@ -59,12 +65,12 @@ def register(sub):
     g.add_argument("--fp8", action="store_true",
                    help="DeepSeek-V3's FP8 recipe: attention projections, MLPs and experts run their three GEMMs "
                         "in E4M3 with 1x128/128x128 scales (fast on Hopper; emulated, slower, elsewhere)")
-    g.add_argument("--fp8-backend", choices=["auto", "scaled_mm", "emulate"], default="auto",
+    g.add_argument("--fp8-backend", choices=["auto", "scaled_mm", "emulate"],
                    help="auto: cuBLAS block-wise scaled_mm on Hopper, emulation elsewhere")
     g.add_argument("--bf16-moments", action="store_true",
                    help="store AdamW's two moments in BF16 as DeepSeek-V3 does (half the optimizer memory)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--seed", type=int, default=0, help="seeds the init, FIM choices and data order")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--seed", type=int, help="seeds the init, FIM choices and data order")
     g = p.add_argument_group("parallelism (launch with torchrun --nproc_per_node=N -m fewchips train ...)")
     g.add_argument("--ep", type=int, default=1,
                    help="expert-parallel ranks: each holds n_routed_experts/ep experts; keep it within a node")
@@ -73,17 +79,21 @@ def register(sub):
     g = p.add_argument_group("output and checkpoints")
     g.add_argument("--out", required=True, help="output folder (model, tokenizer, metrics, plots, checkpoint)")
     g.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint")
+    g.add_argument("--allow-schedule-change", action="store_true",
+                   help="with --resume: accept a different --steps/--warmup (the schedules are re-laid over the new run)")
     g.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds a run (keeps the data cache)")
-    g.add_argument("--stop-at", type=int, default=None, help="stop with a checkpoint after this step (split a run)")
-    g.add_argument("--log-every", type=int, default=10, help="steps between metrics.jsonl records")
-    g.add_argument("--eval-every", type=int, default=100, help="steps between validation runs and plot updates")
-    g.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
-    g.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
-    g.add_argument("--max-bad-steps", type=int, default=5,
+    g.add_argument("--stop-at", type=int, help="stop with a checkpoint after this step (split a run)")
+    g.add_argument("--log-every", type=int, help="steps between metrics.jsonl records")
+    g.add_argument("--eval-every", type=int, help="steps between validation runs and plot updates")
+    g.add_argument("--eval-batches", type=int, help="validation batches per evaluation")
+    g.add_argument("--save-every", type=int, help="steps between checkpoints")
+    g.add_argument("--max-bad-steps", type=int,
                    help="stop after this many consecutive non-finite (skipped) steps")
     g.add_argument("--no-plots", dest="plots", action="store_false", help="skip the matplotlib PNGs")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.set_defaults(func=run)
+    # Every default comes from TrainConfig itself: one place for each, the flags cannot drift from it.
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    p.set_defaults(func=run, **{a.dest: fields[a.dest] for a in p._actions if a.dest in fields})
 
 
 def _token_count(text) -> int:
@@ -109,6 +119,7 @@ def train_config(args):
 def run(args):
     from fewchips.config import ModelConfig
     from fewchips.train import TrainError, train
+    from fewchips.train.stopping import TrainInterrupted
 
     overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
     cfg = ModelConfig.from_preset(args.preset, **overrides)
@@ -123,6 +134,9 @@ def run(args):
     except TrainError as e:
         print(f"fewchips train: error: {e}", file=sys.stderr)
         return 1
+    except TrainInterrupted as e:
+        print(f"fewchips train: {e}; continue with --resume", file=sys.stderr)
+        return e.exit_code
     if "val_loss" in result:
         print(f"done: step {result['step']}, val loss {result['val_loss']:.3f} nats/token "
               f"({result['val_bpb']:.3f} bits/byte; unigram entropy {result['unigram_entropy']:.3f}); "

@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import (FP8_DTYPES, INDEX_FILE, CheckpointError, _atomic_save, _atomic_write_text,
+from ..checkpoint import (FP8_DTYPES, INDEX_FILE, CheckpointError, write_safetensors,
                           _EXPERT_RE, _memory_name, _Reader, copy_checked, hf_state_dict, read_scale, weight_files,
                           write_shards)
 from ..config import ModelConfig
+from ..files import atomic_write_text
 from ..model import DeepseekV3, RoutedExperts, Router
 from .gemm import fp8_mm, resolve_backend
 from .quant import BLOCK, TILE, dequantize, quantize
@@ -68,7 +69,7 @@ def save_fp8(model: DeepseekV3, path, dtype=torch.bfloat16, pow2_scales: bool = 
     write_shards(path, fp8_tensors(hf_state_dict(model), dtype, pow2_scales), max_shard_bytes)
     d = model.config.replace(quantization_config=quantization_config(pow2_scales)).to_dict()
     d["torch_dtype"] = str(dtype).replace("torch.", "")
-    _atomic_write_text(os.path.join(path, "config.json"), json.dumps(d, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(os.path.join(path, "config.json"), json.dumps(d, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -278,7 +279,7 @@ def convert(src, dst, to: str, pow2_scales: bool = False, progress=None) -> dict
                 out[name] = t
                 stats["copied"] += 1
         fname = os.path.basename(file)
-        _atomic_save(out, os.path.join(dst, fname))
+        write_safetensors(out, os.path.join(dst, fname))
         for n, t in out.items():
             weight_map[n] = fname
             total += t.numel() * t.element_size()
@@ -290,7 +291,7 @@ def convert(src, dst, to: str, pow2_scales: bool = False, progress=None) -> dict
         if old.endswith(".safetensors") and old not in set(weight_map.values()):
             os.remove(os.path.join(dst, old))
     if os.path.exists(os.path.join(src, INDEX_FILE)):
-        _atomic_write_text(os.path.join(dst, INDEX_FILE),
+        atomic_write_text(os.path.join(dst, INDEX_FILE),
                            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     elif os.path.exists(os.path.join(dst, INDEX_FILE)):
         os.remove(os.path.join(dst, INDEX_FILE))
@@ -299,7 +300,7 @@ def convert(src, dst, to: str, pow2_scales: bool = False, progress=None) -> dict
     else:
         config.pop("quantization_config", None)
     config["torch_dtype"] = "bfloat16"
-    _atomic_write_text(os.path.join(dst, "config.json"), json.dumps(config, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(os.path.join(dst, "config.json"), json.dumps(config, indent=2, sort_keys=True) + "\n")
     for extra in os.listdir(src):                        # tokenizer files and the like
         p = os.path.join(src, extra)
         if os.path.isfile(p) and not extra.endswith(".safetensors") and extra not in (INDEX_FILE, "config.json"):

@@ -39,9 +39,16 @@ class Tokenizer:
         config = {}
         cfg_file = os.path.join(path, "tokenizer_config.json")
         if os.path.exists(cfg_file):
-            with open(cfg_file) as f:
-                config = json.load(f)
-        return cls(HFTokenizer.from_file(file), config)
+            try:
+                with open(cfg_file) as f:
+                    config = json.load(f)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{cfg_file}: not readable JSON ({e})") from None
+        try:
+            tok = HFTokenizer.from_file(file)
+        except Exception as e:        # the Rust side raises plain Exceptions
+            raise ValueError(f"{file}: not a readable tokenizer.json ({e})") from None
+        return cls(tok, config)
 
     @property
     def vocab_size(self) -> int:

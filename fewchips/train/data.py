@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..files import swap_dir, temp_dir_beside
 from .tokenizer import SpecialIds
 
 TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".c", ".h", ".cc", ".cpp", ".hpp", ".js", ".ts", ".java",
@@ -214,35 +215,41 @@ def prepare_corpus(train_docs, val_docs, tok, sp: SpecialIds, cache_dir: str, ke
     out = os.path.join(cache_dir, key)
     if not os.path.exists(os.path.join(out, "index.json")):
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = out + f".tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        vocab = tok.get_vocab_size()
-        dtype = np.uint16 if vocab <= 2**16 else np.uint32
-        index = {"dtype": np.dtype(dtype).name, "vocab_size": vocab, "fim_rate": fim_rate, "seed": seed, "splits": {}}
-        counts = np.zeros(vocab, dtype=np.int64)
-        for split, docs, rate in (("train", train_docs, fim_rate), ("val", val_docs, 0.0)):
-            starts, n_tok, n_fim = [], 0, 0
-            with open(os.path.join(tmp, f"{split}.bin"), "wb") as f:
-                for ids, is_fim in encode_documents(docs, tok, sp, rate, seed):
-                    starts.append(n_tok)
-                    n_tok += len(ids)
-                    n_fim += is_fim
-                    if split == "train":
-                        counts += np.bincount(ids, minlength=vocab)
-                    f.write(ids.astype(dtype).tobytes())
-            np.save(os.path.join(tmp, f"{split}_doc_starts.npy"), np.asarray(starts, dtype=np.int64))
-            index["splits"][split] = {"tokens": n_tok, "documents": len(docs), "fim_documents": n_fim,
-                                      "bytes": sum(len(t.encode()) for _, t in docs)}
-        p = counts[counts > 0] / max(counts.sum(), 1)
-        index["unigram_entropy_nats"] = float(-(p * np.log(p)).sum())
-        with open(os.path.join(tmp, "index.json"), "w") as f:
-            json.dump(index, f, indent=2)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        tmp = temp_dir_beside(out)
+        try:
+            index = _write_shards(tmp, train_docs, val_docs, tok, sp, fim_rate, seed)
+            swap_dir(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         log(f"tokenised {index['splits']['train']['documents']} train / {index['splits']['val']['documents']} val "
             f"documents into {out}")
     return load_corpus(out)
+
+
+def _write_shards(folder, train_docs, val_docs, tok, sp: SpecialIds, fim_rate: float, seed: int) -> dict:
+    """{train,val}.bin token streams, their document starts and index.json in `folder`."""
+    vocab = tok.get_vocab_size()
+    dtype = np.uint16 if vocab <= 2**16 else np.uint32
+    index = {"dtype": np.dtype(dtype).name, "vocab_size": vocab, "fim_rate": fim_rate, "seed": seed, "splits": {}}
+    counts = np.zeros(vocab, dtype=np.int64)
+    for split, docs, rate in (("train", train_docs, fim_rate), ("val", val_docs, 0.0)):
+        starts, n_tok, n_fim = [], 0, 0
+        with open(os.path.join(folder, f"{split}.bin"), "wb") as f:
+            for ids, is_fim in encode_documents(docs, tok, sp, rate, seed):
+                starts.append(n_tok)
+                n_tok += len(ids)
+                n_fim += is_fim
+                if split == "train":
+                    counts += np.bincount(ids, minlength=vocab)
+                f.write(ids.astype(dtype).tobytes())
+        np.save(os.path.join(folder, f"{split}_doc_starts.npy"), np.asarray(starts, dtype=np.int64))
+        index["splits"][split] = {"tokens": n_tok, "documents": len(docs), "fim_documents": n_fim,
+                                  "bytes": sum(len(t.encode()) for _, t in docs)}
+    p = counts[counts > 0] / max(counts.sum(), 1)
+    index["unigram_entropy_nats"] = float(-(p * np.log(p)).sum())
+    with open(os.path.join(folder, "index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    return index
 
 
 def load_corpus(path: str) -> Corpus:

@@ -18,7 +18,6 @@ What changes against one process:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from datetime import timedelta
 
@@ -31,7 +30,7 @@ from ..parallel import abort_on_failure, clip_grad_norm_, init_parallel, paralle
 from ..parallel import checkpoint as pckpt
 from .tokenizer import save_tokenizer
 from .trainer import (TrainConfig, Trainer, TrainError, build_optimizer, check_resume_fields, compute_losses,
-                      prepare_data, set_rng_state)
+                      prepare_data, read_train_state, set_rng_state, truncate_metrics)
 
 
 class DistributedTrainer(Trainer):
@@ -103,6 +102,13 @@ class DistributedTrainer(Trainer):
         dist.all_reduce(loads_LE)
         return loads_LE
 
+    def stop_requested(self, signal_name):
+        """Every rank stops after the same step: a signal seen by any rank (torchrun forwards SIGTERM and
+        SIGINT to each, not at the same instant) stops them all."""
+        flag = torch.tensor([0.0 if signal_name is None else 1.0], device=self.par.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def train(self) -> dict:
         with abort_on_failure(self.par, "training"):
             return super().train()
@@ -127,10 +133,10 @@ class DistributedTrainer(Trainer):
         self._resume_path = path           # loaded once the model is parallelized (see __init__)
 
     def _load_sharded(self, path):
-        st = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
+        st = read_train_state(path)
         if ModelConfig.from_dict(st["model_config"]).to_dict() != self.cfg.to_dict():
             raise TrainError(f"--resume: the model config does not match the checkpoint in {path}")
-        check_resume_fields(st["train_config"], self.tc)
+        check_resume_fields(st["train_config"], self.tc, self.log)
         if not os.path.exists(os.path.join(path, ".metadata")):
             raise TrainError(f"--resume: {path} is a single-process checkpoint; resume it without torchrun")
         pckpt.load(path, self.model, self.opt)
@@ -139,11 +145,8 @@ class DistributedTrainer(Trainer):
         self.step, self.tokens_seen, self.bad_steps_total = st["step"], st["tokens_seen"], st["bad_steps_total"]
         self.load_accum_LE = st["load_accum"]
         set_rng_state(st["rng"])
-        if self.par.is_main and os.path.exists(self.metrics_path):
-            with open(self.metrics_path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= self.step]
-            with open(self.metrics_path, "w") as f:
-                f.writelines(keep)
+        if self.par.is_main:
+            truncate_metrics(self.metrics_path, self.step, self.log)
         was = st.get("parallel", {})
         self.log(f"resumed from {path} at step {self.step} (saved at dp {was.get('dp')} x ep {was.get('ep')})")
 

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..files import atomic_path  # noqa: E402
+
 
 def read_metrics(path):
     with open(path) as f:
@@ -62,7 +64,6 @@ def write_plots(metrics_path, load_LE, out_dir, unigram_entropy=None, layer_name
 
 
 def _save(fig, path):
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)

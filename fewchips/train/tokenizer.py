@@ -16,6 +16,8 @@ import numpy as np
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from ..files import atomic_write_text
+
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 FIM_HOLE = "<｜fim▁hole｜>"
@@ -76,22 +78,15 @@ def load_tokenizer(path: str) -> Tokenizer:
 def save_tokenizer(tok: Tokenizer, out_dir: str, model_max_length: int = 2048):
     """tokenizer.json plus the tokenizer_config.json that lets transformers.AutoTokenizer load it."""
     os.makedirs(out_dir, exist_ok=True)
-    _atomic_text(os.path.join(out_dir, "tokenizer.json"), tok.to_str())
+    atomic_write_text(os.path.join(out_dir, "tokenizer.json"), tok.to_str())
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
            "pad_token": EOS, "add_bos_token": True, "add_eos_token": False,
            "model_max_length": model_max_length, "clean_up_tokenization_spaces": False}
-    _atomic_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 def tokenizer_hash(tok: Tokenizer) -> str:
     return hashlib.sha1(tok.to_str().encode()).hexdigest()[:16]
-
-
-def _atomic_text(dest, text):
-    tmp = dest + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, dest)
 
 
 def token_byte_lengths(tok: Tokenizer) -> np.ndarray:

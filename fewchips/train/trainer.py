@@ -29,7 +29,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -37,10 +36,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import from_pretrained, save_pretrained
+from ..checkpoint import CheckpointError, from_pretrained, save_pretrained
 from ..config import ModelConfig
+from .config import TrainConfig, TrainError
+from ..files import FolderLock, FolderLockedError, atomic_path, atomic_write_text, swap_dir, temp_dir_beside
 from ..model import DeepseekV3, MoE, MoEStats
 from . import data as D
+from .stopping import StopOnSignal, TrainInterrupted
 from .tokenizer import (load_tokenizer, save_tokenizer, special_ids, token_byte_lengths, tokenizer_hash,
                         train_tokenizer)
 
@@ -49,82 +51,6 @@ CONSTANT_END = 10.0 / 14.8
 COSINE_END = 14.3 / 14.8
 MIN_LR_END = (14.3 + 0.333) / 14.8
 MIN_LR_RATIO, FINAL_LR_RATIO = 2.2e-5 / 2.2e-4, 7.3e-6 / 2.2e-4
-
-
-class TrainError(RuntimeError):
-    """Training cannot go on; the message says why and where the last good checkpoint is."""
-
-
-@dataclass
-class TrainConfig:
-    out: str = "runs/train"
-    data: str | None = None              # None: the Python standard library's .py files
-    text_field: str = "text"
-    max_corpus_mb: float | None = None
-    val_fraction: float = 0.03
-    tokenizer: str | None = None         # an existing tokenizer.json; None: train one
-    cache_dir: str | None = None         # None: OUT/cache
-    fim_rate: float = 0.1
-    # schedule and batch
-    steps: int = 300
-    batch_size: int = 16
-    grad_accum: int = 1
-    seq_len: int = 256
-    lr: float = 2e-3
-    warmup_steps: int | None = None      # None: 3% of the run
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    batch_ramp_tokens: int = 0           # grow the batch over the run's first N tokens (0: no ramp)
-    batch_size_start: int | None = None  # sequences per step when the ramp starts (default: one micro-batch)
-    # the V3 recipe
-    bias_update_speed: float = 0.001     # γ
-    balance_alpha: float = 1e-4          # α
-    mtp_lambda: float = 0.3              # λ for the first 67.6% of the run
-    mtp_lambda_late: float = 0.1         # λ after that
-    init_std: float = 0.006
-    # systems
-    dtype: str = "auto"                  # auto | bf16 | fp32 (autocast; weights and optimizer stay fp32)
-    activation_checkpointing: bool = False
-    compile: bool = False
-    fp8: bool = False                    # DeepSeek-V3's FP8 recipe on the linears and experts (fewchips.fp8)
-    fp8_backend: str = "auto"            # auto | scaled_mm (Hopper) | emulate
-    bf16_moments: bool = False           # AdamW moments stored in BF16, as in the report (fewchips.fp8.optim)
-    threads: int | None = None
-    seed: int = 0
-    # watching and saving
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 8
-    save_every: int = 100
-    plots: bool = True
-    progress: bool = True
-    resume: bool = False
-    overwrite: bool = False
-    stop_at: int | None = None           # stop (with a checkpoint) after this step: split a run
-    max_bad_steps: int = 5               # consecutive non-finite steps before stopping
-
-    def __post_init__(self):
-        full = self.batch_size * self.grad_accum
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise TrainError(f"--batch-size ({self.batch_size}) and --grad-accum ({self.grad_accum}) must be >= 1")
-        if self.batch_ramp_tokens < 0:
-            raise TrainError(f"--batch-ramp-tokens must be >= 0, got {self.batch_ramp_tokens}")
-        start = self.batch_size_start
-        if start is not None and (start % self.batch_size or not self.batch_size <= start <= full):
-            raise TrainError(f"--batch-size-start {start} must be a multiple of --batch-size {self.batch_size} "
-                             f"(the batch grows in whole micro-batches) between {self.batch_size} and "
-                             f"--batch-size x --grad-accum = {full}")
-
-    @property
-    def tokens_per_step(self) -> int:
-        """Tokens of a full step (after any batch ramp)."""
-        return self.batch_size * self.grad_accum * self.seq_len
-
-    # fields that must agree with a checkpoint for `--resume` to continue exactly
-    RESUME_FIELDS = ("seq_len", "batch_size", "grad_accum", "seed", "fim_rate", "val_fraction", "max_corpus_mb",
-                     "batch_ramp_tokens", "batch_size_start")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,8 +315,8 @@ def prepare_data(cfg: ModelConfig, tc: TrainConfig, log=print, tokenizer_path: s
             t0 = time.time()
             tok = train_tokenizer((t for _, t in train_docs), cfg.vocab_size, len(train_docs))
             os.makedirs(cache, exist_ok=True)
-            tok.save(cached + ".tmp")
-            os.replace(cached + ".tmp", cached)
+            with atomic_path(cached, ".json") as tmp:
+                tok.save(tmp)
             log(f"trained a {tok.get_vocab_size()}-token byte-level BPE in {time.time() - t0:.1f}s")
     if tok.get_vocab_size() > cfg.vocab_size:
         raise D.DataError(f"the tokenizer has {tok.get_vocab_size()} tokens but the model's vocab_size is "
@@ -398,7 +324,15 @@ def prepare_data(cfg: ModelConfig, tc: TrainConfig, log=print, tokenizer_path: s
     sp = special_ids(tok)
     key = f"tokens-{fp}-{tokenizer_hash(tok)}-fim{tc.fim_rate}-val{tc.val_fraction}-seed{tc.seed}"
     corpus = D.prepare_corpus(train_docs, val_docs, tok, sp, cache, key, tc.fim_rate, tc.seed, log)
+    val = corpus.index["splits"]["val"]
+    if tc.val_fraction > 0 and val["tokens"] < MIN_VAL_TOKENS:
+        log(f"warning: the validation split is {val['tokens']:,} tokens in {val['documents']} document(s) "
+            f"(--val-fraction {tc.val_fraction} of {len(docs)} documents, split by name): validation loss will "
+            f"be noisy. Raise --val-fraction or add documents")
     return tok, sp, corpus
+
+
+MIN_VAL_TOKENS = 4096      # below this a validation loss is mostly noise: say so
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,6 +358,7 @@ class Trainer:
             torch.set_num_threads(tc.threads)
         self.ckpt_dir = os.path.join(tc.out, "checkpoint")
         self.metrics_path = os.path.join(tc.out, "metrics.jsonl")
+        self.lock = FolderLock(tc.out)
         self._check_out_dir()
         resume_from = self._resume_dir() if tc.resume else None
         self.tok, self.sp, self.corpus = prepare_data(
@@ -462,11 +397,31 @@ class Trainer:
                 p = os.path.join(tc.out, name)
                 shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
         os.makedirs(tc.out, exist_ok=True)
+        try:
+            self.lock.acquire()                      # one writer per output folder
+        except FolderLockedError as e:
+            raise TrainError(str(e)) from None
 
     def _resume_dir(self):
-        for d in (self.ckpt_dir, self.ckpt_dir + ".old"):   # .old: a crash between the two renames
-            if os.path.exists(os.path.join(d, "train_state.pt")):
-                return d
+        """The newest checkpoint that can be read: OUT/checkpoint, else OUT/checkpoint.old (the one before
+        it, kept as a fallback; also what a crash between the two renames of a save leaves)."""
+        problems = []
+        for d in (self.ckpt_dir, self.ckpt_dir + ".old"):
+            if not os.path.exists(os.path.join(d, "train_state.pt")):
+                continue
+            try:
+                read_train_state(d)
+                load_tokenizer(os.path.join(d, "tokenizer.json"))
+            except (TrainError, ValueError, FileNotFoundError) as e:
+                problems.append(str(e))
+                self.log(f"warning: {e}")
+                continue
+            if problems:
+                self.log(f"resuming from the previous checkpoint, {d}")
+            return d
+        if problems:
+            raise TrainError(f"--resume: {problems[-1]}; no earlier checkpoint to fall back to. Start over with "
+                             f"--overwrite (the tokenised data cache is kept)")
         raise TrainError(f"--resume: no checkpoint in {self.ckpt_dir}")
 
     def _reset_metrics(self):
@@ -557,47 +512,60 @@ class Trainer:
         tok_s, last = None, {}
         self.model.train()
         try:
-            while self.step < last_step:
-                t0 = time.perf_counter()
-                r = self.train_step()
-                dt = time.perf_counter() - t0
-                self.data_log.extend(r.windows.tolist())
-                rate = r.batch * tc.seq_len / dt
-                tok_s = rate if tok_s is None else 0.9 * tok_s + 0.1 * rate
-                if r.skipped:
-                    self._on_bad_step()
-                else:
-                    self.bad_streak = 0
-                    self.load_accum_LE += r.loads_LE
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{r.loss:.3f}", tok_s=f"{tok_s:,.0f}")
-                if self.step % tc.log_every == 0 or self.step == last_step:
-                    self._write({"step": self.step, "tokens": self.tokens_seen, "batch": r.batch, "loss": r.loss,
-                                 "mtp_loss": r.mtp_loss, "balance_loss": tc.balance_alpha * r.balance_loss,
-                                 "lr": self.sched.get_last_lr()[0], "grad_norm": r.grad_norm, "tok_per_s": tok_s,
-                                 "maxvio": max_violation(r.loads_LE), "skipped_steps": self.bad_steps_total})
-                if self.step % tc.eval_every == 0 or self.step == tc.steps:
-                    last = self._eval_and_plot(bar)
-                if self.step % tc.save_every == 0 and self.step < last_step:
-                    self.save_checkpoint()
-        except KeyboardInterrupt:
+            with StopOnSignal(self.log) as stop:
+                while self.step < last_step:
+                    t0 = time.perf_counter()
+                    r = self.train_step()
+                    dt = time.perf_counter() - t0
+                    self.data_log.extend(r.windows.tolist())
+                    rate = r.batch * tc.seq_len / dt
+                    tok_s = rate if tok_s is None else 0.9 * tok_s + 0.1 * rate
+                    if r.skipped:
+                        self._on_bad_step()
+                    else:
+                        self.bad_streak = 0
+                        self.load_accum_LE += r.loads_LE
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{r.loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                    if self.step % tc.log_every == 0 or self.step == last_step:
+                        self._write({"step": self.step, "tokens": self.tokens_seen, "batch": r.batch, "loss": r.loss,
+                                     "mtp_loss": r.mtp_loss, "balance_loss": tc.balance_alpha * r.balance_loss,
+                                     "lr": self.sched.get_last_lr()[0], "grad_norm": r.grad_norm, "tok_per_s": tok_s,
+                                     "maxvio": max_violation(r.loads_LE), "skipped_steps": self.bad_steps_total})
+                    if self.step % tc.eval_every == 0 or self.step == tc.steps:
+                        last = self._eval_and_plot(bar)
+                    if self.stop_requested(stop.requested) and self.step < last_step:
+                        raise TrainInterrupted(stop.requested or "SIGTERM", self.step)
+                    if self.step % tc.save_every == 0 and self.step < last_step:
+                        self.save_checkpoint()
+        except TrainInterrupted:
             if bar is not None:
                 bar.close()
-            self.log(f"\ninterrupted at step {self.step}; saving a checkpoint")
             self.save_checkpoint()
             self.export()
-            self.log(f"saved to {self.ckpt_dir}; continue with --resume")
+            self.log(f"stopped after step {self.step}; checkpoint in {self.ckpt_dir}; continue with --resume")
+            raise
+        except KeyboardInterrupt:
+            where = f"the checkpoint in {self.ckpt_dir} is as it was" if os.path.exists(self.ckpt_dir) else "no checkpoint was written"
+            self.log(f"\naborted during step {self.step + 1}; {where}")
             raise
         finally:
             if bar is not None:
                 bar.close()
+            if self.step < last_step:
+                self.lock.release()
         self.save_checkpoint()
         self.export()
         if self.tc.plots:
             self.plot()
+        self.lock.release()
         return {"step": self.step, **last, "unigram_entropy": self.unigram_entropy,
                 "skipped_steps": self.bad_steps_total}
+
+    def stop_requested(self, signal_name: str | None) -> bool:
+        """Whether to stop after this step. With several processes, all must agree (the distributed trainer)."""
+        return signal_name is not None
 
     def _on_bad_step(self):
         self.bad_steps_total += 1
@@ -644,10 +612,10 @@ class Trainer:
         }
 
     def save_checkpoint(self):
-        """Write everything to a temp folder beside the checkpoint, then swap it in by renames.
-        Any failure (a full disk) removes the temp folder and leaves the old checkpoint alone."""
-        out = self.tc.out
-        tmp = tempfile.mkdtemp(dir=out, prefix=".checkpoint.tmp-")
+        """Write everything to a temp folder beside the checkpoint, then swap it in by renames, keeping
+        the one before as checkpoint.old (a fallback if this one is later found damaged). Any failure
+        (a full disk) removes the temp folder and leaves the old checkpoints alone."""
+        tmp = temp_dir_beside(self.ckpt_dir)
         try:
             save_pretrained(self.model, tmp)
             save_tokenizer(self.tok, tmp, self.tc.seq_len)
@@ -658,12 +626,7 @@ class Trainer:
                 else "no earlier checkpoint exists"
             raise TrainError(f"could not write a checkpoint at step {self.step} ({e.strerror or e}); {kept}. "
                              f"Free some disk space and rerun with --resume.") from e
-        old = self.ckpt_dir + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(self.ckpt_dir):
-            os.replace(self.ckpt_dir, old)
-        os.replace(tmp, self.ckpt_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_dir(tmp, self.ckpt_dir, keep_previous=True)
 
     def export(self):
         """The final model in OUT itself: config.json, model.safetensors, tokenizer files."""
@@ -678,17 +641,21 @@ class Trainer:
         if os.path.exists(os.path.join(path, ".metadata")):
             raise TrainError(f"--resume: {path} holds a sharded checkpoint from a torchrun run; resume it with "
                              f"torchrun (any number of processes), or in one process with --dp 1")
-        st = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
+        st = read_train_state(path)
         saved_cfg = ModelConfig.from_dict(st["model_config"])
         if saved_cfg.to_dict() != self.cfg.to_dict():
             a, b = saved_cfg.to_dict(), self.cfg.to_dict()
             diff = [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
             raise TrainError(f"--resume: the model config does not match the checkpoint in {path} ({'; '.join(diff)})")
-        check_resume_fields(st["train_config"], self.tc)
+        check_resume_fields(st["train_config"], self.tc, self.log)
         if st["corpus"]["splits"] != self.corpus.index["splits"]:
             raise TrainError(f"--resume: the data differs from the checkpoint's (train/val token counts "
                              f"{st['corpus']['splits']} vs {self.corpus.index['splits']}); pass the same --data")
-        loaded = from_pretrained(path, dtype=torch.float32)
+        try:
+            loaded = from_pretrained(path, dtype=torch.float32)
+        except CheckpointError as e:
+            raise TrainError(f"--resume: {e}. If {self.ckpt_dir}.old exists, move it to {self.ckpt_dir} to resume "
+                             f"from the checkpoint before; otherwise start over with --overwrite") from None
         self.model.load_state_dict(loaded.state_dict())
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
@@ -696,23 +663,71 @@ class Trainer:
         self.step, self.tokens_seen, self.bad_steps_total = st["step"], st["tokens_seen"], st["bad_steps_total"]
         self.load_accum_LE = st["load_accum"]
         set_rng_state(st["rng"])
-        if os.path.exists(self.metrics_path):   # drop records past the checkpoint (an interrupted tail)
-            with open(self.metrics_path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= self.step]
-            with open(self.metrics_path, "w") as f:
-                f.writelines(keep)
+        truncate_metrics(self.metrics_path, self.step, self.log)
         self.log(f"resumed from {path} at step {self.step}")
 
 
-def check_resume_fields(saved: dict, tc: TrainConfig):
-    """Refuse to resume with a setting that would change the data or the schedule of the saved run.
-    A field the checkpoint predates had its default then."""
+def check_resume_fields(saved: dict, tc: TrainConfig, log=print):
+    """Refuse to resume with a setting that would change the data of the saved run, or (unless
+    --allow-schedule-change) its schedule. A field the checkpoint predates had its default then."""
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for k in TrainConfig.RESUME_FIELDS:
         was = saved.get(k, fields[k].default)
         if was != getattr(tc, k):
             raise TrainError(f"--resume: {k} is {getattr(tc, k)!r} but the checkpoint was trained with "
                              f"{was!r}; pass the same value to continue exactly")
+    changed = {k: saved.get(k, fields[k].default) for k in TrainConfig.SCHEDULE_FIELDS
+               if saved.get(k, fields[k].default) != getattr(tc, k)}
+    if not changed:
+        return
+    was = dataclasses.replace(tc, **changed)
+    old, new = RunSchedule.of(was), RunSchedule.of(tc)
+    what = ", ".join(f"--{k.replace('_', '-')} {v} -> {getattr(tc, k)}" for k, v in changed.items())
+    plan = (f"the lr, γ and λ schedules are laid out over the run's tokens ({old.total_tokens:,} -> {new.total_tokens:,}): "
+            f"the cosine would start after step {switch_step(was, old)} instead of step {switch_step(tc, new)}")
+    if not tc.allow_schedule_change:
+        raise TrainError(f"--resume with {what} changes the run's schedule: {plan}. Pass the checkpoint's values "
+                         f"to continue it exactly, or --allow-schedule-change to continue on the new schedule")
+    log(f"warning: {what} changes the schedule: {plan} (--allow-schedule-change)")
+
+
+def switch_step(tc: TrainConfig, schedule: RunSchedule) -> int:
+    """The first step past 67.6% of the run's tokens (where the cosine starts and λ drops)."""
+    return next((i for i in range(tc.steps) if schedule.fraction(i) >= CONSTANT_END), tc.steps)
+
+
+def read_train_state(path) -> dict:
+    """A checkpoint's train_state.pt (weights_only: tensors and plain values, no pickled code)."""
+    file = os.path.join(path, "train_state.pt")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainError(f"{file} is missing") from None
+    except Exception as e:            # truncated or corrupt: torch raises RuntimeError, pickle errors, ...
+        raise TrainError(f"{file} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                         f"the file is damaged or truncated") from None
+
+
+def truncate_metrics(path, step: int, log=print):
+    """On resume, keep the metrics up to the checkpoint's step (drop an interrupted tail) and any line
+    that does not parse (a crash mid-write), saying how many."""
+    if not os.path.exists(path):
+        return
+    keep, bad = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            if rec.get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    if bad:
+        log(f"warning: {path}: dropped {bad} line(s) that are not JSON (a write cut short?); the other records are kept")
+    atomic_write_text(path, "".join(keep))
 
 
 def train(cfg: ModelConfig, tc: TrainConfig, log=print) -> dict:

@@ -1,0 +1,85 @@
+"""The training run's settings (`TrainConfig`, what `fewchips train` flags set) and its error type.
+No torch here: the command line reads the defaults from this dataclass without loading torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class TrainError(RuntimeError):
+    """Training cannot go on; the message says why and where the last good checkpoint is."""
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/train"
+    data: str | None = None              # None: the Python standard library's .py files
+    text_field: str = "text"
+    max_corpus_mb: float | None = None
+    val_fraction: float = 0.03
+    tokenizer: str | None = None         # an existing tokenizer.json; None: train one
+    cache_dir: str | None = None         # None: OUT/cache
+    fim_rate: float = 0.1
+    # schedule and batch
+    steps: int = 300
+    batch_size: int = 16
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 2e-3
+    warmup_steps: int | None = None      # None: 3% of the run
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    batch_ramp_tokens: int = 0           # grow the batch over the run's first N tokens (0: no ramp)
+    batch_size_start: int | None = None  # sequences per step when the ramp starts (default: one micro-batch)
+    # the V3 recipe
+    bias_update_speed: float = 0.001     # γ
+    balance_alpha: float = 1e-4          # α
+    mtp_lambda: float = 0.3              # λ for the first 67.6% of the run
+    mtp_lambda_late: float = 0.1         # λ after that
+    init_std: float = 0.006
+    # systems
+    dtype: str = "auto"                  # auto | bf16 | fp32 (autocast; weights and optimizer stay fp32)
+    activation_checkpointing: bool = False
+    compile: bool = False
+    fp8: bool = False                    # DeepSeek-V3's FP8 recipe on the linears and experts (fewchips.fp8)
+    fp8_backend: str = "auto"            # auto | scaled_mm (Hopper) | emulate
+    bf16_moments: bool = False           # AdamW moments stored in BF16, as in the report (fewchips.fp8.optim)
+    threads: int | None = None
+    seed: int = 0
+    # watching and saving
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 100
+    plots: bool = True
+    progress: bool = True
+    resume: bool = False
+    allow_schedule_change: bool = False  # --resume with another --steps/--warmup: continue on the new schedule
+    overwrite: bool = False
+    stop_at: int | None = None           # stop (with a checkpoint) after this step: split a run
+    max_bad_steps: int = 5               # consecutive non-finite steps before stopping
+
+    def __post_init__(self):
+        full = self.batch_size * self.grad_accum
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise TrainError(f"--batch-size ({self.batch_size}) and --grad-accum ({self.grad_accum}) must be >= 1")
+        if self.batch_ramp_tokens < 0:
+            raise TrainError(f"--batch-ramp-tokens must be >= 0, got {self.batch_ramp_tokens}")
+        start = self.batch_size_start
+        if start is not None and (start % self.batch_size or not self.batch_size <= start <= full):
+            raise TrainError(f"--batch-size-start {start} must be a multiple of --batch-size {self.batch_size} "
+                             f"(the batch grows in whole micro-batches) between {self.batch_size} and "
+                             f"--batch-size x --grad-accum = {full}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of a full step (after any batch ramp)."""
+        return self.batch_size * self.grad_accum * self.seq_len
+
+    # fields that must agree with a checkpoint for `--resume` to continue exactly
+    RESUME_FIELDS = ("seq_len", "batch_size", "grad_accum", "seed", "fim_rate", "val_fraction", "max_corpus_mb",
+                     "batch_ramp_tokens", "batch_size_start")
+    # fields that lay out the schedule: changing them on --resume needs --allow-schedule-change
+    SCHEDULE_FIELDS = ("steps", "warmup_steps")

@@ -1,0 +1,60 @@
+"""The command line's first impression: help shows each default and every preset (no stray %%), an
+unknown flag gets its subcommand's usage, `train`'s flags take their defaults from TrainConfig,
+`generate` prints its stats on their own line, and a damaged tokenizer.json is one line naming it."""
+
+import dataclasses
+import shutil
+
+import pytest
+
+from fewchips.cli import build_parser, main
+from fewchips.config import PRESETS
+from fewchips.train.config import TrainConfig
+
+from inference_utils import one_thread, save_tiny_model_dir  # noqa: F401 (autouse fixture)
+
+
+def test_train_help_shows_defaults_and_presets(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "%%" not in text and "67.6%" in text
+    assert all(name in text for name in PRESETS)
+    assert "(default: 300)" in text and "(default: 0.002)" in text and "(default: 1)" in text
+
+
+def test_train_flag_defaults_are_train_config_defaults():
+    args = build_parser().parse_args(["train", "--out", "x"])
+    checked = 0
+    for f in dataclasses.fields(TrainConfig):
+        if hasattr(args, f.name) and f.name != "out":            # --out is required
+            assert getattr(args, f.name) == f.default, f.name
+            checked += 1
+    assert checked >= 35
+
+
+def test_unknown_flag_shows_the_subcommand_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--out", "x", "--lerning-rate", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.startswith("usage: fewchips train") and "unrecognized arguments: --lerning-rate 1" in err
+
+
+def test_generate_stats_on_their_own_line(tmp_path, capfd):
+    model_dir = save_tiny_model_dir(tmp_path / "m")
+    assert main(["generate", "--model", model_dir, "--prompt", "hello", "--max-new-tokens", "5",
+                 "--temperature", "0.7", "--top-p", "0.95", "--seed", "1"]) == 0
+    out, err = capfd.readouterr()
+    assert out.endswith("\n") and out.startswith("hello") and "tok/s" not in out
+    assert err.strip().splitlines()[-1].startswith("5 tokens in")
+
+
+def test_damaged_tokenizer_json_is_one_line(tmp_path, capsys):
+    model_dir = save_tiny_model_dir(tmp_path / "m")
+    with open(f"{model_dir}/tokenizer.json", "r+") as f:
+        f.truncate(100)
+    assert main(["generate", "--model", model_dir, "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tokenizer.json: not a readable tokenizer.json" in err
+    shutil.rmtree(model_dir)
