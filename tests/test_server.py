@@ -27,15 +27,15 @@ NAME = "tiny-test"
 
 
 class Served:
-    def __init__(self, path, api_key=None):
+    def __init__(self, path, api_key=None, limits=None, max_batch=16):
         self.model = from_pretrained(path, dtype=torch.float32)
         self.tok = Tokenizer.from_dir(path)
-        self.engine = Engine(self.model, self.tok, max_batch=16, max_len=128).start()
+        self.engine = Engine(self.model, self.tok, max_batch=max_batch, max_len=128).start()
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        config = uvicorn.Config(create_app(self.engine, self.tok, NAME, api_key=api_key), host="127.0.0.1",
-                                port=self.port, log_level="warning")
+        config = uvicorn.Config(create_app(self.engine, self.tok, NAME, api_key=api_key, limits=limits),
+                                host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -20,7 +20,7 @@ def register(sub):
 def run(args, stdin=None, stdout=None):
     from fewchips.inference.engine import Engine, Request
     from fewchips.inference.sampling import SamplingParams
-    from fewchips.inference.server import TextStream
+    from fewchips.inference.tokenizer import TextStream
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     model, tok = load_model_and_tokenizer(args)

@@ -12,6 +12,8 @@ def add_model_flags(p):
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and cache dtype (auto: bfloat16 on GPU, float32 on CPU, where bf16 is slow)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); tiny models decode fastest on 1")
 
 
 def load_model_and_tokenizer(args, mtp: bool = False):
@@ -20,6 +22,8 @@ def load_model_and_tokenizer(args, mtp: bool = False):
     from fewchips.checkpoint import from_pretrained
     from fewchips.inference.tokenizer import Tokenizer
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if args.dtype == "auto":
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32

@@ -22,12 +22,24 @@ def register(sub):
                         "4096; every slot reserves this many tokens of cache)")
     e.add_argument("--cache-gb", type=float, default=None,
                    help="cap on latent-cache memory; fewer slots are allocated and extra requests queue")
+    from fewchips.inference.server_limits import ServerLimits
+    d = ServerLimits()
+    lim = p.add_argument_group("limits (what one client may ask for)")
+    lim.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20,
+                     help="request bodies above this are refused (413) before they are read")
+    lim.add_argument("--max-prompts", type=int, default=d.max_prompts, help="prompts in one /v1/completions request")
+    lim.add_argument("--max-n", type=int, default=d.max_n, help="choices (n) per prompt")
+    lim.add_argument("--max-waiting", type=int, default=d.max_waiting,
+                     help="generations queued for a slot; beyond it requests get 429 with Retry-After")
+    lim.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
+                     help="on SIGTERM/Ctrl-C, seconds in-flight requests get to finish before they are cancelled")
     p.set_defaults(func=run)
 
 
 def run(args):
     from fewchips.inference.engine import Engine
     from fewchips.inference.server import serve
+    from fewchips.inference.server_limits import ServerLimits
 
     model, tok = load_model_and_tokenizer(args)
     cap = None if args.cache_gb is None else int(args.cache_gb * 2**30)
@@ -36,5 +48,7 @@ def run(args):
     name = args.model_name or os.path.basename(os.path.normpath(args.model))
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({engine.n_slots} slots of "
           f"{engine.max_len} tokens, cache {engine.cache_bytes / 2**20:.1f} MiB)")
-    serve(engine, tok, name, host=args.host, port=args.port, api_key=args.api_key)
+    limits = ServerLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_prompts=args.max_prompts, max_n=args.max_n,
+                          max_waiting=args.max_waiting, shutdown_timeout=args.shutdown_timeout)
+    serve(engine, tok, name, host=args.host, port=args.port, api_key=args.api_key, limits=limits)
     return 0

@@ -25,7 +25,7 @@ import torch
 
 from ..model import LatentCache
 from .generate import compiled_decode_step, pad_rows, stop_reason
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, adjust_logits, sample
 
 log = logging.getLogger("fewchips")
 _ids = itertools.count()
@@ -187,7 +187,10 @@ class Engine:
         self._emit(reqs, logits_BV)
 
     def _emit(self, reqs: list[Request], logits_BV):
-        tokens = sample(logits_BV, [r.params for r in reqs], [r._rng for r in reqs]).tolist()
+        """Sample each row's next token (after its penalties and logit bias; logprobs stay the model's own)."""
+        params = [r.params for r in reqs]
+        adjusted_BV = adjust_logits(logits_BV, params, [r.output_ids for r in reqs])
+        tokens = sample(adjusted_BV, params, [r._rng for r in reqs]).tolist()
         for i, (r, t) in enumerate(zip(reqs, tokens)):
             r.output_ids.append(t)
             item = t

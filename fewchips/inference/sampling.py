@@ -22,6 +22,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)            # stop strings (need a tokenizer)
     stop_token_ids: list[int] = field(default_factory=list)  # e.g. the eos token
     logprobs: int | None = None       # also return the top-N logprobs of every generated token
+    # OpenAI's penalties on the tokens generated so far: logit -= count·frequency + (count > 0)·presence
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -39,6 +43,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty or self.logit_bias)
+
     def generator(self, device="cpu") -> torch.Generator | None:
         if self.greedy:
             return None
@@ -46,8 +54,28 @@ class SamplingParams:
         if self.seed is None:
             g.seed()
         else:
-            g.manual_seed(self.seed)
+            g.manual_seed(self.seed % 2**64)       # any integer: torch takes [-2^63, 2^64)
         return g
+
+
+def adjust_logits(logits_BV: torch.Tensor, params: list[SamplingParams], generated: list[list[int]]) -> torch.Tensor:
+    """Penalties and logit bias, row by row, as OpenAI defines them: for each token j already generated
+    c_j times in the row, logit_j -= c_j·frequency_penalty + [c_j > 0]·presence_penalty; then each
+    `logit_bias` entry is added. Rows that ask for neither are left as they are (no copy if none does)."""
+    rows = [i for i, p in enumerate(params) if p.adjusts_logits]
+    if not rows:
+        return logits_BV
+    logits_BV = logits_BV.clone()
+    V = logits_BV.shape[-1]
+    for i in rows:
+        p = params[i]
+        if (p.frequency_penalty or p.presence_penalty) and generated[i]:
+            count_V = torch.bincount(torch.tensor(generated[i], device=logits_BV.device), minlength=V)[:V]
+            logits_BV[i] -= (count_V * p.frequency_penalty + (count_V > 0) * p.presence_penalty).to(logits_BV.dtype)
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=logits_BV.device)
+            logits_BV[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits_BV.device, dtype=logits_BV.dtype)
+    return logits_BV
 
 
 def probabilities(logits_BV: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -1,214 +1,187 @@
 """An OpenAI-compatible HTTP server over the engine (FastAPI + uvicorn).
 
-Routes: GET /health, GET /v1/models, POST /v1/completions (string, string-list, token-id and
-token-id-list prompts; logprobs and echo for scoring), POST /v1/chat/completions; `stream: true`
+Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions; `stream: true`
 answers with server-sent events ending in `data: [DONE]`. Every error is a 4xx/5xx with
-{"error": {"message", "type", "param", "code"}}, the shape the `openai` client raises from.
+{"error": {"message", "type", "param", "code"}}, the shape the `openai` client raises from. What a
+request may be and become (bodies, prompts, sampling, response pieces) is `openai_api.py`; this module
+is the HTTP side: limits, routes, and the loop that turns engine events into responses.
+
 The engine steps on its own thread; each request's tokens come back to the event loop through a queue.
-See shared/reference/openai_api.md for what real clients send.
+Bodies are read with a size cap and parsed and tokenised on a worker thread, so the event loop (and
+/health) stays responsive whatever a client sends. `ServerLimits` bounds what one client can ask for.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
-from typing import Literal, Union
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, Request, TokenLogprob
-from .sampling import SamplingParams
+from . import openai_api as api
+from .engine import Engine, Request
+from .openai_api import APIError, ChatBody, CompletionBody
+from .server_limits import ServerLimits
+from .tokenizer import TextStream
 
 
-# ---------------------------------------------------------------------------------------------
-# Errors
-# ---------------------------------------------------------------------------------------------
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(status_code=e.status, content=e.body(), headers=e.headers)
 
 
-def error_response(status, message, type="invalid_request_error", param=None, code=None):
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": type,
-                                                               "param": param, "code": code}})
+async def read_body(request: HTTPRequest, max_bytes: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `max_bytes` (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise APIError(413, f"the request body is {int(declared):,} bytes; this server takes at most {max_bytes:,}",
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise APIError(413, f"the request body is over {max_bytes:,} bytes, the most this server takes",
+                           code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
-def _validation_message(exc) -> tuple[str, str | None]:
-    errs = exc.errors()
-    if not errs:
-        return "invalid request", None
-    e = errs[0]
-    if e.get("type") == "json_invalid":
-        return "the request body is not valid JSON", None
-    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-    where = ".".join(loc)
-    return (f"{where}: {e.get('msg')}" if where else str(e.get("msg"))), (loc[0] if loc else None)
+class RequireAPIKey:
+    """`Authorization: Bearer KEY` on /v1 routes. Plain ASGI rather than `@app.middleware("http")`, whose
+    wrapper hides a client's hang-up from `request.is_disconnected()`."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            if dict(scope["headers"]).get(b"authorization", b"") != self.expected:
+                response = error_response(APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
+                                                   "authentication_error", code="invalid_api_key"))
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
-# ---------------------------------------------------------------------------------------------
-# Request bodies (unknown fields are accepted; known fields must have the right types)
-# ---------------------------------------------------------------------------------------------
+class Session:
+    """One HTTP request's generations: submitted together, their events read back in order."""
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    include_usage: bool = False
+    def __init__(self, app_state, reqs: list[Request], queue: asyncio.Queue, http: HTTPRequest):
+        self.state, self.reqs, self.queue, self.http = app_state, reqs, queue, http
+        self.streams = [TextStream(app_state.tokenizer, r.params.stop) for r in reqs]
 
+    async def events(self, watch_disconnect: bool):
+        """(choice index, kind, payload) until every generation is done. Leaving early (the client hung
+        up, the task was cancelled) aborts what is left, which frees their cache slots."""
+        index = {r.id: k for k, r in enumerate(self.reqs)}
+        open_ = len(self.reqs)
+        poll = self.state.limits.disconnect_poll_s
+        checked = time.monotonic()
+        try:
+            while open_:
+                try:
+                    req, kind, payload = await asyncio.wait_for(self.queue.get(), poll)
+                except asyncio.TimeoutError:
+                    req = None
+                if watch_disconnect and time.monotonic() - checked >= poll:
+                    checked = time.monotonic()
+                    if await self.http.is_disconnected():
+                        return
+                if req is None:
+                    continue
+                if kind in ("done", "error"):
+                    open_ -= 1
+                yield index[req.id], kind, payload
+        finally:
+            for r in self.reqs:
+                if r.finish_reason is None:
+                    self.state.engine.abort(r)
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str | None = None
-    n: int = Field(1, ge=1, le=16)
-    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
-    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    async def collect(self):
+        """Run to the end (non-streaming), feeding each choice's tokens to its text stream."""
+        async for k, kind, payload in self.events(watch_disconnect=True):
+            if kind == "tokens":
+                self.streams[k].push([x if isinstance(x, int) else x.token for x in payload])
+            elif kind == "error":
+                raise APIError(500, f"generation failed: {payload}", "server_error")
+        if any(r.finish_reason is None or r.finish_reason == "abort" for r in self.reqs):
+            raise APIError(499, "the client closed the connection", code="client_closed_request")
 
-
-class CompletionBody(_Common):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = Field(16, ge=0)
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool | None = False
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str = "text"
-    text: str = ""
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[TextPart] | None = None
-
-
-class ChatBody(_Common):
-    messages: list[Message]
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-
-
-async def parse(request: HTTPRequest, model: type[BaseModel]):
-    """The JSON body as `model`, whatever the content-type header says; 400 for malformed JSON or
-    fields of the wrong type."""
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        msg, param = _validation_message(e)
-        raise APIError(400, msg, param=param) from None
+    async def sse(self, first_chunks, delta, finish, usage_chunk):
+        """The one streaming loop of both endpoints: `first_chunks` (a list), then `delta(k, text, payload)`
+        per token event (None: nothing to send), `finish(k, rest, reason)` (a list) per ended choice,
+        `usage_chunk()` if asked for, then [DONE]."""
+        for obj in first_chunks:
+            yield api.sse(obj)
+        async for k, kind, payload in self.events(watch_disconnect=False):
+            if kind == "error":
+                yield api.sse({"error": {"message": payload, "type": "server_error", "param": None, "code": None}})
+            elif kind == "tokens":
+                obj = delta(k, self.streams[k].push([x if isinstance(x, int) else x.token for x in payload]), payload)
+                if obj is not None:
+                    yield api.sse(obj)
+            else:
+                for obj in finish(k, self.streams[k].flush(), payload):
+                    yield api.sse(obj)
+        if usage_chunk is not None:
+            yield api.sse(usage_chunk())
+        yield "data: [DONE]\n\n"
 
 
-# ---------------------------------------------------------------------------------------------
-# Text: incremental detokenisation with stop strings
-# ---------------------------------------------------------------------------------------------
+@dataclass
+class AppState:
+    engine: Engine
+    tokenizer: object
+    model_name: str
+    limits: ServerLimits
+    stop_ids: list[int]
+    created: int
 
-class TextStream:
-    """Turns a growing list of token ids into text deltas. Holds back an incomplete UTF-8 character
-    and any tail that could be the start of a stop string; cuts the text at the first stop string."""
+    def submit(self, prompts: list[list[int]], body, max_tokens: list[int], logprobs, http: HTTPRequest,
+               prompt_logprobs=None) -> Session:
+        """One engine request per (prompt, choice): all are checked, and the queue's room, before any is queued."""
+        param = "messages" if isinstance(body, ChatBody) else "prompt"
+        for p, m in zip(prompts, max_tokens):
+            try:
+                self.engine.check(p, m)
+            except ValueError as e:
+                raise APIError(400, str(e), param=param,
+                               code="context_length_exceeded" if "context" in str(e) else None) from None
+        n_new, limit = len(prompts) * body.n, self.limits.max_waiting
+        if n_new > limit:
+            raise APIError(400, f"this request asks for {n_new} generations (prompts x n); the most one request "
+                                f"may queue is {limit}", param=param)
+        if len(self.engine.waiting) + n_new > limit:
+            raise APIError(429, f"the server is busy ({len(self.engine.waiting)} generations waiting for a slot); "
+                                f"retry shortly", "rate_limit_error", code="server_busy", headers={"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
 
-    def __init__(self, tokenizer, stops: list[str]):
-        self.tok, self.stops = tokenizer, [s for s in stops if s]
-        self.ids: list[int] = []
-        self.sent = 0
-        self.stopped = False
+        def on_event(req, kind, payload):
+            loop.call_soon_threadsafe(queue.put_nowait, (req, kind, payload))
 
-    def _text(self):
-        text = self.tok.decode(self.ids)
-        cuts = [text.find(s) for s in self.stops if s in text]
-        if cuts:
-            self.stopped = True
-            return text[: min(cuts)], True
-        return text, False
-
-    def push(self, ids: list[int]) -> str:
-        if self.stopped:
-            return ""
-        self.ids.extend(ids)
-        text, cut = self._text()
-        safe = len(text)
-        if not cut:
-            while safe > self.sent and text[safe - 1] == "\ufffd":
-                safe -= 1
-            for s in self.stops:
-                for k in range(min(len(s) - 1, safe), 0, -1):
-                    if text[:safe].endswith(s[:k]):
-                        safe -= k
-                        break
-        out = text[self.sent: safe] if safe > self.sent else ""
-        self.sent = max(self.sent, safe)
-        return out
-
-    def flush(self) -> str:
-        text, _ = self._text()
-        out = text[self.sent:]
-        self.sent = len(text)
-        return out
-
-    @property
-    def text(self) -> str:
-        return self._text()[0]
+        reqs = [Request(p, api.sampling_params(body, m, j, logprobs, self.stop_ids), on_event=on_event,
+                        prompt_logprobs=prompt_logprobs)
+                for p, m in zip(prompts, max_tokens) for j in range(body.n)]
+        for r in reqs:
+            self.engine.add(r)
+        return Session(self, reqs, queue, http)
 
 
-# ---------------------------------------------------------------------------------------------
-# The app
-# ---------------------------------------------------------------------------------------------
-
-def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
+               limits: ServerLimits | None = None) -> FastAPI:
     app = FastAPI(title="fewchips", docs_url=None, redoc_url=None)
-    created = int(time.time())
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else engine.model.config.eos_token_id
-    stop_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    state = AppState(engine, tokenizer, model_name, limits or ServerLimits(),
+                     [] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), int(time.time()))
+    add_error_handlers(app)
 
-    @app.exception_handler(APIError)
-    async def _api_error(_, e: APIError):
-        return error_response(e.status, e.message, e.type, e.param, e.code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_, e: RequestValidationError):
-        msg, param = _validation_message(e)
-        return error_response(400, msg, param=param)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_, e: StarletteHTTPException):
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return error_response(e.status_code, str(e.detail), kind)
-
-    @app.exception_handler(Exception)
-    async def _internal(_, e: Exception):
-        return error_response(500, f"internal error: {type(e).__name__}: {e}", "server_error")
-
-    @app.middleware("http")
-    async def _auth(request: HTTPRequest, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            if header != f"Bearer {api_key}":
-                return error_response(401, "invalid or missing API key (send Authorization: Bearer KEY)",
-                                      "authentication_error", code="invalid_api_key")
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(RequireAPIKey, api_key=api_key)
 
     @app.get("/health")
     async def health():
@@ -216,259 +189,149 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": state.created,
                                             "owned_by": "fewchips", "max_model_len": engine.max_len}]}
-
-    # ---- shared plumbing ----------------------------------------------------------------------
-    def check_common(body: _Common):
-        if body.model not in (None, "", model_name):
-            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
-                           "not_found_error", "model", "model_not_found")
-        if body.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
-
-    def params_for(body: _Common, max_tokens: int, j: int, logprobs: int | None) -> SamplingParams:
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        temperature = 1.0 if body.temperature is None else body.temperature
-        return SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                              top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
-                              seed=None if body.seed is None else body.seed + j, stop=stops,
-                              stop_token_ids=stop_ids, logprobs=logprobs)
-
-    def submit(prompts: list[list[int]], body: _Common, max_tokens: list[int], logprobs, prompt_logprobs=None):
-        """One engine request per (prompt, choice); all are checked before any is queued."""
-        for p, m in zip(prompts, max_tokens):
-            try:
-                engine.check(p, m)
-            except ValueError as e:
-                raise APIError(400, str(e), param="messages" if isinstance(body, ChatBody) else "prompt",
-                               code="context_length_exceeded" if "context" in str(e) else None) from None
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def on_event(req, kind, payload):
-            loop.call_soon_threadsafe(queue.put_nowait, (req, kind, payload))
-
-        reqs = []
-        for i, (p, m) in enumerate(zip(prompts, max_tokens)):
-            for j in range(body.n):
-                reqs.append(Request(p, params_for(body, m, j, logprobs), on_event=on_event,
-                                    prompt_logprobs=prompt_logprobs))
-        for r in reqs:
-            engine.add(r)
-        return reqs, queue
-
-    async def collect(reqs, queue, streams):
-        """Run non-streaming requests to the end, feeding each choice's tokens to its text stream."""
-        async for k, kind, payload in events(reqs, queue):
-            if kind == "tokens":
-                streams[k].push([x if isinstance(x, int) else x.token for x in payload])
-            elif kind == "error":
-                raise APIError(500, f"generation failed: {payload}", "server_error")
-
-    async def events(reqs, queue):
-        """Yield (choice index, kind, payload) until every request is done; abort leftovers on exit."""
-        index = {r.id: k for k, r in enumerate(reqs)}
-        open_ = len(reqs)
-        try:
-            while open_:
-                req, kind, payload = await queue.get()
-                if kind in ("done", "error"):
-                    open_ -= 1
-                yield index[req.id], kind, payload
-        finally:
-            for r in reqs:
-                if r.finish_reason is None:
-                    engine.abort(r)
-
-    def usage(prompts, reqs):
-        p = sum(len(x) for x in prompts)
-        c = sum(len(r.output_ids) for r in reqs)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-    def sse(obj) -> str:
-        return f"data: {json.dumps(obj)}\n\n"
-
-    # ---- /v1/completions ---------------------------------------------------------------------
-    def completion_prompts(body: CompletionBody) -> list[list[int]]:
-        p = body.prompt
-        if isinstance(p, str):
-            prompts = [tokenizer.encode(p)]
-        elif p and all(isinstance(x, str) for x in p):
-            prompts = [tokenizer.encode(x) for x in p]
-        elif p and all(isinstance(x, int) for x in p):
-            prompts = [list(p)]
-        elif p and all(isinstance(x, list) for x in p):
-            prompts = [list(x) for x in p]
-        else:
-            raise APIError(400, "prompt must be a non-empty string, list of strings, list of token ids or "
-                                "list of token-id lists", param="prompt")
-        if any(len(x) == 0 for x in prompts):
-            raise APIError(400, "prompt is empty", param="prompt")
-        return prompts
-
-    def logprobs_block(items: list[TokenLogprob | None], offset0: int, token_ids: list[int]):
-        tokens, lps, tops, offsets = [], [], [], []
-        off = offset0
-        for t, item in zip(token_ids, items):
-            text = tokenizer.token_text(t)
-            tokens.append(text)
-            offsets.append(off)
-            off += len(text)
-            if item is None:
-                lps.append(None)
-                tops.append(None)
-            else:
-                lps.append(item.logprob)
-                top = {tokenizer.token_text(i): v for i, v in item.top}
-                if item.top:
-                    top.setdefault(text, item.logprob)
-                tops.append(top)
-        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
-        body = await parse(request, CompletionBody)
-        check_common(body)
-        prompts = completion_prompts(body)
-        max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        scoring = body.echo and body.logprobs is not None
-        reqs, queue = submit(prompts, body, [max_tokens] * len(prompts), body.logprobs,
-                             prompt_logprobs=body.logprobs if scoring else None)
-        cid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        streams = [TextStream(tokenizer, r.params.stop) for r in reqs]
-        prompt_of = [prompts[k // body.n] for k in range(len(reqs))]
-
-        def choice_text(k):
-            echo = tokenizer.decode(prompt_of[k], skip_special_tokens=False) if body.echo else ""
-            return echo, streams[k].text
-
-        if body.stream:
-            async def gen():
-                include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                if body.echo:
-                    for k in range(len(reqs)):
-                        yield sse({"id": cid, "object": "text_completion", "created": now, "model": model_name,
-                                   "choices": [{"index": k, "text": choice_text(k)[0], "logprobs": None,
-                                                "finish_reason": None}]})
-                async for k, kind, payload in events(reqs, queue):
-                    if kind == "error":
-                        yield sse({"error": {"message": payload, "type": "server_error", "param": None, "code": None}})
-                        continue
-                    if kind == "tokens":
-                        ids = [x if isinstance(x, int) else x.token for x in payload]
-                        delta = streams[k].push(ids)
-                        lp = (logprobs_block(payload, 0, ids) if body.logprobs is not None else None)
-                        if delta or lp:
-                            yield sse({"id": cid, "object": "text_completion", "created": now, "model": model_name,
-                                       "choices": [{"index": k, "text": delta, "logprobs": lp, "finish_reason": None}]})
-                    else:
-                        yield sse({"id": cid, "object": "text_completion", "created": now, "model": model_name,
-                                   "choices": [{"index": k, "text": streams[k].flush(), "logprobs": None,
-                                                "finish_reason": payload}]})
-                if include_usage:
-                    yield sse({"id": cid, "object": "text_completion", "created": now, "model": model_name,
-                               "choices": [], "usage": usage(prompts, reqs)})
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(gen(), media_type="text/event-stream")
-
-        await collect(reqs, queue, streams)
-        choices = []
-        for k, r in enumerate(reqs):
-            echo, text = choice_text(k)
-            lp = None
-            if body.logprobs is not None:
-                items = (r.prompt_logprob_list if body.echo else []) + r.logprobs
-                ids = (r.prompt_ids if body.echo else []) + r.output_ids
-                lp = logprobs_block(items, 0, ids)
-            choices.append({"index": k, "text": echo + text, "logprobs": lp, "finish_reason": r.finish_reason})
-        return {"id": cid, "object": "text_completion", "created": now, "model": model_name,
-                "choices": choices, "usage": usage(prompts, reqs)}
-
-    # ---- /v1/chat/completions ----------------------------------------------------------------
-    def chat_prompt(body: ChatBody) -> list[int]:
-        if not body.messages:
-            raise APIError(400, "messages must be a non-empty list", param="messages")
-        msgs = []
-        for m in body.messages:
-            c = m.content
-            text = c if isinstance(c, str) else "".join(p.text for p in c or [] if p.type == "text")
-            msgs.append({"role": m.role, "content": text})
-        try:
-            ids = tokenizer.apply_chat_template(msgs)
-        except Exception as e:   # the template rejected the conversation (roles out of order, ...)
-            raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
-        if not ids:
-            raise APIError(400, "the conversation is empty", param="messages")
-        return ids
-
-    def chat_logprobs(items: list[TokenLogprob]):
-        def entry(t, v):
-            s = tokenizer.token_text(t)
-            return {"token": s, "logprob": v, "bytes": list(s.encode())}
-        return {"content": [{**entry(i.token, i.logprob), "top_logprobs": [entry(t, v) for t, v in i.top]}
-                            for i in items]}
+        raw = await read_body(request, state.limits.max_body_bytes)
+        body, prompts, texts = await run_in_threadpool(prepare_completion, raw, state)
+        return await complete(state, request, body, prompts, texts)
 
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
-        body = await parse(request, ChatBody)
-        check_common(body)
-        prompt = chat_prompt(body)
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        if max_tokens is None:
-            max_tokens = max(engine.max_len - len(prompt), 0)
-            if max_tokens == 0:
-                raise APIError(400, f"the conversation ({len(prompt)} tokens) fills this model's maximum "
-                                    f"context length of {engine.max_len} tokens", param="messages",
-                               code="context_length_exceeded")
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        reqs, queue = submit([prompt], body, [max_tokens], logprobs)
-        cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        streams = [TextStream(tokenizer, r.params.stop) for r in reqs]
-
-        if body.stream:
-            async def gen():
-                include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-                def chunk(k, delta, finish=None, lp=None):
-                    return sse({"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                                "choices": [{"index": k, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
-                for k in range(len(reqs)):
-                    yield chunk(k, {"role": "assistant", "content": ""})
-                async for k, kind, payload in events(reqs, queue):
-                    if kind == "error":
-                        yield sse({"error": {"message": payload, "type": "server_error", "param": None, "code": None}})
-                    elif kind == "tokens":
-                        delta = streams[k].push([x if isinstance(x, int) else x.token for x in payload])
-                        lp = chat_logprobs(payload) if logprobs is not None else None
-                        if delta or lp:
-                            yield chunk(k, {"content": delta}, lp=lp)
-                    else:
-                        rest = streams[k].flush()
-                        if rest:
-                            yield chunk(k, {"content": rest})
-                        yield chunk(k, {}, finish=payload)
-                if include_usage:
-                    yield sse({"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                               "choices": [], "usage": usage([prompt], reqs)})
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(gen(), media_type="text/event-stream")
-
-        await collect(reqs, queue, streams)
-        choices = [{"index": k, "message": {"role": "assistant", "content": streams[k].text},
-                    "logprobs": chat_logprobs(r.logprobs) if logprobs is not None else None,
-                    "finish_reason": r.finish_reason} for k, r in enumerate(reqs)]
-        return {"id": cid, "object": "chat.completion", "created": now, "model": model_name,
-                "choices": choices, "usage": usage([prompt], reqs)}
+        raw = await read_body(request, state.limits.max_body_bytes)
+        body, prompt = await run_in_threadpool(prepare_chat, raw, state)
+        return await chat_complete(state, request, body, prompt)
 
     return app
 
 
+def add_error_handlers(app: FastAPI):
+    @app.exception_handler(APIError)
+    async def _api_error(_, e: APIError):
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, e: RequestValidationError):
+        msg, param = api.validation_message(e)
+        return error_response(APIError(400, msg, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error_response(APIError(e.status_code, str(e.detail), kind))
+
+    @app.exception_handler(Exception)
+    async def _internal(_, e: Exception):
+        return error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The two endpoints (parsing on a worker thread; generation and responses on the event loop)
+# ---------------------------------------------------------------------------------------------
+
+def prepare_completion(raw: bytes, state: AppState):
+    body = api.parse_body(raw, CompletionBody)
+    api.check_common(body, state.model_name, state.engine.model.config.vocab_size, state.limits.max_n)
+    prompts, texts = api.completion_prompts(body, state.tokenizer, state.limits.max_prompts)
+    return body, prompts, texts
+
+
+def prepare_chat(raw: bytes, state: AppState):
+    body = api.parse_body(raw, ChatBody)
+    api.check_common(body, state.model_name, state.engine.model.config.vocab_size, state.limits.max_n)
+    return body, api.chat_prompt(body, state.tokenizer)
+
+
+async def complete(state: AppState, request: HTTPRequest, body: CompletionBody, prompts, texts):
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    scoring = body.echo and body.logprobs is not None
+    s = state.submit(prompts, body, [max_tokens] * len(prompts), body.logprobs, request,
+                     prompt_logprobs=body.logprobs if scoring else None)
+    cid, now, tok = f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.tokenizer
+
+    def echo(k):          # the prompt as the client sent it: its own text, or its token ids decoded
+        i = k // body.n
+        return texts[i] if texts[i] is not None else tok.decode(prompts[i], skip_special_tokens=False)
+
+    def obj(choices, **extra):
+        return {"id": cid, "object": "text_completion", "created": now, "model": state.model_name,
+                "choices": choices, **extra}
+
+    if body.stream:
+        def delta(k, text, payload):
+            lp = None
+            if body.logprobs is not None:
+                lp = api.completion_logprobs(tok, payload, [x if isinstance(x, int) else x.token for x in payload])
+            return obj([{"index": k, "text": text, "logprobs": lp, "finish_reason": None}]) if text or lp else None
+
+        first = [obj([{"index": k, "text": echo(k), "logprobs": None, "finish_reason": None}])
+                 for k in range(len(s.reqs))] if body.echo else []
+        finish = lambda k, rest, reason: [obj([{"index": k, "text": rest, "logprobs": None,     # noqa: E731
+                                                "finish_reason": reason}])]
+        usage = ((lambda: obj([], usage=api.usage(prompts, s.reqs)))
+                 if body.stream_options and body.stream_options.include_usage else None)
+        return StreamingResponse(s.sse(first, delta, finish, usage), media_type="text/event-stream")
+
+    await s.collect()
+    choices = []
+    for k, r in enumerate(s.reqs):
+        lp = None
+        if body.logprobs is not None:
+            items = (r.prompt_logprob_list if body.echo else []) + r.logprobs
+            lp = api.completion_logprobs(tok, items, (r.prompt_ids if body.echo else []) + r.output_ids)
+        text = (echo(k) if body.echo else "") + s.streams[k].text
+        choices.append({"index": k, "text": text, "logprobs": lp, "finish_reason": r.finish_reason})
+    return obj(choices, usage=api.usage(prompts, s.reqs))
+
+
+async def chat_complete(state: AppState, request: HTTPRequest, body: ChatBody, prompt: list[int]):
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is None:
+        max_tokens = max(state.engine.max_len - len(prompt), 0)
+        if max_tokens == 0:
+            raise APIError(400, f"the conversation ({len(prompt)} tokens) fills this model's maximum context "
+                                f"length of {state.engine.max_len} tokens", param="messages", code="context_length_exceeded")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    s = state.submit([prompt], body, [max_tokens], logprobs, request)
+    cid, now, tok = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.tokenizer
+
+    def chunk(k, delta, finish=None, lp=None):
+        return {"id": cid, "object": "chat.completion.chunk", "created": now, "model": state.model_name,
+                "choices": [{"index": k, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+
+    if body.stream:
+        def delta(k, text, payload):
+            lp = api.chat_logprobs(tok, payload) if logprobs is not None else None
+            return chunk(k, {"content": text}, lp=lp) if text or lp else None
+
+        def finish(k, rest, reason):
+            return ([chunk(k, {"content": rest})] if rest else []) + [chunk(k, {}, finish=reason)]
+
+        usage = ((lambda: {"id": cid, "object": "chat.completion.chunk", "created": now, "model": state.model_name,
+                           "choices": [], "usage": api.usage([prompt], s.reqs)})
+                 if body.stream_options and body.stream_options.include_usage else None)
+        first = [chunk(k, {"role": "assistant", "content": ""}) for k in range(len(s.reqs))]
+        return StreamingResponse(s.sse(first, delta, finish, usage), media_type="text/event-stream")
+
+    await s.collect()
+    choices = [{"index": k, "message": {"role": "assistant", "content": s.streams[k].text},
+                "logprobs": api.chat_logprobs(tok, r.logprobs) if logprobs is not None else None,
+                "finish_reason": r.finish_reason} for k, r in enumerate(s.reqs)]
+    return {"id": cid, "object": "chat.completion", "created": now, "model": state.model_name,
+            "choices": choices, "usage": api.usage([prompt], s.reqs)}
+
+
 def serve(engine: Engine, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, log_level: str = "info"):
+          api_key: str | None = None, log_level: str = "info", limits: ServerLimits | None = None):
+    """Run until SIGINT/SIGTERM: then stop accepting, give in-flight requests `limits.shutdown_timeout`
+    seconds to finish, cancel the rest (which aborts their generations), stop the engine."""
     import uvicorn
+    limits = limits or ServerLimits()
     engine.start()
     try:
-        uvicorn.run(create_app(engine, tokenizer, model_name, api_key), host=host, port=port, log_level=log_level)
+        uvicorn.run(create_app(engine, tokenizer, model_name, api_key, limits), host=host, port=port,
+                    log_level=log_level, timeout_graceful_shutdown=limits.shutdown_timeout)
     finally:
         engine.stop()

@@ -1,5 +1,6 @@
 """A model directory's tokenizer: `tokenizer.json` through the `tokenizers` library, plus the chat
-template and special tokens of `tokenizer_config.json` when present."""
+template and special tokens of `tokenizer_config.json` when present; and `TextStream`, generated ids
+turned into text deltas (what the server streams and `fewchips chat` prints)."""
 
 from __future__ import annotations
 
@@ -82,3 +83,50 @@ class Tokenizer:
         # No template: a plain transcript.
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
         return self.encode(text)
+
+
+class TextStream:
+    """Turns a growing list of token ids into text deltas. Holds back an incomplete UTF-8 character
+    and any tail that could be the start of a stop string; cuts the text at the first stop string."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tok, self.stops = tokenizer, [s for s in stops if s]
+        self.ids: list[int] = []
+        self.sent = 0
+        self.stopped = False
+
+    def _text(self):
+        text = self.tok.decode(self.ids)
+        cuts = [text.find(s) for s in self.stops if s in text]
+        if cuts:
+            self.stopped = True
+            return text[: min(cuts)], True
+        return text, False
+
+    def push(self, ids: list[int]) -> str:
+        if self.stopped:
+            return ""
+        self.ids.extend(ids)
+        text, cut = self._text()
+        safe = len(text)
+        if not cut:
+            while safe > self.sent and text[safe - 1] == "\ufffd":
+                safe -= 1
+            for s in self.stops:
+                for k in range(min(len(s) - 1, safe), 0, -1):
+                    if text[:safe].endswith(s[:k]):
+                        safe -= k
+                        break
+        out = text[self.sent: safe] if safe > self.sent else ""
+        self.sent = max(self.sent, safe)
+        return out
+
+    def flush(self) -> str:
+        text, _ = self._text()
+        out = text[self.sent:]
+        self.sent = len(text)
+        return out
+
+    @property
+    def text(self) -> str:
+        return self._text()[0]

@@ -1,0 +1,244 @@
+"""The OpenAI API as the server speaks it: request bodies and their checks, prompts built from them,
+sampling parameters, and the response pieces (logprob blocks, usage, server-sent events). Plain
+functions of a body and a tokenizer, no HTTP: `server.py` wires them to routes.
+
+What real clients send: `prompt` as a string, a list of strings, a list of token ids or a list of
+token-id lists (evaluation harnesses score with the last form, `echo` and `logprobs`); chat `messages`
+whose `content` is a string or a list of text parts; unknown but harmless fields are accepted. What
+fewchips cannot honour (tools, structured output) is refused by name rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .engine import TokenLogprob
+from .sampling import SamplingParams
+
+INT64 = 2**63
+
+
+class APIError(Exception):
+    """An OpenAI-style error: HTTP status and {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def validation_message(exc) -> tuple[str, str | None]:
+    """The first pydantic error as one line, and the top-level field it is about."""
+    errs = exc.errors()
+    if not errs:
+        return "invalid request", None
+    e = errs[0]
+    if e.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    where = ".".join(loc)
+    return (f"{where}: {e.get('msg')}" if where else str(e.get("msg"))), (loc[0] if loc else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Request bodies (unknown fields are accepted; known fields must have the right types)
+# ---------------------------------------------------------------------------------------------
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # what fewchips does not do: accepted only in their do-nothing form
+    tools: list | None = None
+    functions: list | None = None
+    response_format: dict | None = None
+
+
+class CompletionBody(_Common):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool | None = False
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str = "text"
+    text: str = ""
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None
+
+
+class ChatBody(_Common):
+    messages: list[Message]
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+def parse_body(raw: bytes, model: type[BaseModel]):
+    """The JSON body as `model` (whatever the content-type header says); 400 for malformed JSON or
+    fields of the wrong type."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        msg, param = validation_message(e)
+        raise APIError(400, msg, param=param) from None
+
+
+def check_common(body: _Common, model_name: str, vocab_size: int, max_n: int):
+    """What every endpoint refuses: another model, too many choices, fields fewchips cannot honour,
+    a logit_bias naming tokens that do not exist."""
+    if body.model not in (None, "", model_name):
+        raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
+                       "not_found_error", "model", "model_not_found")
+    if body.n > max_n:
+        raise APIError(400, f"n is {body.n}; this server returns at most {max_n} choices per prompt", param="n")
+    for name in ("tools", "functions"):
+        if getattr(body, name):
+            raise APIError(400, f"{name} (function calling) is not supported by this server", param=name)
+    fmt = body.response_format
+    if fmt is not None and fmt.get("type", "text") != "text":
+        raise APIError(400, f"response_format {fmt.get('type')!r} is not supported; only 'text'", param="response_format")
+    for key, bias in (body.logit_bias or {}).items():
+        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
+            raise APIError(400, f"logit_bias: {key!r} is not a token id in [0, {vocab_size})", param="logit_bias")
+        if not -100 <= bias <= 100:
+            raise APIError(400, f"logit_bias: the bias of token {key} is {bias}; allowed: -100 to 100", param="logit_bias")
+
+
+def sampling_params(body: _Common, max_tokens: int, choice: int, logprobs: int | None,
+                    stop_ids: list[int]) -> SamplingParams:
+    """The engine's parameters for one choice; choice j of a seeded request draws with seed + j."""
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
+        seed=None if body.seed is None else body.seed + choice,
+        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []), stop_token_ids=stop_ids,
+        logprobs=logprobs, frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------
+
+def completion_prompts(body: CompletionBody, tokenizer, max_prompts: int) -> tuple[list[list[int]], list[str | None]]:
+    """Token ids of each prompt, and each prompt's text as the client sent it (None for token ids)."""
+    p, texts, ids = body.prompt, None, None
+    if isinstance(p, str):
+        texts = [p]
+    elif p and all(isinstance(x, str) for x in p):
+        texts = list(p)
+    elif p and all(isinstance(x, int) for x in p):
+        ids = [list(p)]
+    elif p and all(isinstance(x, list) for x in p):
+        ids = [list(x) for x in p]
+    else:
+        raise APIError(400, "prompt must be a non-empty string, list of strings, list of token ids or "
+                            "list of token-id lists", param="prompt")
+    n = len(texts if texts is not None else ids)
+    if n > max_prompts:
+        raise APIError(400, f"{n} prompts in one request; this server takes at most {max_prompts}", param="prompt")
+    if ids is None:
+        ids = [tokenizer.encode(t) for t in texts]
+    else:
+        texts = [None] * len(ids)
+    if any(len(x) == 0 for x in ids):
+        raise APIError(400, "prompt is empty", param="prompt")
+    return ids, texts
+
+
+def chat_prompt(body: ChatBody, tokenizer) -> list[int]:
+    if not body.messages:
+        raise APIError(400, "messages must be a non-empty list", param="messages")
+    msgs = []
+    for m in body.messages:
+        c = m.content
+        text = c if isinstance(c, str) else "".join(part.text for part in c or [] if part.type == "text")
+        msgs.append({"role": m.role, "content": text})
+    try:
+        ids = tokenizer.apply_chat_template(msgs)
+    except Exception as e:   # the template rejected the conversation (roles out of order, ...)
+        raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
+    if not ids:
+        raise APIError(400, "the conversation is empty", param="messages")
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Response pieces
+# ---------------------------------------------------------------------------------------------
+
+def completion_logprobs(tokenizer, items: list[TokenLogprob | None], token_ids: list[int]) -> dict:
+    """The legacy `logprobs` block: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens, lps, tops, offsets = [], [], [], []
+    off = 0
+    for t, item in zip(token_ids, items):
+        text = tokenizer.token_text(t)
+        tokens.append(text)
+        offsets.append(off)
+        off += len(text)
+        if item is None:
+            lps.append(None)
+            tops.append(None)
+        else:
+            lps.append(item.logprob)
+            top = {tokenizer.token_text(i): v for i, v in item.top}
+            if item.top:
+                top.setdefault(text, item.logprob)
+            tops.append(top)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, items: list[TokenLogprob]) -> dict:
+    def entry(t, v):
+        s = tokenizer.token_text(t)
+        return {"token": s, "logprob": v, "bytes": list(s.encode())}
+    return {"content": [{**entry(i.token, i.logprob), "top_logprobs": [entry(t, v) for t, v in i.top]}
+                        for i in items]}
+
+
+def usage(prompts: list[list[int]], reqs) -> dict:
+    p = sum(len(x) for x in prompts)
+    c = sum(len(r.output_ids) for r in reqs)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
