@@ -9,14 +9,15 @@ __version__ = "0.1.0"
 # Everything that needs torch is imported on first use (PEP 562), so `fewchips --help` and the
 # planner start without loading torch.
 _LAZY = {"DeepseekV3": "model", "LatentCache": "model", "CheckpointError": "checkpoint",
-         "from_pretrained": "checkpoint", "save_pretrained": "checkpoint", "SamplingParams": "inference",
-         "generate": "inference"}
+         "from_pretrained": "checkpoint", "save_pretrained": "checkpoint", "SamplingParams": "inference.sampling",
+         "generate": "inference.generate"}
 
 __all__ = ["ModelConfig", "PRESETS", "ConfigError", *_LAZY, "__version__"]
 
 
 def __getattr__(name):
     if name in _LAZY:
+        importlib.import_module(".checkpoint", __name__)    # attaches DeepseekV3.save_pretrained
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
         return value

@@ -1,6 +1,6 @@
 """Hugging Face checkpoint I/O: `config.json` + `model.safetensors` (or shards with an index).
 
-On disk, names are the release's (reference 8.1): per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight`
+On disk, names are the release's: per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight`
 and MTP layers at `model.layers.{num_hidden_layers + i}`. In memory the experts are stacked and MTP
 lives in `mtp.{i}`. FP8 e4m3 weights with a `weight_scale_inv` are dequantised per 128x128 block on
 load, in plain PyTorch. Loading streams tensor by tensor into a model allocated once, so peak memory
@@ -14,6 +14,7 @@ import logging
 import os
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .files import atomic_path, atomic_write_text
+from .fp8.quant import dequantize
 from .model import DeepseekV3
 
 log = logging.getLogger("fewchips")
@@ -42,7 +44,7 @@ _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_pr
 _FUSED_RE = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
-def _disk_layer_prefix(cfg: ModelConfig, name: str) -> str:
+def disk_name(cfg: ModelConfig, name: str) -> str:
     """mtp.{k}.rest -> model.layers.{N+k}.rest; everything else unchanged."""
     if name.startswith("mtp."):
         k, rest = name[4:].split(".", 1)
@@ -63,7 +65,7 @@ def hf_state_dict(model: DeepseekV3):
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        disk = _disk_layer_prefix(cfg, name)
+        disk = disk_name(cfg, name)
         fm = _FUSED_RE.match(disk)
         if fm:
             base, kind = fm.groups()
@@ -107,6 +109,9 @@ def save_pretrained(model: DeepseekV3, path, max_shard_bytes: int = 4 * 2**30, d
     return path
 
 
+DeepseekV3.save_pretrained = save_pretrained     # model.save_pretrained(path, ...): the method form
+
+
 def write_shards(path, named_tensors, max_shard_bytes: int):
     """Safetensors shards (a weight and its `_scale_inv` always share one) plus the index, or a single
     `model.safetensors`; stale shards of an earlier save are removed first."""
@@ -133,8 +138,13 @@ def write_shards(path, named_tensors, max_shard_bytes: int):
         for n, t in shard.items():
             weight_map[n] = fname
             total += t.numel() * t.element_size()
+    write_index(path, weight_map, total)
+
+
+def write_index(path, weight_map: dict[str, str], total_bytes: int):
+    """model.safetensors.index.json: which shard holds each tensor."""
     atomic_write_text(os.path.join(path, INDEX_FILE),
-                       json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+                      json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2))
 
 
 def _shares_storage(t):
@@ -148,7 +158,7 @@ def write_safetensors(tensors: dict, dest):
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading
+# Loading: one walk over a checkpoint; the loaders only decide where each tensor goes
 # ---------------------------------------------------------------------------------------------
 
 def weight_files(path) -> dict[str, str]:
@@ -166,47 +176,131 @@ def weight_files(path) -> dict[str, str]:
         return {n: os.path.join(path, f) for n, f in wm.items()}
     single = os.path.join(path, SINGLE_FILE)
     if os.path.exists(single):
-        return {n: single for n in _keys(single)}
+        try:
+            with safe_open(single, framework="pt") as f:
+                return {n: single for n in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{single}: not a readable safetensors file ({e})") from None
     raise CheckpointError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
 
 
-def _keys(file):
-    try:
-        with safe_open(file, framework="pt") as f:
-            return list(f.keys())
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+@dataclass
+class Entry:
+    """One tensor of a checkpoint, as the loaders see it."""
+    name: str                     # on disk: model.layers.3.mlp.experts.7.up_proj.weight
+    file: str
+    memory: str                   # in memory: mtp.{k}.* for MTP layers (experts still one per name)
+    expert: tuple[str, int, str] | None = None   # (stacked module, expert index, gate_proj|up_proj|down_proj)
 
 
-class _Reader:
-    """Opens each shard once, lazily, and reads single tensors from it."""
+_MTP_COPY_RE = re.compile(r"^model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$")
 
-    def __init__(self):
-        self.handles = {}
 
-    def get(self, file, name):
+class CheckpointReader:
+    """A Hugging Face-format directory, read one tensor at a time: its config (MTP resolved against the
+    weights present), disk names and their files, each shard opened once."""
+
+    def __init__(self, path, mtp: bool | None = None):
+        self.path = os.fspath(path)
+        if not os.path.isdir(self.path):
+            raise FileNotFoundError(f"{self.path}: not a directory")
+        cfg = ModelConfig.from_json(self.path)
+        self.files = weight_files(self.path)
+        self.block = tuple((cfg.quantization_config or {}).get("weight_block_size", (128, 128)))
+        N = cfg.num_hidden_layers
+        has_mtp = any(re.match(rf"^model\.layers\.{N + k}\.", n) and not _MTP_COPY_RE.match(n)
+                      for n in self.files for k in range(cfg.num_nextn_predict_layers))
+        if cfg.num_nextn_predict_layers and not has_mtp:
+            log.warning("%s: config names %d MTP layer(s) but the checkpoint has no MTP weights; loading with MTP off",
+                        self.path, cfg.num_nextn_predict_layers)
+            cfg = cfg.replace(num_nextn_predict_layers=0)
+        elif mtp is False:
+            cfg = cfg.replace(num_nextn_predict_layers=0)
+        self.cfg = cfg
+        self._handles: dict = {}
+
+    def entries(self):
+        """The tensors to load, shard by shard: weights (their `_scale_inv` go with them), not the MTP
+        layers' copies of the shared embedding and head, no MTP layer when MTP is off."""
+        for name in sorted(self.files, key=lambda n: (self.files[n], n)):
+            if name.endswith("_scale_inv") or _MTP_COPY_RE.match(name):
+                continue
+            mem = _memory_name(self.cfg, name)
+            if mem.startswith("mtp.") and not self.cfg.num_nextn_predict_layers:
+                continue
+            em = _EXPERT_RE.match(mem)
+            yield Entry(name, self.files[name], mem, (em.group(1), int(em.group(2)), em.group(3)) if em else None)
+
+    def read(self, name: str) -> torch.Tensor:
+        file = self.files[name]
         try:
-            if file not in self.handles:
-                self.handles[file] = safe_open(file, framework="pt")
-            return self.handles[file].get_tensor(name)
+            if file not in self._handles:
+                self._handles[file] = safe_open(file, framework="pt")
+            return self._handles[file].get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e}); is the file truncated?") from None
 
+    def scale(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """The `weight_scale_inv` of FP8 tensor `name`, checked against the weight's block grid."""
+        sname = name + "_scale_inv"
+        if sname not in self.files:
+            raise CheckpointError(f"{self.files[name]}: FP8 tensor {name!r} has no {sname!r}")
+        s = self.read(sname)
+        want = (-(-w.shape[0] // self.block[0]), -(-w.shape[1] // self.block[1]))
+        if w.dim() != 2 or tuple(s.shape) != want:
+            raise CheckpointError(f"{self.files[sname]}: {sname} has shape {tuple(s.shape)}, expected {want} "
+                                  f"for a {tuple(w.shape)} weight in {self.block[0]}x{self.block[1]} blocks")
+        return s.float()
 
-def dequantize_fp8_blocks(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
-                          out_dtype=torch.float32) -> torch.Tensor:
-    """W[r, c] = W_fp8[r, c] * S[r // 128, c // 128]; edge blocks are partial (reference 5.6)."""
-    M, N = w_fp8.shape
-    br, bc = block
-    s = scale_inv.float().repeat_interleave(br, 0)[:M].repeat_interleave(bc, 1)[:, :N]
-    return (w_fp8.float() * s).to(out_dtype)
+    def dequantized(self, name: str) -> torch.Tensor:
+        """The tensor in high precision: an FP8 weight times its block scales, anything else as stored."""
+        t = self.read(name)
+        return dequantize(t, self.scale(name, t), self.block) if t.dtype in FP8_DTYPES else t
+
+    def release(self, file: str):
+        self._handles.pop(file, None)
+
+    def stored_dtype(self) -> torch.dtype:
+        """The float dtype most stored (non-FP8) weights use; FP8 checkpoints load as bfloat16."""
+        counts = defaultdict(int)
+        for file in set(self.files.values()):
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for n in f.keys():
+                        if not (n.endswith("_scale_inv") or n.endswith("e_score_correction_bias")):
+                            counts[f.get_slice(n).get_dtype()] += 1
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+        names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+        known = [(c, k) for k, c in counts.items() if k in names]
+        return names[max(known)[1]] if known else torch.bfloat16
 
 
-def _check_scale(name, file, w, s, block):
-    want = (-(-w.shape[0] // block[0]), -(-w.shape[1] // block[1]))
-    if w.dim() != 2 or tuple(s.shape) != want:
-        raise CheckpointError(f"{file}: {name}_scale_inv has shape {tuple(s.shape)}, expected {want} "
-                              f"for a {tuple(w.shape)} weight in {block[0]}x{block[1]} blocks")
+class Fill:
+    """Where a checkpoint's tensors went: each in-memory target is filled completely or the load fails,
+    and every tensor on disk has a target. One error style for both loaders, naming disk tensors."""
+
+    def __init__(self, reader: CheckpointReader, expected: dict[str, tuple[int, str]]):
+        self.reader, self.expected = reader, expected          # target key -> (elements, its disk name)
+        self.filled: dict[str, int] = defaultdict(int)
+        self.unexpected: list[str] = []
+
+    def put(self, key: str, dest: torch.Tensor | None, value: torch.Tensor, entry: Entry):
+        if dest is None:
+            self.unexpected.append(entry.name)
+            return
+        copy_checked(dest, value, entry.name, entry.file)
+        self.filled[key] += value.numel()
+
+    def check(self):
+        path = self.reader.path
+        if self.unexpected:
+            more = f" (and {len(self.unexpected) - 5} more)" if len(self.unexpected) > 5 else ""
+            raise CheckpointError(f"{path}: tensors that do not belong to this config: {self.unexpected[:5]}{more}")
+        missing = [disk for key, (n, disk) in self.expected.items() if self.filled[key] != n]
+        if missing:
+            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise CheckpointError(f"{path}: missing tensors {missing[:5]}{more}")
 
 
 def copy_checked(dest: torch.Tensor, value: torch.Tensor, name: str, file: str):
@@ -218,115 +312,52 @@ def copy_checked(dest: torch.Tensor, value: torch.Tensor, name: str, file: str):
         dest.copy_(value.to(dest.dtype))
 
 
-def read_scale(name, w, files, reader: _Reader, block) -> torch.Tensor:
-    """The `weight_scale_inv` of FP8 tensor `name`, checked against the weight's block grid."""
-    sname = name + "_scale_inv"
-    if sname not in files:
-        raise CheckpointError(f"{files[name]}: FP8 tensor {name!r} has no {sname!r}")
-    s = reader.get(files[sname], sname)
-    _check_scale(name, files[sname], w, s, block)
-    return s
+def expert_disk_name(cfg: ModelConfig, stacked: str, kind: str, n_experts: int) -> str:
+    """How a stacked expert tensor's per-expert pieces are named on disk (for messages)."""
+    return f"{disk_name(cfg, stacked)}.{{0..{n_experts - 1}}}.{kind}.weight"
+
+
+def empty_model(cfg: ModelConfig, device="cpu", dtype=None) -> DeepseekV3:
+    """The model allocated once, uninitialised (the loader fills every tensor)."""
+    with torch.device("meta"):
+        model = DeepseekV3(cfg)
+    model = model.to_empty(device=device)
+    return model.to(dtype) if dtype is not None else model
 
 
 def from_pretrained(path, dtype=None, device="cpu", mtp: bool | None = None) -> DeepseekV3:
-    """Load a Hugging Face-format DeepSeek-V3 directory. MTP layers load when present; a config that
-    names MTP layers whose weights are absent (what transformers writes) loads with MTP off."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: not a directory")
-    cfg = ModelConfig.from_json(path)
-    files = weight_files(path)
-    block = tuple((cfg.quantization_config or {}).get("weight_block_size", (128, 128)))
-
-    N = cfg.num_hidden_layers
-    has_mtp = any(re.match(rf"^model\.layers\.{N + k}\.", n) and "embed_tokens" not in n and "shared_head.head" not in n
-                  for n in files for k in range(cfg.num_nextn_predict_layers))
-    if cfg.num_nextn_predict_layers and not has_mtp:
-        log.warning("%s: config names %d MTP layer(s) but the checkpoint has no MTP weights; loading with MTP off",
-                    path, cfg.num_nextn_predict_layers)
-        cfg = cfg.replace(num_nextn_predict_layers=0)
-    elif mtp is False:
-        cfg = cfg.replace(num_nextn_predict_layers=0)
-
-    if dtype is None:
-        dtype = _stored_dtype(files)
-    with torch.device("meta"):
-        model = DeepseekV3(cfg)
-    model = model.to_empty(device=device).to(dtype)
+    """Load a Hugging Face-format DeepSeek-V3 directory (FP8 weights dequantised per block). MTP layers
+    load when present; a config that names MTP layers whose weights are absent (what transformers
+    writes) loads with MTP off, as does mtp=False. Streams tensor by tensor: peak memory is the model
+    plus one tensor."""
+    ck = CheckpointReader(path, mtp)
+    cfg = ck.cfg
+    model = empty_model(cfg, device, dtype or ck.stored_dtype())
     params = dict(model.state_dict(keep_vars=True))
-    filled = defaultdict(int)      # memory name -> number of elements written
-    reader = _Reader()
-    unexpected = []
-
-    for name in sorted(files, key=lambda n: (files[n], n)):
-        if name.endswith("_scale_inv"):
-            continue
-        if re.match(r"^model\.layers\.(\d+)\.(embed_tokens|shared_head\.head)\.weight$", name):
-            continue   # MTP copies of the shared embedding and head
-        mem = _memory_name(cfg, name)
-        if mem.startswith("mtp.") and not cfg.num_nextn_predict_layers:
-            continue
-        t = reader.get(files[name], name)
-        if t.dtype in FP8_DTYPES:
-            t = dequantize_fp8_blocks(t, read_scale(name, t, files, reader, block), block)
-        em = _EXPERT_RE.match(mem)
-        if em:
-            base, e, kind = em.group(1), int(em.group(2)), em.group(3)
-            target = params.get(f"{base}.{'down_proj' if kind == 'down_proj' else 'gate_up_proj'}")
-            if target is None:
-                unexpected.append(name)
-                continue
-            if e >= target.shape[0]:
-                raise CheckpointError(f"{files[name]}: {name} names expert {e}, config has {target.shape[0]}")
-            dest = target[e]
-            if kind != "down_proj":
-                half = dest.shape[0] // 2
-                dest = dest[:half] if kind == "gate_proj" else dest[half:]
-            key = f"{base}.{kind}"
-        else:
-            if mem not in params:
-                unexpected.append(name)
-                continue
-            dest, key = params[mem], mem
-        copy_checked(dest, t, name, files[name])
-        filled[key] += t.numel()
-
-    if unexpected:
-        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-        raise CheckpointError(f"{path}: tensors that do not belong to this config: {unexpected[:5]}{more}")
-    missing = []
+    expected = {}
     for mem, p in params.items():
         if mem == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         fm = _FUSED_RE.match(mem)
-        if fm:
-            E = p.shape[0]
-            kinds = ("gate_proj", "up_proj") if fm.group(2) == "gate_up_proj" else ("down_proj",)
-            for k in kinds:
-                if filled[f"{fm.group(1)}.{k}"] != p.numel() // len(kinds):
-                    missing.append(f"{_disk_layer_prefix(cfg, fm.group(1))}.{{0..{E - 1}}}.{k}.weight")
-        elif filled[mem] != p.numel():
-            missing.append(_disk_layer_prefix(cfg, mem))
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise CheckpointError(f"{path}: missing tensors {missing[:5]}{more}")
-    model.eval()
-    return model
-
-
-def _stored_dtype(files) -> torch.dtype:
-    """The float dtype most of the stored (non-FP8) weights use; FP8 checkpoints load as bfloat16."""
-    counts = defaultdict(int)
-    for file in set(files.values()):
-        try:
-            with safe_open(file, framework="pt") as f:
-                for n in f.keys():
-                    if n.endswith("_scale_inv") or n.endswith("e_score_correction_bias"):
-                        continue
-                    sl = f.get_slice(n)
-                    counts[sl.get_dtype()] += 1
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-    best = max((c, k) for k, c in counts.items() if k in names) if any(k in names for k in counts) else None
-    return names[best[1]] if best else torch.bfloat16
+        kinds = (("gate_proj", "up_proj") if fm.group(2) == "gate_up_proj" else ("down_proj",)) if fm else ()
+        for k in kinds:
+            expected[f"{fm.group(1)}.{k}"] = (p.numel() // len(kinds), expert_disk_name(cfg, fm.group(1), k, p.shape[0]))
+        if not fm:
+            expected[mem] = (p.numel(), disk_name(cfg, mem))
+    fill = Fill(ck, expected)
+    for e in ck.entries():
+        if e.expert is None:
+            fill.put(e.memory, params.get(e.memory), ck.dequantized(e.name), e)
+            continue
+        base, i, kind = e.expert
+        stacked = params.get(f"{base}.{'down_proj' if kind == 'down_proj' else 'gate_up_proj'}")
+        dest = None
+        if stacked is not None:
+            if i >= stacked.shape[0]:
+                raise CheckpointError(f"{e.file}: {e.name} names expert {i}, config has {stacked.shape[0]}")
+            dest = stacked[i]
+            if kind != "down_proj":                          # gate_up_proj rows: [gate; up]
+                dest = dest.chunk(2, dim=0)[1 if kind == "up_proj" else 0]
+        fill.put(f"{base}.{kind}", dest, ck.dequantized(e.name), e)
+    fill.check()
+    return model.eval()

@@ -1,7 +1,7 @@
 """The model configuration: one dataclass whose fields are the Hugging Face `deepseek_v3` config.json keys.
 
 Every DeepSeek quirk is a named field with the released default; nothing is keyed on a model width.
-Presets go from a laptop-sized `tiny` to the 671B `v3` release (reference section 1).
+Presets go from a laptop-sized `tiny` to the 671B `v3` release (its config.json).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """(d_h + d_h^R)^-1/2, times mscale(s, mscale_all_dim)^2 under YaRN (reference 1.3)."""
+        """(d_h + d_h^R)^-1/2, times mscale(s, mscale_all_dim)^2 under YaRN (arXiv 2412.19437 §4.3)."""
         scale = self.qk_head_dim ** -0.5
         y = self.yarn
         if y and y.get("mscale_all_dim"):
@@ -115,8 +115,13 @@ class ModelConfig:
 
     @property
     def kv_cache_elements_per_token(self) -> int:
-        """The MLA cache: the normalised latent and the rotated shared rope key, per layer."""
+        """The MLA cache: the normalised latent and the rotated shared rope key, per main layer."""
         return (self.kv_lora_rank + self.qk_rope_head_dim) * self.num_hidden_layers
+
+    def kv_cache_bytes_per_token(self, element_bytes: int = 2, mtp: bool = False) -> int:
+        """Cache bytes per token at `element_bytes` per number (2: bf16), with the MTP layers' own too."""
+        layers = self.num_hidden_layers + (self.num_nextn_predict_layers if mtp else 0)
+        return (self.kv_lora_rank + self.qk_rope_head_dim) * layers * element_bytes
 
     # ---- validation --------------------------------------------------------------------------
     def _normalise_rope(self):
@@ -243,7 +248,7 @@ class ModelConfig:
             "hidden_act": "silu",
             "attention_bias": False,
             "attention_dropout": 0.0,
-            "rope_interleave": True,   # the released weights' rope layout (reference 2.2)
+            "rope_interleave": True,   # the released weights' rope layout (interleaved pairs)
             "num_mtp_layers": self.num_nextn_predict_layers,
         })
         return d
@@ -285,7 +290,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   qk_rope_head_dim=32, v_head_dim=64, first_k_dense_replace=1, moe_intermediate_size=256,
                   n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
                   rope_scaling=_SMALL_YARN, max_position_embeddings=4096, num_nextn_predict_layers=1),
-    # DeepSeek-V2-Lite shapes (15.7B): softmax gate, no groups, no q compression (reference 1.4).
+    # DeepSeek-V2-Lite shapes (15.7B): softmax gate, no groups, no q compression (arXiv 2405.04434).
     "v2-lite": dict(vocab_size=102400, hidden_size=2048, num_hidden_layers=27, intermediate_size=10944,
                     num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
                     qk_rope_head_dim=64, v_head_dim=128, first_k_dense_replace=1, moe_intermediate_size=1408,

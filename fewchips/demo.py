@@ -16,7 +16,7 @@ PROMPTS = ["def", "import os\n\n\nclass", "    for i in range("]
 def main(out="runs/demo"):
     from tokenizers import Tokenizer
 
-    from fewchips.inference import generate
+    from fewchips.inference.generate import generate
 
     torch.manual_seed(0)
     model = from_pretrained(out, dtype=torch.float32).eval()

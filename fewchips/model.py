@@ -6,7 +6,7 @@ Shape legend (suffixes on tensor names):
     C kv_lora_rank (the cached latent)  R qk_rope_head_dim  N qk_nope_head_dim  V v_head_dim
     E routed experts  K experts per token  F expert (or dense FFN) width  M flattened tokens (B*T)
 
-Parameter names are the Hugging Face checkpoint's (reference section 8.1), except that routed experts
+Parameter names are the released Hugging Face checkpoint's, except that routed experts
 are stacked into `experts.gate_up_proj [E, 2F, D]` and `experts.down_proj [E, D, F]` (as transformers
 does internally) and the MTP layers live in `mtp.{i}` (`model.layers.{num_hidden_layers + i}` on disk);
 the checkpoint module maps between the two.
@@ -34,7 +34,8 @@ from .config import ModelConfig, yarn_mscale
 # ---------------------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 whatever the activation dtype (reference pitfall 16)."""
+    """RMSNorm computed in fp32 whatever the activation dtype (as transformers does: a bf16 mean of squares
+    loses precision at these widths)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -47,7 +48,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Per-pair angular frequencies of the decoupled rope dims, with YaRN's ramp (reference 1.3),
+    """Per-pair angular frequencies of the decoupled rope dims, with YaRN's ramp (arXiv 2309.00071; the report's
+    context extension, arXiv 2412.19437 §4.3),
     and the cos/sin amplitude factor (1.0 for the released V3 config)."""
     dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
     pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
@@ -96,14 +98,14 @@ class Rotary(nn.Module):
 def apply_rope(x, cos, sin):
     """Rotate interleaved pairs (x0,x1),(x2,x3)... - the released weights' layout - and write the result
     half-split ([all evens | all odds]). q and k get the same permutation, so every q.k is unchanged
-    and no weight permutation is needed (reference 2.2). x [..., T, h, R], cos/sin [..., T, R/2]."""
+    and no weight permutation is needed (docs/model.md, RoPE layout). x [..., T, h, R], cos/sin [..., T, R/2]."""
     cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------
-# Multi-head Latent Attention (reference section 2)
+# Multi-head Latent Attention (arXiv 2412.19437 §2.1.1)
 # ---------------------------------------------------------------------------------------------
 
 class LatentCache:
@@ -209,7 +211,7 @@ class MLA(nn.Module):
 
     def _absorbed(self, q_nope_BTHN, q_rope_BTHR, cache: CacheView):
         """Attend over the cached latent directly: W_UK folded into the query, W_UV applied after
-        the attention-weighted sum (reference 2.3). Causal by absolute position. Effectively MQA:
+        the attention-weighted sum (DeepSeek-V2, arXiv 2405.04434 §2.1.2). Causal by absolute position. Effectively MQA:
         every head of every new token is one query row (Q = T*H) against one 576-wide key per position.
         Written as bmm/matmul rather than einsum: at decode sizes the per-op overhead is the cost."""
         B, T, H, N = q_nope_BTHN.shape
@@ -257,7 +259,7 @@ def _starts_at_zero(positions_BT) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Feed-forward: SwiGLU, the router, routed experts, DeepSeekMoE (reference section 3)
+# Feed-forward: SwiGLU, the router, routed experts, DeepSeekMoE (arXiv 2412.19437 §2.1.2)
 # ---------------------------------------------------------------------------------------------
 
 class MLP(nn.Module):
@@ -299,7 +301,8 @@ class Router(nn.Module):
         self.scoring_func, self.topk_method = cfg.scoring_func, cfg.topk_method
         self.norm_topk_prob, self.routed_scaling_factor = cfg.norm_topk_prob, cfg.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
-        # The aux-loss-free balancing bias: selection only, no gradient, always fp32 (pitfall 7).
+        # The aux-loss-free balancing bias: selection only, no gradient, always fp32 (in bf16, values near 2-4
+        # are 1/64 apart: enough to flip selections).
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x_MD) -> RouterOutput:
@@ -454,7 +457,7 @@ class MoEStats:
 
 
 class MoE(nn.Module):
-    """h' = shared(u) + sum_i g_i FFN_i(u) (reference 3.1); the block adds the residual."""
+    """h' = shared(u) + sum_i g_i FFN_i(u) (§2.1.2, eqs. 12-16); the block adds the residual."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -477,7 +480,7 @@ class MoE(nn.Module):
 
     def _stats(self, r: RouterOutput, B: int, T: int) -> MoEStats:
         """Expert loads for the bias update, and the complementary sequence-wise balance loss
-        (reference 3.4) with the indicator taken on the experts actually selected. fp32, like the gate's
+        (§2.1.2, eqs. 17-20) with the indicator taken on the experts actually selected. fp32, like the gate's
         scores they are made of (no op here is one autocast lowers)."""
         E, K = self.n_experts, self.top_k
         onehot_BTE = torch.zeros(B * T, E, device=r.experts_MK.device).scatter_(1, r.experts_MK, 1.0).view(B, T, E)
@@ -526,7 +529,7 @@ class SharedHead(nn.Module):
 
 
 class MTPLayer(DecoderLayer):
-    """Depth-k MTP module (reference 4.1): h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]),
+    """Depth-k MTP module (§2.2, eq. 21): h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]),
     then a full decoder block. Embedding and output head are the main model's."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -663,6 +666,6 @@ class DeepseekV3(nn.Module):
         return {"total": main, "active": active, "embedding": embed, "head": head,
                 "mtp": mtp, "mtp_active": mtp_active}
 
-    def save_pretrained(self, path, **kw):
-        from .checkpoint import save_pretrained   # checkpoint I/O lives beside, not inside, the model
-        return save_pretrained(self, path, **kw)
+    # `save_pretrained(path, ...)` (the Hugging Face layout) is attached by fewchips.checkpoint, which
+    # knows that layout; the model imports nothing of ours but its config. `import fewchips` and
+    # `fewchips.DeepseekV3` attach it.

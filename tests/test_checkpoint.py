@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 import fewchips
 from fewchips import CheckpointError, ConfigError
-from fewchips.checkpoint import dequantize_fp8_blocks
+from fewchips.fp8.checkpoint import load_fp8
+from fewchips.fp8.quant import BLOCK, dequantize
 
 from conftest import random_model, tiny_config
 
@@ -105,7 +106,7 @@ def test_bf16_load_keeps_router_bias_fp32(tmp_path):
 # ---- the released FP8 layout --------------------------------------------------------------
 
 def quantize_blocks(w, block=128):
-    """Reference 128x128 block quantisation: scale = amax/448 per block, weight / scale in e4m3."""
+    """128x128 block quantisation written out: scale = amax/448 per block, weight / scale in e4m3."""
     M, N = w.shape
     s = torch.zeros(-(-M // block), -(-N // block))
     q = torch.empty(M, N, dtype=torch.float8_e4m3fn)
@@ -174,7 +175,7 @@ def test_fp8_checkpoint_loads_to_dequantised_reference(tmp_path):
 def test_dequantize_partial_edge_blocks():
     q = torch.ones(130, 257).to(torch.float8_e4m3fn)
     s = torch.arange(1, 7, dtype=torch.float32).view(2, 3)
-    w = dequantize_fp8_blocks(q, s)
+    w = dequantize(q, s, BLOCK)
     assert w[0, 0] == 1 and w[0, 128] == 2 and w[0, 256] == 3 and w[129, 0] == 4 and w[129, 256] == 6
 
 
@@ -229,13 +230,36 @@ def test_shape_mismatch_names_tensor(saved):
         fewchips.from_pretrained(saved)
 
 
-def test_missing_tensor_is_an_error_not_a_partial_load(saved):
+LOADERS = {"from_pretrained": lambda p: fewchips.from_pretrained(p), "load_fp8": lambda p: load_fp8(p)}
+
+
+@pytest.mark.parametrize("loader", list(LOADERS))
+def test_missing_tensor_is_an_error_not_a_partial_load(saved, loader):
+    """Both loaders walk the checkpoint the same way and name what is missing by its disk name."""
     sd = load_file(saved / "model.safetensors")
     del sd["model.layers.2.mlp.experts.3.up_proj.weight"]
     del sd["model.norm.weight"]
     save_file(sd, saved / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"missing tensors.*model\.layers\.2\.mlp\.experts\.\{0\.\.7\}\.up_proj"):
-        fewchips.from_pretrained(saved)
+        LOADERS[loader](saved)
+    with pytest.raises(CheckpointError, match=r"missing tensors.*'model\.norm\.weight'"):
+        sd["model.layers.2.mlp.experts.3.up_proj.weight"] = torch.zeros(24, 64)
+        save_file(sd, saved / "model.safetensors", metadata={"format": "pt"})
+        LOADERS[loader](saved)
+
+
+@pytest.mark.parametrize("loader", list(LOADERS))
+def test_both_loaders_refuse_strangers_and_warn_about_missing_mtp(saved, loader, caplog):
+    sd = load_file(saved / "model.safetensors")
+    save_file({**sd, "model.layers.1.mlp.surprise.weight": torch.zeros(2)}, saved / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"do not belong to this config: \['model\.layers\.1\.mlp\.surprise"):
+        LOADERS[loader](saved)
+    save_file({k: v for k, v in sd.items() if not k.startswith("model.layers.3.")}, saved / "model.safetensors",
+              metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING, logger="fewchips"):
+        model = LOADERS[loader](saved)
+    assert model.config.num_nextn_predict_layers == 0 and "no MTP weights" in caplog.text
 
 
 def test_truncated_safetensors_names_the_file(saved):

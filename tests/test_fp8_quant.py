@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from fewchips.checkpoint import dequantize_fp8_blocks
 from fewchips.fp8.quant import (AMAX_FLOOR, BLOCK, E4M3, E4M3_MAX, TILE, dequantize, quantize, quantize_segments,
                                 retile)
 
@@ -63,10 +62,17 @@ def test_error_bound_and_loop_reference(block, shape):
     assert torch.all(amax_q == E4M3_MAX)
 
 
-def test_blocks_match_checkpoint_dequantisation():
+def test_block_dequantisation_is_the_release_rule():
+    """W[r, c] = q[r, c] * s[r // 128, c // 128], partial edge blocks included, written out block by block
+    (the one dequantisation the checkpoint loaders and the FP8 layers share)."""
     x = _spread((300, 200), seed=1)
     q, s = quantize(x, BLOCK)
-    assert torch.equal(dequantize(q, s, BLOCK), dequantize_fp8_blocks(q, s))
+    want = torch.empty(300, 200)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            rows, cols = slice(128 * i, 128 * (i + 1)), slice(128 * j, 128 * (j + 1))
+            want[rows, cols] = q[rows, cols].float() * s[i, j]
+    assert torch.equal(dequantize(q, s, BLOCK), want)
 
 
 def test_power_of_two_scales():

@@ -262,3 +262,15 @@ def test_compiled_step_keeps_fp8_experts():
             else:
                 logits[name] = compiled_decode_step()(model, tok, pos, cache, None, 8)
     torch.testing.assert_close(logits["compiled"], logits["eager"], rtol=1e-4, atol=1e-5)
+
+
+def test_generate_takes_sampling_params_and_max_tokens():
+    """generate(params=SamplingParams(...)) is the keyword form; max_tokens and max_new_tokens are one setting."""
+    model = tiny_model(0)
+    rows = prompts(2, [4, 7], seed=12)
+    kw = generate_kw = dict(temperature=0.8, top_p=0.9, top_k=20, seed=5)
+    want = fewchips.generate(model, rows, max_new_tokens=9, stop_token_ids=[], **generate_kw)
+    params = SamplingParams(max_tokens=9, stop_token_ids=[], **kw)
+    assert fewchips.generate(model, rows, params=params) == want
+    assert fewchips.generate(model, rows, max_tokens=9, stop_token_ids=[], **kw) == want
+    assert SamplingParams(max_new_tokens=9).max_tokens == 9

@@ -68,12 +68,19 @@ def test_layout_errors_name_the_flag():
         init_parallel(dp=2, ep=1)
 
 
+def ranks_per_token(experts_MK: torch.Tensor, n_experts: int, ep: int) -> torch.Tensor:
+    """How many distinct ep ranks each token's copies go to [M] (contiguous placement)."""
+    owner_MK = experts_MK // (n_experts // ep)
+    hit_MP = torch.zeros(experts_MK.shape[0], ep, dtype=torch.bool, device=experts_MK.device)
+    hit_MP.scatter_(1, owner_MK, True)
+    return hit_MP.sum(1)
+
+
 @pytest.mark.parametrize("ep", [2, 4])
 def test_group_limited_routing_bounds_ranks_per_token(ep):
     """Groups and ranks are both contiguous runs of experts: with n_group a multiple of ep, each rank
     holds whole groups, so a token's copies reach at most topk_group ranks (node-limited routing)."""
     from fewchips.model import Router
-    from fewchips.parallel.expert_parallel import ranks_per_token
 
     cfg = tiny_config(n_routed_experts=16, n_group=4, topk_group={2: 1, 4: 2}[ep], num_experts_per_tok=4)
     free = cfg.replace(n_group=1, topk_group=1)

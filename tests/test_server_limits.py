@@ -21,7 +21,7 @@ import torch
 from fewchips.inference.server_limits import ServerLimits
 
 from inference_utils import save_tiny_model_dir
-from test_server import NAME, Served
+from test_server import Served
 
 LIMITS = ServerLimits(max_body_bytes=64 * 1024, max_prompts=8, max_n=4, max_waiting=4, shutdown_timeout=2.0)
 

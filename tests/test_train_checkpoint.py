@@ -18,17 +18,32 @@ def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
+def record_windows(tr):
+    """The window numbers the trainer's sampler hands out, in order (tr.windows)."""
+    tr.windows, draw = [], tr.sampler.next_batch
+
+    def next_batch(n):
+        ids, which = draw(n)
+        tr.windows.extend(which.tolist())
+        return ids, which
+
+    tr.sampler.next_batch = next_batch
+    return tr
+
+
 def test_resume_continues_exactly(tmp_path, corpus):
     N = 8
-    full = Trainer(micro_config(), train_config(tmp_path / "full", corpus, steps=N), log=quiet)
+    full = record_windows(Trainer(micro_config(), train_config(tmp_path / "full", corpus, steps=N), log=quiet))
     full.train()
-    first = Trainer(micro_config(), train_config(tmp_path / "split", corpus, steps=N, stop_at=N // 2), log=quiet)
+    first = record_windows(Trainer(micro_config(), train_config(tmp_path / "split", corpus, steps=N, stop_at=N // 2),
+                                   log=quiet))
     first.train()
     assert first.step == N // 2 and os.path.exists(tmp_path / "split" / "checkpoint" / "train_state.pt")
-    second = Trainer(micro_config(), train_config(tmp_path / "split", corpus, steps=N, resume=True), log=quiet)
+    second = record_windows(Trainer(micro_config(), train_config(tmp_path / "split", corpus, steps=N, resume=True),
+                                    log=quiet))
     assert second.step == N // 2
     second.train()
-    assert full.data_log == first.data_log + second.data_log          # same data order
+    assert full.windows == first.windows + second.windows                # same data order
     a, b = full.model.state_dict(), second.model.state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)

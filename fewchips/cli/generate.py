@@ -61,7 +61,7 @@ def register(sub):
 
 def run(args):
     model, tok = load_model_and_tokenizer(args, mtp=args.mtp)
-    from fewchips.inference import generate
+    from fewchips.inference.generate import generate
 
     ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
     if not ids:

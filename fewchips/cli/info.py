@@ -25,14 +25,14 @@ def run(args):
     import torch
 
     from fewchips.model import DeepseekV3
+    from fewchips.plan.estimate import human as _h
 
     cfg = load_config(args.preset, args.model)
     with torch.device("meta"):           # counts come from the real module tree, allocating nothing
         counts = DeepseekV3(cfg).num_parameters()
     kv = cfg.kv_cache_elements_per_token
-    info = {**counts, "kv_cache_elements_per_token": kv, "kv_cache_bytes_per_token_bf16": 2 * kv,
-            "kv_cache_bytes_per_token_with_mtp_bf16": 2 * kv * (cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
-            // cfg.num_hidden_layers}
+    info = {**counts, "kv_cache_elements_per_token": kv, "kv_cache_bytes_per_token_bf16": cfg.kv_cache_bytes_per_token(2),
+            "kv_cache_bytes_per_token_with_mtp_bf16": cfg.kv_cache_bytes_per_token(2, mtp=True)}
     if args.json:
         print(json.dumps(info))
         return 0
@@ -42,16 +42,9 @@ def run(args):
     print(f"  total parameters      {_h(counts['total'])}  (main model, MTP not included)")
     print(f"  activated per token   {_h(counts['active'])}  (embedding {_h(counts['embedding'])}, head {_h(counts['head'])} included)")
     print(f"  MTP parameters        {_h(counts['mtp'])}  ({_h(counts['mtp_active'])} activated; embedding and head shared)")
-    print(f"  KV cache per token    {kv} elements = {_bytes(2 * kv)} in bf16 "
+    print(f"  KV cache per token    {kv} elements = {_bytes(cfg.kv_cache_bytes_per_token(2))} in bf16 "
           f"({cfg.kv_lora_rank}+{cfg.qk_rope_head_dim} per layer)")
     return 0
-
-
-def _h(n):
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:,.2f}{unit}"
-    return str(n)
 
 
 def _bytes(n):

@@ -12,6 +12,8 @@ import json
 
 
 def register(sub):
+    from fewchips.plan.estimate import REPORT_PRICE
+
     from fewchips.plan.gpus import GPUS   # a plain table, no torch: keeps --help fast
 
     p = sub.add_parser("plan", help="parameters, FLOPs, memory per GPU, serving capacity and training time",
@@ -33,7 +35,7 @@ def register(sub):
     g.add_argument("--mfu", type=float, default=0.35,
                    help="model FLOPs utilisation to plan with, against the dense peak of the precision used "
                         "(default 0.35; V3 achieved about 0.20 of FP8 peak, 0.41 of BF16 peak)")
-    g.add_argument("--price", type=float, default=2.0,
+    g.add_argument("--price", type=float, default=REPORT_PRICE,
                    help="USD per GPU-hour (default 2, the report's H800 rental assumption)")
     g = p.add_argument_group("hardware and layout (gpus = dp x ep x pp, no tensor parallelism)")
     g.add_argument("--gpu", default=None, help=f"{', '.join(GPUS)} (default h800)")
@@ -150,7 +152,7 @@ def to_json(plan, explain=False) -> dict:
 
 
 def render(plan, explain=False) -> list[str]:
-    from fewchips.plan.estimate import GIB, _h
+    from fewchips.plan.estimate import GIB, human
 
     cfg, gpu, layout, flops = plan["cfg"], plan["gpu"], plan["layout"], plan["flops"]
     lines = []
@@ -169,7 +171,7 @@ def render(plan, explain=False) -> list[str]:
 
     lines.append("\nparameters (counted from the model on the meta device)")
     for t in plan["params"]:
-        line(t.name, f"{_h(t.value):>10}", t.formula)
+        line(t.name, f"{human(t.value):>10}", t.formula)
 
     div, unit = (1e9, "GFLOP") if flops.forward >= 1e9 else (1e6, "MFLOP")
     lines.append(f"\nFLOPs per token at seq {flops.seq} (forward; training = 3x)")
@@ -230,7 +232,7 @@ def render(plan, explain=False) -> list[str]:
         line("KV tokens that fit", "0: the weights alone do not fit", tok.formula)
 
     t = {x.name: x for x in plan["time"]}
-    lines.append(f"\ntraining {_h(plan['tokens'])} tokens at MFU {plan['mfu']:g} "
+    lines.append(f"\ntraining {human(plan['tokens'])} tokens at MFU {plan['mfu']:g} "
                  f"({'FP8' if plan['fp8'] and gpu.fp8_tflops else 'BF16'} peak)")
     line("FLOPs", f"{t['training FLOPs'].value:.3e}", t["training FLOPs"].formula)
     days = t["wall time"].value / 86400
@@ -241,8 +243,8 @@ def render(plan, explain=False) -> list[str]:
         line("cost", f"${t['cost'].value:,.0f}", t["cost"].formula)
 
     if "implied" in plan:
-        lines.append(f"\nimplied MFU of a run of {_h(plan['implied_hours'])} {gpu.name} GPU-hours on "
-                     f"{_h(plan['tokens'])} tokens (seq {flops.seq})")
+        lines.append(f"\nimplied MFU of a run of {human(plan['implied_hours'])} {gpu.name} GPU-hours on "
+                     f"{human(plan['tokens'])} tokens (seq {flops.seq})")
         for x in plan["implied"]:
             value = f"{x.value:.1f} TFLOPS" if x.unit == "TFLOPS" else f"{x.value:.1%}"
             line(x.name, value, x.formula)

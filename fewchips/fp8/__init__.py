@@ -1,4 +1,4 @@
-"""FP8 fine-grained mixed precision (reference section 5): quantisation primitives, FP8 GEMMs with a
+"""FP8 fine-grained mixed precision (arXiv 2412.19437 §3.3): quantisation primitives, FP8 GEMMs with a
 Hopper fast path and a plain-PyTorch twin, FP8 training layers, FP8 checkpoints.
 
     from fewchips.fp8 import apply_fp8
@@ -6,12 +6,21 @@ Hopper fast path and a plain-PyTorch twin, FP8 training layers, FP8 checkpoints.
     save_fp8(model, "ckpt-fp8")   # the released checkpoint layout; load_fp8 keeps weights in FP8
 """
 
-from .checkpoint import convert, load_fp8, save_fp8
-from .gemm import fp8_mm, resolve_backend
-from .linear import FP8Linear, FP8RoutedExperts, apply_fp8, fp8_linear
-from .quant import BLOCK, E4M3, TILE, dequantize, quantize, retile
-from .recipe import is_fp8_linear, is_fp8_weight
+import importlib
 
-__all__ = ["BLOCK", "E4M3", "TILE", "FP8Linear", "FP8RoutedExperts", "apply_fp8", "convert", "dequantize",
-           "fp8_linear", "fp8_mm", "is_fp8_linear", "is_fp8_weight", "load_fp8", "quantize", "resolve_backend",
-           "retile", "save_fp8"]
+# name -> submodule; loaded on first use, so that `fewchips.fp8.quant` (a leaf: torch only) can be
+# imported by checkpoint I/O without pulling in the FP8 layers, which import checkpoint I/O themselves.
+_LAZY = {"convert": "checkpoint", "load_fp8": "checkpoint", "save_fp8": "checkpoint", "fp8_mm": "gemm",
+         "resolve_backend": "gemm", "FP8Linear": "linear", "FP8RoutedExperts": "linear", "apply_fp8": "linear",
+         "fp8_linear": "linear", "BLOCK": "quant", "E4M3": "quant", "TILE": "quant", "dequantize": "quant",
+         "quantize": "quant", "retile": "quant", "is_fp8_linear": "recipe", "is_fp8_weight": "recipe"}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fewchips.fp8' has no attribute {name!r}")

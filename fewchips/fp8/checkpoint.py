@@ -1,4 +1,4 @@
-"""FP8 checkpoints in the released layout (reference 5.6): E4M3 weights with an FP32
+"""FP8 checkpoints in the released layout (the DeepSeek-V3 repository's README_WEIGHTS.md): E4M3 weights with an FP32
 `weight_scale_inv` per 128x128 block (a dequantisation *multiplier*), `quantization_config` in
 config.json, everything outside the recipe (recipe.py) in BF16.
 
@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import (FP8_DTYPES, INDEX_FILE, CheckpointError, write_safetensors,
-                          _EXPERT_RE, _memory_name, _Reader, copy_checked, hf_state_dict, read_scale, weight_files,
-                          write_shards)
+from ..checkpoint import (FP8_DTYPES, INDEX_FILE, CheckpointError, CheckpointReader, Fill, disk_name,
+                          expert_disk_name, hf_state_dict, write_index, write_safetensors, write_shards)
 from ..config import ModelConfig
 from ..files import atomic_write_text
 from ..model import DeepseekV3, RoutedExperts, Router
@@ -32,7 +31,6 @@ from .gemm import fp8_mm, resolve_backend
 from .quant import BLOCK, TILE, dequantize, quantize
 from .recipe import FP8_EXPERTS_RE, is_fp8_linear, is_fp8_weight
 
-_MTP_COPY_RE = re.compile(r"^model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$")
 QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                        "weight_block_size": [128, 128]}
 
@@ -149,30 +147,22 @@ def _swap_in_fp8_storage(model: DeepseekV3, dtype, fp8_gemm: bool):
         setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _fp8_pair(name, t, files, reader, block):
-    """(E4M3 tensor, scales) for a recipe weight: read its scales, or quantise a high-precision tensor."""
+def fp8_pair(ck: CheckpointReader, name: str, t: torch.Tensor):
+    """(E4M3 tensor, block scales) for a recipe weight: an FP8 tensor's own scales, or a high-precision
+    tensor quantised here."""
     if t.dtype in FP8_DTYPES:
-        return t.to(torch.float8_e4m3fn), read_scale(name, t, files, reader, block).float()
+        return t.to(torch.float8_e4m3fn), ck.scale(name, t)
     return quantize(t.float(), BLOCK)
 
 
-def load_fp8(path, dtype=torch.bfloat16, device="cpu", fp8_gemm: bool = False) -> DeepseekV3:
+def load_fp8(path, dtype=torch.bfloat16, device="cpu", fp8_gemm: bool = False, mtp: bool | None = None) -> DeepseekV3:
     """Load a checkpoint for inference with the recipe's weights kept in FP8 (an FP8 checkpoint's
-    tensors are used as stored; a BF16 checkpoint's are quantised on load). Other weights: `dtype`."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: not a directory")
-    cfg = ModelConfig.from_json(path)
-    files = weight_files(path)
-    block = tuple((cfg.quantization_config or {}).get("weight_block_size", BLOCK))
-    if block != BLOCK:
-        raise CheckpointError(f"{path}: weight_block_size {list(block)} is not supported (only [128, 128])")
-    N = cfg.num_hidden_layers
-    has_mtp = any(re.match(rf"^model\.layers\.{N + k}\.", n) and "embed_tokens" not in n and "shared_head.head" not in n
-                  for n in files for k in range(cfg.num_nextn_predict_layers))
-    if cfg.num_nextn_predict_layers and not has_mtp:
-        cfg = cfg.replace(num_nextn_predict_layers=0)
-
+    tensors are used as stored; a BF16 checkpoint's are quantised on load). Other weights: `dtype`.
+    The same walk and checks as `fewchips.from_pretrained`; only where each tensor goes differs."""
+    ck = CheckpointReader(path, mtp)
+    cfg = ck.cfg
+    if ck.block != BLOCK:
+        raise CheckpointError(f"{ck.path}: weight_block_size {list(ck.block)} is not supported (only [128, 128])")
     with torch.device("meta"):
         model = DeepseekV3(cfg).to(dtype)
         for m in model.modules():                  # the balancing bias is FP32 whatever `dtype` is
@@ -181,55 +171,39 @@ def load_fp8(path, dtype=torch.bfloat16, device="cpu", fp8_gemm: bool = False) -
     _swap_in_fp8_storage(model, dtype, fp8_gemm)
     model = model.to_empty(device=device)
     targets = dict(model.state_dict(keep_vars=True))
-    filled = defaultdict(int)
-    reader, unexpected = _Reader(), []
-
-    def put(key, value, src):
-        dest = targets.get(key)
-        if dest is None:
-            unexpected.append(src)
-            return
-        copy_checked(dest, value, src, files.get(src) or files[src.removesuffix("_scale_inv")])
-        filled[key] += value.numel()
-
-    for name in sorted(files, key=lambda n: (files[n], n)):
-        if name.endswith("_scale_inv") or _MTP_COPY_RE.match(name):
-            continue                                 # scales go with their weight; MTP copies of shared tensors
-        mem = _memory_name(cfg, name)
-        if mem.startswith("mtp.") and not cfg.num_nextn_predict_layers:
-            continue
-        t = reader.get(files[name], name)
-        em = _EXPERT_RE.match(mem)
-        if em:
-            base, e, kind = em.group(1), int(em.group(2)), em.group(3).replace("_proj", "")
+    fill = Fill(ck, {k: (v.numel(), _fp8_disk_name(cfg, k, v)) for k, v in targets.items()
+                     if not (k == "lm_head.weight" and cfg.tie_word_embeddings)})
+    for e in ck.entries():
+        if e.expert is not None:
+            base, i, kind = e.expert
+            kind = kind.removesuffix("_proj")
             if f"{base}.{kind}_q" not in targets:
-                unexpected.append(name)
+                fill.unexpected.append(e.name)
                 continue
-            if e >= cfg.n_routed_experts:
-                raise CheckpointError(f"{files[name]}: {name} names expert {e}, config has {cfg.n_routed_experts}")
-            q, s = _fp8_pair(name, t, files, reader, block)
-            for key, value in ((f"{base}.{kind}_q", q), (f"{base}.{kind}_s", s)):
-                copy_checked(targets[key][e], value, name, files[name])
-                filled[key] += value.numel()
+            if i >= cfg.n_routed_experts:
+                raise CheckpointError(f"{e.file}: {e.name} names expert {i}, config has {cfg.n_routed_experts}")
+            for key, value in zip((f"{base}.{kind}_q", f"{base}.{kind}_s"), fp8_pair(ck, e.name, ck.read(e.name))):
+                fill.put(key, targets[key][i], value, e)
             continue
-        mod = mem[: -len(".weight")] if mem.endswith(".weight") else None
-        if mod is not None and f"{mod}.qweight" in targets:
-            q, s = _fp8_pair(name, t, files, reader, block)
-            put(f"{mod}.qweight", q, name)
-            put(f"{mod}.weight_scale_inv", s, name + "_scale_inv")
+        mod = e.memory.removesuffix(".weight")
+        if f"{mod}.qweight" in targets:
+            q, s = fp8_pair(ck, e.name, ck.read(e.name))
+            fill.put(f"{mod}.qweight", targets[f"{mod}.qweight"], q, e)
+            fill.put(f"{mod}.weight_scale_inv", targets[f"{mod}.weight_scale_inv"], s, e)
         else:
-            if t.dtype in FP8_DTYPES:
-                t = dequantize(*_fp8_pair(name, t, files, reader, block), BLOCK)
-            put(mem, t, name)
-
-    if unexpected:
-        raise CheckpointError(f"{path}: tensors that do not belong to this config: {unexpected[:5]}")
-    missing = [k for k, v in targets.items() if filled[k] != v.numel()
-               and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
-    if missing:
-        raise CheckpointError(f"{path}: missing tensors {missing[:5]}" + (f" (and {len(missing) - 5} more)"
-                                                                          if len(missing) > 5 else ""))
+            fill.put(e.memory, targets.get(e.memory), ck.dequantized(e.name), e)
+    fill.check()
     return model.eval()
+
+
+def _fp8_disk_name(cfg: ModelConfig, key: str, t: torch.Tensor) -> str:
+    """The disk tensor an FP8-storage target is filled from (for error messages)."""
+    m = re.match(r"^(.*\.mlp\.experts)\.(gate|up|down)_([qs])$", key)
+    if m:
+        name = expert_disk_name(cfg, m.group(1), f"{m.group(2)}_proj", t.shape[0])
+        return name if m.group(3) == "q" else name + "_scale_inv"
+    name = key.replace(".qweight", ".weight")
+    return disk_name(cfg, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,24 +224,22 @@ def convert(src, dst, to: str, pow2_scales: bool = False, progress=None) -> dict
         raise ValueError("--in and --out must be different directories")
     with open(os.path.join(src, "config.json")) as f:
         config = json.load(f)
-    block = tuple(((config.get("quantization_config") or {}).get("weight_block_size")) or BLOCK)
-    files = weight_files(src)
+    ck = CheckpointReader(src)
     os.makedirs(dst, exist_ok=True)
     by_shard = defaultdict(list)
-    for name, file in files.items():
+    for name, file in ck.files.items():
         by_shard[file].append(name)
-    reader = _Reader()
     weight_map, total, stats = {}, 0, defaultdict(int)
     for file in sorted(by_shard):
         out = {}
         for name in sorted(by_shard[file]):
             if name.endswith("_scale_inv"):
                 continue                                 # written beside its weight (or dropped)
-            t = reader.get(file, name)
+            t = ck.read(name)
             if t.dtype in FP8_DTYPES:
-                q, s = _fp8_pair(name, t, files, reader, block)
+                q, s = fp8_pair(ck, name, t)
                 if to == "bf16":
-                    out[name] = dequantize(q, s, block, torch.bfloat16)
+                    out[name] = dequantize(q, s, ck.block, torch.bfloat16)
                     stats["dequantised"] += 1
                 else:
                     out[name], out[name + "_scale_inv"] = q, s
@@ -283,7 +255,7 @@ def convert(src, dst, to: str, pow2_scales: bool = False, progress=None) -> dict
         for n, t in out.items():
             weight_map[n] = fname
             total += t.numel() * t.element_size()
-        reader.handles.pop(file, None)                   # release the input shard's mapping
+        ck.release(file)                                 # release the input shard's mapping
         del out
         if progress:
             progress(fname)
@@ -291,8 +263,7 @@ def convert(src, dst, to: str, pow2_scales: bool = False, progress=None) -> dict
         if old.endswith(".safetensors") and old not in set(weight_map.values()):
             os.remove(os.path.join(dst, old))
     if os.path.exists(os.path.join(src, INDEX_FILE)):
-        atomic_write_text(os.path.join(dst, INDEX_FILE),
-                           json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        write_index(dst, weight_map, total)
     elif os.path.exists(os.path.join(dst, INDEX_FILE)):
         os.remove(os.path.join(dst, INDEX_FILE))
     if to == "fp8":

@@ -7,7 +7,7 @@ tokens). These are exactly the three block-wise cases cuBLAS runs on Hopper.
 
     "scaled_mm"  torch.nn.functional.scaled_mm with BlockWise1x128 / BlockWise128x128 scaling
                  (cuBLAS, SM90, CUDA >= 12.9): the per-128-K partial sums are scaled and accumulated
-                 in FP32, which is the report's increased-precision accumulation (reference 5.3).
+                 in FP32, which is the report's increased-precision accumulation (§3.3.2).
     "emulate"    dequantise both operands to FP32 and multiply in FP32. Same quantised values, same
                  scales, so it is the fast path's twin up to FP32 summation order; runs anywhere.
 

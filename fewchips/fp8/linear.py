@@ -1,5 +1,5 @@
 """FP8 training layers: a linear layer and the grouped routed experts, each running Fprop, Dgrad
-and Wgrad as FP8 GEMMs (reference 5.1-5.4), and `apply_fp8` that swaps them into a model.
+and Wgrad as FP8 GEMMs (arXiv 2412.19437 §3.3), and `apply_fp8` that swaps them into a model.
 
 Per linear layer y = x W^T (x [M, K] tokens by inputs, W [N, K]):
 

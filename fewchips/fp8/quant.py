@@ -1,4 +1,4 @@
-"""FP8 quantisation primitives in plain PyTorch (reference section 5.2).
+"""FP8 quantisation primitives in plain PyTorch (arXiv 2412.19437 §3.3.2).
 
 FP8 E4M3 keeps 3 mantissa bits and a range of +-448, so a tensor is stored as FP8 values q and
 FP32 scales s with x ~ q * s. One scale per *group* of elements, computed online from the group's

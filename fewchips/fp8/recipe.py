@@ -1,4 +1,5 @@
-"""Which weights run (and are stored) in FP8: reference 5.1 and 5.6, one predicate for both.
+"""Which weights run (and are stored) in FP8: the report's recipe (arXiv 2412.19437 §3.3.1) and the
+released FP8 checkpoint, one predicate for both.
 
 FP8: every attention projection, the dense MLPs, the shared experts and the routed experts, in the
 main layers and in the MTP layers. Higher precision: embedding, output head, router (`mlp.gate`), all

@@ -24,8 +24,8 @@ from typing import Callable
 import torch
 
 from ..model import LatentCache
-from .generate import compiled_decode_step, pad_rows, stop_reason
 from .sampling import SamplingParams, adjust_logits, sample
+from .steps import compiled_decode_step, prefill, stop_reason
 
 log = logging.getLogger("fewchips")
 _ids = itertools.count()
@@ -68,7 +68,7 @@ class Engine:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * p.element_size()
+        per_token = cfg.kv_cache_bytes_per_token(p.element_size())
         n_slots = max_batch
         if max_cache_bytes is not None:
             n_slots = min(max_batch, max_cache_bytes // (per_token * self.max_len))
@@ -155,10 +155,8 @@ class Engine:
         self.steps += 1
 
     def _prefill(self, reqs: list[Request]):
-        lens_B = torch.tensor([len(r.prompt_ids) for r in reqs], device=self.device)
         slots_B = torch.tensor([r.slot for r in reqs], device=self.device)
-        h_BTD = self.model.hidden_states(pad_rows([r.prompt_ids for r in reqs], 0, self.device),
-                                         cache=self.cache, slots=slots_B)
+        h_BTD, last_BV = prefill(self.model, [r.prompt_ids for r in reqs], self.cache, slots_B)
         for i, r in enumerate(reqs):
             if r.prompt_logprobs is not None and len(r.prompt_ids) > 1:
                 r.prompt_logprob_list = [None] + self._logprobs(self.model.lm_head(h_BTD[i, : len(r.prompt_ids) - 1]),
@@ -172,8 +170,7 @@ class Engine:
             else:
                 live.append(i)
         if live:
-            idx = torch.tensor(live, device=self.device)
-            self._emit([reqs[i] for i in live], self.model.lm_head(h_BTD[idx, lens_B[idx] - 1]))
+            self._emit([reqs[i] for i in live], last_BV[torch.tensor(live, device=self.device)])
 
     def _decode(self, reqs: list[Request]):
         pos = [len(r.prompt_ids) + len(r.output_ids) - 1 for r in reqs]      # of each row's last token

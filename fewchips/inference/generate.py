@@ -9,28 +9,15 @@ instead, their outputs unused, so the compiled batch keeps its shape.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import time
 
 import torch
 
 from ..model import LatentCache
 from .sampling import SamplingParams, sample
-
-
-def stop_reason(gen_ids: list[int], params: SamplingParams, tokenizer=None) -> str | None:
-    """'stop' if the last token is a stop token or the generated text now holds a stop string,
-    'length' at max_tokens, else None."""
-    if gen_ids and gen_ids[-1] in params.stop_token_ids:
-        return "stop"
-    if params.stop and tokenizer is not None and gen_ids:
-        longest = max(len(s) for s in params.stop)
-        tail = tokenizer.decode(gen_ids[-(4 * longest + 4):])   # a char is at most 4 byte-level tokens
-        if any(s in tail for s in params.stop):
-            return "stop"
-    if len(gen_ids) >= params.max_tokens:
-        return "length"
-    return None
+from .speculative import mtp_generate
+from .steps import compiled_decode_step, pad_rows, prefill, stop_reason
 
 
 def as_rows(input_ids) -> tuple[list[list[int]], bool]:
@@ -41,11 +28,6 @@ def as_rows(input_ids) -> tuple[list[list[int]], bool]:
     if input_ids and isinstance(input_ids[0], int):
         return [list(input_ids)], False
     return [list(r) for r in input_ids], False
-
-
-def pad_rows(rows: list[list[int]], pad_id: int, device) -> torch.Tensor:
-    T = max(len(r) for r in rows)
-    return torch.tensor([r + [pad_id] * (T - len(r)) for r in rows], dtype=torch.long, device=device)
 
 
 def finish(rows, gens, as_tensor, pad_id, device):
@@ -68,7 +50,7 @@ def row_params(B, max_new_tokens, temperature, top_p, top_k, seed, stop, stop_to
 def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, seed: int | None = None, stop_token_ids: list[int] | None = None,
              stop: list[str] | None = None, tokenizer=None, use_mtp: bool = False, stats: dict | None = None,
-             compile: bool = False):
+             compile: bool = False, *, params: SamplingParams | None = None, max_tokens: int | None = None):
     """Generate up to `max_new_tokens` after each prompt and return prompt + new ids.
 
     input_ids: a tensor [T] or [B, T] (returns a tensor [B, T + n], rows that stopped early padded with
@@ -76,6 +58,9 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
     temperature 0 is greedy; top_k 0 and top_p 1 are off; `seed` makes sampling reproducible (row i
     uses seed + i). Generation of a row ends at a token in `stop_token_ids` (default: the config's
     eos) - kept in the output - or once its text contains a string of `stop` (needs `tokenizer`).
+    The sampling settings may come as one `params=SamplingParams(...)` instead (the engine's and the
+    server's form; its stop_token_ids are used as given), and `max_tokens` is the same as
+    `max_new_tokens`.
     use_mtp: speculative decoding with the MTP module as drafter (same output distribution; greedy
     output identical); `stats`, if given, receives the acceptance rate and tokens per forward.
     compile: run each decode step as one `torch.compile`d graph (see `compiled_decode_step`): faster
@@ -85,23 +70,29 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
     rows, as_tensor = as_rows(input_ids)
     if any(len(r) == 0 for r in rows):
         raise ValueError("every prompt needs at least one token")
-    if stop and tokenizer is None:
+    if max_tokens is not None:
+        max_new_tokens = max_tokens
+    if params is not None:
+        rows_params = [dataclasses.replace(params, seed=None if params.seed is None else params.seed + i)
+                       for i in range(len(rows))]
+    else:
+        rows_params = row_params(len(rows), max_new_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids,
+                                 cfg.eos_token_id)
+    n_new = rows_params[0].max_tokens
+    if rows_params[0].stop and tokenizer is None:
         raise ValueError("stop strings need tokenizer= to read the generated text")
     if compile and use_mtp:
         raise ValueError("compile=True and use_mtp=True (--compile, --mtp) cannot be combined: only plain decoding is compiled")
-    params = row_params(len(rows), max_new_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids,
-                        cfg.eos_token_id)
-    pad_id = params[0].stop_token_ids[0] if params[0].stop_token_ids else 0
+    pad_id = rows_params[0].stop_token_ids[0] if rows_params[0].stop_token_ids else 0
     device = next(model.parameters()).device
-    if max(len(r) for r in rows) + max_new_tokens + 1 > cfg.max_position_embeddings:
+    if max(len(r) for r in rows) + n_new + 1 > cfg.max_position_embeddings:
         raise ValueError(f"prompt + max_new_tokens exceeds max_position_embeddings={cfg.max_position_embeddings}")
-    if max_new_tokens == 0:
+    if n_new == 0:
         return finish(rows, [[] for _ in rows], as_tensor, pad_id, device)
     if use_mtp:
-        from .speculative import mtp_generate
-        gens = mtp_generate(model, rows, params, tokenizer, stats)
+        gens = mtp_generate(model, rows, rows_params, tokenizer, stats)
     else:
-        gens = plain_generate(model, rows, params, tokenizer, compile, stats)
+        gens = plain_generate(model, rows, rows_params, tokenizer, compile, stats)
     return finish(rows, gens, as_tensor, pad_id, device)
 
 
@@ -112,8 +103,7 @@ def plain_generate(model, rows, params, tokenizer=None, compile: bool = False, s
     lens = torch.tensor([len(r) for r in rows], device=device)
     cache = LatentCache(model.config, B, int(lens.max()) + params[0].max_tokens, dtype=dtype, device=device)
     gens_gen = [p.generator(device) for p in params]
-    logits_BTV = model(pad_rows(rows, 0, device), cache=cache)    # prefill: eager, expanded attention
-    last_BV = logits_BTV[torch.arange(B, device=device), lens - 1]
+    _, last_BV = prefill(model, rows, cache)                      # eager, expanded attention
     gens: list[list[int]] = [[] for _ in rows]
     active = list(range(B))
     pos_B = lens.clone()
@@ -148,20 +138,3 @@ def plain_generate(model, rows, params, tokenizer=None, compile: bool = False, s
         slots = None if len(active) == B else sel
         last_BV = model(tok_B[:, None], positions=pos_B[sel][:, None], cache=cache, slots=slots)[:, 0]
         pos_B[sel] += 1
-
-
-def _decode_step(model, tok_B, pos_B, cache, slots, attend_len: int):
-    return model(tok_B[:, None], positions=pos_B[:, None], cache=cache, slots=slots, attend_len=attend_len)[:, 0]
-
-
-@functools.cache
-def compiled_decode_step():
-    """`step(model, tok_B, pos_B, cache, slots, attend_len) -> logits [B, V]`: one decode step (token
-    `tok_B[b]` at position `pos_B[b]` of cache row `slots[b]`, or row b if None) as one compiled graph.
-
-    Eager, a batch-1 step of `small` on CPU is ~1,800 small ops whose dispatch costs more than reading
-    the weights. Compiled by inductor, with the routed experts in their gathered form
-    (`RoutedExperts._gathered`) and the attend length passed in (no host sync), the step has no graph
-    break. Shapes are dynamic: the cache length grows every step and one compile serves them all
-    (about a minute for `small` on 2 cores; batch 1 is its own graph)."""
-    return torch.compile(_decode_step, dynamic=True)

@@ -2,12 +2,13 @@
 
 Every row of a batch carries its own parameters and its own `torch.Generator`, so a seeded request
 draws the same tokens whatever else shares the batch. Draws use the exponential race (argmax of
-p / Exp(1) noise), which is categorical sampling without a cumulative sum (reference section 9).
+p / Exp(1) noise), which is categorical sampling without a cumulative sum (as the official
+inference demo's generate.py samples).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import torch
 
@@ -26,8 +27,11 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
+    max_new_tokens: InitVar[int | None] = None                    # another name for max_tokens (generate's)
 
-    def __post_init__(self):
+    def __post_init__(self, max_new_tokens):
+        if max_new_tokens is not None:
+            self.max_tokens = max_new_tokens
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.max_tokens < 0:

@@ -1,4 +1,4 @@
-"""MTP speculative decoding (reference 4.2): the MTP module drafts token p+1 from the main model's
+"""MTP speculative decoding (arXiv 2412.19437 §2.2 and §5.4.3): the MTP module drafts token p+1 from the main model's
 hidden state at p and the token at p; one main forward over [token p, draft] verifies the draft and
 yields one more token, so each forward emits one or two tokens.
 
@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 
 from ..model import LatentCache
-from .generate import pad_rows, stop_reason
 from .sampling import SamplingParams, draw, probabilities
+from .steps import pad_rows, prefill, stop_reason
 
 
 def verify(p_BV, q_BV, draft_B, params: list[SamplingParams], generators) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,8 +56,8 @@ def mtp_generate(model, rows: list[list[int]], params: list[SamplingParams], tok
     arangeB = torch.arange(B, device=device)
 
     # Prefill: main model over the prompts, first token, then the MTP module over the same positions.
-    h_BTD = model.hidden_states(pad_rows(rows, 0, device), cache=cache)
-    first_B = draw(probabilities(model.lm_head(h_BTD[arangeB, lens_B - 1]), params), gen_rngs)
+    h_BTD, last_BV = prefill(model, rows, cache)
+    first_B = draw(probabilities(last_BV, params), gen_rngs)
     mtp_in = pad_rows([r[1:] + [t] for r, t in zip(rows, first_B.tolist())], 0, device)
     hm_BTD = model.mtp_hidden(0, mtp_in, h_BTD, cache=cache)
     q_BV = probabilities(model.mtp_logits(0, hm_BTD[arangeB, lens_B - 1]), params)

@@ -163,14 +163,6 @@ def _ordered_expert_params(model):
     return [p for m in expert_modules(model) for p in (m.gate_up_proj, m.down_proj)]
 
 
-def ranks_per_token(experts_MK: torch.Tensor, n_experts: int, ep: int) -> torch.Tensor:
-    """How many distinct ep ranks each token's copies go to [M] (contiguous placement)."""
-    owner_MK = experts_MK // (n_experts // ep)
-    hit_MP = torch.zeros(experts_MK.shape[0], ep, dtype=torch.bool, device=experts_MK.device)
-    hit_MP.scatter_(1, owner_MK, True)
-    return hit_MP.sum(1)
-
-
 def comm_seconds(model: nn.Module, reset: bool = False) -> float:
     total = 0.0
     for m in expert_modules(model):

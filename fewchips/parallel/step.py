@@ -56,7 +56,7 @@ def global_expert_loads(stats: list, par: Parallel | None = None) -> torch.Tenso
 
 @torch.no_grad()
 def update_biases(model, loads_LE: torch.Tensor, gamma: float):
-    """b_i += gamma * sign(mean load - load_i) per MoE layer (reference 3.3), outside autograd."""
+    """b_i += gamma * sign(mean load - load_i) per MoE layer (§2.1.2), outside autograd."""
     routers = [m for m in model.modules() if isinstance(m, Router)]
     if len(routers) != loads_LE.shape[0]:
         raise ValueError(f"{loads_LE.shape[0]} load rows for {len(routers)} routers")

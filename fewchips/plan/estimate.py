@@ -4,7 +4,7 @@ Every number comes with the formula that produced it (`Term.formula`, printed by
 Parameters are counted from the real module tree on the meta device, never from a separate formula;
 the FLOPs, memory and time follow from those counts and the config.
 
-Conventions (reference sections 5-7):
+Conventions (arXiv 2412.19437 §3):
 - FLOPs per token: a matmul with N weights costs 2N FLOPs per token forward; backward costs twice
   the forward (input and weight gradients), so training = 3 x forward. Causal attention at sequence
   length S attends to (S+1)/2 positions on average. Recomputation is not counted (that is what makes
@@ -34,7 +34,7 @@ from fewchips.plan.gpus import GPU
 
 GIB = 2 ** 30
 
-# DeepSeek-V3 report, Table 1 (reference 7.1): pre-training on 14.8T tokens took 2,664K H800 GPU-hours.
+# DeepSeek-V3 report, Table 1: pre-training on 14.8T tokens took 2,664K H800 GPU-hours.
 REPORT_PRETRAIN_GPU_HOURS = 2_664_000
 REPORT_TOKENS = 14.8e12
 REPORT_SEQ = 4096
@@ -188,7 +188,7 @@ def param_terms(p: Params) -> list[Term]:
     return [
         Term("total", c["total"], "sum of numel() over the module tree on the meta device, MTP excluded"),
         Term("activated per token", c["active"],
-             f"total - routed experts x (1 - {K}/{E}) = {_h(c['total'])} - {_h(routed)} x {1 - K / E:.4f}"
+             f"total - routed experts x (1 - {K}/{E}) = {human(c['total'])} - {human(routed)} x {1 - K / E:.4f}"
              f" (embedding and head included)"),
         Term("embedding", c["embedding"], f"vocab x hidden = {cfg.vocab_size} x {cfg.hidden_size}"),
         Term("output head", c["head"], "vocab x hidden" + (" (tied: 0 extra)" if cfg.tie_word_embeddings else "")),
@@ -215,20 +215,20 @@ def flops_terms(p: Params, seq: int) -> list[Term]:
     K, E = cfg.num_experts_per_tok, cfg.n_routed_experts
     core = attention_core_flops(cfg, seq)
     terms = [
-        Term("attention projections", 2 * p.sum("attention"), f"2 x {_h(p.sum('attention'))} MLA projection weights"),
+        Term("attention projections", 2 * p.sum("attention"), f"2 x {human(p.sum('attention'))} MLA projection weights"),
         Term("attention core", L * core,
              f"{L} layers x 2 x {H} heads x ({cfg.qk_head_dim} + {cfg.v_head_dim}) x (S+1)/2, S = {seq} (causal)"),
-        Term("dense FFN", 2 * p.sum("dense_ffn"), f"2 x {_h(p.sum('dense_ffn'))} dense SwiGLU weights"),
-        Term("shared experts", 2 * p.sum("shared_experts"), f"2 x {_h(p.sum('shared_experts'))}"),
+        Term("dense FFN", 2 * p.sum("dense_ffn"), f"2 x {human(p.sum('dense_ffn'))} dense SwiGLU weights"),
+        Term("shared experts", 2 * p.sum("shared_experts"), f"2 x {human(p.sum('shared_experts'))}"),
         Term("routed experts", 2 * p.sum("routed_experts") * K / E,
-             f"2 x {_h(p.sum('routed_experts'))} x {K}/{E} (top-{K} of {E})"),
-        Term("router", 2 * p.sum("router"), f"2 x {_h(p.sum('router'))}"),
+             f"2 x {human(p.sum('routed_experts'))} x {K}/{E} (top-{K} of {E})"),
+        Term("router", 2 * p.sum("router"), f"2 x {human(p.sum('router'))}"),
         Term("output head", 2 * p.head_matmul, f"2 x vocab x hidden = 2 x {cfg.vocab_size} x {cfg.hidden_size}"),
     ]
     if n_mtp:
         mtp = 2 * p.matmul_active("mtp") + n_mtp * (2 * p.head_matmul + core)
-        terms.append(Term("MTP", mtp, f"{n_mtp} x (2 x ({_h(p.matmul_active('mtp') / n_mtp)} activated MTP weights"
-                          f" + {_h(p.head_matmul)} shared head) + attention core)"))
+        terms.append(Term("MTP", mtp, f"{n_mtp} x (2 x ({human(p.matmul_active('mtp') / n_mtp)} activated MTP weights"
+                          f" + {human(p.head_matmul)} shared head) + attention core)"))
     return terms
 
 
@@ -402,7 +402,7 @@ def training_memory(p: Params, layout: Layout, seq: int, micro_batch: int, fp8: 
                 per_token = activation_bytes_per_token(cfg, kind, fp8, mtp=b.kind == "mtp")
                 act += sum(t.value for t in per_token) * tokens * in_flight
         shard = {0: "not sharded", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}
-        params_txt = f"{_h(n_dense)} non-expert + {_h(n_expert)} expert params on this GPU"
+        params_txt = f"{human(n_dense)} non-expert + {human(n_expert)} expert params on this GPU"
         terms = [
             Term("weights", w, f"{params_txt}; BF16 2 B" + (", FP8 linears 1 B + block scales" if fp8 else "")
                  + ("; / replicas (ZeRO-3)" if layout.zero >= 3 else "")),
@@ -461,7 +461,7 @@ def time_terms(tokens: float, flops: Flops, gpu: GPU, gpus: int, mfu: float, fp8
     seconds = total / (gpus * peak * 1e12 * mfu)
     gpu_hours = seconds * gpus / 3600
     terms = [
-        Term("training FLOPs", total, f"{_h(tokens)} tokens x {flops.training / 1e9:.1f} GFLOP/token"),
+        Term("training FLOPs", total, f"{human(tokens)} tokens x {flops.training / 1e9:.1f} GFLOP/token"),
         Term("wall time", seconds, f"FLOPs / ({gpus} GPUs x {peak:g} TFLOPS {prec} dense peak x MFU {mfu:g})", "s"),
         Term("GPU-hours", gpu_hours, f"{gpus} x wall time in hours", "GPU-h"),
     ]
@@ -475,7 +475,7 @@ def implied_mfu_terms(tokens: float, gpu_hours: float, flops: Flops, gpu: GPU) -
     achieved = tokens * flops.training / (gpu_hours * 3600)
     achieved_main = tokens * flops.training_main / (gpu_hours * 3600)
     terms = [Term("achieved per GPU", achieved / 1e12,
-                  f"{_h(tokens)} tokens x {flops.training / 1e9:.1f} GFLOP/token / ({_h(gpu_hours)} GPU-h x 3600)",
+                  f"{human(tokens)} tokens x {flops.training / 1e9:.1f} GFLOP/token / ({human(gpu_hours)} GPU-h x 3600)",
                   "TFLOPS")]
     for prec, peak in (("BF16", gpu.bf16_tflops), ("FP8", gpu.fp8_tflops)):
         if peak:
@@ -487,7 +487,8 @@ def implied_mfu_terms(tokens: float, gpu_hours: float, flops: Flops, gpu: GPU) -
 
 # ---------------------------------------------------------------------------------------------
 
-def _h(n: float) -> str:
+def human(n: float) -> str:
+    """1234567 -> '1.23M' (K/M/B/T)."""
     for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= div:
             return f"{n / div:,.2f}{unit}"

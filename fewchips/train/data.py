@@ -6,7 +6,7 @@ Layout of a prepared corpus (one folder per corpus x tokenizer x FIM setting, re
                          uint16 (vocab <= 65536) or uint32, read with numpy.memmap
     index.json           dtype, token and byte counts, document start offsets, unigram entropy
 
-FIM (reference section 6): with probability `fim_rate` a training document is cut at two random
+FIM (arXiv 2412.19437 §4.1): with probability `fim_rate` a training document is cut at two random
 character positions into prefix/middle/suffix and stored in PSM order,
     BOS FIM_BEGIN prefix FIM_HOLE suffix FIM_END middle EOS
 before packing. Validation documents are never transformed, so bits per byte stay comparable.

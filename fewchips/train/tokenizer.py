@@ -1,6 +1,6 @@
 """Byte-level BPE tokenizer, trained with the `tokenizers` library on the training corpus.
 
-Special tokens use DeepSeek-V3's literal strings (full-width bars and `▁`, reference section 6) and
+Special tokens use DeepSeek-V3's literal strings (full-width bars and `▁`, as in the released tokenizer.json) and
 take the first ids, so they agree with the presets' `bos_token_id=0`, `eos_token_id=1`. An existing
 `tokenizer.json` (DeepSeek-V3's own, say) is accepted as long as it has these tokens.
 """

@@ -1,4 +1,4 @@
-"""DeepSeek-V3's pre-training recipe (reference sections 3, 4, 6), scaled to the length of the run.
+"""DeepSeek-V3's pre-training recipe (arXiv 2412.19437 §2.1.2, §2.2, §4), scaled to the length of the run.
 
 One optimizer step:
     for each micro-batch:  loss = CE(main) + λ·mean_k CE(MTP depth k) + α·Σ_layers seq_balance
@@ -30,7 +30,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -348,7 +348,6 @@ class StepResult:
     loads_LE: torch.Tensor
     skipped: bool
     batch: int                           # sequences in this step (grows during a batch ramp)
-    windows: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 class Trainer:
@@ -378,7 +377,6 @@ class Trainer:
         self.bad_steps_total = 0
         self.bad_streak = 0
         self.load_accum_LE = torch.zeros(len(self.routers), cfg.n_routed_experts)
-        self.data_log: list[int] = []          # window numbers consumed by this process (tests read it)
         if resume_from:
             self._load(resume_from)
         else:
@@ -436,10 +434,8 @@ class Trainer:
         loads_LE = torch.zeros(len(self.routers), self.cfg.n_routed_experts, device=self.device)
         tot_main = tot_mtp = tot_bal = 0.0
         finite = True
-        windows = []
         for _ in range(n_micro):
-            ids, which = self.sampler.next_batch(tc.batch_size)
-            windows.append(which)
+            ids, _ = self.sampler.next_batch(tc.batch_size)
             main, mtp, bal, stats = self.compute_losses(torch.from_numpy(ids).to(self.device), lam)
             loss = main + lam * mtp + tc.balance_alpha * bal
             if not torch.isfinite(loss):
@@ -464,7 +460,7 @@ class Trainer:
         self.step += 1
         self.tokens_seen += n_micro * tc.batch_size * tc.seq_len
         return StepResult(tot_main if finite else float("nan"), tot_mtp, tot_bal, grad_norm, loads_LE.cpu(),
-                          not finite, n_micro * tc.batch_size, np.concatenate(windows))
+                          not finite, n_micro * tc.batch_size)
 
     def compute_losses(self, ids, lam):
         return compute_losses(self.model, ids, lam, self.amp)
@@ -517,7 +513,6 @@ class Trainer:
                     t0 = time.perf_counter()
                     r = self.train_step()
                     dt = time.perf_counter() - t0
-                    self.data_log.extend(r.windows.tolist())
                     rate = r.batch * tc.seq_len / dt
                     tok_s = rate if tok_s is None else 0.9 * tok_s + 0.1 * rate
                     if r.skipped:
