@@ -96,7 +96,7 @@ def bench_preset(name, args, log):
     import transformers
     from fewchips import DeepseekV3, ModelConfig
     from fewchips.checkpoint import from_pretrained
-    from fewchips.model import gathered_experts_fit
+    from fewchips.ops import gathered_experts_fit
 
     transformers.logging.set_verbosity_error()
     cfg = ModelConfig.from_preset(name)
@@ -128,7 +128,7 @@ def bench_preset(name, args, log):
     for B in (1, 8):
         ids = torch.randint(3, cfg.vocab_size, (B, args.context), generator=g)
         toks, outs = {}, {}
-        # compiled decoding pays off where the experts' gathered form applies (RoutedExperts._gathered)
+        # compiled decoding pays off where the experts' gathered form applies (ops.gathered_swiglu)
         compiled = ([OursCompiled(ours)] if args.compile and gathered_experts_fit(B, cfg.num_experts_per_tok, cfg.n_routed_experts)
                     else [])
         for s in systems + compiled:

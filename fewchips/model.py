@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, yarn_mscale
+from .ops import causal_attention, expert_swiglu, gathered_swiglu, use_gathered_experts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,26 +234,6 @@ class MLA(nn.Module):
         return o_HMV.transpose(0, 1).reshape(B, T, H, self.v_dim)
 
 
-# On CPU, up to this many tokens plain softmax(QK^T + mask)V beats torch's fused attention kernel
-# (forward + backward, small preset shapes, bf16 and fp32: 10.6 against 20 ms per layer at 256 tokens,
-# 40 against 50 at 512); beyond it the fused kernel's O(T) memory wins.
-CPU_EXPLICIT_ATTENTION_MAX_T = 512
-
-
-def causal_attention(q_BHTk, k_BHTk, v_BHTV, scale):
-    T, v_dim = q_BHTk.shape[-2], v_BHTV.shape[-1]
-    if q_BHTk.is_cuda or T > CPU_EXPLICIT_ATTENTION_MAX_T:
-        pad = q_BHTk.shape[-1] - v_dim
-        if pad > 0:   # equal head dims select torch's fused CPU kernel (2x faster than its math path)
-            v_BHTV = F.pad(v_BHTV, (0, pad))
-        return F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BHTV, is_causal=True, scale=scale)[..., :v_dim]
-    future_TT = torch.full((T, T), float("-inf"), device=q_BHTk.device).triu_(1)
-    # Under bf16 autocast the scores leave the matmul in bf16 (as in transformers' eager attention;
-    # fused kernels keep them fp32); the mask add promotes them, so the softmax runs in fp32.
-    scores_BHTT = torch.matmul(q_BHTk * scale, k_BHTk.transpose(-2, -1)) + future_TT
-    return torch.matmul(scores_BHTT.softmax(dim=-1).to(v_BHTV.dtype), v_BHTV)
-
-
 def _starts_at_zero(positions_BT) -> bool:
     # A prefill from position 0 needs nothing from the cache, so it may use the expanded form.
     return bool((positions_BT[:, 0] == 0).all())
@@ -340,65 +321,6 @@ class Router(nn.Module):
         return out
 
 
-def gathered_experts_fit(tokens: int, top_k: int, n_experts: int) -> bool:
-    """Whether a compiled step may use `RoutedExperts._gathered`: token copies at most a quarter of the
-    experts, so reading each copy's expert stays well below reading every expert once."""
-    return 4 * tokens * top_k <= n_experts
-
-
-# On CPU in low precision, each expert's run of rows is rounded up to a number with this many
-# significant bits (<= 1/8 padding at 4). oneDNN's bf16 matmul JIT-compiles a kernel per shape and caches
-# ~1,024; row counts that change every step missed that cache on nearly every call (measured: 9-36 ms
-# instead of 3.5 ms for 32 experts x 128 rows x 512 x 512). Rounded, the shapes repeat: 8 per octave.
-CPU_GEMM_ROW_BITS = 4
-
-
-@torch.compiler.disable   # grouped_mm's meta kernel accepts only bf16 and the row counts are data-dependent
-def expert_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF):
-    """Grouped SwiGLU: rows of x_sorted belong to experts 0..E-1 in runs of counts_E.
-
-    `grouped_mm` is the fused kernel on GPUs. On CPU it issues one GEMM per expert: right for
-    decode-sized batches (most experts idle) and skewed loads, ~3x slower than `bmm` for balanced
-    training batches, so there the runs are padded to the longest one and batched when that at most
-    doubles the rows (measured, 3x padding already loses). In bf16 on CPU the runs are rounded up to
-    a few shapes (CPU_GEMM_ROW_BITS). No Python loop over experts."""
-    E, (N, D) = counts_E.shape[0], x_sorted.shape
-    device = x_sorted.device.type
-    # grouped_mm is not on autocast's list: cast by hand (weights follow the activations without autocast)
-    dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_sorted.dtype
-    x_sorted, gate_up_EfD, down_EDF = x_sorted.to(dt), gate_up_EfD.to(dt), down_EDF.to(dt)
-    if x_sorted.is_cuda:                       # no host sync on GPU
-        return _grouped_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF)
-    cap = int(counts_E.max()) if N else 0
-    aligned = all(n * x_sorted.element_size() % 16 == 0 for n in (D, down_EDF.shape[-1]))  # grouped_mm needs it
-    padded_bmm = not aligned or N >= E and E * cap <= 2 * N
-    if padded_bmm:
-        run_E = torch.full_like(counts_E, cap)
-    elif x_sorted.dtype != torch.float32 and cap >= 1 << CPU_GEMM_ROW_BITS:
-        step_E = (counts_E.clamp(min=1).float().log2().floor() + 1 - CPU_GEMM_ROW_BITS).clamp(min=0).exp2().long()
-        run_E = (counts_E + step_E - 1) // step_E * step_E
-    else:
-        return _grouped_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF)
-    # Place each expert's rows at the start of its padded run; index_copy/index_select (cheap backwards).
-    expert_of = torch.repeat_interleave(torch.arange(E, device=x_sorted.device), counts_E, output_size=N)
-    shift_E = (run_E.cumsum(0) - run_E) - (counts_E.cumsum(0) - counts_E)
-    row = torch.arange(N, device=x_sorted.device) + shift_E[expert_of]
-    x_pad = x_sorted.new_zeros(E * cap if padded_bmm else int(run_E.sum()), D).index_copy(0, row, x_sorted)
-    if padded_bmm:
-        x_ECD = x_pad.view(E, cap, D)
-        gate, up = torch.bmm(x_ECD, gate_up_EfD.transpose(-2, -1)).chunk(2, dim=-1)
-        y_pad = torch.bmm(F.silu(gate) * up, down_EDF.transpose(-2, -1)).reshape(E * cap, -1)
-    else:
-        y_pad = _grouped_swiglu(x_pad, run_E, gate_up_EfD, down_EDF)
-    return y_pad.index_select(0, row)
-
-
-def _grouped_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF):
-    offs = counts_E.cumsum(0).to(torch.int32)
-    gate, up = F.grouped_mm(x_sorted, gate_up_EfD.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
-    return F.grouped_mm((F.silu(gate) * up).contiguous(), down_EDF.transpose(-2, -1), offs=offs)
-
-
 class RoutedExperts(nn.Module):
     """Dispatch (sort token copies by expert), one grouped SwiGLU over all experts, combine (weighted
     scatter-add back to the tokens). No Python loop over experts. Expert parallelism replaces this
@@ -408,7 +330,7 @@ class RoutedExperts(nn.Module):
     linear layers (FP8 sets its own; expert parallelism carries it over to the local experts)."""
 
     swiglu = staticmethod(expert_swiglu)
-    gathered_decode = True        # compiled decode steps may read experts by gather (`_gathered`)
+    gathered_decode = True        # compiled decode steps may read experts by gather (ops.gathered_swiglu)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -419,9 +341,8 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x_MD, experts_MK, weights_MK):
         M, K = experts_MK.shape
-        if (torch.compiler.is_compiling() and not torch.is_grad_enabled() and gathered_experts_fit(M, K, self.n_experts)
-                and self.gathered_decode and self.swiglu is expert_swiglu):   # the same math on full-precision weights
-            return self._gathered(x_MD, experts_MK, weights_MK)
+        if use_gathered_experts(M, K, self.n_experts) and self.gathered_decode and self.swiglu is expert_swiglu:
+            return gathered_swiglu(x_MD, experts_MK, weights_MK, self.gate_up_proj, self.down_proj)
         flat = experts_MK.reshape(-1)
         order = flat.argsort(stable=True)
         token_of = order // K                                             # source token of each copy
@@ -433,21 +354,6 @@ class RoutedExperts(nn.Module):
     def expert_ffn(self, x_sorted, counts_E):
         """SwiGLU of each expert on its contiguous run of rows (rows sorted by expert)."""
         return self.swiglu(x_sorted, counts_E, self.gate_up_proj, self.down_proj)
-
-    def _gathered(self, x_MD, experts_MK, weights_MK):
-        """Decode-sized batches inside a compiled graph (no grad, token copies at most a quarter of the
-        experts): every copy reads only its expert's rows. No data-dependent shapes and no host sync, so
-        the whole decode step stays one graph. Inductor fuses the gather into the reduction and copies no weights;
-        run eagerly, the same lines would copy each chosen expert's matrices (2-4x slower than grouped_mm).
-        Inductor's reduction reads ~half as fast as MKL's GEMV, and a busy expert is read once per copy,
-        so at a copy per expert (batch 8 of `small`) this measured 118 against 80 ms per step."""
-        M, K = experts_MK.shape
-        e = experts_MK.reshape(-1)
-        x_ND = x_MD.repeat_interleave(K, dim=0).to(self.gate_up_proj.dtype)             # N = M*K copies
-        gate, up = (self.gate_up_proj[e] * x_ND[:, None, :]).sum(-1).chunk(2, dim=-1)
-        y_ND = (self.down_proj[e] * (F.silu(gate) * up)[:, None, :]).sum(-1)
-        return (y_ND * weights_MK.reshape(-1, 1)).view(M, K, -1).sum(1).to(x_MD.dtype)
-
 
 @dataclass
 class MoEStats:

@@ -177,7 +177,7 @@ def test_mtp_shapes_and_gradient_flow():
                                          ([12, 0, 0, 0], (6, 5)), ([0, 0, 0, 0], (8, 4)), ([1, 0, 1, 0], (8, 4))])
 def test_expert_swiglu_paths_match_reference(counts, dims):
     """The padded-bmm CPU path and the grouped_mm path both equal a per-expert reference (values and grads)."""
-    from fewchips.model import expert_swiglu
+    from fewchips.ops import expert_swiglu, swiglu_reference
 
     g = torch.Generator().manual_seed(0)
     counts_E = torch.tensor(counts)
@@ -186,12 +186,7 @@ def test_expert_swiglu_paths_match_reference(counts, dims):
     w1 = torch.randn(4, 2 * Fd, D, generator=g, requires_grad=True)
     w2 = torch.randn(4, D, Fd, generator=g, requires_grad=True)
     out = expert_swiglu(x, counts_E, w1, w2)
-    ref, s = [], 0
-    for e, c in enumerate(counts):
-        gate, up = (x[s:s + c] @ w1[e].T).chunk(2, dim=-1)
-        ref.append((torch.nn.functional.silu(gate) * up) @ w2[e].T)
-        s += c
-    ref = torch.cat(ref)
+    ref = swiglu_reference(x, counts_E, w1, w2)
     assert torch.allclose(out, ref, atol=1e-5)
     if len(ref):
         proj = torch.randn(ref.shape, generator=g)
@@ -206,7 +201,7 @@ def test_expert_swiglu_under_autocast(counts, bits, monkeypatch):
     """Under bf16 autocast all three CPU expert paths (grouped_mm; grouped_mm on runs rounded up to
     fewer significant bits, here to powers of two; padded bmm) compute in bf16, match a
     per-expert reference on the same bf16-rounded operands, and give the fp32 master weights fp32 gradients."""
-    import fewchips.model as M
+    import fewchips.ops as M
 
     monkeypatch.setattr(M, "CPU_GEMM_ROW_BITS", bits)
     g = torch.Generator().manual_seed(0)
@@ -235,7 +230,7 @@ def test_expert_swiglu_under_autocast(counts, bits, monkeypatch):
 def test_causal_attention_paths_agree(monkeypatch):
     """The explicit short-sequence path and torch's fused kernel (V padded to the q/k head dim) give the
     same outputs and gradients, and are causal: a later token never changes an earlier output."""
-    import fewchips.model as M
+    import fewchips.ops as M
 
     g = torch.Generator().manual_seed(0)
     q, k = (torch.randn(2, 3, 20, 12, generator=g, requires_grad=True) for _ in range(2))
@@ -251,5 +246,6 @@ def test_causal_attention_paths_agree(monkeypatch):
         assert torch.allclose(M.causal_attention(q, k2, v, 0.3)[:, :, :-1], o[:, :, :-1], atol=1e-6)
     (a, ga), (b, gb) = outs
     assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(a, M.attention_reference(q, k, v, 0.3), atol=1e-5)          # and the plain twin
     for x, y in zip(ga, gb):
         assert torch.allclose(x, y, atol=1e-5)

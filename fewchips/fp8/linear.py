@@ -160,7 +160,7 @@ def _grouped_wgrad(g_MN, xq, xs, offs_E, shape_ENK, backend, pow2):
 
 @torch.compiler.disable   # like expert_swiglu: data-dependent row counts, grouped_mm's meta kernel is bf16-only
 def fp8_expert_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF, backend: str = "auto", pow2_scales: bool = False):
-    """`model.expert_swiglu` with both grouped GEMMs (gate_up and down) in FP8, quantised from the weights
+    """`ops.expert_swiglu` with both grouped GEMMs (gate_up and down) in FP8, quantised from the weights
     given (the master weights); the SwiGLU itself stays in the activation dtype."""
     backend = resolve_backend(backend, str(x_sorted.device))
     offs_E = counts_E.cumsum(0)

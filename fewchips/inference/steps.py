@@ -57,7 +57,7 @@ def compiled_decode_step():
 
     Eager, a batch-1 step of `small` on CPU is ~1,800 small ops whose dispatch costs more than reading
     the weights. Compiled by inductor, with the routed experts in their gathered form
-    (`RoutedExperts._gathered`) and the attend length passed in (no host sync), the step has no graph
+    (`ops.gathered_swiglu`) and the attend length passed in (no host sync), the step has no graph
     break. Shapes are dynamic: the cache length grows every step and one compile serves them all
     (about a minute for `small` on 2 cores; batch 1 is its own graph)."""
     return torch.compile(_decode_step, dynamic=True)

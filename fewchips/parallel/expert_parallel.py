@@ -32,7 +32,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..model import MoE, RoutedExperts, expert_swiglu
+from ..model import MoE, RoutedExperts
+from ..ops import expert_swiglu
 from .mesh import Parallel
 
 
