@@ -170,9 +170,7 @@ def main():
     @section(results, "grouped experts forward+backward (SwiGLU, 32 local experts, 7168x2048)", path)
     def _():
         E = 8 if smoke else 32
-        cfg = ModelConfig(hidden_size=D, moe_intermediate_size=FE, n_routed_experts=E, num_experts_per_tok=2,
-                          n_group=1, topk_group=1)
-        ex = RoutedExperts(cfg).to(dev)
+        ex = RoutedExperts(E, D, FE).to(dev)
         torch.nn.init.normal_(ex.gate_up_proj, std=0.006)
         torch.nn.init.normal_(ex.down_proj, std=0.006)
         per = M * 2 // E                                                # 2 copies per token on average
@@ -181,7 +179,7 @@ def main():
         counts[1] -= per // 2                                           # a little imbalance
         x = torch.randn(int(counts.sum()), D, device=dev, dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn(x.shape[0], D, device=dev, dtype=torch.bfloat16)
-        ex16 = RoutedExperts(cfg).to(dev).bfloat16()
+        ex16 = RoutedExperts(E, D, FE).to(dev).bfloat16()
         with torch.no_grad():
             ex16.gate_up_proj.copy_(ex.gate_up_proj)
             ex16.down_proj.copy_(ex.down_proj)

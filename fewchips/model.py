@@ -321,28 +321,17 @@ class Router(nn.Module):
         return out
 
 
-class RoutedExperts(nn.Module):
-    """Dispatch (sort token copies by expert), one grouped SwiGLU over all experts, combine (weighted
-    scatter-add back to the tokens). No Python loop over experts. Expert parallelism replaces this
-    module with one whose dispatch and combine are all-to-alls.
+class ExpertDispatch(nn.Module):
+    """Dispatch (sort token copies by expert), `expert_ffn` on each expert's run of rows, combine
+    (weighted scatter-add back to the tokens). No Python loop over experts. Subclasses hold the
+    experts' weights (`RoutedExperts`; FP8 inference storage in fewchips.fp8) and say how they compute."""
 
-    `swiglu(x_sorted, counts_E, gate_up, down)` is the grouped FFN on given weights: a seam like the
-    linear layers (FP8 sets its own; expert parallelism carries it over to the local experts)."""
-
-    swiglu = staticmethod(expert_swiglu)
-    gathered_decode = True        # compiled decode steps may read experts by gather (ops.gathered_swiglu)
-
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, n_experts: int):
         super().__init__()
-        E, D, Fd = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.n_experts = E
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Fd, D))   # [gate; up] rows per expert
-        self.down_proj = nn.Parameter(torch.empty(E, D, Fd))
+        self.n_experts = n_experts
 
     def forward(self, x_MD, experts_MK, weights_MK):
-        M, K = experts_MK.shape
-        if use_gathered_experts(M, K, self.n_experts) and self.gathered_decode and self.swiglu is expert_swiglu:
-            return gathered_swiglu(x_MD, experts_MK, weights_MK, self.gate_up_proj, self.down_proj)
+        K = experts_MK.shape[1]
         flat = experts_MK.reshape(-1)
         order = flat.argsort(stable=True)
         token_of = order // K                                             # source token of each copy
@@ -352,8 +341,35 @@ class RoutedExperts(nn.Module):
         return torch.zeros_like(x_MD).index_add_(0, token_of, y.to(x_MD.dtype))   # y is bf16 under autocast
 
     def expert_ffn(self, x_sorted, counts_E):
+        raise NotImplementedError
+
+
+class RoutedExperts(ExpertDispatch):
+    """The routed experts' weights, stacked: `gate_up_proj [E, 2F, D]` ([gate; up] rows per expert) and
+    `down_proj [E, D, F]`, run as one grouped SwiGLU. Expert parallelism replaces this module with one
+    whose dispatch and combine are all-to-alls.
+
+    `swiglu(x_sorted, counts_E, gate_up, down)` is the grouped FFN on given weights: a seam like the
+    linear layers (FP8 sets its own; expert parallelism carries it over to the local experts)."""
+
+    swiglu = staticmethod(expert_swiglu)
+    gathered_decode = True        # compiled decode steps may read experts by gather (ops.gathered_swiglu)
+
+    def __init__(self, n_experts: int, dim: int, hidden: int, device=None):
+        super().__init__(n_experts)
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim, device=device))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden, device=device))
+
+    def forward(self, x_MD, experts_MK, weights_MK):
+        M, K = experts_MK.shape
+        if use_gathered_experts(M, K, self.n_experts) and self.gathered_decode and self.swiglu is expert_swiglu:
+            return gathered_swiglu(x_MD, experts_MK, weights_MK, self.gate_up_proj, self.down_proj)
+        return super().forward(x_MD, experts_MK, weights_MK)
+
+    def expert_ffn(self, x_sorted, counts_E):
         """SwiGLU of each expert on its contiguous run of rows (rows sorted by expert)."""
         return self.swiglu(x_sorted, counts_E, self.gate_up_proj, self.down_proj)
+
 
 @dataclass
 class MoEStats:
@@ -368,7 +384,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate = Router(cfg)
-        self.experts = RoutedExperts(cfg)
+        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts > 0 else None)
         self.top_k, self.n_experts = cfg.num_experts_per_tok, cfg.n_routed_experts

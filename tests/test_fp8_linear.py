@@ -266,8 +266,7 @@ def test_fast_path_matches_emulation_on_gpu():
 
 @needs_sm90
 def test_fast_grouped_experts_match_emulation_on_gpu():
-    cfg = tiny_config(hidden_size=256, moe_intermediate_size=128)
-    ex = RoutedExperts(cfg).cuda()
+    ex = RoutedExperts(8, 256, 128).cuda()
     torch.nn.init.normal_(ex.gate_up_proj, std=0.05)
     torch.nn.init.normal_(ex.down_proj, std=0.05)
     counts = torch.tensor([0, 130, 5, 40, 0, 1, 200, 7], device="cuda")

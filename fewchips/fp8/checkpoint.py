@@ -26,7 +26,7 @@ from ..checkpoint import (FP8_DTYPES, INDEX_FILE, CheckpointError, CheckpointRea
                           expert_disk_name, hf_state_dict, write_index, write_safetensors, write_shards)
 from ..config import ModelConfig
 from ..files import atomic_write_text
-from ..model import DeepseekV3, RoutedExperts, Router
+from ..model import DeepseekV3, ExpertDispatch, RoutedExperts, Router
 from .gemm import fp8_mm, resolve_backend
 from .quant import BLOCK, TILE, dequantize, quantize
 from .recipe import FP8_EXPERTS_RE, is_fp8_linear, is_fp8_weight
@@ -105,15 +105,13 @@ class FP8StoredLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 (128x128 scales)"
 
 
-class FP8StoredExperts(RoutedExperts):
+class FP8StoredExperts(ExpertDispatch):
     """Routed experts holding E4M3 `gate`, `up` [E, F, D] and `down` [E, D, F] with per-expert block
     scales; each expert that received tokens is dequantised just before its SwiGLU (bounded memory)."""
 
-    gathered_decode = False       # it has its own `expert_ffn` over the FP8 buffers
-
     def __init__(self, n_experts, dim, hidden, dtype=torch.bfloat16, device=None):
-        nn.Module.__init__(self)
-        self.n_experts, self.dtype = n_experts, dtype
+        super().__init__(n_experts)
+        self.dtype = dtype
         for kind, (r, c) in (("gate", (hidden, dim)), ("up", (hidden, dim)), ("down", (dim, hidden))):
             self.register_buffer(f"{kind}_q", torch.empty(n_experts, r, c, dtype=torch.float8_e4m3fn, device=device))
             self.register_buffer(f"{kind}_s", torch.empty(n_experts, -(-r // 128), -(-c // 128),

@@ -181,17 +181,18 @@ class FP8RoutedExperts(RoutedExperts):
     the weighted combine stay in the activation dtype."""
 
     gathered_decode = False       # the gathered decode form would read the full-precision weights
-    backend: str = "auto"
-    pow2_scales: bool = False
+
+    def __init__(self, n_experts: int, dim: int, hidden: int, backend: str = "auto", pow2_scales: bool = False,
+                 device=None):
+        super().__init__(n_experts, dim, hidden, device)
+        self.backend, self.pow2_scales = backend, pow2_scales
+        self.swiglu = fp8_swiglu(backend, pow2_scales)
 
     @classmethod
     def from_experts(cls, ex: RoutedExperts, backend: str = "auto", pow2_scales: bool = False):
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.n_experts = ex.n_experts
+        E, D, Fd = ex.down_proj.shape
+        new = cls(E, D, Fd, backend, pow2_scales, device="meta")
         new.gate_up_proj, new.down_proj = ex.gate_up_proj, ex.down_proj   # the same Parameter objects
-        new.backend, new.pow2_scales = backend, pow2_scales
-        new.swiglu = fp8_swiglu(backend, pow2_scales)
         return new
 
     def extra_repr(self):

@@ -84,9 +84,6 @@ class ExpertParallelExperts(nn.Module):
     @classmethod
     def from_dense(cls, experts: RoutedExperts, par: Parallel) -> "ExpertParallelExperts":
         E = experts.n_experts
-        if not isinstance(getattr(experts, "gate_up_proj", None), nn.Parameter):
-            raise ValueError(f"{type(experts).__name__} holds no trainable expert weights (FP8 kept for inference?): "
-                             f"load the model with fewchips.from_pretrained to train or split it over ranks")
         if E % par.ep:
             raise ValueError(f"--ep {par.ep} must divide n_routed_experts ({E}): experts are placed whole")
         L = E // par.ep
@@ -133,6 +130,9 @@ def apply_expert_parallel(model: nn.Module, par: Parallel) -> nn.Module:
     """Replace every MoE layer's RoutedExperts (FP8 ones included: their `swiglu` comes along) by its
     ExpertParallelExperts (in place), at every ep including 1."""
     for m in model.modules():
+        if isinstance(m, MoE) and not isinstance(m.experts, (RoutedExperts, ExpertParallelExperts)):
+            raise ValueError(f"{type(m.experts).__name__} holds no trainable expert weights (FP8 kept for inference?): "
+                             f"load the model with fewchips.from_pretrained to train or split it over ranks")
         if isinstance(m, MoE) and isinstance(m.experts, RoutedExperts):
             m.experts = ExpertParallelExperts.from_dense(m.experts, par)
     return model
