@@ -1,8 +1,7 @@
 """fewchips: DeepSeek-V3 - the model, its frugal training recipe, and fast inference - on few chips."""
 
-import importlib
-
 from .config import PRESETS, ConfigError, ModelConfig
+from .lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -15,13 +14,8 @@ _LAZY = {"DeepseekV3": "model", "LatentCache": "model", "CheckpointError": "chec
 __all__ = ["ModelConfig", "PRESETS", "ConfigError", *_LAZY, "__version__"]
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        importlib.import_module(".checkpoint", __name__)    # attaches DeepseekV3.save_pretrained
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fewchips' has no attribute {name!r}")
+# importing checkpoint I/O attaches DeepseekV3.save_pretrained
+__getattr__ = lazy_attributes(__name__, _LAZY, first=(".checkpoint",))
 
 
 def __dir__():

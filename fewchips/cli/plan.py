@@ -151,61 +151,83 @@ def to_json(plan, explain=False) -> dict:
     return out
 
 
+class Report:
+    """The plan as text: `line(label, value, formula)` rows, formulas shown with --explain."""
+
+    def __init__(self, explain: bool):
+        self.lines: list[str] = []
+        self.explain = explain
+
+    def text(self, s: str):
+        self.lines.append(s)
+
+    def line(self, label, value, formula="", width=28):
+        self.lines.append(f"  {label:<{width}} {value}")
+        if self.explain and formula:
+            self.lines.append(f"  {'':<{width}}   = {formula}")
+
+
 def render(plan, explain=False) -> list[str]:
-    from fewchips.plan.estimate import GIB, human
+    r = Report(explain)
+    for section in (_header, _params, _flops, _memory, _serving, _time, _implied):
+        section(r, plan)
+    return r.lines
 
-    cfg, gpu, layout, flops = plan["cfg"], plan["gpu"], plan["layout"], plan["flops"]
-    lines = []
 
-    def line(label, value, formula="", width=28):
-        lines.append(f"  {label:<{width}} {value}")
-        if explain and formula:
-            lines.append(f"  {'':<{width}}   = {formula}")
-
+def _header(r: Report, plan):
+    cfg, gpu, layout = plan["cfg"], plan["gpu"], plan["layout"]
     fp8_peak = f"{gpu.fp8_tflops:g}" if gpu.fp8_tflops else "no FP8"
-    lines.append(f"{plan['name']}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-                 f"{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok}), "
-                 f"{cfg.num_nextn_predict_layers} MTP")
-    lines.append(f"{layout} on {gpu.name} ({gpu.memory_gib:g} GiB, {gpu.bf16_tflops:g}/{fp8_peak} TFLOPS "
-                 f"BF16/FP8 dense, {gpu.link_gbps:g} GB/s link)")
+    r.text(f"{plan['name']}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+           f"{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok}), {cfg.num_nextn_predict_layers} MTP")
+    r.text(f"{layout} on {gpu.name} ({gpu.memory_gib:g} GiB, {gpu.bf16_tflops:g}/{fp8_peak} TFLOPS "
+           f"BF16/FP8 dense, {gpu.link_gbps:g} GB/s link)")
 
-    lines.append("\nparameters (counted from the model on the meta device)")
+
+def _params(r: Report, plan):
+    from fewchips.plan.estimate import human
+    r.text("\nparameters (counted from the model on the meta device)")
     for t in plan["params"]:
-        line(t.name, f"{human(t.value):>10}", t.formula)
+        r.line(t.name, f"{human(t.value):>10}", t.formula)
 
+
+def _flops(r: Report, plan):
+    flops = plan["flops"]
     div, unit = (1e9, "GFLOP") if flops.forward >= 1e9 else (1e6, "MFLOP")
-    lines.append(f"\nFLOPs per token at seq {flops.seq} (forward; training = 3x)")
+    r.text(f"\nFLOPs per token at seq {flops.seq} (forward; training = 3x)")
     for t in flops.terms:
-        line(t.name, f"{t.value / div:>10.2f} {unit}", t.formula)
-    line("forward total", f"{flops.forward / div:>10.2f} {unit}", "sum of the lines above")
-    line("training (fwd + bwd)", f"{flops.training / div:>10.2f} {unit}",
-         f"3 x forward; {flops.training_main / div:.2f} without MTP. Rule of thumb 6 x activated "
-         f"non-embedding params = {plan['six_n'] / div:.2f} {unit} (no attention core, no MTP)")
+        r.line(t.name, f"{t.value / div:>10.2f} {unit}", t.formula)
+    r.line("forward total", f"{flops.forward / div:>10.2f} {unit}", "sum of the lines above")
+    r.line("training (fwd + bwd)", f"{flops.training / div:>10.2f} {unit}",
+           f"3 x forward; {flops.training_main / div:.2f} without MTP. Rule of thumb 6 x activated "
+           f"non-embedding params = {plan['six_n'] / div:.2f} {unit} (no attention core, no MTP)")
 
+
+def _memory(r: Report, plan):
+    from fewchips.plan.estimate import GIB
+    gpu, precisions = plan["gpu"], ("bf16", "fp8")
     cap = gpu.memory_gib
-    lines.append(f"\ntraining memory per GPU, worst pipeline stage (micro-batch {plan['micro_batch']} x "
-                 f"{plan['seq']} tokens, 1F1B)")
-    by_name = {p: {t.name: t for t in plan["memory"][p]["stage"].terms} for p in ("bf16", "fp8")}
+    r.text(f"\ntraining memory per GPU, worst pipeline stage (micro-batch {plan['micro_batch']} x "
+           f"{plan['seq']} tokens, 1F1B)")
+    by_name = {p: {t.name: t for t in plan["memory"][p]["stage"].terms} for p in precisions}
     names = list(dict.fromkeys([*by_name["bf16"], *by_name["fp8"]]))   # the stages may differ
-    lines.append(f"  {'':<28} {'BF16':>10} {'FP8':>10}"
-                 + ("" if gpu.fp8_tflops else f"   (FP8 storage only: the {gpu.name} has no FP8 tensor cores)"))
+    r.text(f"  {'':<28} {'BF16':>10} {'FP8':>10}"
+           + ("" if gpu.fp8_tflops else f"   (FP8 storage only: the {gpu.name} has no FP8 tensor cores)"))
     for name in names:
-        vals = [by_name[p][name].value / GIB if name in by_name[p] else 0.0 for p in ("bf16", "fp8")]
-        lines.append(f"  {name:<28} {vals[0]:>6.1f} GiB {vals[1]:>6.1f} GiB")
-        if explain:
-            for p in ("bf16", "fp8"):
+        vals = [by_name[p][name].value / GIB if name in by_name[p] else 0.0 for p in precisions]
+        r.text(f"  {name:<28} {vals[0]:>6.1f} GiB {vals[1]:>6.1f} GiB")
+        if r.explain:
+            for p in precisions:
                 if name in by_name[p]:
-                    lines.append(f"  {'':<28}   {p.upper()}: {by_name[p][name].formula}")
-    tot = [plan["memory"][p]["stage"].total / GIB for p in ("bf16", "fp8")]
-    lines.append(f"  {'total':<28} {tot[0]:>6.1f} GiB {tot[1]:>6.1f} GiB")
-    if explain:
-        for p in ("bf16", "fp8"):
+                    r.text(f"  {'':<28}   {p.upper()}: {by_name[p][name].formula}")
+    tot = [plan["memory"][p]["stage"].total / GIB for p in precisions]
+    r.text(f"  {'total':<28} {tot[0]:>6.1f} GiB {tot[1]:>6.1f} GiB")
+    if r.explain:
+        for p in precisions:
             acts = plan["memory"][p]["acts"]
-            lines.append(f"  activations per token per MoE layer, {p.upper()}: "
-                         f"{sum(t.value for t in acts) / 1024:.1f} KiB")
+            r.text(f"  activations per token per MoE layer, {p.upper()}: {sum(t.value for t in acts) / 1024:.1f} KiB")
             for t in acts:
-                lines.append(f"      {t.name}: {t.value / 1024:.1f} KiB = {t.formula}")
-    for p in ("bf16", "fp8"):
+                r.text(f"      {t.name}: {t.value / 1024:.1f} KiB = {t.formula}")
+    for p in precisions:
         m = plan["memory"][p]
         st = m["stage"]
         where = f"stage {st.stage}: {st.blocks[0]} .. {st.blocks[-1]}"
@@ -215,37 +237,47 @@ def render(plan, explain=False) -> list[str]:
             big = st.largest
             verdict = (f"does NOT fit: {st.total / GIB:,.1f} GiB > {cap:g} GiB; largest term: {big.name} "
                        f"{big.value / GIB:,.1f} GiB ({where})")
-        lines.append(f"  {p.upper() + ':':<28} {verdict}")
+        r.text(f"  {p.upper() + ':':<28} {verdict}")
 
+
+def _serving(r: Report, plan):
+    from fewchips.plan.estimate import GIB
     s = {t.name: t for t in plan["serving"]}
-    lines.append(f"\nserving ({'FP8' if plan['fp8'] else 'BF16'} weights, BF16 MLA cache) on {layout.gpus} x {gpu.name}")
+    r.text(f"\nserving ({'FP8' if plan['fp8'] else 'BF16'} weights, BF16 MLA cache) on "
+           f"{plan['layout'].gpus} x {plan['gpu'].name}")
     kv = s["KV cache per token"]
-    line("KV cache per token", f"{kv.value / 1024:.1f} KiB", kv.formula)
-    line("weights", f"{s['serving weights'].value / GIB:,.1f} GiB of {s['memory'].value / GIB:,.0f} GiB",
-         s["serving weights"].formula)
+    r.line("KV cache per token", f"{kv.value / 1024:.1f} KiB", kv.formula)
+    r.line("weights", f"{s['serving weights'].value / GIB:,.1f} GiB of {s['memory'].value / GIB:,.0f} GiB",
+           s["serving weights"].formula)
     tok = s["KV tokens that fit"]
     if tok.value > 0:
-        line("KV tokens that fit", f"{tok.value:,.0f}", tok.formula)
-        line("largest batch x context", f"{s['batch at context'].value:,.0f} x {plan['seq']}",
-             s["batch at context"].formula + " (upper bound: no activation workspace)")
+        r.line("KV tokens that fit", f"{tok.value:,.0f}", tok.formula)
+        r.line("largest batch x context", f"{s['batch at context'].value:,.0f} x {plan['seq']}",
+               s["batch at context"].formula + " (upper bound: no activation workspace)")
     else:
-        line("KV tokens that fit", "0: the weights alone do not fit", tok.formula)
+        r.line("KV tokens that fit", "0: the weights alone do not fit", tok.formula)
 
-    t = {x.name: x for x in plan["time"]}
-    lines.append(f"\ntraining {human(plan['tokens'])} tokens at MFU {plan['mfu']:g} "
-                 f"({'FP8' if plan['fp8'] and gpu.fp8_tflops else 'BF16'} peak)")
-    line("FLOPs", f"{t['training FLOPs'].value:.3e}", t["training FLOPs"].formula)
+
+def _time(r: Report, plan):
+    from fewchips.plan.estimate import human
+    t, gpu = {x.name: x for x in plan["time"]}, plan["gpu"]
+    r.text(f"\ntraining {human(plan['tokens'])} tokens at MFU {plan['mfu']:g} "
+           f"({'FP8' if plan['fp8'] and gpu.fp8_tflops else 'BF16'} peak)")
+    r.line("FLOPs", f"{t['training FLOPs'].value:.3e}", t["training FLOPs"].formula)
     days = t["wall time"].value / 86400
-    line("wall time", f"{days:,.1f} days" if days >= 1 else f"{t['wall time'].value / 3600:,.2f} hours",
-         t["wall time"].formula)
-    line("GPU-hours", f"{t['GPU-hours'].value:,.0f}", t["GPU-hours"].formula)
+    r.line("wall time", f"{days:,.1f} days" if days >= 1 else f"{t['wall time'].value / 3600:,.2f} hours",
+           t["wall time"].formula)
+    r.line("GPU-hours", f"{t['GPU-hours'].value:,.0f}", t["GPU-hours"].formula)
     if "cost" in t:
-        line("cost", f"${t['cost'].value:,.0f}", t["cost"].formula)
+        r.line("cost", f"${t['cost'].value:,.0f}", t["cost"].formula)
 
-    if "implied" in plan:
-        lines.append(f"\nimplied MFU of a run of {human(plan['implied_hours'])} {gpu.name} GPU-hours on "
-                     f"{human(plan['tokens'])} tokens (seq {flops.seq})")
-        for x in plan["implied"]:
-            value = f"{x.value:.1f} TFLOPS" if x.unit == "TFLOPS" else f"{x.value:.1%}"
-            line(x.name, value, x.formula)
-    return lines
+
+def _implied(r: Report, plan):
+    from fewchips.plan.estimate import human
+    if "implied" not in plan:
+        return
+    r.text(f"\nimplied MFU of a run of {human(plan['implied_hours'])} {plan['gpu'].name} GPU-hours on "
+           f"{human(plan['tokens'])} tokens (seq {plan['flops'].seq})")
+    for x in plan["implied"]:
+        value = f"{x.value:.1f} TFLOPS" if x.unit == "TFLOPS" else f"{x.value:.1%}"
+        r.line(x.name, value, x.formula)

@@ -9,6 +9,7 @@ import sys
 
 
 def register(sub):
+    # Long on purpose: one flat list of flag declarations, in the groups --help shows them in.
     from fewchips.config import PRESETS
     from fewchips.train.config import TrainConfig
 

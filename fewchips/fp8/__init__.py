@@ -6,7 +6,7 @@ Hopper fast path and a plain-PyTorch twin, FP8 training layers, FP8 checkpoints.
     save_fp8(model, "ckpt-fp8")   # the released checkpoint layout; load_fp8 keeps weights in FP8
 """
 
-import importlib
+from ..lazy import lazy_attributes
 
 # name -> submodule; loaded on first use, so that `fewchips.fp8.quant` (a leaf: torch only) can be
 # imported by checkpoint I/O without pulling in the FP8 layers, which import checkpoint I/O themselves.
@@ -17,10 +17,4 @@ _LAZY = {"convert": "checkpoint", "load_fp8": "checkpoint", "save_fp8": "checkpo
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fewchips.fp8' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
