@@ -60,6 +60,38 @@ def test_fp8_modules_survive_parallelize_at_ep1():
         shutdown()
 
 
+def test_gradient_reduction_waits_for_the_last_micro_batch():
+    """Under gradient accumulation FSDP reduces once per step: after a micro-batch with sync off no
+    sharded gradient exists yet; after the last one they equal the plain model's summed gradients."""
+    from torch.distributed.tensor import DTensor
+
+    from fewchips.parallel import init_parallel, lm_loss, parallelize, reduce_expert_grads, shutdown
+    from fewchips.parallel.fsdp import set_gradient_sync
+
+    par = init_parallel()
+    try:
+        cfg = tiny_config()
+        ref = random_model(cfg).train()
+        model = parallelize(copy.deepcopy(ref), par)
+        g = torch.Generator().manual_seed(1)
+        batches = [torch.randint(0, cfg.vocab_size, (2, 10), generator=g) for _ in range(2)]
+        set_gradient_sync(model, False)
+        lm_loss(model, batches[0], []).backward()
+        fsdp_params = [p for n, p in model.named_parameters() if ".experts." not in n]
+        assert all(p.grad is None for p in fsdp_params)                 # accumulated unsharded, not reduced
+        set_gradient_sync(model, True)
+        lm_loss(model, batches[1], []).backward()
+        reduce_expert_grads(model, par)
+        for b in batches:
+            lm_loss(ref, b, []).backward()
+        refp = dict(ref.named_parameters())
+        for n, p in model.named_parameters():
+            got = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            torch.testing.assert_close(got, refp[n].grad, rtol=1e-4, atol=1e-7, msg=n)
+    finally:
+        shutdown()
+
+
 def test_layout_errors_name_the_flag():
     from fewchips.parallel import init_parallel
     with pytest.raises(ValueError, match="--ep 3"):

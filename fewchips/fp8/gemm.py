@@ -23,7 +23,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .quant import BLOCK, TILE, _cdiv, dequantize, quantize
+from .quant import BLOCK, TILE, cdiv, dequantize, quantize
 
 log = logging.getLogger("fewchips")
 
@@ -59,7 +59,7 @@ def mm_scaled(a_q, a_s, b_q, b_s, b_block, out_dtype):
     with one token) cannot give, and cuBLAS's row-count rules for this scaling are undocumented."""
     M, K = a_q.shape
     N = b_q.shape[0]
-    Mp, Kp, Np = _cdiv(M, 16) * 16, _cdiv(K, 128) * 128, _cdiv(N, 128) * 128
+    Mp, Kp, Np = cdiv(M, 16) * 16, cdiv(K, 128) * 128, cdiv(N, 128) * 128
     Kb = Kp // 128
     a = _pad_fp8(a_q, Mp, Kp)
     b = _pad_fp8(b_q, Np, Kp)
@@ -67,7 +67,7 @@ def mm_scaled(a_q, a_s, b_q, b_s, b_block, out_dtype):
     if b_block == TILE:
         scale_b, recipe_b = _outer_major_scales(b_s, Np), F.ScalingType.BlockWise1x128   # [Np, Kb], stride [1, Np]
     else:
-        L4 = _cdiv(Kb, 4) * 4
+        L4 = cdiv(Kb, 4) * 4
         sb = torch.ones(Np // 128, L4, device=b_s.device, dtype=torch.float32)
         sb[:, :Kb] = b_s
         scale_b, recipe_b = sb.t(), F.ScalingType.BlockWise128x128              # [L4, Nb], stride [1, L4]

@@ -35,7 +35,8 @@ TILE = (1, 128)
 BLOCK = (128, 128)
 
 
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints: the number of groups of b that cover a."""
     return -(-a // b)
 
 
@@ -49,7 +50,7 @@ def _blocked(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """[..., R, C] -> zero-padded [..., R/br, br, C/bc, bc]."""
     *lead, R, C = x.shape
     br, bc = block
-    pr, pc = _cdiv(R, br) * br - R, _cdiv(C, bc) * bc - C
+    pr, pc = cdiv(R, br) * br - R, cdiv(C, bc) * bc - C
     if pr or pc:
         x = torch.nn.functional.pad(x, (0, pc, 0, pr))
     return x.reshape(*lead, (R + pr) // br, br, (C + pc) // bc, bc)

@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from ..config import ModelConfig
+from ..files import swap_dir
 
 
 def save(path: str, model, optimizer=None, extra: dict | None = None, before_commit=None, group=None):
@@ -43,11 +44,7 @@ def save(path: str, model, optimizer=None, extra: dict | None = None, before_com
         model.config.save(os.path.join(tmp, "config.json"))
         if before_commit is not None:
             before_commit(tmp)
-        old = path + ".old"
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_dir(tmp, path)
     dist.barrier(group=group)
     return path
 

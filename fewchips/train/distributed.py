@@ -28,6 +28,7 @@ from ..checkpoint import save_pretrained
 from ..config import ModelConfig
 from ..parallel import abort_on_failure, clip_grad_norm_, init_parallel, parallelize, reduce_expert_grads
 from ..parallel import checkpoint as pckpt
+from ..parallel.fsdp import set_gradient_sync
 from .tokenizer import save_tokenizer
 from .trainer import (TrainConfig, Trainer, TrainError, build_optimizer, check_resume_fields, compute_losses,
                       prepare_data, read_train_state, set_rng_state, truncate_metrics)
@@ -93,6 +94,11 @@ class DistributedTrainer(Trainer):
         avg = t.detach().clone()
         dist.all_reduce(avg)
         return t + (avg / self.par.world_size - t.detach())
+
+    def sync_gradients(self, last_micro_batch: bool):
+        """FSDP reduce-scatters the non-expert gradients only after the last micro-batch of a step (the
+        others accumulate unsharded); expert gradients are reduced once per step in clip_grad_norm."""
+        set_gradient_sync(self.model, last_micro_batch)
 
     def clip_grad_norm(self):
         reduce_expert_grads(self.model, self.par)

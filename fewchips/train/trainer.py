@@ -434,7 +434,8 @@ class Trainer:
         loads_LE = torch.zeros(len(self.routers), self.cfg.n_routed_experts, device=self.device)
         tot_main = tot_mtp = tot_bal = 0.0
         finite = True
-        for _ in range(n_micro):
+        for i in range(n_micro):
+            self.sync_gradients(i == n_micro - 1)
             ids, _ = self.sampler.next_batch(tc.batch_size)
             main, mtp, bal, stats = self.compute_losses(torch.from_numpy(ids).to(self.device), lam)
             loss = main + lam * mtp + tc.balance_alpha * bal
@@ -466,6 +467,9 @@ class Trainer:
         return compute_losses(self.model, ids, lam, self.amp)
 
     # Hooks that the distributed trainer (fewchips/train/distributed.py) overrides.
+    def sync_gradients(self, last_micro_batch: bool):
+        """Before each micro-batch's backward: whether its gradients are reduced over ranks now."""
+
     def clip_grad_norm(self):
         return clip_grad_norm(self.model, self.opt, self.tc.grad_clip)
 
