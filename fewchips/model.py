@@ -181,7 +181,9 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
         self.softmax_scale = cfg.softmax_scale   # 192^-1/2 * mscale^2; also for the absorbed form
 
-    def forward(self, x_BTD, cos, sin, cache: CacheView | None = None):
+    def forward(self, x_BTD, cos, sin, cache: CacheView | None = None, segments_BT=None):
+        """segments_BT: the packed sample each token belongs to (sample masking: attention stays inside
+        a sample); None: one causal sequence per row."""
         B, T, _ = x_BTD.shape
         if self.q_lora_rank is None:
             q = self.q_proj(x_BTD)
@@ -207,7 +209,7 @@ class MLA(nn.Module):
         q_BHTk = torch.cat((q_nope_BTHN, q_rope_BTHR), dim=-1).transpose(1, 2)
         k_BHTk = torch.cat((k_nope_BTHN, k_rope_BTR[:, :, None].expand(B, T, self.n_heads, self.rope)),
                            dim=-1).transpose(1, 2)
-        o_BHTV = causal_attention(q_BHTk, k_BHTk, v_BTHV.transpose(1, 2), self.softmax_scale)
+        o_BHTV = causal_attention(q_BHTk, k_BHTk, v_BTHV.transpose(1, 2), self.softmax_scale, segments_BT)
         return self.o_proj(o_BHTV.transpose(1, 2).reshape(B, T, -1))
 
     def _absorbed(self, q_nope_BTHN, q_rope_BTHR, cache: CacheView):
@@ -426,8 +428,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache: CacheView | None = None, stats: list | None = None):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache: CacheView | None = None, stats: list | None = None, segments=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, segments)
         ffn_in = self.post_attention_layernorm(h)
         return h + (self.mlp(ffn_in, stats) if isinstance(self.mlp, MoE) else self.mlp(ffn_in))
 
@@ -461,9 +463,10 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, emb_BTD, h_BTD, cos, sin, cache: CacheView | None = None, stats: list | None = None):
+    def forward(self, emb_BTD, h_BTD, cos, sin, cache: CacheView | None = None, stats: list | None = None,
+                segments=None):
         x = self.eh_proj(torch.cat((self.enorm(emb_BTD), self.hnorm(h_BTD)), dim=-1))  # [emb; h] order
-        return super().forward(x, cos, sin, cache, stats)
+        return super().forward(x, cos, sin, cache, stats, segments)
 
 
 class DeepseekV3(nn.Module):
@@ -485,22 +488,24 @@ class DeepseekV3(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, positions, cache, slots, stats, attend_len))
 
     def hidden_states(self, input_ids, positions=None, cache: LatentCache | None = None, slots=None,
-                      stats: list | None = None, attend_len: int | None = None):
+                      stats: list | None = None, attend_len: int | None = None, segments=None):
         """The final-normed hidden states [B, T, D] (what the head and the MTP module read).
         With a cache, new tokens sit at `positions` [B, T] of cache rows `slots` [B] and attend over
         cache positions [0, attend_len): by default max(positions) + 1 (read from the tensor: a host
-        sync), or all max_len for a static cache. A caller that knows it passes it (compiled steps)."""
+        sync), or all max_len for a static cache. A caller that knows it passes it (compiled steps).
+        Packed samples (SFT): `segments` [B, T] numbers each token's sample, so attention never crosses
+        samples (the report's sample masking); `positions` then restart at 0 in each sample."""
         B, T = input_ids.shape
         positions = self._positions(input_ids, positions)
         cos, sin = self.rotary(positions)
         h = self.model.embed_tokens(input_ids)
         step = self._cache_step(cache, slots, positions, attend_len)
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, self._cache_view(cache, i, step), stats)
+            h = layer(h, cos, sin, self._cache_view(cache, i, step), stats, segments=segments)
         return self.model.norm(h)
 
     def mtp_hidden(self, depth: int, input_ids, h_prev_BTD, positions=None, cache: LatentCache | None = None,
-                   slots=None, stats: list | None = None):
+                   slots=None, stats: list | None = None, segments=None):
         """MTP module `depth` (0-based) on hidden states h_prev [B, T, D] of positions i and the
         tokens t_{i+depth+1} in `input_ids` [B, T]; returns its hidden states (position i of depth
         k = depth+1 then predicts token i+k+1 through `mtp_logits`)."""
@@ -508,23 +513,27 @@ class DeepseekV3(nn.Module):
         cos, sin = self.rotary(positions)
         layer = self.mtp[depth]
         view = self._cache_view(cache, self.config.num_hidden_layers + depth, self._cache_step(cache, slots, positions))
-        return layer(self.model.embed_tokens(input_ids), h_prev_BTD, cos, sin, view, stats)
+        return layer(self.model.embed_tokens(input_ids), h_prev_BTD, cos, sin, view, stats, segments=segments)
 
     def mtp_logits(self, depth: int, h_BTD):
         return self.lm_head(self.mtp[depth].shared_head.norm(h_BTD))
 
-    def mtp_forward(self, input_ids, h_main_BTD, stats: list | None = None):
+    def mtp_forward(self, input_ids, h_main_BTD, stats: list | None = None, positions=None, segments=None):
         """Training-time MTP (arXiv 2412.19437 §2.2, eqs. 21-23): a list over depths k = 1..D of logits
         [B, T-k, V]; position i of depth k predicts token i+k+1 (its targets are input_ids[:, i+k+1],
         where they exist). Depth k reads what the head before it read: the main model's final-normed
-        state for k = 1, depth k-1's output after its `shared_head.norm` beyond (docs/model.md)."""
+        state for k = 1, depth k-1's output after its `shared_head.norm` beyond (docs/model.md).
+        Position i keeps the main model's position and sample (`positions`, `segments` [B, T])."""
         out, h = [], h_main_BTD
         T = input_ids.shape[1]
         for d in range(len(self.mtp)):
             k = d + 1
             if T - k <= 0:
                 break
-            h = self.mtp[d].shared_head.norm(self.mtp_hidden(d, input_ids[:, k:], h[:, : T - k], stats=stats))
+            pos_k = None if positions is None else positions[:, : T - k]
+            seg_k = None if segments is None else segments[:, : T - k]
+            h = self.mtp[d].shared_head.norm(self.mtp_hidden(d, input_ids[:, k:], h[:, : T - k], pos_k, stats=stats,
+                                                             segments=seg_k))
             out.append(self.lm_head(h))
         return out
 

@@ -32,26 +32,47 @@ import torch.nn.functional as F
 CPU_EXPLICIT_ATTENTION_MAX_T = 512
 
 
-def causal_attention(q_BHTk, k_BHTk, v_BHTV, scale):
-    """softmax(q k^T scale + causal mask) v for training and prefill (v's head dim may be smaller)."""
+def causal_attention(q_BHTk, k_BHTk, v_BHTV, scale, segments_BT=None):
+    """softmax(q k^T scale + causal mask) v for training and prefill (v's head dim may be smaller).
+    `segments_BT` (packed samples): a token attends only to earlier tokens of its own segment."""
     T, v_dim = q_BHTk.shape[-2], v_BHTV.shape[-1]
     if q_BHTk.is_cuda or T > CPU_EXPLICIT_ATTENTION_MAX_T:
         pad = q_BHTk.shape[-1] - v_dim
         if pad > 0:   # equal head dims select torch's fused CPU kernel (2x faster than its math path)
             v_BHTV = F.pad(v_BHTV, (0, pad))
-        return F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BHTV, is_causal=True, scale=scale)[..., :v_dim]
-    future_TT = torch.full((T, T), float("-inf"), device=q_BHTk.device).triu_(1)
+        if segments_BT is None:
+            o = F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BHTV, is_causal=True, scale=scale)
+        else:
+            o = F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BHTV, attn_mask=sample_mask(segments_BT)[:, None],
+                                               scale=scale)
+        return o[..., :v_dim]
     # Under bf16 autocast the scores leave the matmul in bf16 (as in transformers' eager attention;
     # fused kernels keep them fp32); the mask add promotes them, so the softmax runs in fp32.
-    scores_BHTT = torch.matmul(q_BHTk * scale, k_BHTk.transpose(-2, -1)) + future_TT
+    if segments_BT is None:
+        mask = torch.full((T, T), float("-inf"), device=q_BHTk.device).triu_(1)
+    else:
+        allowed = sample_mask(segments_BT)[:, None]                     # [B, 1, T, T]
+        mask = torch.zeros(allowed.shape, device=q_BHTk.device).masked_fill_(~allowed, float("-inf"))
+    scores_BHTT = torch.matmul(q_BHTk * scale, k_BHTk.transpose(-2, -1)) + mask
     return torch.matmul(scores_BHTT.softmax(dim=-1).to(v_BHTV.dtype), v_BHTV)
 
 
-def attention_reference(q_BHTk, k_BHTk, v_BHTV, scale):
-    """The plain twin: fp32 scores, a causal mask, softmax, weighted values."""
+def sample_mask(segments_BT):
+    """[B, T, T] bool: query t may attend to key s (s <= t, same segment). Block-diagonal causal."""
+    T = segments_BT.shape[-1]
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=segments_BT.device).tril_()
+    return causal_TT & (segments_BT[:, :, None] == segments_BT[:, None, :])
+
+
+def attention_reference(q_BHTk, k_BHTk, v_BHTV, scale, segments_BT=None):
+    """The plain twin: fp32 scores, a (block-diagonal) causal mask, softmax, weighted values."""
     T = q_BHTk.shape[-2]
     scores = (q_BHTk.float() @ k_BHTk.float().transpose(-2, -1)) * scale
-    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q_BHTk.device).triu(1), float("-inf"))
+    if segments_BT is None:
+        allowed = torch.ones(T, T, dtype=torch.bool, device=q_BHTk.device).tril()
+    else:
+        allowed = sample_mask(segments_BT)[:, None]
+    scores = scores.masked_fill(~allowed, float("-inf"))
     return (scores.softmax(-1) @ v_BHTV.float()).to(v_BHTV.dtype)
 
 

@@ -3,6 +3,7 @@ loads in fewchips and transformers to the same logits, and resume mismatches, no
 a full disk and an occupied output folder each stop with a clear message and lose no checkpoint."""
 
 import errno
+import json
 import os
 
 import pytest
@@ -144,3 +145,61 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     from fewchips.cli import main
     assert main(["train", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "nope"), "--no-progress"]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+
+
+def _first_batch_loss(model_dir, tr):
+    """What the loaded model scores on the batch the trainer draws first (λ and α as the trainer's)."""
+    from fewchips.train import trainer as T
+    seen = []
+    draw = tr.data.next_batch
+    tr.data.next_batch = lambda n: (seen.append(draw(n)), seen[-1])[1]
+    tr.train()
+    ref = fewchips.from_pretrained(model_dir, dtype=torch.float32).train()
+    with torch.no_grad():
+        main, _, _, _ = T.compute_losses(ref, seen[0], 0.3, None)
+    return main.item()
+
+
+@pytest.mark.parametrize("layout", ["transformers", "fp8"])
+def test_init_from_a_model_directory_starts_from_its_weights(tmp_path, corpus, layout):
+    """--init DIR: a directory transformers saved (no MTP weights) or the released FP8 layout trains with
+    that directory's tokenizer, and the first logged loss is the loaded model's loss on that batch."""
+    import json
+    import shutil
+
+    transformers = pytest.importorskip("transformers")
+    Trainer(micro_config(), train_config(tmp_path / "base", corpus, steps=2), log=quiet).train()
+    src = tmp_path / layout
+    if layout == "transformers":
+        transformers.logging.set_verbosity_error()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+        hf.save_pretrained(src)
+    else:
+        from fewchips.fp8.checkpoint import save_fp8
+        save_fp8(fewchips.from_pretrained(tmp_path / "base", dtype=torch.float32), src)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "base" / f, src / f)
+    said = []
+    tr = Trainer(micro_config(), train_config(tmp_path / "run", corpus, steps=2, init=str(src)), log=said.append)
+    assert tr.cfg.num_nextn_predict_layers == (0 if layout == "transformers" else 1)
+    want = _first_batch_loss(src, tr)
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and first["loss"] == pytest.approx(want, rel=1e-5)
+    if layout == "transformers":
+        assert any("no MTP weights" in m for m in said)
+
+
+def test_config_and_set_flags(tmp_path, capsys):
+    from fewchips.cli import main
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({**micro_config().to_dict(), "num_hidden_layers": 2}))
+    from fewchips.cli.train import model_config
+    from fewchips.cli import build_parser
+    args = build_parser().parse_args(["train", "--out", "o", "--config", str(cfg_file), "--set", "n_routed_experts=4",
+                                      "--set", "topk_group=1", "--set", "n_group=1"])
+    cfg = model_config(args)
+    assert (cfg.num_hidden_layers, cfg.n_routed_experts, cfg.n_group) == (2, 4, 1)
+    assert main(["train", "--out", str(tmp_path / "o"), "--set", "n_routed_expert=4"]) == 2
+    assert "did you mean 'n_routed_experts'" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "o"), "--init", str(tmp_path), "--set", "x=1"]) == 2
+    assert "--init takes the model's config from its directory" in capsys.readouterr().err

@@ -22,6 +22,14 @@ def register(sub):
     g.add_argument("--preset", default="tiny", choices=list(PRESETS),
                    help="tiny (~10M parameters, minutes on a laptop CPU), small (~170M), v2-lite (DeepSeek-V2-Lite's "
                         "shapes, 16B), v3 (the 671B release)")
+    g.add_argument("--config", default=None, metavar="CONFIG_JSON",
+                   help="a config.json (Hugging Face keys) instead of a preset: any DeepSeek-V3 shape")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field (repeatable), e.g. --set num_hidden_layers=6 --set "
+                        "n_routed_experts=32; values are JSON (numbers, null, true) or plain strings")
+    g.add_argument("--init", default=None, metavar="MODEL_DIR",
+                   help="continue pre-training from a Hugging Face deepseek_v3 directory (bf16 or the released "
+                        "FP8 layout, sharded or not), with its config and its own tokenizer")
     g.add_argument("--vocab-size", type=int, default=None,
                    help="override the preset's vocabulary (the BPE is trained to this size)")
     g = p.add_argument_group("data")
@@ -97,6 +105,29 @@ def register(sub):
     p.set_defaults(func=run, **{a.dest: fields[a.dest] for a in p._actions if a.dest in fields})
 
 
+def model_config(args):
+    """The model's shape: --init's directory, else --config or --preset, then each --set."""
+    import json
+
+    from fewchips.config import ConfigError, ModelConfig
+    if args.init:
+        if args.config or args.set or args.vocab_size:
+            raise ConfigError("--init takes the model's config from its directory; --config, --set and "
+                              "--vocab-size apply to new models")
+        return ModelConfig.from_json(args.init)
+    cfg = ModelConfig.from_json(args.config) if args.config else ModelConfig.from_preset(args.preset)
+    sets = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set num_hidden_layers=6")
+        try:
+            sets[key.strip()] = json.loads(value)
+        except ValueError:
+            sets[key.strip()] = value
+    return ModelConfig.from_dict({**cfg.to_dict(), **sets}, source="--set") if sets else cfg
+
+
 def _token_count(text) -> int:
     import argparse
 
@@ -118,12 +149,15 @@ def train_config(args):
 
 
 def run(args):
-    from fewchips.config import ModelConfig
+    from fewchips.config import ConfigError
     from fewchips.train import TrainError, train
     from fewchips.train.stopping import TrainInterrupted
 
-    overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
-    cfg = ModelConfig.from_preset(args.preset, **overrides)
+    try:
+        cfg = model_config(args)
+    except (ConfigError, ValueError) as e:
+        print(f"fewchips train: error: {e}", file=sys.stderr)
+        return 2
     try:
         if args.ep > 1 or args.dp or int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from fewchips.train.distributed import train_distributed

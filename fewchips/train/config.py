@@ -13,6 +13,7 @@ class TrainError(RuntimeError):
 @dataclass
 class TrainConfig:
     out: str = "runs/train"
+    init: str | None = None              # start from this Hugging Face model directory (weights, tokenizer)
     data: str | None = None              # None: the Python standard library's .py files
     text_field: str = "text"
     max_corpus_mb: float | None = None

@@ -23,6 +23,7 @@ import sysconfig
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..files import swap_dir, temp_dir_beside
 from .tokenizer import SpecialIds
@@ -323,3 +324,36 @@ def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> np.ndarr
 
 def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
     return loss_nats / (math.log(2) * bytes_per_token) if bytes_per_token > 0 else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# What the loss reads
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """Rows of T + 1 tokens: the model reads [:, :-1] and is scored on [:, 1:]. Pretraining fills only
+    `ids` (documents packed without cross-document masking, as the report's pre-training); packed chat
+    samples also say which tokens are targets, which sample each token is in, and its position there."""
+    ids: torch.Tensor                        # [B, T+1] int64
+    target: torch.Tensor | None = None       # [B, T+1] bool: the token is scored when it is a target
+    segment: torch.Tensor | None = None      # [B, T+1] sample number (attention stays inside a sample)
+    position: torch.Tensor | None = None     # [B, T+1] position within the sample
+
+    def to(self, device) -> Batch:
+        return Batch(*(None if t is None else t.to(device) for t in (self.ids, self.target, self.segment, self.position)))
+
+    def rows(self, sl: slice) -> Batch:
+        return Batch(*(None if t is None else t[sl] for t in (self.ids, self.target, self.segment, self.position)))
+
+    def target_mask(self, k: int = 0):
+        """[B, T-k] bool: whether input position i is scored on token i+k+1 (k = 0: the next token;
+        k >= 1: MTP depth k). None when every position is. A target must be a trained token of the same
+        sample as the position predicting it."""
+        if self.target is None and self.segment is None:
+            return None
+        T = self.ids.shape[1] - 1
+        mask = self.target[:, k + 1:] if self.target is not None else torch.ones_like(self.ids[:, k + 1:], dtype=torch.bool)
+        if self.segment is not None:
+            mask = mask & (self.segment[:, k + 1:] == self.segment[:, : T - k])
+        return mask

@@ -30,8 +30,9 @@ from ..parallel import abort_on_failure, clip_grad_norm_, init_parallel, paralle
 from ..parallel import checkpoint as pckpt
 from ..parallel.fsdp import set_gradient_sync
 from .tokenizer import save_tokenizer
-from .trainer import (TrainConfig, Trainer, TrainError, build_optimizer, check_resume_fields, compute_losses,
-                      prepare_data, read_train_state, set_rng_state, truncate_metrics)
+from .trainer import (TrainConfig, Trainer, TrainError, build_optimizer, check_resume_fields, check_same_data,
+                      compute_losses,
+                      read_train_state, set_rng_state, truncate_metrics)
 
 
 class DistributedTrainer(Trainer):
@@ -64,8 +65,7 @@ class DistributedTrainer(Trainer):
             try:
                 super()._check_out_dir()
                 resume = self._resume_dir() if self.tc.resume else None
-                prepare_data(self.cfg, self.tc, self.log,
-                             tokenizer_path=os.path.join(resume, "tokenizer.json") if resume else None)
+                self.make_data(self.cfg, resume)          # the others then read its caches
             except Exception as e:   # noqa: BLE001 - re-raised below, on every rank
                 err = e
         msg = [f"{type(err).__name__}: {err}" if err else None]
@@ -84,8 +84,12 @@ class DistributedTrainer(Trainer):
             super()._write(rec)
 
     # ---- the step hooks ----------------------------------------------------------------------
-    def compute_losses(self, ids, lam):
-        main, mtp, bal, stats = compute_losses(self.model, self.par.local_batch(ids), lam, self.amp)
+    def compute_losses(self, batch, lam):
+        B, n = batch.ids.shape[0], self.par.world_size
+        if B % n:
+            raise TrainError(f"a micro-batch of {B} rows cannot be split over {n} processes")
+        local = batch.rows(slice(self.par.rank * (B // n), (self.par.rank + 1) * (B // n)))
+        main, mtp, bal, stats = compute_losses(self.model, local, lam, self.amp)
         return self._global_value(main), self._global_value(mtp), self._global_value(bal), stats
 
     def _global_value(self, t):
@@ -147,7 +151,8 @@ class DistributedTrainer(Trainer):
             raise TrainError(f"--resume: {path} is a single-process checkpoint; resume it without torchrun")
         pckpt.load(path, self.model, self.opt)
         self.sched.load_state_dict(st["scheduler"])
-        self.sampler.load_state_dict(st["sampler"])
+        check_same_data(st, self.data)
+        self.data.load_state_dict(st["sampler"])
         self.step, self.tokens_seen, self.bad_steps_total = st["step"], st["tokens_seen"], st["bad_steps_total"]
         self.load_accum_LE = st["load_accum"]
         set_rng_state(st["rng"])

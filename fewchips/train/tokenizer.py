@@ -23,7 +23,27 @@ EOS = "<｜end▁of▁sentence｜>"
 FIM_HOLE = "<｜fim▁hole｜>"
 FIM_BEGIN = "<｜fim▁begin｜>"
 FIM_END = "<｜fim▁end｜>"
-SPECIAL_TOKENS = [BOS, EOS, FIM_HOLE, FIM_BEGIN, FIM_END]   # ids 0..4 in a tokenizer we train
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+SPECIAL_TOKENS = [BOS, EOS, FIM_HOLE, FIM_BEGIN, FIM_END, USER, ASSISTANT]   # ids 0..6 in a tokenizer we train
+
+# DeepSeek-V3's chat format, as its released tokenizer_config.json renders it without tools:
+#   BOS, the system prompts joined by blank lines, then <｜User｜>{user} and <｜Assistant｜>{assistant}EOS
+#   turns with nothing in between, and <｜Assistant｜> to open the reply.
+CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(system_prompt='', is_first_sp=true) %}"
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{% if ns.is_first_sp %}{% set ns.system_prompt = ns.system_prompt + message['content'] %}"
+    "{% set ns.is_first_sp = false %}"
+    "{% else %}{% set ns.system_prompt = ns.system_prompt + '\n\n' + message['content'] %}{% endif %}"
+    "{% endif %}{% endfor %}"
+    "{{ bos_token }}{{ ns.system_prompt }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '" + USER + "' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '" + ASSISTANT + "' + message['content'] + '" + EOS + "' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{% endif %}")
 
 
 @dataclass(frozen=True)
@@ -82,6 +102,8 @@ def save_tokenizer(tok: Tokenizer, out_dir: str, model_max_length: int = 2048):
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
            "pad_token": EOS, "add_bos_token": True, "add_eos_token": False,
            "model_max_length": model_max_length, "clean_up_tokenization_spaces": False}
+    if tok.token_to_id(USER) is not None and tok.token_to_id(ASSISTANT) is not None:
+        cfg["chat_template"] = CHAT_TEMPLATE
     atomic_write_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import CheckpointError, from_pretrained, save_pretrained
-from ..config import ModelConfig
+from ..checkpoint import CheckpointError, CheckpointReader, from_pretrained, save_pretrained
+from ..config import ConfigError, ModelConfig
 from .config import TrainConfig, TrainError
 from ..files import FolderLock, FolderLockedError, atomic_path, atomic_write_text, swap_dir, temp_dir_beside
 from ..model import DeepseekV3, MoE, MoEStats
@@ -133,7 +133,11 @@ def build_model(cfg: ModelConfig, tc: TrainConfig, device="cpu") -> DeepseekV3:
     """The model as it will be trained: initialised, and (optionally) with activation checkpointing
     and compiled layers. FP8 linears and parallel wrapping are applied here."""
     torch.manual_seed(tc.seed)
-    model = DeepseekV3(cfg).to(device).init_weights(tc.init_std)
+    if tc.init:       # continue from a model directory: its weights (any dtype, FP8 dequantised) as fp32 masters
+        model = from_pretrained(tc.init, dtype=torch.float32, device=device, mtp=cfg.num_nextn_predict_layers > 0)
+        model.config = cfg
+    else:
+        model = DeepseekV3(cfg).to(device).init_weights(tc.init_std)
     if tc.fp8:
         from ..fp8 import apply_fp8
         apply_fp8(model, backend=tc.fp8_backend)
@@ -169,7 +173,7 @@ def apply_activation_checkpointing(model: DeepseekV3):
     def wrap(layer, n_inputs):
         orig = layer.forward
 
-        def forward(*args, cache=None, stats=None):
+        def forward(*args, cache=None, stats=None, segments=None):
             args = list(args)
             if len(args) > n_inputs:
                 cache = args[n_inputs]
@@ -177,11 +181,11 @@ def apply_activation_checkpointing(model: DeepseekV3):
                 stats = args[n_inputs + 1]
             inputs = args[:n_inputs]
             if cache is not None or not torch.is_grad_enabled():
-                return orig(*inputs, cache, stats)
+                return orig(*inputs, cache, stats, segments=segments)
 
             def run(*inp):
                 local: list = []
-                out = orig(*inp, None, local)
+                out = orig(*inp, None, local, segments=segments)
                 return (out, *[t for s in local for t in (s.load_E, s.seq_balance)])
 
             out, *rest = checkpoint(run, *inputs, use_reentrant=False)
@@ -246,28 +250,36 @@ def clip_grad_norm(model, opt, max_norm: float) -> torch.Tensor:
     return norm
 
 
-def compute_losses(model: DeepseekV3, ids_BT1: torch.Tensor, mtp_lambda: float, amp_dtype):
-    """Losses of one micro-batch of windows ids [B, T+1]. Returns (main CE, MTP CE averaged over
-    depths, Σ_layers seq_balance, stats). MTP depth k at position i predicts token i+k+1; as in the
-    report's eq. 24, its T-k log-likelihoods are summed and divided by T, the sequence length."""
-    inp_BT, tgt_BT = ids_BT1[:, :-1], ids_BT1[:, 1:]
+def compute_losses(model: DeepseekV3, batch, mtp_lambda: float, amp_dtype):
+    """Losses of one micro-batch (a `Batch`, or ids [B, T+1]). Returns (main CE, MTP CE averaged over
+    depths, Σ_layers seq_balance, stats). The main loss is the mean over the scored targets; MTP depth
+    k at position i predicts token i+k+1 and, as the report's eq. 24, sums its log-likelihoods and
+    divides by the main loss's count (T per sequence in pre-training)."""
+    if isinstance(batch, torch.Tensor):
+        batch = D.Batch(batch)
+    ids = batch.ids
+    inp_BT, tgt_BT = ids[:, :-1], ids[:, 1:]
+    pos_BT = None if batch.position is None else batch.position[:, :-1]
+    seg_BT = None if batch.segment is None else batch.segment[:, :-1]
+    mask_BT = batch.target_mask(0)
+    count = inp_BT.numel() if mask_BT is None else mask_BT.sum().clamp_min(1)
     stats: list = []
-    with torch.autocast(ids_BT1.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        h_BTD = model.hidden_states(inp_BT, stats=stats)
-        main = _ce(model.lm_head(h_BTD), tgt_BT)
+    with torch.autocast(ids.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        h_BTD = model.hidden_states(inp_BT, positions=pos_BT, stats=stats, segments=seg_BT)
+        main = _ce(model.lm_head(h_BTD), tgt_BT, mask_BT) / count
         mtp_terms = []
         if mtp_lambda > 0 and len(model.mtp):
-            for k, logits in enumerate(model.mtp_forward(inp_BT, h_BTD, stats), start=1):
-                mtp_terms.append(_ce(logits, ids_BT1[:, k + 1:], per=inp_BT.numel()))   # targets t_{i+k+1}
-    mtp = torch.stack(mtp_terms).mean() if mtp_terms else torch.zeros((), device=ids_BT1.device)
-    bal = torch.stack([s.seq_balance.float() for s in stats]).sum() if stats else torch.zeros((), device=ids_BT1.device)
+            for k, logits in enumerate(model.mtp_forward(inp_BT, h_BTD, stats, pos_BT, seg_BT), start=1):
+                mtp_terms.append(_ce(logits, ids[:, k + 1:], batch.target_mask(k)) / count)   # targets t_{i+k+1}
+    mtp = torch.stack(mtp_terms).mean() if mtp_terms else torch.zeros((), device=ids.device)
+    bal = torch.stack([s.seq_balance.float() for s in stats]).sum() if stats else torch.zeros((), device=ids.device)
     return main, mtp, bal, stats
 
 
-def _ce(logits_BTV, targets_BT, per: int | None = None):
-    """Mean cross-entropy over the targets, or their sum divided by `per`."""
-    flat = logits_BTV.float().reshape(-1, logits_BTV.shape[-1]), targets_BT.reshape(-1)
-    return F.cross_entropy(*flat) if per is None else F.cross_entropy(*flat, reduction="sum") / per
+def _ce(logits_BTV, targets_BT, mask_BT=None):
+    """Summed cross-entropy over the targets (only where `mask_BT` is set)."""
+    ce = F.cross_entropy(logits_BTV.float().reshape(-1, logits_BTV.shape[-1]), targets_BT.reshape(-1), reduction="none")
+    return ce.sum() if mask_BT is None else (ce * mask_BT.reshape(-1)).sum()
 
 
 def step_loads(loads_LE: torch.Tensor) -> torch.Tensor:
@@ -335,6 +347,40 @@ def prepare_data(cfg: ModelConfig, tc: TrainConfig, log=print, tokenizer_path: s
 MIN_VAL_TOKENS = 4096      # below this a validation loss is mostly noise: say so
 
 
+class TextData:
+    """Pre-training data: the tokenised corpus, windows drawn by the seeded `Sampler`, and fixed
+    validation windows. The trainer's view of any data set: `next_batch`, `val_batches`, `val_bytes`,
+    its position (`state_dict`), what must match on resume (`fingerprint`) and one line about it."""
+
+    def __init__(self, cfg: ModelConfig, tc: TrainConfig, log=print, tokenizer_path: str | None = None):
+        self.tok, self.sp, self.corpus = prepare_data(cfg, tc, log, tokenizer_path)
+        self.sampler = D.Sampler(self.corpus.train.tokens, tc.seq_len, tc.seed)
+        self.val = D.eval_windows(self.corpus.val.tokens, tc.seq_len, tc.eval_batches * tc.batch_size)
+        # exact bytes behind the evaluated targets: bits per byte compares across tokenizers
+        self.val_bytes = int(token_byte_lengths(self.tok)[self.val[:, 1:]].sum()) if len(self.val) else 0
+        self.unigram_entropy = self.corpus.index["unigram_entropy_nats"]
+
+    def next_batch(self, n: int) -> D.Batch:
+        ids, _ = self.sampler.next_batch(n)
+        return D.Batch(torch.from_numpy(ids))
+
+    def val_batches(self, n: int) -> list[D.Batch]:
+        return [D.Batch(torch.from_numpy(self.val[i:i + n])) for i in range(0, len(self.val), n)]
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict):
+        self.sampler.load_state_dict(state)
+
+    def fingerprint(self) -> dict:
+        return {"splits": self.corpus.index["splits"]}
+
+    def describe(self) -> str:
+        return (f"train {len(self.corpus.train.tokens):,} tokens, val {len(self.corpus.val.tokens):,}; "
+                f"unigram entropy {self.unigram_entropy:.3f} nats")
+
+
 # ---------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------
@@ -360,13 +406,12 @@ class Trainer:
         self.lock = FolderLock(tc.out)
         self._check_out_dir()
         resume_from = self._resume_dir() if tc.resume else None
-        self.tok, self.sp, self.corpus = prepare_data(
-            cfg, tc, log, tokenizer_path=os.path.join(resume_from, "tokenizer.json") if resume_from else None)
+        if tc.init:
+            cfg = init_config(tc.init, log)
+        self.data = self.make_data(cfg, resume_from)
+        self.tok, self.sp = self.data.tok, self.data.sp
+        self.sampler = getattr(self.data, "sampler", None)
         self.cfg = cfg = cfg.replace(bos_token_id=self.sp.bos, eos_token_id=self.sp.eos)
-        self.sampler = D.Sampler(self.corpus.train.tokens, tc.seq_len, tc.seed)
-        self.val = D.eval_windows(self.corpus.val.tokens, tc.seq_len, tc.eval_batches * tc.batch_size)
-        # exact bytes behind the evaluated targets: bits per byte compares across tokenizers
-        self.val_bytes = int(token_byte_lengths(self.tok)[self.val[:, 1:]].sum()) if len(self.val) else 0
         self.model = build_model(cfg, tc, self.device)
         self.routers = moe_routers(self.model)
         self.schedule = RunSchedule.of(tc)
@@ -381,7 +426,13 @@ class Trainer:
             self._load(resume_from)
         else:
             self._reset_metrics()
-        self.unigram_entropy = self.corpus.index["unigram_entropy_nats"]
+        self.unigram_entropy = self.data.unigram_entropy
+
+    def make_data(self, cfg: ModelConfig, resume_from: str | None):
+        """The data this run trains on (pre-training text here; chats for `fewchips sft`)."""
+        tokenizer = os.path.join(resume_from, "tokenizer.json") if resume_from else (
+            os.path.join(self.tc.init, "tokenizer.json") if self.tc.init else None)
+        return TextData(cfg, self.tc, self.log, tokenizer)
 
     # ---- setup -------------------------------------------------------------------------------
     def _check_out_dir(self):
@@ -436,8 +487,8 @@ class Trainer:
         finite = True
         for i in range(n_micro):
             self.sync_gradients(i == n_micro - 1)
-            ids, _ = self.sampler.next_batch(tc.batch_size)
-            main, mtp, bal, stats = self.compute_losses(torch.from_numpy(ids).to(self.device), lam)
+            batch = self.data.next_batch(tc.batch_size)
+            main, mtp, bal, stats = self.compute_losses(batch.to(self.device), lam)
             loss = main + lam * mtp + tc.balance_alpha * bal
             if not torch.isfinite(loss):
                 finite = False
@@ -463,8 +514,8 @@ class Trainer:
         return StepResult(tot_main if finite else float("nan"), tot_mtp, tot_bal, grad_norm, loads_LE.cpu(),
                           not finite, n_micro * tc.batch_size)
 
-    def compute_losses(self, ids, lam):
-        return compute_losses(self.model, ids, lam, self.amp)
+    def compute_losses(self, batch, lam):
+        return compute_losses(self.model, batch, lam, self.amp)
 
     # Hooks that the distributed trainer (fewchips/train/distributed.py) overrides.
     def sync_gradients(self, last_micro_batch: bool):
@@ -478,21 +529,23 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        if not len(self.val):
+        """Validation loss (mean over the scored targets) and bits per byte of those targets' text."""
+        batches = self.data.val_batches(self.tc.batch_size)
+        if not batches:
             return {}
         self.model.eval()
         total, n = 0.0, 0
-        B = self.tc.batch_size
-        for i in range(0, len(self.val), B):
-            ids = torch.from_numpy(self.val[i:i + B]).to(self.device)
+        for b in batches:
+            b = b.to(self.device)
+            mask = b.target_mask(0)
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                logits = self.model(ids[:, :-1])
-            total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                     reduction="sum").item()
-            n += ids[:, 1:].numel()
+                h = self.model.hidden_states(b.ids[:, :-1], None if b.position is None else b.position[:, :-1],
+                                             segments=None if b.segment is None else b.segment[:, :-1])
+                total += _ce(self.model.lm_head(h), b.ids[:, 1:], mask).item()
+            n += b.ids[:, 1:].numel() if mask is None else int(mask.sum())
         self.model.train()
-        loss = total / n
-        return {"val_loss": loss, "val_bpb": D.bits_per_byte(loss, self.val_bytes / n)}
+        loss = total / max(n, 1)
+        return {"val_loss": loss, "val_bpb": D.bits_per_byte(loss, self.data.val_bytes / max(n, 1))}
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self) -> dict:
@@ -502,8 +555,7 @@ class Trainer:
                 f"{tc.batch_ramp_tokens:,} tokens{'; the run ends first' if tc.batch_ramp_tokens > self.schedule.total_tokens else ''})"
                 if tc.batch_ramp_tokens else "")
         self.log(f"training {self.cfg.num_hidden_layers}-layer model for {tc.steps} steps, {self.schedule.total_tokens:,} "
-                 f"tokens, {tc.tokens_per_step} per step{ramp}; train {len(self.corpus.train.tokens):,} tokens, "
-                 f"val {len(self.corpus.val.tokens):,}; unigram entropy {self.unigram_entropy:.3f} nats; "
+                 f"tokens, {tc.tokens_per_step} per step{ramp}; {self.data.describe()}; "
                  f"autocast {self.amp or 'off'}")
         bar = None
         if tc.progress:
@@ -603,11 +655,11 @@ class Trainer:
         return {
             "step": self.step, "tokens_seen": self.tokens_seen, "bad_steps_total": self.bad_steps_total,
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-            "sampler": self.sampler.state_dict(), "load_accum": self.load_accum_LE,
+            "sampler": self.data.state_dict(), "load_accum": self.load_accum_LE,
             "biases": [r.e_score_correction_bias.clone() for r in self.routers],
             "rng": rng_state(),
             "train_config": dataclasses.asdict(self.tc), "model_config": self.cfg.to_dict(),
-            "corpus": self.corpus.index, "tokenizer_hash": tokenizer_hash(self.tok),
+            "corpus": self.data.fingerprint(), "tokenizer_hash": tokenizer_hash(self.tok),
         }
 
     def save_checkpoint(self):
@@ -647,9 +699,7 @@ class Trainer:
             diff = [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
             raise TrainError(f"--resume: the model config does not match the checkpoint in {path} ({'; '.join(diff)})")
         check_resume_fields(st["train_config"], self.tc, self.log)
-        if st["corpus"]["splits"] != self.corpus.index["splits"]:
-            raise TrainError(f"--resume: the data differs from the checkpoint's (train/val token counts "
-                             f"{st['corpus']['splits']} vs {self.corpus.index['splits']}); pass the same --data")
+        check_same_data(st, self.data)
         try:
             loaded = from_pretrained(path, dtype=torch.float32)
         except CheckpointError as e:
@@ -658,7 +708,7 @@ class Trainer:
         self.model.load_state_dict(loaded.state_dict())
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
-        self.sampler.load_state_dict(st["sampler"])
+        self.data.load_state_dict(st["sampler"])
         self.step, self.tokens_seen, self.bad_steps_total = st["step"], st["tokens_seen"], st["bad_steps_total"]
         self.load_accum_LE = st["load_accum"]
         set_rng_state(st["rng"])
@@ -688,6 +738,25 @@ def check_resume_fields(saved: dict, tc: TrainConfig, log=print):
         raise TrainError(f"--resume with {what} changes the run's schedule: {plan}. Pass the checkpoint's values "
                          f"to continue it exactly, or --allow-schedule-change to continue on the new schedule")
     log(f"warning: {what} changes the schedule: {plan} (--allow-schedule-change)")
+
+
+def init_config(path: str, log=print) -> ModelConfig:
+    """The config of a model directory to start from, its MTP layers counted only if their weights are there."""
+    try:
+        cfg = CheckpointReader(path).cfg
+    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+        raise TrainError(f"--init: {e}") from None
+    if not cfg.num_nextn_predict_layers:
+        log(f"--init: {path} has no MTP weights; training without the MTP module")
+    return cfg
+
+
+def check_same_data(state: dict, data):
+    """--resume needs the data the checkpoint was trained on (its fingerprint: token counts per split)."""
+    saved, now = state["corpus"].get("splits"), data.fingerprint().get("splits")
+    if saved != now:
+        raise TrainError(f"--resume: the data differs from the checkpoint's (train/val token counts {saved} vs "
+                         f"{now}); pass the same --data")
 
 
 def switch_step(tc: TrainConfig, schedule: RunSchedule) -> int:

@@ -1,0 +1,144 @@
+"""Chat data for supervised fine-tuning (arXiv 2412.19437 §5.1): conversations rendered in the model's
+chat format, the loss on the assistant's tokens only, and samples packed into fixed-length sequences
+with sample masking (a packed sample sees only itself; its positions restart at 0).
+
+A conversation is one JSON object per line with OpenAI-style `messages` ({"role": "system" | "user" |
+"assistant", "content": str}). Rendering goes piece by piece between special tokens, which the
+tokenizer never merges across, so the ids equal those of the rendered template (the tests check it
+against `transformers.AutoTokenizer.apply_chat_template`), and each piece knows whether it is the
+assistant's: its content and the closing EOS are trained on, nothing else.
+
+A packed row of T + 1 tokens holds whole samples back to back (a sample longer than T + 1 is cut) and
+padding; per token it stores the id, whether it is a training target (assistant), its sample number
+(padding: -1) and its position within the sample. `Batch` carries the rows to the loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import TrainError
+from .tokenizer import ASSISTANT, BOS, EOS, USER
+
+ROLES = ("system", "user", "assistant")
+
+
+class ChatDataError(TrainError):
+    """A chats file or a row of it cannot be used; the message names the file, line and field."""
+
+
+def read_chats(path: str) -> list[list[dict]]:
+    """Conversations from a .jsonl file of {"messages": [...]} rows, each checked; the error names the
+    line and field of the first bad row (nothing is trained on a file with one)."""
+    if not os.path.exists(path):
+        raise ChatDataError(f"{path}: no such file")
+    chats = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ChatDataError(f"{path}:{n}: not a JSON object ({e})") from None
+            chats.append(check_messages(row.get("messages") if isinstance(row, dict) else None, f"{path}:{n}"))
+    if not chats:
+        raise ChatDataError(f"{path}: no conversations in it")
+    return chats
+
+
+def check_messages(messages, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise ChatDataError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ChatDataError(f"{where}: messages[{i}].role must be one of {', '.join(ROLES)}, "
+                                f"got {m.get('role') if isinstance(m, dict) else m!r}")
+        if not isinstance(m.get("content"), str):
+            raise ChatDataError(f"{where}: messages[{i}].content must be a string")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ChatDataError(f"{where}: no assistant message, so nothing to learn from")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def encode_chat(tok, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation in DeepSeek-V3's format and, per token, whether it is the
+    assistant's (trained on): BOS system USER user ASSISTANT assistant EOS ... [ASSISTANT]."""
+    for special in (USER, ASSISTANT):
+        if tok.token_to_id(special) is None:
+            raise ChatDataError(f"the tokenizer has no {special} token: chat data needs a tokenizer trained by "
+                                f"fewchips since session 5, or a released DeepSeek-V3 one")
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    pieces = [(BOS + system, False)]
+    for m in messages:
+        if m["role"] == "user":
+            pieces.append((USER + m["content"], False))
+        elif m["role"] == "assistant":
+            pieces += [(ASSISTANT, False), (m["content"] + EOS, True)]
+    if add_generation_prompt:
+        pieces.append((ASSISTANT, False))
+    ids, train = [], []
+    for text, is_assistant in pieces:
+        piece = tok.encode(text, add_special_tokens=False).ids
+        ids += piece
+        train += [is_assistant] * len(piece)
+    return ids, train
+
+
+@dataclass
+class PackedRows:
+    ids: np.ndarray          # [N, T+1] token ids
+    target: np.ndarray       # [N, T+1] bool: the token is trained on (assistant)
+    segment: np.ndarray      # [N, T+1] int32: sample number within the row, -1 for padding
+    position: np.ndarray     # [N, T+1] int32: position within its sample
+    truncated: int = 0       # samples cut to fit a row
+
+
+def pack(samples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int) -> PackedRows:
+    """First-fit packing, in the given order, of samples into rows of seq_len + 1 tokens."""
+    L = seq_len + 1
+    rows: list[list[int]] = []           # per row: indices of its samples
+    room: list[int] = []
+    truncated = 0
+    for i, (ids, _) in enumerate(samples):
+        n = min(len(ids), L)
+        truncated += len(ids) > L
+        for r, free in enumerate(room):
+            if free >= n:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(L - n)
+    N = len(rows)
+    out = PackedRows(np.full((N, L), pad_id, np.int64), np.zeros((N, L), bool), np.full((N, L), -1, np.int32),
+                     np.zeros((N, L), np.int32), truncated)
+    for r, members in enumerate(rows):
+        at = 0
+        for s, i in enumerate(members):
+            ids, train = samples[i]
+            n = min(len(ids), L)
+            out.ids[r, at:at + n] = ids[:n]
+            out.target[r, at:at + n] = train[:n]
+            out.segment[r, at:at + n] = s
+            out.position[r, at:at + n] = np.arange(n)
+            at += n
+    return out
+
+
+def split_chats(chats: list[list[dict]], val_fraction: float):
+    """Held-out conversations by a hash of their text (stable whatever the file's order)."""
+    cut = int(val_fraction * 2**64)
+    train, val = [], []
+    for c in chats:
+        h = int.from_bytes(hashlib.sha1(json.dumps(c, sort_keys=True).encode()).digest()[:8], "little")
+        (val if h < cut else train).append(c)
+    if not val and len(chats) >= 2 and val_fraction > 0:
+        val, train = train[-1:], train[:-1]
+    return train, val
