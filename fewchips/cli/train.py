@@ -43,16 +43,34 @@ def register(sub):
                    help="an existing tokenizer.json (must have DeepSeek's BOS/EOS/FIM tokens); default: train a BPE")
     g.add_argument("--cache-dir", help="where tokenised shards are kept and reused (default OUT/cache)")
     g.add_argument("--fim-rate", type=float, help="share of training documents turned into PSM FIM samples")
-    g = p.add_argument_group("schedule (lr: warm-up, constant to 67.6%, cosine to 0.1x by 96.6% of the run's tokens)")
+    add_run_flags(p)
+    set_defaults_from(p, TrainConfig(), func=run)
+
+
+def set_defaults_from(p, tc, **extra):
+    """Every default comes from a TrainConfig (the dataclass's own, or SFT's): one place for each, the
+    flags cannot drift from it."""
+    fields = {f.name for f in dataclasses.fields(tc)}
+    p.set_defaults(**extra, **{a.dest: getattr(tc, a.dest) for a in p._actions if a.dest in fields})
+
+
+def add_run_flags(p, pretrain: bool = True):
+    """The flags `fewchips train` and `fewchips sft` share: schedule, recipe, systems, parallelism,
+    output (pre-training-only ones, such as the batch ramp, when `pretrain`)."""
+    g = p.add_argument_group("schedule (lr: warm-up, constant to 67.6%, cosine to 0.1x by 96.6% of the run's tokens)"
+                             if pretrain else "schedule (lr: warm-up, then cosine to --min-lr-ratio x the peak)")
+    if not pretrain:
+        g.add_argument("--min-lr-ratio", type=float, help="the lr ends at this fraction of the peak (the report: 1e-6/5e-6)")
     g.add_argument("--steps", type=int,
                    help="optimizer steps (300 x 4096 tokens: ~7 min for tiny on 2 CPU cores); all schedules scale to it")
     g.add_argument("--batch-size", type=int, help="sequences per micro-batch; lower it if memory is short")
     g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (bigger effective batch)")
-    g.add_argument("--batch-ramp-tokens", type=_token_count,
-                   help="ramp the global batch up over the run's first N tokens (e.g. 2M; the report: 3,072 -> "
-                        "15,360 sequences over 469B), one micro-batch at a time, up to --batch-size x --grad-accum")
-    g.add_argument("--batch-size-start", type=int,
-                   help="sequences per step when the ramp starts: a multiple of --batch-size (default: one micro-batch)")
+    if pretrain:
+        g.add_argument("--batch-ramp-tokens", type=_token_count,
+                       help="ramp the global batch up over the run's first N tokens (e.g. 2M; the report: 3,072 -> "
+                            "15,360 sequences over 469B), one micro-batch at a time, up to --batch-size x --grad-accum")
+        g.add_argument("--batch-size-start", type=int,
+                       help="sequences per step when the ramp starts: a multiple of --batch-size (default: one micro-batch)")
     g.add_argument("--seq-len", type=int, help="tokens per training sequence")
     g.add_argument("--lr", type=float, help="peak learning rate (2e-3 suits tiny; ~6e-4 for small)")
     g.add_argument("--warmup", type=int, dest="warmup_steps", help="warm-up steps (default 3%% of --steps)")
@@ -62,9 +80,10 @@ def register(sub):
     g.add_argument("--bias-update-speed", type=float,
                    help="γ of the aux-loss-free balancing bias (0 turns it off; set to 0 for the last 3.4%% of steps)")
     g.add_argument("--balance-alpha", type=float, help="α of the sequence-wise balance loss")
-    g.add_argument("--mtp-lambda", type=float, help="MTP loss weight for the first 67.6%% of steps")
-    g.add_argument("--mtp-lambda-late", type=float, help="MTP loss weight afterwards")
-    g.add_argument("--init-std", type=float, help="std of the N(0, std) initialisation")
+    g.add_argument("--mtp-lambda", type=float, help="MTP loss weight" + (" for the first 67.6%% of steps" if pretrain else ""))
+    if pretrain:
+        g.add_argument("--mtp-lambda-late", type=float, help="MTP loss weight afterwards")
+        g.add_argument("--init-std", type=float, help="std of the N(0, std) initialisation")
     g = p.add_argument_group("systems")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"],
                    help="autocast precision; auto = bf16 where the hardware has native bf16 (AMX/AVX512-BF16, GPUs)")
@@ -100,9 +119,6 @@ def register(sub):
                    help="stop after this many consecutive non-finite (skipped) steps")
     g.add_argument("--no-plots", dest="plots", action="store_false", help="skip the matplotlib PNGs")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    # Every default comes from TrainConfig itself: one place for each, the flags cannot drift from it.
-    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    p.set_defaults(func=run, **{a.dest: fields[a.dest] for a in p._actions if a.dest in fields})
 
 
 def model_config(args):

@@ -21,8 +21,10 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .config import TrainError
+from .data import Batch
 from .tokenizer import ASSISTANT, BOS, EOS, USER
 
 ROLES = ("system", "user", "assistant")
@@ -142,3 +144,94 @@ def split_chats(chats: list[list[dict]], val_fraction: float):
     if not val and len(chats) >= 2 and val_fraction > 0:
         val, train = train[-1:], train[:-1]
     return train, val
+
+
+class RowSampler:
+    """Packed rows visited in a fresh seeded permutation each epoch; `state_dict()` is the exact position."""
+
+    def __init__(self, n_rows: int, seed: int = 0):
+        if n_rows < 1:
+            raise ChatDataError("no training conversations left after the validation split; add data or lower "
+                                "--val-fraction")
+        self.n_rows, self.seed = n_rows, seed
+        self.epoch, self.cursor = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch):
+        return np.random.default_rng([self.seed, epoch, 1]).permutation(self.n_rows)
+
+    def next_rows(self, n: int) -> np.ndarray:
+        out = []
+        for _ in range(n):
+            if self.cursor == self.n_rows:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            out.append(int(self._order[self.cursor]))
+            self.cursor += 1
+        return np.asarray(out)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "n_rows": self.n_rows}
+
+    def load_state_dict(self, s: dict):
+        if (s.get("n_rows"), s.get("seed")) != (self.n_rows, self.seed):
+            raise ChatDataError(f"the checkpoint's data position is for {s.get('n_rows')} packed rows, seed "
+                                f"{s.get('seed')}; this run has {self.n_rows} rows, seed {self.seed} (same --data, "
+                                f"--seq-len and --seed needed)")
+        self.epoch, self.cursor = s["epoch"], s["cursor"]
+        self._order = self._permutation(self.epoch)
+
+
+def batch_of(rows: PackedRows, idx) -> Batch:
+    return Batch(torch.from_numpy(rows.ids[idx]), torch.from_numpy(rows.target[idx]),
+                 torch.from_numpy(rows.segment[idx]).long(), torch.from_numpy(rows.position[idx]).long())
+
+
+class ChatData:
+    """SFT data with the trainer's data interface (see trainer.TextData): packed training rows drawn by
+    a `RowSampler`, held-out conversations packed the same way for validation (assistant tokens only)."""
+
+    def __init__(self, tc, tok, sp, log=print, chats: list[list[dict]] | None = None):
+        self.tok, self.sp = tok, sp
+        chats = chats if chats is not None else read_chats(tc.data)
+        train, val = split_chats(chats, tc.val_fraction)
+        order = np.random.default_rng([tc.seed, 2]).permutation(len(train))     # packing order: seeded
+        train_samples = [encode_chat(tok, train[i]) for i in order]
+        val_samples = [encode_chat(tok, c) for c in val]
+        self.train = pack(train_samples, tc.seq_len, sp.eos)
+        self.val = pack(val_samples, tc.seq_len, sp.eos) if val_samples else None
+        self.sampler = RowSampler(len(self.train.ids), tc.seed)
+        self.n_train, self.n_val = len(train), len(val)
+        self.trained_tokens = int(sum(sum(t) for _, t in train_samples))
+        if self.train.truncated:
+            log(f"warning: {self.train.truncated} of {len(train)} conversations are longer than --seq-len "
+                f"{tc.seq_len} + 1 tokens and were cut")
+        self.unigram_entropy = None
+        self.val_bytes = 0
+        if self.val is not None:
+            from .tokenizer import token_byte_lengths
+            vb = batch_of(self.val, np.arange(len(self.val.ids)))
+            mask = vb.target_mask(0).numpy()
+            self.val_bytes = int(token_byte_lengths(tok)[self.val.ids[:, 1:]][mask].sum())
+
+    def next_batch(self, n: int) -> Batch:
+        return batch_of(self.train, self.sampler.next_rows(n))
+
+    def val_batches(self, n: int) -> list[Batch]:
+        if self.val is None:
+            return []
+        return [batch_of(self.val, np.arange(i, min(i + n, len(self.val.ids)))) for i in range(0, len(self.val.ids), n)]
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict):
+        self.sampler.load_state_dict(state)
+
+    def fingerprint(self) -> dict:
+        return {"splits": {"train": {"conversations": self.n_train, "rows": len(self.train.ids)},
+                           "val": {"conversations": self.n_val}}}
+
+    def describe(self) -> str:
+        return (f"{self.n_train:,} training conversations in {len(self.train.ids):,} packed rows "
+                f"({self.trained_tokens:,} assistant tokens), {self.n_val:,} held out")

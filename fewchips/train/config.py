@@ -28,6 +28,8 @@ class TrainConfig:
     seq_len: int = 256
     lr: float = 2e-3
     warmup_steps: int | None = None      # None: 3% of the run
+    lr_schedule: str = "v3"              # v3: warm-up, constant, cosine, steps (pre-training); cosine: SFT's
+    min_lr_ratio: float = 0.2            # cosine: the lr ends at this fraction of the peak (SFT: 1e-6 / 5e-6)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -39,6 +41,7 @@ class TrainConfig:
     balance_alpha: float = 1e-4          # α
     mtp_lambda: float = 0.3              # λ for the first 67.6% of the run
     mtp_lambda_late: float = 0.1         # λ after that
+    freeze_mtp: bool = False             # leave the MTP module as it is (no gradient, no MTP loss)
     init_std: float = 0.006
     # systems
     dtype: str = "auto"                  # auto | bf16 | fp32 (autocast; weights and optimizer stay fp32)
@@ -68,6 +71,8 @@ class TrainConfig:
             raise TrainError(f"--batch-size ({self.batch_size}) and --grad-accum ({self.grad_accum}) must be >= 1")
         if self.batch_ramp_tokens < 0:
             raise TrainError(f"--batch-ramp-tokens must be >= 0, got {self.batch_ramp_tokens}")
+        if self.lr_schedule not in ("v3", "cosine"):
+            raise TrainError(f"lr_schedule must be v3 or cosine, got {self.lr_schedule!r}")
         start = self.batch_size_start
         if start is not None and (start % self.batch_size or not self.batch_size <= start <= full):
             raise TrainError(f"--batch-size-start {start} must be a multiple of --batch-size {self.batch_size} "
@@ -81,6 +86,6 @@ class TrainConfig:
 
     # fields that must agree with a checkpoint for `--resume` to continue exactly
     RESUME_FIELDS = ("seq_len", "batch_size", "grad_accum", "seed", "fim_rate", "val_fraction", "max_corpus_mb",
-                     "batch_ramp_tokens", "batch_size_start")
+                     "batch_ramp_tokens", "batch_size_start", "freeze_mtp", "init")
     # fields that lay out the schedule: changing them on --resume needs --allow-schedule-change
     SCHEDULE_FIELDS = ("steps", "warmup_steps")

@@ -29,7 +29,6 @@ from ..config import ModelConfig
 from ..parallel import abort_on_failure, clip_grad_norm_, init_parallel, parallelize, reduce_expert_grads
 from ..parallel import checkpoint as pckpt
 from ..parallel.fsdp import set_gradient_sync
-from .tokenizer import save_tokenizer
 from .trainer import (TrainConfig, Trainer, TrainError, build_optimizer, check_resume_fields, check_same_data,
                       compute_losses,
                       read_train_state, set_rng_state, truncate_metrics)
@@ -129,7 +128,7 @@ class DistributedTrainer(Trainer):
         state["parallel"] = {"dp": self.par.dp, "ep": self.par.ep}
 
         def with_state(tmp):
-            save_tokenizer(self.tok, tmp, self.tc.seq_len)
+            self.write_tokenizer(tmp)
             torch.save(state, os.path.join(tmp, "train_state.pt"))
 
         try:
@@ -166,7 +165,7 @@ class DistributedTrainer(Trainer):
         if self.par.is_main:
             try:
                 save_pretrained(plain, self.tc.out)
-                save_tokenizer(self.tok, self.tc.out, self.tc.seq_len)
+                self.write_tokenizer(self.tc.out)
             except OSError as e:
                 raise TrainError(f"could not export the model to {self.tc.out} ({e.strerror or e}); "
                                  f"the checkpoint in {self.ckpt_dir} is intact") from e

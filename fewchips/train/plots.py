@@ -15,8 +15,15 @@ from ..files import atomic_path  # noqa: E402
 
 
 def read_metrics(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of metrics.jsonl; a line cut short by a crash is skipped."""
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
 
 
 def write_plots(metrics_path, load_LE, out_dir, unigram_entropy=None, layer_names=None):
@@ -67,3 +74,27 @@ def _save(fig, path):
     with atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, dpi=90)
     plt.close(fig)
+
+
+def write_grpo_plots(metrics_path, out_dir):
+    """grpo.png: reward (mean and spread of the sampled groups, and greedy on held-out prompts), KL to
+    the starting model, completion length."""
+    recs = read_metrics(metrics_path)
+    train = [r for r in recs if "reward_mean" in r]
+    val = [r for r in recs if "val_reward" in r]
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    steps = [r["step"] for r in train]
+    mean = [r["reward_mean"] for r in train]
+    std = [r["reward_std"] for r in train]
+    ax[0].plot(steps, mean, label="sampled (group mean)")
+    ax[0].fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+    if val:
+        ax[0].plot([r["step"] for r in val], [r["val_reward"] for r in val], "o-", label="held-out prompts (greedy)")
+    ax[0].set(xlabel="step", ylabel="reward", title="reward")
+    ax[0].legend()
+    ax[1].plot(steps, [r["kl"] for r in train])
+    ax[1].set(xlabel="step", ylabel="KL (k3, per token)", title="KL to the starting model")
+    ax[2].plot(steps, [r["completion_len"] for r in train])
+    ax[2].set(xlabel="step", ylabel="tokens", title="completion length")
+    fig.tight_layout()
+    _save(fig, os.path.join(out_dir, "grpo.png"))

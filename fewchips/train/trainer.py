@@ -30,7 +30,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -57,11 +57,15 @@ MIN_LR_RATIO, FINAL_LR_RATIO = 2.2e-5 / 2.2e-4, 7.3e-6 / 2.2e-4
 # Schedules
 # ---------------------------------------------------------------------------------------------
 
-def lr_factor(step: int, warmup: int, frac: float) -> float:
+def lr_factor(step: int, warmup: int, frac: float, kind: str = "v3", min_ratio: float = 0.2) -> float:
     """Multiplier on the peak lr at optimizer step `step` (0-based) that starts `frac` of the way
-    through the run's tokens. The warm-up counts steps (the report's first 2K steps)."""
+    through the run's tokens. The warm-up counts steps (the report's first 2K steps). kind "v3": the
+    pre-training schedule; "cosine": the report's SFT schedule, cosine from the peak to min_ratio x the
+    peak over the run (5e-6 -> 1e-6 for V3)."""
     if step < warmup:
         return (step + 1) / warmup
+    if kind == "cosine":
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
     if frac < CONSTANT_END:
         return 1.0
     if frac < COSINE_END:
@@ -98,7 +102,7 @@ class RunSchedule:
             micro.append(n)
             before.append(seen)
             seen += n * per_micro
-        return cls(tuple(micro), tuple(before) + (seen,))
+        return cls(tuple(micro), tuple(before) + (seen,), tc.lr_schedule, tc.min_lr_ratio)
 
     @property
     def total_tokens(self) -> int:
@@ -108,8 +112,11 @@ class RunSchedule:
         """Share of the run's tokens seen before optimizer step `step`."""
         return self.tokens_before[min(step, len(self.tokens_before) - 1)] / max(self.total_tokens, 1)
 
+    kind: str = "v3"
+    min_ratio: float = 0.2
+
     def lr_factor(self, step: int, warmup: int) -> float:
-        return lr_factor(step, warmup, self.fraction(step))
+        return lr_factor(step, warmup, self.fraction(step), self.kind, self.min_ratio)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,6 +145,9 @@ def build_model(cfg: ModelConfig, tc: TrainConfig, device="cpu") -> DeepseekV3:
         model.config = cfg
     else:
         model = DeepseekV3(cfg).to(device).init_weights(tc.init_std)
+    if tc.freeze_mtp:                 # the MTP module stays as it is: no gradient, no optimizer state, no MTP loss
+        for p in model.mtp.parameters():
+            p.requires_grad_(False)
     if tc.fp8:
         from ..fp8 import apply_fp8
         apply_fp8(model, backend=tc.fp8_backend)
@@ -282,6 +292,29 @@ def _ce(logits_BTV, targets_BT, mask_BT=None):
     return ce.sum() if mask_BT is None else (ce * mask_BT.reshape(-1)).sum()
 
 
+@torch.no_grad()
+def evaluate(model: DeepseekV3, batches, target_bytes: int, amp=None, device="cpu") -> dict:
+    """Loss (mean over the scored targets: every token of text, the assistant's tokens of chats) and bits
+    per byte of those targets' text. What the trainers log as validation and `fewchips eval` prints."""
+    if not batches:
+        return {}
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    device = torch.device(device)
+    for b in batches:
+        b = b.to(device)
+        mask = b.target_mask(0)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            h = model.hidden_states(b.ids[:, :-1], None if b.position is None else b.position[:, :-1],
+                                    segments=None if b.segment is None else b.segment[:, :-1])
+            total += _ce(model.lm_head(h), b.ids[:, 1:], mask).item()
+        n += b.ids[:, 1:].numel() if mask is None else int(mask.sum())
+    model.train(was_training)
+    loss = total / max(n, 1)
+    return {"val_loss": loss, "val_bpb": D.bits_per_byte(loss, target_bytes / max(n, 1)), "val_tokens": n}
+
+
 def step_loads(loads_LE: torch.Tensor) -> torch.Tensor:
     """Expert loads of the whole optimizer step [layers, experts]. With data parallelism, this is
     where they are summed over ranks (all-reduce) so every rank applies the same bias update."""
@@ -394,10 +427,12 @@ class StepResult:
     loads_LE: torch.Tensor
     skipped: bool
     batch: int                           # sequences in this step (grows during a batch ramp)
+    extra: dict = field(default_factory=dict)   # more per-step metrics (GRPO's rewards, KL, ...)
+    tokens: int | None = None            # tokens processed, when not batch x seq_len (GRPO's rollouts)
 
 
 class Trainer:
-    def __init__(self, cfg: ModelConfig, tc: TrainConfig, log=print, device="cpu"):
+    def __init__(self, cfg: ModelConfig | None, tc: TrainConfig, log=print, device="cpu"):
         self.cfg, self.tc, self.log, self.device = cfg, tc, log, torch.device(device)
         if tc.threads:
             torch.set_num_threads(tc.threads)
@@ -481,7 +516,7 @@ class Trainer:
         tc = self.tc
         frac = self.schedule.fraction(self.step)
         n_micro = self.schedule.micro_batches[self.step]
-        lam = mtp_weight(frac, tc.mtp_lambda, tc.mtp_lambda_late)
+        lam = 0.0 if tc.freeze_mtp else mtp_weight(frac, tc.mtp_lambda, tc.mtp_lambda_late)
         loads_LE = torch.zeros(len(self.routers), self.cfg.n_routed_experts, device=self.device)
         tot_main = tot_mtp = tot_bal = 0.0
         finite = True
@@ -527,25 +562,9 @@ class Trainer:
     def step_loads(self, loads_LE):
         return step_loads(loads_LE)
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation loss (mean over the scored targets) and bits per byte of those targets' text."""
-        batches = self.data.val_batches(self.tc.batch_size)
-        if not batches:
-            return {}
-        self.model.eval()
-        total, n = 0.0, 0
-        for b in batches:
-            b = b.to(self.device)
-            mask = b.target_mask(0)
-            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                h = self.model.hidden_states(b.ids[:, :-1], None if b.position is None else b.position[:, :-1],
-                                             segments=None if b.segment is None else b.segment[:, :-1])
-                total += _ce(self.model.lm_head(h), b.ids[:, 1:], mask).item()
-            n += b.ids[:, 1:].numel() if mask is None else int(mask.sum())
-        self.model.train()
-        loss = total / max(n, 1)
-        return {"val_loss": loss, "val_bpb": D.bits_per_byte(loss, self.data.val_bytes / max(n, 1))}
+        return evaluate(self.model, self.data.val_batches(self.tc.batch_size), self.data.val_bytes, self.amp,
+                        self.device)
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self) -> dict:
@@ -569,7 +588,7 @@ class Trainer:
                     t0 = time.perf_counter()
                     r = self.train_step()
                     dt = time.perf_counter() - t0
-                    rate = r.batch * tc.seq_len / dt
+                    rate = (r.tokens if r.tokens is not None else r.batch * tc.seq_len) / dt
                     tok_s = rate if tok_s is None else 0.9 * tok_s + 0.1 * rate
                     if r.skipped:
                         self._on_bad_step()
@@ -583,7 +602,8 @@ class Trainer:
                         self._write({"step": self.step, "tokens": self.tokens_seen, "batch": r.batch, "loss": r.loss,
                                      "mtp_loss": r.mtp_loss, "balance_loss": tc.balance_alpha * r.balance_loss,
                                      "lr": self.sched.get_last_lr()[0], "grad_norm": r.grad_norm, "tok_per_s": tok_s,
-                                     "maxvio": max_violation(r.loads_LE), "skipped_steps": self.bad_steps_total})
+                                     "maxvio": max_violation(r.loads_LE), "skipped_steps": self.bad_steps_total,
+                                     **r.extra})
                     if self.step % tc.eval_every == 0 or self.step == tc.steps:
                         last = self._eval_and_plot(bar)
                     if self.stop_requested(stop.requested) and self.step < last_step:
@@ -633,8 +653,9 @@ class Trainer:
         ev = self.evaluate()
         if ev:
             self._write({"step": self.step, "tokens": self.tokens_seen, **ev})
-            msg = (f"step {self.step}: val loss {ev['val_loss']:.3f} nats ({ev['val_bpb']:.3f} bits/byte), "
-                   f"unigram entropy {self.unigram_entropy:.3f}")
+            msg = f"step {self.step}: val loss {ev['val_loss']:.3f} nats ({ev['val_bpb']:.3f} bits/byte)"
+            if self.unigram_entropy is not None:
+                msg += f", unigram entropy {self.unigram_entropy:.3f}"
             (bar.write if bar is not None else self.log)(msg)
         if self.tc.plots:
             self.plot()
@@ -669,7 +690,7 @@ class Trainer:
         tmp = temp_dir_beside(self.ckpt_dir)
         try:
             save_pretrained(self.model, tmp)
-            save_tokenizer(self.tok, tmp, self.tc.seq_len)
+            self.write_tokenizer(tmp)
             torch.save(self.state(), os.path.join(tmp, "train_state.pt"))
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -679,11 +700,20 @@ class Trainer:
                              f"Free some disk space and rerun with --resume.") from e
         swap_dir(tmp, self.ckpt_dir, keep_previous=True)
 
+    def write_tokenizer(self, folder: str):
+        """tokenizer.json and tokenizer_config.json; a run started from a model directory keeps that
+        directory's tokenizer_config.json (its own chat template, e.g. a released checkpoint's)."""
+        save_tokenizer(self.tok, folder, self.tc.seq_len)
+        source = os.path.join(self.tc.init, "tokenizer_config.json") if self.tc.init else None
+        if source and os.path.exists(source):
+            with open(source, encoding="utf-8") as f:
+                atomic_write_text(os.path.join(folder, "tokenizer_config.json"), f.read())
+
     def export(self):
         """The final model in OUT itself: config.json, model.safetensors, tokenizer files."""
         try:
             save_pretrained(self.model, self.tc.out)
-            save_tokenizer(self.tok, self.tc.out, self.tc.seq_len)
+            self.write_tokenizer(self.tc.out)
         except OSError as e:
             raise TrainError(f"could not export the model to {self.tc.out} ({e.strerror or e}); "
                              f"the checkpoint in {self.ckpt_dir} is intact") from e

@@ -1,0 +1,59 @@
+"""`fewchips grpo`: GRPO with rule-based rewards on a model directory (default task: arithmetic)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(sub):
+    from fewchips.train.grpo import grpo_config
+
+    from .train import add_run_flags, set_defaults_from
+    p = sub.add_parser("grpo", help="reinforce a model with GRPO and rule-based rewards",
+                       description="Group Relative Policy Optimization as DeepSeekMath defines it: G samples per "
+                                   "prompt from the batched engine, group-normalised advantages, the clipped ratio, "
+                                   "a k3 KL penalty to the starting model, no critic. Rewards from a built-in rule "
+                                   "(arithmetic: exact answer; format: a bare integer) or your module:function.")
+    g = p.add_argument_group("model and task")
+    g.add_argument("--model", required=True, dest="init", metavar="MODEL_DIR",
+                   help="the model to start from (and the frozen reference for the KL term)")
+    g.add_argument("--task", help="arithmetic | format | module:function taking (prompt, completion) -> float")
+    g.add_argument("--prompts", metavar="PROMPTS_JSONL",
+                   help="prompts for a module:function task: {\"prompt\": str} or {\"messages\": [...]} per line")
+    g = p.add_argument_group("GRPO")
+    g.add_argument("--group-size", type=int, help="G: completions sampled per prompt")
+    g.add_argument("--max-new-tokens", type=int, help="longest completion")
+    g.add_argument("--temperature", type=float, help="sampling temperature of the rollouts")
+    g.add_argument("--top-p", type=float, help="nucleus mass of the rollouts")
+    g.add_argument("--clip-eps", type=float, help="ε of the clipped ratio")
+    g.add_argument("--kl-beta", type=float, help="β of the KL penalty to the starting model")
+    g.add_argument("--val-prompts", type=int, help="held-out prompts answered greedily at each evaluation")
+    g.add_argument("--freeze-mtp", action="store_true", help="leave the MTP module as it is")
+    add_run_flags(p, pretrain=False)
+    p.set_defaults(func=run)
+    for a in p._actions:                              # --batch-size means prompts per step here
+        if a.dest == "batch_size":
+            a.help = "prompts per step (each sampled --group-size times)"
+    set_defaults_from(p, grpo_config(), func=run)
+
+
+def run(args):
+    import dataclasses
+
+    from fewchips.train import TrainError
+    from fewchips.train.grpo import grpo, grpo_config
+    from fewchips.train.stopping import TrainInterrupted
+
+    names = {f.name for f in dataclasses.fields(grpo_config())}
+    tc = grpo_config(**{k: v for k, v in vars(args).items() if k in names})
+    try:
+        result = grpo(tc)
+    except TrainError as e:
+        print(f"fewchips grpo: error: {e}", file=sys.stderr)
+        return 1
+    except TrainInterrupted as e:
+        print(f"fewchips grpo: {e}; continue with --resume", file=sys.stderr)
+        return e.exit_code
+    if "val_reward" in result:
+        print(f"done: step {result['step']}, held-out reward {result['val_reward']:.3f} (greedy); model in {args.out}")
+    return 0

@@ -1,0 +1,333 @@
+"""`fewchips grpo`: reinforcement learning with Group Relative Policy Optimization (DeepSeekMath,
+arXiv 2402.03300 §4.1; DeepSeek-V3's RL stage, arXiv 2412.19437 §5.2.2) and rule-based rewards.
+
+One step:
+    P prompts from the task; G completions each, sampled by the project's own batched engine
+    rewards r_i from the task's rule; advantages A_i = (r_i - mean_group r) / std_group r  (no critic)
+    per completion token t of output i, with ρ = π_θ / π_old (π_old = π_θ at sampling: one update per
+    batch, so ρ = 1 in value and its gradient is ∇ log π_θ):
+        J = 1/G Σ_i 1/|o_i| Σ_t [ min(ρ A_i, clip(ρ, 1-ε, 1+ε) A_i) - β D_KL ]
+        D_KL = π_ref/π_θ - log(π_ref/π_θ) - 1           (the unbiased, always positive k3 estimator)
+    loss = -J averaged over the P groups; π_ref is the model RL started from, frozen.
+The MTP module is kept in step with the policy: it is trained (weight λ) to predict the sampled
+completions' next-next tokens, so speculative decoding keeps drafting what the policy now writes.
+
+Tasks: built-in `arithmetic` (exact answer: reward 1 when the reply is the number, else 0) and `format`
+(reward 1 when the reply is a bare integer), or any `module:function` taking (prompt, completion) and
+returning a float, with prompts from --prompts (a .jsonl of {"prompt": ...} or {"messages": ...}).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import from_pretrained
+from .bundled import ARITHMETIC_SYSTEM, arithmetic_problem
+from .chat import ChatDataError, check_messages, encode_chat
+from .config import TrainConfig, TrainError
+from .tokenizer import load_tokenizer, special_ids
+from .trainer import StepResult, Trainer, bias_speed, update_biases
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    task: str = "arithmetic"             # arithmetic | format | module:function
+    prompts: str | None = None           # .jsonl of prompts for a module:function task
+    group_size: int = 8                  # G completions per prompt
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    clip_eps: float = 0.2                # ε
+    kl_beta: float = 0.04                # β (DeepSeekMath's value)
+    val_prompts: int = 64                # held-out prompts scored greedily at each evaluation
+
+
+GRPO_DEFAULTS = dict(steps=100, batch_size=8, lr=1e-4, lr_schedule="cosine", min_lr_ratio=1.0, warmup_steps=0,
+                     mtp_lambda=0.1, mtp_lambda_late=0.1, eval_every=20, save_every=50, log_every=1, seq_len=128,
+                     fim_rate=0.0)
+
+
+def grpo_config(**kw) -> GRPOConfig:
+    return GRPOConfig(**{**GRPO_DEFAULTS, **kw})
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks: prompts and rule-based rewards
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Task:
+    name: str
+    sample: Callable[[random.Random], tuple[list[dict], object]]   # rng -> (messages, what the reward needs)
+    reward: Callable[[list[dict], str, object], float]              # (messages, completion, answer) -> reward
+
+
+def _arithmetic_prompt(rng):
+    q, a = arithmetic_problem(rng)
+    return [{"role": "system", "content": ARITHMETIC_SYSTEM}, {"role": "user", "content": q}], a
+
+
+_INTEGER = re.compile(r"^-?\d+$")
+
+BUILTIN_TASKS = {
+    "arithmetic": Task("arithmetic", _arithmetic_prompt, lambda m, c, a: float(c.strip() == a)),
+    "format": Task("format", _arithmetic_prompt, lambda m, c, a: float(bool(_INTEGER.match(c.strip())))),
+}
+
+
+def load_task(name: str, prompts_file: str | None = None) -> Task:
+    if name in BUILTIN_TASKS:
+        return BUILTIN_TASKS[name]
+    module, sep, func = name.partition(":")
+    if not sep or not module or not func:
+        raise TrainError(f"--task {name!r}: one of {', '.join(BUILTIN_TASKS)}, or module:function")
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as e:
+        raise TrainError(f"--task {name}: cannot load it ({e})") from None
+    if not prompts_file:
+        raise TrainError(f"--task {name}: a custom reward needs --prompts FILE.jsonl")
+    prompts = read_prompts(prompts_file)
+    return Task(name, lambda rng: (rng.choice(prompts), None),
+                lambda m, c, a: float(fn(m[-1]["content"], c)))
+
+
+def read_prompts(path: str) -> list[list[dict]]:
+    out = []
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError as e:
+        raise ChatDataError(f"{path}: {e.strerror or e}") from None
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ChatDataError(f"{path}:{n}: not a JSON object ({e})") from None
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+            out.append([{"role": "user", "content": row["prompt"]}])
+        elif isinstance(row, dict) and "messages" in row:
+            msgs = row["messages"]
+            check_messages(msgs + [{"role": "assistant", "content": ""}], f"{path}:{n}")
+            out.append(msgs)
+        else:
+            raise ChatDataError(f"{path}:{n}: expected {{\"prompt\": str}} or {{\"messages\": [...]}}")
+    if not out:
+        raise ChatDataError(f"{path}: no prompts in it")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective
+# ---------------------------------------------------------------------------------------------
+
+def group_advantages(rewards_PG: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """(r - mean of the group) / (std of the group + eps): outcome supervision, every token of output i
+    gets A_i. A group whose rewards are all equal teaches nothing (A = 0)."""
+    mean = rewards_PG.mean(-1, keepdim=True)
+    std = rewards_PG.std(-1, keepdim=True, unbiased=False)
+    return (rewards_PG - mean) / (std + eps)
+
+
+def grpo_loss(logp_NT, logp_old_NT, logp_ref_NT, mask_NT, adv_N, clip_eps: float, beta: float):
+    """-J for N sampled outputs (rows), their completion tokens marked by `mask_NT`. Returns the loss and
+    (mean k3 KL per token, share of tokens whose ratio was clipped)."""
+    ratio = torch.exp(logp_NT - logp_old_NT)
+    a = adv_N[:, None]
+    surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+    log_ref_over = logp_ref_NT - logp_NT
+    kl = torch.exp(log_ref_over) - log_ref_over - 1
+    per_token = (surrogate - beta * kl) * mask_NT
+    lengths = mask_NT.sum(-1).clamp_min(1)
+    loss = -(per_token.sum(-1) / lengths).mean()
+    n = mask_NT.sum().clamp_min(1)
+    clipped = ((ratio - ratio.clamp(1 - clip_eps, 1 + clip_eps)).abs() > 0).float()
+    return loss, ((kl * mask_NT).sum() / n).detach(), ((clipped * mask_NT).sum() / n).detach()
+
+
+def token_logprobs(model, ids_NT, stats=None, return_hidden=False):
+    """log π(token t | tokens < t) for t = 1..T-1 [N, T-1] (fp32), and the final hidden states."""
+    h = model.hidden_states(ids_NT[:, :-1], stats=stats)
+    logits = model.lm_head(h).float()
+    lp = torch.log_softmax(logits, -1).gather(-1, ids_NT[:, 1:, None])[..., 0]
+    return (lp, h) if return_hidden else lp
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+class PromptData:
+    """Prompts of a task, drawn from a generator seeded by (seed, step): no position to save, a resumed
+    run draws the same prompts. Held-out prompts come from their own seed."""
+
+    def __init__(self, tc: GRPOConfig, tok, sp, task: Task):
+        self.tok, self.sp, self.task, self.tc = tok, sp, task, tc
+        self.unigram_entropy, self.val_bytes, self.sampler = None, 0, None
+        rng = random.Random(f"{tc.seed}-held-out")
+        self.val = [task.sample(rng) for _ in range(tc.val_prompts)]
+
+    def prompts(self, step: int, n: int):
+        rng = random.Random(f"{self.tc.seed}-{step}")
+        return [self.task.sample(rng) for _ in range(n)]
+
+    def encode(self, messages) -> list[int]:
+        return encode_chat(self.tok, messages, add_generation_prompt=True)[0]
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def fingerprint(self):
+        return {"splits": {"task": self.task.name}}
+
+    def describe(self):
+        return f"task {self.task.name}, {self.tc.batch_size} prompts x {self.tc.group_size} samples per step"
+
+    def val_batches(self, n):
+        return []
+
+
+class GRPOTrainer(Trainer):
+    def __init__(self, tc: GRPOConfig, log=print, device="cpu"):
+        if not tc.init:
+            raise TrainError("fewchips grpo needs a model to start from: --model DIR")
+        if tc.group_size < 2:
+            raise TrainError(f"--group-size must be at least 2 (advantages compare samples), got {tc.group_size}")
+        self.task = load_task(tc.task, tc.prompts)
+        super().__init__(None, tc, log, device)
+        self.ref = from_pretrained(tc.init, dtype=torch.float32, device=self.device, mtp=False).eval()
+        for p in self.ref.parameters():
+            p.requires_grad_(False)
+
+    def make_data(self, cfg, resume_from):
+        import os
+        path = os.path.join(resume_from or self.tc.init, "tokenizer.json")
+        try:
+            tok = load_tokenizer(path)
+            sp = special_ids(tok, path)
+        except (ValueError, FileNotFoundError) as e:
+            raise TrainError(f"--model: {e}") from None
+        return PromptData(self.tc, tok, sp, self.task)
+
+    def sample(self, prompt_ids: list[list[int]], n: int, greedy: bool = False, seed: int = 0):
+        """n completions per prompt from the current policy with the batched engine: token lists."""
+        from ..inference.engine import Engine, Request
+        from ..inference.sampling import SamplingParams
+        tc = self.tc
+        max_len = max(len(p) for p in prompt_ids) + tc.max_new_tokens + 1
+        engine = Engine(self.model, None, max_batch=len(prompt_ids) * n, max_len=max_len)
+        reqs = [Request(p, SamplingParams(max_tokens=tc.max_new_tokens, temperature=0.0 if greedy else tc.temperature,
+                                          top_p=tc.top_p, seed=seed * 10_000 + i * n + j, stop_token_ids=[self.sp.eos]))
+                for i, p in enumerate(prompt_ids) for j in range(n)]
+        was = self.model.training
+        self.model.eval()
+        engine.run(reqs)
+        self.model.train(was)
+        return [r.output_ids for r in reqs]
+
+    def completion_text(self, ids: list[int]) -> str:
+        return self.tok.decode([t for t in ids if t != self.sp.eos], skip_special_tokens=True)
+
+    def train_step(self) -> StepResult:
+        tc = self.tc
+        P, G = tc.batch_size, tc.group_size
+        problems = self.data.prompts(self.step, P)
+        prompt_ids = [self.data.encode(m) for m, _ in problems]
+        outs = self.sample(prompt_ids, G, seed=tc.seed * 1_000_003 + self.step)
+        rewards = torch.tensor([[self.task.reward(problems[i][0], self.completion_text(outs[i * G + j]),
+                                                  problems[i][1]) for j in range(G)] for i in range(P)])
+        adv = group_advantages(rewards).reshape(-1)
+        # prompt + completion rows, right-padded; the loss reads completion tokens only
+        rows = [prompt_ids[k // G] + outs[k] for k in range(P * G)]
+        T = max(len(r) for r in rows)
+        ids = torch.full((P * G, T), self.sp.eos, dtype=torch.long)
+        mask = torch.zeros(P * G, T - 1)
+        for k, r in enumerate(rows):
+            ids[k, :len(r)] = torch.tensor(r)
+            start = len(prompt_ids[k // G])
+            mask[k, start - 1:len(r) - 1] = 1.0            # position t predicts token t+1
+        ids, mask, adv = ids.to(self.device), mask.to(self.device), adv.to(self.device)
+        stats: list = []
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            logp, h = token_logprobs(self.model, ids, stats, return_hidden=True)
+            with torch.no_grad():
+                logp_ref = token_logprobs(self.ref, ids)
+            loss, kl, clip_frac = grpo_loss(logp, logp.detach(), logp_ref, mask, adv, tc.clip_eps, tc.kl_beta)
+            keep_mtp = tc.mtp_lambda > 0 and not tc.freeze_mtp and len(self.model.mtp) > 0
+            mtp = self._mtp_loss(ids, h, mask, stats) if keep_mtp else None
+        finite = bool(torch.isfinite(loss)) and (mtp is None or bool(torch.isfinite(mtp)))
+        grad_norm = float("nan")
+        loads_LE = torch.zeros(len(self.routers), self.cfg.n_routed_experts, device=self.device)
+        if finite:
+            if mtp is not None:      # MTP's gradient goes to the MTP module only: it follows the policy, never steers it
+                params = [p for p in self.model.mtp.parameters() if p.requires_grad]
+                for p, g in zip(params, torch.autograd.grad(tc.mtp_lambda * mtp, params, allow_unused=True)):
+                    if g is not None:
+                        p.grad = g
+            loss.backward()
+            loads_LE[:len(stats)] += torch.stack([s.load_E for s in stats]) if stats else 0
+            grad_norm = float(self.clip_grad_norm())
+            finite = math.isfinite(grad_norm)
+        if finite:
+            self.opt.step()
+            update_biases(self.routers, self.step_loads(loads_LE),
+                          bias_speed(self.schedule.fraction(self.step), tc.bias_update_speed))
+        self.opt.__dict__.pop("grad_scale", None)
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        self.step += 1
+        lengths = mask.sum(-1)
+        self.tokens_seen += int(lengths.sum())
+        extra = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
+                 "kl": kl.item(), "clip_frac": clip_frac.item(), "completion_len": lengths.mean().item(),
+                 "groups_with_signal": int((rewards.std(-1) > 0).sum())}
+        return StepResult(loss.item() if finite else float("nan"), mtp.item() if mtp is not None else 0.0, 0.0,
+                          grad_norm, loads_LE.cpu(), not finite, P * G, extra, tokens=int(ids.numel()))
+
+    def _mtp_loss(self, ids, h, mask, stats):
+        """MTP depth 1 on the sampled rows: position t predicts token t+2, scored on completion tokens. It
+        reads the policy's hidden states detached, and only its own parameters take this loss's gradient."""
+        logits = self.model.mtp_forward(ids[:, :-1], h.detach(), stats)[0]             # [N, T-2, V]
+        target_mask = mask[:, 1:]
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 2:].reshape(-1), reduction="none")
+        return (ce * target_mask.reshape(-1)).sum() / target_mask.sum().clamp_min(1)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Greedy replies to the held-out prompts: their mean reward."""
+        ids = [self.data.encode(m) for m, _ in self.data.val]
+        outs = self.sample(ids, 1, greedy=True)
+        rewards = [self.task.reward(m, self.completion_text(o), a) for (m, a), o in zip(self.data.val, outs)]
+        return {"val_reward": float(np.mean(rewards)), "val_len": float(np.mean([len(o) for o in outs]))}
+
+    def _eval_and_plot(self, bar):
+        ev = self.evaluate()
+        self._write({"step": self.step, **ev})
+        (bar.write if bar is not None else self.log)(
+            f"step {self.step}: held-out reward {ev['val_reward']:.3f} (greedy), reply length {ev['val_len']:.1f}")
+        if self.tc.plots:
+            self.plot()
+        return ev
+
+    def plot(self):
+        from .plots import write_grpo_plots
+        write_grpo_plots(self.metrics_path, self.tc.out)
+
+
+def grpo(tc: GRPOConfig, log=print) -> dict:
+    return GRPOTrainer(dataclasses.replace(tc), log).train()

@@ -1,0 +1,58 @@
+"""`fewchips sft`: supervised fine-tuning as DeepSeek-V3's post-training starts (arXiv 2412.19437
+§5.1): the trainer of pre-training, started from a model directory, on chat data packed with sample
+masking, the loss on the assistant's tokens, the MTP module trained alongside (or frozen), and the
+report's SFT learning-rate shape (cosine from the peak to a fifth of it: 5e-6 -> 1e-6 for V3).
+
+The result is an ordinary model directory (weights, tokenizer, chat template) that `fewchips chat`,
+`fewchips serve`, `fewchips eval` and transformers read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .chat import ChatData, read_chats
+from .config import TrainConfig, TrainError
+from .tokenizer import load_tokenizer, special_ids
+from .trainer import Trainer
+
+# Defaults where fine-tuning differs from pre-training (the rest are TrainConfig's).
+SFT_DEFAULTS = dict(steps=200, batch_size=8, seq_len=512, lr=3e-4, lr_schedule="cosine", min_lr_ratio=0.2,
+                    mtp_lambda=0.1, mtp_lambda_late=0.1, val_fraction=0.05, eval_every=50, save_every=100,
+                    fim_rate=0.0)
+
+
+def sft_config(**kw) -> TrainConfig:
+    return TrainConfig(**{**SFT_DEFAULTS, **kw})
+
+
+class SFTTrainer(Trainer):
+    """The trainer on chats. `chats` (a list of conversations) overrides `tc.data` (a .jsonl file);
+    with neither, the bundled set (`fewchips.train.bundled`)."""
+
+    def __init__(self, tc: TrainConfig, log=print, device="cpu", chats=None):
+        if not tc.init:
+            raise TrainError("fewchips sft needs a model to start from: --model DIR")
+        self._chats = chats
+        super().__init__(None, tc, log, device)
+
+    def make_data(self, cfg, resume_from):
+        import os
+        path = os.path.join(resume_from or self.tc.init, "tokenizer.json")
+        try:
+            tok = load_tokenizer(path)
+            sp = special_ids(tok, path)
+        except (ValueError, FileNotFoundError) as e:
+            raise TrainError(f"--model: {e}") from None
+        chats = self._chats
+        if chats is None and self.tc.data:
+            chats = read_chats(self.tc.data)
+        if chats is None:
+            from .bundled import bundled_chats
+            chats = bundled_chats(self.tc.seed)
+            self.log(f"data: the bundled chats ({len(chats):,} conversations: standard-library functions and arithmetic)")
+        return ChatData(self.tc, tok, sp, self.log, chats)
+
+
+def sft(tc: TrainConfig, log=print, chats=None) -> dict:
+    return SFTTrainer(dataclasses.replace(tc), log, chats=chats).train()

@@ -1,0 +1,172 @@
+"""Supervised fine-tuning: the chat format equals transformers' rendering of the template fewchips
+writes, packed samples are isolated (each one's logits equal its logits alone; positions restart),
+the loss counts the assistant's tokens only, bad chat rows are named, and `fewchips sft` runs from a
+model directory to a model directory that fine-tunes the held-out loss down."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import random_model, tiny_config
+from fewchips.train import trainer as T
+from fewchips.train.chat import ChatDataError, batch_of, encode_chat, pack, read_chats
+from fewchips.train.tokenizer import save_tokenizer, special_ids, train_tokenizer
+from train_utils import _restore_threads, quiet  # noqa: F401
+
+TEXT = ["def add(a, b):\n    return a + b\n", "the quick brown fox jumps over the lazy dog. " * 20,
+        "What is 3 + 4? 7. What is 9 - 2? 7.", "print('hello world')\n" * 10]
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", "content": "7"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "system", "content": "Use numbers."},
+     {"role": "user", "content": "What is 9 - 2?"}, {"role": "assistant", "content": "7"},
+     {"role": "user", "content": "And 1 + 1?"}, {"role": "assistant", "content": "2, of course"}],
+    [{"role": "user", "content": "def add"}, {"role": "assistant", "content": "def add(a, b):\n    return a + b\n"},
+     {"role": "user", "content": "thanks"}],
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    tok = train_tokenizer(TEXT * 5, 300)
+    save_tokenizer(tok, str(d))
+    return d, tok
+
+
+@pytest.mark.parametrize("conv", range(len(CONVERSATIONS)))
+@pytest.mark.parametrize("gen", [False, True])
+def test_chat_ids_equal_transformers_apply_chat_template(tokenizer_dir, conv, gen):
+    transformers = pytest.importorskip("transformers")
+    d, tok = tokenizer_dir
+    hf = transformers.AutoTokenizer.from_pretrained(str(d))
+    msgs = CONVERSATIONS[conv]
+    want = hf.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True)
+    want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+    ids, train = encode_chat(tok, msgs, add_generation_prompt=gen)
+    assert ids == list(want)
+    from fewchips.inference.tokenizer import Tokenizer
+    if gen:                                                             # what chat and the server send
+        assert Tokenizer.from_dir(str(d)).apply_chat_template(msgs) == ids
+    text = tok.decode([i for i, t in zip(ids, train) if t], skip_special_tokens=False)
+    assert text == "".join(m["content"] + "<｜end▁of▁sentence｜>" for m in msgs if m["role"] == "assistant")
+
+
+def packed_three(tok, seq_len=200):
+    samples = [encode_chat(tok, c) for c in CONVERSATIONS]
+    rows = pack(samples, seq_len, special_ids(tok).eos)
+    assert len(rows.ids) == 1 and sorted(set(rows.segment[0].tolist())) == [-1, 0, 1, 2]
+    return samples, rows
+
+
+def test_a_packed_sample_sees_only_itself(tokenizer_dir):
+    """Three samples in one row: each one's logits equal its logits run alone (fp32, 1e-5), MTP too."""
+    _, tok = tokenizer_dir
+    model = random_model(tiny_config(vocab_size=300), std=0.1)
+    samples, rows = packed_three(tok)
+    b = batch_of(rows, [0])
+    with torch.no_grad():
+        h = model.hidden_states(b.ids[:, :-1], b.position[:, :-1], segments=b.segment[:, :-1])
+        mtp = model.mtp_forward(b.ids[:, :-1], h, None, b.position[:, :-1], b.segment[:, :-1])[0]
+        at = 0
+        for ids, _ in samples:
+            alone = torch.tensor([ids])
+            h1 = model.hidden_states(alone)
+            n = min(len(ids), b.ids.shape[1] - 1 - at)
+            torch.testing.assert_close(model.lm_head(h)[0, at:at + n], model.lm_head(h1)[0, :n], rtol=1e-5, atol=1e-5)
+            m1 = model.mtp_forward(alone, h1)[0]
+            k = min(n, len(ids)) - 1
+            torch.testing.assert_close(mtp[0, at:at + k], m1[0, :k], rtol=1e-5, atol=1e-5)
+            at += len(ids)
+
+
+def test_sft_loss_counts_assistant_tokens_only(tokenizer_dir):
+    """The packed loss (main and MTP) is the CE over the assistant's tokens only, each sample scored alone,
+    so what the user or system said is context, never a target."""
+    _, tok = tokenizer_dir
+    model = random_model(tiny_config(vocab_size=300), std=0.1)
+    samples, rows = packed_three(tok)
+    batch = batch_of(rows, [0])
+    with torch.no_grad():
+        main, mtp, _, _ = T.compute_losses(model, batch, 0.3, None)
+        total, count, mtp_total = 0.0, 0, 0.0
+        for ids, train in samples:
+            x = torch.tensor([ids])
+            h = model.hidden_states(x)
+            ce = F.cross_entropy(model.lm_head(h)[0, :-1], x[0, 1:], reduction="none")
+            keep = torch.tensor(train[1:])
+            total += ce[keep].sum().item()
+            count += int(keep.sum())
+            ce2 = F.cross_entropy(model.mtp_forward(x, h)[0][0, :-1], x[0, 2:], reduction="none")
+            mtp_total += ce2[torch.tensor(train[2:])].sum().item()
+    assert main.item() == pytest.approx(total / count, rel=1e-5)
+    assert mtp.item() == pytest.approx(mtp_total / count, rel=1e-5)
+    # the same rows scored on every token of every sample: a different number (the mask is what selects)
+    everything = type(batch)(batch.ids, batch.segment >= 0, batch.segment, batch.position)
+    with torch.no_grad():
+        assert abs(T.compute_losses(model, everything, 0.3, None)[0].item() - main.item()) > 1e-3
+
+
+def test_bad_chat_rows_are_named(tmp_path):
+    f = tmp_path / "c.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]}]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ChatDataError, match=r"c\.jsonl:2: messages\[1\]\.content must be a string"):
+        read_chats(str(f))
+    f.write_text('{"messages": [{"role": "user", "content": "no answer"}]}\n')
+    with pytest.raises(ChatDataError, match=r"c\.jsonl:1: no assistant message"):
+        read_chats(str(f))
+    f.write_text("not json\n")
+    with pytest.raises(ChatDataError, match=r"c\.jsonl:1: not a JSON object"):
+        read_chats(str(f))
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A micro model pre-trained for a few steps on a corpus that includes chat-like text."""
+    from fewchips.train import Trainer
+    from train_utils import micro_config, train_config, write_corpus
+    root = tmp_path_factory.mktemp("pt")
+    corpus = write_corpus(root / "corpus")
+    tr = Trainer(micro_config(), train_config(root / "model", corpus, steps=20), log=quiet)
+    tr.train()
+    return str(root / "model")
+
+
+def small_chats(n=120, seed=0):
+    from fewchips.train.bundled import arithmetic_chats
+    return arithmetic_chats(n, seed)
+
+
+def test_sft_lowers_held_out_assistant_loss_and_writes_a_model_dir(pretrained, tmp_path):
+    from fewchips import from_pretrained
+    from fewchips.inference.tokenizer import Tokenizer
+    from fewchips.train.sft import SFTTrainer, sft_config
+    tc = sft_config(init=pretrained, out=str(tmp_path / "sft"), steps=30, batch_size=8, seq_len=64, lr=3e-3,
+                    eval_every=30, val_fraction=0.2, plots=False, progress=False, dtype="fp32", threads=1, log_every=1)
+    tr = SFTTrainer(tc, quiet, chats=small_chats())
+    before = tr.evaluate()["val_loss"]
+    mtp_before = tr.model.mtp[0].eh_proj.weight.detach().clone()
+    result = tr.train()
+    assert result["val_loss"] < before - 1.0, (before, result["val_loss"])
+    assert not torch.equal(tr.model.mtp[0].eh_proj.weight, mtp_before)          # MTP trained alongside
+    out = str(tmp_path / "sft")
+    assert set(os.listdir(out)) >= {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    assert "chat_template" in json.load(open(os.path.join(out, "tokenizer_config.json")))
+    model, tok = from_pretrained(out), Tokenizer.from_dir(out)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}])[-1] == tok.tok.token_to_id("<｜Assistant｜>")
+    assert model.config.num_nextn_predict_layers == 1
+
+
+def test_freeze_mtp_leaves_the_mtp_module_alone(pretrained, tmp_path):
+    from fewchips import from_pretrained
+    from fewchips.train.sft import SFTTrainer, sft_config
+    tc = sft_config(init=pretrained, out=str(tmp_path / "f"), steps=3, batch_size=4, seq_len=64, freeze_mtp=True,
+                    plots=False, progress=False, dtype="fp32", threads=1)
+    SFTTrainer(tc, quiet, chats=small_chats(40)).train()
+    a, b = from_pretrained(pretrained).state_dict(), from_pretrained(str(tmp_path / "f")).state_dict()
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    assert changed and all(not k.startswith("mtp.") or k.endswith("e_score_correction_bias") for k in changed)
