@@ -24,12 +24,12 @@ def main(out="runs/demo"):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         val = [r for r in map(json.loads, f) if "val_loss" in r]
     with open(os.path.join(out, "checkpoint", "train_state.pt"), "rb") as f:
-        entropy = torch.load(f, map_location="cpu", weights_only=True)["corpus"]["unigram_entropy_nats"]
+        entropy = torch.load(f, map_location="cpu", weights_only=True)["corpus"].get("unigram_entropy_nats")
     if val:
         curve = ", ".join(f"{r['step']}: {r['val_loss']:.2f}" for r in val)
         print(f"\nvalidation loss by step (nats/token): {curve}")
-        print(f"final: {val[-1]['val_loss']:.3f} nats/token = {val[-1]['val_bpb']:.3f} bits/byte "
-              f"(unigram entropy of the corpus: {entropy:.3f} nats/token)\n")
+        print(f"final: {val[-1]['val_loss']:.3f} nats/token = {val[-1]['val_bpb']:.3f} bits/byte"
+              + (f" (unigram entropy of the corpus: {entropy:.3f} nats/token)" if entropy else "") + "\n")
     t0 = time.time()
     for i, prompt in enumerate(PROMPTS):
         ids = tok.encode(prompt).ids          # the tokenizer puts BOS first, as in training

@@ -203,3 +203,13 @@ def test_config_and_set_flags(tmp_path, capsys):
     assert "did you mean 'n_routed_experts'" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "o"), "--init", str(tmp_path), "--set", "x=1"]) == 2
     assert "--init takes the model's config from its directory" in capsys.readouterr().err
+
+
+def test_demo_script_reads_a_finished_run(tmp_path, corpus, capsys, monkeypatch):
+    """`make demo`'s second half (python -m fewchips.demo OUT) on a run the trainer just wrote."""
+    from fewchips import demo
+    Trainer(micro_config(), train_config(tmp_path / "run", corpus, steps=2, eval_every=2), log=quiet).train()
+    monkeypatch.setattr(demo, "PROMPTS", demo.PROMPTS[:1])
+    demo.main(str(tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert "validation loss by step" in out and "unigram entropy of the corpus" in out and "--- sample 1" in out

@@ -407,7 +407,7 @@ class TextData:
         self.sampler.load_state_dict(state)
 
     def fingerprint(self) -> dict:
-        return {"splits": self.corpus.index["splits"]}
+        return self.corpus.index            # its "splits" must match on resume; `fewchips.demo` reads the rest
 
     def describe(self) -> str:
         return (f"train {len(self.corpus.train.tokens):,} tokens, val {len(self.corpus.val.tokens):,}; "
