@@ -170,3 +170,18 @@ def test_freeze_mtp_leaves_the_mtp_module_alone(pretrained, tmp_path):
     a, b = from_pretrained(pretrained).state_dict(), from_pretrained(str(tmp_path / "f")).state_dict()
     changed = [k for k in a if not torch.equal(a[k], b[k])]
     assert changed and all(not k.startswith("mtp.") or k.endswith("e_score_correction_bias") for k in changed)
+
+
+def test_a_bad_chats_file_loses_nothing_already_written(pretrained, tmp_path):
+    """--overwrite with a malformed chats file: the error names the row, the earlier run stays whole."""
+    from fewchips.train.sft import SFTTrainer, sft_config
+    out = tmp_path / "run"
+    kw = dict(init=pretrained, out=str(out), steps=2, batch_size=4, seq_len=64, plots=False, progress=False,
+              dtype="fp32", threads=1)
+    SFTTrainer(sft_config(**kw), quiet, chats=small_chats(30)).train()
+    before = {p: (out / p).read_bytes() for p in ("metrics.jsonl", "checkpoint/train_state.pt", "model.safetensors")}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(ChatDataError, match=r"bad\.jsonl:1: no assistant message"):
+        SFTTrainer(sft_config(**kw, data=str(bad), overwrite=True), quiet)
+    assert {p: (out / p).read_bytes() for p in before} == before

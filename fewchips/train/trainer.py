@@ -476,10 +476,6 @@ class Trainer:
         if has_ckpt and not tc.resume and not tc.overwrite:
             raise TrainError(f"{tc.out} already holds a training run; pass --resume to continue it or "
                              f"--overwrite to start over (the tokenised data cache is kept)")
-        if tc.overwrite and not tc.resume:
-            for name in ("checkpoint", "checkpoint.old", "metrics.jsonl"):
-                p = os.path.join(tc.out, name)
-                shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
         os.makedirs(tc.out, exist_ok=True)
         try:
             self.lock.acquire()                      # one writer per output folder
@@ -509,6 +505,11 @@ class Trainer:
         raise TrainError(f"--resume: no checkpoint in {self.ckpt_dir}")
 
     def _reset_metrics(self):
+        """A fresh run: with --overwrite the previous run's checkpoints go, only now that the data and the
+        model are ready (a bad data file or config has stopped the run before anything was deleted)."""
+        if self.tc.overwrite:
+            for d in (self.ckpt_dir, self.ckpt_dir + ".old"):
+                shutil.rmtree(d, ignore_errors=True)
         open(self.metrics_path, "w").close()
 
     # ---- one step ----------------------------------------------------------------------------
