@@ -72,7 +72,7 @@ def main():
     ap.add_argument("--base", default="runs/demo")
     ap.add_argument("--out", default="runs/post")
     ap.add_argument("--sft-steps", type=int, default=200)
-    ap.add_argument("--grpo-steps", type=int, default=60)
+    ap.add_argument("--grpo-steps", type=int, default=100)
     ap.add_argument("--prompts", type=int, default=48, help="held-out chat prompts for the acceptance rate")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -108,7 +108,7 @@ def main():
         save()
     sft_dir = os.path.join(args.out, "sft")
     tc = grpo_config(init=sft_dir, out=os.path.join(args.out, "grpo"), steps=args.grpo_steps, overwrite=True,
-                     progress=False, threads=args.threads, seed=args.seed, eval_every=10, max_new_tokens=8)
+                     progress=False, threads=args.threads, seed=args.seed, eval_every=20, max_new_tokens=6)
     tr = GRPOTrainer(tc, print)
     start = tr.evaluate()
     t0 = time.time()
@@ -118,9 +118,11 @@ def main():
     summary["grpo"] = {"heldout_reward_start": start["val_reward"], "heldout_reward_end": result["val_reward"],
                        "curve": [(r["step"], r["val_reward"]) for r in recs if "val_reward" in r],
                        "kl_last": [r["kl"] for r in recs if "kl" in r][-1],
-                       "sampled_reward_first10": sum(r["reward_mean"] for r in recs if "reward_mean" in r and r["step"] <= 10) / 10,
-                       "sampled_reward_last10": sum(r["reward_mean"] for r in recs if "reward_mean" in r
-                                                    and r["step"] > args.grpo_steps - 10) / 10,
+                       "sampled_reward_by_20_steps": [round(sum(r["reward_mean"] for r in recs if "reward_mean" in r
+                                                                and a < r["step"] <= a + 20) / 20, 4)
+                                                      for a in range(0, args.grpo_steps, 20)],
+                       "kl_by_20_steps": [round(sum(r["kl"] for r in recs if "kl" in r and a < r["step"] <= a + 20) / 20, 4)
+                                          for a in range(0, args.grpo_steps, 20)],
                        "seconds": time.time() - t0}
     save()
     print(json.dumps(summary, indent=2))

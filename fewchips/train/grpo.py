@@ -44,16 +44,16 @@ from .trainer import StepResult, Trainer, bias_speed, update_biases
 class GRPOConfig(TrainConfig):
     task: str = "arithmetic"             # arithmetic | format | module:function
     prompts: str | None = None           # .jsonl of prompts for a module:function task
-    group_size: int = 8                  # G completions per prompt
+    group_size: int = 16                 # G completions per prompt
     max_new_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     clip_eps: float = 0.2                # ε
     kl_beta: float = 0.04                # β (DeepSeekMath's value)
-    val_prompts: int = 64                # held-out prompts scored greedily at each evaluation
+    val_prompts: int = 200               # held-out prompts scored greedily at each evaluation
 
 
-GRPO_DEFAULTS = dict(steps=100, batch_size=8, lr=1e-4, lr_schedule="cosine", min_lr_ratio=1.0, warmup_steps=0,
+GRPO_DEFAULTS = dict(steps=100, batch_size=16, lr=1e-4, lr_schedule="cosine", min_lr_ratio=1.0, warmup_steps=0,
                      mtp_lambda=0.1, mtp_lambda_late=0.1, eval_every=20, save_every=50, log_every=1, seq_len=128,
                      fim_rate=0.0)
 
