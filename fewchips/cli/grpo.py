@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 
 def register(sub):
     from fewchips.train.grpo import grpo_config
@@ -38,22 +36,9 @@ def register(sub):
 
 
 def run(args):
-    import dataclasses
-
-    from fewchips.train import TrainError
     from fewchips.train.grpo import grpo, grpo_config
-    from fewchips.train.stopping import TrainInterrupted
 
-    names = {f.name for f in dataclasses.fields(grpo_config())}
-    tc = grpo_config(**{k: v for k, v in vars(args).items() if k in names})
-    try:
-        result = grpo(tc)
-    except TrainError as e:
-        print(f"fewchips grpo: error: {e}", file=sys.stderr)
-        return 1
-    except TrainInterrupted as e:
-        print(f"fewchips grpo: {e}; continue with --resume", file=sys.stderr)
-        return e.exit_code
-    if "val_reward" in result:
-        print(f"done: step {result['step']}, held-out reward {result['val_reward']:.3f} (greedy); model in {args.out}")
-    return 0
+    from .train import run_trainer
+    return run_trainer("grpo", grpo_config, grpo, args,
+                       lambda r: (f"done: step {r['step']}, held-out reward {r['val_reward']:.3f} (greedy); "
+                                  f"model in {args.out}" if "val_reward" in r else None))

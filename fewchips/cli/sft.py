@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 
 def register(sub):
     from fewchips.train.sft import sft_config
@@ -28,23 +26,9 @@ def register(sub):
 
 
 def run(args):
-    import dataclasses
-
-    from fewchips.train import TrainError
     from fewchips.train.sft import sft, sft_config
-    from fewchips.train.stopping import TrainInterrupted
 
-    names = {f.name for f in dataclasses.fields(sft_config())}
-    tc = sft_config(**{k: v for k, v in vars(args).items() if k in names})
-    try:
-        result = sft(tc)
-    except TrainError as e:
-        print(f"fewchips sft: error: {e}", file=sys.stderr)
-        return 1
-    except TrainInterrupted as e:
-        print(f"fewchips sft: {e}; continue with --resume", file=sys.stderr)
-        return e.exit_code
-    if "val_loss" in result:
-        print(f"done: step {result['step']}, held-out assistant loss {result['val_loss']:.3f} nats/token "
-              f"({result['val_bpb']:.3f} bits/byte); model in {args.out}")
-    return 0
+    from .train import run_trainer
+    return run_trainer("sft", sft_config, sft, args,
+                       lambda r: (f"done: step {r['step']}, held-out assistant loss {r['val_loss']:.3f} nats/token "
+                                  f"({r['val_bpb']:.3f} bits/byte); model in {args.out}" if "val_loss" in r else None))

@@ -121,6 +121,29 @@ def add_run_flags(p, pretrain: bool = True):
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def run_trainer(command: str, make_config, runner, args, done) -> int:
+    """Build the command's TrainConfig from the parsed flags, run it, and turn its ends into exit codes:
+    a TrainError is one line and 1; a signal stop says how to resume and exits 128 + the signal."""
+    import dataclasses
+
+    from fewchips.train import TrainError
+    from fewchips.train.stopping import TrainInterrupted
+    names = {f.name for f in dataclasses.fields(make_config())}
+    try:
+        result = runner(make_config(**{k: v for k, v in vars(args).items() if k in names}))
+    except TrainError as e:
+        print(f"fewchips {command}: error: {e}", file=sys.stderr)
+        return 1
+    except TrainInterrupted as e:
+        print(f"fewchips {command}: {e}; continue with --resume", file=sys.stderr)
+        return e.exit_code
+    if result is not None:
+        message = done(result)
+        if message:
+            print(message)
+    return 0
+
+
 def model_config(args):
     """The model's shape: --init's directory, else --config or --preset, then each --set."""
     import json

@@ -34,21 +34,25 @@ class ChatDataError(TrainError):
     """A chats file or a row of it cannot be used; the message names the file, line and field."""
 
 
-def read_chats(path: str) -> list[list[dict]]:
-    """Conversations from a .jsonl file of {"messages": [...]} rows, each checked; the error names the
-    line and field of the first bad row (nothing is trained on a file with one)."""
+def read_jsonl(path: str):
+    """(where, object) for each non-empty line of a .jsonl file; `where` is "path:line" for messages."""
     if not os.path.exists(path):
         raise ChatDataError(f"{path}: no such file")
-    chats = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield f"{path}:{n}", json.loads(line)
             except ValueError as e:
                 raise ChatDataError(f"{path}:{n}: not a JSON object ({e})") from None
-            chats.append(check_messages(row.get("messages") if isinstance(row, dict) else None, f"{path}:{n}"))
+
+
+def read_chats(path: str) -> list[list[dict]]:
+    """Conversations from a .jsonl file of {"messages": [...]} rows, each checked; the error names the
+    line and field of the first bad row (nothing is trained on a file with one)."""
+    chats = [check_messages(row.get("messages") if isinstance(row, dict) else None, where)
+             for where, row in read_jsonl(path)]
     if not chats:
         raise ChatDataError(f"{path}: no conversations in it")
     return chats

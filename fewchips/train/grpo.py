@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import math
 import random
 import re
@@ -34,10 +33,9 @@ import torch.nn.functional as F
 
 from ..checkpoint import from_pretrained
 from .bundled import ARITHMETIC_SYSTEM, arithmetic_problem
-from .chat import ChatDataError, check_messages, encode_chat
+from .chat import ChatDataError, check_messages, encode_chat, read_jsonl
 from .config import TrainConfig, TrainError
-from .tokenizer import load_tokenizer, special_ids
-from .trainer import StepResult, Trainer, bias_speed, update_biases
+from .trainer import StepResult, Trainer, bias_speed, model_tokenizer, update_biases
 
 
 @dataclass
@@ -104,26 +102,17 @@ def load_task(name: str, prompts_file: str | None = None) -> Task:
 
 
 def read_prompts(path: str) -> list[list[dict]]:
+    """Prompts from a .jsonl of {"prompt": str} or {"messages": [...]} rows (no assistant turn needed)."""
     out = []
-    try:
-        lines = open(path, encoding="utf-8").read().splitlines()
-    except OSError as e:
-        raise ChatDataError(f"{path}: {e.strerror or e}") from None
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise ChatDataError(f"{path}:{n}: not a JSON object ({e})") from None
+    for where, row in read_jsonl(path):
         if isinstance(row, dict) and isinstance(row.get("prompt"), str):
             out.append([{"role": "user", "content": row["prompt"]}])
         elif isinstance(row, dict) and "messages" in row:
             msgs = row["messages"]
-            check_messages(msgs + [{"role": "assistant", "content": ""}], f"{path}:{n}")
+            check_messages(msgs + [{"role": "assistant", "content": ""}], where)
             out.append(msgs)
         else:
-            raise ChatDataError(f"{path}:{n}: expected {{\"prompt\": str}} or {{\"messages\": [...]}}")
+            raise ChatDataError(f"{where}: expected {{\"prompt\": str}} or {{\"messages\": [...]}}")
     if not out:
         raise ChatDataError(f"{path}: no prompts in it")
     return out
@@ -215,13 +204,7 @@ class GRPOTrainer(Trainer):
             p.requires_grad_(False)
 
     def make_data(self, cfg, resume_from):
-        import os
-        path = os.path.join(resume_from or self.tc.init, "tokenizer.json")
-        try:
-            tok = load_tokenizer(path)
-            sp = special_ids(tok, path)
-        except (ValueError, FileNotFoundError) as e:
-            raise TrainError(f"--model: {e}") from None
+        tok, sp = model_tokenizer(resume_from or self.tc.init)
         return PromptData(self.tc, tok, sp, self.task)
 
     def sample(self, prompt_ids: list[list[int]], n: int, greedy: bool = False, seed: int = 0):

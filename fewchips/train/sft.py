@@ -13,8 +13,7 @@ import dataclasses
 
 from .chat import ChatData, read_chats
 from .config import TrainConfig, TrainError
-from .tokenizer import load_tokenizer, special_ids
-from .trainer import Trainer
+from .trainer import Trainer, model_tokenizer
 
 # Defaults where fine-tuning differs from pre-training (the rest are TrainConfig's).
 SFT_DEFAULTS = dict(steps=200, batch_size=8, seq_len=512, lr=3e-4, lr_schedule="cosine", min_lr_ratio=0.2,
@@ -37,13 +36,7 @@ class SFTTrainer(Trainer):
         super().__init__(None, tc, log, device)
 
     def make_data(self, cfg, resume_from):
-        import os
-        path = os.path.join(resume_from or self.tc.init, "tokenizer.json")
-        try:
-            tok = load_tokenizer(path)
-            sp = special_ids(tok, path)
-        except (ValueError, FileNotFoundError) as e:
-            raise TrainError(f"--model: {e}") from None
+        tok, sp = model_tokenizer(resume_from or self.tc.init)
         chats = self._chats
         if chats is None and self.tc.data:
             chats = read_chats(self.tc.data)

@@ -771,6 +771,16 @@ def check_resume_fields(saved: dict, tc: TrainConfig, log=print):
     log(f"warning: {what} changes the schedule: {plan} (--allow-schedule-change)")
 
 
+def model_tokenizer(folder: str):
+    """A model directory's tokenizer.json and its special ids, or one error naming the file."""
+    path = os.path.join(folder, "tokenizer.json")
+    try:
+        tok = load_tokenizer(path)
+        return tok, special_ids(tok, path)
+    except (ValueError, FileNotFoundError) as e:
+        raise TrainError(f"--model: {e}") from None
+
+
 def init_config(path: str, log=print) -> ModelConfig:
     """The config of a model directory to start from, its MTP layers counted only if their weights are there."""
     try:
