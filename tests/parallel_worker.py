@@ -162,6 +162,58 @@ def fp8_parity(par, out):
             "n_split": len(split), "fp8_ffn": all(getattr(m.swiglu, "func", None) is fp8_expert_swiglu for m in split)}
 
 
+def pipeline(schedule, microbatches):
+    """Pipeline parallelism over all ranks (pp = world size): one step's loss, the gradients of every
+    parameter a rank holds and the balancing biases after the update, against one process."""
+    from fewchips.parallel.pipeline import build_pipeline, tie_embeddings
+    from fewchips.train.trainer import compute_losses, moe_routers
+    from fewchips.train.trainer import update_biases as update
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = tiny_config(num_hidden_layers=4)
+    ref = random_model(cfg).train()
+    model = copy.deepcopy(ref)
+    ids = batch(1, cfg)                                     # windows [B, T+1]
+    sched, mods, tie = build_pipeline(model, dist.group.WORLD, (B // microbatches, T), schedule, microbatches)
+    routers_all = moe_routers(model)
+    loads = torch.zeros(len(routers_all), cfg.n_routed_experts)
+    for m in mods:
+        m.loads_LE = loads
+    losses = []
+    holds_first = any(m.first for m in mods)
+    holds_last = any(m.last for m in mods)
+    args = (ids,) if holds_first else ()
+    kwargs = {"target": ids, "losses": losses} if holds_last else {}
+    sched.step(*args, **kwargs)
+    tie_embeddings(mods, tie)
+    main, mtp, bal, stats = compute_losses(ref, ids, 0.3, None)
+    ref_loss = main + 0.3 * mtp + 1e-4 * bal
+    ref_loss.backward()
+    res = {"rank": rank}
+    if holds_last:
+        res["loss"], res["ref_loss"] = float(sum(t.item() for t in losses)), ref_loss.item()
+    refp = dict(ref.named_parameters())
+    worst, n = 0.0, 0
+    seen = set()
+    for m in mods:
+        for name, p in m.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            full_name = next(k for k, q in model.named_parameters() if q is p) if any(q is p for q in model.parameters()) \
+                else "model.embed_tokens.weight"          # the last stage's own copy of the embedding
+            r = refp[full_name].grad
+            worst = max(worst, ((p.grad - r).abs().max() / (r.abs().max() + 1e-30)).item())
+            n += 1
+    res["grad_rel_err"], res["n_params"] = worst, n
+    dist.all_reduce(loads)
+    update(routers_all, loads, GAMMA)
+    update(moe_routers(ref), torch.stack([s.load_E for s in stats]), GAMMA)
+    local = {id(r) for m in mods for r in m.modules() if isinstance(r, Router)}
+    res["bias_vs_ref"] = max((a.e_score_correction_bias - b.e_score_correction_bias).abs().max().item()
+                             for a, b in zip(routers_all, moe_routers(ref)) if id(a) in local)
+    return res
+
+
 def resume(par, out, ckpt):
     """Load a checkpoint written at another world size and take step 2."""
     cfg = tiny_config()
@@ -194,6 +246,13 @@ def fault(par, out, how="die"):
 
 def main():
     scenario, out = sys.argv[1], sys.argv[2]
+    if scenario == "pipeline":                              # no dp x ep mesh: every rank is a pipeline stage
+        dist.init_process_group("gloo")
+        res = pipeline(sys.argv[3], int(sys.argv[4]))
+        with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
+            json.dump(res, f)
+        dist.destroy_process_group()
+        return
     ep = int(sys.argv[3]) if len(sys.argv) > 3 else 2
     par = init_parallel(ep=ep, timeout_s=float(os.environ.get("FEWCHIPS_TEST_TIMEOUT", "60")))
     if scenario == "parity":

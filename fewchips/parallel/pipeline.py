@@ -1,0 +1,210 @@
+"""Pipeline parallelism with `torch.distributed.pipelining` (DeepSeek-V3 trained with 16-way DualPipe,
+arXiv 2412.19437 §3.2.1): the model cut into stages of contiguous decoder layers, one schedule from
+torch (DualPipeV by default; 1F1B, interleaved 1F1B, ZBV), no scheduler of our own.
+
+Stages take and return tensors only:
+
+    first stage   ids [mb, T+1]                  -> (h, ids, balance)
+    middle        (h, ids, balance)              -> (h, ids, balance)
+    last stage    (h, ids, balance)              -> loss / n_microbatches  [1]
+
+`ids` (the window: inputs and targets) rides along to the last stage, which needs it for the targets
+and for the MTP module's token inputs; `balance` accumulates the layers' sequence-wise balance terms,
+so its gradient flows back through every stage to every router. The last stage computes the whole
+loss of the trainer (next-token CE + λ·MTP + α·balance, as `train.trainer.compute_losses`). Expert
+loads are not differentiable: each stage adds them to `loads_LE` (a row per MoE layer of the whole
+model), and the trainer sums them over pipeline ranks before the bias update, so every rank applies
+the update one process would.
+
+Placement. With DualPipeV each rank holds two stages in a V (rank r: stages r and 2·pp−1−r), so the
+first stage (embedding) and the last (head, MTP) share a rank and share the embedding module itself:
+its gradient from both accumulates in one tensor, as the report places them. With one stage per rank
+(1F1B) the last stage holds a copy of the embedding for the MTP module's inputs, and the two copies'
+gradients are summed (`tie_embeddings`) so they take identical steps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import DeepseekV3, MoE
+
+SCHEDULES = {"dualpipev": "ScheduleDualPipeV", "1f1b": "Schedule1F1B", "interleaved1f1b": "ScheduleInterleaved1F1B",
+             "zbv": "ScheduleZBVZeroBubble"}
+V_SCHEDULES = ("dualpipev", "zbv")
+
+
+def stages_per_rank(schedule: str) -> int:
+    return 2 if schedule in V_SCHEDULES + ("interleaved1f1b",) else 1
+
+
+def split_layers(n_layers: int, n_stages: int) -> list[range]:
+    """Contiguous runs of decoder layers, as even as the count allows (the first runs take the extra)."""
+    if n_stages > n_layers:
+        raise ValueError(f"{n_stages} pipeline stages for {n_layers} decoder layers: at most one stage per layer")
+    base, extra = divmod(n_layers, n_stages)
+    out, start = [], 0
+    for s in range(n_stages):
+        n = base + (s < extra)
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+def stage_ranks(pp: int, n_stages: int, schedule: str) -> list[int]:
+    """The pipeline rank that holds each stage: a V for V schedules, round robin otherwise."""
+    if schedule in V_SCHEDULES:
+        return [s if s < pp else 2 * pp - 1 - s for s in range(n_stages)]
+    return [s % pp for s in range(n_stages)]
+
+
+class Stage(nn.Module):
+    """One stage of the model. Holds references to the full model's modules (no copies, except the
+    last stage's embedding when the first stage lives on another rank), so parameter objects stay
+    shared where the placement shares them."""
+
+    def __init__(self, model: DeepseekV3, layers: range, first: bool, last: bool, n_microbatches: int,
+                 router_rows: dict[int, int], embedding: nn.Embedding | None = None):
+        super().__init__()
+        self.cfg, self.first, self.last = model.config, first, last
+        self.layer_ids = list(layers)
+        self.layers = nn.ModuleList(model.model.layers[i] for i in layers)
+        self.rotary = model.rotary
+        self.n_microbatches = n_microbatches
+        self.router_rows = router_rows                     # layer index -> row of loads_LE
+        if first or last:
+            self.embed_tokens = embedding if embedding is not None else model.model.embed_tokens
+        if last:
+            self.norm, self.lm_head, self.mtp = model.model.norm, model.lm_head, model.mtp
+        self.loads_LE: torch.Tensor | None = None          # set by the trainer before each step
+        self.mtp_lambda, self.balance_alpha = 0.3, 1e-4
+        self.parts: list[tuple[float, float, float]] = []  # last stage: (main, mtp, balance) per micro-batch
+
+    def forward(self, *inputs):
+        if self.first:
+            (ids,) = inputs
+            h = self.embed_tokens(ids[:, :-1])
+            balance = torch.zeros((), device=ids.device)
+        else:
+            h, ids, balance = inputs
+        T = ids.shape[1] - 1
+        positions = torch.arange(T, device=ids.device).expand(ids.shape[0], T)
+        cos, sin = self.rotary(positions)
+        for i, layer in zip(self.layer_ids, self.layers):
+            stats: list = []
+            h = layer(h, cos, sin, None, stats)
+            for s in stats:
+                balance = balance + s.seq_balance.float()
+                if self.loads_LE is not None:
+                    self.loads_LE[self.router_rows[i]] += s.load_E.detach()
+        if not self.last:
+            return h, ids, balance
+        return self._loss(h, ids, balance)
+
+    def _loss(self, h, ids, balance):
+        """The trainer's loss (train.trainer.compute_losses) on this micro-batch, over n_microbatches:
+        the schedule then sums micro-batches, so the gradients are those of the mean."""
+        inp, T = ids[:, :-1], ids.shape[1] - 1
+        h = self.norm(h)
+        main = F.cross_entropy(self.lm_head(h).float().flatten(0, 1), ids[:, 1:].flatten())
+        mtp_terms, hk = [], h
+        for d, layer in enumerate(self.mtp):
+            k = d + 1
+            if T - k <= 0 or self.mtp_lambda == 0:
+                break
+            pos = torch.arange(T - k, device=ids.device).expand(ids.shape[0], T - k)
+            cos, sin = self.rotary(pos)
+            stats: list = []
+            out = layer(self.embed_tokens(inp[:, k:]), hk[:, :T - k], cos, sin, None, stats)
+            for s in stats:
+                balance = balance + s.seq_balance.float()
+                if self.loads_LE is not None:
+                    self.loads_LE[self.router_rows[self.cfg.num_hidden_layers + d]] += s.load_E.detach()
+            hk = layer.shared_head.norm(out)
+            logits = self.lm_head(hk).float()
+            ce = F.cross_entropy(logits.flatten(0, 1), ids[:, k + 1:].flatten(), reduction="sum") / inp.numel()
+            mtp_terms.append(ce)
+        mtp = torch.stack(mtp_terms).mean() if mtp_terms else torch.zeros((), device=ids.device)
+        loss = main + self.mtp_lambda * mtp + self.balance_alpha * balance
+        self.parts.append((main.item(), mtp.item(), balance.item()))
+        return (loss / self.n_microbatches).reshape(1)        # 1-d: torch concatenates the micro-batches' outputs
+
+
+def router_rows(model: DeepseekV3) -> dict[int, int]:
+    """Layer index (MTP layers after the main ones) -> its row in loads_LE, in the trainer's router order."""
+    layers = [*model.model.layers, *model.mtp]
+    rows, r = {}, 0
+    for i, layer in enumerate(layers):
+        if isinstance(layer.mlp, MoE):
+            rows[i] = r
+            r += 1
+    return rows
+
+
+def build_pipeline(model: DeepseekV3, pp_group, microbatch: tuple[int, int], schedule: str = "dualpipev",
+                   n_microbatches: int = 4, device="cpu"):
+    """This rank's stages and the schedule, for micro-batches of `microbatch` = (rows, window length
+    T + 1). Returns (schedule, local Stage modules, tie group or None): the tie group sums the embedding
+    gradients of the first and last stages when they sit on two ranks. Shapes are given to torch up front
+    (its static mode): no stage runs a forward on placeholder data to discover them."""
+    from torch.distributed import pipelining as P
+
+    if schedule not in SCHEDULES:
+        raise ValueError(f"--pp-schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    pp, rank = dist.get_world_size(pp_group), dist.get_rank(pp_group)
+    n_stages = pp * stages_per_rank(schedule)
+    if schedule in V_SCHEDULES + ("interleaved1f1b",) and n_microbatches < n_stages:
+        raise ValueError(f"--pp-schedule {schedule} needs at least {n_stages} micro-batches (--microbatches), "
+                         f"got {n_microbatches}")
+    owners = stage_ranks(pp, n_stages, schedule)
+    runs = split_layers(model.config.num_hidden_layers, n_stages)
+    rows = router_rows(model)
+    first_rank, last_rank = owners[0], owners[-1]
+    separate = first_rank != last_rank                       # the last stage needs its own embedding
+    embedding = None
+    if separate and rank == last_rank:
+        embedding = nn.Embedding(model.config.vocab_size, model.config.hidden_size, device=device)
+        with torch.no_grad():
+            embedding.weight.copy_(model.model.embed_tokens.weight)
+    mb, window = microbatch
+    dtype = next(model.parameters()).dtype
+    ids = torch.zeros(mb, window, dtype=torch.long, device=device)
+    # examples: what requires grad here is what carries a gradient between stages (h, balance; not ids)
+    hidden = (torch.zeros(mb, window - 1, model.config.hidden_size, dtype=dtype, device=device, requires_grad=True),
+              ids, torch.zeros((), device=device, requires_grad=True))
+    loss = torch.zeros(1, device=device, requires_grad=True)
+    stages, modules = [], []
+    for s in range(n_stages):
+        if owners[s] != rank:
+            continue
+        mod = Stage(model, runs[s], s == 0, s == n_stages - 1, n_microbatches, rows,
+                    embedding if s == n_stages - 1 else None)
+        modules.append(mod)
+        inputs = (ids,) if s == 0 else hidden
+        outputs = loss if s == n_stages - 1 else hidden
+        stages.append(P.PipelineStage(mod, s, n_stages, torch.device(device), input_args=inputs, output_args=outputs,
+                                      group=pp_group))
+    cls = getattr(P, SCHEDULES[schedule])
+    sched = cls(stages if len(stages) > 1 else stages[0], n_microbatches=n_microbatches,
+                loss_fn=lambda out, target: out.sum(), scale_grads=False)
+    tie = None
+    if separate:
+        tie = dist.new_group([dist.get_global_rank(pp_group, first_rank), dist.get_global_rank(pp_group, last_rank)])
+    return sched, modules, tie
+
+
+def tie_embeddings(modules: list[Stage], tie_group):
+    """Sum the embedding gradient of the first stage (token inputs) and of the last stage's copy (MTP
+    inputs) on both ranks, so the two copies take the same optimizer step and stay equal."""
+    if tie_group is None:
+        return
+    for m in modules:
+        if m.first or m.last:
+            w = m.embed_tokens.weight
+            if w.grad is None:                                  # unused on this rank this step (no MTP loss)
+                w.grad = torch.zeros_like(w)
+            dist.all_reduce(w.grad, group=tie_group)
+            return
