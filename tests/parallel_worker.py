@@ -168,7 +168,7 @@ def pipeline(schedule, microbatches):
     from fewchips.parallel.pipeline import build_pipeline, tie_embeddings
     from fewchips.train.trainer import compute_losses, moe_routers
     from fewchips.train.trainer import update_biases as update
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     cfg = tiny_config(num_hidden_layers=4)
     ref = random_model(cfg).train()
     model = copy.deepcopy(ref)

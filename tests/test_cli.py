@@ -1,6 +1,6 @@
 """The command line's first impression: help shows each default and every preset (no stray %%), an
 unknown flag gets its subcommand's usage, `train`'s flags take their defaults from TrainConfig,
-`generate` prints its stats on their own line, and a damaged tokenizer.json is one line naming it."""
+`generate` prints its stats on their own line, a damaged tokenizer.json is one line naming it, and --pp without torchrun says how to launch."""
 
 import dataclasses
 import shutil
@@ -58,3 +58,13 @@ def test_damaged_tokenizer_json_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "tokenizer.json: not a readable tokenizer.json" in err
     shutil.rmtree(model_dir)
+
+
+def test_pipeline_in_one_process_says_how_to_launch(tmp_path, capsys):
+    """--pp needs a process per stage: one line that says to start them with torchrun, nothing written."""
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--out", str(out), "--pp", "2", "--steps", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "--pp 2 must divide the number of processes (1)" in err and "torchrun --nproc_per_node" in err
+    assert not out.exists()

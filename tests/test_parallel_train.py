@@ -1,4 +1,7 @@
-"""`torchrun -m fewchips train --ep 2` (dp 2 x ep 2, stopped at step 2, resumed at 2 processes with activation checkpointing; gradient accumulation) logs the same losses and exports the same model as the single-process trainer."""
+"""`torchrun -m fewchips train` at several layouts logs the same losses and exports the same model as the
+single-process trainer: dp 2 x ep 2 stopped at step 2 and resumed at ep 2 with activation checkpointing;
+a DualPipeV pipeline (pp 2) stopped at step 2, resumed as a 1F1B pipeline, then at ep 2. Gradient
+accumulation throughout."""
 
 import json
 import os
@@ -29,30 +32,54 @@ def losses(out):
     return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "loss" in r}
 
 
-def test_torchrun_train_matches_single_process_and_resumes_at_another_world_size(tmp_path):
-    from fewchips import ModelConfig, from_pretrained
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The single-process run on the same data and settings: (data folder, output folder)."""
+    from fewchips import ModelConfig
     from fewchips.train import Trainer
 
-    data = write_corpus(tmp_path / "data")
-    one = tmp_path / "one"
+    tmp = tmp_path_factory.mktemp("reference")
+    data = write_corpus(tmp / "data")
+    one = tmp / "one"
     cfg = ModelConfig.from_preset("tiny", vocab_size=384)
     tc = train_config(one, data, steps=4, batch_size=4, seq_len=32, eval_every=4, eval_batches=1, log_every=1,
                       grad_accum=2, lr=2e-3, warmup_steps=None)                                # the CLI defaults
     Trainer(cfg, tc, quiet).train()
+    return data, one
 
+
+def same_run(one, out):
+    """Every step's loss within 1e-5 and the exported weights within a small fraction of one AdamW step
+    (lr 2e-3): Adam's m/sqrt(v) magnifies fp32 reduction-order noise in near-zero gradients."""
+    from fewchips import from_pretrained
+    ref, got = losses(one), losses(out)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), step
+    a, b = from_pretrained(str(one)).state_dict(), from_pretrained(str(out)).state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
+
+
+def test_torchrun_train_matches_single_process_and_resumes_at_another_world_size(reference, tmp_path):
+    data, one = reference
     out = tmp_path / "par"
     torchrun(4, "--data", data, "--out", out, "--ep", "2", "--stop-at", "2")       # dp 2 x ep 2
     assert os.path.exists(out / "checkpoint" / ".metadata")
     p = torchrun(2, "--data", data, "--out", out, "--ep", "2", "--resume",          # dp 1 x ep 2
                  "--activation-checkpointing")                                   # recompute: same numbers
-    assert "saved at dp 2 x ep 2" in p.stdout + p.stderr
+    assert "saved at pp 1 x dp 2 x ep 2" in p.stdout + p.stderr
+    same_run(one, out)
 
-    ref, got = losses(one), losses(out)
-    assert sorted(got) == [1, 2, 3, 4]
-    for step in ref:
-        assert got[step] == pytest.approx(ref[step], rel=1e-5), step
-    # The exported weights agree too, to a small fraction of one AdamW step (lr 2e-3): Adam's m/sqrt(v)
-    # magnifies fp32 reduction-order noise in near-zero gradients.
-    a, b = from_pretrained(str(one)).state_dict(), from_pretrained(str(out)).state_dict()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
+
+def test_torchrun_pipeline_matches_single_process_and_resumes_at_other_layouts(reference, tmp_path):
+    """pp 2: DualPipeV (4 stages in a V, 4 micro-batches of 2 sequences) for steps 1-2, then 1F1B
+    (2 stages) for step 3, then no pipeline (ep 2) for step 4: one run, the single-process losses."""
+    data, one = reference
+    out = tmp_path / "pp"
+    p = torchrun(2, "--data", data, "--out", out, "--pp", "2", "--stop-at", "2")
+    assert "pp 2 (dualpipev, 4 micro-batches)" in p.stdout + p.stderr
+    p = torchrun(2, "--data", data, "--out", out, "--pp", "2", "--pp-schedule", "1f1b", "--resume", "--stop-at", "3")
+    assert "saved at pp 2 x dp 1 x ep 1" in p.stdout + p.stderr
+    torchrun(2, "--data", data, "--out", out, "--ep", "2", "--resume")
+    same_run(one, out)

@@ -266,9 +266,12 @@ def test_compiled_layers_give_the_same_losses_and_follow_bias_updates(corpus, tm
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("grad_mult", [1e-4, 1e3])          # nothing clipped, clipped
-def test_clip_matches_torch_clip_then_adamw(fused, grad_mult):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_clip_matches_torch_clip_then_adamw(fused, grad_mult, transposed):
     """The trainer's clip (folded into fused AdamW's grad_scale, or skipped when nothing is clipped)
-    gives the same update as torch's clip_grad_norm_ followed by AdamW, and leaves no scale behind."""
+    gives the same update as torch's clip_grad_norm_ followed by AdamW, and leaves no scale behind.
+    Also when a gradient's layout is not its parameter's (transposed, as the pipeline schedules' split
+    weight backward leaves some): torch 2.13's fused CPU AdamW would apply it scrambled."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(64, 32)), torch.nn.Parameter(torch.randn(32))]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
@@ -278,7 +281,7 @@ def test_clip_matches_torch_clip_then_adamw(fused, grad_mult):
     for _ in range(3):
         grads = [torch.randn_like(p) * grad_mult for p in params]
         for p, q, g in zip(params, ref, grads):
-            p.grad, q.grad = g.clone(), g.clone()
+            p.grad, q.grad = (g.t().contiguous().t() if transposed else g.clone()), g.clone()
         norm = T.clip_grad_norm(model, opt, 1.0)
         assert torch.allclose(norm, torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 1.0))
         assert hasattr(opt, "grad_scale") == (fused and grad_mult > 1)

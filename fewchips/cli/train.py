@@ -103,7 +103,15 @@ def add_run_flags(p, pretrain: bool = True):
     g.add_argument("--ep", type=int, default=1,
                    help="expert-parallel ranks: each holds n_routed_experts/ep experts; keep it within a node")
     g.add_argument("--dp", type=int, default=None,
-                   help="data-parallel ranks (default: processes / ep); --batch-size stays the global micro-batch")
+                   help="data-parallel ranks (default: processes / (pp x ep)); --batch-size stays the global micro-batch")
+    g.add_argument("--pp", type=int, default=1,
+                   help="pipeline-parallel ranks: each holds a run of decoder layers (two runs, in a V, with "
+                        "dualpipev/zbv); alone for now (--dp 1 --ep 1)")
+    g.add_argument("--pp-schedule", choices=["dualpipev", "1f1b", "interleaved1f1b", "zbv"], default="dualpipev",
+                   help="torch.distributed.pipelining schedule (DeepSeek-V3 trained with DualPipe)")
+    g.add_argument("--microbatches", type=int, default=None,
+                   help="pipeline micro-batches per step, dividing --batch-size x --grad-accum sequences "
+                        "(default: --grad-accum, at least the number of stages)")
     g = p.add_argument_group("output and checkpoints")
     g.add_argument("--out", required=True, help="output folder (model, tokenizer, metrics, plots, checkpoint)")
     g.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint")
@@ -198,9 +206,10 @@ def run(args):
         print(f"fewchips train: error: {e}", file=sys.stderr)
         return 2
     try:
-        if args.ep > 1 or args.dp or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if args.ep > 1 or args.dp or args.pp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from fewchips.train.distributed import train_distributed
-            result = train_distributed(cfg, train_config(args), args.dp, args.ep)
+            result = train_distributed(cfg, train_config(args), args.dp, args.ep, pp=args.pp,
+                                       pp_schedule=args.pp_schedule, microbatches=args.microbatches)
             if int(os.environ.get("RANK", "0")) != 0:
                 return 0
         else:

@@ -25,10 +25,13 @@ from ..config import ModelConfig
 from ..files import swap_dir
 
 
-def save(path: str, model, optimizer=None, extra: dict | None = None, before_commit=None, group=None):
+def save(path: str, model, optimizer=None, extra: dict | None = None, before_commit=None, group=None,
+         owned: set[str] | None = None):
     """Collective: every rank calls it. `extra` (step, data position, ...) must be the same on all ranks.
     `before_commit(tmp_dir)` runs on rank 0 before the rename (other files that belong with it);
-    `group` is used for the barriers (a group with a long timeout for big models)."""
+    `group` is used for the barriers (a group with a long timeout for big models). `owned`: the names
+    this rank keeps up to date (a pipeline rank's stages); it writes only those, so each tensor of the
+    checkpoint comes from a rank that trains it."""
     path = os.path.abspath(path)
     tmp = path + ".tmp"
     rank = dist.get_rank()
@@ -38,6 +41,10 @@ def save(path: str, model, optimizer=None, extra: dict | None = None, before_com
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
+    if owned is not None:
+        state["model"] = {k: v for k, v in state["model"].items() if k in owned}
+        if optimizer is not None:
+            state["optim"]["state"] = {k: v for k, v in state["optim"]["state"].items() if k in owned}
     state["extra"] = dict(extra or {})
     dcp.save(state, checkpoint_id=tmp)
     if rank == 0:
@@ -49,9 +56,10 @@ def save(path: str, model, optimizer=None, extra: dict | None = None, before_com
     return path
 
 
-def load(path: str, model, optimizer=None) -> dict:
+def load(path: str, model, optimizer=None, owned: set[str] | None = None) -> dict:
     """Collective: fill `model` (and `optimizer`) in place from a checkpoint written at any layout;
-    returns its `extra` dict."""
+    returns its `extra` dict. With `owned` (a pipeline rank's names), the whole model is read but the
+    optimizer keeps state only for what this rank trains."""
     if not os.path.exists(os.path.join(path, ".metadata")):
         raise FileNotFoundError(f"{path}: not a fewchips sharded checkpoint (no .metadata)")
     state = {"model": get_model_state_dict(model), "extra": _saved_extra(path)}
@@ -61,6 +69,10 @@ def load(path: str, model, optimizer=None) -> dict:
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"])
+        if owned is not None:
+            for name, p in model.named_parameters():
+                if name not in owned:
+                    optimizer.state.pop(p, None)
     return state["extra"]
 
 

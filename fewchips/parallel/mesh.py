@@ -1,8 +1,9 @@
-"""The process mesh: data parallel (dp) x expert parallel (ep) ranks, one process per chip.
+"""The process mesh: pipeline (pp) x data parallel (dp) x expert parallel (ep) ranks, one process per chip.
 
-    rank = dp_rank * ep + ep_rank        (the ep ranks of one dp replica are neighbours: one node)
+    rank = (pp_rank * dp + dp_rank) * ep + ep_rank     (ep innermost: the ep ranks of one replica are
+                                                         neighbours, one node; pp outermost, across nodes)
 
-Every rank reads its own slice of the global batch. Routed experts are split over the `ep` dimension
+The ranks of one pipeline stage (dp x ep of them) each read their own slice of the global batch. Routed experts are split over the `ep` dimension
 (whole experts per rank) and replicated over `dp`; everything else is FSDP-sharded over all ranks.
 The same code runs for one process (a one-rank group on an in-memory store) and for N under torchrun.
 gloo on CPU, NCCL on CUDA; every collective has a timeout, so a dead or stuck peer ends the job
@@ -28,14 +29,33 @@ log = logging.getLogger("fewchips")
 
 @dataclass
 class Parallel:
-    """Who this process is in the dp x ep mesh, and the groups it talks over."""
-    mesh: DeviceMesh              # 2-D, dims ("dp", "ep")
-    fsdp_mesh: DeviceMesh         # 1-D over all ranks: where non-expert parameters are sharded
+    """Who this process is in the pp x dp x ep mesh, and the groups it talks over."""
+    mesh: DeviceMesh              # 2-D, dims ("dp", "ep"): this pipeline stage's ranks
+    fsdp_mesh: DeviceMesh         # 1-D over the stage's ranks: where non-expert parameters are sharded
     dp: int
     ep: int
     rank: int
     world_size: int
     device: torch.device
+    pp: int = 1
+    pp_mesh: DeviceMesh | None = None    # 1-D, dim "pp": the ranks that hold the stages of one pipeline
+
+    @property
+    def pp_group(self):
+        return self.pp_mesh.get_group("pp") if self.pp_mesh is not None else None
+
+    @property
+    def pp_rank(self) -> int:
+        return self.pp_mesh.get_local_rank("pp") if self.pp_mesh is not None else 0
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's index among the dp x ep ranks that share a pipeline stage (its slice of the batch)."""
+        return self.dp_rank * self.ep + self.ep_rank
+
+    @property
+    def data_size(self) -> int:
+        return self.dp * self.ep
 
     @property
     def ep_group(self):
@@ -58,25 +78,28 @@ class Parallel:
         return self.rank == 0
 
     def local_batch(self, batch_B):
-        """This rank's rows of a global batch [B, ...] (B divisible by the world size)."""
-        B = batch_B.shape[0]
-        if B % self.world_size:
-            raise ValueError(f"global batch {B} is not divisible by the world size {self.world_size} (dp x ep)")
-        n = B // self.world_size
-        return batch_B[self.rank * n:(self.rank + 1) * n]
+        """This rank's rows of a global batch [B, ...] (B divisible by dp x ep)."""
+        B, n_ranks = batch_B.shape[0], self.data_size
+        if B % n_ranks:
+            raise ValueError(f"global batch {B} is not divisible by dp x ep = {n_ranks}")
+        n = B // n_ranks
+        return batch_B[self.data_rank * n:(self.data_rank + 1) * n]
 
 
 def init_parallel(dp: int | None = None, ep: int = 1, backend: str | None = None,
-                  timeout_s: float = 300.0) -> Parallel:
-    """Join (or start) the process group and build the dp x ep mesh. Reads torchrun's environment
+                  timeout_s: float = 300.0, pp: int = 1) -> Parallel:
+    """Join (or start) the process group and build the pp x dp x ep mesh. Reads torchrun's environment
     (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); without it, a one-process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if ep < 1 or world % ep:
-        raise ValueError(f"--ep {ep} must divide the number of processes ({world})")
-    dp = world // ep if dp is None else dp
-    if dp * ep != world:
-        raise ValueError(f"--dp {dp} x --ep {ep} = {dp * ep}, but {world} processes were started "
-                         f"(torchrun --nproc_per_node x --nnodes must equal dp x ep)")
+    launch = "; start the processes with torchrun --nproc_per_node=N -m fewchips ..." if world == 1 else ""
+    if pp < 1 or world % pp:
+        raise ValueError(f"--pp {pp} must divide the number of processes ({world}){launch}")
+    if ep < 1 or (world // pp) % ep:
+        raise ValueError(f"--ep {ep} must divide the number of processes per pipeline stage ({world // pp}){launch}")
+    dp = world // (pp * ep) if dp is None else dp
+    if pp * dp * ep != world:
+        raise ValueError(f"--pp {pp} x --dp {dp} x --ep {ep} = {pp * dp * ep}, but {world} processes were started "
+                         f"(torchrun --nproc_per_node x --nnodes must equal pp x dp x ep)")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     device = torch.device("cpu")
@@ -92,10 +115,11 @@ def init_parallel(dp: int | None = None, ep: int = 1, backend: str | None = None
             dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1, **kw)
         else:
             dist.init_process_group(**kw)
-    mesh = init_device_mesh(device.type, (dp, ep), mesh_dim_names=("dp", "ep"))
-    fsdp_mesh = mesh._flatten("dp_ep")          # 1-D view over all ranks (as torchtitan does)
-    return Parallel(mesh=mesh, fsdp_mesh=fsdp_mesh, dp=dp, ep=ep, rank=dist.get_rank(),
-                    world_size=world, device=device)
+    full = init_device_mesh(device.type, (pp, dp, ep), mesh_dim_names=("pp", "dp", "ep"))
+    mesh = full["dp", "ep"]
+    fsdp_mesh = mesh._flatten("dp_ep")          # 1-D view over the stage's ranks (as torchtitan does)
+    return Parallel(mesh=mesh, fsdp_mesh=fsdp_mesh, dp=dp, ep=ep, rank=dist.get_rank(), world_size=world,
+                    device=device, pp=pp, pp_mesh=full["pp"] if pp > 1 else None)
 
 
 def shutdown():

@@ -19,11 +19,19 @@ the update one process would.
 Placement. With DualPipeV each rank holds two stages in a V (rank r: stages r and 2·pp−1−r), so the
 first stage (embedding) and the last (head, MTP) share a rank and share the embedding module itself:
 its gradient from both accumulates in one tensor, as the report places them. With one stage per rank
-(1F1B) the last stage holds a copy of the embedding for the MTP module's inputs, and the two copies'
-gradients are summed (`tie_embeddings`) so they take identical steps.
+(1F1B) the first and last stages sit on two ranks, each using its own replica of the embedding for
+its inputs (tokens; the MTP module's tokens), and the two replicas' gradients are summed
+(`tie_embeddings`) so they take identical steps.
+
+Every rank builds the whole model and trains the parameters of its own stages: the optimizer skips
+parameters without a gradient, and `Pipeline.owned` names what this rank keeps up to date (what it
+writes to a checkpoint). Building only a rank's own stages (the memory saving at V3's scale) is not
+done yet.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -62,12 +70,11 @@ def stage_ranks(pp: int, n_stages: int, schedule: str) -> list[int]:
 
 
 class Stage(nn.Module):
-    """One stage of the model. Holds references to the full model's modules (no copies, except the
-    last stage's embedding when the first stage lives on another rank), so parameter objects stay
-    shared where the placement shares them."""
+    """One stage of the model. Holds references to the model's modules (no copies), so parameter
+    objects stay shared where the placement shares them."""
 
     def __init__(self, model: DeepseekV3, layers: range, first: bool, last: bool, n_microbatches: int,
-                 router_rows: dict[int, int], embedding: nn.Embedding | None = None):
+                 router_rows: dict[int, int], amp: torch.dtype | None = None):
         super().__init__()
         self.cfg, self.first, self.last = model.config, first, last
         self.layer_ids = list(layers)
@@ -75,8 +82,9 @@ class Stage(nn.Module):
         self.rotary = model.rotary
         self.n_microbatches = n_microbatches
         self.router_rows = router_rows                     # layer index -> row of loads_LE
+        self.amp = amp                                      # autocast dtype (None: off)
         if first or last:
-            self.embed_tokens = embedding if embedding is not None else model.model.embed_tokens
+            self.embed_tokens = model.model.embed_tokens
         if last:
             self.norm, self.lm_head, self.mtp = model.model.norm, model.lm_head, model.mtp
         self.loads_LE: torch.Tensor | None = None          # set by the trainer before each step
@@ -84,6 +92,11 @@ class Stage(nn.Module):
         self.parts: list[tuple[float, float, float]] = []  # last stage: (main, mtp, balance) per micro-batch
 
     def forward(self, *inputs):
+        device = inputs[0].device
+        with torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            return self._forward(*inputs)
+
+    def _forward(self, *inputs):
         if self.first:
             (ids,) = inputs
             h = self.embed_tokens(ids[:, :-1])
@@ -145,7 +158,7 @@ def router_rows(model: DeepseekV3) -> dict[int, int]:
 
 
 def build_pipeline(model: DeepseekV3, pp_group, microbatch: tuple[int, int], schedule: str = "dualpipev",
-                   n_microbatches: int = 4, device="cpu"):
+                   n_microbatches: int = 4, device="cpu", amp: torch.dtype | None = None):
     """This rank's stages and the schedule, for micro-batches of `microbatch` = (rows, window length
     T + 1). Returns (schedule, local Stage modules, tie group or None): the tie group sums the embedding
     gradients of the first and last stages when they sit on two ranks. Shapes are given to torch up front
@@ -162,13 +175,6 @@ def build_pipeline(model: DeepseekV3, pp_group, microbatch: tuple[int, int], sch
     owners = stage_ranks(pp, n_stages, schedule)
     runs = split_layers(model.config.num_hidden_layers, n_stages)
     rows = router_rows(model)
-    first_rank, last_rank = owners[0], owners[-1]
-    separate = first_rank != last_rank                       # the last stage needs its own embedding
-    embedding = None
-    if separate and rank == last_rank:
-        embedding = nn.Embedding(model.config.vocab_size, model.config.hidden_size, device=device)
-        with torch.no_grad():
-            embedding.weight.copy_(model.model.embed_tokens.weight)
     mb, window = microbatch
     dtype = next(model.parameters()).dtype
     ids = torch.zeros(mb, window, dtype=torch.long, device=device)
@@ -180,8 +186,7 @@ def build_pipeline(model: DeepseekV3, pp_group, microbatch: tuple[int, int], sch
     for s in range(n_stages):
         if owners[s] != rank:
             continue
-        mod = Stage(model, runs[s], s == 0, s == n_stages - 1, n_microbatches, rows,
-                    embedding if s == n_stages - 1 else None)
+        mod = Stage(model, runs[s], s == 0, s == n_stages - 1, n_microbatches, rows, amp)
         modules.append(mod)
         inputs = (ids,) if s == 0 else hidden
         outputs = loss if s == n_stages - 1 else hidden
@@ -191,14 +196,15 @@ def build_pipeline(model: DeepseekV3, pp_group, microbatch: tuple[int, int], sch
     sched = cls(stages if len(stages) > 1 else stages[0], n_microbatches=n_microbatches,
                 loss_fn=lambda out, target: out.sum(), scale_grads=False)
     tie = None
-    if separate:
+    first_rank, last_rank = owners[0], owners[-1]
+    if first_rank != last_rank:
         tie = dist.new_group([dist.get_global_rank(pp_group, first_rank), dist.get_global_rank(pp_group, last_rank)])
     return sched, modules, tie
 
 
 def tie_embeddings(modules: list[Stage], tie_group):
-    """Sum the embedding gradient of the first stage (token inputs) and of the last stage's copy (MTP
-    inputs) on both ranks, so the two copies take the same optimizer step and stay equal."""
+    """Sum the embedding gradient of the first stage (token inputs) and of the last stage's replica (MTP
+    inputs) on both ranks, so the two replicas take the same optimizer step and stay equal."""
     if tie_group is None:
         return
     for m in modules:
@@ -208,3 +214,75 @@ def tie_embeddings(modules: list[Stage], tie_group):
                 w.grad = torch.zeros_like(w)
             dist.all_reduce(w.grad, group=tie_group)
             return
+
+
+class Pipeline:
+    """This rank's part of a pipeline-parallel model, as the trainer drives it: one optimizer step's
+    forward and backward over all micro-batches, the loss parts every rank logs, the gradient norm
+    over all stages, and the weights this rank owns (for checkpoints; `sync_model` brings every rank's
+    copy of the whole model up to date, for evaluation and export)."""
+
+    def __init__(self, model: DeepseekV3, pp_group, rows: int, window: int, schedule: str = "dualpipev",
+                 n_microbatches: int = 4, device="cpu", amp: torch.dtype | None = None):
+        self.model, self.group, self.device = model, pp_group, torch.device(device)
+        self.n_microbatches = n_microbatches
+        self.sched, self.stages, self.tie = build_pipeline(model, pp_group, (rows, window), schedule, n_microbatches,
+                                                           device, amp)
+        self.holds_first = any(m.first for m in self.stages)
+        self.holds_last = any(m.last for m in self.stages)
+        local = {id(t) for m in self.stages for t in [*m.parameters(), *m.buffers()]}
+        self.owned = {k for k, t in model.state_dict(keep_vars=True).items() if id(t) in local}
+        # the gradient norm counts a tied embedding once: on the first stage's rank
+        skip = () if self.holds_first else (id(model.model.embed_tokens.weight),)
+        self._norm_params = [p for p in self.local_params() if id(p) not in skip]
+
+    def step(self, ids: torch.Tensor, mtp_lambda: float, balance_alpha: float, loads_LE: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of the global batch `ids` [rows x n_microbatches, T+1] (every rank passes
+        it; the first stage reads it, the last its targets). Adds this rank's MoE loads to `loads_LE`.
+        Returns [main CE, MTP CE, balance], each the mean over micro-batches, the same on every rank."""
+        for m in self.stages:
+            m.loads_LE, m.mtp_lambda, m.balance_alpha, m.parts = loads_LE, mtp_lambda, balance_alpha, []
+        args = (ids,) if self.holds_first else ()
+        kwargs = {"target": ids} if self.holds_last else {}
+        with warnings.catch_warnings():
+            # the split weight backward leaves some gradients transposed (the trainer lays them out
+            # like their parameters before the optimizer reads them)
+            warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+            self.sched.step(*args, **kwargs)
+        tie_embeddings(self.stages, self.tie)
+        parts = torch.zeros(3, device=self.device)
+        for m in self.stages:
+            if m.last:
+                parts += torch.tensor(m.parts, device=self.device).sum(0) / self.n_microbatches
+        dist.all_reduce(parts, group=self.group)               # only the last stage's rank adds anything
+        return parts
+
+    def grad_norm_sq(self) -> torch.Tensor:
+        """Σ g² over every stage's gradients (each parameter counted once), the same on every rank."""
+        sq = [p.grad.float().pow(2).sum() for p in self._norm_params if p.grad is not None]
+        total = torch.stack(sq).sum() if sq else torch.zeros((), device=self.device)
+        dist.all_reduce(total, group=self.group)
+        return total
+
+    def local_params(self) -> list[nn.Parameter]:
+        """This rank's parameters, each once."""
+        seen, out = set(), []
+        for m in self.stages:
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    @torch.no_grad()
+    def sync_model(self):
+        """Every tensor of the model from the lowest rank that owns it to all pipeline ranks (collective)."""
+        sd = self.model.state_dict()
+        names = sorted(sd)
+        pp, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        owner = torch.tensor([rank if k in self.owned else pp for k in names], device=self.device)
+        dist.all_reduce(owner, op=dist.ReduceOp.MIN, group=self.group)
+        for k, o in zip(names, owner.tolist()):
+            if o >= pp:
+                raise RuntimeError(f"no pipeline rank holds {k}")
+            dist.broadcast(sd[k], src=dist.get_global_rank(self.group, o), group=self.group)

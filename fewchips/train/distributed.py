@@ -3,6 +3,7 @@
 checkpoints.
 
     torchrun --nproc_per_node=4 -m fewchips train --preset tiny --out runs/ep --ep 2   # dp = 4 / 2
+    torchrun --nproc_per_node=2 -m fewchips train --preset tiny --out runs/pp --pp 2   # DualPipeV
 
 What changes against one process:
   - --batch-size stays the *global* micro-batch: every rank draws the same windows and trains on
@@ -13,11 +14,17 @@ What changes against one process:
   - OUT/checkpoint holds torch.distributed.checkpoint shards (resumable at another world size) plus
     train_state.pt and the tokenizer; the final model is still exported to OUT as one HF directory
   - rank 0 prepares the data (tokenizer, shards) and writes logs, metrics and plots
+
+With --pp the decoder layers are cut into pipeline stages (`parallel.pipeline`): a step's global batch
+(batch size x grad-accum sequences) runs through torch's schedule as --microbatches micro-batches, the
+loss is computed on the last stage, and each rank's MoE loads join the same all-reduce before the bias
+update. A checkpoint holds each tensor once, under its single-process name, whichever rank wrote it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from datetime import timedelta
 
@@ -29,33 +36,64 @@ from ..config import ModelConfig
 from ..parallel import abort_on_failure, clip_grad_norm_, init_parallel, parallelize, reduce_expert_grads
 from ..parallel import checkpoint as pckpt
 from ..parallel.fsdp import set_gradient_sync
+from ..parallel.pipeline import Pipeline, stages_per_rank
 from .trainer import (TrainConfig, Trainer, TrainError, build_optimizer, check_resume_fields, check_same_data,
-                      compute_losses,
-                      read_train_state, set_rng_state, truncate_metrics)
+                      clip_grad_norm, compute_losses, read_train_state, set_rng_state, truncate_metrics)
 
 
 class DistributedTrainer(Trainer):
     def __init__(self, cfg: ModelConfig, tc: TrainConfig, log=print, dp: int | None = None, ep: int = 1,
-                 timeout_s: float = 600.0):
-        self.par = par = init_parallel(dp=dp, ep=ep, timeout_s=timeout_s)
+                 timeout_s: float = 600.0, pp: int = 1, pp_schedule: str = "dualpipev",
+                 microbatches: int | None = None):
+        try:
+            self.par = par = init_parallel(dp=dp, ep=ep, timeout_s=timeout_s, pp=pp)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
         # Data preparation and big checkpoints can keep rank 0 busy far longer than a collective's timeout.
         self.slow_group = dist.new_group(backend="gloo", timeout=timedelta(hours=3))
-        if tc.batch_size % par.world_size:
+        if tc.batch_size % par.data_size:
             raise TrainError(f"--batch-size {tc.batch_size} (the global micro-batch) must be divisible by the "
-                             f"{par.world_size} processes")
+                             f"{par.data_size} processes of a pipeline stage (dp x ep)")
+        self.pipe, self.microbatches = None, None
+        if pp > 1:
+            self.microbatches = self._check_pipeline(tc, par, pp_schedule, microbatches)
         if not par.is_main:
             tc = dataclasses.replace(tc, progress=False, plots=False)
             log = _quiet
         self._resume_path = None
         super().__init__(cfg, tc, log, device=par.device)      # calls the overrides below
-        # Under bf16 autocast, FSDP also all-gathers the weights in bf16 (half the traffic); master
-        # weights, gradient reduction and optimizer state stay fp32.
-        parallelize(self.model, par, param_dtype=self.amp)
-        self.opt, self.sched = build_optimizer(self.model, self.tc, self.schedule)
+        if pp > 1:
+            # every rank holds the whole model and trains its stages; the optimizer (over the whole
+            # model) skips parameters without gradients
+            self.pipe = Pipeline(self.model, par.pp_group, tc.batch_size * tc.grad_accum // self.microbatches,
+                                 tc.seq_len + 1, pp_schedule, self.microbatches, par.device, self.amp)
+        else:
+            # Under bf16 autocast, FSDP also all-gathers the weights in bf16 (half the traffic); master
+            # weights, gradient reduction and optimizer state stay fp32.
+            parallelize(self.model, par, param_dtype=self.amp)
+            self.opt, self.sched = build_optimizer(self.model, self.tc, self.schedule)
         if self._resume_path:
             self._load_sharded(self._resume_path)
-        log(f"parallel: {par.world_size} processes, dp {par.dp} x ep {par.ep} "
+        layout = f"pp {par.pp} ({pp_schedule}, {self.microbatches} micro-batches) x " if pp > 1 else ""
+        log(f"parallel: {par.world_size} processes, {layout}dp {par.dp} x ep {par.ep} "
             f"({self.cfg.n_routed_experts // par.ep} experts per rank), {par.device.type}")
+
+    @staticmethod
+    def _check_pipeline(tc: TrainConfig, par, schedule: str, microbatches: int | None) -> int:
+        """The number of pipeline micro-batches per step (default: --grad-accum, at least the stages)."""
+        if par.data_size > 1:
+            raise TrainError(f"--pp {par.pp} with dp x ep = {par.data_size}: pipeline parallelism runs alone for "
+                             f"now (every process a stage); launch pp processes with --dp 1 --ep 1")
+        if tc.batch_ramp_tokens:
+            raise TrainError("--batch-ramp-tokens with --pp: the pipeline's micro-batch shapes are fixed; "
+                             "ramp the batch without --pp")
+        n_stages = par.pp * stages_per_rank(schedule)
+        m = microbatches or max(tc.grad_accum, n_stages)
+        rows = tc.batch_size * tc.grad_accum
+        if m < 1 or rows % m:
+            raise TrainError(f"--microbatches {m} must divide the step's {rows} sequences "
+                             f"(--batch-size {tc.batch_size} x --grad-accum {tc.grad_accum})")
+        return m
 
     # ---- setup: rank 0 checks OUT and prepares the data; the others then read its cache ------
     def _check_out_dir(self):
@@ -64,7 +102,7 @@ class DistributedTrainer(Trainer):
             try:
                 super()._check_out_dir()
                 resume = self._resume_dir() if self.tc.resume else None
-                self.make_data(self.cfg, resume)          # the others then read its caches
+                self._prepared = self.make_data(self.cfg, resume)          # the others then read its caches
             except Exception as e:   # noqa: BLE001 - re-raised below, on every rank
                 err = e
         msg = [f"{type(err).__name__}: {err}" if err else None]
@@ -73,6 +111,12 @@ class DistributedTrainer(Trainer):
             raise err
         if msg[0]:
             raise TrainError(f"rank 0 could not set up the run: {msg[0]}")
+
+    def make_data(self, cfg, resume_from):
+        prepared, self._prepared = getattr(self, "_prepared", None), None
+        if prepared is not None and not self.tc.init:        # rank 0's, from _check_out_dir: not twice
+            return prepared
+        return super().make_data(cfg, resume_from)
 
     def _reset_metrics(self):
         if self.par.is_main:
@@ -83,11 +127,19 @@ class DistributedTrainer(Trainer):
             super()._write(rec)
 
     # ---- the step hooks ----------------------------------------------------------------------
+    def forward_backward(self, n_micro, lam, loads_LE):
+        if self.pipe is None:
+            return super().forward_backward(n_micro, lam, loads_LE)
+        ids = torch.cat([self.data.next_batch(self.tc.batch_size).ids for _ in range(n_micro)]).to(self.device)
+        main, mtp, bal = self.pipe.step(ids, lam, self.tc.balance_alpha, loads_LE).tolist()
+        finite = all(map(math.isfinite, (main, mtp, bal)))
+        return main, mtp, bal, finite
+
     def compute_losses(self, batch, lam):
-        B, n = batch.ids.shape[0], self.par.world_size
+        B, n, r = batch.ids.shape[0], self.par.data_size, self.par.data_rank
         if B % n:
             raise TrainError(f"a micro-batch of {B} rows cannot be split over {n} processes")
-        local = batch.rows(slice(self.par.rank * (B // n), (self.par.rank + 1) * (B // n)))
+        local = batch.rows(slice(r * (B // n), (r + 1) * (B // n)))
         main, mtp, bal, stats = compute_losses(self.model, local, lam, self.amp)
         return self._global_value(main), self._global_value(mtp), self._global_value(bal), stats
 
@@ -104,6 +156,8 @@ class DistributedTrainer(Trainer):
         set_gradient_sync(self.model, last_micro_batch)
 
     def clip_grad_norm(self):
+        if self.pipe is not None:
+            return clip_grad_norm(self.model, self.opt, self.tc.grad_clip, self.pipe.grad_norm_sq())
         reduce_expert_grads(self.model, self.par)
         return clip_grad_norm_(self.model, self.tc.grad_clip, self.par)
 
@@ -118,6 +172,11 @@ class DistributedTrainer(Trainer):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    def evaluate(self) -> dict:
+        if self.pipe is not None:       # every rank brings its copy of the other stages up to date, then evaluates
+            self.pipe.sync_model()
+        return super().evaluate()
+
     def train(self) -> dict:
         with abort_on_failure(self.par, "training"):
             return super().train()
@@ -125,7 +184,7 @@ class DistributedTrainer(Trainer):
     # ---- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self):
         state = {k: v for k, v in self.state().items() if k not in ("optimizer", "biases")}
-        state["parallel"] = {"dp": self.par.dp, "ep": self.par.ep}
+        state["parallel"] = {"pp": self.par.pp, "dp": self.par.dp, "ep": self.par.ep}
 
         def with_state(tmp):
             self.write_tokenizer(tmp)
@@ -133,7 +192,7 @@ class DistributedTrainer(Trainer):
 
         try:
             pckpt.save(self.ckpt_dir, self.model, self.opt, extra={"step": self.step}, before_commit=with_state,
-                       group=self.slow_group)
+                       group=self.slow_group, owned=self.pipe.owned if self.pipe is not None else None)
         except OSError as e:
             raise TrainError(f"could not write a checkpoint at step {self.step} ({e.strerror or e}); "
                              f"the previous one in {self.ckpt_dir} is intact unless this was during its rename") from e
@@ -148,7 +207,7 @@ class DistributedTrainer(Trainer):
         check_resume_fields(st["train_config"], self.tc, self.log)
         if not os.path.exists(os.path.join(path, ".metadata")):
             raise TrainError(f"--resume: {path} is a single-process checkpoint; resume it without torchrun")
-        pckpt.load(path, self.model, self.opt)
+        pckpt.load(path, self.model, self.opt, owned=self.pipe.owned if self.pipe is not None else None)
         self.sched.load_state_dict(st["scheduler"])
         check_same_data(st, self.data)
         self.data.load_state_dict(st["sampler"])
@@ -158,9 +217,12 @@ class DistributedTrainer(Trainer):
         if self.par.is_main:
             truncate_metrics(self.metrics_path, self.step, self.log)
         was = st.get("parallel", {})
-        self.log(f"resumed from {path} at step {self.step} (saved at dp {was.get('dp')} x ep {was.get('ep')})")
+        self.log(f"resumed from {path} at step {self.step} (saved at pp {was.get('pp', 1)} x dp {was.get('dp')} "
+                 f"x ep {was.get('ep')})")
 
     def export(self):
+        if self.pipe is not None:
+            self.pipe.sync_model()
         plain = pckpt.full_model(self.model)
         if self.par.is_main:
             try:
@@ -176,5 +238,7 @@ def _quiet(*args, **kwargs):
     pass
 
 
-def train_distributed(cfg: ModelConfig, tc: TrainConfig, dp: int | None, ep: int, log=print) -> dict:
-    return DistributedTrainer(cfg, tc, log, dp=dp, ep=ep).train()
+def train_distributed(cfg: ModelConfig, tc: TrainConfig, dp: int | None, ep: int, log=print, pp: int = 1,
+                      pp_schedule: str = "dualpipev", microbatches: int | None = None) -> dict:
+    return DistributedTrainer(cfg, tc, log, dp=dp, ep=ep, pp=pp, pp_schedule=pp_schedule,
+                              microbatches=microbatches).train()

@@ -242,15 +242,23 @@ def build_optimizer(model: DeepseekV3, tc: TrainConfig, schedule: RunSchedule | 
 
 
 @torch.no_grad()
-def clip_grad_norm(model, opt, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(model, opt, max_norm: float, norm_sq: torch.Tensor | None = None) -> torch.Tensor:
     """torch's clip_grad_norm_ (scale by max_norm / (norm + 1e-6) when that is below 1), without its
     extra pass over every gradient: no pass when nothing is clipped, and with fused AdamW the scale
     goes to the optimizer's own `grad_scale` (its kernel divides the gradients as it reads them; the
-    caller pops it after the step). Returns the norm before clipping."""
+    caller pops it after the step). `norm_sq`: Σ g² when the caller has it (over all pipeline stages).
+    Returns the norm before clipping."""
     params = [p for p in model.parameters() if p.grad is not None]
-    # sum of g.g by BLAS dot: 2.5x the bandwidth of torch's per-tensor vector_norm on CPU (measured)
-    sq = [g.reshape(-1).dot(g.reshape(-1)) for g in (p.grad.float() for p in params)]
-    norm = torch.stack(sq).sum().sqrt() if sq else torch.zeros(())
+    for p in params:
+        # torch 2.13's fused CPU AdamW reads a gradient as if laid out like its parameter; a transposed
+        # one (the pipeline schedules' split weight backward assigns some) would be applied scrambled
+        if p.grad.stride() != p.stride():
+            p.grad = torch.empty_strided(p.shape, p.stride(), dtype=p.grad.dtype, device=p.grad.device).copy_(p.grad)
+    if norm_sq is None:
+        # sum of g.g by BLAS dot: 2.5x the bandwidth of torch's per-tensor vector_norm on CPU (measured)
+        sq = [g.reshape(-1).dot(g.reshape(-1)) for g in (p.grad.float() for p in params)]
+        norm_sq = torch.stack(sq).sum() if sq else torch.zeros(())
+    norm = norm_sq.sqrt()
     if not bool(norm + 1e-6 > max_norm):           # also False for NaN: the step is skipped anyway
         return norm
     if isinstance(opt, torch.optim.AdamW) and opt.defaults.get("fused"):
@@ -519,21 +527,7 @@ class Trainer:
         n_micro = self.schedule.micro_batches[self.step]
         lam = 0.0 if tc.freeze_mtp else mtp_weight(frac, tc.mtp_lambda, tc.mtp_lambda_late)
         loads_LE = torch.zeros(len(self.routers), self.cfg.n_routed_experts, device=self.device)
-        tot_main = tot_mtp = tot_bal = 0.0
-        finite = True
-        for i in range(n_micro):
-            self.sync_gradients(i == n_micro - 1)
-            batch = self.data.next_batch(tc.batch_size)
-            main, mtp, bal, stats = self.compute_losses(batch.to(self.device), lam)
-            loss = main + lam * mtp + tc.balance_alpha * bal
-            if not torch.isfinite(loss):
-                finite = False
-                break
-            (loss / n_micro).backward()
-            loads_LE[:len(stats)] += torch.stack([s.load_E for s in stats]) if stats else 0
-            tot_main += main.item() / n_micro
-            tot_mtp += mtp.item() / n_micro
-            tot_bal += bal.item() / n_micro
+        main, mtp, bal, finite = self.forward_backward(n_micro, lam, loads_LE)
         grad_norm = float("nan")
         if finite:
             grad_norm = float(self.clip_grad_norm())
@@ -547,8 +541,28 @@ class Trainer:
         self.sched.step()
         self.step += 1
         self.tokens_seen += n_micro * tc.batch_size * tc.seq_len
-        return StepResult(tot_main if finite else float("nan"), tot_mtp, tot_bal, grad_norm, loads_LE.cpu(),
+        return StepResult(main if finite else float("nan"), mtp, bal, grad_norm, loads_LE.cpu(),
                           not finite, n_micro * tc.batch_size)
+
+    def forward_backward(self, n_micro: int, lam: float, loads_LE: torch.Tensor):
+        """Forward and backward of one optimizer step's `n_micro` micro-batches, gradients accumulated;
+        adds the MoE loads to `loads_LE`. Returns the step's (main, MTP, balance) losses, each the mean
+        over micro-batches, and whether the loss was finite (a non-finite micro-batch ends the step)."""
+        tc = self.tc
+        tot_main = tot_mtp = tot_bal = 0.0
+        for i in range(n_micro):
+            self.sync_gradients(i == n_micro - 1)
+            batch = self.data.next_batch(tc.batch_size)
+            main, mtp, bal, stats = self.compute_losses(batch.to(self.device), lam)
+            loss = main + lam * mtp + tc.balance_alpha * bal
+            if not torch.isfinite(loss):
+                return tot_main, tot_mtp, tot_bal, False
+            (loss / n_micro).backward()
+            loads_LE[:len(stats)] += torch.stack([s.load_E for s in stats]) if stats else 0
+            tot_main += main.item() / n_micro
+            tot_mtp += mtp.item() / n_micro
+            tot_bal += bal.item() / n_micro
+        return tot_main, tot_mtp, tot_bal, True
 
     def compute_losses(self, batch, lam):
         return compute_losses(self.model, batch, lam, self.amp)
