@@ -1,7 +1,7 @@
 """`torchrun -m fewchips train` at several layouts logs the same losses and exports the same model as the
 single-process trainer: dp 2 x ep 2 stopped at step 2 and resumed at ep 2 with activation checkpointing;
-a DualPipeV pipeline (pp 2) stopped at step 2, resumed as a 1F1B pipeline, then at ep 2. Gradient
-accumulation throughout."""
+a DualPipeV pipeline with expert parallelism inside its stages (pp 2 x ep 2) stopped at step 2,
+resumed as two 1F1B pipelines (pp 2 x dp 2), then at ep 2. Gradient accumulation throughout."""
 
 import json
 import os
@@ -73,13 +73,18 @@ def test_torchrun_train_matches_single_process_and_resumes_at_another_world_size
 
 
 def test_torchrun_pipeline_matches_single_process_and_resumes_at_other_layouts(reference, tmp_path):
-    """pp 2: DualPipeV (4 stages in a V, 4 micro-batches of 2 sequences) for steps 1-2, then 1F1B
-    (2 stages) for step 3, then no pipeline (ep 2) for step 4: one run, the single-process losses."""
+    """One run through three layouts: pp 2 x ep 2 with DualPipeV (4 stages in a V, 4 micro-batches, each
+    split over the 2 expert-parallel ranks of a stage) for steps 1-2; pp 2 x dp 2 with 1F1B (two
+    pipelines, each with its own tied embedding) for step 3; no pipeline (ep 2) for step 4. Every
+    step's loss is the single-process trainer's."""
     data, one = reference
     out = tmp_path / "pp"
-    p = torchrun(2, "--data", data, "--out", out, "--pp", "2", "--stop-at", "2")
-    assert "pp 2 (dualpipev, 4 micro-batches)" in p.stdout + p.stderr
-    p = torchrun(2, "--data", data, "--out", out, "--pp", "2", "--pp-schedule", "1f1b", "--resume", "--stop-at", "3")
-    assert "saved at pp 2 x dp 1 x ep 1" in p.stdout + p.stderr
-    torchrun(2, "--data", data, "--out", out, "--ep", "2", "--resume")
+    p = torchrun(4, "--data", data, "--out", out, "--pp", "2", "--ep", "2", "--stop-at", "2")
+    assert "pp 2 (dualpipev, 4 micro-batches) x dp 1 x ep 2" in p.stdout + p.stderr
+    p = torchrun(4, "--data", data, "--out", out, "--pp", "2", "--pp-schedule", "1f1b", "--microbatches", "2",
+                 "--resume", "--stop-at", "3")
+    assert "saved at pp 2 x dp 1 x ep 2" in p.stdout + p.stderr
+    assert "pp 2 (1f1b, 2 micro-batches) x dp 2 x ep 1" in p.stdout + p.stderr
+    p = torchrun(2, "--data", data, "--out", out, "--ep", "2", "--resume")
+    assert "saved at pp 2 x dp 2 x ep 1" in p.stdout + p.stderr
     same_run(one, out)

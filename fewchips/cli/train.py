@@ -106,7 +106,7 @@ def add_run_flags(p, pretrain: bool = True):
                    help="data-parallel ranks (default: processes / (pp x ep)); --batch-size stays the global micro-batch")
     g.add_argument("--pp", type=int, default=1,
                    help="pipeline-parallel ranks: each holds a run of decoder layers (two runs, in a V, with "
-                        "dualpipev/zbv); alone for now (--dp 1 --ep 1)")
+                        "dualpipev/zbv); processes = pp x dp x ep")
     g.add_argument("--pp-schedule", choices=["dualpipev", "1f1b", "interleaved1f1b", "zbv"], default="dualpipev",
                    help="torch.distributed.pipelining schedule (DeepSeek-V3 trained with DualPipe)")
     g.add_argument("--microbatches", type=int, default=None,

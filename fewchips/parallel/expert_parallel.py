@@ -149,14 +149,14 @@ def expert_params(model: nn.Module) -> set[nn.Parameter]:
 def reduce_expert_grads(model: nn.Module, par: Parallel):
     """Make expert gradients those of the mean loss over all ranks. Each rank's local gradient
     already sums the contributions of its ep peers' tokens (through the all-to-all backward); sum
-    over dp replicas and divide by the world size (FSDP averages the other parameters likewise)."""
+    over dp replicas and divide by dp x ep (FSDP averages the other parameters likewise)."""
     for p in _ordered_expert_params(model):
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         g = p.grad.to_local()
         if par.dp > 1:
             dist.all_reduce(g, group=par.dp_group)
-        g.div_(par.world_size)
+        g.div_(par.data_size)
 
 
 def _ordered_expert_params(model):

@@ -39,6 +39,18 @@ class Parallel:
     device: torch.device
     pp: int = 1
     pp_mesh: DeviceMesh | None = None    # 1-D, dim "pp": the ranks that hold the stages of one pipeline
+    full_mesh: DeviceMesh | None = None  # 3-D, dims ("pp", "dp", "ep")
+
+    def pipelines(self) -> list[list[int]]:
+        """The global ranks of every pipeline (one per dp x ep coordinate), in pipeline-rank order: the
+        same list on every rank, for groups that every rank must create together."""
+        ranks = self.full_mesh.mesh.reshape(self.pp, -1)
+        return [ranks[:, j].tolist() for j in range(ranks.shape[1])]
+
+    @property
+    def data_group(self):
+        """The dp x ep ranks of this rank's pipeline stage (they hold its replicated weights)."""
+        return self.fsdp_mesh.get_group()
 
     @property
     def pp_group(self):
@@ -119,7 +131,7 @@ def init_parallel(dp: int | None = None, ep: int = 1, backend: str | None = None
     mesh = full["dp", "ep"]
     fsdp_mesh = mesh._flatten("dp_ep")          # 1-D view over the stage's ranks (as torchtitan does)
     return Parallel(mesh=mesh, fsdp_mesh=fsdp_mesh, dp=dp, ep=ep, rank=dist.get_rank(), world_size=world,
-                    device=device, pp=pp, pp_mesh=full["pp"] if pp > 1 else None)
+                    device=device, pp=pp, pp_mesh=full["pp"] if pp > 1 else None, full_mesh=full)
 
 
 def shutdown():

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..model import DeepseekV3, MoE
 
@@ -158,11 +159,14 @@ def router_rows(model: DeepseekV3) -> dict[int, int]:
 
 
 def build_pipeline(model: DeepseekV3, pp_group, microbatch: tuple[int, int], schedule: str = "dualpipev",
-                   n_microbatches: int = 4, device="cpu", amp: torch.dtype | None = None):
+                   n_microbatches: int = 4, device="cpu", amp: torch.dtype | None = None,
+                   pipelines: list[list[int]] | None = None):
     """This rank's stages and the schedule, for micro-batches of `microbatch` = (rows, window length
     T + 1). Returns (schedule, local Stage modules, tie group or None): the tie group sums the embedding
     gradients of the first and last stages when they sit on two ranks. Shapes are given to torch up front
-    (its static mode): no stage runs a forward on placeholder data to discover them."""
+    (its static mode): no stage runs a forward on placeholder data to discover them. `pipelines`: the
+    global ranks of every pipeline when there are several (dp x ep of them), so that every rank creates
+    every pipeline's tie group, as torch requires."""
     from torch.distributed import pipelining as P
 
     if schedule not in SCHEDULES:
@@ -198,7 +202,11 @@ def build_pipeline(model: DeepseekV3, pp_group, microbatch: tuple[int, int], sch
     tie = None
     first_rank, last_rank = owners[0], owners[-1]
     if first_rank != last_rank:
-        tie = dist.new_group([dist.get_global_rank(pp_group, first_rank), dist.get_global_rank(pp_group, last_rank)])
+        mine = [dist.get_global_rank(pp_group, r) for r in range(pp)]
+        for ranks in pipelines or [mine]:
+            group = dist.new_group([ranks[first_rank], ranks[last_rank]])
+            if ranks == mine:
+                tie = group
     return sched, modules, tie
 
 
@@ -218,16 +226,22 @@ def tie_embeddings(modules: list[Stage], tie_group):
 
 class Pipeline:
     """This rank's part of a pipeline-parallel model, as the trainer drives it: one optimizer step's
-    forward and backward over all micro-batches, the loss parts every rank logs, the gradient norm
-    over all stages, and the weights this rank owns (for checkpoints; `sync_model` brings every rank's
-    copy of the whole model up to date, for evaluation and export)."""
+    forward and backward over all micro-batches, gradients reduced over the stage's dp x ep ranks, the
+    loss parts every rank logs, the gradient norm over all stages, and the weights this rank owns (for
+    checkpoints; `sync_model` brings every rank's copy of the whole model up to date, for evaluation
+    and export).
 
-    def __init__(self, model: DeepseekV3, pp_group, rows: int, window: int, schedule: str = "dualpipev",
-                 n_microbatches: int = 4, device="cpu", amp: torch.dtype | None = None):
-        self.model, self.group, self.device = model, pp_group, torch.device(device)
+    Inside a stage, with dp x ep > 1: routed experts are split over ep (`apply_expert_parallel`, before
+    the pipeline is built) and each rank runs its 1/(dp x ep) of every micro-batch; the other weights
+    are replicated over the stage's ranks and their gradients averaged (all-reduce, not FSDP: no
+    sharding yet); expert gradients are summed over dp and divided by dp x ep, as without a pipeline."""
+
+    def __init__(self, model: DeepseekV3, par, rows: int, window: int, schedule: str = "dualpipev",
+                 n_microbatches: int = 4, amp: torch.dtype | None = None):
+        self.model, self.par, self.group, self.device = model, par, par.pp_group, par.device
         self.n_microbatches = n_microbatches
-        self.sched, self.stages, self.tie = build_pipeline(model, pp_group, (rows, window), schedule, n_microbatches,
-                                                           device, amp)
+        self.sched, self.stages, self.tie = build_pipeline(model, self.group, (rows, window), schedule, n_microbatches,
+                                                           par.device, amp, par.pipelines())
         self.holds_first = any(m.first for m in self.stages)
         self.holds_last = any(m.last for m in self.stages)
         local = {id(t) for m in self.stages for t in [*m.parameters(), *m.buffers()]}
@@ -237,9 +251,10 @@ class Pipeline:
         self._norm_params = [p for p in self.local_params() if id(p) not in skip]
 
     def step(self, ids: torch.Tensor, mtp_lambda: float, balance_alpha: float, loads_LE: torch.Tensor) -> torch.Tensor:
-        """Forward and backward of the global batch `ids` [rows x n_microbatches, T+1] (every rank passes
-        it; the first stage reads it, the last its targets). Adds this rank's MoE loads to `loads_LE`.
-        Returns [main CE, MTP CE, balance], each the mean over micro-batches, the same on every rank."""
+        """Forward and backward of this rank's rows `ids` [rows x n_microbatches, T+1] (the first stage
+        reads them, the last its targets), then the gradient reduction over the stage's ranks. Adds this
+        rank's MoE loads to `loads_LE`. Returns [main CE, MTP CE, balance], each the mean over
+        micro-batches and the stage's ranks: the same on every rank."""
         for m in self.stages:
             m.loads_LE, m.mtp_lambda, m.balance_alpha, m.parts = loads_LE, mtp_lambda, balance_alpha, []
         args = (ids,) if self.holds_first else ()
@@ -250,19 +265,58 @@ class Pipeline:
             warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
             self.sched.step(*args, **kwargs)
         tie_embeddings(self.stages, self.tie)
+        self._reduce_grads()
         parts = torch.zeros(3, device=self.device)
         for m in self.stages:
             if m.last:
                 parts += torch.tensor(m.parts, device=self.device).sum(0) / self.n_microbatches
-        dist.all_reduce(parts, group=self.group)               # only the last stage's rank adds anything
-        return parts
+        dist.all_reduce(parts)              # only the last stage's ranks add anything, one mean each
+        return parts / self.par.data_size
+
+    @torch.no_grad()
+    def _reduce_grads(self):
+        """Gradients of the mean loss over the stage's dp x ep ranks (each rank's loss is its own rows'
+        mean): replicated weights averaged; expert shards summed over dp (the all-to-all backward has
+        already summed the ep peers' tokens) and divided by dp x ep."""
+        par = self.par
+        if par.data_size == 1:
+            return
+        for p in self.local_params():            # the same order on every rank of the stage
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if isinstance(p.grad, DTensor):
+                g = p.grad.to_local()
+                if par.dp > 1:
+                    dist.all_reduce(g, group=par.dp_group)
+            else:
+                g = p.grad
+                dist.all_reduce(g, group=par.data_group)
+            g.div_(par.data_size)
 
     def grad_norm_sq(self) -> torch.Tensor:
-        """Σ g² over every stage's gradients (each parameter counted once), the same on every rank."""
-        sq = [p.grad.float().pow(2).sum() for p in self._norm_params if p.grad is not None]
+        """Σ g² over every stage's gradients (each element counted once), the same on every rank."""
+        sq = []
+        for p in self._norm_params:
+            if p.grad is None:
+                continue
+            if isinstance(p.grad, DTensor):          # an expert shard, replicated over dp
+                sq.append(p.grad.to_local().float().pow(2).sum() / self.par.dp)
+            else:                                    # replicated over the stage's dp x ep ranks
+                sq.append(p.grad.float().pow(2).sum() / self.par.data_size)
         total = torch.stack(sq).sum() if sq else torch.zeros((), device=self.device)
-        dist.all_reduce(total, group=self.group)
+        dist.all_reduce(total)
         return total
+
+    @torch.no_grad()
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Scale this rank's gradients by min(1, max_norm / (norm + 1e-6)) of the global norm; returns the norm."""
+        norm = self.grad_norm_sq().sqrt()
+        coef = min(1.0, max_norm / (float(norm) + 1e-6))
+        if coef < 1.0:
+            for p in self.local_params():
+                if p.grad is not None:
+                    (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).mul_(coef)
+        return norm
 
     def local_params(self) -> list[nn.Parameter]:
         """This rank's parameters, each once."""
@@ -276,7 +330,8 @@ class Pipeline:
 
     @torch.no_grad()
     def sync_model(self):
-        """Every tensor of the model from the lowest rank that owns it to all pipeline ranks (collective)."""
+        """Every tensor of the model from the lowest pipeline rank that owns it to the others (collective;
+        the ranks of one pipeline hold the same expert shards, so shards travel as they are)."""
         sd = self.model.state_dict()
         names = sorted(sd)
         pp, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
@@ -285,4 +340,5 @@ class Pipeline:
         for k, o in zip(names, owner.tolist()):
             if o >= pp:
                 raise RuntimeError(f"no pipeline rank holds {k}")
-            dist.broadcast(sd[k], src=dist.get_global_rank(self.group, o), group=self.group)
+            t = sd[k].to_local() if isinstance(sd[k], DTensor) else sd[k]
+            dist.broadcast(t, src=dist.get_global_rank(self.group, o), group=self.group)

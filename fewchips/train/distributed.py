@@ -33,7 +33,8 @@ import torch.distributed as dist
 
 from ..checkpoint import save_pretrained
 from ..config import ModelConfig
-from ..parallel import abort_on_failure, clip_grad_norm_, init_parallel, parallelize, reduce_expert_grads
+from ..parallel import (abort_on_failure, apply_expert_parallel, clip_grad_norm_, init_parallel, parallelize,
+                        reduce_expert_grads)
 from ..parallel import checkpoint as pckpt
 from ..parallel.fsdp import set_gradient_sync
 from ..parallel.pipeline import Pipeline, stages_per_rank
@@ -51,7 +52,7 @@ class DistributedTrainer(Trainer):
             raise TrainError(str(e)) from None
         # Data preparation and big checkpoints can keep rank 0 busy far longer than a collective's timeout.
         self.slow_group = dist.new_group(backend="gloo", timeout=timedelta(hours=3))
-        if tc.batch_size % par.data_size:
+        if pp == 1 and tc.batch_size % par.data_size:
             raise TrainError(f"--batch-size {tc.batch_size} (the global micro-batch) must be divisible by the "
                              f"{par.data_size} processes of a pipeline stage (dp x ep)")
         self.pipe, self.microbatches = None, None
@@ -65,8 +66,12 @@ class DistributedTrainer(Trainer):
         if pp > 1:
             # every rank holds the whole model and trains its stages; the optimizer (over the whole
             # model) skips parameters without gradients
-            self.pipe = Pipeline(self.model, par.pp_group, tc.batch_size * tc.grad_accum // self.microbatches,
-                                 tc.seq_len + 1, pp_schedule, self.microbatches, par.device, self.amp)
+            if par.data_size > 1:
+                # experts become DTensors (split over ep), the rest stays plain: no fused AdamW
+                apply_expert_parallel(self.model, par)
+                self.opt, self.sched = build_optimizer(self.model, self.tc, self.schedule, fused=False)
+            rows = tc.batch_size * tc.grad_accum // (self.microbatches * par.data_size)
+            self.pipe = Pipeline(self.model, par, rows, tc.seq_len + 1, pp_schedule, self.microbatches, self.amp)
         else:
             # Under bf16 autocast, FSDP also all-gathers the weights in bf16 (half the traffic); master
             # weights, gradient reduction and optimizer state stay fp32.
@@ -81,17 +86,15 @@ class DistributedTrainer(Trainer):
     @staticmethod
     def _check_pipeline(tc: TrainConfig, par, schedule: str, microbatches: int | None) -> int:
         """The number of pipeline micro-batches per step (default: --grad-accum, at least the stages)."""
-        if par.data_size > 1:
-            raise TrainError(f"--pp {par.pp} with dp x ep = {par.data_size}: pipeline parallelism runs alone for "
-                             f"now (every process a stage); launch pp processes with --dp 1 --ep 1")
         if tc.batch_ramp_tokens:
             raise TrainError("--batch-ramp-tokens with --pp: the pipeline's micro-batch shapes are fixed; "
                              "ramp the batch without --pp")
         n_stages = par.pp * stages_per_rank(schedule)
         m = microbatches or max(tc.grad_accum, n_stages)
-        rows = tc.batch_size * tc.grad_accum
-        if m < 1 or rows % m:
-            raise TrainError(f"--microbatches {m} must divide the step's {rows} sequences "
+        rows, n = tc.batch_size * tc.grad_accum, par.data_size
+        if m < 1 or rows % (m * n):
+            each = f" x the {n} processes of a stage (dp x ep)" if n > 1 else ""
+            raise TrainError(f"--microbatches {m}{each} must divide the step's {rows} sequences "
                              f"(--batch-size {tc.batch_size} x --grad-accum {tc.grad_accum})")
         return m
 
@@ -131,6 +134,7 @@ class DistributedTrainer(Trainer):
         if self.pipe is None:
             return super().forward_backward(n_micro, lam, loads_LE)
         ids = torch.cat([self.data.next_batch(self.tc.batch_size).ids for _ in range(n_micro)]).to(self.device)
+        ids = self.par.local_batch(ids)                    # this rank's rows of the step (dp x ep slice)
         main, mtp, bal = self.pipe.step(ids, lam, self.tc.balance_alpha, loads_LE).tolist()
         finite = all(map(math.isfinite, (main, mtp, bal)))
         return main, mtp, bal, finite
@@ -157,7 +161,9 @@ class DistributedTrainer(Trainer):
 
     def clip_grad_norm(self):
         if self.pipe is not None:
-            return clip_grad_norm(self.model, self.opt, self.tc.grad_clip, self.pipe.grad_norm_sq())
+            if self.par.data_size == 1:
+                return clip_grad_norm(self.model, self.opt, self.tc.grad_clip, self.pipe.grad_norm_sq())
+            return self.pipe.clip_grad_norm(self.tc.grad_clip)
         reduce_expert_grads(self.model, self.par)
         return clip_grad_norm_(self.model, self.tc.grad_clip, self.par)
 

@@ -217,9 +217,10 @@ def moe_routers(model: DeepseekV3):
     return [layer.mlp.gate for layer in layers if isinstance(layer.mlp, MoE)]
 
 
-def build_optimizer(model: DeepseekV3, tc: TrainConfig, schedule: RunSchedule | None = None):
+def build_optimizer(model: DeepseekV3, tc: TrainConfig, schedule: RunSchedule | None = None, fused: bool = True):
     """AdamW with weight decay on matrices only (not on norms, biases or any 1-D parameter), and the
-    lr schedule on the run's tokens."""
+    lr schedule on the run's tokens. fused=False: torch's per-parameter loop, for parameters that mix
+    plain tensors and DTensors (which fused and foreach kernels refuse)."""
     schedule = schedule or RunSchedule.of(tc)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -233,7 +234,7 @@ def build_optimizer(model: DeepseekV3, tc: TrainConfig, schedule: RunSchedule | 
         opt = AdamWBF16Moments(groups, **kw)
     else:
         try:
-            opt = torch.optim.AdamW(groups, fused=True, **kw)
+            opt = torch.optim.AdamW(groups, **(dict(fused=True) if fused else dict(foreach=False)), **kw)
         except (RuntimeError, TypeError):
             opt = torch.optim.AdamW(groups, **kw)
     warmup = tc.warmup_steps if tc.warmup_steps is not None else max(1, round(0.03 * tc.steps))
@@ -250,10 +251,7 @@ def clip_grad_norm(model, opt, max_norm: float, norm_sq: torch.Tensor | None = N
     Returns the norm before clipping."""
     params = [p for p in model.parameters() if p.grad is not None]
     for p in params:
-        # torch 2.13's fused CPU AdamW reads a gradient as if laid out like its parameter; a transposed
-        # one (the pipeline schedules' split weight backward assigns some) would be applied scrambled
-        if p.grad.stride() != p.stride():
-            p.grad = torch.empty_strided(p.shape, p.stride(), dtype=p.grad.dtype, device=p.grad.device).copy_(p.grad)
+        lay_out_grad_like_param(p)
     if norm_sq is None:
         # sum of g.g by BLAS dot: 2.5x the bandwidth of torch's per-tensor vector_norm on CPU (measured)
         sq = [g.reshape(-1).dot(g.reshape(-1)) for g in (p.grad.float() for p in params)]
@@ -266,6 +264,24 @@ def clip_grad_norm(model, opt, max_norm: float, norm_sq: torch.Tensor | None = N
     else:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
+
+
+def lay_out_grad_like_param(p: torch.nn.Parameter):
+    """torch 2.13's fused CPU AdamW reads a gradient as if laid out like its parameter; a transposed one
+    (the pipeline schedules' split weight backward leaves some) would be applied scrambled. Copy such a
+    gradient into its parameter's layout (the local shard's, for a DTensor)."""
+    g = p.grad
+    local_g = g._local_tensor if hasattr(g, "_local_tensor") else g
+    local_p = p._local_tensor if hasattr(p, "_local_tensor") else p
+    if local_g.stride() == local_p.stride():
+        return
+    fixed = torch.empty_strided(local_p.shape, local_p.stride(), dtype=local_g.dtype, device=local_g.device)
+    fixed.copy_(local_g)
+    if local_g is g:
+        p.grad = fixed
+    else:
+        from torch.distributed.tensor import DTensor
+        p.grad = DTensor.from_local(fixed, g.device_mesh, g.placements, run_check=False)
 
 
 def compute_losses(model: DeepseekV3, batch, mtp_lambda: float, amp_dtype):
