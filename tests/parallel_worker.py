@@ -132,19 +132,21 @@ def roundtrip(par):
     return results
 
 
-def fp8_parity(par, out):
+def fp8_parity(par, out, pow2=False, dispatch=False):
     """FP8 (emulated) experts split over ep ranks: the split experts still run the FP8 grouped FFN, and
     one step's loss and gathered gradients equal FP8 in one process to FP8's own noise. That noise is
     large: FP8 rounding and expert choices flip on ulp-sized input changes (scaling the embedding by
     1 + 1e-6 moves the gradient by ~1% in L2), and the split computation is not bitwise the single
     one. Plain experts in place of FP8 ones move the loss by ~7e-5 and the gradient by ~12%; with the
-    old 1e-4 floor on FP8 scales the split moved it by 5.3% (per-rank gradients are twice as large)."""
+    old 1e-4 floor on FP8 scales the split moved it by 5.3% (per-rank gradients are twice as large).
+    dispatch: token rows (and the down-projection's gradients) travel in FP8; reports the bytes."""
     from fewchips.fp8 import apply_fp8
     from fewchips.fp8.linear import fp8_expert_swiglu
+    from fewchips.parallel import apply_expert_parallel, apply_fsdp
     cfg = tiny_config()
     ref = random_model(cfg).train()
-    apply_fp8(ref, backend="emulate")
-    model = parallelize(copy.deepcopy(ref), par)
+    apply_fp8(ref, backend="emulate", pow2_scales=pow2)
+    model = apply_fsdp(apply_expert_parallel(copy.deepcopy(ref), par, fp8_dispatch=dispatch), par)
     split = [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
     ids = torch.randint(0, cfg.vocab_size, (128 * par.world_size, 4), generator=torch.Generator().manual_seed(5))
     loss = lm_loss(model, par.local_batch(ids), [])
@@ -159,7 +161,9 @@ def fp8_parity(par, out):
     want = torch.cat([refp[n].grad.flatten() for n, _ in model.named_parameters()])
     return {"rank": par.rank, "loss": g.item() / par.world_size, "ref_loss": ref_loss.item(),
             "grad_rel_l2": ((got - want).norm() / want.norm()).item(),
-            "n_split": len(split), "fp8_ffn": all(getattr(m.swiglu, "func", None) is fp8_expert_swiglu for m in split)}
+            "n_split": len(split), "fp8_ffn": all(getattr(m.swiglu, "func", None) is fp8_expert_swiglu for m in split),
+            "dispatch_bytes_per_row": sum(m.dispatch_bytes for m in split) / sum(m.dispatch_rows for m in split),
+            "fp8_bytes_sent": sum(m.fp8_bytes_sent for m in split), "hidden": cfg.hidden_size}
 
 
 def pipeline(schedule, microbatches):
@@ -260,7 +264,7 @@ def main():
     elif scenario == "parity_save":
         res = parity(par, out, save_dir=os.path.join(out, "ckpt"))
     elif scenario == "fp8_parity":
-        res = fp8_parity(par, out)
+        res = fp8_parity(par, out, pow2=sys.argv[4] == "pow2", dispatch=sys.argv[5] == "dispatch")
     elif scenario == "resume":
         res = resume(par, out, sys.argv[4])
     elif scenario in ("fault", "hang"):

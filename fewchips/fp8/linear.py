@@ -115,8 +115,8 @@ def grouped_fp8_mm(xq, xs, wq_ENK, ws_ENK, offs_E, out_dtype, backend):
 
 class _FP8GroupedMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_MK, w_ENK, offs_E, backend: str, pow2: bool, out_dtype=None):
-        xq, xs = quantize(x_MK, TILE, pow2)
+    def forward(ctx, x_MK, w_ENK, offs_E, backend: str, pow2: bool, out_dtype=None, x_fp8=None):
+        xq, xs = x_fp8 if x_fp8 is not None else quantize(x_MK, TILE, pow2)   # x_fp8: as dispatched
         wq, ws = quantize(w_ENK.detach(), BLOCK, pow2)
         y = grouped_fp8_mm(xq, xs, wq, ws, offs_E, out_dtype or x_MK.dtype, backend)
         ctx.save_for_backward(xq, xs, wq, ws, offs_E)
@@ -134,7 +134,7 @@ class _FP8GroupedMatmul(torch.autograd.Function):
                                 x_dtype, backend)
         if ctx.needs_input_grad[1]:
             dw = _grouped_wgrad(dy_MN, xq, xs, offs_E, wq.shape, backend, pow2).to(w_dtype)
-        return dx, dw, None, None, None, None
+        return dx, dw, None, None, None, None, None
 
 
 def _grouped_wgrad(g_MN, xq, xs, offs_E, shape_ENK, backend, pow2):
@@ -159,13 +159,16 @@ def _grouped_wgrad(g_MN, xq, xs, offs_E, shape_ENK, backend, pow2):
 
 
 @torch.compiler.disable   # like expert_swiglu: data-dependent row counts, grouped_mm's meta kernel is bf16-only
-def fp8_expert_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF, backend: str = "auto", pow2_scales: bool = False):
+def fp8_expert_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF, backend: str = "auto", pow2_scales: bool = False,
+                      x_fp8=None):
     """`ops.expert_swiglu` with both grouped GEMMs (gate_up and down) in FP8, quantised from the weights
-    given (the master weights); the SwiGLU itself stays in the activation dtype."""
+    given (the master weights); the SwiGLU itself stays in the activation dtype. `x_fp8`: x_sorted's
+    own FP8 codes and 1x128 scales when it arrived in FP8 (expert parallelism's FP8 dispatch): the
+    up-projection uses them as they are."""
     backend = resolve_backend(backend, str(x_sorted.device))
     offs_E = counts_E.cumsum(0)
     out_dtype = _out_dtype(x_sorted)
-    h = _FP8GroupedMatmul.apply(x_sorted, gate_up_EfD, offs_E, backend, pow2_scales, out_dtype)
+    h = _FP8GroupedMatmul.apply(x_sorted, gate_up_EfD, offs_E, backend, pow2_scales, out_dtype, x_fp8)
     gate, up = h.chunk(2, dim=-1)
     return _FP8GroupedMatmul.apply((F.silu(gate) * up).contiguous(), down_EDF, offs_E, backend, pow2_scales, out_dtype)
 

@@ -66,6 +66,58 @@ def all_to_all(x, out_splits: list[int], in_splits: list[int], group, timer=None
     return _AllToAll.apply(x, out_splits, in_splits, group, timer)
 
 
+# FP8 communication (arXiv 2412.19437 §3.3.4): the activations before the experts' up-projection and the
+# activation gradients before their down-projection travel as E4M3 in 1x128 tiles with power-of-two
+# scales, ~half the bytes of BF16; the combine forward and the dispatch backward stay in full precision.
+# Power-of-two scales make a re-quantisation on the expert side lossless.
+
+def _send_fp8(x, out_splits, in_splits, group, timer):
+    """x [N, D] quantised, sent as (uint8 codes, fp32 scales), received as (q E4M3, s)."""
+    from ..fp8.quant import E4M3, TILE, quantize
+    q, s = quantize(x, TILE, pow2=True)
+    q_recv = _a2a(q.view(torch.uint8), out_splits, in_splits, group, timer).view(E4M3)
+    s_recv = _a2a(s, out_splits, in_splits, group, timer)
+    if timer is not None:
+        timer.fp8_bytes_sent += q.numel() + s.numel() * s.element_size()
+    return q_recv, s_recv
+
+
+class _FP8Dispatch(torch.autograd.Function):
+    """Forward: rows sent in FP8; returns them dequantised (exactly the values the experts compute on)
+    and the FP8 codes and scales themselves, for the up-projection to use as they are. Backward: the
+    gradient returns in full precision."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group, timer):
+        from ..fp8.quant import TILE, dequantize
+        ctx.splits, ctx.group, ctx.timer = (out_splits, in_splits), group, timer
+        q, s = _send_fp8(x, out_splits, in_splits, group, timer)
+        ctx.mark_non_differentiable(q, s)
+        return dequantize(q, s, TILE, x.dtype), q, s
+
+    @staticmethod
+    def backward(ctx, grad, _gq, _gs):
+        out_splits, in_splits = ctx.splits
+        return _a2a(grad, in_splits, out_splits, ctx.group, ctx.timer), None, None, None, None
+
+
+class _FP8GradCombine(torch.autograd.Function):
+    """Forward: the expert outputs return in full precision. Backward: their gradients (the input of the
+    down-projection's backward) are sent in FP8."""
+
+    @staticmethod
+    def forward(ctx, y, out_splits, in_splits, group, timer):
+        ctx.splits, ctx.group, ctx.timer, ctx.dtype = (out_splits, in_splits), group, timer, y.dtype
+        return _a2a(y, out_splits, in_splits, group, timer)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from ..fp8.quant import TILE, dequantize
+        out_splits, in_splits = ctx.splits
+        q, s = _send_fp8(grad, in_splits, out_splits, ctx.group, ctx.timer)
+        return dequantize(q, s, TILE, ctx.dtype), None, None, None, None
+
+
 class ExpertParallelExperts(nn.Module):
     """Drop-in for `RoutedExperts` (same call, same parameter names and global shapes) whose experts
     live on their owner ranks."""
@@ -79,10 +131,16 @@ class ExpertParallelExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(DTensor.from_local(gate_up_LFD, par.mesh, place, run_check=False))
         self.down_proj = nn.Parameter(DTensor.from_local(down_LDF, par.mesh, place, run_check=False))
         self.comm_seconds = 0.0                             # all-to-all wall time, forward and backward
+        self.dispatch_bytes = 0                             # bytes of the token rows the forward dispatch sent
+        self.dispatch_rows = 0                              # and how many rows
+        self.fp8_bytes_sent = 0                             # FP8 codes and scales sent (both directions)
         self.swiglu = expert_swiglu                         # the grouped FFN: the replaced module's (FP8 too)
+        self.fp8_dispatch = False                           # FP8 experts: dispatch in FP8 (set by from_dense)
 
     @classmethod
-    def from_dense(cls, experts: RoutedExperts, par: Parallel) -> "ExpertParallelExperts":
+    def from_dense(cls, experts: RoutedExperts, par: Parallel, fp8_dispatch: bool | None = None) -> "ExpertParallelExperts":
+        """The experts of `experts` this rank owns. fp8_dispatch (default: when the experts are FP8 and
+        ep > 1): send token rows and the down-projection's gradients in FP8, as the report does."""
         E = experts.n_experts
         if E % par.ep:
             raise ValueError(f"--ep {par.ep} must divide n_routed_experts ({E}): experts are placed whole")
@@ -93,6 +151,10 @@ class ExpertParallelExperts(nn.Module):
             down = experts.down_proj[sl].detach().clone().to(par.device)
         new = cls(E, gate_up, down, par)
         new.swiglu = experts.swiglu
+        from ..fp8.linear import FP8RoutedExperts
+        if fp8_dispatch is None:                 # at ep 1 nothing travels: no reason to round the rows
+            fp8_dispatch = isinstance(experts, FP8RoutedExperts) and par.ep > 1
+        new.fp8_dispatch = fp8_dispatch
         return new
 
     def forward(self, x_MD, experts_MK, weights_MK):
@@ -113,28 +175,40 @@ class ExpertParallelExperts(nn.Module):
         dist.all_to_all_single(recv_PL, counts_PL.contiguous(), group=self.group)  # counts first
         send = counts_PL.sum(1).tolist()
         recv = recv_PL.sum(1).tolist()
-        x_recv = all_to_all(x_sorted, recv, send, self.group, self)
+        self.dispatch_rows += x_sorted.shape[0]
+        if self.fp8_dispatch:
+            before = self.fp8_bytes_sent
+            x_recv, q_recv, s_recv = _FP8Dispatch.apply(x_sorted, recv, send, self.group, self)
+            self.dispatch_bytes += self.fp8_bytes_sent - before
+        else:
+            self.dispatch_bytes += x_sorted.numel() * x_sorted.element_size()
+            x_recv = all_to_all(x_sorted, recv, send, self.group, self)
         # Received rows are peer-major; the grouped FFN wants them expert-major.
         local_id = torch.arange(L, device=x_recv.device).repeat(P).repeat_interleave(recv_PL.flatten())
         perm = local_id.argsort(stable=True)
-        y_local = fn(x_recv[perm], recv_PL.sum(0))
+        if self.fp8_dispatch:                     # the up-projection takes the received FP8 rows as they are
+            y_local = fn(x_recv[perm], recv_PL.sum(0), x_fp8=(q_recv[perm], s_recv[perm]))
+        else:
+            y_local = fn(x_recv[perm], recv_PL.sum(0))
         y_recv = torch.empty_like(y_local).index_copy_(0, perm, y_local)
+        if self.fp8_dispatch:
+            return _FP8GradCombine.apply(y_recv, send, recv, self.group, self)
         return all_to_all(y_recv, send, recv, self.group, self)
 
-    def expert_ffn(self, x_sorted, counts_L):
+    def expert_ffn(self, x_sorted, counts_L, **kw):
         """The grouped SwiGLU of the replaced experts (plain or FP8) on the local experts' master weights."""
-        return self.swiglu(x_sorted, counts_L, self.gate_up_proj.to_local(), self.down_proj.to_local())
+        return self.swiglu(x_sorted, counts_L, self.gate_up_proj.to_local(), self.down_proj.to_local(), **kw)
 
 
-def apply_expert_parallel(model: nn.Module, par: Parallel) -> nn.Module:
+def apply_expert_parallel(model: nn.Module, par: Parallel, fp8_dispatch: bool | None = None) -> nn.Module:
     """Replace every MoE layer's RoutedExperts (FP8 ones included: their `swiglu` comes along) by its
-    ExpertParallelExperts (in place), at every ep including 1."""
+    ExpertParallelExperts (in place), at every ep including 1. fp8_dispatch: see `from_dense`."""
     for m in model.modules():
         if isinstance(m, MoE) and not isinstance(m.experts, (RoutedExperts, ExpertParallelExperts)):
             raise ValueError(f"{type(m.experts).__name__} holds no trainable expert weights (FP8 kept for inference?): "
                              f"load the model with fewchips.from_pretrained to train or split it over ranks")
         if isinstance(m, MoE) and isinstance(m.experts, RoutedExperts):
-            m.experts = ExpertParallelExperts.from_dense(m.experts, par)
+            m.experts = ExpertParallelExperts.from_dense(m.experts, par, fp8_dispatch)
     return model
 
 
