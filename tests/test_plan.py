@@ -80,17 +80,63 @@ def test_671b_on_one_gpu_does_not_fit_and_names_the_largest_term(v3, capsys):
 
 def test_cli_report_layout_end_to_end(capsys):
     argv = ["plan", "--preset", "v3", "--tokens", "14.8T", "--gpus", "2048", "--gpu", "h800",
-            "--ep", "64", "--pp", "16", "--dp", "2", "--fp8", "--implied-mfu", "--json"]
+            "--ep", "64", "--pp", "16", "--dp", "2", "--fp8", "--pp-schedule", "dualpipe", "--json"]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["memory_per_gpu"]["fp8"]["fits"] is True
     assert out["params"]["total"] == pytest.approx(671e9, rel=0.005)
-    assert 0.39 < out["implied_mfu"]["MFU vs BF16 peak"] < 0.42
     assert out["serving"]["KV cache per token"] == 2 * 61 * (512 + 64)
     assert out["time"]["GPU-hours"] > 0 and out["time"]["cost"] == pytest.approx(2 * out["time"]["GPU-hours"])
+    # 15,360 sequences over dp 2 x ep 64 = 120 micro-batches per pipeline; DualPipe's bubble on 16 GPUs
+    assert out["pipeline"]["microbatches"] == 120
+    assert out["pipeline"]["bubble fraction"] == pytest.approx(14 / (14 + 120 * 3))
     assert main(argv[:-1] + ["--explain"]) == 0
     text = capsys.readouterr().out
-    assert "= 61 layers x 2 x 128 heads" in text and "MFU vs FP8 peak" in text
+    assert "= 61 layers x 2 x 128 heads" in text and "(PP/2-1)(F&B+B-3W)" in text
+
+
+def test_implied_mfu_prints_only_its_answer(capsys):
+    argv = ["plan", "--preset", "v3", "--gpu", "h800", "--implied-mfu"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "MFU vs BF16 peak" in text and "MFU vs FP8 peak" in text
+    assert "training memory" not in text and "serving" not in text and "parameters" not in text
+    assert main(argv + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"model", "gpu", "tokens", "seq", "implied_mfu"}
+    assert 0.39 < out["implied_mfu"]["MFU vs BF16 peak"] < 0.42
+
+
+@pytest.mark.parametrize("schedule,bubble", [
+    ("1f1b", 15 * 3),                  # (PP-1)(F+B)
+    ("zb1p", 15 * 1),                  # (PP-1)(F+B-2W)
+    ("dualpipe", 7 * 2),               # (PP/2-1)(F&B+B-3W), F&B = F+B
+    ("dualpipev", 15 * 2),             # DualPipeV on 16 GPUs: 32 chunks, (PP-1)(F&B+B-3W) per chunk
+])
+def test_bubble_follows_the_reports_table(schedule, bubble):
+    cfg = ModelConfig.from_preset("v3")
+    layout = est.make_layout(cfg, gpus=2048, ep=64, pp=16, schedule=schedule)
+    terms = {t.name: t.value for t in est.bubble_terms(layout, 120)}
+    assert terms["bubble"] == bubble
+    work = 120 * (2 if schedule == "dualpipev" else 1) * 3
+    assert terms["bubble fraction"] == pytest.approx(bubble / (bubble + work))
+    measured = {t.name: t.value for t in est.bubble_terms(layout, 120, (1.0, 1.5, 0.5, 2.0))}
+    assert measured["bubble"] == {"1f1b": 15 * 2.5, "zb1p": 15 * 1.5, "dualpipe": 7 * 2.0, "dualpipev": 15 * 2.0}[schedule]
+
+
+def test_dualpipe_memory_two_copies_dualpipev_one(v3):
+    """DualPipe holds every layer on two GPUs (2x parameters); DualPipeV holds each chunk once, with the
+    embedding and the head (and MTP) on GPU 0, as the V places them."""
+    cfg, p = v3
+    def weights(schedule):
+        stages = est.training_memory(p, est.make_layout(cfg, gpus=512, ep=32, pp=16, schedule=schedule), 4096, 1, True)
+        return stages, sum(next(t.value for t in s.terms if t.name == "weights") for s in stages)
+    one, w1 = weights("1f1b")
+    dual, w2 = weights("dualpipe")
+    v, wv = weights("dualpipev")
+    assert w2 == pytest.approx(2 * w1) and wv == pytest.approx(w1)
+    assert {"embedding", "head", "mtp 0"} <= set(v[0].blocks)
+    assert "embedding" in one[0].blocks and "head" in one[-1].blocks
 
 
 def test_small_preset_on_a_laptop_gpu_spec(capsys):
@@ -133,6 +179,8 @@ def test_gpu_table_and_spec():
     (["--gpu", "h900"], "unknown GPU 'h900'; known: h800, h100"),
     (["--ep", "48"], "--ep 48 does not divide the 256 routed experts"),
     (["--pp", "62"], "--pp 62 is more pipeline stages than the model's 61 layers"),
+    (["--pp", "32"], "--pp 32 with dualpipev needs 64 chunks, more than the model's 62 layers"),
+    (["--fbw", "1,x,1"], "--fbw '1,x,1': expected numbers"),
     (["--gpus", "2048", "--ep", "64", "--pp", "16", "--dp", "4"], "dp x ep x pp = 4 x 64 x 16 = 4096"),
     (["--gpus", "100", "--ep", "64"], "100 GPUs cannot be split into ep x pp"),
     (["--tokens", "lots"], "--tokens: cannot read 'lots'"),
@@ -151,7 +199,9 @@ def test_dense_model_rejects_expert_parallelism():
     cfg = ModelConfig.from_preset("tiny", first_k_dense_replace=4, num_nextn_predict_layers=0)
     with pytest.raises(ValueError, match="no MoE layers"):
         est.make_layout(cfg, ep=2)
-    assert est.make_layout(cfg, gpus=8, pp=4).dp == 2
+    assert est.make_layout(cfg, gpus=8, pp=4, schedule="1f1b").dp == 2
+    with pytest.raises(ValueError, match="dualpipev needs 8 chunks"):       # two chunks per GPU
+        est.make_layout(cfg, gpus=8, pp=4)
 
 
 def test_model_from_a_config_file(tmp_path, capsys):
@@ -159,7 +209,47 @@ def test_model_from_a_config_file(tmp_path, capsys):
     for src in (str(tmp_path), str(tmp_path / "config.json")):
         assert main(["plan", "--model", src, "--gpus", "4", "--ep", "4", "--gpu", "rtx4090", "--json"]) == 0
         out = json.loads(capsys.readouterr().out)
-        assert out["layout"] == {"gpus": 4, "dp": 1, "ep": 4, "pp": 1, "zero": 1}
+        assert out["layout"] == {"gpus": 4, "dp": 1, "ep": 4, "pp": 1, "zero": 1, "schedule": "dualpipev"}
         assert out["params"]["total"] == est.count_params(ModelConfig.from_preset("tiny")).counts["total"]
     assert main(["plan", "--model", str(tmp_path / "missing")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_search_finds_the_fewest_gpus_that_fit(capsys):
+    """--search train answers with a layout that fits, and no layout with fewer GPUs fits (checked by
+    brute force over every dp x ep x pp on the same candidate pipelines)."""
+    from fewchips.plan.gpus import parse_gpu_spec
+    from fewchips.plan.search import search
+    cfg = ModelConfig.from_preset("small")
+    p = est.count_params(cfg)
+    gpu = parse_gpu_spec("name=tiny,mem=0.5,bf16=10")
+    found = search(cfg, gpu, "train", seq=512, micro_batch=1)
+    assert found["gpus"] is not None and found["gpus"] > 1
+    cap = 0.5 * est.GIB
+
+    def worst(gpus, ep, pp):
+        try:
+            layout = est.make_layout(cfg, gpus=gpus, ep=ep, pp=pp)
+        except ValueError:               # not a layout the model takes
+            return None
+        return max(s.total for s in est.training_memory(p, layout, 512, 1, False))
+
+    assert worst(found["gpus"], found["ep"], found["pp"]) <= cap
+    checked = 0
+    for n in range(1, found["gpus"]):
+        for ep in (d for d in range(1, cfg.n_routed_experts + 1) if cfg.n_routed_experts % d == 0 and n % d == 0):
+            for pp in (1, 2, 4, 8, 16):
+                w = worst(n, ep, pp) if (n // ep) % pp == 0 else None
+                if w is not None:
+                    assert w > cap, (n, ep, pp)
+                    checked += 1
+    assert checked > 10
+    assert main(["plan", "--preset", "small", "--gpu-spec", "name=tiny,mem=0.5,bf16=10", "--seq", "512",
+                 "--search", "train"]) == 0
+    assert f"{found['gpus']} x tiny at the fewest" in capsys.readouterr().out
+
+
+def test_search_serving_v3_fp8_on_h800(capsys):
+    assert main(["plan", "--preset", "v3", "--gpu", "h800", "--fp8", "--search", "serve", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gpus"] == 8 and out["need_gib"] <= 8 * 80 < out["need_gib"] + 80      # 627 GiB of FP8 weights

@@ -3,6 +3,7 @@
     fewchips plan --preset v3 --tokens 14.8T --gpus 2048 --gpu h800 --ep 64 --pp 16 --fp8
     fewchips plan --preset v3 --implied-mfu            # what DeepSeek-V3's own run achieved
     fewchips plan --model path/to/config.json --gpus 8 --gpu h200 --explain
+    fewchips plan --preset v3 --gpu h800 --fp8 --search train  # the fewest GPUs that fit
 """
 
 from __future__ import annotations
@@ -50,6 +51,20 @@ def register(sub):
     g.add_argument("--pp", type=int, default=None, help="pipeline stages, at most the layer count (V3 used 16)")
     g.add_argument("--zero", type=int, default=1, choices=(0, 1, 2, 3),
                    help="ZeRO stage: 1 shards optimizer state over data parallelism (default 1, as V3)")
+    g.add_argument("--pp-schedule", default="dualpipev", choices=("dualpipev", "dualpipe", "1f1b", "zb1p"),
+                   help="pipeline schedule: memory per GPU and the bubble (default dualpipev, as fewchips train; "
+                        "the report's DualPipe holds two parameter copies)")
+    g.add_argument("--global-batch", type=int, default=15360,
+                   help="sequences per optimizer step (default 15360, V3's); sets the pipeline's micro-batches")
+    g.add_argument("--microbatches", type=int, default=None,
+                   help="micro-batches per pipeline per step (default: global batch / (dp x ep x micro-batch))")
+    g.add_argument("--fbw", default=None, metavar="F,B,W[,F&B]",
+                   help="measured per-chunk forward, backward, weight-gradient (and overlapped F&B) times for the "
+                        "bubble, e.g. from benchmarks/pipeline.py (default 1,2,1: FLOP ratios)")
+    g.add_argument("--search", choices=("train", "serve"), default=None,
+                   help="find the fewest GPUs of --gpu (and the layout) that fit the model for training "
+                        "(weights, gradients, optimizer, activations; --fp8 for the FP8 recipe) or serving "
+                        "(weights and one --seq context)")
     g = p.add_argument_group("output")
     g.add_argument("--implied-mfu", nargs="?", const="2664K", default=None, metavar="GPU_HOURS",
                    help="the MFU a finished run implies from its GPU-hours and --tokens "
@@ -88,7 +103,10 @@ def build_plan(args) -> dict:
         raise ValueError(f"--mfu must be in (0, 1], got {args.mfu:g} (0.35 means 35%)")
     if args.price < 0:
         raise ValueError(f"--price must be >= 0, got {args.price:g}")
-    layout = est.make_layout(cfg, gpus=args.gpus, dp=args.dp, ep=args.ep, pp=args.pp, zero=args.zero)
+    layout = est.make_layout(cfg, gpus=args.gpus, dp=args.dp, ep=args.ep, pp=args.pp, zero=args.zero,
+                             schedule=args.pp_schedule)
+    microbatches = microbatches_per_step(args, layout)
+    fbw = parse_fbw(args.fbw)
     params = est.count_params(cfg)
     flops = est.flops_per_token(params, args.seq)
     memory = {}
@@ -103,6 +121,7 @@ def build_plan(args) -> dict:
         params=est.param_terms(params), flops=flops, memory=memory,
         serving=est.serving_terms(params, gpu, layout.gpus, args.seq, args.fp8),
         time=est.time_terms(tokens, flops, gpu, layout.gpus, args.mfu, args.fp8, args.price),
+        microbatches=microbatches, bubble=est.bubble_terms(layout, microbatches, fbw), measured_fbw=fbw is not None,
         six_n=6 * (params.counts["active"] - params.counts["embedding"]),
     )
     if args.implied_mfu is not None:
@@ -112,7 +131,41 @@ def build_plan(args) -> dict:
     return plan
 
 
+def microbatches_per_step(args, layout) -> int:
+    if args.microbatches is not None:
+        if args.microbatches < 1:
+            raise ValueError(f"--microbatches must be a positive integer, got {args.microbatches}")
+        return args.microbatches
+    if args.global_batch < 1:
+        raise ValueError(f"--global-batch must be a positive integer, got {args.global_batch}")
+    per = layout.dp * layout.ep * args.micro_batch
+    return max(1, args.global_batch // per)
+
+
+def parse_fbw(text):
+    if text is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--fbw {text!r}: expected numbers F,B,W or F,B,W,F&B, e.g. 1,2,1") from None
+    if len(vals) not in (3, 4) or any(v < 0 for v in vals) or vals[0] <= 0:
+        raise ValueError(f"--fbw {text!r}: expected three or four non-negative times F,B,W[,F&B] with F > 0")
+    return vals
+
+
 def run(args):
+    if args.search:
+        from fewchips.plan.search import render_search, search
+        cfg = load_config(args.preset, args.model)
+        gpu = resolve_gpu(args.gpu, args.gpu_spec)
+        found = search(cfg, gpu, args.search, seq=args.seq, micro_batch=args.micro_batch, fp8=args.fp8,
+                       zero=args.zero, schedule=args.pp_schedule)
+        if args.json:
+            print(json.dumps(found))
+        else:
+            print(render_search(found))
+        return 0
     plan = build_plan(args)
     if args.json:
         print(json.dumps(to_json(plan, args.explain)))
@@ -147,7 +200,10 @@ def to_json(plan, explain=False) -> dict:
         out["memory_per_gpu"][prec] = {**terms(st.terms), "total": st.total, "fits": m["fits"],
                                        "largest": st.largest.name, "stage": st.stage, "blocks": st.blocks}
     if "implied" in plan:
-        out["implied_mfu"] = {**terms(plan["implied"]), "gpu_hours": plan["implied_hours"]}
+        return {"model": plan["name"], "gpu": out["gpu"], "tokens": plan["tokens"], "seq": plan["seq"],
+                "implied_mfu": {**terms(plan["implied"]), "gpu_hours": plan["implied_hours"]}}
+    out["pipeline"] = {"schedule": plan["layout"].schedule, "microbatches": plan["microbatches"],
+                       **terms(plan["bubble"])}
     return out
 
 
@@ -169,9 +225,22 @@ class Report:
 
 def render(plan, explain=False) -> list[str]:
     r = Report(explain)
-    for section in (_header, _params, _flops, _memory, _serving, _time, _implied):
+    sections = (_header, _implied) if "implied" in plan else (_header, _params, _flops, _memory, _pipeline,
+                                                               _serving, _time)
+    for section in sections:
         section(r, plan)
     return r.lines
+
+
+def _pipeline(r: Report, plan):
+    layout = plan["layout"]
+    if layout.pp == 1:
+        return
+    b = {t.name: t for t in plan["bubble"]}
+    src = "measured per-chunk times" if plan["measured_fbw"] else "F : B : W = 1 : 2 : 1 by FLOPs"
+    r.text(f"\npipeline: {layout.schedule}, {layout.pp} GPUs, {plan['microbatches']} micro-batches per step ({src})")
+    r.line("bubble", f"{b['bubble'].value:g} x F", b["bubble"].formula)
+    r.line("idle share of a step", f"{b['bubble fraction'].value:.1%}", b["bubble fraction"].formula)
 
 
 def _header(r: Report, plan):
@@ -206,8 +275,9 @@ def _memory(r: Report, plan):
     from fewchips.plan.estimate import GIB
     gpu, precisions = plan["gpu"], ("bf16", "fp8")
     cap = gpu.memory_gib
+    sched = plan["layout"].schedule if plan["layout"].pp > 1 else "no pipeline"
     r.text(f"\ntraining memory per GPU, worst pipeline stage (micro-batch {plan['micro_batch']} x "
-           f"{plan['seq']} tokens, 1F1B)")
+           f"{plan['seq']} tokens, {sched})")
     by_name = {p: {t.name: t for t in plan["memory"][p]["stage"].terms} for p in precisions}
     names = list(dict.fromkeys([*by_name["bf16"], *by_name["fp8"]]))   # the stages may differ
     r.text(f"  {'':<28} {'BF16':>10} {'FP8':>10}"

@@ -15,9 +15,15 @@ Conventions (arXiv 2412.19437 §3):
 - Parallelism: gpus = dp x ep x pp and no tensor parallelism (the report's layout). Expert
   parallelism shards the routed experts of each layer over `ep` GPUs that each run their own data,
   so non-expert weights have dp x ep data-parallel replicas and expert weights have dp.
-- Pipeline: a 1F1B schedule; stage s keeps the activations of pp - s micro-batches in flight.
-  Embedding on the first stage; head and MTP on the last. DualPipe (two parameter copies, pp + 1
-  micro-batches) is not modelled.
+- Pipeline schedules (report §3.2.1, Table 2), with F, B, W the time of a chunk's forward, full
+  backward and weight-gradient backward, and F&B an overlapped forward/backward pair:
+      1f1b       stage s keeps pp - s micro-batches in flight;     bubble (PP-1)(F+B)
+      zb1p       as 1F1B, the weight gradients fill the bubble;    bubble (PP-1)(F+B-2W)
+      dualpipe   each GPU holds two stages (2x parameters), PP+1 stage activations; bubble (PP/2-1)(F&B+B-3W)
+      dualpipev  the cut-in-half DualPipe: pp GPUs hold 2pp chunks in a V (1x parameters), 2pp+1 chunk
+                 activations; bubble (PP-1)(F&B+B-3W) with PP = pp GPUs (torch's ScheduleDualPipeV)
+  Embedding on the first stage; head and MTP on the last (under dualpipev both on GPU 0). Unless
+  measured times are given, F : B : W = 1 : 2 : 1 (FLOPs) and F&B = F + B.
 - Memory is in GiB (2^30 bytes); a GPU's vendor capacity is read as GiB (see gpus.py).
 """
 
@@ -262,6 +268,9 @@ def flops_per_token(p: Params, seq: int) -> Flops:
 # Layout and training memory
 # ---------------------------------------------------------------------------------------------
 
+SCHEDULES = ("dualpipev", "dualpipe", "1f1b", "zb1p")
+
+
 @dataclass
 class Layout:
     gpus: int
@@ -269,9 +278,11 @@ class Layout:
     ep: int
     pp: int
     zero: int = 1
+    schedule: str = "dualpipev"
 
     def __str__(self):
-        return f"{self.gpus} GPUs = dp {self.dp} x ep {self.ep} x pp {self.pp}, ZeRO-{self.zero}"
+        sched = f" ({self.schedule})" if self.pp > 1 else ""
+        return f"{self.gpus} GPUs = dp {self.dp} x ep {self.ep} x pp {self.pp}{sched}, ZeRO-{self.zero}"
 
 
 def _divisors(n: int) -> list[int]:
@@ -279,8 +290,10 @@ def _divisors(n: int) -> list[int]:
 
 
 def make_layout(cfg: ModelConfig, gpus: int | None = None, dp: int | None = None, ep: int | None = None,
-                pp: int | None = None, zero: int = 1) -> Layout:
+                pp: int | None = None, zero: int = 1, schedule: str = "dualpipev") -> Layout:
     """Fill in what was not given (gpus = dp x ep x pp) and reject splits the model cannot take."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"--pp-schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     for name, v in (("--gpus", gpus), ("--dp", dp), ("--ep", ep), ("--pp", pp)):
         if v is not None and (not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -297,6 +310,9 @@ def make_layout(cfg: ModelConfig, gpus: int | None = None, dp: int | None = None
     L = cfg.num_hidden_layers
     if pp > L:
         raise ValueError(f"--pp {pp} is more pipeline stages than the model's {L} layers")
+    if schedule == "dualpipev" and pp > 1 and 2 * pp > L + cfg.num_nextn_predict_layers:
+        raise ValueError(f"--pp {pp} with dualpipev needs {2 * pp} chunks, more than the model's "
+                         f"{L + cfg.num_nextn_predict_layers} layers (MTP included); use --pp-schedule 1f1b")
     if gpus is None:
         gpus = (dp or 1) * ep * pp
     if dp is None:
@@ -306,7 +322,7 @@ def make_layout(cfg: ModelConfig, gpus: int | None = None, dp: int | None = None
         dp = gpus // (ep * pp)
     if dp * ep * pp != gpus:
         raise ValueError(f"dp x ep x pp = {dp} x {ep} x {pp} = {dp * ep * pp}, but --gpus is {gpus}")
-    return Layout(gpus, dp, ep, pp, zero)
+    return Layout(gpus, dp, ep, pp, zero, schedule)
 
 
 def pipeline_stages(p: Params, pp: int) -> list[list[Block]]:
@@ -323,6 +339,56 @@ def pipeline_stages(p: Params, pp: int) -> list[list[Block]]:
     stages[0].insert(0, by_kind["embedding"])
     stages[-1].append(by_kind["head"])
     return stages
+
+
+def device_blocks(p: Params, layout: Layout) -> list[list[Block]]:
+    """The blocks each pipeline GPU holds under the layout's schedule (a block twice under DualPipe)."""
+    pp = layout.pp
+    if pp == 1 or layout.schedule in ("1f1b", "zb1p"):
+        return pipeline_stages(p, pp)
+    if layout.schedule == "dualpipe":        # GPU r: stage r of one direction, stage pp-1-r of the other
+        stages = pipeline_stages(p, pp)
+        return [stages[r] + stages[pp - 1 - r] for r in range(pp)]
+    chunks = pipeline_stages(p, 2 * pp)       # dualpipev: chunks r and 2pp-1-r in a V
+    return [chunks[r] + chunks[2 * pp - 1 - r] for r in range(pp)]
+
+
+def activations_in_flight(layout: Layout, gpu: int) -> tuple[float, str]:
+    """Micro-batches of the GPU's own layers whose activations wait for their backward (Table 2)."""
+    pp, sched = layout.pp, layout.schedule
+    if pp == 1:
+        return 1.0, "1 micro-batch (no pipeline)"
+    if sched in ("1f1b", "zb1p"):
+        return float(pp - gpu), f"{pp - gpu} micro-batch(es) in flight ({sched} stage {gpu} of {pp})"
+    if sched == "dualpipe":
+        return (pp + 1) / 2, f"PP+1 = {pp + 1} stage activations, each half this GPU's layers (DualPipe)"
+    return (2 * pp + 1) / 2, f"2pp+1 = {2 * pp + 1} chunk activations, each half this GPU's layers (DualPipeV)"
+
+
+def bubble_terms(layout: Layout, microbatches: int, fbw: tuple[float, ...] | None = None) -> list[Term]:
+    """The pipeline's idle time per step (report Table 2) and its share of the step, from per-chunk
+    F, B, W (and F&B) times; FLOP ratios 1 : 2 : 1 unless measured times are given."""
+    F, B, W, FB = (tuple(fbw) + (None,) * 4)[:4] if fbw else (1.0, 2.0, 1.0, None)
+    FB = F + B if FB is None else FB
+    pp, M, sched = layout.pp, microbatches, layout.schedule
+    if pp == 1:
+        return [Term("bubble", 0.0, "no pipeline"), Term("bubble fraction", 0.0, "no pipeline")]
+    if sched == "1f1b":
+        bubble, formula = (pp - 1) * (F + B), f"(PP-1)(F+B) = {pp - 1} x ({F:g}+{B:g})"
+    elif sched == "zb1p":
+        bubble, formula = (pp - 1) * (F + B - 2 * W), f"(PP-1)(F+B-2W) = {pp - 1} x ({F:g}+{B:g}-2x{W:g})"
+    elif sched == "dualpipe":
+        bubble = (pp / 2 - 1) * (FB + B - 3 * W)
+        formula = f"(PP/2-1)(F&B+B-3W) = {pp / 2 - 1:g} x ({FB:g}+{B:g}-3x{W:g})"
+    else:
+        bubble = (pp - 1) * (FB + B - 3 * W)
+        formula = f"(PP-1)(F&B+B-3W) = {pp - 1} x ({FB:g}+{B:g}-3x{W:g}) (DualPipeV on {pp} GPUs)"
+    chunks = 2 if sched == "dualpipev" else 1
+    work = M * chunks * (F + B)
+    unit = "per-chunk times" if fbw else "in units of a chunk's forward (F : B : W = 1 : 2 : 1 by FLOPs)"
+    return [Term("bubble", bubble, f"{formula}, {unit}"),
+            Term("bubble fraction", bubble / (bubble + work),
+                 f"bubble / (bubble + {M} micro-batches x {chunks} chunk(s) x (F+B))")]
 
 
 def activation_bytes_per_token(cfg: ModelConfig, kind: str, fp8: bool, mtp: bool = False) -> list[Term]:
@@ -379,7 +445,7 @@ def training_memory(p: Params, layout: Layout, seq: int, micro_batch: int, fp8: 
     tokens = micro_batch * seq
     n_heads = 1 + cfg.num_nextn_predict_layers
     out = []
-    for s, blocks in enumerate(pipeline_stages(p, layout.pp)):
+    for s, blocks in enumerate(device_blocks(p, layout)):
         w = g = o = 0.0                        # bytes per GPU
         n_dense = n_expert = 0.0
         for b in blocks:
@@ -394,7 +460,7 @@ def training_memory(p: Params, layout: Layout, seq: int, micro_batch: int, fp8: 
                     n_expert += per_gpu
                 else:
                     n_dense += per_gpu
-        in_flight = layout.pp - s
+        in_flight, flight_txt = activations_in_flight(layout, s)
         act = 0.0
         for b in blocks:
             if b.kind in ("dense", "moe", "mtp"):
@@ -412,7 +478,7 @@ def training_memory(p: Params, layout: Layout, seq: int, micro_batch: int, fp8: 
                  + (f" / {dense_dp} non-expert, / {expert_dp} expert replicas ({shard[layout.zero]})"
                     if layout.zero >= 1 else " (not sharded)")),
             Term("activations", act, f"per-token layer bytes (see --explain activations) x {micro_batch} x {seq} tokens"
-                 f" x {in_flight} micro-batch(es) in flight (1F1B stage {s} of {layout.pp})"),
+                 f" x {flight_txt}"),
         ]
         if any(b.kind == "head" for b in blocks):
             terms.append(Term("logits", 4 * tokens * cfg.vocab_size * n_heads,
