@@ -125,3 +125,34 @@ def test_group_limited_routing_bounds_ranks_per_token(ep):
             assert int(n_ranks.max()) <= bound
         else:
             assert int(n_ranks.max()) > cfg.topk_group      # without groups, tokens spread further
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "dualpipev", "interleaved1f1b"])
+@pytest.mark.parametrize("n_layers,extra", [(8, 4.4), (9, 0.0), (12, 2.5), (7, 9.0)])
+def test_balanced_split_is_optimal_on_small_cases(schedule, n_layers, extra):
+    """The local search reaches the busiest rank's least possible work (checked against every
+    contiguous split), with equal layers and no extra work it is the even split, and it beats the even
+    split when the last stage carries the head and MTP."""
+    import itertools
+
+    from fewchips.parallel.pipeline import balanced_split, split_layers, stage_ranks, stages_per_rank
+    pp = 2 if schedule != "1f1b" else 3
+    n_stages = pp * stages_per_rank(schedule)
+    owners = stage_ranks(pp, n_stages, schedule)
+    costs = [1.2] + [1.0] * (n_layers - 1)                  # a dense first layer, then MoE layers
+
+    def busiest(runs):
+        work = [0.0] * pp
+        for s, r in enumerate(runs):
+            work[owners[s]] += sum(costs[i] for i in r) + (extra if s == n_stages - 1 else 0.0)
+        return max(work)
+
+    best = min(busiest([range(a, b) for a, b in zip((0, *cuts), (*cuts, n_layers))])
+               for cuts in itertools.combinations(range(1, n_layers), n_stages - 1))
+    runs = balanced_split(costs, extra, owners)
+    assert [len(r) for r in runs] and all(len(r) >= 1 for r in runs) and runs[-1].stop == n_layers
+    assert busiest(runs) == pytest.approx(best)
+    if extra >= 2.5:
+        assert busiest(runs) < busiest(split_layers(n_layers, n_stages))
+    if extra == 0 and n_layers % n_stages == 0:
+        assert [len(r) for r in balanced_split([1.0] * n_layers, 0.0, owners)] == [n_layers // n_stages] * n_stages
