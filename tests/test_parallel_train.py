@@ -88,3 +88,51 @@ def test_torchrun_pipeline_matches_single_process_and_resumes_at_other_layouts(r
     p = torchrun(2, "--data", data, "--out", out, "--ep", "2", "--resume")
     assert "saved at pp 2 x dp 2 x ep 1" in p.stdout + p.stderr
     same_run(one, out)
+
+
+def _child_with_rank(parent_pid: int, rank: int) -> int | None:
+    """The pid of torchrun's worker with RANK=rank (Linux /proc)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if ppid == parent_pid and f"RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="finds torchrun's workers through /proc")
+def test_kill_9_of_a_pipeline_rank_ends_every_rank_with_a_clear_message(reference, tmp_path):
+    """A stage that dies mid-run (kill -9) leaves its peer blocked in a pipeline receive; gloo reports
+    the closed connection and the survivor exits at once with one line saying what happened."""
+    import signal
+    import time
+
+    data, _ = reference
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    args = [a for a in ARGS]
+    args[args.index("--steps") + 1] = "500"
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "fewchips", "train", *args, "--data", str(data), "--out", str(out), "--pp", "2"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:                  # wait for training to be under way
+            if os.path.exists(out / "metrics.jsonl") and len(open(out / "metrics.jsonl").readlines()) >= 2:
+                break
+            time.sleep(0.5)
+        victim = _child_with_rank(p.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        t0 = time.time()
+        text, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode != 0 and time.time() - t0 < 60
+    assert "fewchips: rank 0: training failed" in text and "a peer process probably exited" in text
