@@ -27,7 +27,9 @@ def worker(args):
     import torch.distributed as dist
 
     from fewchips import DeepseekV3, ModelConfig
-    from fewchips.parallel import init_parallel, parallelize, shutdown, train_step
+    from fewchips.parallel import init_parallel, parallelize, shutdown
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from conftest import train_step          # the trainer's step pieces on a dp x ep model
     from fewchips.parallel.expert_parallel import comm_seconds
 
     n = int(os.environ["WORLD_SIZE"])
@@ -40,11 +42,11 @@ def worker(args):
     g = torch.Generator().manual_seed(1)
     times, comms = [], []
     for step in range(args.warmup + args.steps):
-        ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
+        ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)   # windows: seq inputs
         comm_seconds(model, reset=True)
         dist.barrier()
         t0 = time.perf_counter()
-        train_step(model, opt, par.local_batch(ids), par)
+        train_step(model, opt, ids, par)
         dt = time.perf_counter() - t0
         if step >= args.warmup:
             times.append(dt)

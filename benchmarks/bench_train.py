@@ -43,9 +43,7 @@ def balance_routing(model, ids, iters, gamma=0.005):
     state training keeps the router in. Returns the worst layer's MaxVio before and after."""
     routers, vio = T.moe_routers(model), []
     for _ in range(iters + 1):
-        stats = []
-        model.hidden_states(ids, stats=stats)
-        loads = torch.stack([s.load_E for s in stats])
+        loads = model.hidden_states(ids, with_stats=True)[1].load
         vio.append(max(T.max_violation(loads)))
         T.update_biases(routers, loads, gamma)
     return vio[0], vio[-1]
@@ -104,7 +102,7 @@ def main():
             opt_ours.step()
             opt_ours.__dict__.pop("grad_scale", None)
             opt_ours.zero_grad(set_to_none=True)
-            T.update_biases(routers, torch.stack([s.load_E for s in stats]), 1e-3)
+            T.update_biases(routers, stats.load, 1e-3)
 
         def step_hf(ids):
             with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
@@ -123,9 +121,8 @@ def main():
                 fn(ids)
                 ts.append(clock() - t)
             with torch.no_grad():
-                stats = []
-                ours.hidden_states(ids[:, :-1], stats=stats)
-                vio.append(max(T.max_violation(torch.stack([s.load_E for s in stats]))))
+                loads = ours.hidden_states(ids[:, :-1], with_stats=True)[1].load
+                vio.append(max(T.max_violation(loads)))
         a, b = min(t_ours), min(t_hf)
         pair = sorted(h / o for o, h in zip(t_ours, t_hf))     # step by step, same batch, adjacent in time
         tok = args.batch * args.seq

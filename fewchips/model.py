@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -373,11 +374,23 @@ class RoutedExperts(ExpertDispatch):
         return self.swiglu(x_sorted, counts_E, self.gate_up_proj, self.down_proj)
 
 
-@dataclass
-class MoEStats:
-    """What training reads off one MoE layer in one forward."""
-    load_E: torch.Tensor          # token copies routed to each expert (no grad)
-    seq_balance: torch.Tensor     # sum_i f_i P_i averaged over sequences (has grad; times alpha = L_Bal)
+class MoEStats(NamedTuple):
+    """What training reads off MoE layers in one forward: for one layer `load` [E] (token copies routed
+    to each expert, no grad) and `seq_balance` [] (sum_i f_i P_i averaged over sequences, with grad;
+    times alpha it is L_Bal); for a whole forward the same stacked over its MoE layers, [L, E] and [L].
+    A NamedTuple: a pytree of tensors, which FSDP's hooks, activation checkpointing and torch.compile
+    all pass through as outputs."""
+    load: torch.Tensor
+    seq_balance: torch.Tensor
+
+    @staticmethod
+    def stack(per_layer: list["MoEStats"], n_experts: int, device) -> "MoEStats":
+        if not per_layer:
+            return MoEStats(torch.zeros(0, n_experts, device=device), torch.zeros(0, device=device))
+        return MoEStats(torch.stack([s.load for s in per_layer]), torch.stack([s.seq_balance for s in per_layer]))
+
+    def cat(self, other: "MoEStats") -> "MoEStats":
+        return MoEStats(torch.cat((self.load, other.load)), torch.cat((self.seq_balance, other.seq_balance)))
 
 
 class MoE(nn.Module):
@@ -391,16 +404,15 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts > 0 else None)
         self.top_k, self.n_experts = cfg.num_experts_per_tok, cfg.n_routed_experts
 
-    def forward(self, x_BTD, stats: list | None = None):
+    def forward(self, x_BTD, with_stats: bool = False):
+        """-> (h', MoEStats of this layer when `with_stats`, else None)."""
         B, T, D = x_BTD.shape
         x_MD = x_BTD.reshape(-1, D)
         r = self.gate(x_MD)
         y_MD = self.experts(x_MD, r.experts_MK, r.weights_MK)
         if self.shared_experts is not None:
             y_MD = y_MD + self.shared_experts(x_MD)
-        if stats is not None:
-            stats.append(self._stats(r, B, T))
-        return y_MD.view(B, T, D)
+        return y_MD.view(B, T, D), (self._stats(r, B, T) if with_stats else None)
 
     def _stats(self, r: RouterOutput, B: int, T: int) -> MoEStats:
         """Expert loads for the bias update, and the complementary sequence-wise balance loss
@@ -411,7 +423,7 @@ class MoE(nn.Module):
         f_BE = onehot_BTE.sum(1) * (E / (K * T))
         s_norm_BTE = (r.scores_ME / r.scores_ME.sum(-1, keepdim=True)).view(B, T, E)
         P_BE = s_norm_BTE.mean(1)
-        return MoEStats(load_E=onehot_BTE.sum((0, 1)).detach(), seq_balance=(f_BE * P_BE).sum(-1).mean())
+        return MoEStats(load=onehot_BTE.sum((0, 1)).detach(), seq_balance=(f_BE * P_BE).sum(-1).mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,10 +440,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache: CacheView | None = None, stats: list | None = None, segments=None):
+    def forward(self, x, cos, sin, cache: CacheView | None = None, segments=None, with_stats: bool = False):
+        """-> (out, the MoE's MoEStats when `with_stats`; None for a dense FFN or without)."""
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, segments)
         ffn_in = self.post_attention_layernorm(h)
-        return h + (self.mlp(ffn_in, stats) if isinstance(self.mlp, MoE) else self.mlp(ffn_in))
+        y, stats = self.mlp(ffn_in, with_stats) if isinstance(self.mlp, MoE) else (self.mlp(ffn_in), None)
+        return h + y, stats
 
 
 class Backbone(nn.Module):
@@ -463,10 +477,10 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, emb_BTD, h_BTD, cos, sin, cache: CacheView | None = None, stats: list | None = None,
-                segments=None):
+    def forward(self, emb_BTD, h_BTD, cos, sin, cache: CacheView | None = None, segments=None,
+                with_stats: bool = False):
         x = self.eh_proj(torch.cat((self.enorm(emb_BTD), self.hnorm(h_BTD)), dim=-1))  # [emb; h] order
-        return super().forward(x, cos, sin, cache, stats, segments)
+        return super().forward(x, cos, sin, cache, segments, with_stats)
 
 
 class DeepseekV3(nn.Module):
@@ -484,47 +498,55 @@ class DeepseekV3(nn.Module):
 
     # ---- forward passes ---------------------------------------------------------------------
     def forward(self, input_ids, positions=None, cache: LatentCache | None = None, slots=None,
-                stats: list | None = None, attend_len: int | None = None):
-        return self.lm_head(self.hidden_states(input_ids, positions, cache, slots, stats, attend_len))
+                attend_len: int | None = None):
+        return self.lm_head(self.hidden_states(input_ids, positions, cache, slots, attend_len))
 
     def hidden_states(self, input_ids, positions=None, cache: LatentCache | None = None, slots=None,
-                      stats: list | None = None, attend_len: int | None = None, segments=None):
+                      attend_len: int | None = None, segments=None, with_stats: bool = False):
         """The final-normed hidden states [B, T, D] (what the head and the MTP module read).
         With a cache, new tokens sit at `positions` [B, T] of cache rows `slots` [B] and attend over
         cache positions [0, attend_len): by default max(positions) + 1 (read from the tensor: a host
         sync), or all max_len for a static cache. A caller that knows it passes it (compiled steps).
         Packed samples (SFT): `segments` [B, T] numbers each token's sample, so attention never crosses
-        samples (the report's sample masking); `positions` then restart at 0 in each sample."""
+        samples (the report's sample masking); `positions` then restart at 0 in each sample.
+        `with_stats`: also return the MoE layers' MoEStats, stacked (training reads them)."""
         B, T = input_ids.shape
         positions = self._positions(input_ids, positions)
         cos, sin = self.rotary(positions)
         h = self.model.embed_tokens(input_ids)
         step = self._cache_step(cache, slots, positions, attend_len)
+        stats = []
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, self._cache_view(cache, i, step), stats, segments=segments)
-        return self.model.norm(h)
+            h, s = layer(h, cos, sin, self._cache_view(cache, i, step), segments, with_stats)
+            if s is not None:
+                stats.append(s)
+        h = self.model.norm(h)
+        return (h, MoEStats.stack(stats, self.config.n_routed_experts, h.device)) if with_stats else h
 
     def mtp_hidden(self, depth: int, input_ids, h_prev_BTD, positions=None, cache: LatentCache | None = None,
-                   slots=None, stats: list | None = None, segments=None):
+                   slots=None, segments=None, with_stats: bool = False):
         """MTP module `depth` (0-based) on hidden states h_prev [B, T, D] of positions i and the
         tokens t_{i+depth+1} in `input_ids` [B, T]; returns its hidden states (position i of depth
-        k = depth+1 then predicts token i+k+1 through `mtp_logits`)."""
+        k = depth+1 then predicts token i+k+1 through `mtp_logits`); with `with_stats` also its MoEStats
+        (None for a dense MTP layer)."""
         positions = self._positions(input_ids, positions)
         cos, sin = self.rotary(positions)
         layer = self.mtp[depth]
         view = self._cache_view(cache, self.config.num_hidden_layers + depth, self._cache_step(cache, slots, positions))
-        return layer(self.model.embed_tokens(input_ids), h_prev_BTD, cos, sin, view, stats, segments=segments)
+        h, stats = layer(self.model.embed_tokens(input_ids), h_prev_BTD, cos, sin, view, segments, with_stats)
+        return (h, stats) if with_stats else h
 
     def mtp_logits(self, depth: int, h_BTD):
         return self.lm_head(self.mtp[depth].shared_head.norm(h_BTD))
 
-    def mtp_forward(self, input_ids, h_main_BTD, stats: list | None = None, positions=None, segments=None):
+    def mtp_forward(self, input_ids, h_main_BTD, positions=None, segments=None, with_stats: bool = False):
         """Training-time MTP (arXiv 2412.19437 §2.2, eqs. 21-23): a list over depths k = 1..D of logits
         [B, T-k, V]; position i of depth k predicts token i+k+1 (its targets are input_ids[:, i+k+1],
         where they exist). Depth k reads what the head before it read: the main model's final-normed
         state for k = 1, depth k-1's output after its `shared_head.norm` beyond (docs/model.md).
-        Position i keeps the main model's position and sample (`positions`, `segments` [B, T])."""
-        out, h = [], h_main_BTD
+        Position i keeps the main model's position and sample (`positions`, `segments` [B, T]).
+        `with_stats`: also the MTP layers' MoEStats, stacked."""
+        out, stats, h = [], [], h_main_BTD
         T = input_ids.shape[1]
         for d in range(len(self.mtp)):
             k = d + 1
@@ -532,10 +554,13 @@ class DeepseekV3(nn.Module):
                 break
             pos_k = None if positions is None else positions[:, : T - k]
             seg_k = None if segments is None else segments[:, : T - k]
-            h = self.mtp[d].shared_head.norm(self.mtp_hidden(d, input_ids[:, k:], h[:, : T - k], pos_k, stats=stats,
-                                                             segments=seg_k))
+            h = self.mtp_hidden(d, input_ids[:, k:], h[:, : T - k], pos_k, segments=seg_k, with_stats=with_stats)
+            if with_stats:
+                h, s = h
+                stats += [s] if s is not None else []
+            h = self.mtp[d].shared_head.norm(h)
             out.append(self.lm_head(h))
-        return out
+        return (out, MoEStats.stack(stats, self.config.n_routed_experts, h_main_BTD.device)) if with_stats else out
 
     @staticmethod
     def _positions(input_ids, positions):

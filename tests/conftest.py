@@ -59,5 +59,35 @@ def mtp_depth_from_the_report(model, mtp, next_ids_BT, h_prev_BTD):
     emb = model.model.embed_tokens.weight[next_ids_BT]
     x = torch.cat((rms_norm(emb, mtp.enorm.weight), rms_norm(h_prev_BTD, mtp.hnorm.weight)), -1) @ mtp.eh_proj.weight.t()
     cos, sin = model.rotary(torch.arange(T)[None])
-    h = rms_norm(DecoderLayer.forward(mtp, x, cos, sin), mtp.shared_head.norm.weight)
+    h = rms_norm(DecoderLayer.forward(mtp, x, cos, sin)[0], mtp.shared_head.norm.weight)
     return h, h @ model.lm_head.weight.t()
+
+
+def lm_loss(model, ids):
+    """The trainer's loss (next token + 0.3 MTP + 1e-4 balance, `compute_losses`) of windows ids [B, T+1],
+    and the MoEStats of that forward: what the parallel tests compare across layouts."""
+    from fewchips.train.trainer import compute_losses
+    main, mtp, bal, stats = compute_losses(model, ids, 0.3, None)
+    return main + 0.3 * mtp + 1e-4 * bal, stats
+
+
+def train_step(model, opt, ids, par, gamma: float = 1e-3) -> float:
+    """A dp x ep optimizer step as DistributedTrainer takes it, from the trainer's own pieces: this rank's
+    rows of windows ids, expert gradients reduced over dp, the clip at 1.0 with the global norm, the
+    optimizer, the bias update from every rank's loads. Returns the global loss."""
+    import torch.distributed as dist
+
+    from fewchips.parallel import grad_norm_sq, reduce_expert_grads
+    from fewchips.train.trainer import clip_grad_norm, moe_routers, update_biases
+    opt.zero_grad(set_to_none=True)
+    loss, stats = lm_loss(model, par.local_batch(ids))
+    loss.backward()
+    reduce_expert_grads(model, par)
+    clip_grad_norm(model, opt, 1.0, grad_norm_sq(model, par))
+    opt.step()
+    loads = stats.load.clone()
+    dist.all_reduce(loads)
+    update_biases(moe_routers(model), loads, gamma)
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return total.item() / par.world_size

@@ -13,13 +13,13 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import random_model, tiny_config  # noqa: E402
+from conftest import lm_loss, random_model, tiny_config, train_step  # noqa: E402
 
 from fewchips.model import Router  # noqa: E402
-from fewchips.parallel import (ExpertParallelExperts, abort_on_failure, clip_grad_norm_, global_expert_loads,  # noqa: E402
-                               init_parallel, lm_loss, parallelize, reduce_expert_grads, shutdown, train_step,
-                               update_biases)
+from fewchips.parallel import (ExpertParallelExperts, abort_on_failure, grad_norm_sq, init_parallel,  # noqa: E402
+                               parallelize, reduce_expert_grads, shutdown)
 from fewchips.parallel import checkpoint as pckpt  # noqa: E402
+from fewchips.train.trainer import clip_grad_norm, compute_losses, moe_routers, update_biases  # noqa: E402
 
 torch.set_num_threads(1)
 B, T, LR, GAMMA = 8, 12, 1e-2, 1e-2
@@ -37,13 +37,12 @@ def make_optimizer(model):
 def reference_step(ref, opt, ids):
     """The single-process twin of train_step on the whole global batch."""
     opt.zero_grad(set_to_none=True)
-    stats = []
-    loss = lm_loss(ref, ids, stats)
+    loss, stats = lm_loss(ref, ids)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in ref.named_parameters()}     # before clipping
     torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
     opt.step()
-    update_biases(ref, torch.stack([s.load_E for s in stats]), GAMMA)
+    update_biases(moe_routers(ref), stats.load, GAMMA)
     return loss.item(), grads
 
 
@@ -66,8 +65,7 @@ def parity(par, out, save_dir=None):
 
     ids = batch(1, cfg)
     opt.zero_grad(set_to_none=True)
-    stats = []
-    loss = lm_loss(model, par.local_batch(ids), stats)
+    loss, stats = lm_loss(model, par.local_batch(ids))
     loss.backward()
     reduce_expert_grads(model, par)
     ref_loss, ref_grads = reference_step(ref, ref_opt, ids)
@@ -79,10 +77,11 @@ def parity(par, out, save_dir=None):
         r = ref_grads[n]
         worst = max(worst, ((full(p.grad) - r).abs().max() / (r.abs().max() + 1e-30)).item())
     res["grad_rel_err"] = worst
-    loads = global_expert_loads(stats, par)
-    clip_grad_norm_(model, 1.0, par)
+    loads = stats.load.clone()
+    dist.all_reduce(loads)
+    clip_grad_norm(model, opt, 1.0, grad_norm_sq(model, par))
     opt.step()
-    update_biases(model, loads, GAMMA)
+    update_biases(moe_routers(model), loads, GAMMA)
     b = biases(model)
     every = [torch.empty_like(b) for _ in range(par.world_size)]
     dist.all_gather(every, b)
@@ -92,7 +91,7 @@ def parity(par, out, save_dir=None):
     if save_dir:
         pckpt.save(save_dir, model, opt, extra={"step": 1})
     ids2 = batch(2, cfg)
-    res["loss2"] = train_step(model, opt, par.local_batch(ids2), par, gamma=GAMMA)["loss"]
+    res["loss2"] = train_step(model, opt, ids2, par, GAMMA)
     res["ref_loss2"] = reference_step(ref, ref_opt, ids2)[0]
     res["roundtrip"] = roundtrip(par)
     return res
@@ -149,10 +148,10 @@ def fp8_parity(par, out, pow2=False, dispatch=False):
     model = apply_fsdp(apply_expert_parallel(copy.deepcopy(ref), par, fp8_dispatch=dispatch), par)
     split = [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
     ids = torch.randint(0, cfg.vocab_size, (128 * par.world_size, 4), generator=torch.Generator().manual_seed(5))
-    loss = lm_loss(model, par.local_batch(ids), [])
+    loss, _ = lm_loss(model, par.local_batch(ids))
     loss.backward()
     reduce_expert_grads(model, par)
-    ref_loss = lm_loss(ref, ids, [])
+    ref_loss, _ = lm_loss(ref, ids)
     ref_loss.backward()
     g = loss.detach().clone()
     dist.all_reduce(g)
@@ -170,8 +169,6 @@ def pipeline(schedule, microbatches):
     """Pipeline parallelism over all ranks (pp = world size): one step's loss, the gradients of every
     parameter a rank holds and the balancing biases after the update, against one process."""
     from fewchips.parallel.pipeline import build_pipeline, tie_embeddings
-    from fewchips.train.trainer import compute_losses, moe_routers
-    from fewchips.train.trainer import update_biases as update
     rank = dist.get_rank()
     cfg = tiny_config(num_hidden_layers=4)
     ref = random_model(cfg).train()
@@ -210,8 +207,8 @@ def pipeline(schedule, microbatches):
             n += 1
     res["grad_rel_err"], res["n_params"] = worst, n
     dist.all_reduce(loads)
-    update(routers_all, loads, GAMMA)
-    update(moe_routers(ref), torch.stack([s.load_E for s in stats]), GAMMA)
+    update_biases(routers_all, loads, GAMMA)
+    update_biases(moe_routers(ref), stats.load, GAMMA)
     local = {id(r) for m in mods for r in m.modules() if isinstance(r, Router)}
     res["bias_vs_ref"] = max((a.e_score_correction_bias - b.e_score_correction_bias).abs().max().item()
                              for a, b in zip(routers_all, moe_routers(ref)) if id(a) in local)
@@ -226,7 +223,7 @@ def resume(par, out, ckpt):
     extra = pckpt.load(ckpt, model, opt)
     ids2 = batch(2, cfg)
     return {"rank": par.rank, "step": extra["step"],
-            "loss2": train_step(model, opt, par.local_batch(ids2), par, gamma=GAMMA)["loss"]}
+            "loss2": train_step(model, opt, ids2, par, GAMMA)}
 
 
 def fault(par, out, how="die"):
@@ -244,7 +241,7 @@ def fault(par, out, how="die"):
         moe_layer.expert_ffn = die
     with abort_on_failure(par, "training step"):
         for step in range(3):
-            train_step(model, opt, par.local_batch(batch(step, cfg)), par)
+            train_step(model, opt, batch(step, cfg), par)
     return {"rank": par.rank, "finished": True}
 
 

@@ -84,7 +84,7 @@ def test_softmax_gate_matches_hand_computation():
         for p in moe.parameters():
             p.normal_(0, 0.1, generator=g)
     x = torch.randn(1, 5, cfg.hidden_size, generator=g)
-    out = moe(x)
+    out, _ = moe(x)
     ref = torch.zeros_like(x)
     for t in range(5):
         u = x[0, t]
@@ -164,11 +164,13 @@ def test_mtp_shapes_and_gradient_flow():
     cfg = tiny_config(num_nextn_predict_layers=2)
     model = random_model(cfg).train()
     ids = torch.randint(0, cfg.vocab_size, (2, 10))
-    stats = []
-    h = model.hidden_states(ids, stats=stats)
-    outs = model.mtp_forward(ids, h, stats=stats)
+    h, stats = model.hidden_states(ids, with_stats=True)
+    outs, mtp_stats = model.mtp_forward(ids, h, with_stats=True)
     assert [o.shape for o in outs] == [(2, 9, cfg.vocab_size), (2, 8, cfg.vocab_size)]
-    assert len(stats) == (cfg.num_hidden_layers - cfg.first_k_dense_replace) + 2
+    assert stats.load.shape == (cfg.num_hidden_layers - cfg.first_k_dense_replace, cfg.n_routed_experts)
+    assert mtp_stats.load.shape == (2, cfg.n_routed_experts)
+    # depth k routes its T-k positions to K experts each
+    assert mtp_stats.load.sum(-1).tolist() == [2 * 9 * cfg.num_experts_per_tok, 2 * 8 * cfg.num_experts_per_tok]
     outs[1].sum().backward()
     assert model.mtp[0].eh_proj.weight.grad is not None and model.mtp[1].eh_proj.weight.grad.abs().sum() > 0
 

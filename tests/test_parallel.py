@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import lm_loss, tiny_config
 
 WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,14 +157,13 @@ def test_export_sharded_checkpoint_to_hf(dp2_ep2_run, tmp_path):
     the 4-rank run saw at the start of step 2."""
     from fewchips import from_pretrained
     from fewchips.parallel import checkpoint as pckpt
-    from fewchips.parallel import lm_loss
     from parallel_worker import batch
 
     out, res4 = dp2_ep2_run
     pckpt.export_hf(str(out / "ckpt"), str(tmp_path / "hf"))
     model = from_pretrained(str(tmp_path / "hf"))
     with torch.no_grad():
-        loss = lm_loss(model, batch(2, tiny_config()), [])
+        loss, _ = lm_loss(model, batch(2, tiny_config()))
     assert loss.item() == pytest.approx(res4[0]["loss2"], rel=1e-5)
 
 

@@ -5,13 +5,13 @@ import copy
 import pytest
 import torch
 
-from conftest import random_model, tiny_config
+from conftest import lm_loss, random_model, tiny_config
 
 
 def test_one_process_path_matches_plain_model():
     import torch.distributed as dist
 
-    from fewchips.parallel import init_parallel, lm_loss, parallelize, reduce_expert_grads, shutdown
+    from fewchips.parallel import init_parallel, parallelize, reduce_expert_grads, shutdown
 
     assert not dist.is_initialized()
     par = init_parallel()                        # no torchrun environment: a one-rank gloo group
@@ -21,13 +21,12 @@ def test_one_process_path_matches_plain_model():
         ref = random_model(cfg).train()
         model = parallelize(copy.deepcopy(ref), par)
         ids = torch.randint(0, cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
-        stats, ref_stats = [], []
-        loss, ref_loss = lm_loss(model, ids, stats), lm_loss(ref, ids, ref_stats)
+        (loss, stats), (ref_loss, ref_stats) = lm_loss(model, ids), lm_loss(ref, ids)
         (loss + 0).backward()
         ref_loss.backward()
         reduce_expert_grads(model, par)
         assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
-        assert len(stats) == len(ref_stats) == 3
+        assert torch.equal(stats.load, ref_stats.load) and stats.load.shape[0] == 3
         refp = dict(ref.named_parameters())
         for n, p in model.named_parameters():
             torch.testing.assert_close(p.grad.full_tensor(), refp[n].grad, rtol=1e-4, atol=1e-7)
@@ -40,7 +39,7 @@ def test_fp8_modules_survive_parallelize_at_ep1():
     with the FP8 grouped FFN; the loss equals the FP8 model's in one process. FP8 after parallelize is refused."""
     from fewchips.fp8 import FP8Linear, apply_fp8
     from fewchips.fp8.linear import fp8_expert_swiglu
-    from fewchips.parallel import ExpertParallelExperts, init_parallel, lm_loss, parallelize, shutdown
+    from fewchips.parallel import ExpertParallelExperts, init_parallel, parallelize, shutdown
 
     par = init_parallel()
     try:
@@ -53,7 +52,7 @@ def test_fp8_modules_survive_parallelize_at_ep1():
         assert len(linears) + len(experts) == n_fp8 and len(experts) == 3
         assert all(m.swiglu.func is fp8_expert_swiglu for m in experts)
         ids = torch.randint(0, cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
-        assert lm_loss(model, ids, []).item() == pytest.approx(lm_loss(ref, ids, []).item(), rel=1e-6)
+        assert lm_loss(model, ids)[0].item() == pytest.approx(lm_loss(ref, ids)[0].item(), rel=1e-6)
         with pytest.raises(ValueError, match="before parallelize"):
             apply_fp8(parallelize(random_model(cfg).train(), par))
     finally:
@@ -65,7 +64,7 @@ def test_gradient_reduction_waits_for_the_last_micro_batch():
     sharded gradient exists yet; after the last one they equal the plain model's summed gradients."""
     from torch.distributed.tensor import DTensor
 
-    from fewchips.parallel import init_parallel, lm_loss, parallelize, reduce_expert_grads, shutdown
+    from fewchips.parallel import init_parallel, parallelize, reduce_expert_grads, shutdown
     from fewchips.parallel.fsdp import set_gradient_sync
 
     par = init_parallel()
@@ -76,14 +75,14 @@ def test_gradient_reduction_waits_for_the_last_micro_batch():
         g = torch.Generator().manual_seed(1)
         batches = [torch.randint(0, cfg.vocab_size, (2, 10), generator=g) for _ in range(2)]
         set_gradient_sync(model, False)
-        lm_loss(model, batches[0], []).backward()
+        lm_loss(model, batches[0])[0].backward()
         fsdp_params = [p for n, p in model.named_parameters() if ".experts." not in n]
         assert all(p.grad is None for p in fsdp_params)                 # accumulated unsharded, not reduced
         set_gradient_sync(model, True)
-        lm_loss(model, batches[1], []).backward()
+        lm_loss(model, batches[1])[0].backward()
         reduce_expert_grads(model, par)
         for b in batches:
-            lm_loss(ref, b, []).backward()
+            lm_loss(ref, b)[0].backward()
         refp = dict(ref.named_parameters())
         for n, p in model.named_parameters():
             got = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad

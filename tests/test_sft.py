@@ -69,7 +69,7 @@ def test_a_packed_sample_sees_only_itself(tokenizer_dir):
     b = batch_of(rows, [0])
     with torch.no_grad():
         h = model.hidden_states(b.ids[:, :-1], b.position[:, :-1], segments=b.segment[:, :-1])
-        mtp = model.mtp_forward(b.ids[:, :-1], h, None, b.position[:, :-1], b.segment[:, :-1])[0]
+        mtp = model.mtp_forward(b.ids[:, :-1], h, b.position[:, :-1], b.segment[:, :-1])[0]
         at = 0
         for ids, _ in samples:
             alone = torch.tensor([ids])

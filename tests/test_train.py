@@ -92,7 +92,7 @@ def test_sequence_balance_loss_matches_hand_computation():
     # counts (2,1,2,1); f_i = N_r/(K_r T)·count = (2/3)·count = (4/3, 2/3, 4/3, 2/3)
     # P_i = mean_t s_it/2 = (0.8/3, 0.7/3, 0.8/3, 0.7/3);  Σ f_i P_i = (3.2+1.4+3.2+1.4)/9 = 9.2/9
     assert st.seq_balance.item() == pytest.approx(9.2 / 9, rel=1e-6)
-    assert st.load_E.tolist() == [2, 1, 2, 1]
+    assert st.load.tolist() == [2, 1, 2, 1]
     # two sequences: the mean of the per-sequence values
     scores2 = torch.cat([scores, torch.full((3, 4), 0.5)])
     experts2 = torch.cat([experts, torch.tensor([[0, 1]] * 3)])
@@ -105,8 +105,12 @@ def test_balance_loss_reaches_router_weights_and_is_summed_over_layers(corpus, t
     tr = Trainer(micro_config(), train_config(tmp_path / "run", corpus), log=quiet)
     ids = torch.from_numpy(tr.sampler.next_batch(2)[0])
     main, mtp, bal, stats = T.compute_losses(tr.model, ids, 0.3, None)
-    assert len(stats) == len(tr.routers) == 3                     # 2 main MoE layers + the MTP layer
-    assert bal.item() == pytest.approx(sum(s.seq_balance.item() for s in stats), rel=1e-6)
+    assert stats.load.shape == (len(tr.routers), tr.cfg.n_routed_experts) and len(tr.routers) == 3  # 2 main + MTP
+    assert stats.seq_balance.shape == (3,) and bool((stats.seq_balance > 0).all())
+    assert bal.item() == pytest.approx(stats.seq_balance.sum().item(), rel=1e-6)
+    # every layer routed each of its tokens to K experts (the MTP layer has T-1 positions per row)
+    rows, n = ids[:, :-1].shape
+    assert stats.load.sum(-1).tolist() == [m * tr.cfg.num_experts_per_tok for m in (rows * n, rows * n, rows * (n - 1))]
     bal.backward()
     assert all(r.weight.grad is not None and r.weight.grad.abs().sum() > 0 for r in tr.routers)
 
@@ -231,7 +235,7 @@ def test_activation_checkpointing_gives_the_same_gradients(corpus, tmp_path):
         tr = Trainer(micro_config(), train_config(tmp_path / f"run{ac}", corpus, activation_checkpointing=ac), log=quiet)
         ids = torch.from_numpy(tr.sampler.next_batch(2)[0])
         main, mtp, bal, stats = T.compute_losses(tr.model, ids, 0.3, None)
-        assert len(stats) == 3
+        assert stats.load.shape[0] == 3
         (main + 0.3 * mtp + 1e-4 * bal).backward()
         grads.append(torch.cat([p.grad.flatten() for p in tr.model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
@@ -252,7 +256,7 @@ def test_compiled_layers_give_the_same_losses_and_follow_bias_updates(corpus, tm
             (main + 0.3 * mtp + 1e-4 * bal).backward()
             tr.opt.step()
             tr.opt.zero_grad(set_to_none=True)
-            T.update_biases(tr.routers, torch.stack([s.load_E for s in stats]), 1e-3)
+            T.update_biases(tr.routers, stats.load, 1e-3)
             out.append(main.item())
         losses.append(out)
         router = tr.routers[0]

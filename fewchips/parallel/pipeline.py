@@ -161,15 +161,19 @@ class Stage(nn.Module):
         positions = torch.arange(T, device=ids.device).expand(ids.shape[0], T)
         cos, sin = self.rotary(positions)
         for i, layer in zip(self.layer_ids, self.layers):
-            stats: list = []
-            h = layer(h, cos, sin, None, stats)
-            for s in stats:
-                balance = balance + s.seq_balance.float()
-                if self.loads_LE is not None:
-                    self.loads_LE[self.router_rows[i]] += s.load_E.detach()
+            h, stats = layer(h, cos, sin, with_stats=True)
+            balance = self._add_stats(balance, stats, i)
         if not self.last:
             return h, ids, balance
         return self._loss(h, ids, balance)
+
+    def _add_stats(self, balance, stats, layer: int):
+        """The layer's balance term joins the differentiable sum; its loads (no grad) go to its row."""
+        if stats is None:                                   # a dense layer
+            return balance
+        if self.loads_LE is not None:
+            self.loads_LE[self.router_rows[layer]] += stats.load
+        return balance + stats.seq_balance.float()
 
     def _loss(self, h, ids, balance):
         """The trainer's loss (train.trainer.compute_losses) on this micro-batch, over n_microbatches:
@@ -184,12 +188,8 @@ class Stage(nn.Module):
                 break
             pos = torch.arange(T - k, device=ids.device).expand(ids.shape[0], T - k)
             cos, sin = self.rotary(pos)
-            stats: list = []
-            out = layer(self.embed_tokens(inp[:, k:]), hk[:, :T - k], cos, sin, None, stats)
-            for s in stats:
-                balance = balance + s.seq_balance.float()
-                if self.loads_LE is not None:
-                    self.loads_LE[self.router_rows[self.cfg.num_hidden_layers + d]] += s.load_E.detach()
+            out, stats = layer(self.embed_tokens(inp[:, k:]), hk[:, :T - k], cos, sin, with_stats=True)
+            balance = self._add_stats(balance, stats, self.cfg.num_hidden_layers + d)
             hk = layer.shared_head.norm(out)
             logits = self.lm_head(hk).float()
             ce = F.cross_entropy(logits.flatten(0, 1), ids[:, k + 1:].flatten(), reduction="sum") / inp.numel()
@@ -285,7 +285,7 @@ def tie_embeddings(modules: list[Stage], tie_group):
 class Pipeline:
     """This rank's part of a pipeline-parallel model, as the trainer drives it: one optimizer step's
     forward and backward over all micro-batches, gradients reduced over the stage's dp x ep ranks, the
-    loss parts every rank logs, the gradient norm over all stages, and the weights this rank owns (for
+    loss parts every rank logs, Σ g² over all stages (for the trainer's clip), and the weights this rank owns (for
     checkpoints; `sync_model` brings every rank's copy of the whole model up to date, for evaluation
     and export).
 
@@ -364,17 +364,6 @@ class Pipeline:
         total = torch.stack(sq).sum() if sq else torch.zeros((), device=self.device)
         dist.all_reduce(total)
         return total
-
-    @torch.no_grad()
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Scale this rank's gradients by min(1, max_norm / (norm + 1e-6)) of the global norm; returns the norm."""
-        norm = self.grad_norm_sq().sqrt()
-        coef = min(1.0, max_norm / (float(norm) + 1e-6))
-        if coef < 1.0:
-            for p in self.local_params():
-                if p.grad is not None:
-                    (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).mul_(coef)
-        return norm
 
     def local_params(self) -> list[nn.Parameter]:
         """This rank's parameters, each once."""

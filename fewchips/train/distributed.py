@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from ..checkpoint import save_pretrained
 from ..config import ModelConfig
-from ..parallel import (abort_on_failure, apply_expert_parallel, clip_grad_norm_, init_parallel, parallelize,
+from ..parallel import (abort_on_failure, apply_expert_parallel, grad_norm_sq, init_parallel, parallelize,
                         reduce_expert_grads)
 from ..parallel import checkpoint as pckpt
 from ..parallel.fsdp import set_gradient_sync
@@ -160,12 +160,13 @@ class DistributedTrainer(Trainer):
         set_gradient_sync(self.model, last_micro_batch)
 
     def clip_grad_norm(self):
+        """The trainer's clip with the norm of the whole model: every rank scales its own part."""
         if self.pipe is not None:
-            if self.par.data_size == 1:
-                return clip_grad_norm(self.model, self.opt, self.tc.grad_clip, self.pipe.grad_norm_sq())
-            return self.pipe.clip_grad_norm(self.tc.grad_clip)
-        reduce_expert_grads(self.model, self.par)
-        return clip_grad_norm_(self.model, self.tc.grad_clip, self.par)
+            norm_sq = self.pipe.grad_norm_sq()
+        else:
+            reduce_expert_grads(self.model, self.par)
+            norm_sq = grad_norm_sq(self.model, self.par)
+        return clip_grad_norm(self.model, self.opt, self.tc.grad_clip, norm_sq)
 
     def step_loads(self, loads_LE):
         dist.all_reduce(loads_LE)

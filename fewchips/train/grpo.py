@@ -146,12 +146,15 @@ def grpo_loss(logp_NT, logp_old_NT, logp_ref_NT, mask_NT, adv_N, clip_eps: float
     return loss, ((kl * mask_NT).sum() / n).detach(), ((clipped * mask_NT).sum() / n).detach()
 
 
-def token_logprobs(model, ids_NT, stats=None, return_hidden=False):
-    """log π(token t | tokens < t) for t = 1..T-1 [N, T-1] (fp32), and the final hidden states."""
-    h = model.hidden_states(ids_NT[:, :-1], stats=stats)
+def token_logprobs(model, ids_NT, return_hidden=False):
+    """log π(token t | tokens < t) for t = 1..T-1 [N, T-1] (fp32); with `return_hidden` also the final
+    hidden states and the MoE layers' MoEStats."""
+    h, stats = model.hidden_states(ids_NT[:, :-1], with_stats=return_hidden), None
+    if return_hidden:
+        h, stats = h
     logits = model.lm_head(h).float()
     lp = torch.log_softmax(logits, -1).gather(-1, ids_NT[:, 1:, None])[..., 0]
-    return (lp, h) if return_hidden else lp
+    return (lp, h, stats) if return_hidden else lp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,14 +248,16 @@ class GRPOTrainer(Trainer):
             start = len(prompt_ids[k // G])
             mask[k, start - 1:len(r) - 1] = 1.0            # position t predicts token t+1
         ids, mask, adv = ids.to(self.device), mask.to(self.device), adv.to(self.device)
-        stats: list = []
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            logp, h = token_logprobs(self.model, ids, stats, return_hidden=True)
+            logp, h, stats = token_logprobs(self.model, ids, return_hidden=True)
             with torch.no_grad():
                 logp_ref = token_logprobs(self.ref, ids)
             loss, kl, clip_frac = grpo_loss(logp, logp.detach(), logp_ref, mask, adv, tc.clip_eps, tc.kl_beta)
             keep_mtp = tc.mtp_lambda > 0 and not tc.freeze_mtp and len(self.model.mtp) > 0
-            mtp = self._mtp_loss(ids, h, mask, stats) if keep_mtp else None
+            mtp = None
+            if keep_mtp:
+                mtp, mtp_stats = self._mtp_loss(ids, h, mask)
+                stats = stats.cat(mtp_stats)
         finite = bool(torch.isfinite(loss)) and (mtp is None or bool(torch.isfinite(mtp)))
         grad_norm = float("nan")
         loads_LE = torch.zeros(len(self.routers), self.cfg.n_routed_experts, device=self.device)
@@ -263,7 +268,7 @@ class GRPOTrainer(Trainer):
                     if g is not None:
                         p.grad = g
             loss.backward()
-            loads_LE[:len(stats)] += torch.stack([s.load_E for s in stats]) if stats else 0
+            loads_LE[:len(stats.load)] += stats.load
             grad_norm = float(self.clip_grad_norm())
             finite = math.isfinite(grad_norm)
         if finite:
@@ -282,13 +287,15 @@ class GRPOTrainer(Trainer):
         return StepResult(loss.item() if finite else float("nan"), mtp.item() if mtp is not None else 0.0, 0.0,
                           grad_norm, loads_LE.cpu(), not finite, P * G, extra, tokens=int(ids.numel()))
 
-    def _mtp_loss(self, ids, h, mask, stats):
+    def _mtp_loss(self, ids, h, mask):
         """MTP depth 1 on the sampled rows: position t predicts token t+2, scored on completion tokens. It
-        reads the policy's hidden states detached, and only its own parameters take this loss's gradient."""
-        logits = self.model.mtp_forward(ids[:, :-1], h.detach(), stats)[0]             # [N, T-2, V]
+        reads the policy's hidden states detached, and only its own parameters take this loss's gradient.
+        Returns the loss and the MTP layers' MoEStats."""
+        logits, stats = self.model.mtp_forward(ids[:, :-1], h.detach(), with_stats=True)
+        logits = logits[0]                                                            # [N, T-2, V]
         target_mask = mask[:, 1:]
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 2:].reshape(-1), reduction="none")
-        return (ce * target_mask.reshape(-1)).sum() / target_mask.sum().clamp_min(1)
+        return (ce * target_mask.reshape(-1)).sum() / target_mask.sum().clamp_min(1), stats
 
     @torch.no_grad()
     def evaluate(self) -> dict:

@@ -40,7 +40,7 @@ from ..checkpoint import CheckpointError, CheckpointReader, from_pretrained, sav
 from ..config import ConfigError, ModelConfig
 from .config import TrainConfig, TrainError
 from ..files import FolderLock, FolderLockedError, atomic_path, atomic_write_text, swap_dir, temp_dir_beside
-from ..model import DeepseekV3, MoE, MoEStats
+from ..model import DeepseekV3, MoE
 from . import data as D
 from .stopping import StopOnSignal, TrainInterrupted
 from .tokenizer import (load_tokenizer, save_tokenizer, special_ids, token_byte_lengths, tokenizer_hash,
@@ -159,60 +159,33 @@ def build_model(cfg: ModelConfig, tc: TrainConfig, device="cpu") -> DeepseekV3:
 
 
 def compile_layers(model: DeepseekV3):
-    """torch.compile the pieces with fixed control flow: attention, norms, dense and shared MLPs,
-    router. Not whole layers: MoE layers append to the caller's stats list (dynamo would recompile per
-    layer), and the routed experts are data-dependent grouped GEMMs that stay eager anyway."""
+    """torch.compile each decoder and MTP layer whole. The routed experts' grouped GEMMs depend on the
+    routing (data-dependent sizes), so dynamo breaks the graph around them; the rest of the layer is
+    fused. Layers take and return tensors only (MoE statistics are outputs), so one compiled code
+    serves every layer of the same shape."""
     for layer in [*model.model.layers, *model.mtp]:
-        for m in (layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm):
-            m.compile(dynamic=True)
-        if isinstance(layer.mlp, MoE):
-            for m in (layer.mlp.gate, layer.mlp.shared_experts):
-                if m is not None:
-                    m.compile(dynamic=True)
-        else:
-            layer.mlp.compile(dynamic=True)
+        layer.compile(dynamic=True)
 
 
 def apply_activation_checkpointing(model: DeepseekV3):
     """Recompute each decoder layer (and MTP layer) in backward instead of keeping its activations.
     The layer's forward is replaced on the instance, so parameter names (and checkpoints) do not
-    change. MoE stats come out of the checkpointed region as outputs, so recomputation cannot
-    append them twice."""
+    change. The MoE statistics are outputs of the checkpointed region like the hidden state, so the
+    recomputation cannot count them twice. Without grad (evaluation, decoding with a cache) nothing
+    is recomputed and the layer runs as it is."""
     from torch.utils.checkpoint import checkpoint
 
-    def wrap(layer, n_inputs):
-        orig = layer.forward
-
-        def forward(*args, cache=None, stats=None, segments=None):
-            args = list(args)
-            if len(args) > n_inputs:
-                cache = args[n_inputs]
-            if len(args) > n_inputs + 1:
-                stats = args[n_inputs + 1]
-            inputs = args[:n_inputs]
-            if cache is not None or not torch.is_grad_enabled():
-                return orig(*inputs, cache, stats, segments=segments)
-
-            def run(*inp):
-                local: list = []
-                out = orig(*inp, None, local, segments=segments)
-                return (out, *[t for s in local for t in (s.load_E, s.seq_balance)])
-
-            out, *rest = checkpoint(run, *inputs, use_reentrant=False)
-            if stats is not None:
-                stats.extend(MoEStats(rest[i], rest[i + 1]) for i in range(0, len(rest), 2))
-            return out
+    for layer in [*model.model.layers, *model.mtp]:
+        def forward(*args, _orig=layer.forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _orig(*args, **kwargs)
+            return checkpoint(_orig, *args, use_reentrant=False, **kwargs)
 
         layer.forward = forward
 
-    for layer in model.model.layers:
-        wrap(layer, 3)       # (x, cos, sin)
-    for layer in model.mtp:
-        wrap(layer, 4)       # (emb, h, cos, sin)
-
 
 def moe_routers(model: DeepseekV3):
-    """Routers in the order their layers append MoEStats: main layers, then MTP layers."""
+    """Routers in the order of the rows of MoEStats: main layers, then MTP layers."""
     layers = [*model.model.layers, *model.mtp]
     return [layer.mlp.gate for layer in layers if isinstance(layer.mlp, MoE)]
 
@@ -247,8 +220,9 @@ def clip_grad_norm(model, opt, max_norm: float, norm_sq: torch.Tensor | None = N
     """torch's clip_grad_norm_ (scale by max_norm / (norm + 1e-6) when that is below 1), without its
     extra pass over every gradient: no pass when nothing is clipped, and with fused AdamW the scale
     goes to the optimizer's own `grad_scale` (its kernel divides the gradients as it reads them; the
-    caller pops it after the step). `norm_sq`: Σ g² when the caller has it (over all pipeline stages).
-    Returns the norm before clipping."""
+    caller pops it after the step). `norm_sq`: Σ g² over the whole model when this process holds only
+    part of it (`parallel.grad_norm_sq`, `Pipeline.grad_norm_sq`); each process then scales its own
+    part. Returns the norm before clipping."""
     params = [p for p in model.parameters() if p.grad is not None]
     for p in params:
         lay_out_grad_like_param(p)
@@ -259,11 +233,17 @@ def clip_grad_norm(model, opt, max_norm: float, norm_sq: torch.Tensor | None = N
     norm = norm_sq.sqrt()
     if not bool(norm + 1e-6 > max_norm):           # also False for NaN: the step is skipped anyway
         return norm
-    if isinstance(opt, torch.optim.AdamW) and opt.defaults.get("fused"):
+    grads = [local(p.grad) for p in params]
+    if isinstance(opt, torch.optim.AdamW) and opt.defaults.get("fused") and all(g is p.grad for g, p in zip(grads, params)):
         opt.grad_scale = (norm + 1e-6) / max_norm
-    else:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    else:                          # each process scales its local shards, whatever mesh a DTensor lives on
+        torch._foreach_mul_(grads, max_norm / (float(norm) + 1e-6))
     return norm
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the tensor itself otherwise)."""
+    return t._local_tensor if hasattr(t, "_local_tensor") else t
 
 
 def lay_out_grad_like_param(p: torch.nn.Parameter):
@@ -271,8 +251,7 @@ def lay_out_grad_like_param(p: torch.nn.Parameter):
     (the pipeline schedules' split weight backward leaves some) would be applied scrambled. Copy such a
     gradient into its parameter's layout (the local shard's, for a DTensor)."""
     g = p.grad
-    local_g = g._local_tensor if hasattr(g, "_local_tensor") else g
-    local_p = p._local_tensor if hasattr(p, "_local_tensor") else p
+    local_g, local_p = local(g), local(p)
     if local_g.stride() == local_p.stride():
         return
     fixed = torch.empty_strided(local_p.shape, local_p.stride(), dtype=local_g.dtype, device=local_g.device)
@@ -286,9 +265,10 @@ def lay_out_grad_like_param(p: torch.nn.Parameter):
 
 def compute_losses(model: DeepseekV3, batch, mtp_lambda: float, amp_dtype):
     """Losses of one micro-batch (a `Batch`, or ids [B, T+1]). Returns (main CE, MTP CE averaged over
-    depths, Σ_layers seq_balance, stats). The main loss is the mean over the scored targets; MTP depth
-    k at position i predicts token i+k+1 and, as the report's eq. 24, sums its log-likelihoods and
-    divides by the main loss's count (T per sequence in pre-training)."""
+    depths, Σ_layers seq_balance, MoEStats stacked over main then MTP layers). The main loss is the
+    mean over the scored targets; MTP depth k at position i predicts token i+k+1 and, as the report's
+    eq. 24, sums its log-likelihoods and divides by the main loss's count (T per sequence in
+    pre-training)."""
     if isinstance(batch, torch.Tensor):
         batch = D.Batch(batch)
     ids = batch.ids
@@ -297,17 +277,17 @@ def compute_losses(model: DeepseekV3, batch, mtp_lambda: float, amp_dtype):
     seg_BT = None if batch.segment is None else batch.segment[:, :-1]
     mask_BT = batch.target_mask(0)
     count = inp_BT.numel() if mask_BT is None else mask_BT.sum().clamp_min(1)
-    stats: list = []
     with torch.autocast(ids.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        h_BTD = model.hidden_states(inp_BT, positions=pos_BT, stats=stats, segments=seg_BT)
+        h_BTD, stats = model.hidden_states(inp_BT, positions=pos_BT, segments=seg_BT, with_stats=True)
         main = _ce(model.lm_head(h_BTD), tgt_BT, mask_BT) / count
         mtp_terms = []
         if mtp_lambda > 0 and len(model.mtp):
-            for k, logits in enumerate(model.mtp_forward(inp_BT, h_BTD, stats, pos_BT, seg_BT), start=1):
+            logits_k, mtp_stats = model.mtp_forward(inp_BT, h_BTD, pos_BT, seg_BT, with_stats=True)
+            stats = stats.cat(mtp_stats)
+            for k, logits in enumerate(logits_k, start=1):
                 mtp_terms.append(_ce(logits, ids[:, k + 1:], batch.target_mask(k)) / count)   # targets t_{i+k+1}
     mtp = torch.stack(mtp_terms).mean() if mtp_terms else torch.zeros((), device=ids.device)
-    bal = torch.stack([s.seq_balance.float() for s in stats]).sum() if stats else torch.zeros((), device=ids.device)
-    return main, mtp, bal, stats
+    return main, mtp, stats.seq_balance.float().sum(), stats
 
 
 def _ce(logits_BTV, targets_BT, mask_BT=None):
@@ -574,7 +554,7 @@ class Trainer:
             if not torch.isfinite(loss):
                 return tot_main, tot_mtp, tot_bal, False
             (loss / n_micro).backward()
-            loads_LE[:len(stats)] += torch.stack([s.load_E for s in stats]) if stats else 0
+            loads_LE[:len(stats.load)] += stats.load
             tot_main += main.item() / n_micro
             tot_mtp += mtp.item() / n_micro
             tot_bal += bal.item() / n_micro
