@@ -3,9 +3,12 @@ spent in the dispatch/combine all-to-alls, at 1, 2 and 4 processes (ep = process
 
     python benchmarks/bench_parallel.py                      # small preset, 1/2/4 processes
     python benchmarks/bench_parallel.py --preset tiny --procs 1 2 --steps 2
+    python benchmarks/bench_parallel.py --procs 2 --compare-overlap --pairs 5   # dispatch overlap on vs off
 
 Each process gets cores // processes threads, so the numbers show what splitting one machine's
 cores into ranks costs and how much of the step the all-to-all takes - not multi-machine scaling.
+The all-to-all share is the time ranks are blocked in all-to-alls (exposed communication): with
+the dispatch overlapped (the default), the shared experts run while the rows travel.
 The global batch (--batch sequences of --seq tokens) is the same at every process count.
 """
 
@@ -30,7 +33,7 @@ def worker(args):
     from fewchips.parallel import init_parallel, parallelize, shutdown
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from conftest import train_step          # the trainer's step pieces on a dp x ep model
-    from fewchips.parallel.expert_parallel import comm_seconds
+    from fewchips.parallel.expert_parallel import comm_seconds, expert_modules
 
     n = int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // n))
@@ -38,6 +41,8 @@ def worker(args):
     cfg = ModelConfig.from_preset(args.preset, max_position_embeddings=max(args.seq, 256))
     model = DeepseekV3(cfg).init_weights(generator=torch.Generator().manual_seed(0))
     model = parallelize(model.train(), par)
+    for m in expert_modules(model):
+        m.overlap = not args.no_overlap
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(1)
     times, comms = [], []
@@ -78,6 +83,31 @@ def launch(n, argv):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def compare_overlap(args, argv):
+    """Interleaved runs, overlap on then off, `--pairs` times per process count: the median of the
+    per-pair step-time ratios (off / on), and each mode's median exposed all-to-all share."""
+    import statistics
+    print(f"{args.preset} preset, global batch {args.batch} x {args.seq}, {os.cpu_count()} cores, "
+          f"{args.pairs} interleaved pairs, dispatch overlapped with the shared experts vs not")
+    rows = []
+    for n in args.procs:
+        on, off = [], []
+        for _ in range(args.pairs):
+            on.append(launch(n, argv))
+            off.append(launch(n, argv + ["--no-overlap"]))
+        ratio = statistics.median(b["step_s"] / a["step_s"] for a, b in zip(on, off))
+        row = {"procs": n, "speedup_median": ratio,
+               "step_s_on": statistics.median(r["step_s"] for r in on),
+               "step_s_off": statistics.median(r["step_s"] for r in off),
+               "a2a_share_on": statistics.median(r["a2a_share"] for r in on),
+               "a2a_share_off": statistics.median(r["a2a_share"] for r in off)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
@@ -87,12 +117,18 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="timed steps (after --warmup)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores // processes)")
+    ap.add_argument("--no-overlap", action="store_true", help="wait for the dispatch before the shared experts run")
+    ap.add_argument("--compare-overlap", action="store_true",
+                    help="interleaved pairs of runs with and without the overlap at each --procs; prints the median ratio")
+    ap.add_argument("--pairs", type=int, default=3, help="pairs of runs for --compare-overlap")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args, _ = ap.parse_known_args()
     if args.worker:
         return worker(args)
-    argv = [a for a in sys.argv[1:] if a != "--worker"]
+    argv = [a for a in sys.argv[1:] if a not in ("--worker", "--compare-overlap", "--no-overlap")]
+    if args.compare_overlap:
+        return compare_overlap(args, argv)
     rows = []
     print(f"{args.preset} preset, global batch {args.batch} x {args.seq} tokens, {os.cpu_count()} cores, "
           f"threads/process {args.threads or 'cores // processes'}, AdamW training step (forward + backward + step)")

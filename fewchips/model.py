@@ -333,7 +333,13 @@ class ExpertDispatch(nn.Module):
         super().__init__()
         self.n_experts = n_experts
 
-    def forward(self, x_MD, experts_MK, weights_MK):
+    def forward(self, x_MD, experts_MK, weights_MK, shared: nn.Module | None = None):
+        """sum_k g_k FFN_k(x) over each token's routed experts, plus `shared(x)` when given (the shared
+        experts: expert parallelism runs them while the token rows travel)."""
+        y_MD = self.routed(x_MD, experts_MK, weights_MK)
+        return y_MD if shared is None else y_MD + shared(x_MD)
+
+    def routed(self, x_MD, experts_MK, weights_MK):
         K = experts_MK.shape[1]
         flat = experts_MK.reshape(-1)
         order = flat.argsort(stable=True)
@@ -363,11 +369,11 @@ class RoutedExperts(ExpertDispatch):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim, device=device))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden, device=device))
 
-    def forward(self, x_MD, experts_MK, weights_MK):
+    def routed(self, x_MD, experts_MK, weights_MK):
         M, K = experts_MK.shape
         if use_gathered_experts(M, K, self.n_experts) and self.gathered_decode and self.swiglu is expert_swiglu:
             return gathered_swiglu(x_MD, experts_MK, weights_MK, self.gate_up_proj, self.down_proj)
-        return super().forward(x_MD, experts_MK, weights_MK)
+        return super().routed(x_MD, experts_MK, weights_MK)
 
     def expert_ffn(self, x_sorted, counts_E):
         """SwiGLU of each expert on its contiguous run of rows (rows sorted by expert)."""
@@ -409,9 +415,7 @@ class MoE(nn.Module):
         B, T, D = x_BTD.shape
         x_MD = x_BTD.reshape(-1, D)
         r = self.gate(x_MD)
-        y_MD = self.experts(x_MD, r.experts_MK, r.weights_MK)
-        if self.shared_experts is not None:
-            y_MD = y_MD + self.shared_experts(x_MD)
+        y_MD = self.experts(x_MD, r.experts_MK, r.weights_MK, self.shared_experts)
         return y_MD.view(B, T, D), (self._stats(r, B, T) if with_stats else None)
 
     def _stats(self, r: RouterOutput, B: int, T: int) -> MoEStats:

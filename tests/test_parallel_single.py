@@ -91,6 +91,43 @@ def test_gradient_reduction_waits_for_the_last_micro_batch():
         shutdown()
 
 
+def test_shared_experts_run_while_the_dispatch_travels(monkeypatch):
+    """With `overlap` (the default) each MoE layer starts its dispatch all-to-all, runs the shared
+    experts, and only then waits; without it, it waits first. Both give the same loss and gradients to
+    the last bit (fp32). FP8 dispatch, overlapped by default, is checked under ep2 in test_parallel.py."""
+    from fewchips.parallel import expert_parallel as ep_mod
+    from fewchips.parallel import init_parallel, parallelize, shutdown
+
+    par = init_parallel()
+    try:
+        cfg = tiny_config()
+        ref = random_model(cfg).train()
+        events = []
+        wait = ep_mod.InFlight.wait
+        monkeypatch.setattr(ep_mod.InFlight, "wait", lambda self, timer=None: (events.append("wait"), wait(self, timer))[1])
+        ids = torch.randint(0, cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+        results = {}
+        for overlap in (True, False):
+            model = parallelize(copy.deepcopy(ref), par)
+            split = ep_mod.expert_modules(model)
+            for m in split:
+                m.overlap = overlap
+            for layer in model.model.layers:
+                if getattr(layer.mlp, "shared_experts", None) is not None:
+                    layer.mlp.shared_experts.register_forward_hook(lambda *a: events.append("shared"))
+            events.clear()
+            loss, _ = lm_loss(model, ids)
+            loss.backward()
+            results[overlap] = (loss.detach(), [p.grad.full_tensor().clone() for p in model.parameters()], list(events))
+        n_moe = sum(1 for layer in ref.model.layers if hasattr(layer.mlp, "gate"))
+        assert results[True][2][:2 * n_moe] == ["shared", "wait"] * n_moe       # shared experts, then the wait
+        assert "wait" not in results[False][2]                                  # nothing in flight: synchronous
+        assert torch.equal(results[True][0], results[False][0])
+        assert all(torch.equal(a, b) for a, b in zip(results[True][1], results[False][1]))
+    finally:
+        shutdown()
+
+
 def test_layout_errors_name_the_flag():
     from fewchips.parallel import init_parallel
     with pytest.raises(ValueError, match="--ep 3"):

@@ -18,7 +18,14 @@ Experts are placed contiguously (rank r holds experts [r*L, (r+1)*L)), and the r
 contiguous too, so when ep divides n_group each rank holds whole groups and `topk_group` bounds the
 number of ranks a token is sent to (the paper's node-limited routing with group = node).
 Gradients flow through both all-to-alls (a small autograd.Function: the backward of an all-to-all is
-the all-to-all with the splits swapped). The expert weights are DTensors placed
+the all-to-all with the splits swapped).
+
+Overlap. The dispatch is asynchronous (`async_op=True`): the shared experts, which need no routed
+row, run on this rank's tokens while the rows travel, and the dispatch is waited just before the
+routed experts need it (`overlap`, on by default). `comm_seconds` counts the time a rank is blocked
+on an all-to-all: the exposed communication, which the overlap shrinks. The combine and the
+backward all-to-alls stay synchronous: within one micro-batch nothing independent is left to run
+beside them; hiding those takes a second micro-batch (DualPipe's paired forward and backward). The expert weights are DTensors placed
 (Replicate on dp, Shard(0) on ep), so optimizers and torch.distributed.checkpoint see the full
 [E, ...] tensor; the forward uses the local shard.
 """
@@ -37,22 +44,44 @@ from ..ops import expert_swiglu
 from .mesh import Parallel
 
 
+class InFlight:
+    """All-to-alls started with async_op=True and what to do once they land (`then`). Their output
+    buffers must not be read before `wait`."""
+
+    def __init__(self):
+        self.works, self.then = [], None
+
+    def wait(self, timer=None):
+        t0 = time.perf_counter()
+        for w in self.works:
+            w.wait()
+        if timer is not None:
+            timer.comm_seconds += time.perf_counter() - t0
+        if self.then is not None:
+            self.then()
+
+
 class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with uneven splits, differentiable; `timer` (a module) accumulates seconds."""
+    """all_to_all_single with uneven splits, differentiable; `timer` (a module) accumulates seconds.
+    With `inflight` the forward only starts the exchange (the caller waits); the backward blocks."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, timer):
+    def forward(ctx, x, out_splits, in_splits, group, timer, inflight=None):
         ctx.splits, ctx.group, ctx.timer = (out_splits, in_splits), group, timer
-        return _a2a(x, out_splits, in_splits, group, timer)
+        return _a2a(x, out_splits, in_splits, group, timer, inflight)
 
     @staticmethod
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
-        return _a2a(grad, in_splits, out_splits, ctx.group, ctx.timer), None, None, None, None
+        return _a2a(grad, in_splits, out_splits, ctx.group, ctx.timer), None, None, None, None, None
 
 
-def _a2a(x, out_splits, in_splits, group, timer):
+def _a2a(x, out_splits, in_splits, group, timer, inflight: InFlight | None = None):
     out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    if inflight is not None:
+        inflight.works.append(dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group,
+                                                     async_op=True))
+        return out
     t0 = time.perf_counter()
     dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
     if timer is not None:
@@ -62,8 +91,8 @@ def _a2a(x, out_splits, in_splits, group, timer):
     return out
 
 
-def all_to_all(x, out_splits: list[int], in_splits: list[int], group, timer=None):
-    return _AllToAll.apply(x, out_splits, in_splits, group, timer)
+def all_to_all(x, out_splits: list[int], in_splits: list[int], group, timer=None, inflight=None):
+    return _AllToAll.apply(x, out_splits, in_splits, group, timer, inflight)
 
 
 # FP8 communication (arXiv 2412.19437 §3.3.4): the activations before the experts' up-projection and the
@@ -71,12 +100,12 @@ def all_to_all(x, out_splits: list[int], in_splits: list[int], group, timer=None
 # scales, ~half the bytes of BF16; the combine forward and the dispatch backward stay in full precision.
 # Power-of-two scales make a re-quantisation on the expert side lossless.
 
-def _send_fp8(x, out_splits, in_splits, group, timer):
+def _send_fp8(x, out_splits, in_splits, group, timer, inflight=None):
     """x [N, D] quantised, sent as (uint8 codes, fp32 scales), received as (q E4M3, s)."""
     from ..fp8.quant import E4M3, TILE, quantize
     q, s = quantize(x, TILE, pow2=True)
-    q_recv = _a2a(q.view(torch.uint8), out_splits, in_splits, group, timer).view(E4M3)
-    s_recv = _a2a(s, out_splits, in_splits, group, timer)
+    q_recv = _a2a(q.view(torch.uint8), out_splits, in_splits, group, timer, inflight).view(E4M3)
+    s_recv = _a2a(s, out_splits, in_splits, group, timer, inflight)
     if timer is not None:
         timer.fp8_bytes_sent += q.numel() + s.numel() * s.element_size()
     return q_recv, s_recv
@@ -85,20 +114,30 @@ def _send_fp8(x, out_splits, in_splits, group, timer):
 class _FP8Dispatch(torch.autograd.Function):
     """Forward: rows sent in FP8; returns them dequantised (exactly the values the experts compute on)
     and the FP8 codes and scales themselves, for the up-projection to use as they are. Backward: the
-    gradient returns in full precision."""
+    gradient returns in full precision. With `inflight` the rows are dequantised into the returned
+    buffer when the exchange is waited."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, timer):
+    def forward(ctx, x, out_splits, in_splits, group, timer, inflight=None):
         from ..fp8.quant import TILE, dequantize
         ctx.splits, ctx.group, ctx.timer = (out_splits, in_splits), group, timer
-        q, s = _send_fp8(x, out_splits, in_splits, group, timer)
+        q, s = _send_fp8(x, out_splits, in_splits, group, timer, inflight)
         ctx.mark_non_differentiable(q, s)
-        return dequantize(q, s, TILE, x.dtype), q, s
+        if inflight is None:
+            return dequantize(q, s, TILE, x.dtype), q, s
+        rows = x.new_empty(q.shape)
+
+        @torch.no_grad()              # filling the output in place keeps it this function's output
+        def land():
+            rows.copy_(dequantize(q, s, TILE, x.dtype))
+
+        inflight.then = land
+        return rows, q, s
 
     @staticmethod
     def backward(ctx, grad, _gq, _gs):
         out_splits, in_splits = ctx.splits
-        return _a2a(grad, in_splits, out_splits, ctx.group, ctx.timer), None, None, None, None
+        return _a2a(grad, in_splits, out_splits, ctx.group, ctx.timer), None, None, None, None, None
 
 
 class _FP8GradCombine(torch.autograd.Function):
@@ -136,6 +175,7 @@ class ExpertParallelExperts(nn.Module):
         self.fp8_bytes_sent = 0                             # FP8 codes and scales sent (both directions)
         self.swiglu = expert_swiglu                         # the grouped FFN: the replaced module's (FP8 too)
         self.fp8_dispatch = False                           # FP8 experts: dispatch in FP8 (set by from_dense)
+        self.overlap = True                                 # shared experts run while the dispatch travels
 
     @classmethod
     def from_dense(cls, experts: RoutedExperts, par: Parallel, fp8_dispatch: bool | None = None) -> "ExpertParallelExperts":
@@ -157,18 +197,26 @@ class ExpertParallelExperts(nn.Module):
         new.fp8_dispatch = fp8_dispatch
         return new
 
-    def forward(self, x_MD, experts_MK, weights_MK):
+    def forward(self, x_MD, experts_MK, weights_MK, shared: nn.Module | None = None):
         M, K = experts_MK.shape
         flat = experts_MK.reshape(-1)
         order = flat.argsort(stable=True)
         token_of = order // K                                               # source token of each copy
-        y_sorted = self.exchange(x_MD[token_of], torch.bincount(flat, minlength=self.n_experts), self.expert_ffn)
-        y_sorted = y_sorted * weights_MK.reshape(-1)[order, None].to(y_sorted.dtype)
-        return torch.zeros_like(x_MD).index_add_(0, token_of, y_sorted.to(x_MD.dtype))  # bf16 under autocast
+        side = {}
 
-    def exchange(self, x_sorted, counts_E, fn):
+        def meanwhile():                                  # the shared experts need no routed row
+            side["y"] = shared(x_MD)
+
+        y_sorted = self.exchange(x_MD[token_of], torch.bincount(flat, minlength=self.n_experts), self.expert_ffn,
+                                 meanwhile if shared is not None else None)
+        y_sorted = y_sorted * weights_MK.reshape(-1)[order, None].to(y_sorted.dtype)
+        y_MD = torch.zeros_like(x_MD).index_add_(0, token_of, y_sorted.to(x_MD.dtype))  # bf16 under autocast
+        return y_MD if shared is None else y_MD + side["y"]
+
+    def exchange(self, x_sorted, counts_E, fn, meanwhile=None):
         """Send rows sorted by global expert to their owners, apply fn(x_local, counts_L) there (rows
-        sorted by local expert), and bring the results back in the original order."""
+        sorted by local expert), and bring the results back in the original order. `meanwhile()` runs
+        while the rows travel (with `overlap`; after they land otherwise)."""
         P, L = self.ep, self.n_local
         counts_PL = counts_E.view(P, L)
         recv_PL = torch.empty_like(counts_PL)
@@ -176,13 +224,18 @@ class ExpertParallelExperts(nn.Module):
         send = counts_PL.sum(1).tolist()
         recv = recv_PL.sum(1).tolist()
         self.dispatch_rows += x_sorted.shape[0]
+        inflight = InFlight() if self.overlap else None
         if self.fp8_dispatch:
             before = self.fp8_bytes_sent
-            x_recv, q_recv, s_recv = _FP8Dispatch.apply(x_sorted, recv, send, self.group, self)
+            x_recv, q_recv, s_recv = _FP8Dispatch.apply(x_sorted, recv, send, self.group, self, inflight)
             self.dispatch_bytes += self.fp8_bytes_sent - before
         else:
             self.dispatch_bytes += x_sorted.numel() * x_sorted.element_size()
-            x_recv = all_to_all(x_sorted, recv, send, self.group, self)
+            x_recv = all_to_all(x_sorted, recv, send, self.group, self, inflight)
+        if meanwhile is not None:
+            meanwhile()
+        if inflight is not None:
+            inflight.wait(self)
         # Received rows are peer-major; the grouped FFN wants them expert-major.
         local_id = torch.arange(L, device=x_recv.device).repeat(P).repeat_interleave(recv_PL.flatten())
         perm = local_id.argsort(stable=True)

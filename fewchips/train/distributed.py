@@ -38,8 +38,7 @@ from ..parallel import (abort_on_failure, apply_expert_parallel, grad_norm_sq, i
 from ..parallel import checkpoint as pckpt
 from ..parallel.fsdp import set_gradient_sync
 from ..parallel.pipeline import Pipeline, stages_per_rank
-from .trainer import (TrainConfig, Trainer, TrainError, build_optimizer, check_resume_fields, check_same_data,
-                      clip_grad_norm, compute_losses, read_train_state, set_rng_state, truncate_metrics)
+from .trainer import TrainConfig, Trainer, TrainError, clip_grad_norm, compute_losses
 
 
 class DistributedTrainer(Trainer):
@@ -55,33 +54,34 @@ class DistributedTrainer(Trainer):
         if pp == 1 and tc.batch_size % par.data_size:
             raise TrainError(f"--batch-size {tc.batch_size} (the global micro-batch) must be divisible by the "
                              f"{par.data_size} processes of a pipeline stage (dp x ep)")
-        self.pipe, self.microbatches = None, None
+        self.pipe, self.microbatches, self.pp_schedule = None, None, pp_schedule
         if pp > 1:
             self.microbatches = self._check_pipeline(tc, par, pp_schedule, microbatches)
         if not par.is_main:
             tc = dataclasses.replace(tc, progress=False, plots=False)
             log = _quiet
-        self._resume_path = None
         super().__init__(cfg, tc, log, device=par.device)      # calls the overrides below
-        if pp > 1:
-            # every rank holds the whole model and trains its stages; the optimizer (over the whole
-            # model) skips parameters without gradients
-            if par.data_size > 1:
-                # experts become DTensors (split over ep), the rest stays plain: no fused AdamW
-                apply_expert_parallel(self.model, par)
-                self.opt, self.sched = build_optimizer(self.model, self.tc, self.schedule, fused=False)
-            rows = tc.batch_size * tc.grad_accum // (self.microbatches * par.data_size)
-            self.pipe = Pipeline(self.model, par, rows, tc.seq_len + 1, pp_schedule, self.microbatches, self.amp)
-        else:
-            # Under bf16 autocast, FSDP also all-gathers the weights in bf16 (half the traffic); master
-            # weights, gradient reduction and optimizer state stay fp32.
-            parallelize(self.model, par, param_dtype=self.amp)
-            self.opt, self.sched = build_optimizer(self.model, self.tc, self.schedule)
-        if self._resume_path:
-            self._load_sharded(self._resume_path)
         layout = f"pp {par.pp} ({pp_schedule}, {self.microbatches} micro-batches) x " if pp > 1 else ""
         log(f"parallel: {par.world_size} processes, {layout}dp {par.dp} x ep {par.ep} "
             f"({self.cfg.n_routed_experts // par.ep} experts per rank), {par.device.type}")
+
+    @property
+    def is_main(self):
+        return self.par.is_main
+
+    def place(self, model):
+        """With --pp: every rank holds the whole model and trains its stages (the optimizer skips
+        parameters without gradients); experts split over the stage's ep ranks. Without: experts split
+        over ep, everything else FSDP2 over all ranks; under bf16 autocast FSDP all-gathers the weights
+        in bf16 (half the traffic) while master weights, gradient reduction and optimizer state stay fp32."""
+        par, tc = self.par, self.tc
+        if par.pp == 1:
+            return parallelize(model, par, param_dtype=self.amp)
+        if par.data_size > 1:
+            apply_expert_parallel(model, par)
+        rows = tc.batch_size * tc.grad_accum // (self.microbatches * par.data_size)
+        self.pipe = Pipeline(model, par, rows, tc.seq_len + 1, self.pp_schedule, self.microbatches, self.amp)
+        return model
 
     @staticmethod
     def _check_pipeline(tc: TrainConfig, par, schedule: str, microbatches: int | None) -> int:
@@ -204,28 +204,11 @@ class DistributedTrainer(Trainer):
             raise TrainError(f"could not write a checkpoint at step {self.step} ({e.strerror or e}); "
                              f"the previous one in {self.ckpt_dir} is intact unless this was during its rename") from e
 
-    def _load(self, path):
-        self._resume_path = path           # loaded once the model is parallelized (see __init__)
-
-    def _load_sharded(self, path):
-        st = read_train_state(path)
-        if ModelConfig.from_dict(st["model_config"]).to_dict() != self.cfg.to_dict():
-            raise TrainError(f"--resume: the model config does not match the checkpoint in {path}")
-        check_resume_fields(st["train_config"], self.tc, self.log)
+    def load_weights(self, path, st):
+        """Each rank reads its shards of the weights and optimizer state (any layout wrote them)."""
         if not os.path.exists(os.path.join(path, ".metadata")):
             raise TrainError(f"--resume: {path} is a single-process checkpoint; resume it without torchrun")
         pckpt.load(path, self.model, self.opt, owned=self.pipe.owned if self.pipe is not None else None)
-        self.sched.load_state_dict(st["scheduler"])
-        check_same_data(st, self.data)
-        self.data.load_state_dict(st["sampler"])
-        self.step, self.tokens_seen, self.bad_steps_total = st["step"], st["tokens_seen"], st["bad_steps_total"]
-        self.load_accum_LE = st["load_accum"]
-        set_rng_state(st["rng"])
-        if self.par.is_main:
-            truncate_metrics(self.metrics_path, self.step, self.log)
-        was = st.get("parallel", {})
-        self.log(f"resumed from {path} at step {self.step} (saved at pp {was.get('pp', 1)} x dp {was.get('dp')} "
-                 f"x ep {was.get('ep')})")
 
     def export(self):
         if self.pipe is not None:

@@ -190,10 +190,11 @@ def moe_routers(model: DeepseekV3):
     return [layer.mlp.gate for layer in layers if isinstance(layer.mlp, MoE)]
 
 
-def build_optimizer(model: DeepseekV3, tc: TrainConfig, schedule: RunSchedule | None = None, fused: bool = True):
+def build_optimizer(model: DeepseekV3, tc: TrainConfig, schedule: RunSchedule | None = None):
     """AdamW with weight decay on matrices only (not on norms, biases or any 1-D parameter), and the
-    lr schedule on the run's tokens. fused=False: torch's per-parameter loop, for parameters that mix
-    plain tensors and DTensors (which fused and foreach kernels refuse)."""
+    lr schedule on the run's tokens. Fused, unless the parameters mix plain tensors and DTensors
+    (experts split over ep beside replicated pipeline-stage weights), which fused and foreach kernels
+    refuse: then torch's per-parameter loop."""
     schedule = schedule or RunSchedule.of(tc)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -202,6 +203,8 @@ def build_optimizer(model: DeepseekV3, tc: TrainConfig, schedule: RunSchedule | 
         (decay if p.dim() >= 2 and not name.endswith("bias") else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kw = dict(lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8)
+    kinds = {hasattr(p, "_local_tensor") for p in decay + no_decay}       # DTensor or not
+    fused = len(kinds) == 1
     if tc.bf16_moments:
         from ..fp8.optim import AdamWBF16Moments
         opt = AdamWBF16Moments(groups, **kw)
@@ -451,11 +454,11 @@ class Trainer:
         self.tok, self.sp = self.data.tok, self.data.sp
         self.sampler = getattr(self.data, "sampler", None)
         self.cfg = cfg = cfg.replace(bos_token_id=self.sp.bos, eos_token_id=self.sp.eos)
-        self.model = build_model(cfg, tc, self.device)
+        self.amp = autocast_dtype(tc.dtype, self.device)
+        self.model = self.place(build_model(cfg, tc, self.device))
         self.routers = moe_routers(self.model)
         self.schedule = RunSchedule.of(tc)
-        self.opt, self.sched = build_optimizer(self.model, tc, self.schedule)
-        self.amp = autocast_dtype(tc.dtype, self.device)
+        self.opt, self.sched = build_optimizer(self.model, tc, self.schedule)      # once, on the placed model
         self.step = 0
         self.tokens_seen = 0
         self.bad_steps_total = 0
@@ -564,6 +567,12 @@ class Trainer:
         return compute_losses(self.model, batch, lam, self.amp)
 
     # Hooks that the distributed trainer (fewchips/train/distributed.py) overrides.
+    is_main = True                   # the process that writes logs, metrics and plots
+
+    def place(self, model: DeepseekV3) -> DeepseekV3:
+        """The model on this process's devices and ranks, before the optimizer is built."""
+        return model
+
     def sync_gradients(self, last_micro_batch: bool):
         """Before each micro-batch's backward: whether its gradients are reduced over ranks now."""
 
@@ -730,9 +739,8 @@ class Trainer:
                              f"the checkpoint in {self.ckpt_dir} is intact") from e
 
     def _load(self, path):
-        if os.path.exists(os.path.join(path, ".metadata")):
-            raise TrainError(f"--resume: {path} holds a sharded checkpoint from a torchrun run; resume it with "
-                             f"torchrun (any number of processes), or in one process with --dp 1")
+        """Continue the run saved in `path`: the same model and data settings are required; weights and
+        optimizer state (`load_weights`), schedule, sampler position, counters, loads and RNG come back."""
         st = read_train_state(path)
         saved_cfg = ModelConfig.from_dict(st["model_config"])
         if saved_cfg.to_dict() != self.cfg.to_dict():
@@ -741,6 +749,23 @@ class Trainer:
             raise TrainError(f"--resume: the model config does not match the checkpoint in {path} ({'; '.join(diff)})")
         check_resume_fields(st["train_config"], self.tc, self.log)
         check_same_data(st, self.data)
+        self.load_weights(path, st)
+        self.sched.load_state_dict(st["scheduler"])
+        self.data.load_state_dict(st["sampler"])
+        self.step, self.tokens_seen, self.bad_steps_total = st["step"], st["tokens_seen"], st["bad_steps_total"]
+        self.load_accum_LE = st["load_accum"]
+        set_rng_state(st["rng"])
+        if self.is_main:
+            truncate_metrics(self.metrics_path, self.step, self.log)
+        was = st.get("parallel")
+        layout = f" (saved at pp {was.get('pp', 1)} x dp {was['dp']} x ep {was['ep']})" if was else ""
+        self.log(f"resumed from {path} at step {self.step}{layout}")
+
+    def load_weights(self, path: str, st: dict):
+        """Model weights and optimizer state of a one-process checkpoint (a Hugging Face directory)."""
+        if os.path.exists(os.path.join(path, ".metadata")):
+            raise TrainError(f"--resume: {path} holds a sharded checkpoint from a torchrun run; resume it with "
+                             f"torchrun (any number of processes), or in one process with --dp 1")
         try:
             loaded = from_pretrained(path, dtype=torch.float32)
         except CheckpointError as e:
@@ -748,13 +773,6 @@ class Trainer:
                              f"from the checkpoint before; otherwise start over with --overwrite") from None
         self.model.load_state_dict(loaded.state_dict())
         self.opt.load_state_dict(st["optimizer"])
-        self.sched.load_state_dict(st["scheduler"])
-        self.data.load_state_dict(st["sampler"])
-        self.step, self.tokens_seen, self.bad_steps_total = st["step"], st["tokens_seen"], st["bad_steps_total"]
-        self.load_accum_LE = st["load_accum"]
-        set_rng_state(st["rng"])
-        truncate_metrics(self.metrics_path, self.step, self.log)
-        self.log(f"resumed from {path} at step {self.step}")
 
 
 def check_resume_fields(saved: dict, tc: TrainConfig, log=print):
