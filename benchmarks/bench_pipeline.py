@@ -40,14 +40,17 @@ LAYOUTS = {
 }
 
 
-def worker(out_dir: str, warmup: int, argv: list[str]):
+def worker(out_dir: str, warmup: int, argv: list[str], overlap: bool = True):
     """One rank: run `fewchips train argv` with timers around the step, the pipeline waits and the
-    all-to-alls; write this rank's numbers to out_dir/rank{R}.json."""
+    all-to-alls; write this rank's numbers to out_dir/rank{R}.json. overlap=False: every dispatch is
+    waited before the shared experts run."""
     import torch.distributed.pipelining.schedules as S
 
     from fewchips.cli import main
-    from fewchips.parallel.expert_parallel import comm_seconds
+    from fewchips.parallel.expert_parallel import ExpertParallelExperts, comm_seconds
     from fewchips.train.trainer import Trainer
+
+    ExpertParallelExperts.overlap = overlap
 
     rec = {"step_s": [], "wait_s": [], "a2a_s": []}
     wait = [0.0]
@@ -101,7 +104,7 @@ def run_layout(name: str, args) -> dict:
     if "--pp" in extra:
         train += ["--microbatches", str(args.microbatches)]
     code = (f"import sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r}); "
-            f"import bench_pipeline as b; b.worker({out!r}, {args.warmup}, {train + extra!r})")
+            f"import bench_pipeline as b; b.worker({out!r}, {args.warmup}, {train + extra!r}, {not args.no_overlap})")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if n == 1:
         cmd = [sys.executable, "-c", code]
@@ -137,6 +140,7 @@ def main():
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--corpus-mb", type=float, default=2.0, help="bundled corpus read (data preparation time)")
     ap.add_argument("--timeout", type=int, default=1200)
+    ap.add_argument("--no-overlap", action="store_true", help="wait for each dispatch before the shared experts run")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     rows = []

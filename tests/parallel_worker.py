@@ -215,6 +215,29 @@ def pipeline(schedule, microbatches):
     return res
 
 
+def pipeline_eval(schedule):
+    """`Pipeline` at pp = world size: what a rank holds (its stages; the rest released to meta) and the
+    forward-only evaluation through torch's schedule, against one process's per-row cross-entropy."""
+    import torch.nn.functional as F
+
+    from fewchips.parallel.pipeline import Pipeline
+    par = init_parallel(pp=dist.get_world_size() if dist.is_initialized() else int(os.environ["WORLD_SIZE"]))
+    cfg = tiny_config(num_hidden_layers=4)
+    ref = random_model(cfg).eval()
+    model = copy.deepcopy(ref)
+    pipe = Pipeline(model, par, rows=2, window=T, schedule=schedule, n_microbatches=4)
+    ids = batch(3, cfg)                                    # [8, T]: 4 micro-batches of 2 windows
+    got = pipe.evaluate(ids)
+    with torch.no_grad():
+        logits = ref(ids[:, :-1])
+        want = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(B, -1).sum(1)
+    held, total = pipe.parameter_counts()
+    real = {n for n, p in model.named_parameters() if not p.is_meta}
+    return {"rank": par.rank, "row_ce_rel_err": ((got - want).abs().max() / want.abs().max()).item(),
+            "held": held, "total": total, "real_are_owned": real <= pipe.owned,
+            "meta_have_no_grad": all(not p.requires_grad for p in model.parameters() if p.is_meta)}
+
+
 def resume(par, out, ckpt):
     """Load a checkpoint written at another world size and take step 2."""
     cfg = tiny_config()
@@ -253,6 +276,12 @@ def main():
         with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
             json.dump(res, f)
         dist.destroy_process_group()
+        return
+    if scenario == "pipeline_eval":
+        res = pipeline_eval(sys.argv[3])
+        with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
+            json.dump(res, f)
+        shutdown()
         return
     ep = int(sys.argv[3]) if len(sys.argv) > 3 else 2
     par = init_parallel(ep=ep, timeout_s=float(os.environ.get("FEWCHIPS_TEST_TIMEOUT", "60")))

@@ -131,6 +131,23 @@ def test_pipeline_matches_single_process(tmp_path, schedule):
     assert sum(r["n_params"] for r in res) >= 79                   # every parameter is held somewhere
 
 
+@pytest.mark.parametrize("schedule", ["dualpipev", "1f1b"])
+def test_pipeline_ranks_hold_only_their_stages_and_evaluate_through_the_pipeline(tmp_path, schedule):
+    """Each pipeline rank keeps real tensors only for the parameters it owns (the rest are meta, with no
+    gradient), the two ranks together hold the model once (the 1F1B tied embedding twice), and the
+    forward-only evaluation gives one process's per-row cross-entropy (fp32, <= 1e-6 relative)."""
+    codes, errs, _ = launch(2, ["pipeline_eval", tmp_path, schedule], tmp_path)
+    _assert_ok(codes, errs)
+    res = results(tmp_path, 2)
+    total = res[0]["total"]
+    for r in res:
+        assert r["row_ce_rel_err"] < 1e-6, r
+        assert r["real_are_owned"] and r["meta_have_no_grad"]
+        assert 0 < r["held"] < total
+    embed = tiny_config().vocab_size * tiny_config().hidden_size
+    assert sum(r["held"] for r in res) == total + (embed if schedule == "1f1b" else 0)
+
+
 @pytest.fixture(scope="module")
 def dp2_ep2_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dp2ep2")

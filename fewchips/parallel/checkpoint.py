@@ -11,6 +11,7 @@ crash mid-save leaves the previous checkpoint.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import warnings
@@ -58,16 +59,24 @@ def save(path: str, model, optimizer=None, extra: dict | None = None, before_com
 
 def load(path: str, model, optimizer=None, owned: set[str] | None = None) -> dict:
     """Collective: fill `model` (and `optimizer`) in place from a checkpoint written at any layout;
-    returns its `extra` dict. With `owned` (a pipeline rank's names), the whole model is read but the
-    optimizer keeps state only for what this rank trains."""
+    returns its `extra` dict. With `owned` (a pipeline rank's names) only those tensors are read (the
+    rank holds no others), and the optimizer keeps state only for what this rank trains."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
     if not os.path.exists(os.path.join(path, ".metadata")):
         raise FileNotFoundError(f"{path}: not a fewchips sharded checkpoint (no .metadata)")
     state = {"model": get_model_state_dict(model), "extra": _saved_extra(path)}
+    if owned is not None:
+        state["model"] = {k: v for k, v in state["model"].items() if k in owned}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
+        # the hyperparameters stay this optimizer's own: under a pipeline every rank's groups hold other
+        # parameters, and the saved groups are one rank's (the lr comes back with the scheduler's state)
+        groups = copy.deepcopy(state["optim"]["param_groups"])
     dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=owned is None))
     if optimizer is not None:
+        state["optim"]["param_groups"] = groups
         set_optimizer_state_dict(model, optimizer, state["optim"])
         if owned is not None:
             for name, p in model.named_parameters():

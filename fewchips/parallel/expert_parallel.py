@@ -161,6 +161,8 @@ class ExpertParallelExperts(nn.Module):
     """Drop-in for `RoutedExperts` (same call, same parameter names and global shapes) whose experts
     live on their owner ranks."""
 
+    overlap = True                          # the shared experts run while the dispatch travels
+
     def __init__(self, n_experts: int, gate_up_LFD: torch.Tensor, down_LDF: torch.Tensor, par: Parallel):
         super().__init__()
         self.n_experts, self.ep, self.n_local = n_experts, par.ep, n_experts // par.ep
@@ -175,7 +177,6 @@ class ExpertParallelExperts(nn.Module):
         self.fp8_bytes_sent = 0                             # FP8 codes and scales sent (both directions)
         self.swiglu = expert_swiglu                         # the grouped FFN: the replaced module's (FP8 too)
         self.fp8_dispatch = False                           # FP8 experts: dispatch in FP8 (set by from_dense)
-        self.overlap = True                                 # shared experts run while the dispatch travels
 
     @classmethod
     def from_dense(cls, experts: RoutedExperts, par: Parallel, fp8_dispatch: bool | None = None) -> "ExpertParallelExperts":

@@ -23,10 +23,11 @@ its gradient from both accumulates in one tensor, as the report places them. Wit
 its inputs (tokens; the MTP module's tokens), and the two replicas' gradients are summed
 (`tie_embeddings`) so they take identical steps.
 
-Every rank builds the whole model and trains the parameters of its own stages: the optimizer skips
-parameters without a gradient, and `Pipeline.owned` names what this rank keeps up to date (what it
-writes to a checkpoint). Building only a rank's own stages (the memory saving at V3's scale) is not
-done yet.
+Every rank builds the model, keeps the parameters of its own stages and releases the others (they
+become meta tensors: no memory, no gradient, no optimizer state). `Pipeline.owned` names what this
+rank keeps up to date and writes to a checkpoint. Evaluation runs through the pipeline too (torch's
+forward-only `schedule.eval`), and the trainer exports the final model from the layout-free
+checkpoint, so no rank ever needs the weights of another's stages.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..model import DeepseekV3, MoE
+from .expert_parallel import apply_expert_parallel
 
 SCHEDULES = {"dualpipev": "ScheduleDualPipeV", "1f1b": "Schedule1F1B", "interleaved1f1b": "ScheduleInterleaved1F1B",
              "zbv": "ScheduleZBVZeroBubble"}
@@ -144,6 +146,7 @@ class Stage(nn.Module):
         self.loads_LE: torch.Tensor | None = None          # set by the trainer before each step
         self.mtp_lambda, self.balance_alpha = 0.3, 1e-4
         self.parts: list[tuple[float, float, float]] = []  # last stage: (main, mtp, balance) per micro-batch
+        self.row_ce: list[torch.Tensor] | None = None      # evaluation: each row's summed CE, per micro-batch
 
     def forward(self, *inputs):
         device = inputs[0].device
@@ -180,6 +183,10 @@ class Stage(nn.Module):
         the schedule then sums micro-batches, so the gradients are those of the mean."""
         inp, T = ids[:, :-1], ids.shape[1] - 1
         h = self.norm(h)
+        if self.row_ce is not None:                          # evaluation: the next-token CE of each row
+            ce = F.cross_entropy(self.lm_head(h).float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+            self.row_ce.append(ce.view(ids.shape[0], T).sum(1).detach())
+            return (ce.mean() / self.n_microbatches).reshape(1)
         main = F.cross_entropy(self.lm_head(h).float().flatten(0, 1), ids[:, 1:].flatten())
         mtp_terms, hk = [], h
         for d, layer in enumerate(self.mtp):
@@ -213,7 +220,7 @@ def router_rows(model: DeepseekV3) -> dict[int, int]:
 
 def build_pipeline(model: DeepseekV3, pp_group, microbatch: tuple[int, int], schedule: str = "dualpipev",
                    n_microbatches: int = 4, device="cpu", amp: torch.dtype | None = None,
-                   pipelines: list[list[int]] | None = None, balance: bool = True):
+                   pipelines: list[list[int]] | None = None, balance: bool = True, prepare=None):
     """This rank's stages and the schedule, for micro-batches of `microbatch` = (rows, window length
     T + 1). Returns (schedule, local Stage modules, tie group or None): the tie group sums the embedding
     gradients of the first and last stages when they sit on two ranks. Shapes are given to torch up front
@@ -221,7 +228,8 @@ def build_pipeline(model: DeepseekV3, pp_group, microbatch: tuple[int, int], sch
     global ranks of every pipeline when there are several (dp x ep of them), so that every rank creates
     every pipeline's tie group, as torch requires. `balance`: split the layers so that every rank
     does about the same work, counting the head and MTP on the last stage (`balanced_split`); False:
-    the same number of layers per stage."""
+    the same number of layers per stage. `prepare(stage_modules)` runs on this rank's Stage modules
+    before torch wraps them (expert parallelism inside the stages)."""
     from torch.distributed import pipelining as P
 
     if schedule not in SCHEDULES:
@@ -244,12 +252,14 @@ def build_pipeline(model: DeepseekV3, pp_group, microbatch: tuple[int, int], sch
     hidden = (torch.zeros(mb, window - 1, model.config.hidden_size, dtype=dtype, device=device, requires_grad=True),
               ids, torch.zeros((), device=device, requires_grad=True))
     loss = torch.zeros(1, device=device, requires_grad=True)
-    stages, modules = [], []
-    for s in range(n_stages):
-        if owners[s] != rank:
-            continue
-        mod = Stage(model, runs[s], s == 0, s == n_stages - 1, n_microbatches, rows, amp)
-        modules.append(mod)
+    stages = []
+    mine = [s for s in range(n_stages) if owners[s] == rank]
+    modules = [Stage(model, runs[s], s == 0, s == n_stages - 1, n_microbatches, rows, amp) for s in mine]
+    for s, mod in zip(mine, modules):
+        mod.index = s
+    if prepare is not None:
+        prepare(modules)
+    for s, mod in zip(mine, modules):
         inputs = (ids,) if s == 0 else hidden
         outputs = loss if s == n_stages - 1 else hidden
         stages.append(P.PipelineStage(mod, s, n_stages, torch.device(device), input_args=inputs, output_args=outputs,
@@ -285,12 +295,11 @@ def tie_embeddings(modules: list[Stage], tie_group):
 class Pipeline:
     """This rank's part of a pipeline-parallel model, as the trainer drives it: one optimizer step's
     forward and backward over all micro-batches, gradients reduced over the stage's dp x ep ranks, the
-    loss parts every rank logs, Σ g² over all stages (for the trainer's clip), and the weights this rank owns (for
-    checkpoints; `sync_model` brings every rank's copy of the whole model up to date, for evaluation
-    and export).
+    loss parts every rank logs, Σ g² over all stages (for the trainer's clip), evaluation through the
+    pipeline, and the weights this rank owns (for checkpoints); the other stages' weights are released.
 
-    Inside a stage, with dp x ep > 1: routed experts are split over ep (`apply_expert_parallel`, before
-    the pipeline is built) and each rank runs its 1/(dp x ep) of every micro-batch; the other weights
+    Inside a stage, with dp x ep > 1: the stage's routed experts are split over ep
+    (`apply_expert_parallel`) and each rank runs its 1/(dp x ep) of every micro-batch; the other weights
     are replicated over the stage's ranks and their gradients averaged (all-reduce, not FSDP: no
     sharding yet); expert gradients are summed over dp and divided by dp x ep, as without a pipeline."""
 
@@ -298,12 +307,20 @@ class Pipeline:
                  n_microbatches: int = 4, amp: torch.dtype | None = None):
         self.model, self.par, self.group, self.device = model, par, par.pp_group, par.device
         self.n_microbatches = n_microbatches
+        def split_experts(stages):
+            if par.data_size > 1:
+                for m in stages:
+                    apply_expert_parallel(m, par)
+
+        self.owners = stage_ranks(dist.get_world_size(self.group), dist.get_world_size(self.group) *
+                                  stages_per_rank(schedule), schedule)
         self.sched, self.stages, self.tie = build_pipeline(model, self.group, (rows, window), schedule, n_microbatches,
-                                                           par.device, amp, par.pipelines())
+                                                           par.device, amp, par.pipelines(), prepare=split_experts)
         self.holds_first = any(m.first for m in self.stages)
         self.holds_last = any(m.last for m in self.stages)
         local = {id(t) for m in self.stages for t in [*m.parameters(), *m.buffers()]}
         self.owned = {k for k, t in model.state_dict(keep_vars=True).items() if id(t) in local}
+        self.release_others(local)
         # the gradient norm counts a tied embedding once: on the first stage's rank
         skip = () if self.holds_first else (id(model.model.embed_tokens.weight),)
         self._norm_params = [p for p in self.local_params() if id(p) not in skip]
@@ -376,16 +393,44 @@ class Pipeline:
         return out
 
     @torch.no_grad()
-    def sync_model(self):
-        """Every tensor of the model from the lowest pipeline rank that owns it to the others (collective;
-        the ranks of one pipeline hold the same expert shards, so shards travel as they are)."""
-        sd = self.model.state_dict()
-        names = sorted(sd)
-        pp, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
-        owner = torch.tensor([rank if k in self.owned else pp for k in names], device=self.device)
-        dist.all_reduce(owner, op=dist.ReduceOp.MIN, group=self.group)
-        for k, o in zip(names, owner.tolist()):
-            if o >= pp:
-                raise RuntimeError(f"no pipeline rank holds {k}")
-            t = sd[k].to_local() if isinstance(sd[k], DTensor) else sd[k]
-            dist.broadcast(t, src=dist.get_global_rank(self.group, o), group=self.group)
+    def release_others(self, local: set[int]):
+        """Every parameter outside this rank's stages becomes a meta tensor of the same shape (the
+        module tree and names stay whole): no memory, no gradient, no optimizer state."""
+        for module in self.model.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if id(p) not in local:
+                    setattr(module, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(parameters this rank holds, parameters of the whole model)."""
+        held = sum(p.numel() for p in self.model.parameters() if not p.is_meta)
+        return held, sum(p.numel() for p in self.model.parameters())
+
+    @torch.no_grad()
+    def evaluate(self, ids: torch.Tensor) -> torch.Tensor:
+        """Forward only of the windows `ids` [N, T+1] (the same on every rank of this pipeline): each
+        row's summed next-token CE [N], the same on every rank of the pipeline. The stages run in order,
+        each on the rank that holds it, the hidden states going point to point to the next stage's rank;
+        no micro-batches, no backward. (torch's `schedule.eval` cannot serve here: DualPipeV's action
+        list has backward steps even in eval.)"""
+        me = dist.get_rank(self.group)
+        mine = {m.index: m for m in self.stages}
+        owners, h, rows = self.owners, None, torch.zeros(ids.shape[0], device=self.device)
+        for s, owner in enumerate(owners):
+            if owner != me:
+                continue
+            if s > 0 and owners[s - 1] != me:
+                h = torch.empty(ids.shape[0], ids.shape[1] - 1, self.model.config.hidden_size, device=self.device)
+                dist.recv(h, group=self.group, group_src=owners[s - 1])
+            m = mine[s]
+            m.loads_LE = None
+            if m.last:
+                m.row_ce = []
+                m(h, ids, torch.zeros((), device=self.device)) if s > 0 else m(ids)
+                rows, m.row_ce = torch.cat(m.row_ce), None
+                break
+            h = (m(ids) if s == 0 else m(h, ids, torch.zeros((), device=self.device)))[0].float()
+            if owners[s + 1] != me:
+                dist.send(h.contiguous(), group=self.group, group_dst=owners[s + 1])
+        dist.all_reduce(rows, group=self.group)               # only the last stage's rank adds anything
+        return rows

@@ -33,11 +33,11 @@ import torch.distributed as dist
 
 from ..checkpoint import save_pretrained
 from ..config import ModelConfig
-from ..parallel import (abort_on_failure, apply_expert_parallel, grad_norm_sq, init_parallel, parallelize,
-                        reduce_expert_grads)
+from ..parallel import abort_on_failure, grad_norm_sq, init_parallel, parallelize, reduce_expert_grads
 from ..parallel import checkpoint as pckpt
 from ..parallel.fsdp import set_gradient_sync
 from ..parallel.pipeline import Pipeline, stages_per_rank
+from .data import bits_per_byte
 from .trainer import TrainConfig, Trainer, TrainError, clip_grad_norm, compute_losses
 
 
@@ -70,17 +70,18 @@ class DistributedTrainer(Trainer):
         return self.par.is_main
 
     def place(self, model):
-        """With --pp: every rank holds the whole model and trains its stages (the optimizer skips
-        parameters without gradients); experts split over the stage's ep ranks. Without: experts split
+        """With --pp: every rank keeps only its stages' parameters (the pipeline releases the others)
+        and splits their experts over the stage's ep ranks. Without: experts split
         over ep, everything else FSDP2 over all ranks; under bf16 autocast FSDP all-gathers the weights
         in bf16 (half the traffic) while master weights, gradient reduction and optimizer state stay fp32."""
         par, tc = self.par, self.tc
         if par.pp == 1:
             return parallelize(model, par, param_dtype=self.amp)
-        if par.data_size > 1:
-            apply_expert_parallel(model, par)
         rows = tc.batch_size * tc.grad_accum // (self.microbatches * par.data_size)
         self.pipe = Pipeline(model, par, rows, tc.seq_len + 1, self.pp_schedule, self.microbatches, self.amp)
+        held, total = self.pipe.parameter_counts()
+        self.log(f"pipeline rank {dist.get_rank(par.pp_group)} holds {held:,} of the model's {total:,} parameters "
+                 f"(its stages; the others are released)")
         return model
 
     @staticmethod
@@ -180,9 +181,26 @@ class DistributedTrainer(Trainer):
         return bool(flag.item())
 
     def evaluate(self) -> dict:
-        if self.pipe is not None:       # every rank brings its copy of the other stages up to date, then evaluates
-            self.pipe.sync_model()
-        return super().evaluate()
+        """With --pp the validation windows go through the pipeline in steps of the training shapes
+        (the last step padded with filler rows that are not counted); the same numbers as one process."""
+        if self.pipe is None:
+            return super().evaluate()
+        batches = self.data.val_batches(self.tc.batch_size)
+        if not batches:
+            return {}
+        val = torch.cat([b.ids for b in batches])
+        n, T = val.shape[0], val.shape[1] - 1
+        per_step, size = self.tc.batch_size * self.tc.grad_accum, self.par.data_size
+        val = torch.cat([val, val[:1].expand((-n) % per_step, -1)])
+        total = torch.zeros((), device=self.device)
+        for start in range(0, val.shape[0], per_step):
+            rows = self.pipe.evaluate(self.par.local_batch(val[start:start + per_step]).to(self.device))
+            first = start + self.par.data_rank * (per_step // size)       # this rank's first row in `val`
+            total += rows[torch.arange(first, first + rows.shape[0], device=self.device) < n].sum()
+        if size > 1:
+            dist.all_reduce(total, group=self.par.data_group)
+        loss = total.item() / (n * T)
+        return {"val_loss": loss, "val_bpb": bits_per_byte(loss, self.data.val_bytes / (n * T)), "val_tokens": n * T}
 
     def train(self) -> dict:
         with abort_on_failure(self.par, "training"):
@@ -211,12 +229,15 @@ class DistributedTrainer(Trainer):
         pckpt.load(path, self.model, self.opt, owned=self.pipe.owned if self.pipe is not None else None)
 
     def export(self):
-        if self.pipe is not None:
-            self.pipe.sync_model()
-        plain = pckpt.full_model(self.model)
+        """The final model as one Hugging Face directory, written by rank 0. With --pp no rank holds the
+        whole model: rank 0 reassembles it from the checkpoint just saved (layout-free shards)."""
+        plain = pckpt.full_model(self.model) if self.pipe is None else None
         if self.par.is_main:
             try:
-                save_pretrained(plain, self.tc.out)
+                if self.pipe is None:
+                    save_pretrained(plain, self.tc.out)
+                else:
+                    pckpt.export_hf(self.ckpt_dir, self.tc.out, config=self.cfg)
                 self.write_tokenizer(self.tc.out)
             except OSError as e:
                 raise TrainError(f"could not export the model to {self.tc.out} ({e.strerror or e}); "

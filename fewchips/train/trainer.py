@@ -751,6 +751,8 @@ class Trainer:
         check_same_data(st, self.data)
         self.load_weights(path, st)
         self.sched.load_state_dict(st["scheduler"])
+        for group, lr in zip(self.opt.param_groups, self.sched.get_last_lr()):
+            group["lr"] = lr                                   # the schedule's lr at the saved step
         self.data.load_state_dict(st["sampler"])
         self.step, self.tokens_seen, self.bad_steps_total = st["step"], st["tokens_seen"], st["bad_steps_total"]
         self.load_accum_LE = st["load_accum"]
