@@ -68,3 +68,25 @@ def test_pipeline_in_one_process_says_how_to_launch(tmp_path, capsys):
     assert len(err.splitlines()) == 1
     assert "--pp 2 must divide the number of processes (1)" in err and "torchrun --nproc_per_node" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_an_error_every_rank_hits_is_printed_by_rank_0_only(rank, monkeypatch, capsys, tmp_path):
+    """Under torchrun every process fails the same way on a bad flag or a layout that does not fit:
+    rank 0 prints the one line, the others exit with the same code and say nothing. An error only one
+    rank meets (every_rank=False) is printed wherever it happens."""
+    import fewchips.train.distributed as dist_train
+    from fewchips.train import TrainError
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    base = ["train", "--preset", "tiny", "--out", str(tmp_path / "run")]
+    assert main([*base, "--set", "num_hidden_layer=3"]) == 2
+    err = capsys.readouterr().err
+    assert ("did you mean" in err) == (rank == "0") and err.count("error:") == (rank == "0")
+    for every_rank in (True, False):
+        def fail(*a, every_rank=every_rank, **k):
+            raise TrainError("--batch-size 3 must be divisible by the 2 processes", every_rank=every_rank)
+        monkeypatch.setattr(dist_train, "train_distributed", fail)
+        assert main([*base, "--ep", "2"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("fewchips train: error: --batch-size 3") == (1 if rank == "0" or not every_rank else 0)

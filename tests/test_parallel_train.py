@@ -151,3 +151,4 @@ def test_kill_9_of_a_pipeline_rank_ends_every_rank_with_a_clear_message(referenc
             p.kill()
     assert p.returncode != 0 and time.time() - t0 < 60
     assert "fewchips: rank 0: training failed" in text and "a peer process probably exited" in text
+

@@ -202,8 +202,9 @@ def run(args):
 
     try:
         cfg = model_config(args)
-    except (ConfigError, ValueError) as e:
-        print(f"fewchips train: error: {e}", file=sys.stderr)
+    except (ConfigError, ValueError) as e:          # the same on every rank of a launch: rank 0 says it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"fewchips train: error: {e}", file=sys.stderr)
         return 2
     try:
         if args.ep > 1 or args.dp or args.pp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -215,7 +216,8 @@ def run(args):
         else:
             result = train(cfg, train_config(args))
     except TrainError as e:
-        print(f"fewchips train: error: {e}", file=sys.stderr)
+        if not e.every_rank or os.environ.get("RANK", "0") == "0":
+            print(f"fewchips train: error: {e}", file=sys.stderr)
         return 1
     except TrainInterrupted as e:
         print(f"fewchips train: {e}; continue with --resume", file=sys.stderr)

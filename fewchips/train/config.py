@@ -7,7 +7,13 @@ from dataclasses import dataclass
 
 
 class TrainError(RuntimeError):
-    """Training cannot go on; the message says why and where the last good checkpoint is."""
+    """Training cannot go on; the message says why and where the last good checkpoint is.
+    `every_rank`: raised the same on every process of a torchrun launch (a bad flag, a setup error
+    rank 0 shared), so only rank 0 prints it."""
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 @dataclass

@@ -48,12 +48,12 @@ class DistributedTrainer(Trainer):
         try:
             self.par = par = init_parallel(dp=dp, ep=ep, timeout_s=timeout_s, pp=pp)
         except ValueError as e:
-            raise TrainError(str(e)) from None
+            raise TrainError(str(e), every_rank=True) from None
         # Data preparation and big checkpoints can keep rank 0 busy far longer than a collective's timeout.
         self.slow_group = dist.new_group(backend="gloo", timeout=timedelta(hours=3))
         if pp == 1 and tc.batch_size % par.data_size:
             raise TrainError(f"--batch-size {tc.batch_size} (the global micro-batch) must be divisible by the "
-                             f"{par.data_size} processes of a pipeline stage (dp x ep)")
+                             f"{par.data_size} processes of a pipeline stage (dp x ep)", every_rank=True)
         self.pipe, self.microbatches, self.pp_schedule = None, None, pp_schedule
         if pp > 1:
             self.microbatches = self._check_pipeline(tc, par, pp_schedule, microbatches)
@@ -89,14 +89,14 @@ class DistributedTrainer(Trainer):
         """The number of pipeline micro-batches per step (default: --grad-accum, at least the stages)."""
         if tc.batch_ramp_tokens:
             raise TrainError("--batch-ramp-tokens with --pp: the pipeline's micro-batch shapes are fixed; "
-                             "ramp the batch without --pp")
+                             "ramp the batch without --pp", every_rank=True)
         n_stages = par.pp * stages_per_rank(schedule)
         m = microbatches or max(tc.grad_accum, n_stages)
         rows, n = tc.batch_size * tc.grad_accum, par.data_size
         if m < 1 or rows % (m * n):
             each = f" x the {n} processes of a stage (dp x ep)" if n > 1 else ""
             raise TrainError(f"--microbatches {m}{each} must divide the step's {rows} sequences "
-                             f"(--batch-size {tc.batch_size} x --grad-accum {tc.grad_accum})")
+                             f"(--batch-size {tc.batch_size} x --grad-accum {tc.grad_accum})", every_rank=True)
         return m
 
     # ---- setup: rank 0 checks OUT and prepares the data; the others then read its cache ------
@@ -114,7 +114,7 @@ class DistributedTrainer(Trainer):
         if err is not None:
             raise err
         if msg[0]:
-            raise TrainError(f"rank 0 could not set up the run: {msg[0]}")
+            raise TrainError(f"rank 0 could not set up the run: {msg[0]}", every_rank=True)   # rank 0 says it
 
     def make_data(self, cfg, resume_from):
         prepared, self._prepared = getattr(self, "_prepared", None), None
