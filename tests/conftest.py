@@ -77,12 +77,11 @@ def train_step(model, opt, ids, par, gamma: float = 1e-3) -> float:
     optimizer, the bias update from every rank's loads. Returns the global loss."""
     import torch.distributed as dist
 
-    from fewchips.parallel import grad_norm_sq, reduce_expert_grads
+    from fewchips.parallel import grad_norm_sq
     from fewchips.train.trainer import clip_grad_norm, moe_routers, update_biases
     opt.zero_grad(set_to_none=True)
     loss, stats = lm_loss(model, par.local_batch(ids))
     loss.backward()
-    reduce_expert_grads(model, par)
     clip_grad_norm(model, opt, 1.0, grad_norm_sq(model, par))
     opt.step()
     loads = stats.load.clone()

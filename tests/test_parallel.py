@@ -80,7 +80,9 @@ def _assert_ok(codes, errs):
 def test_ep2_matches_single_process(tmp_path):
     codes, errs, _ = launch(2, ["parity", tmp_path, 2], tmp_path)
     _assert_ok(codes, errs)
-    check_parity(results(tmp_path, 2))
+    res = results(tmp_path, 2)
+    check_parity(res)
+    assert all(r["expert_state_share"] == 0.5 for r in res)           # E/2 experts' state per rank
 
 
 def test_fp8_experts_keep_fp8_under_ep2(tmp_path):
@@ -157,7 +159,10 @@ def dp2_ep2_run(tmp_path_factory):
 
 
 def test_dp2_ep2_matches_single_process(dp2_ep2_run):
+    """... and the experts' optimizer state is sharded over dp too (ZeRO): a quarter of it per rank, not
+    the half each rank would keep with experts replicated over dp."""
     check_parity(dp2_ep2_run[1])
+    assert all(r["expert_state_share"] == 0.25 for r in dp2_ep2_run[1])
 
 
 def test_save_at_4_ranks_resume_at_2(dp2_ep2_run, tmp_path):

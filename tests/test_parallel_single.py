@@ -11,7 +11,7 @@ from conftest import lm_loss, random_model, tiny_config
 def test_one_process_path_matches_plain_model():
     import torch.distributed as dist
 
-    from fewchips.parallel import init_parallel, parallelize, reduce_expert_grads, shutdown
+    from fewchips.parallel import init_parallel, parallelize, shutdown
 
     assert not dist.is_initialized()
     par = init_parallel()                        # no torchrun environment: a one-rank gloo group
@@ -24,7 +24,6 @@ def test_one_process_path_matches_plain_model():
         (loss, stats), (ref_loss, ref_stats) = lm_loss(model, ids), lm_loss(ref, ids)
         (loss + 0).backward()
         ref_loss.backward()
-        reduce_expert_grads(model, par)
         assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
         assert torch.equal(stats.load, ref_stats.load) and stats.load.shape[0] == 3
         refp = dict(ref.named_parameters())
@@ -64,7 +63,7 @@ def test_gradient_reduction_waits_for_the_last_micro_batch():
     sharded gradient exists yet; after the last one they equal the plain model's summed gradients."""
     from torch.distributed.tensor import DTensor
 
-    from fewchips.parallel import init_parallel, parallelize, reduce_expert_grads, shutdown
+    from fewchips.parallel import init_parallel, parallelize, shutdown
     from fewchips.parallel.fsdp import set_gradient_sync
 
     par = init_parallel()
@@ -80,7 +79,6 @@ def test_gradient_reduction_waits_for_the_last_micro_batch():
         assert all(p.grad is None for p in fsdp_params)                 # accumulated unsharded, not reduced
         set_gradient_sync(model, True)
         lm_loss(model, batches[1])[0].backward()
-        reduce_expert_grads(model, par)
         for b in batches:
             lm_loss(ref, b)[0].backward()
         refp = dict(ref.named_parameters())

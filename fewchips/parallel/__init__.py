@@ -3,9 +3,9 @@ all-to-all, FSDP2 for everything else, sharded checkpoints. The model knows noth
 the trainer applies it to a built model (`parallelize`, `parallel.pipeline.Pipeline`)."""
 
 from .mesh import Parallel, abort_on_failure, init_parallel, shutdown
-from .expert_parallel import ExpertParallelExperts, apply_expert_parallel, reduce_expert_grads
+from .expert_parallel import ExpertParallelExperts, apply_expert_parallel
 from .fsdp import apply_fsdp
 from .placement import grad_norm_sq, parallelize
 
 __all__ = ["Parallel", "init_parallel", "shutdown", "abort_on_failure", "ExpertParallelExperts",
-           "apply_expert_parallel", "reduce_expert_grads", "apply_fsdp", "parallelize", "grad_norm_sq"]
+           "apply_expert_parallel", "apply_fsdp", "parallelize", "grad_norm_sq"]

@@ -25,9 +25,12 @@ row, run on this rank's tokens while the rows travel, and the dispatch is waited
 routed experts need it (`overlap`, on by default). `comm_seconds` counts the time a rank is blocked
 on an all-to-all: the exposed communication, which the overlap shrinks. The combine and the
 backward all-to-alls stay synchronous: within one micro-batch nothing independent is left to run
-beside them; hiding those takes a second micro-batch (DualPipe's paired forward and backward). The expert weights are DTensors placed
-(Replicate on dp, Shard(0) on ep), so optimizers and torch.distributed.checkpoint see the full
-[E, ...] tensor; the forward uses the local shard.
+beside them; hiding those takes a second micro-batch (DualPipe's paired forward and backward).
+
+The expert weights are DTensors sharded on the ep mesh (Shard(0): E/ep whole experts per rank), so
+optimizers and torch.distributed.checkpoint see the full [E, ...] tensor; the forward uses the local
+shard. The dp replicas of a shard are FSDP-sharded again over dp (`apply_fsdp`: ZeRO for the experts,
+so each dp rank keeps 1/dp of their optimizer state); inside a pipeline stage they stay replicated.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import time
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Shard
 
 from ..model import MoE, RoutedExperts
 from ..ops import expert_swiglu
@@ -157,6 +160,19 @@ class _FP8GradCombine(torch.autograd.Function):
         return dequantize(q, s, TILE, ctx.dtype), None, None, None, None
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient times `scale`."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
 class ExpertParallelExperts(nn.Module):
     """Drop-in for `RoutedExperts` (same call, same parameter names and global shapes) whose experts
     live on their owner ranks."""
@@ -168,9 +184,9 @@ class ExpertParallelExperts(nn.Module):
         self.n_experts, self.ep, self.n_local = n_experts, par.ep, n_experts // par.ep
         self.group = par.ep_group
         self.first = par.ep_rank * self.n_local             # global id of local expert 0
-        place = [Replicate(), Shard(0)]
-        self.gate_up_proj = nn.Parameter(DTensor.from_local(gate_up_LFD, par.mesh, place, run_check=False))
-        self.down_proj = nn.Parameter(DTensor.from_local(down_LDF, par.mesh, place, run_check=False))
+        ep_mesh = par.mesh["ep"]                            # replicas over dp: FSDP shards them there (apply_fsdp)
+        self.gate_up_proj = nn.Parameter(DTensor.from_local(gate_up_LFD, ep_mesh, [Shard(0)], run_check=False))
+        self.down_proj = nn.Parameter(DTensor.from_local(down_LDF, ep_mesh, [Shard(0)], run_check=False))
         self.comm_seconds = 0.0                             # all-to-all wall time, forward and backward
         self.dispatch_bytes = 0                             # bytes of the token rows the forward dispatch sent
         self.dispatch_rows = 0                              # and how many rows
@@ -250,8 +266,14 @@ class ExpertParallelExperts(nn.Module):
         return all_to_all(y_recv, send, recv, self.group, self)
 
     def expert_ffn(self, x_sorted, counts_L, **kw):
-        """The grouped SwiGLU of the replaced experts (plain or FP8) on the local experts' master weights."""
-        return self.swiglu(x_sorted, counts_L, self.gate_up_proj.to_local(), self.down_proj.to_local(), **kw)
+        """The grouped SwiGLU of the replaced experts (plain or FP8) on the local experts' weights. Their
+        gradient is scaled by 1/ep: the rows of all ep peers meet here, and each peer's loss is the mean
+        over its own tokens, so the weights' share of the mean loss over the ep peers is the sum / ep
+        (the mean over dp is FSDP's, or the pipeline's)."""
+        w1, w2 = self.gate_up_proj.to_local(), self.down_proj.to_local()
+        if self.ep > 1:
+            w1, w2 = _ScaleGrad.apply(w1, 1.0 / self.ep), _ScaleGrad.apply(w2, 1.0 / self.ep)
+        return self.swiglu(x_sorted, counts_L, w1, w2, **kw)
 
 
 def apply_expert_parallel(model: nn.Module, par: Parallel, fp8_dispatch: bool | None = None) -> nn.Module:
@@ -272,24 +294,6 @@ def expert_modules(model: nn.Module) -> list[ExpertParallelExperts]:
 
 def expert_params(model: nn.Module) -> set[nn.Parameter]:
     return {p for m in expert_modules(model) for p in (m.gate_up_proj, m.down_proj)}
-
-
-def reduce_expert_grads(model: nn.Module, par: Parallel):
-    """Make expert gradients those of the mean loss over all ranks. Each rank's local gradient
-    already sums the contributions of its ep peers' tokens (through the all-to-all backward); sum
-    over dp replicas and divide by dp x ep (FSDP averages the other parameters likewise)."""
-    for p in _ordered_expert_params(model):
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        g = p.grad.to_local()
-        if par.dp > 1:
-            dist.all_reduce(g, group=par.dp_group)
-        g.div_(par.data_size)
-
-
-def _ordered_expert_params(model):
-    # The same order on every rank (module order), so the dp all-reduces pair up.
-    return [p for m in expert_modules(model) for p in (m.gate_up_proj, m.down_proj)]
 
 
 def comm_seconds(model: nn.Module, reset: bool = False) -> float:

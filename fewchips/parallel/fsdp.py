@@ -2,8 +2,12 @@
 
 Groups (one all-gather each): the embedding, every decoder layer, every MTP layer (its final norm
 separately, since `mtp_logits` and `mtp_forward` call it outside the layer), the final norm and the
-output head. Routed experts are left out (`ignored_params`): expert parallelism owns them, and
-`reduce_expert_grads` reduces their gradients over dp. The model's entry points besides `forward`
+output head, all over the stage's dp x ep ranks. Each MoE layer's routed experts are a group of their
+own over dp only: their weights are already split over ep (whole experts per rank), and FSDP shards
+each rank's experts again over its dp replicas. That is ZeRO for the experts: weights, gradients and
+optimizer state 1/dp per rank. FSDP averages their gradients over dp; the experts' own 1/ep (their
+local gradient sums the ep peers' tokens, `ExpertParallelExperts.expert_ffn`) completes the mean
+loss's gradient, as for every other parameter. The model's entry points besides `forward`
 (`hidden_states`, the MTP methods) are registered as forward methods of the root, so its per-step
 setup runs for them too.
 
@@ -18,7 +22,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-from .expert_parallel import expert_params
+from .expert_parallel import expert_modules
 from .mesh import Parallel
 
 ROOT_METHODS = ("hidden_states", "mtp_forward", "mtp_hidden", "mtp_logits")
@@ -27,8 +31,9 @@ ROOT_METHODS = ("hidden_states", "mtp_forward", "mtp_hidden", "mtp_logits")
 def apply_fsdp(model: nn.Module, par: Parallel, param_dtype: torch.dtype | None = None,
                reduce_dtype: torch.dtype | None = torch.float32, reshard_after_forward: bool = True) -> nn.Module:
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
-    kw = dict(mesh=par.fsdp_mesh, mp_policy=mp, ignored_params=expert_params(model),
-              reshard_after_forward=reshard_after_forward)
+    kw = dict(mesh=par.fsdp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    for experts in expert_modules(model):                  # before their layers: children first
+        fully_shard(experts, **{**kw, "mesh": par.mesh["dp"]})
     if model.config.tie_word_embeddings:
         fully_shard([model.model.embed_tokens, model.lm_head], **kw)
     else:

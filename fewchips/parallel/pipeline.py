@@ -351,8 +351,8 @@ class Pipeline:
     @torch.no_grad()
     def _reduce_grads(self):
         """Gradients of the mean loss over the stage's dp x ep ranks (each rank's loss is its own rows'
-        mean): replicated weights averaged; expert shards summed over dp (the all-to-all backward has
-        already summed the ep peers' tokens) and divided by dp x ep."""
+        mean): replicated weights averaged; expert shards averaged over dp (they already hold the mean
+        over their ep peers' tokens: `ExpertParallelExperts.expert_ffn`)."""
         par = self.par
         if par.data_size == 1:
             return
@@ -363,10 +363,11 @@ class Pipeline:
                 g = p.grad.to_local()
                 if par.dp > 1:
                     dist.all_reduce(g, group=par.dp_group)
+                g.div_(par.dp)
             else:
                 g = p.grad
                 dist.all_reduce(g, group=par.data_group)
-            g.div_(par.data_size)
+                g.div_(par.data_size)
 
     def grad_norm_sq(self) -> torch.Tensor:
         """Σ g² over every stage's gradients (each element counted once), the same on every rank."""
@@ -374,7 +375,7 @@ class Pipeline:
         for p in self._norm_params:
             if p.grad is None:
                 continue
-            if isinstance(p.grad, DTensor):          # an expert shard, replicated over dp
+            if isinstance(p.grad, DTensor):          # an expert shard, replicated over dp inside a stage
                 sq.append(p.grad.to_local().float().pow(2).sum() / self.par.dp)
             else:                                    # replicated over the stage's dp x ep ranks
                 sq.append(p.grad.float().pow(2).sum() / self.par.data_size)

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from .expert_parallel import apply_expert_parallel, expert_params
+from .expert_parallel import apply_expert_parallel
 from .fsdp import apply_fsdp
 from .mesh import Parallel
 
@@ -22,19 +22,16 @@ def parallelize(model, par: Parallel, param_dtype: torch.dtype | None = None):
 
 @torch.no_grad()
 def grad_norm_sq(model, par: Parallel) -> torch.Tensor:
-    """Σ g² over the whole model, each element counted once, the same on every rank: an FSDP shard's
-    elements live on one rank, an expert shard's on its dp replicas, a plain tensor on every rank.
-    (torch's clip_grad_norm_ cannot mix the two meshes.)"""
-    experts = expert_params(model)
+    """Σ g² over the whole model, each element counted once, the same on every rank: a sharded
+    gradient's elements live on one rank each (FSDP over dp x ep; experts over ep, then FSDP over
+    dp), a plain tensor's on every rank. (torch's clip_grad_norm_ cannot mix the two meshes.)"""
     sq = torch.zeros((), dtype=torch.float32, device=par.device)
     for p in model.parameters():
         if p.grad is None:
             continue
         g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
         part = g.float().pow(2).sum()
-        if p in experts:
-            part = part / par.dp
-        elif not isinstance(p.grad, DTensor):
+        if not isinstance(p.grad, DTensor):
             part = part / par.world_size
         sq += part
     if par.world_size > 1:

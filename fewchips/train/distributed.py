@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from ..checkpoint import save_pretrained
 from ..config import ModelConfig
-from ..parallel import abort_on_failure, grad_norm_sq, init_parallel, parallelize, reduce_expert_grads
+from ..parallel import abort_on_failure, grad_norm_sq, init_parallel, parallelize
 from ..parallel import checkpoint as pckpt
 from ..parallel.fsdp import set_gradient_sync
 from ..parallel.pipeline import Pipeline, stages_per_rank
@@ -150,14 +150,14 @@ class DistributedTrainer(Trainer):
 
     def _global_value(self, t):
         """The mean over ranks as the value, this rank's term as the gradient (FSDP and
-        reduce_expert_grads average the gradients), so logs and the finiteness check agree everywhere."""
+        the pipeline average the gradients), so logs and the finiteness check agree everywhere."""
         avg = t.detach().clone()
         dist.all_reduce(avg)
         return t + (avg / self.par.world_size - t.detach())
 
     def sync_gradients(self, last_micro_batch: bool):
         """FSDP reduce-scatters the non-expert gradients only after the last micro-batch of a step (the
-        others accumulate unsharded); expert gradients are reduced once per step in clip_grad_norm."""
+        others accumulate unsharded), the routed experts' over dp included."""
         set_gradient_sync(self.model, last_micro_batch)
 
     def clip_grad_norm(self):
@@ -165,7 +165,6 @@ class DistributedTrainer(Trainer):
         if self.pipe is not None:
             norm_sq = self.pipe.grad_norm_sq()
         else:
-            reduce_expert_grads(self.model, self.par)
             norm_sq = grad_norm_sq(self.model, self.par)
         return clip_grad_norm(self.model, self.opt, self.tc.grad_clip, norm_sq)
 
