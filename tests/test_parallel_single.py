@@ -169,7 +169,7 @@ def test_balanced_split_is_optimal_on_small_cases(schedule, n_layers, extra):
     split when the last stage carries the head and MTP."""
     import itertools
 
-    from fewchips.parallel.pipeline import balanced_split, split_layers, stage_ranks, stages_per_rank
+    from fewchips.stages import balanced_split, split_layers, stage_ranks, stages_per_rank
     pp = 2 if schedule != "1f1b" else 3
     n_stages = pp * stages_per_rank(schedule)
     owners = stage_ranks(pp, n_stages, schedule)

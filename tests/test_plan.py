@@ -179,7 +179,7 @@ def test_gpu_table_and_spec():
     (["--gpu", "h900"], "unknown GPU 'h900'; known: h800, h100"),
     (["--ep", "48"], "--ep 48 does not divide the 256 routed experts"),
     (["--pp", "62"], "--pp 62 is more pipeline stages than the model's 61 layers"),
-    (["--pp", "32"], "--pp 32 with dualpipev needs 64 chunks, more than the model's 62 layers"),
+    (["--pp", "32"], "--pp 32 with dualpipev needs 64 chunks of at least one decoder layer, more than the model's 61 layers"),
     (["--fbw", "1,x,1"], "--fbw '1,x,1': expected numbers"),
     (["--gpus", "2048", "--ep", "64", "--pp", "16", "--dp", "4"], "dp x ep x pp = 4 x 64 x 16 = 4096"),
     (["--gpus", "100", "--ep", "64"], "100 GPUs cannot be split into ep x pp"),

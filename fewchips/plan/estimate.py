@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from fewchips.config import ModelConfig
 from fewchips.plan.gpus import GPU
+from fewchips.stages import balanced_split, layer_costs, stage_ranks
 
 GIB = 2 ** 30
 
@@ -310,9 +311,9 @@ def make_layout(cfg: ModelConfig, gpus: int | None = None, dp: int | None = None
     L = cfg.num_hidden_layers
     if pp > L:
         raise ValueError(f"--pp {pp} is more pipeline stages than the model's {L} layers")
-    if schedule == "dualpipev" and pp > 1 and 2 * pp > L + cfg.num_nextn_predict_layers:
-        raise ValueError(f"--pp {pp} with dualpipev needs {2 * pp} chunks, more than the model's "
-                         f"{L + cfg.num_nextn_predict_layers} layers (MTP included); use --pp-schedule 1f1b")
+    if schedule == "dualpipev" and pp > 1 and 2 * pp > L:
+        raise ValueError(f"--pp {pp} with dualpipev needs {2 * pp} chunks of at least one decoder layer, more than "
+                         f"the model's {L} layers; use --pp-schedule 1f1b")
     if gpus is None:
         gpus = (dp or 1) * ep * pp
     if dp is None:
@@ -325,31 +326,29 @@ def make_layout(cfg: ModelConfig, gpus: int | None = None, dp: int | None = None
     return Layout(gpus, dp, ep, pp, zero, schedule)
 
 
-def pipeline_stages(p: Params, pp: int) -> list[list[Block]]:
-    """Decoder and MTP layers split as evenly as possible (earlier stages take the remainder);
-    the embedding joins the first stage and the head the last."""
+def pipeline_stages(p: Params, owners: list[int], seq: int) -> list[list[Block]]:
+    """The trainer's cut (`fewchips.stages.balanced_split`): contiguous decoder layers per stage, split
+    so that every GPU (`owners[s]` holds stage s) does about the same work. The embedding joins the
+    first stage, and the MTP module and the head join the last."""
     by_kind = {b.name: b for b in p.blocks}
-    layers = [b for b in p.blocks if b.kind in ("dense", "moe", "mtp")]
-    n = len(layers)
-    stages, i = [], 0
-    for s in range(pp):
-        size = n // pp + (1 if s < n % pp else 0)
-        stages.append(layers[i:i + size])
-        i += size
+    decoder = [b for b in p.blocks if b.kind in ("dense", "moe")]
+    runs = balanced_split(*layer_costs(p.cfg, seq), owners)
+    stages = [[decoder[i] for i in r] for r in runs]
     stages[0].insert(0, by_kind["embedding"])
-    stages[-1].append(by_kind["head"])
+    stages[-1] += [b for b in p.blocks if b.kind == "mtp"] + [by_kind["head"]]
     return stages
 
 
-def device_blocks(p: Params, layout: Layout) -> list[list[Block]]:
+def device_blocks(p: Params, layout: Layout, seq: int) -> list[list[Block]]:
     """The blocks each pipeline GPU holds under the layout's schedule (a block twice under DualPipe)."""
     pp = layout.pp
     if pp == 1 or layout.schedule in ("1f1b", "zb1p"):
-        return pipeline_stages(p, pp)
+        return pipeline_stages(p, list(range(pp)), seq)
     if layout.schedule == "dualpipe":        # GPU r: stage r of one direction, stage pp-1-r of the other
-        stages = pipeline_stages(p, pp)
+        stages = pipeline_stages(p, list(range(pp)), seq)
         return [stages[r] + stages[pp - 1 - r] for r in range(pp)]
-    chunks = pipeline_stages(p, 2 * pp)       # dualpipev: chunks r and 2pp-1-r in a V
+    owners = stage_ranks(pp, 2 * pp, "dualpipev")   # dualpipev: chunks r and 2pp-1-r in a V
+    chunks = pipeline_stages(p, owners, seq)
     return [chunks[r] + chunks[2 * pp - 1 - r] for r in range(pp)]
 
 
@@ -445,7 +444,7 @@ def training_memory(p: Params, layout: Layout, seq: int, micro_batch: int, fp8: 
     tokens = micro_batch * seq
     n_heads = 1 + cfg.num_nextn_predict_layers
     out = []
-    for s, blocks in enumerate(device_blocks(p, layout)):
+    for s, blocks in enumerate(device_blocks(p, layout, seq)):
         w = g = o = 0.0                        # bytes per GPU
         n_dense = n_expert = 0.0
         for b in blocks:

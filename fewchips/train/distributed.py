@@ -36,7 +36,8 @@ from ..config import ModelConfig
 from ..parallel import abort_on_failure, grad_norm_sq, init_parallel, parallelize
 from ..parallel import checkpoint as pckpt
 from ..parallel.fsdp import set_gradient_sync
-from ..parallel.pipeline import Pipeline, stages_per_rank
+from ..parallel.pipeline import Pipeline
+from ..stages import stages_per_rank
 from .data import bits_per_byte
 from .trainer import TrainConfig, Trainer, TrainError, clip_grad_norm, compute_losses
 
