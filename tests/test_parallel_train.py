@@ -95,7 +95,7 @@ def test_torchrun_pipeline_matches_single_process_and_resumes_at_other_layouts(r
     assert "pp 2 (dualpipev, 4 micro-batches) x dp 1 x ep 2" in p.stdout + p.stderr
     held, total = map(lambda s: int(s.replace(",", "")),
                       re.search(r"holds ([\d,]+) of the model's ([\d,]+) parameters", p.stdout + p.stderr).groups())
-    assert held < 0.8 * total                 # rank 0's two V stages, not the whole model
+    assert held < 0.5 * total                 # rank 0's two V stages, sharded over its 2 ep ranks
     p = torchrun(2, "--data", data, "--out", out, "--ep", "2", "--resume", "--stop-at", "3")
     assert "saved at pp 2 x dp 1 x ep 2" in p.stdout + p.stderr
     p = torchrun(4, "--data", data, "--out", out, "--pp", "2", "--pp-schedule", "1f1b", "--microbatches", "2",

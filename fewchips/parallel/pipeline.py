@@ -201,6 +201,40 @@ def build_pipeline(model: DeepseekV3, pp_group, microbatch: tuple[int, int], sch
     return sched, modules, tie
 
 
+def shard_stages_over_data_ranks(stages: list[Stage], par, amp: torch.dtype | None = None):
+    """Inside each pipeline stage, as without a pipeline (`apply_expert_parallel`, `apply_fsdp`): routed
+    experts split over ep and FSDP-sharded over dp; every decoder and MTP layer, the final norm and the
+    head FSDP-sharded over the stage's dp x ep ranks. Each Stage module becomes an FSDP root, which is
+    how torch's pipeline schedules see it: gradients accumulate unreduced over the micro-batches and are
+    reduce-scattered once, after the last backward. The embedding stays whole (its gradient averaged
+    by `Pipeline._reduce_grads`): under V schedules it serves two stages, that is two FSDP roots, and
+    under 1F1B its two replicas are tied by an all-reduce."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from .expert_parallel import expert_modules
+    mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    # Weights stay gathered from a stage's first forward to the end of the step (ZeRO-2, as torchtitan
+    # does under a pipeline): the micro-batches do not all-gather them again, and the split weight
+    # backward of the V and zero-bubble schedules finds the gathered parameters it differentiates.
+    kw = dict(mesh=par.fsdp_mesh, mp_policy=mp, reshard_after_forward=False)
+    for m in stages:
+        apply_expert_parallel(m, par)
+    for m in stages:
+        for experts in expert_modules(m):
+            fully_shard(experts, **{**kw, "mesh": par.mesh["dp"]})
+        for layer in m.layers:
+            fully_shard(layer, **kw)
+        if m.last:
+            for layer in m.mtp:
+                fully_shard(layer.shared_head.norm, **kw)
+                fully_shard(layer, **kw)
+            fully_shard(m.norm, **kw)
+            if m.lm_head.weight is not m.embed_tokens.weight:      # untied, as V3
+                fully_shard(m.lm_head, **kw)
+        embed = {m.embed_tokens.weight} if hasattr(m, "embed_tokens") else set()
+        fully_shard(m, **kw, ignored_params=embed)
+
+
 def tie_embeddings(modules: list[Stage], tie_group):
     """Sum the embedding gradient of the first stage (token inputs) and of the last stage's replica (MTP
     inputs) on both ranks, so the two replicas take the same optimizer step and stay equal."""
@@ -221,24 +255,22 @@ class Pipeline:
     loss parts every rank logs, Σ g² over all stages (for the trainer's clip), evaluation through the
     pipeline, and the weights this rank owns (for checkpoints); the other stages' weights are released.
 
-    Inside a stage, with dp x ep > 1: the stage's routed experts are split over ep
-    (`apply_expert_parallel`) and each rank runs its 1/(dp x ep) of every micro-batch; the other weights
-    are replicated over the stage's ranks and their gradients averaged (all-reduce, not FSDP: no
-    sharding yet); expert gradients are summed over dp and divided by dp x ep, as without a pipeline."""
+    Inside a stage, with dp x ep > 1, each rank runs its 1/(dp x ep) of every micro-batch, and the stage
+    is sharded as a model without a pipeline is (`shard_stages_over_data_ranks`): experts over ep and
+    then dp, everything else but the embedding FSDP over the stage's dp x ep ranks."""
 
     def __init__(self, model: DeepseekV3, par, rows: int, window: int, schedule: str = "dualpipev",
                  n_microbatches: int = 4, amp: torch.dtype | None = None):
         self.model, self.par, self.group, self.device = model, par, par.pp_group, par.device
         self.n_microbatches = n_microbatches
-        def split_experts(stages):
+        def shard_stages(stages):
             if par.data_size > 1:
-                for m in stages:
-                    apply_expert_parallel(m, par)
+                shard_stages_over_data_ranks(stages, par, amp)
 
         self.owners = stage_ranks(dist.get_world_size(self.group), dist.get_world_size(self.group) *
                                   stages_per_rank(schedule), schedule)
         self.sched, self.stages, self.tie = build_pipeline(model, self.group, (rows, window), schedule, n_microbatches,
-                                                           par.device, amp, par.pipelines(), prepare=split_experts)
+                                                           par.device, amp, par.pipelines(), prepare=shard_stages)
         self.holds_first = any(m.first for m in self.stages)
         self.holds_last = any(m.last for m in self.stages)
         local = {id(t) for m in self.stages for t in [*m.parameters(), *m.buffers()]}
@@ -274,23 +306,18 @@ class Pipeline:
     @torch.no_grad()
     def _reduce_grads(self):
         """Gradients of the mean loss over the stage's dp x ep ranks (each rank's loss is its own rows'
-        mean): replicated weights averaged; expert shards averaged over dp (they already hold the mean
-        over their ep peers' tokens: `ExpertParallelExperts.expert_ffn`)."""
+        mean). FSDP has reduce-scattered the sharded weights at the last backward (the schedule calls
+        its post-backward); the embedding, kept whole, is averaged here."""
         par = self.par
         if par.data_size == 1:
             return
         for p in self.local_params():            # the same order on every rank of the stage
+            if isinstance(p, DTensor):
+                continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            if isinstance(p.grad, DTensor):
-                g = p.grad.to_local()
-                if par.dp > 1:
-                    dist.all_reduce(g, group=par.dp_group)
-                g.div_(par.dp)
-            else:
-                g = p.grad
-                dist.all_reduce(g, group=par.data_group)
-                g.div_(par.data_size)
+            dist.all_reduce(p.grad, group=par.data_group)
+            p.grad.div_(par.data_size)
 
     def grad_norm_sq(self) -> torch.Tensor:
         """Σ g² over every stage's gradients (each element counted once), the same on every rank."""
@@ -298,9 +325,9 @@ class Pipeline:
         for p in self._norm_params:
             if p.grad is None:
                 continue
-            if isinstance(p.grad, DTensor):          # an expert shard, replicated over dp inside a stage
-                sq.append(p.grad.to_local().float().pow(2).sum() / self.par.dp)
-            else:                                    # replicated over the stage's dp x ep ranks
+            if isinstance(p.grad, DTensor):          # FSDP-sharded over the stage's ranks: each element once
+                sq.append(p.grad.to_local().float().pow(2).sum())
+            else:                                    # the embedding, whole on the stage's dp x ep ranks
                 sq.append(p.grad.float().pow(2).sum() / self.par.data_size)
         total = torch.stack(sq).sum() if sq else torch.zeros((), device=self.device)
         dist.all_reduce(total)
@@ -326,8 +353,10 @@ class Pipeline:
                     setattr(module, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
 
     def parameter_counts(self) -> tuple[int, int]:
-        """(parameters this rank holds, parameters of the whole model)."""
-        held = sum(p.numel() for p in self.model.parameters() if not p.is_meta)
+        """(parameter elements in this rank's memory: its stages, and only its shards of them; elements
+        of the whole model)."""
+        held = sum((p.to_local() if isinstance(p, DTensor) else p).numel()
+                   for p in self.model.parameters() if not p.is_meta)
         return held, sum(p.numel() for p in self.model.parameters())
 
     @torch.no_grad()

@@ -82,7 +82,7 @@ class DistributedTrainer(Trainer):
         self.pipe = Pipeline(model, par, rows, tc.seq_len + 1, self.pp_schedule, self.microbatches, self.amp)
         held, total = self.pipe.parameter_counts()
         self.log(f"pipeline rank {dist.get_rank(par.pp_group)} holds {held:,} of the model's {total:,} parameters "
-                 f"(its stages; the others are released)")
+                 f"(its stages, sharded over the stage's {par.data_size} rank(s); the other stages are released)")
         return model
 
     @staticmethod
