@@ -11,7 +11,7 @@ Stages take and return tensors only:
 `ids` (the window: inputs and targets) rides along to the last stage, which needs it for the targets
 and for the MTP module's token inputs; `balance` accumulates the layers' sequence-wise balance terms,
 so its gradient flows back through every stage to every router. The last stage computes the whole
-loss of the trainer (next-token CE + λ·MTP + α·balance, as `train.trainer.compute_losses`). Expert
+loss of the trainer (next-token CE + λ·MTP + α·balance) with the trainer's own `head_losses`. Expert
 loads are not differentiable: each stage adds them to `loads_LE` (a row per MoE layer of the whole
 model), and the trainer sums them over pipeline ranks before the bias update, so every rank applies
 the update one process would.
@@ -40,7 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ..model import DeepseekV3, MoE
+from ..model import DeepseekV3, MoE, MoEStats
+from ..train.data import Batch
+from ..train.trainer import head_losses
 from ..stages import V_SCHEDULES, balanced_split, layer_costs, split_layers, stage_ranks, stages_per_rank
 from .expert_parallel import apply_expert_parallel
 
@@ -66,6 +68,9 @@ class Stage(nn.Module):
             self.embed_tokens = model.model.embed_tokens
         if last:
             self.norm, self.lm_head, self.mtp = model.model.norm, model.lm_head, model.mtp
+            # the model itself, for the trainer's loss (`head_losses`); not registered as a submodule,
+            # which would make every parameter of the model this stage's
+            object.__setattr__(self, "whole", model)
         self.loads_LE: torch.Tensor | None = None          # set by the trainer before each step
         self.mtp_lambda, self.balance_alpha = 0.3, 1e-4
         self.parts: list[tuple[float, float, float]] = []  # last stage: (main, mtp, balance) per micro-batch
@@ -102,29 +107,20 @@ class Stage(nn.Module):
         return balance + stats.seq_balance.float()
 
     def _loss(self, h, ids, balance):
-        """The trainer's loss (train.trainer.compute_losses) on this micro-batch, over n_microbatches:
-        the schedule then sums micro-batches, so the gradients are those of the mean."""
-        inp, T = ids[:, :-1], ids.shape[1] - 1
+        """The trainer's loss on this micro-batch (`head_losses` after the final norm, as
+        `compute_losses` does), over n_microbatches: the schedule then sums micro-batches, so the
+        gradients are those of the mean."""
+        T = ids.shape[1] - 1
         h = self.norm(h)
         if self.row_ce is not None:                          # evaluation: the next-token CE of each row
             ce = F.cross_entropy(self.lm_head(h).float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
             self.row_ce.append(ce.view(ids.shape[0], T).sum(1).detach())
             return (ce.mean() / self.n_microbatches).reshape(1)
-        main = F.cross_entropy(self.lm_head(h).float().flatten(0, 1), ids[:, 1:].flatten())
-        mtp_terms, hk = [], h
-        for d, layer in enumerate(self.mtp):
-            k = d + 1
-            if T - k <= 0 or self.mtp_lambda == 0:
-                break
-            pos = torch.arange(T - k, device=ids.device).expand(ids.shape[0], T - k)
-            cos, sin = self.rotary(pos)
-            out, stats = layer(self.embed_tokens(inp[:, k:]), hk[:, :T - k], cos, sin, with_stats=True)
-            balance = self._add_stats(balance, stats, self.cfg.num_hidden_layers + d)
-            hk = layer.shared_head.norm(out)
-            logits = self.lm_head(hk).float()
-            ce = F.cross_entropy(logits.flatten(0, 1), ids[:, k + 1:].flatten(), reduction="sum") / inp.numel()
-            mtp_terms.append(ce)
-        mtp = torch.stack(mtp_terms).mean() if mtp_terms else torch.zeros((), device=ids.device)
+        main, mtp, stats = head_losses(self.whole, h, Batch(ids), self.mtp_lambda)
+        mtp_moe = [i for i in range(self.cfg.num_hidden_layers, self.cfg.num_hidden_layers + len(self.mtp))
+                   if i in self.router_rows]
+        for j, layer in enumerate(mtp_moe[:len(stats.load)]):
+            balance = self._add_stats(balance, MoEStats(stats.load[j], stats.seq_balance[j]), layer)
         loss = main + self.mtp_lambda * mtp + self.balance_alpha * balance
         self.parts.append((main.item(), mtp.item(), balance.item()))
         return (loss / self.n_microbatches).reshape(1)        # 1-d: torch concatenates the micro-batches' outputs

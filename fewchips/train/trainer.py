@@ -40,7 +40,7 @@ from ..checkpoint import CheckpointError, CheckpointReader, from_pretrained, sav
 from ..config import ConfigError, ModelConfig
 from .config import TrainConfig, TrainError
 from ..files import FolderLock, FolderLockedError, atomic_path, atomic_write_text, swap_dir, temp_dir_beside
-from ..model import DeepseekV3, MoE
+from ..model import DeepseekV3, MoE, MoEStats
 from . import data as D
 from .stopping import StopOnSignal, TrainInterrupted
 from .tokenizer import (load_tokenizer, save_tokenizer, special_ids, token_byte_lengths, tokenizer_hash,
@@ -275,22 +275,34 @@ def compute_losses(model: DeepseekV3, batch, mtp_lambda: float, amp_dtype):
     if isinstance(batch, torch.Tensor):
         batch = D.Batch(batch)
     ids = batch.ids
+    inp_BT = ids[:, :-1]
+    pos_BT = None if batch.position is None else batch.position[:, :-1]
+    seg_BT = None if batch.segment is None else batch.segment[:, :-1]
+    with torch.autocast(ids.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        h_BTD, stats = model.hidden_states(inp_BT, positions=pos_BT, segments=seg_BT, with_stats=True)
+        main, mtp, mtp_stats = head_losses(model, h_BTD, batch, mtp_lambda)
+    stats = stats.cat(mtp_stats)
+    return main, mtp, stats.seq_balance.float().sum(), stats
+
+
+def head_losses(model: DeepseekV3, h_BTD, batch, mtp_lambda: float):
+    """What follows the decoder layers, from their final-normed output h [B, T, D]: the main CE and the
+    MTP depths' CE (see `compute_losses`), and the MTP layers' MoEStats. The pipeline's last stage
+    calls it too: one loss for every layout."""
+    ids = batch.ids
     inp_BT, tgt_BT = ids[:, :-1], ids[:, 1:]
     pos_BT = None if batch.position is None else batch.position[:, :-1]
     seg_BT = None if batch.segment is None else batch.segment[:, :-1]
     mask_BT = batch.target_mask(0)
     count = inp_BT.numel() if mask_BT is None else mask_BT.sum().clamp_min(1)
-    with torch.autocast(ids.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        h_BTD, stats = model.hidden_states(inp_BT, positions=pos_BT, segments=seg_BT, with_stats=True)
-        main = _ce(model.lm_head(h_BTD), tgt_BT, mask_BT) / count
-        mtp_terms = []
-        if mtp_lambda > 0 and len(model.mtp):
-            logits_k, mtp_stats = model.mtp_forward(inp_BT, h_BTD, pos_BT, seg_BT, with_stats=True)
-            stats = stats.cat(mtp_stats)
-            for k, logits in enumerate(logits_k, start=1):
-                mtp_terms.append(_ce(logits, ids[:, k + 1:], batch.target_mask(k)) / count)   # targets t_{i+k+1}
+    main = _ce(model.lm_head(h_BTD), tgt_BT, mask_BT) / count
+    mtp_terms, stats = [], MoEStats.stack([], model.config.n_routed_experts, ids.device)
+    if mtp_lambda > 0 and len(model.mtp):
+        logits_k, stats = model.mtp_forward(inp_BT, h_BTD, pos_BT, seg_BT, with_stats=True)
+        for k, logits in enumerate(logits_k, start=1):
+            mtp_terms.append(_ce(logits, ids[:, k + 1:], batch.target_mask(k)) / count)   # targets t_{i+k+1}
     mtp = torch.stack(mtp_terms).mean() if mtp_terms else torch.zeros((), device=ids.device)
-    return main, mtp, stats.seq_balance.float().sum(), stats
+    return main, mtp, stats
 
 
 def _ce(logits_BTV, targets_BT, mask_BT=None):
