@@ -239,6 +239,33 @@ def pipeline_eval(schedule):
             "meta_have_no_grad": all(not p.requires_grad for p in model.parameters() if p.is_meta)}
 
 
+def pipeline_overlap(overlap):
+    """`Pipeline` at pp 2 x ep 2 under DualPipeV with the paired forward and backward chunks run on two
+    threads (or not): one step's loss parts and every gradient a rank holds against one process."""
+    from fewchips.parallel import overlap as O
+    from fewchips.parallel.pipeline import Pipeline
+    par = init_parallel(pp=2, ep=2)
+    cfg = tiny_config(num_hidden_layers=4)
+    ref = random_model(cfg).train()
+    model = copy.deepcopy(ref)
+    pipe = Pipeline(model, par, rows=1, window=T, schedule="dualpipev", n_microbatches=4, overlap=overlap)
+    ids = batch(4, cfg)                                     # [8, T] windows: 4 micro-batches x 2 ep ranks
+    loads = torch.zeros(len(moe_routers(model)), cfg.n_routed_experts)
+    main, mtp, bal = pipe.step(par.local_batch(ids), 0.3, 1e-4, loads).tolist()
+    r_main, r_mtp, r_bal, _ = compute_losses(ref, ids, 0.3, None)
+    (r_main + 0.3 * r_mtp + 1e-4 * r_bal).backward()
+    refp = dict(ref.named_parameters())
+    worst = 0.0
+    for name, p in model.named_parameters():
+        if p.is_meta or p.grad is None:
+            continue
+        got = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        r = refp[name].grad
+        worst = max(worst, ((got - r).abs().max() / (r.abs().max() + 1e-30)).item())
+    return {"rank": par.rank, "main": main, "ref_main": r_main.item(), "mtp": mtp, "ref_mtp": r_mtp.item(),
+            "grad_rel_err": worst, "pairs_on_two_threads": O.PAIRS_RUN[0]}
+
+
 def resume(par, out, ckpt):
     """Load a checkpoint written at another world size and take step 2."""
     cfg = tiny_config()
@@ -277,6 +304,12 @@ def main():
         with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
             json.dump(res, f)
         dist.destroy_process_group()
+        return
+    if scenario == "pipeline_overlap":
+        res = pipeline_overlap(sys.argv[3] == "on")
+        with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
+            json.dump(res, f)
+        shutdown()
         return
     if scenario == "pipeline_eval":
         res = pipeline_eval(sys.argv[3])

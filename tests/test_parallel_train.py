@@ -83,7 +83,7 @@ def test_torchrun_train_matches_single_process_and_resumes_at_another_world_size
 
 def test_torchrun_pipeline_matches_single_process_and_resumes_at_other_layouts(reference, tmp_path):
     """One run through three layouts: pp 2 x ep 2 with DualPipeV (4 stages in a V, 4 micro-batches, each
-    split over the 2 expert-parallel ranks of a stage) for steps 1-2; no pipeline (ep 2) for step 3;
+    split over the 2 expert-parallel ranks of a stage, the paired chunks on two threads) for steps 1-2; no pipeline (ep 2) for step 3;
     pp 2 x dp 2 with 1F1B (two pipelines, each with its own tied embedding) for step 4, whose
     validation runs through the pipeline and whose export is reassembled from the checkpoint. Each
     pipeline rank holds only its stages' parameters. Every step's loss and the validation loss are
@@ -91,8 +91,9 @@ def test_torchrun_pipeline_matches_single_process_and_resumes_at_other_layouts(r
     import re
     data, one = reference
     out = tmp_path / "pp"
-    p = torchrun(4, "--data", data, "--out", out, "--pp", "2", "--ep", "2", "--stop-at", "2")
+    p = torchrun(4, "--data", data, "--out", out, "--pp", "2", "--ep", "2", "--stop-at", "2", "--pp-overlap", "on")
     assert "pp 2 (dualpipev, 4 micro-batches) x dp 1 x ep 2" in p.stdout + p.stderr
+    assert "runs on two threads" in p.stdout + p.stderr
     held, total = map(lambda s: int(s.replace(",", "")),
                       re.search(r"holds ([\d,]+) of the model's ([\d,]+) parameters", p.stdout + p.stderr).groups())
     assert held < 0.5 * total                 # rank 0's two V stages, sharded over its 2 ep ranks

@@ -112,6 +112,9 @@ def add_run_flags(p, pretrain: bool = True):
     g.add_argument("--microbatches", type=int, default=None,
                    help="pipeline micro-batches per step, dividing --batch-size x --grad-accum sequences "
                         "(default: --grad-accum, at least the number of stages)")
+    g.add_argument("--pp-overlap", choices=["auto", "on", "off"], default="auto",
+                   help="run DualPipeV's paired forward and backward chunks on two threads, so one chunk's "
+                        "all-to-alls travel while the other computes (auto: on CUDA; on 2 CPU cores it is slower)")
     g = p.add_argument_group("output and checkpoints")
     g.add_argument("--out", required=True, help="output folder (model, tokenizer, metrics, plots, checkpoint)")
     g.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint")
@@ -210,7 +213,8 @@ def run(args):
         if args.ep > 1 or args.dp or args.pp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from fewchips.train.distributed import train_distributed
             result = train_distributed(cfg, train_config(args), args.dp, args.ep, pp=args.pp,
-                                       pp_schedule=args.pp_schedule, microbatches=args.microbatches)
+                                       pp_schedule=args.pp_schedule, microbatches=args.microbatches,
+                                       pp_overlap=args.pp_overlap)
             if int(os.environ.get("RANK", "0")) != 0:
                 return 0
         else:

@@ -69,14 +69,14 @@ class _AllToAll(torch.autograd.Function):
     With `inflight` the forward only starts the exchange (the caller waits); the backward blocks."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, timer, inflight=None):
-        ctx.splits, ctx.group, ctx.timer = (out_splits, in_splits), group, timer
+    def forward(ctx, x, out_splits, in_splits, group, timer, inflight=None, backward_group=None):
+        ctx.splits, ctx.group, ctx.timer = (out_splits, in_splits), backward_group or group, timer
         return _a2a(x, out_splits, in_splits, group, timer, inflight)
 
     @staticmethod
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
-        return _a2a(grad, in_splits, out_splits, ctx.group, ctx.timer), None, None, None, None, None
+        return _a2a(grad, in_splits, out_splits, ctx.group, ctx.timer), None, None, None, None, None, None
 
 
 def _a2a(x, out_splits, in_splits, group, timer, inflight: InFlight | None = None):
@@ -94,8 +94,9 @@ def _a2a(x, out_splits, in_splits, group, timer, inflight: InFlight | None = Non
     return out
 
 
-def all_to_all(x, out_splits: list[int], in_splits: list[int], group, timer=None, inflight=None):
-    return _AllToAll.apply(x, out_splits, in_splits, group, timer, inflight)
+def all_to_all(x, out_splits: list[int], in_splits: list[int], group, timer=None, inflight=None, backward_group=None):
+    """Differentiable; its backward exchanges over `backward_group` (default: `group`)."""
+    return _AllToAll.apply(x, out_splits, in_splits, group, timer, inflight, backward_group)
 
 
 # FP8 communication (arXiv 2412.19437 §3.3.4): the activations before the experts' up-projection and the
@@ -121,9 +122,9 @@ class _FP8Dispatch(torch.autograd.Function):
     buffer when the exchange is waited."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, timer, inflight=None):
+    def forward(ctx, x, out_splits, in_splits, group, timer, inflight=None, backward_group=None):
         from ..fp8.quant import TILE, dequantize
-        ctx.splits, ctx.group, ctx.timer = (out_splits, in_splits), group, timer
+        ctx.splits, ctx.group, ctx.timer = (out_splits, in_splits), backward_group or group, timer
         q, s = _send_fp8(x, out_splits, in_splits, group, timer, inflight)
         ctx.mark_non_differentiable(q, s)
         if inflight is None:
@@ -140,7 +141,7 @@ class _FP8Dispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _gq, _gs):
         out_splits, in_splits = ctx.splits
-        return _a2a(grad, in_splits, out_splits, ctx.group, ctx.timer), None, None, None, None, None
+        return _a2a(grad, in_splits, out_splits, ctx.group, ctx.timer), None, None, None, None, None, None
 
 
 class _FP8GradCombine(torch.autograd.Function):
@@ -148,8 +149,8 @@ class _FP8GradCombine(torch.autograd.Function):
     down-projection's backward) are sent in FP8."""
 
     @staticmethod
-    def forward(ctx, y, out_splits, in_splits, group, timer):
-        ctx.splits, ctx.group, ctx.timer, ctx.dtype = (out_splits, in_splits), group, timer, y.dtype
+    def forward(ctx, y, out_splits, in_splits, group, timer, backward_group=None):
+        ctx.splits, ctx.group, ctx.timer, ctx.dtype = (out_splits, in_splits), backward_group or group, timer, y.dtype
         return _a2a(y, out_splits, in_splits, group, timer)
 
     @staticmethod
@@ -157,7 +158,7 @@ class _FP8GradCombine(torch.autograd.Function):
         from ..fp8.quant import TILE, dequantize
         out_splits, in_splits = ctx.splits
         q, s = _send_fp8(grad, in_splits, out_splits, ctx.group, ctx.timer)
-        return dequantize(q, s, TILE, ctx.dtype), None, None, None, None
+        return dequantize(q, s, TILE, ctx.dtype), None, None, None, None, None
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -192,6 +193,8 @@ class ExpertParallelExperts(nn.Module):
         self.dispatch_rows = 0                              # and how many rows
         self.fp8_bytes_sent = 0                             # FP8 codes and scales sent (both directions)
         self.swiglu = expert_swiglu                         # the grouped FFN: the replaced module's (FP8 too)
+        self.backward_group = None                          # the backward's all-to-alls (None: self.group);
+        #                                                     DualPipe's overlapped chunks set their own
         self.fp8_dispatch = False                           # FP8 experts: dispatch in FP8 (set by from_dense)
 
     @classmethod
@@ -244,11 +247,12 @@ class ExpertParallelExperts(nn.Module):
         inflight = InFlight() if self.overlap else None
         if self.fp8_dispatch:
             before = self.fp8_bytes_sent
-            x_recv, q_recv, s_recv = _FP8Dispatch.apply(x_sorted, recv, send, self.group, self, inflight)
+            x_recv, q_recv, s_recv = _FP8Dispatch.apply(x_sorted, recv, send, self.group, self, inflight,
+                                                        self.backward_group)
             self.dispatch_bytes += self.fp8_bytes_sent - before
         else:
             self.dispatch_bytes += x_sorted.numel() * x_sorted.element_size()
-            x_recv = all_to_all(x_sorted, recv, send, self.group, self, inflight)
+            x_recv = all_to_all(x_sorted, recv, send, self.group, self, inflight, self.backward_group)
         if meanwhile is not None:
             meanwhile()
         if inflight is not None:
@@ -262,8 +266,8 @@ class ExpertParallelExperts(nn.Module):
             y_local = fn(x_recv[perm], recv_PL.sum(0))
         y_recv = torch.empty_like(y_local).index_copy_(0, perm, y_local)
         if self.fp8_dispatch:
-            return _FP8GradCombine.apply(y_recv, send, recv, self.group, self)
-        return all_to_all(y_recv, send, recv, self.group, self)
+            return _FP8GradCombine.apply(y_recv, send, recv, self.group, self, self.backward_group)
+        return all_to_all(y_recv, send, recv, self.group, self, backward_group=self.backward_group)
 
     def expert_ffn(self, x_sorted, counts_L, **kw):
         """The grouped SwiGLU of the replaced experts (plain or FP8) on the local experts' weights. Their

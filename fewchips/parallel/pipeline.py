@@ -256,9 +256,13 @@ class Pipeline:
     then dp, everything else but the embedding FSDP over the stage's dp x ep ranks."""
 
     def __init__(self, model: DeepseekV3, par, rows: int, window: int, schedule: str = "dualpipev",
-                 n_microbatches: int = 4, amp: torch.dtype | None = None):
+                 n_microbatches: int = 4, amp: torch.dtype | None = None, overlap: bool = True):
+        """overlap: under DualPipeV, run each paired forward and backward chunk concurrently
+        (`parallel.overlap`); off with activation checkpointing, whose recomputation would issue
+        forward all-to-alls from the backward's thread."""
         self.model, self.par, self.group, self.device = model, par, par.pp_group, par.device
         self.n_microbatches = n_microbatches
+
         def shard_stages(stages):
             if par.data_size > 1:
                 shard_stages_over_data_ranks(stages, par, amp)
@@ -272,9 +276,31 @@ class Pipeline:
         local = {id(t) for m in self.stages for t in [*m.parameters(), *m.buffers()]}
         self.owned = {k for k, t in model.state_dict(keep_vars=True).items() if id(t) in local}
         self.release_others(local)
+        self.overlapped = overlap and schedule == "dualpipev"
+        if self.overlapped:
+            from .overlap import register
+            self._backward_groups()
+            register(self.sched)
         # the gradient norm counts a tied embedding once: on the first stage's rank
         skip = () if self.holds_first else (id(model.model.embed_tokens.weight),)
         self._norm_params = [p for p in self.local_params() if id(p) not in skip]
+
+    def _backward_groups(self):
+        """A second process group per expert-parallel group, for the all-to-alls of the backward, so a
+        forward and a backward running on two threads each keep their collectives in one order.
+        Collective: every rank creates every group."""
+        from .expert_parallel import expert_modules
+        if self.par.data_size == 1:
+            return                                  # no expert exchange inside the stages
+        grid = self.par.full_mesh.mesh              # [pp, dp, ep] global ranks
+        mine = None
+        for ranks in grid.reshape(-1, grid.shape[-1]).tolist():
+            g = dist.new_group(ranks)
+            if self.par.rank in ranks:
+                mine = g
+        for m in self.stages:
+            for experts in expert_modules(m):
+                experts.backward_group = mine
 
     def step(self, ids: torch.Tensor, mtp_lambda: float, balance_alpha: float, loads_LE: torch.Tensor) -> torch.Tensor:
         """Forward and backward of this rank's rows `ids` [rows x n_microbatches, T+1] (the first stage

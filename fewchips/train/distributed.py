@@ -45,7 +45,7 @@ from .trainer import TrainConfig, Trainer, TrainError, clip_grad_norm, compute_l
 class DistributedTrainer(Trainer):
     def __init__(self, cfg: ModelConfig, tc: TrainConfig, log=print, dp: int | None = None, ep: int = 1,
                  timeout_s: float = 600.0, pp: int = 1, pp_schedule: str = "dualpipev",
-                 microbatches: int | None = None):
+                 microbatches: int | None = None, pp_overlap: str = "auto"):
         try:
             self.par = par = init_parallel(dp=dp, ep=ep, timeout_s=timeout_s, pp=pp)
         except ValueError as e:
@@ -56,6 +56,7 @@ class DistributedTrainer(Trainer):
             raise TrainError(f"--batch-size {tc.batch_size} (the global micro-batch) must be divisible by the "
                              f"{par.data_size} processes of a pipeline stage (dp x ep)", every_rank=True)
         self.pipe, self.microbatches, self.pp_schedule = None, None, pp_schedule
+        self.pp_overlap = pp_overlap
         if pp > 1:
             self.microbatches = self._check_pipeline(tc, par, pp_schedule, microbatches)
         if not par.is_main:
@@ -79,7 +80,19 @@ class DistributedTrainer(Trainer):
         if par.pp == 1:
             return parallelize(model, par, param_dtype=self.amp)
         rows = tc.batch_size * tc.grad_accum // (self.microbatches * par.data_size)
-        self.pipe = Pipeline(model, par, rows, tc.seq_len + 1, self.pp_schedule, self.microbatches, self.amp)
+        # DualPipeV's F&B pairs on two threads: what hides the all-to-alls on GPUs; measured 23% slower on
+        # 2 CPU cores (benchmarks/RESULTS.md). Never with activation checkpointing, whose recomputation
+        # issues forward all-to-alls from the backward's thread.
+        overlap = {"on": True, "off": False, "auto": par.device.type == "cuda"}[self.pp_overlap]
+        if overlap and tc.activation_checkpointing:
+            if self.pp_overlap == "on":
+                raise TrainError("--pp-overlap on with --activation-checkpointing: the recomputation would issue "
+                                 "forward all-to-alls from the backward's thread; drop one of the two", every_rank=True)
+            overlap = False
+        self.pipe = Pipeline(model, par, rows, tc.seq_len + 1, self.pp_schedule, self.microbatches, self.amp,
+                             overlap=overlap)
+        if self.pipe.overlapped:
+            self.log("dualpipev: each paired forward and backward chunk runs on two threads (--pp-overlap)")
         held, total = self.pipe.parameter_counts()
         self.log(f"pipeline rank {dist.get_rank(par.pp_group)} holds {held:,} of the model's {total:,} parameters "
                  f"(its stages, sharded over the stage's {par.data_size} rank(s); the other stages are released)")
@@ -250,6 +263,6 @@ def _quiet(*args, **kwargs):
 
 
 def train_distributed(cfg: ModelConfig, tc: TrainConfig, dp: int | None, ep: int, log=print, pp: int = 1,
-                      pp_schedule: str = "dualpipev", microbatches: int | None = None) -> dict:
+                      pp_schedule: str = "dualpipev", microbatches: int | None = None, pp_overlap: str = "auto") -> dict:
     return DistributedTrainer(cfg, tc, log, dp=dp, ep=ep, pp=pp, pp_schedule=pp_schedule,
-                              microbatches=microbatches).train()
+                              microbatches=microbatches, pp_overlap=pp_overlap).train()
