@@ -25,9 +25,11 @@ its inputs (tokens; the MTP module's tokens), and the two replicas' gradients ar
 
 Every rank builds the model, keeps the parameters of its own stages and releases the others (they
 become meta tensors: no memory, no gradient, no optimizer state). `Pipeline.owned` names what this
-rank keeps up to date and writes to a checkpoint. Evaluation runs through the pipeline too (torch's
-forward-only `schedule.eval`), and the trainer exports the final model from the layout-free
-checkpoint, so no rank ever needs the weights of another's stages.
+rank keeps up to date and writes to a checkpoint. Inside a stage the dp x ep ranks shard it as a
+model without a pipeline is (`shard_stages_over_data_ranks`). Evaluation runs through the pipeline too
+(`Pipeline.evaluate`, forward only), and the trainer exports the final model from the layout-free
+checkpoint, so no rank ever needs the weights of another's stages. Under DualPipeV the paired
+forward and backward chunks can run on two threads (`parallel.overlap`).
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..model import DeepseekV3, MoE, MoEStats
+from ..stages import V_SCHEDULES, balanced_split, layer_costs, split_layers, stage_ranks, stages_per_rank
 from ..train.data import Batch
 from ..train.trainer import head_losses
-from ..stages import V_SCHEDULES, balanced_split, layer_costs, split_layers, stage_ranks, stages_per_rank
 from .expert_parallel import apply_expert_parallel
 
 SCHEDULES = {"dualpipev": "ScheduleDualPipeV", "1f1b": "Schedule1F1B", "interleaved1f1b": "ScheduleInterleaved1F1B",
