@@ -239,16 +239,17 @@ def pipeline_eval(schedule):
             "meta_have_no_grad": all(not p.requires_grad for p in model.parameters() if p.is_meta)}
 
 
-def pipeline_overlap(overlap):
-    """`Pipeline` at pp 2 x ep 2 under DualPipeV with the paired forward and backward chunks run on two
-    threads (or not): one step's loss parts and every gradient a rank holds against one process."""
+def pipeline_overlap(overlap, schedule="dualpipev"):
+    """`Pipeline` at pp 2 x ep 2 (FSDP and EP inside the stages) under DualPipeV with the paired forward
+    and backward chunks run on two threads (or not), or under another schedule: one step's loss parts
+    and every gradient a rank holds against one process."""
     from fewchips.parallel import overlap as O
     from fewchips.parallel.pipeline import Pipeline
     par = init_parallel(pp=2, ep=2)
     cfg = tiny_config(num_hidden_layers=4)
     ref = random_model(cfg).train()
     model = copy.deepcopy(ref)
-    pipe = Pipeline(model, par, rows=1, window=T, schedule="dualpipev", n_microbatches=4, overlap=overlap)
+    pipe = Pipeline(model, par, rows=1, window=T, schedule=schedule, n_microbatches=4, overlap=overlap)
     ids = batch(4, cfg)                                     # [8, T] windows: 4 micro-batches x 2 ep ranks
     loads = torch.zeros(len(moe_routers(model)), cfg.n_routed_experts)
     main, mtp, bal = pipe.step(par.local_batch(ids), 0.3, 1e-4, loads).tolist()
@@ -306,7 +307,7 @@ def main():
         dist.destroy_process_group()
         return
     if scenario == "pipeline_overlap":
-        res = pipeline_overlap(sys.argv[3] == "on")
+        res = pipeline_overlap(sys.argv[3] == "on", sys.argv[4])
         with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
             json.dump(res, f)
         shutdown()
