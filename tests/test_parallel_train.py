@@ -153,3 +153,30 @@ def test_kill_9_of_a_pipeline_rank_ends_every_rank_with_a_clear_message(referenc
     assert p.returncode != 0 and time.time() - t0 < 60
     assert "fewchips: rank 0: training failed" in text and "a peer process probably exited" in text
 
+
+
+def test_batch_ramp_under_a_pipeline_matches_single_process(reference, tmp_path):
+    """--batch-ramp-tokens with --pp: the steps of the ramp run fewer pipeline micro-batches of the same
+    shape (a new torch schedule over the same stages when the count changes). DualPipeV on 2 processes
+    logs the single-process trainer's batch and loss at every step, through the batch doubling; a ramp
+    whose first step could not feed every stage is one line naming the --microbatches that would."""
+    data, _ = reference
+    ramp = ["--batch-ramp-tokens", "200", "--batch-size-start", "4"]
+    one = tmp_path / "one"
+    tc = train_config(one, data, steps=4, batch_size=4, seq_len=32, eval_every=4, eval_batches=1, log_every=1,
+                      grad_accum=2, lr=2e-3, warmup_steps=None, batch_ramp_tokens=200, batch_size_start=4)
+    from fewchips.config import ModelConfig
+    from fewchips.train.trainer import Trainer
+    Trainer(ModelConfig.from_preset("tiny", vocab_size=384), tc, quiet).train()
+    out = tmp_path / "pp"
+    torchrun(2, "--data", data, "--out", out, "--pp", "2", "--microbatches", "8", *ramp)
+    batches = {r["step"]: r["batch"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r}
+    assert batches == {1: 4, 2: 4, 3: 8, 4: 8}
+    ref, got = losses(one), losses(out)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), step
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "fewchips", "train", *ARGS, "--data", data, "--out", tmp_path / "bad", "--pp", "2",
+                        "--pp-schedule", "1f1b", *ramp], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "use --microbatches 4" in p.stderr

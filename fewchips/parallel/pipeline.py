@@ -185,9 +185,7 @@ def build_pipeline(model: DeepseekV3, pp_group, microbatch: tuple[int, int], sch
         outputs = loss if s == n_stages - 1 else hidden
         stages.append(P.PipelineStage(mod, s, n_stages, torch.device(device), input_args=inputs, output_args=outputs,
                                       group=pp_group))
-    cls = getattr(P, SCHEDULES[schedule])
-    sched = cls(stages if len(stages) > 1 else stages[0], n_microbatches=n_microbatches,
-                loss_fn=lambda out, target: out.sum(), scale_grads=False)
+    sched = make_schedule(stages, schedule, n_microbatches)
     tie = None
     first_rank, last_rank = owners[0], owners[-1]
     if first_rank != last_rank:
@@ -233,6 +231,15 @@ def shard_stages_over_data_ranks(stages: list[Stage], par, amp: torch.dtype | No
         fully_shard(m, **kw, ignored_params=embed)
 
 
+def make_schedule(stages, schedule: str, n_microbatches: int):
+    """torch's schedule over this rank's PipelineStages (a new one when the number of micro-batches
+    changes: the stages are reused)."""
+    from torch.distributed import pipelining as P
+    cls = getattr(P, SCHEDULES[schedule])
+    return cls(stages if len(stages) > 1 else stages[0], n_microbatches=n_microbatches,
+               loss_fn=lambda out, target: out.sum(), scale_grads=False)
+
+
 def tie_embeddings(modules: list[Stage], tie_group):
     """Sum the embedding gradient of the first stage (token inputs) and of the last stage's replica (MTP
     inputs) on both ranks, so the two replicas take the same optimizer step and stay equal."""
@@ -263,7 +270,7 @@ class Pipeline:
         (`parallel.overlap`); off with activation checkpointing, whose recomputation would issue
         forward all-to-alls from the backward's thread."""
         self.model, self.par, self.group, self.device = model, par, par.pp_group, par.device
-        self.n_microbatches = n_microbatches
+        self.n_microbatches, self.schedule = n_microbatches, schedule
 
         def shard_stages(stages):
             if par.data_size > 1:
@@ -286,6 +293,20 @@ class Pipeline:
         # the gradient norm counts a tied embedding once: on the first stage's rank
         skip = () if self.holds_first else (id(model.model.embed_tokens.weight),)
         self._norm_params = [p for p in self.local_params() if id(p) not in skip]
+
+    def set_microbatches(self, n: int):
+        """Run the next steps with n micro-batches of the same shape (a batch-size ramp): a new torch
+        schedule over the same stages."""
+        if n == self.n_microbatches:
+            return
+        stages = self.sched._stages if hasattr(self.sched, "_stages") else [self.sched._stage]
+        self.sched = make_schedule(stages, self.schedule, n)
+        if self.overlapped:
+            from .overlap import register
+            register(self.sched)
+        self.n_microbatches = n
+        for m in self.stages:
+            m.n_microbatches = n
 
     def _backward_groups(self):
         """A second process group per expert-parallel group, for the all-to-alls of the backward, so a

@@ -100,10 +100,10 @@ class DistributedTrainer(Trainer):
 
     @staticmethod
     def _check_pipeline(tc: TrainConfig, par, schedule: str, microbatches: int | None) -> int:
-        """The number of pipeline micro-batches per step (default: --grad-accum, at least the stages)."""
-        if tc.batch_ramp_tokens:
-            raise TrainError("--batch-ramp-tokens with --pp: the pipeline's micro-batch shapes are fixed; "
-                             "ramp the batch without --pp", every_rank=True)
+        """The number of pipeline micro-batches per full step (default: --grad-accum, at least the
+        stages). Under a batch-size ramp a step of n trainer micro-batches runs n x (that / --grad-accum)
+        pipeline micro-batches of the same shape, so that number must be a multiple of --grad-accum and
+        the ramp's first step must still feed every stage."""
         n_stages = par.pp * stages_per_rank(schedule)
         m = microbatches or max(tc.grad_accum, n_stages)
         rows, n = tc.batch_size * tc.grad_accum, par.data_size
@@ -111,6 +111,18 @@ class DistributedTrainer(Trainer):
             each = f" x the {n} processes of a stage (dp x ep)" if n > 1 else ""
             raise TrainError(f"--microbatches {m}{each} must divide the step's {rows} sequences "
                              f"(--batch-size {tc.batch_size} x --grad-accum {tc.grad_accum})", every_rank=True)
+        if tc.batch_ramp_tokens:
+            if m % tc.grad_accum:
+                raise TrainError(f"--batch-ramp-tokens with --pp: --microbatches {m} must be a multiple of --grad-accum "
+                                 f"{tc.grad_accum} (each micro-batch of the ramp is {m // tc.grad_accum or 1}+ pipeline "
+                                 f"micro-batches of one shape)", every_rank=True)
+            start = max(1, (tc.batch_size_start or tc.batch_size) // tc.batch_size)     # trainer micro-batches
+            first = start * (m // tc.grad_accum)
+            if first < n_stages:                  # torch's schedules need a micro-batch for every stage
+                need = -(-n_stages // start) * tc.grad_accum
+                raise TrainError(f"--batch-ramp-tokens with --pp: the ramp's first step would run {first} pipeline "
+                                 f"micro-batch(es), fewer than the {n_stages} stages of --pp-schedule {schedule}; "
+                                 f"use --microbatches {need} or a larger --batch-size-start", every_rank=True)
         return m
 
     # ---- setup: rank 0 checks OUT and prepares the data; the others then read its cache ------
@@ -150,6 +162,7 @@ class DistributedTrainer(Trainer):
             return super().forward_backward(n_micro, lam, loads_LE)
         ids = torch.cat([self.data.next_batch(self.tc.batch_size).ids for _ in range(n_micro)]).to(self.device)
         ids = self.par.local_batch(ids)                    # this rank's rows of the step (dp x ep slice)
+        self.pipe.set_microbatches(n_micro * self.microbatches // self.tc.grad_accum)   # fewer during a ramp
         main, mtp, bal = self.pipe.step(ids, lam, self.tc.balance_alpha, loads_LE).tolist()
         finite = all(map(math.isfinite, (main, mtp, bal)))
         return main, mtp, bal, finite
