@@ -43,7 +43,7 @@ LAYOUTS = {
 def worker(out_dir: str, warmup: int, argv: list[str], overlap: bool = True):
     """One rank: run `fewchips train argv` with timers around the step, the pipeline waits and the
     all-to-alls; write this rank's numbers to out_dir/rank{R}.json. overlap=False: every dispatch is
-    waited before the shared experts run, and DualPipeV's paired chunks run one after the other."""
+    waited before the shared experts run."""
     import torch.distributed.pipelining.schedules as S
 
     from fewchips.cli import main
@@ -102,7 +102,7 @@ def run_layout(name: str, args) -> dict:
              "--eval-batches", "1", "--log-every", "1", "--max-corpus-mb", str(args.corpus_mb), "--seed", "0",
              "--set", f"num_hidden_layers={args.layers}"]
     if "--pp" in extra:
-        train += ["--microbatches", str(args.microbatches), "--pp-overlap", "off" if args.no_overlap else "on"]
+        train += ["--microbatches", str(args.microbatches), "--pp-overlap", args.pp_overlap]
     code = (f"import sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r}); "
             f"import bench_pipeline as b; b.worker({out!r}, {args.warmup}, {train + extra!r}, {not args.no_overlap})")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -140,8 +140,9 @@ def main():
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--corpus-mb", type=float, default=2.0, help="bundled corpus read (data preparation time)")
     ap.add_argument("--timeout", type=int, default=1200)
-    ap.add_argument("--no-overlap", action="store_true",
-                    help="wait for each dispatch before the shared experts run; run DualPipeV's paired chunks in turn")
+    ap.add_argument("--no-overlap", action="store_true", help="wait for each dispatch before the shared experts run")
+    ap.add_argument("--pp-overlap", choices=["auto", "on", "off"], default="auto",
+                    help="fewchips train --pp-overlap: DualPipeV's paired chunks on two threads (auto: CUDA only)")
     ap.add_argument("--json", help="write the results here too")
     args = ap.parse_args()
     rows = []

@@ -32,23 +32,33 @@ def apply_fsdp(model: nn.Module, par: Parallel, param_dtype: torch.dtype | None 
                reduce_dtype: torch.dtype | None = torch.float32, reshard_after_forward: bool = True) -> nn.Module:
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     kw = dict(mesh=par.fsdp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    for experts in expert_modules(model):                  # before their layers: children first
-        fully_shard(experts, **{**kw, "mesh": par.mesh["dp"]})
     if model.config.tie_word_embeddings:
         fully_shard([model.model.embed_tokens, model.lm_head], **kw)
+        head = []
     else:
         fully_shard(model.model.embed_tokens, **kw)
-        fully_shard(model.lm_head, **kw)
-    for layer in model.model.layers:
-        fully_shard(layer, **kw)
-    for layer in model.mtp:
-        fully_shard(layer.shared_head.norm, **kw)
-        fully_shard(layer, **kw)
-    fully_shard(model.model.norm, **kw)
+        head = [model.lm_head]
+    shard_blocks(model, model.model.layers, model.mtp, [model.model.norm, *head], par, kw)
     fully_shard(model, **{**kw, "reshard_after_forward": False})     # the root: owns no parameters itself
     for name in ROOT_METHODS:
         register_fsdp_forward_method(model, name)
     return model
+
+
+def shard_blocks(root: nn.Module, layers, mtp_layers, others, par: Parallel, kw: dict):
+    """The FSDP groups below a root, the same with or without a pipeline: the routed experts under
+    `root` over dp (children first), each decoder layer, each MTP layer (its final norm separately:
+    `mtp_logits` and `mtp_forward` call it outside the layer), and each module of `others` (final
+    norm, head) over `kw`'s mesh."""
+    for experts in expert_modules(root):
+        fully_shard(experts, **{**kw, "mesh": par.mesh["dp"]})
+    for layer in layers:
+        fully_shard(layer, **kw)
+    for layer in mtp_layers:
+        fully_shard(layer.shared_head.norm, **kw)
+        fully_shard(layer, **kw)
+    for module in others:
+        fully_shard(module, **kw)
 
 
 def fsdp_modules(model: nn.Module) -> list[FSDPModule]:

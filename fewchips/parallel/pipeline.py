@@ -207,7 +207,7 @@ def shard_stages_over_data_ranks(stages: list[Stage], par, amp: torch.dtype | No
     under 1F1B its two replicas are tied by an all-reduce."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from .expert_parallel import expert_modules
+    from .fsdp import shard_blocks
     mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32, cast_forward_inputs=False)
     # Weights stay gathered from a stage's first forward to the end of the step (ZeRO-2, as torchtitan
     # does under a pipeline): the micro-batches do not all-gather them again, and the split weight
@@ -216,17 +216,8 @@ def shard_stages_over_data_ranks(stages: list[Stage], par, amp: torch.dtype | No
     for m in stages:
         apply_expert_parallel(m, par)
     for m in stages:
-        for experts in expert_modules(m):
-            fully_shard(experts, **{**kw, "mesh": par.mesh["dp"]})
-        for layer in m.layers:
-            fully_shard(layer, **kw)
-        if m.last:
-            for layer in m.mtp:
-                fully_shard(layer.shared_head.norm, **kw)
-                fully_shard(layer, **kw)
-            fully_shard(m.norm, **kw)
-            if m.lm_head.weight is not m.embed_tokens.weight:      # untied, as V3
-                fully_shard(m.lm_head, **kw)
+        others = [m.norm] + ([m.lm_head] if m.lm_head.weight is not m.embed_tokens.weight else []) if m.last else []
+        shard_blocks(m, m.layers, m.mtp if m.last else [], others, par, kw)
         embed = {m.embed_tokens.weight} if hasattr(m, "embed_tokens") else set()
         fully_shard(m, **kw, ignored_params=embed)
 
