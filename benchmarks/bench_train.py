@@ -21,7 +21,8 @@ from bench_model import forward_flops  # noqa: E402
 
 from fewchips import DeepseekV3, ModelConfig  # noqa: E402
 from fewchips.runtime import keep_freed_memory  # noqa: E402
-from fewchips.train import trainer as T  # noqa: E402
+from fewchips import losses as L  # noqa: E402
+from fewchips.train import build as B, config as C, schedule as S  # noqa: E402
 
 
 def matmul_rate(n=1024, reps=10, clock=time.perf_counter):
@@ -41,11 +42,11 @@ def matmul_rate(n=1024, reps=10, clock=time.perf_counter):
 def balance_routing(model, ids, iters, gamma=0.005):
     """Run the aux-loss-free bias update on forward passes until the loads are near uniform - the
     state training keeps the router in. Returns the worst layer's MaxVio before and after."""
-    routers, vio = T.moe_routers(model), []
+    routers, vio = L.moe_routers(model), []
     for _ in range(iters + 1):
         loads = model.hidden_states(ids, with_stats=True)[1].load
-        vio.append(max(T.max_violation(loads)))
-        T.update_biases(routers, loads, gamma)
+        vio.append(max(L.max_violation(loads)))
+        L.update_biases(routers, loads, gamma)
     return vio[0], vio[-1]
 
 
@@ -75,7 +76,7 @@ def main():
     rate = matmul_rate(clock=clock)
     print(f"fp32 matmul rate: {rate / 1e9:.1f} GFLOP/s (torch {torch.__version__}, {torch.get_num_threads()} threads); "
           f"training step = forward + backward + AdamW, {args.dtype}")
-    tc = T.TrainConfig(mtp_lambda=0.0, mtp_lambda_late=0.0)
+    tc = C.TrainConfig(mtp_lambda=0.0, mtp_lambda_late=0.0)
     for preset in args.presets:
         cfg = ModelConfig.from_preset(preset, num_nextn_predict_layers=0)
         torch.manual_seed(0)
@@ -88,21 +89,21 @@ def main():
         hf.load_state_dict(ours.state_dict(), strict=True)
         ours.train(), hf.train()
         if args.compile:
-            T.compile_layers(ours)
-        routers = T.moe_routers(ours)
-        opt_ours, _ = T.build_optimizer(ours, tc)
-        opt_hf, _ = T.build_optimizer(hf, tc)
+            B.compile_layers(ours)
+        routers = L.moe_routers(ours)
+        opt_ours, _ = B.build_optimizer(ours, tc)
+        opt_hf, _ = B.build_optimizer(hf, tc)
 
         # A fresh batch every step (the same sequence for both models): repeating one batch overfits it
         # within a few steps and collapses the routing onto a few experts, which is not what training sees.
         def step_ours(ids):
-            main, _, bal, stats = T.compute_losses(ours, ids, 0.0, amp)
+            main, _, bal, stats = L.compute_losses(ours, ids, 0.0, amp)
             (main + tc.balance_alpha * bal).backward()
-            T.clip_grad_norm(ours, opt_ours, 1.0)        # the trainer's clip: folded into fused AdamW
+            B.clip_grad_norm(ours, opt_ours, 1.0)        # the trainer's clip: folded into fused AdamW
             opt_ours.step()
             opt_ours.__dict__.pop("grad_scale", None)
             opt_ours.zero_grad(set_to_none=True)
-            T.update_biases(routers, stats.load, 1e-3)
+            L.update_biases(routers, stats.load, 1e-3)
 
         def step_hf(ids):
             with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
@@ -122,7 +123,7 @@ def main():
                 ts.append(clock() - t)
             with torch.no_grad():
                 loads = ours.hidden_states(ids[:, :-1], with_stats=True)[1].load
-                vio.append(max(T.max_violation(loads)))
+                vio.append(max(L.max_violation(loads)))
         a, b = min(t_ours), min(t_hf)
         pair = sorted(h / o for o, h in zip(t_ours, t_hf))     # step by step, same batch, adjacent in time
         tok = args.batch * args.seq

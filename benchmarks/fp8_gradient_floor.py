@@ -27,7 +27,7 @@ def main():
     import fewchips.fp8.quant as quant
     from fewchips import DeepseekV3, ModelConfig
     from fewchips.fp8 import apply_fp8
-    from fewchips.train.trainer import compute_losses
+    from fewchips.losses import compute_losses
 
     cfg = ModelConfig.from_preset(args.preset)
     torch.manual_seed(0)

@@ -20,7 +20,8 @@ import time
 def run(kind: str, args):
     from fewchips.config import ModelConfig
     from fewchips.fp8 import apply_fp8
-    from fewchips.train.trainer import TrainConfig, Trainer
+    from fewchips.train.config import TrainConfig
+    from fewchips.train.trainer import Trainer
 
     cfg = ModelConfig.from_preset(args.preset)
     tc = TrainConfig(out=os.path.join(args.out, kind), data=args.data, cache_dir=os.path.join(args.out, "cache"),

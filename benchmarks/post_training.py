@@ -38,7 +38,7 @@ def heldout_loss(model_dir: str, chats, seq_len: int) -> float:
     from fewchips.checkpoint import from_pretrained
     from fewchips.train.chat import batch_of, encode_chat, pack
     from fewchips.train.tokenizer import load_tokenizer, special_ids, token_byte_lengths
-    from fewchips.train.trainer import evaluate
+    from fewchips.losses import evaluate
     tok = load_tokenizer(model_dir)
     rows = pack([encode_chat(tok, c) for c in chats], seq_len, special_ids(tok).eos)
     idx = np.arange(len(rows.ids))

@@ -59,10 +59,15 @@ def _memory_name(cfg: ModelConfig, name: str) -> str:
     return name
 
 
-def hf_state_dict(model: DeepseekV3):
-    """Yield (disk name, tensor) in the released layout: experts split, MTP under model.layers."""
+def hf_state_dict(model: DeepseekV3, fetch=None):
+    """Yield (disk name, tensor) in the released layout: experts split, MTP under model.layers.
+    `fetch(name, tensor, start, stop)` -> rows [start, stop) of memory tensor `name` (default: a view of
+    them); a process that holds only shards passes one that gathers them, and experts are fetched one
+    at a time, so no more than one tensor of the release's is assembled at once."""
     cfg = model.config
-    for name, t in model.state_dict().items():
+    fetch = fetch or (lambda name, t, start, stop: t[start:stop].detach())
+    sd = model.state_dict(keep_vars=True)
+    for name, t in sd.items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         disk = disk_name(cfg, name)
@@ -70,18 +75,27 @@ def hf_state_dict(model: DeepseekV3):
         if fm:
             base, kind = fm.groups()
             for e in range(t.shape[0]):
+                w = fetch(name, t, e, e + 1)
+                if w is None:                                  # gathered on another process
+                    continue
                 if kind == "gate_up_proj":
-                    gate, up = t[e].chunk(2, dim=0)
+                    gate, up = w[0].chunk(2, dim=0)
                     yield f"{base}.{e}.gate_proj.weight", gate
                     yield f"{base}.{e}.up_proj.weight", up
                 else:
-                    yield f"{base}.{e}.down_proj.weight", t[e]
+                    yield f"{base}.{e}.down_proj.weight", w[0]
             continue
-        yield disk, t
+        w = fetch(name, t, 0, t.shape[0])
+        if w is not None:
+            yield disk, w
+    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     for k in range(cfg.num_nextn_predict_layers):   # the release stores copies of the shared tensors
         base = f"model.layers.{cfg.num_hidden_layers + k}"
-        yield f"{base}.embed_tokens.weight", model.model.embed_tokens.weight.detach().clone()
-        yield f"{base}.shared_head.head.weight", model.lm_head.weight.detach().clone()
+        for disk, name in ((f"{base}.embed_tokens.weight", "model.embed_tokens.weight"),
+                           (f"{base}.shared_head.head.weight", head)):
+            w = fetch(name, sd[name], 0, sd[name].shape[0])
+            if w is not None:
+                yield disk, w
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,14 +103,16 @@ def hf_state_dict(model: DeepseekV3):
 # ---------------------------------------------------------------------------------------------
 
 def save_pretrained(model: DeepseekV3, path, max_shard_bytes: int = 4 * 2**30, dtype=None,
-                    tokenizer_dir: str | None = None):
-    """Write config.json and safetensors (sharded past `max_shard_bytes`, with an index).
-    Every file is written to a temporary name and renamed, so a crash leaves the old file."""
+                    tokenizer_dir: str | None = None, fetch=None):
+    """Write config.json and safetensors (sharded past `max_shard_bytes`, with an index), streaming:
+    each file is written as soon as it fills, so memory holds at most one file's tensors beyond the
+    model. Every file is written to a temporary name and renamed, so a crash leaves the old files.
+    `fetch`: see `hf_state_dict` (a sharded model's rows gathered onto this process)."""
     os.makedirs(path, exist_ok=True)
     cfg = model.config
 
     def tensors():
-        for name, t in hf_state_dict(model):
+        for name, t in hf_state_dict(model, fetch):
             t = t.detach()
             if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
                 t = t.to(dtype)
@@ -114,31 +130,51 @@ DeepseekV3.save_pretrained = save_pretrained     # model.save_pretrained(path, .
 
 def write_shards(path, named_tensors, max_shard_bytes: int):
     """Safetensors shards (a weight and its `_scale_inv` always share one) plus the index, or a single
-    `model.safetensors`; stale shards of an earlier save are removed first."""
-    shards, cur, cur_bytes = [], {}, 0
-    for name, t in named_tensors:
-        t = t.contiguous().cpu()
-        nbytes = t.numel() * t.element_size()
-        if cur and cur_bytes + nbytes > max_shard_bytes and not name.endswith("_scale_inv"):
-            shards.append(cur)
-            cur, cur_bytes = {}, 0
-        cur[name] = t.clone() if _shares_storage(t) else t
-        cur_bytes += nbytes
-    shards.append(cur)
+    `model.safetensors`. Streams: a shard is written under a hidden name as soon as it is full and
+    released; at the end the shards are renamed to their final names (their count is known only
+    then). Stale shards of an earlier save are removed first."""
     for old in os.listdir(path):   # stale shards of an earlier save would confuse loaders
         if old.endswith(".safetensors") or old == INDEX_FILE:
             os.remove(os.path.join(path, old))
-    if len(shards) == 1:
-        write_safetensors(shards[0], os.path.join(path, SINGLE_FILE))
-        return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(shard, os.path.join(path, fname))
-        for n, t in shard.items():
-            weight_map[n] = fname
-            total += t.numel() * t.element_size()
-    write_index(path, weight_map, total)
+    written: list[tuple[str, dict[str, int]]] = []          # (hidden file, name -> bytes) per shard
+    cur, cur_bytes, ptrs = {}, 0, set()
+
+    def flush():
+        part = os.path.join(path, f".part-{len(written) + 1:05d}.safetensors")
+        write_safetensors(cur, part)
+        written.append((part, {n: t.numel() * t.element_size() for n, t in cur.items()}))
+
+    try:
+        for name, t in named_tensors:
+            t = t.contiguous().cpu()
+            nbytes = t.numel() * t.element_size()
+            if cur and cur_bytes + nbytes > max_shard_bytes and not name.endswith("_scale_inv"):
+                flush()
+                cur, cur_bytes, ptrs = {}, 0, set()
+            # safetensors refuses tensors that share memory (expert views, the MTP layers' copies)
+            ptr = t.untyped_storage().data_ptr()
+            if _shares_storage(t) or ptr in ptrs:
+                t = t.clone()
+            ptrs.add(t.untyped_storage().data_ptr())
+            cur[name] = t
+            cur_bytes += nbytes
+        flush()
+        cur = {}
+        if len(written) == 1:
+            os.replace(written[0][0], os.path.join(path, SINGLE_FILE))
+            return
+        weight_map, total = {}, 0
+        for i, (part, sizes) in enumerate(written):
+            fname = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+            os.replace(part, os.path.join(path, fname))
+            for n, nbytes in sizes.items():
+                weight_map[n] = fname
+                total += nbytes
+        write_index(path, weight_map, total)
+    finally:
+        for part, _ in written:
+            if os.path.exists(part):
+                os.remove(part)
 
 
 def write_index(path, weight_map: dict[str, str], total_bytes: int):
@@ -232,30 +268,64 @@ class CheckpointReader:
             yield Entry(name, self.files[name], mem, (em.group(1), int(em.group(2)), em.group(3)) if em else None)
 
     def read(self, name: str) -> torch.Tensor:
-        file = self.files[name]
         try:
-            if file not in self._handles:
-                self._handles[file] = safe_open(file, framework="pt")
-            return self._handles[file].get_tensor(name)
+            return self._handle(name).get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e}); is the file truncated?") from None
+            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({e}); is the file truncated?") from None
 
-    def scale(self, name: str, w: torch.Tensor) -> torch.Tensor:
-        """The `weight_scale_inv` of FP8 tensor `name`, checked against the weight's block grid."""
+    def scale(self, name: str, w, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The `weight_scale_inv` of FP8 tensor `name` (its block rows `rows`, default all), checked
+        against the weight's block grid (`w`: the weight or its shape)."""
         sname = name + "_scale_inv"
         if sname not in self.files:
             raise CheckpointError(f"{self.files[name]}: FP8 tensor {name!r} has no {sname!r}")
-        s = self.read(sname)
-        want = (-(-w.shape[0] // self.block[0]), -(-w.shape[1] // self.block[1]))
-        if w.dim() != 2 or tuple(s.shape) != want:
-            raise CheckpointError(f"{self.files[sname]}: {sname} has shape {tuple(s.shape)}, expected {want} "
-                                  f"for a {tuple(w.shape)} weight in {self.block[0]}x{self.block[1]} blocks")
-        return s.float()
+        w_shape = tuple(w.shape) if isinstance(w, torch.Tensor) else tuple(w)
+        s_shape = self.shape(sname)
+        want = (-(-w_shape[0] // self.block[0]), -(-w_shape[1] // self.block[1])) if len(w_shape) == 2 else None
+        if s_shape != want:
+            raise CheckpointError(f"{self.files[sname]}: {sname} has shape {s_shape}, expected {want} "
+                                  f"for a {w_shape} weight in {self.block[0]}x{self.block[1]} blocks")
+        if rows is None:
+            return self.read(sname).float()
+        try:
+            return self._handle(sname).get_slice(sname)[rows[0]:rows[1]].float()
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{self.files[sname]}: cannot read tensor {sname!r} ({e})") from None
 
     def dequantized(self, name: str) -> torch.Tensor:
         """The tensor in high precision: an FP8 weight times its block scales, anything else as stored."""
         t = self.read(name)
         return dequantize(t, self.scale(name, t), self.block) if t.dtype in FP8_DTYPES else t
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        try:
+            return tuple(self._handle(name).get_slice(name).get_shape())
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({e}); is the file truncated?") from None
+
+    def _handle(self, name: str):
+        file = self.files[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="pt")
+        return self._handles[file]
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor in high precision, reading only those rows from the file. An FP8
+        weight is read in whole 128-row blocks with their scales and dequantised there, which gives
+        exactly the rows of the dequantised whole."""
+        try:
+            sl = self._handle(name).get_slice(name)
+            fp8 = sl.get_dtype() in ("F8_E4M3", "F8_E5M2")
+            if not fp8:
+                return sl[start:stop]
+            w_shape = tuple(sl.get_shape())
+            bs = self.block[0]
+            lo, hi = start // bs * bs, min(-(-stop // bs) * bs, w_shape[0])
+            w = sl[lo:hi]
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({e}); is the file truncated?") from None
+        s = self.scale(name, w_shape, rows=(lo // bs, -(-hi // bs)))
+        return dequantize(w, s, self.block)[start - lo:stop - lo]
 
     def release(self, file: str):
         self._handles.pop(file, None)
@@ -318,46 +388,88 @@ def expert_disk_name(cfg: ModelConfig, stacked: str, kind: str, n_experts: int) 
 
 
 def empty_model(cfg: ModelConfig, device="cpu", dtype=None) -> DeepseekV3:
-    """The model allocated once, uninitialised (the loader fills every tensor)."""
+    """The model allocated once, directly in `dtype`, uninitialised (the loader fills every tensor)."""
     with torch.device("meta"):
         model = DeepseekV3(cfg)
-    model = model.to_empty(device=device)
-    return model.to(dtype) if dtype is not None else model
+    if dtype is not None:
+        model = model.to(dtype)                   # on meta: nothing is allocated in fp32 first
+    return model.to_empty(device=device).tie_weights()
+
+
+def load_weights(model: DeepseekV3, ck: CheckpointReader, rows=None) -> DeepseekV3:
+    """Fill `model` from a Hugging Face directory. Walks the model's tensors and reads, for each, only
+    the rows this process holds: `rows(name, tensor)` -> (local tensor, global row ids [n]) or None (not
+    held here); default: every row (see `DeepseekV3.init_weights`). Experts are stacked rows, so a
+    process reads only its experts' files' tensors; an FP8 weight is dequantised block by block on the
+    rows read. Every tensor on disk must belong to the config, and every held row must be on disk."""
+    cfg = model.config
+    disk = set(n for n in ck.files if not (n.endswith("_scale_inv") or _MTP_COPY_RE.match(n)))
+    if not cfg.num_nextn_predict_layers:
+        disk = {n for n in disk if not _memory_name(cfg, n).startswith("mtp.")}
+    expected, missing = set(), []
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        fm = _FUSED_RE.match(name)
+        kinds = (("gate_proj", "up_proj") if fm.group(2) == "gate_up_proj" else ("down_proj",)) if fm else ()
+        names = [f"{disk_name(cfg, fm.group(1))}.{e}.{k}.weight" for e in range(t.shape[0]) for k in kinds] if fm \
+            else [disk_name(cfg, name)]
+        expected.update(names)
+        held = (t, None) if rows is None else rows(name, t)
+        if held is None:
+            continue
+        local, ids = held
+        if any(n not in ck.files for n in names):
+            missing += [n for n in names if n not in ck.files]
+            continue
+        with torch.no_grad():
+            if fm:
+                for i, e in enumerate(range(t.shape[0]) if ids is None else ids.tolist()):
+                    parts = [f"{disk_name(cfg, fm.group(1))}.{e}.{k}.weight" for k in kinds]
+                    value = torch.cat([_read_checked(ck, n, None, (t.shape[1] // len(kinds), *t.shape[2:])) for n in parts])
+                    local[i].copy_(value.to(local.dtype))
+            else:
+                for start, stop, at in row_runs(ids, t.shape[0]):
+                    value = _read_checked(ck, names[0], (start, stop), tuple(t.shape))
+                    local[at:at + stop - start].copy_(value.to(local.dtype))
+    unexpected = sorted(disk - expected)
+    if unexpected:
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise CheckpointError(f"{ck.path}: tensors that do not belong to this config: {unexpected[:5]}{more}")
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{ck.path}: missing tensors {missing[:5]}{more}")
+    return model
+
+
+def row_runs(ids, n_rows: int) -> list[tuple[int, int, int]]:
+    """(global start, global stop, local offset) of each run of consecutive rows in `ids` (None: all)."""
+    if ids is None:
+        return [(0, n_rows, 0)] if n_rows else []
+    ids = ids.tolist()
+    runs, at = [], 0
+    while at < len(ids):
+        end = at
+        while end + 1 < len(ids) and ids[end + 1] == ids[end] + 1:
+            end += 1
+        runs.append((ids[at], ids[end] + 1, at))
+        at = end + 1
+    return runs
+
+
+def _read_checked(ck: CheckpointReader, name: str, rows: tuple[int, int] | None, want: tuple[int, ...]):
+    """Rows of a disk tensor (all of it with rows None) whose whole shape must be `want`."""
+    shape = ck.shape(name)
+    if shape != want:
+        raise CheckpointError(f"{ck.files[name]}: tensor {name!r} has shape {shape}, the config expects {want}")
+    return ck.read_rows(name, *(rows or (0, shape[0])))
 
 
 def from_pretrained(path, dtype=None, device="cpu", mtp: bool | None = None) -> DeepseekV3:
     """Load a Hugging Face-format DeepSeek-V3 directory (FP8 weights dequantised per block). MTP layers
     load when present; a config that names MTP layers whose weights are absent (what transformers
-    writes) loads with MTP off, as does mtp=False. Streams tensor by tensor: peak memory is the model
-    plus one tensor."""
+    writes) loads with MTP off, as does mtp=False. The model is allocated once in `dtype` and filled
+    tensor by tensor: peak memory is the model plus one tensor."""
     ck = CheckpointReader(path, mtp)
-    cfg = ck.cfg
-    model = empty_model(cfg, device, dtype or ck.stored_dtype())
-    params = dict(model.state_dict(keep_vars=True))
-    expected = {}
-    for mem, p in params.items():
-        if mem == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        fm = _FUSED_RE.match(mem)
-        kinds = (("gate_proj", "up_proj") if fm.group(2) == "gate_up_proj" else ("down_proj",)) if fm else ()
-        for k in kinds:
-            expected[f"{fm.group(1)}.{k}"] = (p.numel() // len(kinds), expert_disk_name(cfg, fm.group(1), k, p.shape[0]))
-        if not fm:
-            expected[mem] = (p.numel(), disk_name(cfg, mem))
-    fill = Fill(ck, expected)
-    for e in ck.entries():
-        if e.expert is None:
-            fill.put(e.memory, params.get(e.memory), ck.dequantized(e.name), e)
-            continue
-        base, i, kind = e.expert
-        stacked = params.get(f"{base}.{'down_proj' if kind == 'down_proj' else 'gate_up_proj'}")
-        dest = None
-        if stacked is not None:
-            if i >= stacked.shape[0]:
-                raise CheckpointError(f"{e.file}: {e.name} names expert {i}, config has {stacked.shape[0]}")
-            dest = stacked[i]
-            if kind != "down_proj":                          # gate_up_proj rows: [gate; up]
-                dest = dest.chunk(2, dim=0)[1 if kind == "up_proj" else 0]
-        fill.put(f"{base}.{kind}", dest, ck.dequantized(e.name), e)
-    fill.check()
-    return model.eval()
+    model = empty_model(ck.cfg, device, dtype or ck.stored_dtype())
+    return load_weights(model, ck).eval()

@@ -319,8 +319,9 @@ class Router(nn.Module):
         bias = self.e_score_correction_bias
         out = super()._apply(fn, recurse)
         new = self.e_score_correction_bias
-        if new.dtype != torch.float32 and not new.is_meta:
-            self.e_score_correction_bias = bias.to(device=new.device, dtype=torch.float32)
+        if new.dtype != torch.float32:        # a meta bias (or one moved off meta) has no values to keep
+            self.e_score_correction_bias = (torch.empty_like(new, dtype=torch.float32) if new.is_meta or bias.is_meta
+                                            else bias.to(device=new.device, dtype=torch.float32))
         return out
 
 
@@ -593,16 +594,34 @@ class DeepseekV3(nn.Module):
 
     # ---- weights ----------------------------------------------------------------------------
     @torch.no_grad()
-    def init_weights(self, std: float | None = None, generator: torch.Generator | None = None):
-        """N(0, std) for every matrix (the report's 0.006 by default), ones for norms, zero bias."""
+    def init_weights(self, std: float | None = None, generator: torch.Generator | None = None, seed: int = 0,
+                     rows=None):
+        """N(0, std) for every matrix (the report's 0.006 by default), ones for norms, zero bias.
+        Layout-free: each block of rows of each parameter draws from its own generator seeded by (seed,
+        name, block), so a process that holds only some rows of a tensor fills them exactly as one
+        process would. `rows(name, tensor)` -> (local tensor, its global row ids [n]) or None (not held
+        here); default: the whole tensor. `generator`: instead one stream over all parameters in order."""
         std = self.config.initializer_range if std is None else std
-        for p in self.parameters():
-            p.normal_(0.0, std, generator=generator)
+        norms = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
+        for name, p in self.named_parameters():
+            held = (p, None) if rows is None else rows(name, p)
+            if held is None:
+                continue
+            if generator is not None:                 # the one stream draws for norms too
+                held[0].normal_(0.0, std, generator=generator)
+            elif id(p) not in norms:
+                _seeded_normal(held[0], held[1], p.shape, std, f"{seed}/{name}")
+            if id(p) in norms:
+                held[0].fill_(1.0)
         for m in self.modules():
-            if isinstance(m, RMSNorm):
-                m.weight.fill_(1.0)
-            elif isinstance(m, Router):
+            if isinstance(m, Router) and not m.e_score_correction_bias.is_meta:
                 m.e_score_correction_bias.zero_()
+        return self
+
+    def tie_weights(self):
+        """The head shares the embedding's tensor when the config ties them (again after `to_empty`)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
         return self
 
     def num_parameters(self) -> dict[str, int]:
@@ -629,3 +648,24 @@ class DeepseekV3(nn.Module):
     # `save_pretrained(path, ...)` (the Hugging Face layout) is attached by fewchips.checkpoint, which
     # knows that layout; the model imports nothing of ours but its config. `import fewchips` and
     # `fewchips.DeepseekV3` attach it.
+
+
+INIT_BLOCK = 1 << 16        # elements per generator in `init_weights`: shards regenerate at most a block's edge
+
+
+def _seeded_normal(local, row_ids, shape, std: float, key: str):
+    """Fill `local` (rows `row_ids` of a tensor of `shape`; None: all of it) with N(0, std) values that
+    depend only on (key, row): rows come in blocks of ~INIT_BLOCK elements, each drawn on the CPU from a
+    generator seeded by (key, block)."""
+    import hashlib
+    n_rows = shape[0]
+    row_shape = tuple(shape[1:])
+    block = max(1, INIT_BLOCK // max(1, math.prod(row_shape)))
+    ids = torch.arange(n_rows) if row_ids is None else row_ids.cpu()
+    for b in torch.unique(ids // block).tolist():
+        g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{key}/{b}".encode()).digest()[:8], "little") >> 1)
+        lo, hi = b * block, min((b + 1) * block, n_rows)
+        values = torch.empty((hi - lo, *row_shape)).normal_(0.0, std, generator=g)
+        where = ((ids >= lo) & (ids < hi)).nonzero().flatten()
+        local.index_copy_(0, where.to(local.device), values[ids[where] - lo].to(local.device, local.dtype))
+

@@ -66,7 +66,7 @@ def mtp_depth_from_the_report(model, mtp, next_ids_BT, h_prev_BTD):
 def lm_loss(model, ids):
     """The trainer's loss (next token + 0.3 MTP + 1e-4 balance, `compute_losses`) of windows ids [B, T+1],
     and the MoEStats of that forward: what the parallel tests compare across layouts."""
-    from fewchips.train.trainer import compute_losses
+    from fewchips.losses import compute_losses
     main, mtp, bal, stats = compute_losses(model, ids, 0.3, None)
     return main + 0.3 * mtp + 1e-4 * bal, stats
 
@@ -78,7 +78,8 @@ def train_step(model, opt, ids, par, gamma: float = 1e-3) -> float:
     import torch.distributed as dist
 
     from fewchips.parallel import grad_norm_sq
-    from fewchips.train.trainer import clip_grad_norm, moe_routers, update_biases
+    from fewchips.losses import moe_routers, update_biases
+    from fewchips.train.build import clip_grad_norm
     opt.zero_grad(set_to_none=True)
     loss, stats = lm_loss(model, par.local_batch(ids))
     loss.backward()

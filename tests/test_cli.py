@@ -75,7 +75,7 @@ def test_an_error_every_rank_hits_is_printed_by_rank_0_only(rank, monkeypatch, c
     """Under torchrun every process fails the same way on a bad flag or a layout that does not fit:
     rank 0 prints the one line, the others exit with the same code and say nothing. An error only one
     rank meets (every_rank=False) is printed wherever it happens."""
-    import fewchips.train.distributed as dist_train
+    import fewchips.train.trainer as trainer
     from fewchips.train import TrainError
     monkeypatch.setenv("RANK", rank)
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -86,7 +86,7 @@ def test_an_error_every_rank_hits_is_printed_by_rank_0_only(rank, monkeypatch, c
     for every_rank in (True, False):
         def fail(*a, every_rank=every_rank, **k):
             raise TrainError("--batch-size 3 must be divisible by the 2 processes", every_rank=every_rank)
-        monkeypatch.setattr(dist_train, "train_distributed", fail)
+        monkeypatch.setattr(trainer, "make_layout", fail)
         assert main([*base, "--ep", "2"]) == 1
         err = capsys.readouterr().err
         assert err.count("fewchips train: error: --batch-size 3") == (1 if rank == "0" or not every_rank else 0)

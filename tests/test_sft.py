@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_model, tiny_config
-from fewchips.train import trainer as T
+from fewchips import losses as L
+from fewchips.train import build as B, config as C, schedule as S
 from fewchips.train.chat import ChatDataError, batch_of, encode_chat, pack, read_chats
 from fewchips.train.tokenizer import save_tokenizer, special_ids, train_tokenizer
 from train_utils import _restore_threads, quiet  # noqa: F401
@@ -90,7 +91,7 @@ def test_sft_loss_counts_assistant_tokens_only(tokenizer_dir):
     samples, rows = packed_three(tok)
     batch = batch_of(rows, [0])
     with torch.no_grad():
-        main, mtp, _, _ = T.compute_losses(model, batch, 0.3, None)
+        main, mtp, _, _ = L.compute_losses(model, batch, 0.3, None)
         total, count, mtp_total = 0.0, 0, 0.0
         for ids, train in samples:
             x = torch.tensor([ids])
@@ -106,7 +107,7 @@ def test_sft_loss_counts_assistant_tokens_only(tokenizer_dir):
     # the same rows scored on every token of every sample: a different number (the mask is what selects)
     everything = type(batch)(batch.ids, batch.segment >= 0, batch.segment, batch.position)
     with torch.no_grad():
-        assert abs(T.compute_losses(model, everything, 0.3, None)[0].item() - main.item()) > 1e-3
+        assert abs(L.compute_losses(model, everything, 0.3, None)[0].item() - main.item()) > 1e-3
 
 
 def test_bad_chat_rows_are_named(tmp_path):

@@ -26,13 +26,15 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fewchips", description="DeepSeek-V3 training and serving on few chips.")
+    parser = argparse.ArgumentParser(prog="fewchips", description="DeepSeek-V3 training and serving on few chips.",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
         importlib.import_module(f"fewchips.cli.{name}").register(sub)
     for p in sub.choices.values():
         p.formatter_class = HelpFormatter
+        p.allow_abbrev = False               # `--step 10` is not `--steps 10`: an unknown flag, said so
     return parser
 
 

@@ -66,7 +66,7 @@ def run(args):
 
     from fewchips.checkpoint import from_pretrained
     from fewchips.train.tokenizer import load_tokenizer, special_ids
-    from fewchips.train.trainer import evaluate
+    from fewchips.losses import evaluate
 
     if args.threads:
         torch.set_num_threads(args.threads)

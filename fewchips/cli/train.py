@@ -132,26 +132,31 @@ def add_run_flags(p, pretrain: bool = True):
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
-def run_trainer(command: str, make_config, runner, args, done) -> int:
+def run_trainer(command: str, make_config, runner, args, done=None) -> int:
     """Build the command's TrainConfig from the parsed flags, run it, and turn its ends into exit codes:
-    a TrainError is one line and 1; a signal stop says how to resume and exits 128 + the signal."""
+    a TrainError is one line and 1 (under torchrun an error every rank hits is printed by rank 0 only);
+    a signal stop says how to resume and exits 128 + the signal. Every run that ends ends with one line
+    saying where and why; rank 0 says it."""
     import dataclasses
 
     from fewchips.train import TrainError
     from fewchips.train.stopping import TrainInterrupted
     names = {f.name for f in dataclasses.fields(make_config())}
+    main_rank = os.environ.get("RANK", "0") == "0"
     try:
         result = runner(make_config(**{k: v for k, v in vars(args).items() if k in names}))
     except TrainError as e:
-        print(f"fewchips {command}: error: {e}", file=sys.stderr)
+        if main_rank or not e.every_rank:
+            print(f"fewchips {command}: error: {e}", file=sys.stderr)
         return 1
     except TrainInterrupted as e:
-        print(f"fewchips {command}: {e}; continue with --resume", file=sys.stderr)
+        if main_rank:
+            print(f"fewchips {command}: {e}; continue with --resume", file=sys.stderr)
         return e.exit_code
-    if result is not None:
-        message = done(result)
-        if message:
-            print(message)
+    if result is not None and main_rank:
+        message = done(result) if done is not None else None
+        print(message or f"fewchips {command}: stopped at step {result['step']}: {result.get('stopped', 'done')}; "
+                         f"model in {args.out}")
     return 0
 
 
@@ -190,18 +195,9 @@ def _token_count(text) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def train_config(args):
-    import dataclasses
-
-    from fewchips.train import TrainConfig
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
-
-
 def run(args):
     from fewchips.config import ConfigError
-    from fewchips.train import TrainError, train
-    from fewchips.train.stopping import TrainInterrupted
+    from fewchips.train import train
 
     try:
         cfg = model_config(args)
@@ -209,25 +205,19 @@ def run(args):
         if os.environ.get("RANK", "0") == "0":
             print(f"fewchips train: error: {e}", file=sys.stderr)
         return 2
-    try:
-        if args.ep > 1 or args.dp or args.pp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from fewchips.train.distributed import train_distributed
-            result = train_distributed(cfg, train_config(args), args.dp, args.ep, pp=args.pp,
-                                       pp_schedule=args.pp_schedule, microbatches=args.microbatches,
-                                       pp_overlap=args.pp_overlap)
-            if int(os.environ.get("RANK", "0")) != 0:
-                return 0
-        else:
-            result = train(cfg, train_config(args))
-    except TrainError as e:
-        if not e.every_rank or os.environ.get("RANK", "0") == "0":
-            print(f"fewchips train: error: {e}", file=sys.stderr)
-        return 1
-    except TrainInterrupted as e:
-        print(f"fewchips train: {e}; continue with --resume", file=sys.stderr)
-        return e.exit_code
-    if "val_loss" in result:
-        print(f"done: step {result['step']}, val loss {result['val_loss']:.3f} nats/token "
-              f"({result['val_bpb']:.3f} bits/byte; unigram entropy {result['unigram_entropy']:.3f}); "
-              f"model in {args.out}")
-    return 0
+    return run_trainer("train", train_config_class(), lambda tc: train(cfg, tc), args, lambda r: (
+        f"done: step {r['step']} ({r['stopped']}), val loss {r['val_loss']:.3f} nats/token ({r['val_bpb']:.3f} "
+        f"bits/byte; unigram entropy {r['unigram_entropy']:.3f}); model in {args.out}" if "val_loss" in r else None))
+
+
+def train_config_class():
+    from fewchips.train import TrainConfig
+    return TrainConfig
+
+
+def train_config(args):
+    """The TrainConfig the parsed flags of `fewchips train` describe."""
+    import dataclasses
+    cls = train_config_class()
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})

@@ -91,21 +91,22 @@ def _saved_extra(path) -> dict:
     return {k.split(".", 1)[1]: None for k in md.state_dict_metadata if k.startswith("extra.")}
 
 
-def full_model(model):
-    """Collective: the parallelized model's weights gathered into a plain single-process DeepseekV3 on
-    rank 0's CPU (None on the other ranks)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
+def save_hf(model, out_dir: str, device, dtype=None, max_shard_bytes: int = 4 * 2**30):
+    """Collective: a model sharded over the processes in any layout (FSDP, experts over ep, pipeline
+    stages) written by rank 0 as one Hugging Face directory, streamed: rank 0 assembles one tensor (one
+    expert) at a time from the ranks that hold it and writes each safetensors file as soon as it fills."""
+    from ..checkpoint import hf_state_dict, save_pretrained
+    from .fsdp import fsdp_modules
+    from .shards import RowGather
 
-    from ..model import DeepseekV3
-
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() != 0:
-        return None
-    with torch.device("meta"):
-        plain = DeepseekV3(model.config)
-    plain.to_empty(device="cpu")
-    plain.load_state_dict(sd)
-    return plain
+    for m in fsdp_modules(model):          # shards, not gathered weights a forward left behind
+        m.reshard()
+    gather = RowGather(model, device)
+    if dist.get_rank() == 0:
+        save_pretrained(model, out_dir, max_shard_bytes, dtype=dtype, fetch=gather)
+    else:
+        for _ in hf_state_dict(model, gather):
+            pass
 
 
 def export_hf(path: str, out_dir: str, dtype=None, config: ModelConfig | None = None):

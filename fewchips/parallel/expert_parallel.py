@@ -206,9 +206,10 @@ class ExpertParallelExperts(nn.Module):
             raise ValueError(f"--ep {par.ep} must divide n_routed_experts ({E}): experts are placed whole")
         L = E // par.ep
         sl = slice(par.ep_rank * L, (par.ep_rank + 1) * L)
-        with torch.no_grad():
-            gate_up = experts.gate_up_proj[sl].detach().clone().to(par.device)
-            down = experts.down_proj[sl].detach().clone().to(par.device)
+        with torch.no_grad():                   # a meta model stays meta: each rank materialises its experts later
+            device = "meta" if experts.gate_up_proj.is_meta else par.device
+            gate_up = experts.gate_up_proj[sl].detach().clone().to(device)
+            down = experts.down_proj[sl].detach().clone().to(device)
         new = cls(E, gate_up, down, par)
         new.swiglu = experts.swiglu
         from ..fp8.linear import FP8RoutedExperts

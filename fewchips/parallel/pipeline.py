@@ -4,14 +4,17 @@ torch (DualPipeV by default; 1F1B, interleaved 1F1B, ZBV), no scheduler of our o
 
 Stages take and return tensors only:
 
-    first stage   ids [mb, T+1]                  -> (h, ids, balance)
-    middle        (h, ids, balance)              -> (h, ids, balance)
-    last stage    (h, ids, balance)              -> loss / n_microbatches  [1]
+    first stage   window                         -> (h, window, balance)
+    middle        (h, window, balance)           -> (h, window, balance)
+    last stage    (h, window, balance)           -> per row [mb, 3]: summed main CE, summed MTP CE, balance share
 
-`ids` (the window: inputs and targets) rides along to the last stage, which needs it for the targets
-and for the MTP module's token inputs; `balance` accumulates the layers' sequence-wise balance terms,
-so its gradient flows back through every stage to every router. The last stage computes the whole
-loss of the trainer (next-token CE + λ·MTP + α·balance) with the trainer's own `head_losses`. Expert
+`window` (`Batch.window`: ids [mb, T+1], or every field of packed chats [mb, 4, T+1]: targets, samples,
+positions) rides along to the last stage, which needs it for the targets and the MTP module's token
+inputs; `balance` accumulates the layers' sequence-wise balance terms, so its gradient flows back
+through every stage to every router. The last stage computes the trainer's per-row losses
+(`losses.head_row_losses`), and torch's loss function (`PipelineLoss`) divides them by the per-row
+counts the schedule hands it as the micro-batch's `target`: next-token CE + λ·MTP + α·balance, so
+that a step's sum over micro-batches is one process's loss whatever the rows hold. Expert
 loads are not differentiable: each stage adds them to `loads_LE` (a row per MoE layer of the whole
 model), and the trainer sums them over pipeline ranks before the bias update, so every rank applies
 the update one process would.
@@ -38,14 +41,12 @@ import warnings
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..model import DeepseekV3, MoE, MoEStats
 from ..stages import V_SCHEDULES, balanced_split, layer_costs, split_layers, stage_ranks, stages_per_rank
-from ..train.data import Batch
-from ..train.trainer import head_losses
+from ..losses import Batch, head_row_losses
 from .expert_parallel import apply_expert_parallel
 
 SCHEDULES = {"dualpipev": "ScheduleDualPipeV", "1f1b": "Schedule1F1B", "interleaved1f1b": "ScheduleInterleaved1F1B",
@@ -56,27 +57,24 @@ class Stage(nn.Module):
     """One stage of the model. Holds references to the model's modules (no copies), so parameter
     objects stay shared where the placement shares them."""
 
-    def __init__(self, model: DeepseekV3, layers: range, first: bool, last: bool, n_microbatches: int,
-                 router_rows: dict[int, int], amp: torch.dtype | None = None):
+    def __init__(self, model: DeepseekV3, layers: range, first: bool, last: bool, router_rows: dict[int, int],
+                 amp: torch.dtype | None = None):
         super().__init__()
         self.cfg, self.first, self.last = model.config, first, last
         self.layer_ids = list(layers)
         self.layers = nn.ModuleList(model.model.layers[i] for i in layers)
         self.rotary = model.rotary
-        self.n_microbatches = n_microbatches
         self.router_rows = router_rows                     # layer index -> row of loads_LE
         self.amp = amp                                      # autocast dtype (None: off)
         if first or last:
             self.embed_tokens = model.model.embed_tokens
         if last:
             self.norm, self.lm_head, self.mtp = model.model.norm, model.lm_head, model.mtp
-            # the model itself, for the trainer's loss (`head_losses`); not registered as a submodule,
+            # the model itself, for the trainer's loss (`head_row_losses`); not registered as a submodule,
             # which would make every parameter of the model this stage's
             object.__setattr__(self, "whole", model)
         self.loads_LE: torch.Tensor | None = None          # set by the trainer before each step
-        self.mtp_lambda, self.balance_alpha = 0.3, 1e-4
-        self.parts: list[tuple[float, float, float]] = []  # last stage: (main, mtp, balance) per micro-batch
-        self.row_ce: list[torch.Tensor] | None = None      # evaluation: each row's summed CE, per micro-batch
+        self.mtp_lambda = 0.3                               # 0: the MTP module is not run
 
     def forward(self, *inputs):
         device = inputs[0].device
@@ -85,20 +83,25 @@ class Stage(nn.Module):
 
     def _forward(self, *inputs):
         if self.first:
-            (ids,) = inputs
-            h = self.embed_tokens(ids[:, :-1])
-            balance = torch.zeros((), device=ids.device)
+            (window,) = inputs
+            batch = Batch.from_window(window)
+            h = self.embed_tokens(batch.ids[:, :-1])
+            balance = torch.zeros((), device=window.device)
         else:
-            h, ids, balance = inputs
+            h, window, balance = inputs
+            batch = Batch.from_window(window)
+        ids = batch.ids
         T = ids.shape[1] - 1
-        positions = torch.arange(T, device=ids.device).expand(ids.shape[0], T)
+        positions = batch.position[:, :-1] if batch.position is not None else \
+            torch.arange(T, device=ids.device).expand(ids.shape[0], T)
+        segments = batch.segment[:, :-1] if batch.segment is not None else None
         cos, sin = self.rotary(positions)
         for i, layer in zip(self.layer_ids, self.layers):
-            h, stats = layer(h, cos, sin, with_stats=True)
+            h, stats = layer(h, cos, sin, segments=segments, with_stats=True)
             balance = self._add_stats(balance, stats, i)
         if not self.last:
-            return h, ids, balance
-        return self._loss(h, ids, balance)
+            return h, window, balance
+        return self._rows(h, batch, balance)
 
     def _add_stats(self, balance, stats, layer: int):
         """The layer's balance term joins the differentiable sum; its loads (no grad) go to its row."""
@@ -108,24 +111,34 @@ class Stage(nn.Module):
             self.loads_LE[self.router_rows[layer]] += stats.load
         return balance + stats.seq_balance.float()
 
-    def _loss(self, h, ids, balance):
-        """The trainer's loss on this micro-batch (`head_losses` after the final norm, as
-        `compute_losses` does), over n_microbatches: the schedule then sums micro-batches, so the
-        gradients are those of the mean."""
-        T = ids.shape[1] - 1
+    def _rows(self, h, batch: Batch, balance):
+        """[mb, 3] per row: the summed main CE and MTP CE (`head_row_losses` after the final norm, as
+        `compute_losses` does) and 1/mb of the micro-batch's balance term; `PipelineLoss` weighs them."""
         h = self.norm(h)
-        if self.row_ce is not None:                          # evaluation: the next-token CE of each row
-            ce = F.cross_entropy(self.lm_head(h).float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-            self.row_ce.append(ce.view(ids.shape[0], T).sum(1).detach())
-            return (ce.mean() / self.n_microbatches).reshape(1)
-        main, mtp, stats = head_losses(self.whole, h, Batch(ids), self.mtp_lambda)
+        main_B, mtp_B, stats = head_row_losses(self.whole, h, batch, self.mtp_lambda)
         mtp_moe = [i for i in range(self.cfg.num_hidden_layers, self.cfg.num_hidden_layers + len(self.mtp))
                    if i in self.router_rows]
         for j, layer in enumerate(mtp_moe[:len(stats.load)]):
             balance = self._add_stats(balance, MoEStats(stats.load[j], stats.seq_balance[j]), layer)
-        loss = main + self.mtp_lambda * mtp + self.balance_alpha * balance
-        self.parts.append((main.item(), mtp.item(), balance.item()))
-        return (loss / self.n_microbatches).reshape(1)        # 1-d: torch concatenates the micro-batches' outputs
+        B = main_B.shape[0]
+        return torch.stack([main_B, mtp_B, (balance / B).expand(B)], dim=1)
+
+
+class PipelineLoss:
+    """torch's loss function on the last stage: the micro-batch's per-row losses [mb, 3] and the counts
+    its rows are divided by [mb] (the schedule splits the step's `target` like its inputs) ->
+    Σ main/count + λ·Σ MTP/count + α·balance / n_microbatches. Keeps each micro-batch's three terms."""
+
+    def __init__(self, n_microbatches: int, mtp_lambda: float = 0.3, balance_alpha: float = 1e-4):
+        self.n_microbatches, self.mtp_lambda, self.balance_alpha = n_microbatches, mtp_lambda, balance_alpha
+        self.parts: list[torch.Tensor] = []
+
+    def __call__(self, rows_B3, count_B):
+        main = (rows_B3[:, 0] / count_B).sum()
+        mtp = (rows_B3[:, 1] / count_B).sum()
+        balance = rows_B3[:, 2].sum() / self.n_microbatches
+        self.parts.append(torch.stack([main, mtp, balance]).detach())
+        return main + self.mtp_lambda * mtp + self.balance_alpha * balance
 
 
 def router_rows(model: DeepseekV3) -> dict[int, int]:
@@ -139,18 +152,21 @@ def router_rows(model: DeepseekV3) -> dict[int, int]:
     return rows
 
 
-def build_pipeline(model: DeepseekV3, pp_group, microbatch: tuple[int, int], schedule: str = "dualpipev",
+def build_pipeline(model: DeepseekV3, pp_group, microbatch: tuple, schedule: str = "dualpipev",
                    n_microbatches: int = 4, device="cpu", amp: torch.dtype | None = None,
-                   pipelines: list[list[int]] | None = None, balance: bool = True, prepare=None):
-    """This rank's stages and the schedule, for micro-batches of `microbatch` = (rows, window length
-    T + 1). Returns (schedule, local Stage modules, tie group or None): the tie group sums the embedding
-    gradients of the first and last stages when they sit on two ranks. Shapes are given to torch up front
-    (its static mode): no stage runs a forward on placeholder data to discover them. `pipelines`: the
-    global ranks of every pipeline when there are several (dp x ep of them), so that every rank creates
-    every pipeline's tie group, as torch requires. `balance`: split the layers so that every rank
-    does about the same work, counting the head and MTP on the last stage (`balanced_split`); False:
-    the same number of layers per stage. `prepare(stage_modules)` runs on this rank's Stage modules
-    before torch wraps them (expert parallelism inside the stages)."""
+                   pipelines: list[list[int]] | None = None, balance: bool = True, prepare=None,
+                   loss_fn: PipelineLoss | None = None):
+    """This rank's stages and the schedule, for micro-batches of `microbatch` = (rows, *window shape):
+    (rows, T + 1) for ids, (rows, 4, T + 1) for packed chats (`Batch.window`). Returns (schedule, local
+    Stage modules, tie group or None): the tie group sums the embedding gradients of the first and last
+    stages when they sit on two ranks. Shapes are given to torch up front (its static mode): no stage
+    runs a forward on placeholder data to discover them. `pipelines`: the global ranks of every pipeline
+    when there are several (dp x ep of them), so that every rank creates every pipeline's tie group, as
+    torch requires. `balance`: split the layers so that every rank does about the same work, counting
+    the head and MTP on the last stage (`balanced_split`); False: the same number of layers per stage.
+    `prepare(stage_modules)` runs on this rank's Stage modules before torch wraps them (expert
+    parallelism inside the stages). `loss_fn`: the schedule's (default: a `PipelineLoss` of its own;
+    `step` then takes the per-row counts as `target`)."""
     from torch.distributed import pipelining as P
 
     if schedule not in SCHEDULES:
@@ -163,29 +179,30 @@ def build_pipeline(model: DeepseekV3, pp_group, microbatch: tuple[int, int], sch
     owners = stage_ranks(pp, n_stages, schedule)
     if n_stages > model.config.num_hidden_layers:
         split_layers(model.config.num_hidden_layers, n_stages)          # raises the clear error
-    runs = balanced_split(*layer_costs(model.config, microbatch[1] - 1), owners) if balance else \
+    mb, window = microbatch[0], tuple(microbatch[1:])
+    T = window[-1] - 1
+    runs = balanced_split(*layer_costs(model.config, T), owners) if balance else \
         split_layers(model.config.num_hidden_layers, n_stages)
     rows = router_rows(model)
-    mb, window = microbatch
     dtype = next(model.parameters()).dtype
-    ids = torch.zeros(mb, window, dtype=torch.long, device=device)
+    ids = torch.zeros(mb, *window, dtype=torch.long, device=device)
     # examples: what requires grad here is what carries a gradient between stages (h, balance; not ids)
-    hidden = (torch.zeros(mb, window - 1, model.config.hidden_size, dtype=dtype, device=device, requires_grad=True),
+    hidden = (torch.zeros(mb, T, model.config.hidden_size, dtype=dtype, device=device, requires_grad=True),
               ids, torch.zeros((), device=device, requires_grad=True))
-    loss = torch.zeros(1, device=device, requires_grad=True)
+    per_row = torch.zeros(mb, 3, device=device, requires_grad=True)
     stages = []
     mine = [s for s in range(n_stages) if owners[s] == rank]
-    modules = [Stage(model, runs[s], s == 0, s == n_stages - 1, n_microbatches, rows, amp) for s in mine]
+    modules = [Stage(model, runs[s], s == 0, s == n_stages - 1, rows, amp) for s in mine]
     for s, mod in zip(mine, modules):
         mod.index = s
     if prepare is not None:
         prepare(modules)
     for s, mod in zip(mine, modules):
         inputs = (ids,) if s == 0 else hidden
-        outputs = loss if s == n_stages - 1 else hidden
+        outputs = per_row if s == n_stages - 1 else hidden
         stages.append(P.PipelineStage(mod, s, n_stages, torch.device(device), input_args=inputs, output_args=outputs,
                                       group=pp_group))
-    sched = make_schedule(stages, schedule, n_microbatches)
+    sched = make_schedule(stages, schedule, n_microbatches, loss_fn or PipelineLoss(n_microbatches))
     tie = None
     first_rank, last_rank = owners[0], owners[-1]
     if first_rank != last_rank:
@@ -222,13 +239,13 @@ def shard_stages_over_data_ranks(stages: list[Stage], par, amp: torch.dtype | No
         fully_shard(m, **kw, ignored_params=embed)
 
 
-def make_schedule(stages, schedule: str, n_microbatches: int):
+def make_schedule(stages, schedule: str, n_microbatches: int, loss_fn: PipelineLoss):
     """torch's schedule over this rank's PipelineStages (a new one when the number of micro-batches
     changes: the stages are reused)."""
     from torch.distributed import pipelining as P
     cls = getattr(P, SCHEDULES[schedule])
-    return cls(stages if len(stages) > 1 else stages[0], n_microbatches=n_microbatches,
-               loss_fn=lambda out, target: out.sum(), scale_grads=False)
+    return cls(stages if len(stages) > 1 else stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn,
+               scale_grads=False)
 
 
 def tie_embeddings(modules: list[Stage], tie_group):
@@ -255,9 +272,10 @@ class Pipeline:
     is sharded as a model without a pipeline is (`shard_stages_over_data_ranks`): experts over ep and
     then dp, everything else but the embedding FSDP over the stage's dp x ep ranks."""
 
-    def __init__(self, model: DeepseekV3, par, rows: int, window: int, schedule: str = "dualpipev",
+    def __init__(self, model: DeepseekV3, par, rows: int, window, schedule: str = "dualpipev",
                  n_microbatches: int = 4, amp: torch.dtype | None = None, overlap: bool = True):
-        """overlap: under DualPipeV, run each paired forward and backward chunk concurrently
+        """window: the shape of one row of `Batch.window` (T + 1, or (4, T + 1) for packed chats).
+        overlap: under DualPipeV, run each paired forward and backward chunk concurrently
         (`parallel.overlap`); off with activation checkpointing, whose recomputation would issue
         forward all-to-alls from the backward's thread."""
         self.model, self.par, self.group, self.device = model, par, par.pp_group, par.device
@@ -269,8 +287,11 @@ class Pipeline:
 
         self.owners = stage_ranks(dist.get_world_size(self.group), dist.get_world_size(self.group) *
                                   stages_per_rank(schedule), schedule)
-        self.sched, self.stages, self.tie = build_pipeline(model, self.group, (rows, window), schedule, n_microbatches,
-                                                           par.device, amp, par.pipelines(), prepare=shard_stages)
+        self.loss = PipelineLoss(n_microbatches)
+        window = (window,) if isinstance(window, int) else tuple(window)
+        self.sched, self.stages, self.tie = build_pipeline(model, self.group, (rows, *window), schedule, n_microbatches,
+                                                           par.device, amp, par.pipelines(), prepare=shard_stages,
+                                                           loss_fn=self.loss)
         self.holds_first = any(m.first for m in self.stages)
         self.holds_last = any(m.last for m in self.stages)
         local = {id(t) for m in self.stages for t in [*m.parameters(), *m.buffers()]}
@@ -281,9 +302,6 @@ class Pipeline:
             from .overlap import register
             self._backward_groups()
             register(self.sched)
-        # the gradient norm counts a tied embedding once: on the first stage's rank
-        skip = () if self.holds_first else (id(model.model.embed_tokens.weight),)
-        self._norm_params = [p for p in self.local_params() if id(p) not in skip]
 
     def set_microbatches(self, n: int):
         """Run the next steps with n micro-batches of the same shape (a batch-size ramp): a new torch
@@ -291,13 +309,11 @@ class Pipeline:
         if n == self.n_microbatches:
             return
         stages = self.sched._stages if hasattr(self.sched, "_stages") else [self.sched._stage]
-        self.sched = make_schedule(stages, self.schedule, n)
+        self.sched = make_schedule(stages, self.schedule, n, self.loss)
         if self.overlapped:
             from .overlap import register
             register(self.sched)
-        self.n_microbatches = n
-        for m in self.stages:
-            m.n_microbatches = n
+        self.n_microbatches = self.loss.n_microbatches = n
 
     def _backward_groups(self):
         """A second process group per expert-parallel group, for the all-to-alls of the backward, so a
@@ -316,15 +332,17 @@ class Pipeline:
             for experts in expert_modules(m):
                 experts.backward_group = mine
 
-    def step(self, ids: torch.Tensor, mtp_lambda: float, balance_alpha: float, loads_LE: torch.Tensor) -> torch.Tensor:
-        """Forward and backward of this rank's rows `ids` [rows x n_microbatches, T+1] (the first stage
-        reads them, the last its targets), then the gradient reduction over the stage's ranks. Adds this
-        rank's MoE loads to `loads_LE`. Returns [main CE, MTP CE, balance], each the mean over
-        micro-batches and the stage's ranks: the same on every rank."""
+    def step(self, window: torch.Tensor, counts: torch.Tensor, mtp_lambda: float, balance_alpha: float,
+             loads_LE: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of this rank's rows `window` [rows x n_microbatches, ...] (`Batch.window`;
+        the first stage reads them, the last its targets), each row's summed losses divided by `counts`
+        [rows x n_microbatches], then the gradient reduction over the stage's ranks. Adds this rank's MoE
+        loads to `loads_LE`. Returns [main CE, MTP CE, balance] of the step, the same on every rank."""
         for m in self.stages:
-            m.loads_LE, m.mtp_lambda, m.balance_alpha, m.parts = loads_LE, mtp_lambda, balance_alpha, []
-        args = (ids,) if self.holds_first else ()
-        kwargs = {"target": ids} if self.holds_last else {}
+            m.loads_LE, m.mtp_lambda = loads_LE, mtp_lambda
+        self.loss.mtp_lambda, self.loss.balance_alpha, self.loss.parts = mtp_lambda, balance_alpha, []
+        args = (window,) if self.holds_first else ()
+        kwargs = {"target": counts} if self.holds_last else {}
         with warnings.catch_warnings():
             # the split weight backward leaves some gradients transposed (the trainer lays them out
             # like their parameters before the optimizer reads them)
@@ -332,11 +350,8 @@ class Pipeline:
             self.sched.step(*args, **kwargs)
         tie_embeddings(self.stages, self.tie)
         self._reduce_grads()
-        parts = torch.zeros(3, device=self.device)
-        for m in self.stages:
-            if m.last:
-                parts += torch.tensor(m.parts, device=self.device).sum(0) / self.n_microbatches
-        dist.all_reduce(parts)              # only the last stage's ranks add anything, one mean each
+        parts = torch.stack(self.loss.parts).sum(0) if self.loss.parts else torch.zeros(3, device=self.device)
+        dist.all_reduce(parts)              # only the last stage's ranks add anything, their shares of each term
         return parts / self.par.data_size
 
     @torch.no_grad()
@@ -356,10 +371,12 @@ class Pipeline:
             p.grad.div_(par.data_size)
 
     def grad_norm_sq(self) -> torch.Tensor:
-        """Σ g² over every stage's gradients (each element counted once), the same on every rank."""
+        """Σ g² over every stage's gradients (each element counted once), the same on every rank. A tied
+        embedding counts on the first stage's rank only."""
+        skip = () if self.holds_first else (id(self.model.model.embed_tokens.weight),)
         sq = []
-        for p in self._norm_params:
-            if p.grad is None:
+        for p in self.local_params():
+            if p.grad is None or id(p) in skip:
                 continue
             if isinstance(p.grad, DTensor):          # FSDP-sharded over the stage's ranks: each element once
                 sq.append(p.grad.to_local().float().pow(2).sum())
@@ -396,29 +413,31 @@ class Pipeline:
         return held, sum(p.numel() for p in self.model.parameters())
 
     @torch.no_grad()
-    def evaluate(self, ids: torch.Tensor) -> torch.Tensor:
-        """Forward only of the windows `ids` [N, T+1] (the same on every rank of this pipeline): each
-        row's summed next-token CE [N], the same on every rank of the pipeline. The stages run in order,
-        each on the rank that holds it, the hidden states going point to point to the next stage's rank;
-        no micro-batches, no backward. (torch's `schedule.eval` cannot serve here: DualPipeV's action
-        list has backward steps even in eval.)"""
+    def evaluate(self, window: torch.Tensor) -> torch.Tensor:
+        """Forward only of the windows [N, ...] (`Batch.window`, the same on every rank of this pipeline):
+        each row's next-token CE summed over its scored targets [N], the same on every rank of the
+        pipeline. The stages run in order, each on the rank that holds it, the hidden states going point
+        to point to the next stage's rank; no micro-batches, no backward. (torch's `schedule.eval` cannot
+        serve here: DualPipeV's action list has backward steps even in eval.)"""
         me = dist.get_rank(self.group)
         mine = {m.index: m for m in self.stages}
-        owners, h, rows = self.owners, None, torch.zeros(ids.shape[0], device=self.device)
+        owners, h, rows = self.owners, None, torch.zeros(window.shape[0], device=self.device)
+        T = window.shape[-1] - 1
+        zero = torch.zeros((), device=self.device)
         for s, owner in enumerate(owners):
             if owner != me:
                 continue
             if s > 0 and owners[s - 1] != me:
-                h = torch.empty(ids.shape[0], ids.shape[1] - 1, self.model.config.hidden_size, device=self.device)
+                h = torch.empty(window.shape[0], T, self.model.config.hidden_size, device=self.device)
                 dist.recv(h, group=self.group, group_src=owners[s - 1])
             m = mine[s]
             m.loads_LE = None
             if m.last:
-                m.row_ce = []
-                m(h, ids, torch.zeros((), device=self.device)) if s > 0 else m(ids)
-                rows, m.row_ce = torch.cat(m.row_ce), None
+                lam, m.mtp_lambda = m.mtp_lambda, 0.0                    # the main CE only
+                out = m(h, window, zero) if s > 0 else m(window)
+                m.mtp_lambda, rows = lam, out[:, 0].float().contiguous()
                 break
-            h = (m(ids) if s == 0 else m(h, ids, torch.zeros((), device=self.device)))[0].float()
+            h = (m(window) if s == 0 else m(h, window, zero))[0].float()
             if owners[s + 1] != me:
                 dist.send(h.contiguous(), group=self.group, group_dst=owners[s + 1])
         dist.all_reduce(rows, group=self.group)               # only the last stage's rank adds anything

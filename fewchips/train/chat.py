@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .config import TrainError
-from .data import Batch
+from ..losses import Batch
 from .tokenizer import ASSISTANT, BOS, EOS, USER
 
 ROLES = ("system", "user", "assistant")
@@ -217,6 +217,8 @@ class ChatData:
             vb = batch_of(self.val, np.arange(len(self.val.ids)))
             mask = vb.target_mask(0).numpy()
             self.val_bytes = int(token_byte_lengths(tok)[self.val.ids[:, 1:]][mask].sum())
+
+    packed = True                        # batches carry targets, samples and positions
 
     def next_batch(self, n: int) -> Batch:
         return batch_of(self.train, self.sampler.next_rows(n))

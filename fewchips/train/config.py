@@ -58,6 +58,14 @@ class TrainConfig:
     bf16_moments: bool = False           # AdamW moments stored in BF16, as in the report (fewchips.fp8.optim)
     threads: int | None = None
     seed: int = 0
+    # layout (torchrun): processes = pp x dp x ep; a checkpoint resumes at any other layout
+    dp: int | None = None                # data-parallel ranks (None: processes / (pp x ep))
+    ep: int = 1                          # expert-parallel ranks
+    pp: int = 1                          # pipeline-parallel ranks
+    pp_schedule: str = "dualpipev"       # dualpipev | 1f1b | interleaved1f1b | zbv
+    microbatches: int | None = None      # pipeline micro-batches per step (None: --grad-accum, >= stages)
+    pp_overlap: str = "auto"             # DualPipeV's paired chunks on two threads: auto (CUDA) | on | off
+    timeout_s: float = 600.0             # a collective waiting longer ends the run (a dead or stuck peer)
     # watching and saving
     log_every: int = 10
     eval_every: int = 100
@@ -84,6 +92,12 @@ class TrainConfig:
             raise TrainError(f"--batch-size-start {start} must be a multiple of --batch-size {self.batch_size} "
                              f"(the batch grows in whole micro-batches) between {self.batch_size} and "
                              f"--batch-size x --grad-accum = {full}")
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the run uses torch.distributed (a layout flag, or a torchrun launch of several processes)."""
+        import os
+        return self.ep > 1 or self.dp is not None or self.pp > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
     @property
     def tokens_per_step(self) -> int:

@@ -20,13 +20,15 @@ import math
 import os
 import shutil
 import sysconfig
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..files import swap_dir, temp_dir_beside
-from .tokenizer import SpecialIds
+from ..files import atomic_path, swap_dir, temp_dir_beside
+from ..losses import Batch, bits_per_byte  # noqa: F401 - the data's types, re-exported
+from .tokenizer import SpecialIds, load_tokenizer, special_ids, token_byte_lengths, tokenizer_hash, train_tokenizer
 
 TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".c", ".h", ".cc", ".cpp", ".hpp", ".js", ".ts", ".java",
                  ".go", ".rs", ".sh", ".toml", ".yaml", ".yml", ".json", ".html", ".css", ".tex", ".csv"}
@@ -322,38 +324,81 @@ def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> np.ndarr
     return np.stack([np.asarray(tokens[i * T:i * T + T + 1], dtype=np.int64) for i in range(n)])
 
 
-def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
-    return loss_nats / (math.log(2) * bytes_per_token) if bytes_per_token > 0 else float("nan")
-
-
 # ---------------------------------------------------------------------------------------------
-# What the loss reads
+# The trainer's view of a corpus
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
-class Batch:
-    """Rows of T + 1 tokens: the model reads [:, :-1] and is scored on [:, 1:]. Pretraining fills only
-    `ids` (documents packed without cross-document masking, as the report's pre-training); packed chat
-    samples also say which tokens are targets, which sample each token is in, and its position there."""
-    ids: torch.Tensor                        # [B, T+1] int64
-    target: torch.Tensor | None = None       # [B, T+1] bool: the token is scored when it is a target
-    segment: torch.Tensor | None = None      # [B, T+1] sample number (attention stays inside a sample)
-    position: torch.Tensor | None = None     # [B, T+1] position within the sample
+def prepare_data(cfg, tc, log=print, tokenizer_path: str | None = None):
+    """Documents → tokenizer (trained once per corpus, cached) → memory-mapped shards (cached)."""
+    max_bytes = int(tc.max_corpus_mb * 2**20) if tc.max_corpus_mb else None
+    docs = read_documents(tc.data, max_bytes, tc.text_field)
+    train_docs, val_docs = split_documents(docs, tc.val_fraction)
+    if not train_docs:
+        raise DataError(f"all {len(docs)} documents went to validation; lower --val-fraction or add data")
+    fp = corpus_fingerprint(docs)
+    cache = tc.cache_dir or os.path.join(tc.out, "cache")
+    tokenizer_path = tokenizer_path or tc.tokenizer
+    if tokenizer_path:
+        tok = load_tokenizer(tokenizer_path)
+    else:
+        cached = os.path.join(cache, f"tokenizer-{fp}-{cfg.vocab_size}.json")
+        if os.path.exists(cached):
+            tok = load_tokenizer(cached)
+        else:
+            t0 = time.time()
+            tok = train_tokenizer((t for _, t in train_docs), cfg.vocab_size, len(train_docs))
+            os.makedirs(cache, exist_ok=True)
+            with atomic_path(cached, ".json") as tmp:
+                tok.save(tmp)
+            log(f"trained a {tok.get_vocab_size()}-token byte-level BPE in {time.time() - t0:.1f}s")
+    if tok.get_vocab_size() > cfg.vocab_size:
+        raise DataError(f"the tokenizer has {tok.get_vocab_size()} tokens but the model's vocab_size is "
+                          f"{cfg.vocab_size}; pass --vocab-size {tok.get_vocab_size()} (or more)")
+    sp = special_ids(tok)
+    key = f"tokens-{fp}-{tokenizer_hash(tok)}-fim{tc.fim_rate}-val{tc.val_fraction}-seed{tc.seed}"
+    corpus = prepare_corpus(train_docs, val_docs, tok, sp, cache, key, tc.fim_rate, tc.seed, log)
+    val = corpus.index["splits"]["val"]
+    if tc.val_fraction > 0 and val["tokens"] < MIN_VAL_TOKENS:
+        log(f"warning: the validation split is {val['tokens']:,} tokens in {val['documents']} document(s) "
+            f"(--val-fraction {tc.val_fraction} of {len(docs)} documents, split by name): validation loss will "
+            f"be noisy. Raise --val-fraction or add documents")
+    return tok, sp, corpus
 
-    def to(self, device) -> Batch:
-        return Batch(*(None if t is None else t.to(device) for t in (self.ids, self.target, self.segment, self.position)))
 
-    def rows(self, sl: slice) -> Batch:
-        return Batch(*(None if t is None else t[sl] for t in (self.ids, self.target, self.segment, self.position)))
+MIN_VAL_TOKENS = 4096      # below this a validation loss is mostly noise: say so
 
-    def target_mask(self, k: int = 0):
-        """[B, T-k] bool: whether input position i is scored on token i+k+1 (k = 0: the next token;
-        k >= 1: MTP depth k). None when every position is. A target must be a trained token of the same
-        sample as the position predicting it."""
-        if self.target is None and self.segment is None:
-            return None
-        T = self.ids.shape[1] - 1
-        mask = self.target[:, k + 1:] if self.target is not None else torch.ones_like(self.ids[:, k + 1:], dtype=torch.bool)
-        if self.segment is not None:
-            mask = mask & (self.segment[:, k + 1:] == self.segment[:, : T - k])
-        return mask
+
+class TextData:
+    """Pre-training data: the tokenised corpus, windows drawn by the seeded `Sampler`, and fixed
+    validation windows. The trainer's view of any data set: `next_batch`, `val_batches`, `val_bytes`,
+    its position (`state_dict`), what must match on resume (`fingerprint`) and one line about it."""
+
+    def __init__(self, cfg, tc, log=print, tokenizer_path: str | None = None):
+        self.tok, self.sp, self.corpus = prepare_data(cfg, tc, log, tokenizer_path)
+        self.sampler = Sampler(self.corpus.train.tokens, tc.seq_len, tc.seed)
+        self.val = eval_windows(self.corpus.val.tokens, tc.seq_len, tc.eval_batches * tc.batch_size)
+        # exact bytes behind the evaluated targets: bits per byte compares across tokenizers
+        self.val_bytes = int(token_byte_lengths(self.tok)[self.val[:, 1:]].sum()) if len(self.val) else 0
+        self.unigram_entropy = self.corpus.index["unigram_entropy_nats"]
+
+    packed = False                       # batches carry ids only (no targets, samples, positions)
+
+    def next_batch(self, n: int) -> Batch:
+        ids, _ = self.sampler.next_batch(n)
+        return Batch(torch.from_numpy(ids))
+
+    def val_batches(self, n: int) -> list[Batch]:
+        return [Batch(torch.from_numpy(self.val[i:i + n])) for i in range(0, len(self.val), n)]
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict):
+        self.sampler.load_state_dict(state)
+
+    def fingerprint(self) -> dict:
+        return self.corpus.index            # its "splits" must match on resume; `fewchips.demo` reads the rest
+
+    def describe(self) -> str:
+        return (f"train {len(self.corpus.train.tokens):,} tokens, val {len(self.corpus.val.tokens):,}; "
+                f"unigram entropy {self.unigram_entropy:.3f} nats")

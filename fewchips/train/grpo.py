@@ -31,11 +31,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import from_pretrained
 from .bundled import ARITHMETIC_SYSTEM, arithmetic_problem
 from .chat import ChatDataError, check_messages, encode_chat, read_jsonl
 from .config import TrainConfig, TrainError
-from .trainer import StepResult, Trainer, bias_speed, model_tokenizer, update_biases
+from .run_dir import model_tokenizer
+from .trainer import StepResult, Trainer
 
 
 @dataclass
@@ -195,16 +195,39 @@ class PromptData:
 
 
 class GRPOTrainer(Trainer):
+    """The trainer with GRPO's step. Under torchrun (--dp/--ep) every rank samples the same rollouts from
+    the sharded policy (the same prompts and seeds, so the same completions) and trains on its slice of
+    them; the frozen reference is sharded the same way, and not built at all when β = 0."""
+
     def __init__(self, tc: GRPOConfig, log=print, device="cpu"):
         if not tc.init:
             raise TrainError("fewchips grpo needs a model to start from: --model DIR")
         if tc.group_size < 2:
             raise TrainError(f"--group-size must be at least 2 (advantages compare samples), got {tc.group_size}")
+        refuse = [(tc.pp > 1, f"--pp {tc.pp}: GRPO's rollouts run whole forwards on every rank; use --dp/--ep"),
+                  (tc.grad_accum != 1, f"--grad-accum {tc.grad_accum}: one GRPO step is one batch of rollouts; "
+                                       f"raise --batch-size (prompts per step) instead"),
+                  (tc.microbatches is not None, "--microbatches applies to --pp, which GRPO does not run")]
+        for bad, why in refuse:
+            if bad:
+                raise TrainError(f"fewchips grpo: {why}", every_rank=True)
         self.task = load_task(tc.task, tc.prompts)
         super().__init__(None, tc, log, device)
-        self.ref = from_pretrained(tc.init, dtype=torch.float32, device=self.device, mtp=False).eval()
-        for p in self.ref.parameters():
-            p.requires_grad_(False)
+        rows = tc.batch_size * tc.group_size
+        if rows % self.layout.data_size:
+            raise TrainError(f"--batch-size {tc.batch_size} x --group-size {tc.group_size} = {rows} rollouts must "
+                             f"split evenly over the {self.layout.data_size} processes", every_rank=True)
+        if self.layout.data_size > 1 and self._trains_mtp():
+            raise TrainError("fewchips grpo: under torchrun the MTP module cannot follow the policy (its loss would "
+                             "reach the shared embedding and head through FSDP's gradients); pass --freeze-mtp or "
+                             "--mtp-lambda 0", every_rank=True)
+        self.ref = None
+        if tc.kl_beta > 0:                 # π_ref: the starting model, frozen, placed like the policy
+            ref_tc = dataclasses.replace(tc, fp8=False, activation_checkpointing=False, compile=False, freeze_mtp=False)
+            self.ref = self.build(self.cfg.replace(num_nextn_predict_layers=0), ref_tc, frozen=True).eval()
+
+    def _trains_mtp(self) -> bool:
+        return self.tc.mtp_lambda > 0 and not self.tc.freeze_mtp and len(self.model.mtp) > 0
 
     def make_data(self, cfg, resume_from):
         tok, sp = model_tokenizer(resume_from or self.tc.init)
@@ -247,19 +270,22 @@ class GRPOTrainer(Trainer):
             ids[k, :len(r)] = torch.tensor(r)
             start = len(prompt_ids[k // G])
             mask[k, start - 1:len(r) - 1] = 1.0            # position t predicts token t+1
-        ids, mask, adv = ids.to(self.device), mask.to(self.device), adv.to(self.device)
+        mine = self.layout.my_rows(P * G)                     # this process's rows of the rollouts
+        ids, mask, adv = ids[mine].to(self.device), mask[mine].to(self.device), adv[mine].to(self.device)
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             logp, h, stats = token_logprobs(self.model, ids, return_hidden=True)
             with torch.no_grad():
-                logp_ref = token_logprobs(self.ref, ids)
+                logp_ref = token_logprobs(self.ref, ids) if self.ref is not None else logp.detach()
             loss, kl, clip_frac = grpo_loss(logp, logp.detach(), logp_ref, mask, adv, tc.clip_eps, tc.kl_beta)
-            keep_mtp = tc.mtp_lambda > 0 and not tc.freeze_mtp and len(self.model.mtp) > 0
             mtp = None
-            if keep_mtp:
+            if self._trains_mtp():
                 mtp, mtp_stats = self._mtp_loss(ids, h, mask)
                 stats = stats.cat(mtp_stats)
+        loss = self.layout.global_value(loss)
+        tokens = mask.sum()                                    # completion tokens: KL and clip share are per token
+        kl, clip_frac, tokens = self.layout.sum(torch.stack([kl * tokens, clip_frac * tokens, tokens]).detach())
+        kl, clip_frac = kl / tokens.clamp_min(1), clip_frac / tokens.clamp_min(1)
         finite = bool(torch.isfinite(loss)) and (mtp is None or bool(torch.isfinite(mtp)))
-        grad_norm = float("nan")
         loads_LE = torch.zeros(len(self.routers), self.cfg.n_routed_experts, device=self.device)
         if finite:
             if mtp is not None:      # MTP's gradient goes to the MTP module only: it follows the policy, never steers it
@@ -269,23 +295,14 @@ class GRPOTrainer(Trainer):
                         p.grad = g
             loss.backward()
             loads_LE[:len(stats.load)] += stats.load
-            grad_norm = float(self.clip_grad_norm())
-            finite = math.isfinite(grad_norm)
-        if finite:
-            self.opt.step()
-            update_biases(self.routers, self.step_loads(loads_LE),
-                          bias_speed(self.schedule.fraction(self.step), tc.bias_update_speed))
-        self.opt.__dict__.pop("grad_scale", None)
-        self.opt.zero_grad(set_to_none=True)
-        self.sched.step()
-        self.step += 1
-        lengths = mask.sum(-1)
-        self.tokens_seen += int(lengths.sum())
+        grad_norm = self.finish_step(loads_LE, finite, self.schedule.fraction(self.step))
+        finite = math.isfinite(grad_norm)
+        self.tokens_seen += int(tokens)
         extra = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
-                 "kl": kl.item(), "clip_frac": clip_frac.item(), "completion_len": lengths.mean().item(),
+                 "kl": kl.item(), "clip_frac": clip_frac.item(), "completion_len": tokens.item() / (P * G),
                  "groups_with_signal": int((rewards.std(-1) > 0).sum())}
         return StepResult(loss.item() if finite else float("nan"), mtp.item() if mtp is not None else 0.0, 0.0,
-                          grad_norm, loads_LE.cpu(), not finite, P * G, extra, tokens=int(ids.numel()))
+                          grad_norm, loads_LE.cpu(), not finite, P * G, extra, tokens=int(ids.numel()) * self.layout.data_size)
 
     def _mtp_loss(self, ids, h, mask):
         """MTP depth 1 on the sampled rows: position t predicts token t+2, scored on completion tokens. It
@@ -307,7 +324,7 @@ class GRPOTrainer(Trainer):
 
     def _eval_and_plot(self, bar):
         ev = self.evaluate()
-        self._write({"step": self.step, **ev})
+        self.run.write({"step": self.step, **ev})
         (bar.write if bar is not None else self.log)(
             f"step {self.step}: held-out reward {ev['val_reward']:.3f} (greedy), reply length {ev['val_len']:.1f}")
         if self.tc.plots:

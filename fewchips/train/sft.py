@@ -3,6 +3,10 @@
 masking, the loss on the assistant's tokens, the MTP module trained alongside (or frozen), and the
 report's SFT learning-rate shape (cosine from the peak to a fifth of it: 5e-6 -> 1e-6 for V3).
 
+Under torchrun it runs on every layout pre-training does (--dp, --ep, --pp): each micro-batch's packed
+rows are split over the processes and its summed CE divided by the whole micro-batch's target count,
+so every layout logs one process's losses.
+
 The result is an ordinary model directory (weights, tokenizer, chat template) that `fewchips chat`,
 `fewchips serve`, `fewchips eval` and transformers read.
 """
@@ -13,7 +17,8 @@ import dataclasses
 
 from .chat import ChatData, read_chats
 from .config import TrainConfig, TrainError
-from .trainer import Trainer, model_tokenizer
+from .run_dir import model_tokenizer
+from .trainer import Trainer
 
 # Defaults where fine-tuning differs from pre-training (the rest are TrainConfig's).
 SFT_DEFAULTS = dict(steps=200, batch_size=8, seq_len=512, lr=3e-4, lr_schedule="cosine", min_lr_ratio=0.2,

@@ -1,0 +1,449 @@
+"""Where the model lives, as a part the trainer holds: one process (`Layout`), routed experts split over
+ep and everything else FSDP2-sharded (`Sharded`), or pipeline stages with both inside (`Pipelined`).
+The trainer's loop is the same for all three; a layout decides
+
+    placement      the meta model put on its ranks, then only what this process holds allocated and
+                   filled (a layout-free initialisation, or a sharded read of a checkpoint)
+    the step       each micro-batch's rows on this process, the loss normalised so that N processes
+                   give the gradient of one, gradient sync, Σ g² for the clip, the loads of the bias update
+    evaluation     the validation rows split over the processes (or through the pipeline)
+    checkpoints    one Hugging Face directory in one process; torch.distributed.checkpoint shards
+                   (resumable at any other layout) otherwise, and a streamed export by rank 0
+
+With several processes `--batch-size` stays the global micro-batch: every rank draws the same windows
+and trains on its 1/N slice, so a run's data, losses and resume point do not depend on the layout.
+Rank 0 prepares the data (tokenizer, shards) and writes logs, metrics and plots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from datetime import timedelta
+
+import torch
+
+from ..checkpoint import CheckpointError, CheckpointReader, load_weights, save_pretrained
+from ..losses import FIELDS, Batch, compute_losses, evaluate
+from ..stages import stages_per_rank
+from .config import TrainConfig, TrainError
+
+
+def make_layout(tc: TrainConfig, device="cpu") -> "Layout":
+    """One process unless the run is distributed (a layout flag, or torchrun's WORLD_SIZE > 1)."""
+    if tc.pp == 1:
+        given = [f for f, v, default in (("--pp-schedule", tc.pp_schedule, "dualpipev"),
+                                         ("--microbatches", tc.microbatches, None), ("--pp-overlap", tc.pp_overlap, "auto"))
+                 if v != default]
+        if given:
+            raise TrainError(f"{', '.join(given)} set the pipeline of --pp N (N > 1), which this run does not have",
+                             every_rank=True)
+    if not tc.distributed:
+        return Layout(device)
+    from ..parallel import init_parallel
+    try:
+        par = init_parallel(dp=tc.dp, ep=tc.ep, timeout_s=tc.timeout_s, pp=tc.pp)
+    except ValueError as e:
+        raise TrainError(str(e), every_rank=True) from None
+    return Pipelined(par, tc) if tc.pp > 1 else Sharded(par, tc)
+
+
+class Layout:
+    """One process holding the whole model."""
+
+    is_main = True
+    data_size = 1                      # processes that split each micro-batch's rows
+
+    def __init__(self, device="cpu"):
+        self.device = torch.device(device)
+
+    def describe(self) -> str | None:
+        return None
+
+    def main_first(self, main, rest=None):
+        """Setup that rank 0 does first (OUT checks, data preparation) and the others then repeat or read."""
+        return main()
+
+    # ---- placement -----------------------------------------------------------------------------
+    def place(self, model, tc: TrainConfig, amp, packed: bool = False):
+        """The meta model on this process's devices and ranks (`packed`: batches carry every Batch field)."""
+        return model
+
+    def materialise(self, model):
+        """Allocate (uninitialised) what this process holds."""
+        model.to_empty(device=self.device)
+        model.tie_weights()
+
+    rows = None                        # `init_weights`/`load_weights` hook: None = every row
+
+    def fill(self, model, tc: TrainConfig, log=print):
+        """Weights for what this process holds: `--init`'s directory read by slices, else the seeded init."""
+        if tc.init:
+            try:
+                load_weights(model, CheckpointReader(tc.init, mtp=model.config.num_nextn_predict_layers > 0), self.rows)
+            except CheckpointError as e:
+                raise TrainError(f"--init: {e}") from None
+        else:
+            model.init_weights(tc.init_std, seed=tc.seed, rows=self.rows)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def forward_backward(self, model, batches: list[Batch], lam: float, alpha: float, loads_LE, amp):
+        """Forward and backward of one optimizer step's micro-batches, gradients accumulated; adds the MoE
+        loads to `loads_LE`. Returns the step's (main, MTP, balance) losses, each the mean over
+        micro-batches, and whether the loss was finite (a non-finite micro-batch ends the step)."""
+        n = len(batches)
+        tot = [0.0, 0.0, 0.0]
+        for i, batch in enumerate(batches):
+            self.sync_gradients(model, i == n - 1)
+            local, count = self.split(batch)
+            main, mtp, bal, stats = compute_losses(model, local.to(self.device), lam, amp, count)
+            main, mtp, bal = (self.global_value(t) for t in (main, mtp, bal))
+            loss = main + lam * mtp + alpha * bal
+            if not torch.isfinite(loss):
+                return (*tot, False)
+            (loss / n).backward()
+            loads_LE[:len(stats.load)] += stats.load
+            for k, t in enumerate((main, mtp, bal)):
+                tot[k] += t.item() / n
+        return (*tot, True)
+
+    def my_rows(self, n: int) -> slice:
+        """This process's rows of n (n divisible by the processes that split a batch)."""
+        return slice(0, n)
+
+    def split(self, batch: Batch):
+        """This process's rows of a micro-batch and the count its summed CE is divided by (None: its own)."""
+        return batch, None
+
+    def global_value(self, t):
+        return t
+
+    def sync_gradients(self, model, last_micro_batch: bool):
+        """Before each micro-batch's backward: whether its gradients are reduced over ranks now."""
+
+    def grad_norm_sq(self, model):
+        """Σ g² over the whole model when this process holds part of it (None: compute it locally)."""
+        return None
+
+    def reduce_loads(self, loads_LE):
+        """The expert loads of the whole step, summed over the processes that routed its tokens."""
+        return loads_LE
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether any process says so (every rank stops after the same step)."""
+        return flag
+
+    def evaluate(self, model, data, batch_size: int, amp) -> dict:
+        return evaluate(model, data.val_batches(batch_size), data.val_bytes, amp, self.device)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, ckpt_dir: str, model, opt, state: dict, write_files):
+        """OUT/checkpoint as a Hugging Face directory plus train_state.pt (with the optimizer); written
+        beside it and swapped in by renames, the one before kept as checkpoint.old."""
+        from ..files import swap_dir, temp_dir_beside
+        import shutil
+        tmp = temp_dir_beside(ckpt_dir)
+        try:
+            save_pretrained(model, tmp)
+            write_files(tmp)
+            torch.save({**state, "optimizer": opt.state_dict()}, os.path.join(tmp, "train_state.pt"))
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        swap_dir(tmp, ckpt_dir, keep_previous=True)
+
+    def load_checkpoint(self, path: str, model, opt, st: dict):
+        """Model weights and optimizer state of a one-process checkpoint (a Hugging Face directory)."""
+        if os.path.exists(os.path.join(path, ".metadata")):
+            raise TrainError(f"--resume: {path} holds a sharded checkpoint from a torchrun run; resume it with "
+                             f"torchrun (any number of processes), or in one process with --dp 1")
+        load_weights(model, CheckpointReader(path))
+        opt.load_state_dict(st["optimizer"])
+
+    def export(self, model, out: str, write_files):
+        """The final model in OUT itself: config.json, safetensors, tokenizer files."""
+        save_pretrained(model, out)
+        write_files(out)
+
+    def guard(self, what: str):
+        return contextlib.nullcontext()
+
+
+class Sharded(Layout):
+    """Routed experts split over --ep ranks (whole experts per rank, FSDP-sharded again over dp),
+    everything else FSDP2-sharded over all ranks; losses averaged over ranks (the values logged are the
+    global ones), expert loads summed before the bias update, torch.distributed.checkpoint shards."""
+
+    def __init__(self, par, tc: TrainConfig):
+        import torch.distributed as dist
+        self.par, self.tc = par, tc
+        self.device = par.device
+        self.data_size = par.data_size
+        # data preparation and big checkpoints can keep rank 0 busy far longer than a collective's timeout
+        self.slow_group = dist.new_group(backend="gloo", timeout=timedelta(hours=3))
+        if tc.pp == 1 and tc.batch_size % par.data_size:
+            raise TrainError(f"--batch-size {tc.batch_size} (the global micro-batch) must be divisible by the "
+                             f"{par.data_size} processes (dp x ep)", every_rank=True)
+
+    @property
+    def is_main(self):
+        return self.par.is_main
+
+    def describe(self) -> str:
+        par = self.par
+        return (f"parallel: {par.world_size} processes, dp {par.dp} x ep {par.ep} "
+                f"({self.experts_per_rank} experts per rank), {par.device.type}")
+
+    def main_first(self, main, rest=None):
+        import torch.distributed as dist
+        err, value = None, None
+        if self.par.is_main:
+            try:
+                value = main()
+            except Exception as e:   # noqa: BLE001 - re-raised below, on every rank
+                err = e
+        msg = [f"{type(err).__name__}: {err}" if err else None]
+        dist.broadcast_object_list(msg, src=0, group=self.slow_group)
+        if err is not None:
+            raise err
+        if msg[0]:
+            raise TrainError(f"rank 0 could not set up the run: {msg[0]}", every_rank=True)   # rank 0 says it
+        return value if self.par.is_main else (rest or main)()
+
+    def place(self, model, tc: TrainConfig, amp, packed: bool = False):
+        """Under bf16 autocast FSDP all-gathers the weights in bf16 (half the traffic) while master
+        weights, gradient reduction and optimizer state stay fp32."""
+        from ..parallel import parallelize
+        self.experts_per_rank = model.config.n_routed_experts // self.par.ep
+        try:
+            return parallelize(model, self.par, param_dtype=amp)
+        except ValueError as e:
+            raise TrainError(str(e), every_rank=True) from None
+
+    def materialise(self, model):
+        model.to_empty(device=self.device)            # FSDP swaps in each rank's shards
+
+    @staticmethod
+    def rows(name, t):
+        from ..parallel.shards import held_rows
+        return held_rows(name, t)
+
+    def split(self, batch: Batch):
+        """Rows [r·B/N, (r+1)·B/N) on rank r; the summed CE divided by 1/N of the whole micro-batch's count,
+        so that FSDP's mean over ranks is the gradient of one process's mean over all scored targets
+        (packed chats: ranks' slices hold different numbers of targets)."""
+        return batch.rows(self.my_rows(batch.ids.shape[0])), max(batch.target_count(), 1) / self.par.data_size
+
+    def my_rows(self, n: int) -> slice:
+        size, r = self.par.data_size, self.par.data_rank
+        if n % size:
+            raise TrainError(f"{n} rows cannot be split over {size} processes")
+        return slice(r * (n // size), (r + 1) * (n // size))
+
+    def global_value(self, t):
+        """The mean over ranks as the value, this rank's term as the gradient (FSDP and the pipeline
+        average the gradients), so logs and the finiteness check agree everywhere."""
+        import torch.distributed as dist
+        avg = t.detach().clone()
+        dist.all_reduce(avg)
+        return t + (avg / self.par.world_size - t.detach())
+
+    def sync_gradients(self, model, last_micro_batch: bool):
+        """FSDP reduce-scatters only after the last micro-batch of a step (the others accumulate unsharded)."""
+        from ..parallel.fsdp import set_gradient_sync
+        set_gradient_sync(model, last_micro_batch)
+
+    def grad_norm_sq(self, model):
+        from ..parallel import grad_norm_sq
+        return grad_norm_sq(model, self.par)
+
+    def reduce_loads(self, loads_LE):
+        import torch.distributed as dist
+        dist.all_reduce(loads_LE)
+        return loads_LE
+
+    def sum(self, t):
+        import torch.distributed as dist
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    def any_rank(self, flag: bool) -> bool:
+        """torchrun forwards SIGTERM and SIGINT to each rank, not at the same instant."""
+        import torch.distributed as dist
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def evaluate(self, model, data, batch_size: int, amp) -> dict:
+        """Each rank scores its slice of every validation batch (all of it when a batch does not split)."""
+        batches = data.val_batches(batch_size)
+        if not all(b.ids.shape[0] % self.par.data_size == 0 for b in batches):
+            return evaluate(model, batches, data.val_bytes, amp, self.device)
+        local = [b.rows(self.my_rows(b.ids.shape[0])) for b in batches]
+        return evaluate(model, local, data.val_bytes, amp, self.device, reduce=self.sum)
+
+    def _owned(self):
+        return None
+
+    def save_checkpoint(self, ckpt_dir, model, opt, state, write_files):
+        from ..parallel import checkpoint as pckpt
+
+        def with_state(tmp):
+            write_files(tmp)
+            torch.save(state, os.path.join(tmp, "train_state.pt"))
+
+        pckpt.save(ckpt_dir, model, opt, extra={"step": state["step"]}, before_commit=with_state,
+                   group=self.slow_group, owned=self._owned())
+
+    def load_checkpoint(self, path, model, opt, st):
+        """Each rank reads its shards of the weights and optimizer state (any layout wrote them)."""
+        from ..parallel import checkpoint as pckpt
+        if not os.path.exists(os.path.join(path, ".metadata")):
+            raise TrainError(f"--resume: {path} is a single-process checkpoint; resume it without torchrun")
+        pckpt.load(path, model, opt, owned=self._owned())
+
+    def export(self, model, out, write_files):
+        """One Hugging Face directory, streamed by rank 0 from the ranks' shards (no rank holds the model)."""
+        import torch.distributed as dist
+
+        from ..parallel.checkpoint import save_hf
+        save_hf(model, out, self.device)
+        if self.par.is_main:
+            write_files(out)
+        dist.barrier(group=self.slow_group)
+
+    def guard(self, what: str):
+        from ..parallel import abort_on_failure
+        return abort_on_failure(self.par, what)
+
+
+class Pipelined(Sharded):
+    """--pp: the decoder layers cut into pipeline stages (`parallel.pipeline`), each rank holding only its
+    stages, sharded inside as `Sharded` shards a model. A step's global batch (batch size x grad-accum
+    rows) runs through torch's schedule as --microbatches micro-batches; the loss is computed on the last
+    stage; each rank's MoE loads join one all-reduce before the bias update. Checkpoints hold each
+    tensor once, under its single-process name, whichever rank wrote it."""
+
+    def __init__(self, par, tc: TrainConfig):
+        super().__init__(par, tc)
+        self.pipe = None
+        self.microbatches = self._check_pipeline(tc, par)
+
+    def describe(self) -> str:
+        par = self.par
+        return (f"parallel: {par.world_size} processes, pp {par.pp} ({self.tc.pp_schedule}, {self.microbatches} "
+                f"micro-batches) x dp {par.dp} x ep {par.ep} ({self.experts_per_rank} experts per rank), {par.device.type}")
+
+    def place(self, model, tc: TrainConfig, amp, packed: bool = False):
+        """Every rank keeps only its stages' parameters (the pipeline releases the others, on meta) and
+        splits their experts over the stage's ep ranks. DualPipeV's F&B pairs run on two threads where that
+        hides the all-to-alls (GPUs); measured 23% slower on 2 CPU cores (benchmarks/RESULTS.md). Never
+        with activation checkpointing, whose recomputation issues forward all-to-alls from the backward's
+        thread."""
+        from ..parallel.pipeline import Pipeline
+        par = self.par
+        self.experts_per_rank = model.config.n_routed_experts // par.ep
+        rows = tc.batch_size * tc.grad_accum // (self.microbatches * par.data_size)
+        overlap = {"on": True, "off": False, "auto": par.device.type == "cuda"}[tc.pp_overlap]
+        if overlap and tc.activation_checkpointing:
+            if tc.pp_overlap == "on":
+                raise TrainError("--pp-overlap on with --activation-checkpointing: the recomputation would issue "
+                                 "forward all-to-alls from the backward's thread; drop one of the two", every_rank=True)
+            overlap = False
+        window = (len(FIELDS), tc.seq_len + 1) if packed else (tc.seq_len + 1,)
+        try:
+            self.pipe = Pipeline(model, par, rows, window, tc.pp_schedule, self.microbatches, amp, overlap=overlap)
+        except ValueError as e:
+            raise TrainError(str(e), every_rank=True) from None
+        return model
+
+    def materialise(self, model):
+        for stage in self.pipe.stages:               # the released stages stay on meta
+            stage.to_empty(device=self.device)
+
+    def holdings(self) -> str:
+        import torch.distributed as dist
+        held, total = self.pipe.parameter_counts()
+        note = "dualpipev: each paired forward and backward chunk runs on two threads (--pp-overlap)\n" \
+            if self.pipe.overlapped else ""
+        return (f"{note}pipeline rank {dist.get_rank(self.par.pp_group)} holds {held:,} of the model's {total:,} "
+                f"parameters (its stages, sharded over the stage's {self.par.data_size} rank(s); the other stages "
+                f"are released)")
+
+    @staticmethod
+    def _check_pipeline(tc: TrainConfig, par) -> int:
+        """The number of pipeline micro-batches per full step (default: --grad-accum, at least the
+        stages). Under a batch-size ramp a step of n trainer micro-batches runs n x (that / --grad-accum)
+        pipeline micro-batches of the same shape, so that number must be a multiple of --grad-accum and
+        the ramp's first step must still feed every stage."""
+        schedule = tc.pp_schedule
+        n_stages = par.pp * stages_per_rank(schedule)
+        m = tc.microbatches or max(tc.grad_accum, n_stages)
+        rows, n = tc.batch_size * tc.grad_accum, par.data_size
+        if m < 1 or rows % (m * n):
+            each = f" x the {n} processes of a stage (dp x ep)" if n > 1 else ""
+            raise TrainError(f"--microbatches {m}{each} must divide the step's {rows} sequences "
+                             f"(--batch-size {tc.batch_size} x --grad-accum {tc.grad_accum})", every_rank=True)
+        if tc.batch_ramp_tokens:
+            if m % tc.grad_accum:
+                raise TrainError(f"--batch-ramp-tokens with --pp: --microbatches {m} must be a multiple of --grad-accum "
+                                 f"{tc.grad_accum} (each micro-batch of the ramp is {m // tc.grad_accum or 1}+ pipeline "
+                                 f"micro-batches of one shape)", every_rank=True)
+            start = max(1, (tc.batch_size_start or tc.batch_size) // tc.batch_size)     # trainer micro-batches
+            first = start * (m // tc.grad_accum)
+            if first < n_stages:                  # torch's schedules need a micro-batch for every stage
+                need = -(-n_stages // start) * tc.grad_accum
+                raise TrainError(f"--batch-ramp-tokens with --pp: the ramp's first step would run {first} pipeline "
+                                 f"micro-batch(es), fewer than the {n_stages} stages of --pp-schedule {schedule}; "
+                                 f"use --microbatches {need} or a larger --batch-size-start", every_rank=True)
+        return m
+
+    def forward_backward(self, model, batches, lam, alpha, loads_LE, amp):
+        """The step's rows through the schedule; row r of trainer micro-batch j is divided by
+        n_micro x C_j / (dp x ep) (C_j: that micro-batch's scored targets), so the pipeline's sum over its
+        micro-batches and FSDP's mean over the stage's ranks give one process's mean of micro-batch means."""
+        n_micro, B = len(batches), batches[0].ids.shape[0]
+        counts = torch.tensor([max(b.target_count(), 1) * n_micro / self.par.data_size for b in batches],
+                              dtype=torch.float64).repeat_interleave(B).float()
+        window = self.par.local_batch(Batch.cat(batches).window())     # this rank's rows of the step
+        counts = self.par.local_batch(counts)
+        self.pipe.set_microbatches(n_micro * self.microbatches // self.tc.grad_accum)   # fewer during a ramp
+        main, mtp, bal = self.pipe.step(window.to(self.device), counts.to(self.device), lam, alpha, loads_LE).tolist()
+        return main, mtp, bal, all(map(math.isfinite, (main, mtp, bal)))
+
+    def sync_gradients(self, model, last_micro_batch):
+        pass                                         # the schedule reduces once, after its last backward
+
+    def grad_norm_sq(self, model):
+        return self.pipe.grad_norm_sq()
+
+    def evaluate(self, model, data, batch_size: int, amp) -> dict:
+        """The validation windows through the pipeline in steps of the training shapes (the last step
+        padded with filler rows that are not counted); the same numbers as one process."""
+        import torch.distributed as dist
+
+        from ..losses import bits_per_byte
+        batches = data.val_batches(batch_size)
+        if not batches:
+            return {}
+        val = Batch.cat(batches)
+        windows, n, count = val.window(), val.ids.shape[0], val.target_count()
+        per_step, size = self.tc.batch_size * self.tc.grad_accum, self.par.data_size
+        windows = torch.cat([windows, windows[:1].expand((-n) % per_step, *windows.shape[1:])])
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for start in range(0, windows.shape[0], per_step):
+            rows = self.pipe.evaluate(self.par.local_batch(windows[start:start + per_step]).to(self.device))
+            first = start + self.par.data_rank * (per_step // size)       # this rank's first row in `val`
+            total += rows[torch.arange(first, first + rows.shape[0], device=self.device) < n].double().sum()
+        if size > 1:
+            dist.all_reduce(total, group=self.par.data_group)
+        loss = total.item() / max(count, 1)
+        return {"val_loss": loss, "val_bpb": bits_per_byte(loss, data.val_bytes / max(count, 1)), "val_tokens": count}
+
+    def _owned(self):
+        return self.pipe.owned

@@ -1,0 +1,218 @@
+"""The run folder OUT: its one-writer lock, metrics.jsonl, the checkpoint (OUT/checkpoint, the one
+before it as OUT/checkpoint.old), the tokenizer files beside the weights, and what must match for
+`--resume` to continue exactly (configs, data, schedule). Checkpoints are written to a temp folder and
+swapped in by renames, so a failed write leaves the previous one as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+
+from ..checkpoint import CheckpointError, CheckpointReader
+from ..config import ConfigError, ModelConfig
+from ..files import FolderLock, FolderLockedError, atomic_write_text
+from .config import TrainConfig, TrainError
+from .schedule import RunSchedule, switch_step
+from .tokenizer import load_tokenizer, save_tokenizer, special_ids
+
+
+class RunDir:
+    """OUT as the trainer sees it. Only the main process (`writer`) takes the lock and writes metrics."""
+
+    def __init__(self, tc: TrainConfig, log=print, writer: bool = True):
+        self.tc, self.log, self.writer = tc, log, writer
+        self.out = tc.out
+        self.ckpt_dir = os.path.join(tc.out, "checkpoint")
+        self.metrics_path = os.path.join(tc.out, "metrics.jsonl")
+        self.lock = FolderLock(tc.out)
+
+    def open(self):
+        """Refuse to start over a run unless told (--resume, --overwrite), then take the lock."""
+        has_ckpt = any(os.path.exists(self.ckpt_dir + s) for s in ("", ".old"))
+        if has_ckpt and not self.tc.resume and not self.tc.overwrite:
+            raise TrainError(f"{self.out} already holds a training run; pass --resume to continue it or "
+                             f"--overwrite to start over (the tokenised data cache is kept)")
+        os.makedirs(self.out, exist_ok=True)
+        if self.writer:
+            try:
+                self.lock.acquire()                   # one writer per output folder
+            except FolderLockedError as e:
+                raise TrainError(str(e)) from None
+
+    def close(self):
+        if self.writer:
+            self.lock.release()
+
+    def resume_dir(self) -> str:
+        """The newest checkpoint that can be read: OUT/checkpoint, else OUT/checkpoint.old (the one before
+        it, kept as a fallback; also what a crash between the two renames of a save leaves)."""
+        problems = []
+        for d in (self.ckpt_dir, self.ckpt_dir + ".old"):
+            if not os.path.exists(os.path.join(d, "train_state.pt")):
+                continue
+            try:
+                read_train_state(d)
+                load_tokenizer(os.path.join(d, "tokenizer.json"))
+            except (TrainError, ValueError, FileNotFoundError) as e:
+                problems.append(str(e))
+                self.log(f"warning: {e}")
+                continue
+            if problems:
+                self.log(f"resuming from the previous checkpoint, {d}")
+            return d
+        if problems:
+            raise TrainError(f"--resume: {problems[-1]}; no earlier checkpoint to fall back to. Start over with "
+                             f"--overwrite (the tokenised data cache is kept)")
+        raise TrainError(f"--resume: no checkpoint in {self.ckpt_dir}")
+
+    def reset(self):
+        """A fresh run: with --overwrite the previous run's checkpoints go, only now that the data and the
+        model are ready (a bad data file or config has stopped the run before anything was deleted)."""
+        if not self.writer:
+            return
+        if self.tc.overwrite:
+            for d in (self.ckpt_dir, self.ckpt_dir + ".old"):
+                shutil.rmtree(d, ignore_errors=True)
+        open(self.metrics_path, "w").close()
+
+    def write(self, rec: dict):
+        if self.writer:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def truncate(self, step: int):
+        if self.writer:
+            truncate_metrics(self.metrics_path, step, self.log)
+
+    def write_tokenizer(self, tok, folder: str):
+        """tokenizer.json and tokenizer_config.json; a run started from a model directory keeps that
+        directory's tokenizer_config.json (its own chat template, e.g. a released checkpoint's)."""
+        save_tokenizer(tok, folder, self.tc.seq_len)
+        source = os.path.join(self.tc.init, "tokenizer_config.json") if self.tc.init else None
+        if source and os.path.exists(source):
+            with open(source, encoding="utf-8") as f:
+                atomic_write_text(os.path.join(folder, "tokenizer_config.json"), f.read())
+
+
+def check_resume(st: dict, cfg: ModelConfig, tc: TrainConfig, data, path: str, log=print):
+    """The saved run's model config, data and (unless allowed) schedule must be this run's."""
+    saved_cfg = ModelConfig.from_dict(st["model_config"])
+    if saved_cfg.to_dict() != cfg.to_dict():
+        a, b = saved_cfg.to_dict(), cfg.to_dict()
+        diff = [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        raise TrainError(f"--resume: the model config does not match the checkpoint in {path} ({'; '.join(diff)})")
+    check_resume_fields(st["train_config"], tc, log)
+    check_same_data(st, data)
+
+
+def check_resume_fields(saved: dict, tc: TrainConfig, log=print):
+    """Refuse to resume with a setting that would change the data of the saved run, or (unless
+    --allow-schedule-change) its schedule. A field the checkpoint predates had its default then."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for k in TrainConfig.RESUME_FIELDS:
+        was = saved.get(k, fields[k].default)
+        if was != getattr(tc, k):
+            raise TrainError(f"--resume: {k} is {getattr(tc, k)!r} but the checkpoint was trained with "
+                             f"{was!r}; pass the same value to continue exactly")
+    changed = {k: saved.get(k, fields[k].default) for k in TrainConfig.SCHEDULE_FIELDS
+               if saved.get(k, fields[k].default) != getattr(tc, k)}
+    if not changed:
+        return
+    was = dataclasses.replace(tc, **changed)
+    old, new = RunSchedule.of(was), RunSchedule.of(tc)
+    what = ", ".join(f"--{k.replace('_', '-')} {v} -> {getattr(tc, k)}" for k, v in changed.items())
+    plan = (f"the lr, γ and λ schedules are laid out over the run's tokens ({old.total_tokens:,} -> {new.total_tokens:,}): "
+            f"the cosine would start after step {switch_step(was, old)} instead of step {switch_step(tc, new)}")
+    if not tc.allow_schedule_change:
+        raise TrainError(f"--resume with {what} changes the run's schedule: {plan}. Pass the checkpoint's values "
+                         f"to continue it exactly, or --allow-schedule-change to continue on the new schedule")
+    log(f"warning: {what} changes the schedule: {plan} (--allow-schedule-change)")
+
+
+def check_same_data(state: dict, data):
+    """--resume needs the data the checkpoint was trained on (its fingerprint: token counts per split)."""
+    saved, now = state["corpus"].get("splits"), data.fingerprint().get("splits")
+    if saved != now:
+        raise TrainError(f"--resume: the data differs from the checkpoint's (train/val token counts {saved} vs "
+                         f"{now}); pass the same --data")
+
+
+def read_train_state(path) -> dict:
+    """A checkpoint's train_state.pt (weights_only: tensors and plain values, no pickled code)."""
+    file = os.path.join(path, "train_state.pt")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainError(f"{file} is missing") from None
+    except Exception as e:            # truncated or corrupt: torch raises RuntimeError, pickle errors, ...
+        raise TrainError(f"{file} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                         f"the file is damaged or truncated") from None
+
+
+def truncate_metrics(path, step: int, log=print):
+    """On resume, keep the metrics up to the checkpoint's step (drop an interrupted tail) and any line
+    that does not parse (a crash mid-write), saying how many."""
+    if not os.path.exists(path):
+        return
+    keep, bad = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            if rec.get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    if bad:
+        log(f"warning: {path}: dropped {bad} line(s) that are not JSON (a write cut short?); the other records are kept")
+    atomic_write_text(path, "".join(keep))
+
+
+def model_tokenizer(folder: str):
+    """A model directory's tokenizer.json and its special ids, or one error naming the file."""
+    path = os.path.join(folder, "tokenizer.json")
+    try:
+        tok = load_tokenizer(path)
+        return tok, special_ids(tok, path)
+    except (ValueError, FileNotFoundError) as e:
+        raise TrainError(f"--model: {e}") from None
+
+
+def init_config(path: str, log=print) -> ModelConfig:
+    """The config of a model directory to start from, its MTP layers counted only if their weights are there."""
+    try:
+        cfg = CheckpointReader(path).cfg
+    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+        raise TrainError(f"--init: {e}") from None
+    if not cfg.num_nextn_predict_layers:
+        log(f"--init: {path} has no MTP weights; training without the MTP module")
+    return cfg
+
+
+def rng_state() -> dict:
+    """torch, numpy and Python RNG states as tensors and plain values, so the training state loads
+    with torch.load(weights_only=True) - no arbitrary pickles."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+
+
+def set_rng_state(st: dict):
+    torch.set_rng_state(st["torch"])
+    n = st["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = st["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
