@@ -19,7 +19,8 @@ from fewchips.model import Router  # noqa: E402
 from fewchips.parallel import (ExpertParallelExperts, abort_on_failure, grad_norm_sq, init_parallel,  # noqa: E402
                                parallelize, shutdown)
 from fewchips.parallel import checkpoint as pckpt  # noqa: E402
-from fewchips.train.trainer import clip_grad_norm, compute_losses, moe_routers, update_biases  # noqa: E402
+from fewchips.losses import compute_losses, moe_routers, update_biases  # noqa: E402
+from fewchips.train.build import clip_grad_norm  # noqa: E402
 
 torch.set_num_threads(1)
 B, T, LR, GAMMA = 8, 12, 1e-2, 1e-2
@@ -184,7 +185,8 @@ def pipeline(schedule, microbatches):
     holds_first = any(m.first for m in mods)
     holds_last = any(m.last for m in mods)
     args = (ids,) if holds_first else ()
-    kwargs = {"target": ids, "losses": losses} if holds_last else {}
+    counts = torch.full((B,), float(B * (T - 1)))          # every row divided by the batch's target count: a mean
+    kwargs = {"target": counts, "losses": losses} if holds_last else {}
     sched.step(*args, **kwargs)
     tie_embeddings(mods, tie)
     main, mtp, bal, stats = compute_losses(ref, ids, 0.3, None)
@@ -252,7 +254,8 @@ def pipeline_overlap(overlap, schedule="dualpipev"):
     pipe = Pipeline(model, par, rows=1, window=T, schedule=schedule, n_microbatches=4, overlap=overlap)
     ids = batch(4, cfg)                                     # [8, T] windows: 4 micro-batches x 2 ep ranks
     loads = torch.zeros(len(moe_routers(model)), cfg.n_routed_experts)
-    main, mtp, bal = pipe.step(par.local_batch(ids), 0.3, 1e-4, loads).tolist()
+    counts = torch.full((B // par.data_size,), B * (T - 1) / par.data_size)   # one micro-batch of B rows, 1/N each
+    main, mtp, bal = pipe.step(par.local_batch(ids), counts, 0.3, 1e-4, loads).tolist()
     r_main, r_mtp, r_bal, _ = compute_losses(ref, ids, 0.3, None)
     (r_main + 0.3 * r_mtp + 1e-4 * r_bal).backward()
     refp = dict(ref.named_parameters())
@@ -265,6 +268,52 @@ def pipeline_overlap(overlap, schedule="dualpipev"):
         worst = max(worst, ((got - r).abs().max() / (r.abs().max() + 1e-30)).item())
     return {"rank": par.rank, "main": main, "ref_main": r_main.item(), "mtp": mtp, "ref_mtp": r_mtp.item(),
             "grad_rel_err": worst, "pairs_on_two_threads": O.PAIRS_RUN[0]}
+
+
+def placement(out, layout: dict, fp8_dir: str):
+    """What the trainer builds at a layout (`--ep/--dp/--pp`), through its own parts: the meta model placed,
+    then only this rank's tensors allocated and filled. Rank 0 gathers each tensor (RowGather) and
+    compares it bitwise with one process's: the seeded initialisation, and a sharded `--init` read of an
+    FP8-layout checkpoint against `from_pretrained`. Each rank reports the share of parameter elements
+    it holds; the streamed export of the loaded model is written for the test to compare."""
+    from fewchips import DeepseekV3, from_pretrained
+    from fewchips.checkpoint import empty_model, hf_state_dict
+    from fewchips.parallel.checkpoint import save_hf
+    from fewchips.parallel.shards import RowGather
+    from fewchips.train.build import build_model
+    from fewchips.train.config import TrainConfig
+    from fewchips.train.layout import make_layout
+    cfg = placement_config()
+    tc = TrainConfig(out=out, seed=7, init_std=0.02, batch_size=8, seq_len=12, **layout)
+    lay = make_layout(tc)
+    res = {"rank": dist.get_rank()}
+    for what, tc_ in (("init", tc), ("fp8_load", TrainConfig(**{**tc.__dict__, "init": fp8_dir}))):
+        model = lay.place(build_model(cfg, tc_), tc_, None)
+        lay.materialise(model)
+        lay.fill(model, tc_)
+        got = dict(hf_state_dict(model, RowGather(model, lay.device)))
+        if what == "init":
+            held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters() if not p.is_meta)
+            res["held_share"] = held / sum(p.numel() for p in model.parameters())
+        if dist.get_rank() == 0:
+            if what == "init":
+                ref = empty_model(cfg).init_weights(0.02, seed=7)
+            else:
+                ref = from_pretrained(fp8_dir, dtype=torch.float32)
+            want = dict(hf_state_dict(ref))
+            res[f"{what}_names_equal"] = sorted(got) == sorted(want)
+            res[f"{what}_bitwise"] = all(torch.equal(got[k], want[k]) for k in want if k in got)
+            if what == "fp8_load":
+                ref.save_pretrained(os.path.join(out, "one"), max_shard_bytes=100_000)
+        if what == "fp8_load":
+            save_hf(model, os.path.join(out, "streamed"), lay.device, max_shard_bytes=100_000)
+    assert isinstance(DeepseekV3, type)
+    return res
+
+
+def placement_config():
+    """A dense FFN of 320 rows (three 128-row FP8 blocks) so that the rank's FSDP slices cut blocks."""
+    return tiny_config(num_hidden_layers=4, intermediate_size=320, vocab_size=384)
 
 
 def resume(par, out, ckpt):
@@ -308,6 +357,12 @@ def main():
         return
     if scenario == "pipeline_overlap":
         res = pipeline_overlap(sys.argv[3] == "on", sys.argv[4])
+        with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
+            json.dump(res, f)
+        shutdown()
+        return
+    if scenario == "placement":                             # the trainer's own layout: it starts the group
+        res = placement(out, json.loads(sys.argv[3]), sys.argv[4])
         with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
             json.dump(res, f)
         shutdown()

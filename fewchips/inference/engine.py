@@ -62,7 +62,8 @@ class Request:
 
 class Engine:
     def __init__(self, model, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
-                 max_cache_bytes: int | None = None, max_prefill_tokens: int = 8192, compile: bool = False):
+                 max_cache_bytes: int | None = None, max_prefill_tokens: int = 8192, compile: bool = False,
+                 inference_mode: bool = True):
         cfg = model.config
         self.model, self.tokenizer = model, tokenizer
         p = next(model.parameters())
@@ -89,6 +90,9 @@ class Engine:
         # compile: decode steps as one compiled graph (generate.compiled_decode_step); pays off for
         # batches of one or two, e.g. `fewchips chat --compile`. Prefill stays eager.
         self._step = compiled_decode_step() if compile else None
+        # False for a model that trains between runs with FSDP: its gathered weights, made once, must not be
+        # inference tensors (plain no_grad then)
+        self.inference_mode = inference_mode
 
     @property
     def cache_bytes(self) -> int:
@@ -123,8 +127,11 @@ class Engine:
         return bool(self.waiting or self.running)
 
     # ---- the step ----------------------------------------------------------------------------
-    @torch.inference_mode()
     def step(self):
+        with torch.inference_mode() if self.inference_mode else torch.no_grad():
+            self._step_once()
+
+    def _step_once(self):
         with self._cv:
             for r in [r for r in self.waiting if r.aborted]:
                 self.waiting.remove(r)

@@ -239,7 +239,8 @@ class GRPOTrainer(Trainer):
         from ..inference.sampling import SamplingParams
         tc = self.tc
         max_len = max(len(p) for p in prompt_ids) + tc.max_new_tokens + 1
-        engine = Engine(self.model, None, max_batch=len(prompt_ids) * n, max_len=max_len)
+        engine = Engine(self.model, None, max_batch=len(prompt_ids) * n, max_len=max_len,
+                        inference_mode=self.layout.data_size == 1)
         reqs = [Request(p, SamplingParams(max_tokens=tc.max_new_tokens, temperature=0.0 if greedy else tc.temperature,
                                           top_p=tc.top_p, seed=seed * 10_000 + i * n + j, stop_token_ids=[self.sp.eos]))
                 for i, p in enumerate(prompt_ids) for j in range(n)]
