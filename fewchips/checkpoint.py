@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
+import struct
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -104,21 +106,24 @@ def hf_state_dict(model: DeepseekV3, fetch=None):
 
 def save_pretrained(model: DeepseekV3, path, max_shard_bytes: int = 4 * 2**30, dtype=None,
                     tokenizer_dir: str | None = None, fetch=None):
-    """Write config.json and safetensors (sharded past `max_shard_bytes`, with an index), streaming:
-    each file is written as soon as it fills, so memory holds at most one file's tensors beyond the
-    model. Every file is written to a temporary name and renamed, so a crash leaves the old files.
-    `fetch`: see `hf_state_dict` (a sharded model's rows gathered onto this process)."""
+    """Write config.json and safetensors (sharded past `max_shard_bytes`, with an index), streaming: the
+    files' layout is planned from the tensors' shapes first, then each tensor is written into its file
+    as it comes, so nothing beyond the model and the tensor in hand is held. Every file is written to a
+    temporary name and renamed, so a crash leaves the old files. `fetch`: see `hf_state_dict` (a
+    sharded model's rows gathered onto this process)."""
     os.makedirs(path, exist_ok=True)
     cfg = model.config
 
-    def tensors():
+    def tensors(fetch):
         for name, t in hf_state_dict(model, fetch):
             t = t.detach()
             if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
                 t = t.to(dtype)
             yield name, t
 
-    write_shards(path, tensors(), max_shard_bytes)
+    shapes = lambda name, t, a, b: torch.empty((b - a, *t.shape[1:]), dtype=t.dtype, device="meta")  # noqa: E731
+    plan = [(name, tuple(t.shape), t.dtype) for name, t in tensors(shapes)]
+    write_shards(path, tensors(fetch), max_shard_bytes, plan)
     d = cfg.to_dict()
     d["torch_dtype"] = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
     atomic_write_text(os.path.join(path, "config.json"), json.dumps(d, indent=2, sort_keys=True) + "\n")
@@ -128,38 +133,51 @@ def save_pretrained(model: DeepseekV3, path, max_shard_bytes: int = 4 * 2**30, d
 DeepseekV3.save_pretrained = save_pretrained     # model.save_pretrained(path, ...): the method form
 
 
-def write_shards(path, named_tensors, max_shard_bytes: int):
+def write_shards(path, named_tensors, max_shard_bytes: int, plan=None):
     """Safetensors shards (a weight and its `_scale_inv` always share one) plus the index, or a single
-    `model.safetensors`. Streams: a shard is written under a hidden name as soon as it is full and
-    released; at the end the shards are renamed to their final names (their count is known only
-    then). Stale shards of an earlier save are removed first."""
+    `model.safetensors`. `plan`: [(name, shape, dtype)] of what `named_tensors` yields, in order; then
+    each tensor goes straight into its file. Without it a file's tensors are held until it is full.
+    Shards are written under hidden names and renamed once all are done. Stale shards of an earlier
+    save are removed first."""
     for old in os.listdir(path):   # stale shards of an earlier save would confuse loaders
         if old.endswith(".safetensors") or old == INDEX_FILE:
             os.remove(os.path.join(path, old))
-    written: list[tuple[str, dict[str, int]]] = []          # (hidden file, name -> bytes) per shard
-    cur, cur_bytes, ptrs = {}, 0, set()
 
-    def flush():
-        part = os.path.join(path, f".part-{len(written) + 1:05d}.safetensors")
-        write_safetensors(cur, part)
-        written.append((part, {n: t.numel() * t.element_size() for n, t in cur.items()}))
+    def nbytes(shape, dtype):
+        return math.prod(shape) * dtype.itemsize
 
-    try:
+    def split(entries):                              # the files, by the size rule
+        files, cur, size = [], [], 0
+        for e in entries:
+            n = nbytes(e[1], e[2])
+            if cur and size + n > max_shard_bytes and not e[0].endswith("_scale_inv"):
+                files.append(cur)
+                cur, size = [], 0
+            cur.append(e)
+            size += n
+        return files + [cur]
+
+    def groups():                                    # (a file's entries, its tensors in that order)
+        if plan is not None:
+            it = iter(named_tensors)
+            for entries in split(plan):
+                yield entries, (next(it) for _ in entries)
+            return
+        cur, size = [], 0
         for name, t in named_tensors:
-            t = t.contiguous().cpu()
-            nbytes = t.numel() * t.element_size()
-            if cur and cur_bytes + nbytes > max_shard_bytes and not name.endswith("_scale_inv"):
-                flush()
-                cur, cur_bytes, ptrs = {}, 0, set()
-            # safetensors refuses tensors that share memory (expert views, the MTP layers' copies)
-            ptr = t.untyped_storage().data_ptr()
-            if _shares_storage(t) or ptr in ptrs:
-                t = t.clone()
-            ptrs.add(t.untyped_storage().data_ptr())
-            cur[name] = t
-            cur_bytes += nbytes
-        flush()
-        cur = {}
+            if cur and size + nbytes(t.shape, t.dtype) > max_shard_bytes and not name.endswith("_scale_inv"):
+                yield [(n, tuple(x.shape), x.dtype) for n, x in cur], iter(cur)
+                cur, size = [], 0
+            cur.append((name, t))
+            size += nbytes(t.shape, t.dtype)
+        yield [(n, tuple(x.shape), x.dtype) for n, x in cur], iter(cur)
+
+    written: list[tuple[str, dict[str, int]]] = []          # (hidden file, name -> bytes) per shard
+    try:
+        for entries, tensors in groups():
+            part = os.path.join(path, f".part-{len(written) + 1:05d}.safetensors")
+            stream_safetensors(part, entries, tensors)
+            written.append((part, {n: nbytes(shape, dt) for n, shape, dt in entries}))
         if len(written) == 1:
             os.replace(written[0][0], os.path.join(path, SINGLE_FILE))
             return
@@ -167,9 +185,9 @@ def write_shards(path, named_tensors, max_shard_bytes: int):
         for i, (part, sizes) in enumerate(written):
             fname = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
             os.replace(part, os.path.join(path, fname))
-            for n, nbytes in sizes.items():
+            for n, size in sizes.items():
                 weight_map[n] = fname
-                total += nbytes
+                total += size
         write_index(path, weight_map, total)
     finally:
         for part, _ in written:
@@ -177,14 +195,37 @@ def write_shards(path, named_tensors, max_shard_bytes: int):
                 os.remove(part)
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL", **{d: n for d, n in zip(FP8_DTYPES, ("F8_E4M3", "F8_E5M2"))}}
+
+
+def stream_safetensors(dest, entries, tensors):
+    """One safetensors file from its header (`entries`: [(name, shape, dtype)], known before any data)
+    and then each tensor's bytes as `tensors` yields (name, tensor) in that order: the format is an
+    8-byte header length, the JSON header with each tensor's byte range, the bytes. Written beside
+    `dest` and renamed into place."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype in entries:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)                  # the data starts 8-byte aligned, as safetensors writes it
+    with atomic_path(dest, ".safetensors") as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for (name, shape, dtype), (got, t) in zip(entries, tensors, strict=True):
+            if got != name or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise RuntimeError(f"{dest}: expected {name} {shape} {dtype}, got {got} {tuple(t.shape)} {t.dtype}")
+            if t.numel():
+                f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
+
+
 def write_index(path, weight_map: dict[str, str], total_bytes: int):
     """model.safetensors.index.json: which shard holds each tensor."""
     atomic_write_text(os.path.join(path, INDEX_FILE),
                       json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2))
-
-
-def _shares_storage(t):
-    return t.untyped_storage().nbytes() != t.numel() * t.element_size()
 
 
 def write_safetensors(tensors: dict, dest):
@@ -304,8 +345,11 @@ class CheckpointReader:
             raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({e}); is the file truncated?") from None
 
     def _handle(self, name: str):
+        """The open file holding `name`; the others are closed (a mapped file's pages count as this
+        process's memory once read)."""
         file = self.files[name]
         if file not in self._handles:
+            self._handles.clear()
             self._handles[file] = safe_open(file, framework="pt")
         return self._handles[file]
 

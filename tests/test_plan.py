@@ -80,7 +80,7 @@ def test_671b_on_one_gpu_does_not_fit_and_names_the_largest_term(v3, capsys):
 
 def test_cli_report_layout_end_to_end(capsys):
     argv = ["plan", "--preset", "v3", "--tokens", "14.8T", "--gpus", "2048", "--gpu", "h800",
-            "--ep", "64", "--pp", "16", "--dp", "2", "--fp8", "--pp-schedule", "dualpipe", "--json"]
+            "--ep", "64", "--pp", "16", "--dp", "2", "--fp8", "--pp-schedule", "dualpipe", "--memory", "report", "--json"]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["memory_per_gpu"]["fp8"]["fits"] is True
@@ -209,7 +209,7 @@ def test_model_from_a_config_file(tmp_path, capsys):
     for src in (str(tmp_path), str(tmp_path / "config.json")):
         assert main(["plan", "--model", src, "--gpus", "4", "--ep", "4", "--gpu", "rtx4090", "--json"]) == 0
         out = json.loads(capsys.readouterr().out)
-        assert out["layout"] == {"gpus": 4, "dp": 1, "ep": 4, "pp": 1, "zero": 1, "schedule": "dualpipev"}
+        assert out["layout"] == {"gpus": 4, "dp": 1, "ep": 4, "pp": 1, "zero": 3, "schedule": "dualpipev"}   # FSDP2
         assert out["params"]["total"] == est.count_params(ModelConfig.from_preset("tiny")).counts["total"]
     assert main(["plan", "--model", str(tmp_path / "missing")]) == 2
     assert "no config.json" in capsys.readouterr().err
@@ -245,7 +245,7 @@ def test_search_finds_the_fewest_gpus_that_fit(capsys):
                     checked += 1
     assert checked > 10
     assert main(["plan", "--preset", "small", "--gpu-spec", "name=tiny,mem=0.5,bf16=10", "--seq", "512",
-                 "--search", "train"]) == 0
+                 "--search", "train", "--memory", "report"]) == 0
     assert f"{found['gpus']} x tiny at the fewest" in capsys.readouterr().out
 
 
@@ -253,3 +253,45 @@ def test_search_serving_v3_fp8_on_h800(capsys):
     assert main(["plan", "--preset", "v3", "--gpu", "h800", "--fp8", "--search", "serve", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["gpus"] == 8 and out["need_gib"] <= 8 * 80 < out["need_gib"] + 80      # 627 GiB of FP8 weights
+
+
+def test_fewchips_memory_counts_the_bytes_the_trainer_allocates(tmp_path):
+    """--memory fewchips on one GPU: weights, gradients and AdamW state equal the bytes of the trainer's own
+    tensors after a step (its parameters, their .grad, the optimizer's exp_avg/exp_avg_sq), FP32 and BF16
+    moments alike."""
+    import torch
+
+    from fewchips.losses import compute_losses
+    from fewchips.train.build import build_optimizer, build_model
+    from fewchips.train.config import TrainConfig
+    from fewchips.train.layout import Layout
+    cfg = ModelConfig.from_preset("tiny", vocab_size=512)
+    p = est.count_params(cfg)
+    for bf16 in (False, True):
+        tc = TrainConfig(out=str(tmp_path), bf16_moments=bf16, steps=2, batch_size=2, seq_len=16)
+        lay = Layout()
+        model = build_model(cfg, tc)
+        lay.materialise(model)
+        lay.fill(model, tc)
+        opt, _ = build_optimizer(model, tc)
+        main, mtp, bal, _ = compute_losses(model, torch.randint(0, 512, (2, 17)), 0.3, None)
+        (main + 0.3 * mtp + 1e-4 * bal).backward()
+        opt.step()
+        nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)        # noqa: E731
+        held = {"weights": nbytes(model.parameters()), "gradients": nbytes(q.grad for q in model.parameters()),
+                "optimizer state": nbytes(v for st in opt.state.values() for k, v in st.items() if k != "step")}
+        (stage,) = est.training_memory(p, est.make_layout(cfg, gpus=1), 16, 2, False, "fewchips", bf16, accumulate=False)
+        terms = {t.name: t.value for t in stage.terms}
+        for name, got in held.items():                                   # the MTP module included
+            assert got == pytest.approx(terms[name], rel=1e-9), (name, bf16)
+
+
+def test_search_explains_its_answer_and_refuses_flags_of_the_other_accounting(capsys):
+    assert main(["plan", "--preset", "v3", "--gpu", "h800", "--fp8", "--search", "train", "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "as fewchips train holds it" in out and "worst GPU: stage" in out and "= " in out
+    assert "optimizer state" in out and "AdamW m, v in FP32" in out and "export buffer" in out
+    assert main(["plan", "--preset", "v3", "--gpus", "8", "--zero", "1"]) == 2
+    assert "--zero 1 applies to --memory report" in capsys.readouterr().err
+    assert main(["plan", "--preset", "v3", "--gpus", "8", "--memory", "report", "--bf16-moments"]) == 2
+    assert "--bf16-moments applies to --memory fewchips" in capsys.readouterr().err

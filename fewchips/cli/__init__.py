@@ -50,8 +50,10 @@ def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse(build_parser(), argv)
-    from ..runtime import keep_freed_memory
-    keep_freed_memory()          # big tensors reuse warm pages instead of faulting fresh ones each step
+    import os
+
+    from ..runtime import tune_allocator
+    tune_allocator(int(os.environ.get("WORLD_SIZE", "1")))    # one process: speed; one of N: memory per rank
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:

@@ -49,8 +49,14 @@ def register(sub):
     g.add_argument("--ep", type=int, default=None, help="expert parallelism: must divide the routed experts "
                    "(V3 used 64)")
     g.add_argument("--pp", type=int, default=None, help="pipeline stages, at most the layer count (V3 used 16)")
-    g.add_argument("--zero", type=int, default=1, choices=(0, 1, 2, 3),
-                   help="ZeRO stage: 1 shards optimizer state over data parallelism (default 1, as V3)")
+    g.add_argument("--memory", choices=("fewchips", "report"), default="fewchips",
+                   help="whose training memory to count: what fewchips train holds (FSDP2: FP32 weights, gradients "
+                        "and AdamW moments sharded, BF16 gathered layers; default) or the report's recipe (BF16 "
+                        "weights, FP32 masters, BF16 moments under --zero)")
+    g.add_argument("--zero", type=int, default=None, choices=(0, 1, 2, 3),
+                   help="with --memory report: the ZeRO stage (default 1, as V3: optimizer state over data parallelism)")
+    g.add_argument("--bf16-moments", action="store_true",
+                   help="with --memory fewchips: AdamW's moments in BF16 (fewchips train --bf16-moments)")
     g.add_argument("--pp-schedule", default="dualpipev", choices=("dualpipev", "dualpipe", "1f1b", "zb1p"),
                    help="pipeline schedule: memory per GPU and the bubble (default dualpipev, as fewchips train; "
                         "the report's DualPipe holds two parameter copies)")
@@ -111,13 +117,14 @@ def build_plan(args) -> dict:
     flops = est.flops_per_token(params, args.seq)
     memory = {}
     for prec, fp8 in (("bf16", False), ("fp8", True)):
-        stages = est.training_memory(params, layout, args.seq, args.micro_batch, fp8)
+        stages = est.training_memory(params, layout, args.seq, args.micro_batch, fp8, args.memory, args.bf16_moments,
+                                     accumulate=microbatches > 1)
         worst = max(stages, key=lambda s: s.total)
         memory[prec] = dict(stage=worst, fits=worst.total <= gpu.memory_gib * est.GIB,
                             acts=est.activation_bytes_per_token(cfg, "moe" if params.sum("routed_experts") else "dense", fp8))
     plan = dict(
         name=args.model or args.preset or "v3", cfg=cfg, gpu=gpu, layout=layout, tokens=tokens, fp8=args.fp8,
-        seq=args.seq, micro_batch=args.micro_batch, mfu=args.mfu, price=args.price,
+        seq=args.seq, micro_batch=args.micro_batch, mfu=args.mfu, price=args.price, memory_kind=args.memory,
         params=est.param_terms(params), flops=flops, memory=memory,
         serving=est.serving_terms(params, gpu, layout.gpus, args.seq, args.fp8),
         time=est.time_terms(tokens, flops, gpu, layout.gpus, args.mfu, args.fp8, args.price),
@@ -154,17 +161,34 @@ def parse_fbw(text):
     return vals
 
 
+def check_memory_flags(args):
+    """Flags that belong to one accounting only are refused under the other."""
+    if args.memory == "fewchips":
+        if args.zero is not None:
+            raise ValueError(f"--zero {args.zero} applies to --memory report: fewchips train shards weights, "
+                             f"gradients and optimizer state (FSDP2, ZeRO-3)")
+        if args.pp_schedule == "dualpipe":
+            raise ValueError("--pp-schedule dualpipe (two parameter copies) is the report's; fewchips train runs "
+                             "dualpipev, 1f1b (use --memory report to plan DualPipe)")
+    elif args.bf16_moments:
+        raise ValueError("--bf16-moments applies to --memory fewchips (the report's recipe already keeps BF16 moments)")
+    args.zero = 3 if args.memory == "fewchips" else (1 if args.zero is None else args.zero)   # FSDP2 is ZeRO-3
+
+
 def run(args):
+    check_memory_flags(args)
     if args.search:
         from fewchips.plan.search import render_search, search
         cfg = load_config(args.preset, args.model)
         gpu = resolve_gpu(args.gpu, args.gpu_spec)
         found = search(cfg, gpu, args.search, seq=args.seq, micro_batch=args.micro_batch, fp8=args.fp8,
-                       zero=args.zero, schedule=args.pp_schedule)
+                       zero=args.zero, schedule=args.pp_schedule, memory=args.memory, bf16_moments=args.bf16_moments)
         if args.json:
             print(json.dumps(found))
         else:
             print(render_search(found))
+            if args.explain:
+                print("\n".join(explain_search(cfg, found, args)))
         return 0
     plan = build_plan(args)
     if args.json:
@@ -175,6 +199,31 @@ def run(args):
 
 
 # ---- output ------------------------------------------------------------------------------------
+
+def explain_search(cfg, found: dict, args) -> list[str]:
+    """--explain with --search: the found layout's worst GPU, term by term with its formula."""
+    from fewchips.plan import estimate as est
+    if found["mode"] == "serve":
+        p = est.count_params(cfg)
+        gpu = resolve_gpu(args.gpu, args.gpu_spec)
+        r = Report(True)
+        for t in est.serving_terms(p, gpu, found["gpus"], args.seq, args.fp8):
+            r.line(t.name, f"{t.value:,.4g}", t.formula)
+        return r.lines
+    if found["gpus"] is None:
+        return []
+    layout = est.make_layout(cfg, dp=found["dp"], ep=found["ep"], pp=found["pp"], zero=args.zero,
+                             schedule=args.pp_schedule)
+    stages = est.training_memory(est.count_params(cfg), layout, args.seq, args.micro_batch, args.fp8, args.memory,
+                                 args.bf16_moments)
+    worst = max(stages, key=lambda st: st.total)
+    r = Report(True)
+    r.text(f"worst GPU: stage {worst.stage} ({worst.blocks[0]} .. {worst.blocks[-1]})")
+    for t in worst.terms:
+        r.line(t.name, f"{t.value / est.GIB:>8.2f} GiB", t.formula)
+    r.line("total", f"{worst.total / est.GIB:>8.2f} GiB", "sum of the lines above")
+    return r.lines
+
 
 def to_json(plan, explain=False) -> dict:
     def terms(ts):
@@ -276,7 +325,8 @@ def _memory(r: Report, plan):
     gpu, precisions = plan["gpu"], ("bf16", "fp8")
     cap = gpu.memory_gib
     sched = plan["layout"].schedule if plan["layout"].pp > 1 else "no pipeline"
-    r.text(f"\ntraining memory per GPU, worst pipeline stage (micro-batch {plan['micro_batch']} x "
+    whose = "as fewchips train holds it" if plan["memory_kind"] == "fewchips" else "the report's recipe"
+    r.text(f"\ntraining memory per GPU, {whose}, worst pipeline stage (micro-batch {plan['micro_batch']} x "
            f"{plan['seq']} tokens, {sched})")
     by_name = {p: {t.name: t for t in plan["memory"][p]["stage"].terms} for p in precisions}
     names = list(dict.fromkeys([*by_name["bf16"], *by_name["fp8"]]))   # the stages may differ

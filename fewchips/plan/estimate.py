@@ -436,8 +436,17 @@ class StageMemory:
         return max(self.terms, key=lambda t: t.value)
 
 
-def training_memory(p: Params, layout: Layout, seq: int, micro_batch: int, fp8: bool) -> list[StageMemory]:
-    """Bytes per GPU on every pipeline stage (the plan reports the worst)."""
+def training_memory(p: Params, layout: Layout, seq: int, micro_batch: int, fp8: bool, memory: str = "report",
+                    bf16_moments: bool = False, accumulate: bool = True) -> list[StageMemory]:
+    """Bytes per GPU on every pipeline stage (the plan reports the worst). `memory`: "report", the report's
+    recipe (BF16 working weights, FP32 masters and BF16 moments under ZeRO-`layout.zero`); "fewchips",
+    what `fewchips train` holds (`_fewchips_terms`). `accumulate`: a step has several micro-batches."""
+    if memory == "fewchips":
+        return [StageMemory(s, [b.name for b in blocks], _fewchips_terms(p, layout, s, blocks, seq, micro_batch, fp8,
+                                                                          bf16_moments, accumulate))
+                for s, blocks in enumerate(device_blocks(p, layout, seq))]
+    if memory != "report":
+        raise ValueError(f"--memory must be fewchips or report, got {memory!r}")
     cfg = p.cfg
     dense_dp = layout.dp * layout.ep          # replicas of non-expert weights
     expert_dp = layout.dp                     # replicas of each expert
@@ -485,6 +494,73 @@ def training_memory(p: Params, layout: Layout, seq: int, micro_batch: int, fp8: 
                               f" (main{' + MTP' if n_heads > 1 else ''})"))
         out.append(StageMemory(s, [b.name for b in blocks], terms))
     return out
+
+
+def _activation_terms(p: Params, layout: Layout, s: int, blocks, seq: int, micro_batch: int, fp8: bool) -> list[Term]:
+    cfg, tokens = p.cfg, micro_batch * seq
+    n_heads = 1 + cfg.num_nextn_predict_layers
+    in_flight, flight_txt = activations_in_flight(layout, s)
+    act = 0.0
+    for b in blocks:
+        if b.kind in ("dense", "moe", "mtp"):
+            kind = "moe" if "routed_experts" in b.params else "dense"
+            act += sum(t.value for t in activation_bytes_per_token(cfg, kind, fp8, mtp=b.kind == "mtp")) * tokens * in_flight
+    terms = [Term("activations", act, f"per-token layer bytes (see --explain activations) x {micro_batch} x {seq} tokens"
+                  f" x {flight_txt}")]
+    if any(b.kind == "head" for b in blocks):
+        terms.append(Term("logits", 4 * tokens * cfg.vocab_size * n_heads,
+                          f"FP32 logits 4 x {micro_batch} x {seq} x {cfg.vocab_size} x {n_heads} head(s)"
+                          f" (main{' + MTP' if n_heads > 1 else ''})"))
+    return terms
+
+
+def _fewchips_terms(p: Params, layout: Layout, s: int, blocks, seq: int, micro_batch: int, fp8: bool,
+                    bf16_moments: bool, accumulate: bool) -> list[Term]:
+    """What `fewchips train` holds on one GPU. The model is built on the meta device and each rank
+    allocates only its shards, so start-up holds no more than the step. FSDP2 shards every parameter
+    over its replicas (ZeRO-3: dp x ep for non-expert weights, dp for experts, already split over ep):
+    FP32 weights (they are the masters), FP32 gradients and AdamW's two moments (FP32 by default, BF16
+    with --bf16-moments). Weights are all-gathered in BF16 for compute: a layer and the next one without
+    a pipeline; a stage's whole set under one (they stay gathered for the step, which the split weight
+    backward needs), where the embedding also stays whole. Gradients accumulated over micro-batches stay
+    unsharded until the step's last backward (FSDP's no-sync accumulation, and a pipeline stage's one
+    reduce-scatter). The export assembles one tensor at a time on rank 0's device (its files fill host
+    memory, one at a time)."""
+    dense_dp, expert_dp = layout.dp * layout.ep, layout.dp
+    shard = full = largest_layer = largest_tensor = 0.0
+    for b in blocks:
+        layer = 0.0
+        for cat, n in b.params.items():
+            local = n / layout.ep if cat == "routed_experts" else n
+            replicas = expert_dp if cat == "routed_experts" else dense_dp
+            if layout.pp > 1 and b.kind == "embedding":
+                replicas = 1                              # whole inside a stage: two stage roots share it
+            shard += local / replicas
+            full += local
+            layer += local
+            per_tensor = n / (p.cfg.n_routed_experts * 3) if cat == "routed_experts" else n
+            largest_tensor = max(largest_tensor, per_tensor)
+        largest_layer = max(largest_layer, layer)
+    moment = 4 if bf16_moments else 8
+    unsharded_grads = accumulate or layout.pp > 1
+    gathered = full if layout.pp > 1 else 2 * largest_layer
+    terms = [
+        Term("weights", 4 * shard, f"{human(shard)} params held (FSDP shard of this GPU's {human(full)}) x 4 B FP32"),
+        Term("gradients", 4 * (full if unsharded_grads else shard),
+             f"{human(full if unsharded_grads else shard)} x 4 B FP32 "
+             + ("(unsharded until the step's last backward: accumulation / a pipeline stage's one reduce-scatter)"
+                if unsharded_grads else "(reduce-scattered each backward)")),
+        Term("optimizer state", moment * shard, f"{human(shard)} x {moment} B (AdamW m, v in "
+             f"{'BF16, --bf16-moments' if bf16_moments else 'FP32, the trainer default'})"),
+        Term("gathered weights", 2 * gathered, f"{human(gathered)} x 2 B BF16 all-gathered for compute ("
+             + ("the stage's weights, kept for the step" if layout.pp > 1 else "a layer and the prefetched next")
+             + ")" + ("; FP8 GEMMs quantise them per call" if fp8 else "")),
+        *_activation_terms(p, layout, s, blocks, seq, micro_batch, fp8),
+    ]
+    if s == 0:
+        terms.append(Term("export buffer", 4 * largest_tensor, f"rank 0 assembles one tensor at a time: the largest, "
+                          f"{human(largest_tensor)} x 4 B (files stream from host memory)"))
+    return terms
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,13 +19,15 @@ from fewchips.plan.gpus import GPU
 MAX_DP = 1 << 14
 
 
-def _fits(p, layout, seq, micro_batch, fp8, capacity) -> tuple[bool, float]:
-    worst = max(s.total for s in est.training_memory(p, layout, seq, micro_batch, fp8))
-    return worst <= capacity, worst
-
-
 def search(cfg: ModelConfig, gpu: GPU, mode: str = "train", seq: int = 4096, micro_batch: int = 1,
-           fp8: bool = False, zero: int = 1, schedule: str = "dualpipev") -> dict:
+           fp8: bool = False, zero: int = 1, schedule: str = "dualpipev", memory: str = "report",
+           bf16_moments: bool = False) -> dict:
+    """`memory`: whose accounting a layout must fit, the report's recipe or what fewchips train holds
+    (`estimate.training_memory`)."""
+    def _fits(p, layout, seq, micro_batch, fp8, capacity) -> tuple[bool, float]:
+        worst = max(s.total for s in est.training_memory(p, layout, seq, micro_batch, fp8, memory, bf16_moments))
+        return worst <= capacity, worst
+
     p = est.count_params(cfg)
     capacity = gpu.memory_gib * est.GIB
     if mode == "serve":
@@ -65,7 +67,8 @@ def search(cfg: ModelConfig, gpu: GPU, mode: str = "train", seq: int = 4096, mic
             if best is None or key < best[0]:
                 best = (key, layout, worst)
     out = {"mode": "train", "gpu": gpu.name, "capacity_gib": gpu.memory_gib, "seq": seq,
-           "micro_batch": micro_batch, "fp8": fp8, "zero": zero, "schedule": schedule, "layouts_tried": tried}
+           "micro_batch": micro_batch, "fp8": fp8, "zero": zero, "schedule": schedule, "layouts_tried": tried,
+           "memory": memory}
     if best is None:
         return {**out, "gpus": None}
     _, layout, worst = best
@@ -79,7 +82,8 @@ def render_search(found: dict) -> str:
         return (f"serving: {found['gpus']} x {found['gpu']} ({found['capacity_gib']:g} GiB each) hold the "
                 f"{prec} weights ({found['weights_gib']:,.1f} GiB) and {found['sequences']} context(s) of "
                 f"{found['seq']} tokens in the MLA cache ({found['kv_gib']:,.2f} GiB): {found['need_gib']:,.1f} GiB")
-    what = (f"training ({prec}, micro-batch {found['micro_batch']} x {found['seq']} tokens, ZeRO-{found['zero']}, "
+    held = "as fewchips train holds it" if found.get("memory") == "fewchips" else f"the report's recipe, ZeRO-{found['zero']}"
+    what = (f"training ({prec}, micro-batch {found['micro_batch']} x {found['seq']} tokens, {held}, "
             f"{found['schedule']})")
     if found["gpus"] is None:
         return (f"{what}: no layout fits on {found['gpu']} ({found['capacity_gib']:g} GiB) with dp up to "
