@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -88,7 +89,11 @@ def run(n: int, flags: list[str], argv: list[str], tmp: str, code_dir: str) -> l
                        capture_output=True, text=True, cwd=tmp)          # not this checkout's folder: --code wins
     if p.returncode:
         raise SystemExit(f"{' '.join(argv + flags)} failed:\n{p.stderr[-3000:]}")
-    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(n)]
+    res = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(n)]
+    run_out = argv[argv.index("--out") + 1]
+    if not run_out.endswith("init"):                # checkpoints of GBs: keep only the --init model
+        shutil.rmtree(run_out, ignore_errors=True)
+    return res
 
 
 def above_idle(r: dict, phase: str):
@@ -129,6 +134,7 @@ def main():
             ratio = worst["peak"] / one[start] if start in one else float("nan")
             print(f"{name:<10} {start:<8} {n:>5}  {'':32}{worst['build']:>8.0f} {worst['step']:>8.0f} "
                   f"{worst['export']:>8.0f}   {ratio:.2f}  (idle {res[0]['idle_mib']:.0f} MiB)", flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -90,3 +90,18 @@ def test_an_error_every_rank_hits_is_printed_by_rank_0_only(rank, monkeypatch, c
         assert main([*base, "--ep", "2"]) == 1
         err = capsys.readouterr().err
         assert err.count("fewchips train: error: --batch-size 3") == (1 if rank == "0" or not every_rank else 0)
+
+
+def test_every_run_ends_with_a_line_saying_where_it_stopped(tmp_path, capsys):
+    """--stop-at, the last step, and a --resume with nothing left each end with one line that says so."""
+    from train_utils import write_corpus
+    data = write_corpus(tmp_path / "data", n_files=6, funcs=8)
+    run = ["train", "--preset", "tiny", "--vocab-size", "384", "--data", data, "--out", str(tmp_path / "r"),
+           "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--dtype", "fp32", "--eval-every", "1000",
+           "--eval-batches", "1", "--no-plots", "--no-progress", "--val-fraction", "0.2", "--threads", "1"]
+    assert main([*run, "--stop-at", "1"]) == 0
+    assert "stopped at step 1: --stop-at 1 of 2 steps" in capsys.readouterr().out
+    assert main([*run, "--resume"]) == 0
+    assert "done: step 2 (all 2 steps done)" in capsys.readouterr().out
+    assert main([*run, "--resume"]) == 0
+    assert "nothing to do: the checkpoint is at step 2, --steps 2" in capsys.readouterr().out

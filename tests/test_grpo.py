@@ -87,6 +87,19 @@ def test_one_step_moves_probability_toward_the_rewarded_completion(sft_dir, tmp_
     assert after[0] > before[0] and after[1] < before[1], (before, after)
     assert r.extra["reward_mean"] == 0.5 and r.extra["kl"] == pytest.approx(0.0, abs=1e-6)   # π = π_ref at step 0
     assert not torch.equal(tr.model.mtp[0].eh_proj.weight, mtp_before)                      # MTP kept in step
+    assert tr.ref is None                                            # β = 0: no reference model is built
+
+
+def test_the_reference_is_the_starting_model_frozen(sft_dir, tmp_path):
+    """β > 0: π_ref holds the --model weights (without MTP), takes no gradient, and stays put."""
+    from fewchips import from_pretrained
+    tc = grpo_config(init=sft_dir, out=str(tmp_path / "r"), steps=1, batch_size=1, group_size=2, eval_every=100,
+                     plots=False, progress=False, dtype="fp32", threads=1, val_prompts=2)
+    tr = GRPOTrainer(tc, quiet)
+    start = from_pretrained(sft_dir, dtype=torch.float32, mtp=False).state_dict()
+    ref = tr.ref.state_dict()
+    assert sorted(ref) == sorted(start) and all(torch.equal(ref[k], start[k]) for k in start)
+    assert not any(p.requires_grad for p in tr.ref.parameters()) and len(tr.ref.mtp) == 0
 
 
 def test_mtp_loss_does_not_steer_the_policy(sft_dir, tmp_path, monkeypatch):

@@ -20,11 +20,14 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from ..checkpoint import CheckpointError, CheckpointReader, load_weights, save_pretrained
+from ..files import swap_dir, temp_dir_beside
 from ..losses import FIELDS, Batch, compute_losses, evaluate
 from ..stages import stages_per_rank
 from .config import TrainConfig, TrainError
@@ -59,6 +62,11 @@ class Layout:
         self.device = torch.device(device)
 
     def describe(self) -> str | None:
+        """One line about the layout for the log (None: nothing to say)."""
+        return None
+
+    def holdings(self) -> str | None:
+        """What this process holds of the model, for the log, once it is materialised."""
         return None
 
     def main_first(self, main, rest=None):
@@ -77,7 +85,7 @@ class Layout:
 
     rows = None                        # `init_weights`/`load_weights` hook: None = every row
 
-    def fill(self, model, tc: TrainConfig, log=print):
+    def fill(self, model, tc: TrainConfig):
         """Weights for what this process holds: `--init`'s directory read by slices, else the seeded init."""
         if tc.init:
             try:
@@ -144,8 +152,6 @@ class Layout:
     def save_checkpoint(self, ckpt_dir: str, model, opt, state: dict, write_files):
         """OUT/checkpoint as a Hugging Face directory plus train_state.pt (with the optimizer); written
         beside it and swapped in by renames, the one before kept as checkpoint.old."""
-        from ..files import swap_dir, temp_dir_beside
-        import shutil
         tmp = temp_dir_beside(ckpt_dir)
         try:
             save_pretrained(model, tmp)
@@ -179,7 +185,6 @@ class Sharded(Layout):
     global ones), expert loads summed before the bias update, torch.distributed.checkpoint shards."""
 
     def __init__(self, par, tc: TrainConfig):
-        import torch.distributed as dist
         self.par, self.tc = par, tc
         self.device = par.device
         self.data_size = par.data_size
@@ -199,7 +204,6 @@ class Sharded(Layout):
                 f"({self.experts_per_rank} experts per rank), {par.device.type}")
 
     def main_first(self, main, rest=None):
-        import torch.distributed as dist
         err, value = None, None
         if self.par.is_main:
             try:
@@ -247,7 +251,6 @@ class Sharded(Layout):
     def global_value(self, t):
         """The mean over ranks as the value, this rank's term as the gradient (FSDP and the pipeline
         average the gradients), so logs and the finiteness check agree everywhere."""
-        import torch.distributed as dist
         avg = t.detach().clone()
         dist.all_reduce(avg)
         return t + (avg / self.par.world_size - t.detach())
@@ -262,19 +265,16 @@ class Sharded(Layout):
         return grad_norm_sq(model, self.par)
 
     def reduce_loads(self, loads_LE):
-        import torch.distributed as dist
         dist.all_reduce(loads_LE)
         return loads_LE
 
     def sum(self, t):
-        import torch.distributed as dist
         t = t.clone()
         dist.all_reduce(t)
         return t
 
     def any_rank(self, flag: bool) -> bool:
         """torchrun forwards SIGTERM and SIGINT to each rank, not at the same instant."""
-        import torch.distributed as dist
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
@@ -309,7 +309,6 @@ class Sharded(Layout):
 
     def export(self, model, out, write_files):
         """One Hugging Face directory, streamed by rank 0 from the ranks' shards (no rank holds the model)."""
-        import torch.distributed as dist
 
         from ..parallel.checkpoint import save_hf
         save_hf(model, out, self.device)
@@ -367,7 +366,6 @@ class Pipelined(Sharded):
             stage.to_empty(device=self.device)
 
     def holdings(self) -> str:
-        import torch.distributed as dist
         held, total = self.pipe.parameter_counts()
         note = "dualpipev: each paired forward and backward chunk runs on two threads (--pp-overlap)\n" \
             if self.pipe.overlapped else ""
@@ -425,7 +423,6 @@ class Pipelined(Sharded):
     def evaluate(self, model, data, batch_size: int, amp) -> dict:
         """The validation windows through the pipeline in steps of the training shapes (the last step
         padded with filler rows that are not counted); the same numbers as one process."""
-        import torch.distributed as dist
 
         from ..losses import bits_per_byte
         batches = data.val_batches(batch_size)

@@ -103,7 +103,7 @@ class Trainer:
         else:
             self.run.reset()
         self.unigram_entropy = self.data.unigram_entropy
-        for line in filter(None, (self.layout.describe(), getattr(self.layout, "holdings", lambda: None)())):
+        for line in filter(None, (self.layout.describe(), self.layout.holdings())):
             self.log(line)
 
     def build(self, cfg: ModelConfig, tc: TrainConfig | None = None, frozen: bool = False) -> DeepseekV3:
@@ -116,7 +116,7 @@ class Trainer:
             model.requires_grad_(False)
         model = self.layout.place(model, tc, self.amp, packed=getattr(self.data, "packed", False))
         self.layout.materialise(model)
-        self.layout.fill(model, tc, self.log)
+        self.layout.fill(model, tc)
         return model
 
     def make_data(self, cfg: ModelConfig, resume_from: str | None):
