@@ -26,12 +26,13 @@ its gradient from both accumulates in one tensor, as the report places them. Wit
 its inputs (tokens; the MTP module's tokens), and the two replicas' gradients are summed
 (`tie_embeddings`) so they take identical steps.
 
-Every rank builds the model, keeps the parameters of its own stages and releases the others (they
-become meta tensors: no memory, no gradient, no optimizer state). `Pipeline.owned` names what this
-rank keeps up to date and writes to a checkpoint. Inside a stage the dp x ep ranks shard it as a
-model without a pipeline is (`shard_stages_over_data_ranks`). Evaluation runs through the pipeline too
-(`Pipeline.evaluate`, forward only), and the trainer exports the final model from the layout-free
-checkpoint, so no rank ever needs the weights of another's stages. Under DualPipeV the paired
+The trainer cuts the model while it is still on the meta device: every rank keeps the parameters of
+its own stages and releases the others (new meta tensors: no gradient, no optimizer state), then
+materialises only its stages. (A model built for real works too: the released ones are freed.)
+`Pipeline.owned` names what this rank keeps up to date and writes to a checkpoint. Inside a stage the
+dp x ep ranks shard it as a model without a pipeline is (`shard_stages_over_data_ranks`). Evaluation
+runs through the pipeline too (`Pipeline.evaluate`, forward only), and the export streams each tensor
+to rank 0 from the rank that holds it, so no rank ever needs the weights of another's stages. Under DualPipeV the paired
 forward and backward chunks can run on two threads (`parallel.overlap`).
 """
 

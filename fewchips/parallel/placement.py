@@ -1,6 +1,6 @@
 """Placement of a built model on the dp x ep mesh (`parallelize`), and the one reduction that depends
 on it: the global gradient norm over FSDP shards and expert shards. The training step itself is the
-trainer's, for every layout (fewchips/train/trainer.py, distributed.py)."""
+trainer's, for every layout (fewchips/train/trainer.py, layout.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from .mesh import Parallel
 
 
 def parallelize(model, par: Parallel, param_dtype: torch.dtype | None = None):
-    """Experts split over ep, everything else FSDP over all ranks. `model` holds the full weights
-    (the same on every rank: same seed or the same checkpoint)."""
+    """Experts split over ep, everything else FSDP over all ranks. `model` is on the meta device (the
+    trainer then materialises each rank's shards) or holds the same full weights on every rank."""
     apply_expert_parallel(model, par)
     return apply_fsdp(model, par, param_dtype=param_dtype)
 
