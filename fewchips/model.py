@@ -411,24 +411,27 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts > 0 else None)
         self.top_k, self.n_experts = cfg.num_experts_per_tok, cfg.n_routed_experts
 
-    def forward(self, x_BTD, with_stats: bool = False):
-        """-> (h', MoEStats of this layer when `with_stats`, else None)."""
+    def forward(self, x_BTD, with_stats: bool = False, load_mask=None):
+        """-> (h', MoEStats of this layer when `with_stats`, else None). `load_mask` [B, T]: count only these
+        tokens' loads (GRPO: the completion tokens it trains on)."""
         B, T, D = x_BTD.shape
         x_MD = x_BTD.reshape(-1, D)
         r = self.gate(x_MD)
         y_MD = self.experts(x_MD, r.experts_MK, r.weights_MK, self.shared_experts)
-        return y_MD.view(B, T, D), (self._stats(r, B, T) if with_stats else None)
+        return y_MD.view(B, T, D), (self._stats(r, B, T, load_mask) if with_stats else None)
 
-    def _stats(self, r: RouterOutput, B: int, T: int) -> MoEStats:
-        """Expert loads for the bias update, and the complementary sequence-wise balance loss
-        (§2.1.2, eqs. 17-20) with the indicator taken on the experts actually selected. fp32, like the gate's
-        scores they are made of (no op here is one autocast lowers)."""
+    def _stats(self, r: RouterOutput, B: int, T: int, load_mask=None) -> MoEStats:
+        """Expert loads for the bias update (of the tokens in `load_mask` [B, T], default all), and the
+        complementary sequence-wise balance loss (§2.1.2, eqs. 17-20) with the indicator taken on the
+        experts actually selected. fp32, like the gate's scores they are made of (no op here is one
+        autocast lowers)."""
         E, K = self.n_experts, self.top_k
         onehot_BTE = torch.zeros(B * T, E, device=r.experts_MK.device).scatter_(1, r.experts_MK, 1.0).view(B, T, E)
         f_BE = onehot_BTE.sum(1) * (E / (K * T))
         s_norm_BTE = (r.scores_ME / r.scores_ME.sum(-1, keepdim=True)).view(B, T, E)
         P_BE = s_norm_BTE.mean(1)
-        return MoEStats(load=onehot_BTE.sum((0, 1)).detach(), seq_balance=(f_BE * P_BE).sum(-1).mean())
+        counted_BTE = onehot_BTE if load_mask is None else onehot_BTE * load_mask[..., None].to(onehot_BTE.dtype)
+        return MoEStats(load=counted_BTE.sum((0, 1)).detach(), seq_balance=(f_BE * P_BE).sum(-1).mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,11 +448,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache: CacheView | None = None, segments=None, with_stats: bool = False):
+    def forward(self, x, cos, sin, cache: CacheView | None = None, segments=None, with_stats: bool = False,
+                load_mask=None):
         """-> (out, the MoE's MoEStats when `with_stats`; None for a dense FFN or without)."""
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, segments)
         ffn_in = self.post_attention_layernorm(h)
-        y, stats = self.mlp(ffn_in, with_stats) if isinstance(self.mlp, MoE) else (self.mlp(ffn_in), None)
+        y, stats = self.mlp(ffn_in, with_stats, load_mask) if isinstance(self.mlp, MoE) else (self.mlp(ffn_in), None)
         return h + y, stats
 
 
@@ -483,9 +487,9 @@ class MTPLayer(DecoderLayer):
         self.shared_head = SharedHead(cfg)
 
     def forward(self, emb_BTD, h_BTD, cos, sin, cache: CacheView | None = None, segments=None,
-                with_stats: bool = False):
+                with_stats: bool = False, load_mask=None):
         x = self.eh_proj(torch.cat((self.enorm(emb_BTD), self.hnorm(h_BTD)), dim=-1))  # [emb; h] order
-        return super().forward(x, cos, sin, cache, segments, with_stats)
+        return super().forward(x, cos, sin, cache, segments, with_stats, load_mask)
 
 
 class DeepseekV3(nn.Module):
@@ -507,14 +511,15 @@ class DeepseekV3(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, positions, cache, slots, attend_len))
 
     def hidden_states(self, input_ids, positions=None, cache: LatentCache | None = None, slots=None,
-                      attend_len: int | None = None, segments=None, with_stats: bool = False):
+                      attend_len: int | None = None, segments=None, with_stats: bool = False, load_mask=None):
         """The final-normed hidden states [B, T, D] (what the head and the MTP module read).
         With a cache, new tokens sit at `positions` [B, T] of cache rows `slots` [B] and attend over
         cache positions [0, attend_len): by default max(positions) + 1 (read from the tensor: a host
         sync), or all max_len for a static cache. A caller that knows it passes it (compiled steps).
         Packed samples (SFT): `segments` [B, T] numbers each token's sample, so attention never crosses
         samples (the report's sample masking); `positions` then restart at 0 in each sample.
-        `with_stats`: also return the MoE layers' MoEStats, stacked (training reads them)."""
+        `with_stats`: also return the MoE layers' MoEStats, stacked (training reads them), the expert loads
+        counted over the tokens of `load_mask` [B, T] (default: all)."""
         B, T = input_ids.shape
         positions = self._positions(input_ids, positions)
         cos, sin = self.rotary(positions)
@@ -522,14 +527,14 @@ class DeepseekV3(nn.Module):
         step = self._cache_step(cache, slots, positions, attend_len)
         stats = []
         for i, layer in enumerate(self.model.layers):
-            h, s = layer(h, cos, sin, self._cache_view(cache, i, step), segments, with_stats)
+            h, s = layer(h, cos, sin, self._cache_view(cache, i, step), segments, with_stats, load_mask=load_mask)
             if s is not None:
                 stats.append(s)
         h = self.model.norm(h)
         return (h, MoEStats.stack(stats, self.config.n_routed_experts, h.device)) if with_stats else h
 
     def mtp_hidden(self, depth: int, input_ids, h_prev_BTD, positions=None, cache: LatentCache | None = None,
-                   slots=None, segments=None, with_stats: bool = False):
+                   slots=None, segments=None, with_stats: bool = False, load_mask=None):
         """MTP module `depth` (0-based) on hidden states h_prev [B, T, D] of positions i and the
         tokens t_{i+depth+1} in `input_ids` [B, T]; returns its hidden states (position i of depth
         k = depth+1 then predicts token i+k+1 through `mtp_logits`); with `with_stats` also its MoEStats
@@ -538,13 +543,15 @@ class DeepseekV3(nn.Module):
         cos, sin = self.rotary(positions)
         layer = self.mtp[depth]
         view = self._cache_view(cache, self.config.num_hidden_layers + depth, self._cache_step(cache, slots, positions))
-        h, stats = layer(self.model.embed_tokens(input_ids), h_prev_BTD, cos, sin, view, segments, with_stats)
+        h, stats = layer(self.model.embed_tokens(input_ids), h_prev_BTD, cos, sin, view, segments, with_stats,
+                         load_mask=load_mask)
         return (h, stats) if with_stats else h
 
     def mtp_logits(self, depth: int, h_BTD):
         return self.lm_head(self.mtp[depth].shared_head.norm(h_BTD))
 
-    def mtp_forward(self, input_ids, h_main_BTD, positions=None, segments=None, with_stats: bool = False):
+    def mtp_forward(self, input_ids, h_main_BTD, positions=None, segments=None, with_stats: bool = False,
+                    load_mask=None):
         """Training-time MTP (arXiv 2412.19437 §2.2, eqs. 21-23): a list over depths k = 1..D of logits
         [B, T-k, V]; position i of depth k predicts token i+k+1 (its targets are input_ids[:, i+k+1],
         where they exist). Depth k reads what the head before it read: the main model's final-normed
@@ -559,7 +566,9 @@ class DeepseekV3(nn.Module):
                 break
             pos_k = None if positions is None else positions[:, : T - k]
             seg_k = None if segments is None else segments[:, : T - k]
-            h = self.mtp_hidden(d, input_ids[:, k:], h[:, : T - k], pos_k, segments=seg_k, with_stats=with_stats)
+            mask_k = None if load_mask is None else load_mask[:, k:]     # position i counts as main position i+k
+            h = self.mtp_hidden(d, input_ids[:, k:], h[:, : T - k], pos_k, segments=seg_k, with_stats=with_stats,
+                                load_mask=mask_k)
             if with_stats:
                 h, s = h
                 stats += [s] if s is not None else []

@@ -25,7 +25,8 @@ def test_group_advantages_by_hand():
 
 def test_grpo_loss_equals_the_objective_by_hand():
     """Two outputs of different lengths; the ratio is pushed outside [1-ε, 1+ε] on some tokens so the
-    clip acts, and the reference differs so the KL term is live."""
+    clip acts (and on one where it does not bind: ρ < 1-ε with A > 0), and the reference differs so the
+    KL term is live."""
     eps, beta = 0.2, 0.04
     logp = torch.tensor([[-1.0, -0.5, -2.0], [-0.3, -1.2, -0.7]], requires_grad=True)
     old = torch.tensor([[-1.5, -0.5, -1.0], [-0.3, -0.9, -0.7]])
@@ -45,7 +46,7 @@ def test_grpo_loss_equals_the_objective_by_hand():
             d = math.exp(ref[i, t].item() - logp[i, t].item()) - (ref[i, t].item() - logp[i, t].item()) - 1
             per_output += surrogate - beta * d
             kls += d
-            clipped += not (1 - eps <= rho <= 1 + eps)
+            clipped += (rho < 1 - eps and a < 0) or (rho > 1 + eps and a > 0)     # where the clip binds (TRL)
             n += 1
         J += per_output / mask[i].sum().item()
     J /= 2
@@ -134,3 +135,94 @@ def test_tasks_and_prompt_files_fail_clearly(tmp_path):
     (m, answer) = arithmetic.sample(rng)
     assert arithmetic.reward(m, f" {answer} ", answer) == 1.0 and arithmetic.reward(m, answer + "0", answer) == 0.0
     assert load_task("format").reward(m, "-12", answer) == 1.0 and load_task("format").reward(m, "12 apples", answer) == 0.0
+
+
+# ---- the knobs, each honoured (issue 24) ---------------------------------------------------------
+
+def _trainer(sft_dir, tmp_path, monkeypatch, name, completions, reward=None, log=quiet, **kw):
+    """A GRPO trainer on one prompt whose rollouts are `completions` (token lists), rewarded by position."""
+    base = dict(init=sft_dir, out=str(tmp_path / name), steps=4, batch_size=1, group_size=len(completions), lr=3e-2,
+                kl_beta=0.0, eval_every=100, plots=False, progress=False, dtype="fp32", threads=1, val_prompts=2,
+                freeze_mtp=True)
+    tr = GRPOTrainer(grpo_config(**{**base, **kw}), log)
+    monkeypatch.setattr(tr, "sample", lambda prompts, n, greedy=False, seed=0: [list(c) for c in completions] * len(prompts))
+    scores = {tr.completion_text(c): float(i == 0) for i, c in enumerate(completions)}
+    monkeypatch.setattr(tr.task, "reward", reward or (lambda m, c, a: scores[c]))
+    return tr
+
+
+def test_logprobs_at_the_sampling_temperature_everywhere(sft_dir, tmp_path, monkeypatch):
+    import fewchips.train.grpo as grpo_mod
+    tr = _trainer(sft_dir, tmp_path, monkeypatch, "t", [[10, 11], [20, 21]], temperature=0.7, kl_beta=0.04, iterations=2)
+    seen, orig = [], grpo_mod.token_logprobs
+    monkeypatch.setattr(grpo_mod, "token_logprobs", lambda *a, **k: (seen.append(k.get("temperature")), orig(*a, **k))[1])
+    tr.train_step()
+    assert len(seen) == 4 and set(seen) == {0.7}               # π_old, π_ref, and each of the 2 updates
+    ids = torch.tensor([[1, 10, 11, 20]])
+    with torch.no_grad():
+        logits = tr.model(ids[:, :-1]).float()
+        want = torch.log_softmax(logits / 0.7, -1).gather(-1, ids[:, 1:, None])[..., 0]
+        torch.testing.assert_close(orig(tr.model, ids, temperature=0.7), want)
+
+
+def test_iterations_update_against_the_rollout_policy(sft_dir, tmp_path, monkeypatch):
+    """μ = 2: two optimizer steps per batch of rollouts, the second with the ratio to the rollout policy
+    (not 1: π_old is not re-taken), and the schedule moves one step."""
+    import fewchips.train.grpo as grpo_mod
+    tr = _trainer(sft_dir, tmp_path, monkeypatch, "mu", [[10, 11], [20, 21]], iterations=2)
+    ratios, orig = [], grpo_mod.grpo_loss
+    monkeypatch.setattr(grpo_mod, "grpo_loss", lambda logp, old, *a: (ratios.append((logp - old).abs().max().item()),
+                                                                       orig(logp, old, *a))[1])
+    steps = []
+    opt_step = tr.opt.step
+    monkeypatch.setattr(tr.opt, "step", lambda *a, **k: (steps.append(1), opt_step(*a, **k))[1])
+    r = tr.train_step()
+    assert len(steps) == 2 and tr.step == 1
+    assert ratios[0] == 0.0 and ratios[1] > 1e-4, ratios
+    assert r.extra["loss_last_iteration"] != r.loss
+
+
+def test_grad_accum_gives_the_same_update_and_loads_count_completion_tokens(sft_dir, tmp_path, monkeypatch):
+    """--grad-accum 2 over four completions equals one micro-batch (fp32); the expert loads of the bias update
+    count the completion tokens only, K copies each (not the prompt, not the padding)."""
+    completions = [[10, 11, 12, 13], [20, 21], [30], [40, 41, 42]]
+    grads = []
+
+    def step_of(tr):
+        opt_step = tr.opt.step                  # the gradients AdamW gets (its first step amplifies their noise)
+        monkeypatch.setattr(tr.opt, "step", lambda *a, **k: (grads.append(
+            {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}), opt_step(*a, **k))[1])
+        return tr.train_step()
+
+    one = _trainer(sft_dir, tmp_path, monkeypatch, "ga1", completions)
+    r1 = step_of(one)
+    r2 = step_of(_trainer(sft_dir, tmp_path, monkeypatch, "ga2", completions, grad_accum=2))
+    assert sorted(grads[0]) == sorted(grads[1]) and len(grads[0]) > 10
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-8, msg=k)
+    assert r1.loss == pytest.approx(r2.loss, abs=1e-7) and r1.grad_norm == pytest.approx(r2.grad_norm, rel=1e-5)
+    K, cfg = one.cfg.num_experts_per_tok, one.cfg
+    main_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))    # the frozen MTP layer routes none
+    assert r1.loads_LE[:main_layers].sum(-1).tolist() == [K * sum(map(len, completions))] * main_layers
+    assert torch.equal(r1.loads_LE, r2.loads_LE)
+
+
+def test_held_out_prompts_are_never_trained_on(sft_dir, tmp_path):
+    tc = grpo_config(init=sft_dir, out=str(tmp_path / "h"), steps=1, val_prompts=60, plots=False, progress=False,
+                     dtype="fp32", threads=1)
+    lines = []
+    tr = GRPOTrainer(tc, lines.append)
+    from fewchips.train.grpo import _key
+    held = tr.data.held_out
+    assert 30 < len(held) < 60 and any("never drawn for training" in l for l in lines)
+    drawn = {_key(m) for step in range(100) for m, _ in tr.data.prompts(step, 16)}
+    assert drawn and not drawn & held
+    assert len(drawn | held) == 200                          # the whole arithmetic task: 10 x 10 x {+, -}
+
+
+def test_a_run_without_reward_spread_says_so(sft_dir, tmp_path, monkeypatch):
+    lines = []
+    tr = _trainer(sft_dir, tmp_path, monkeypatch, "q", [[10], [20]], reward=lambda m, c, a: 0.0, log=lines.append)
+    for _ in range(3):
+        tr.train_step()
+    assert sum("no gradient" in l for l in lines) == 1 and "--group-size" in lines[-1]

@@ -17,7 +17,7 @@ COMMON = ["--dtype", "fp32", "--log-every", "1", "--no-plots", "--no-progress", 
 SFT = ["--steps", "3", "--batch-size", "4", "--grad-accum", "2", "--seq-len", "48", "--eval-every", "3",
        "--val-fraction", "0.2", *COMMON]
 GRPO = ["--steps", "2", "--batch-size", "2", "--group-size", "4", "--max-new-tokens", "4", "--eval-every", "2",
-        "--val-prompts", "4", "--freeze-mtp", *COMMON]
+        "--val-prompts", "4", "--freeze-mtp", "--iterations", "2", "--grad-accum", "2", *COMMON]
 
 
 def torchrun(n, command, *args, timeout=300):
@@ -80,7 +80,7 @@ def test_grpo_at_dp2_gives_the_single_process_loss_reward_and_kl(model_and_chats
 
 @pytest.mark.parametrize("argv, says", [
     (["grpo", "--pp", "2"], "--pp 2: GRPO's rollouts"),
-    (["grpo", "--grad-accum", "2"], "--grad-accum 2: one GRPO step"),
+    (["grpo", "--iterations", "0"], "--iterations must be >= 1"),
     (["sft", "--pp-schedule", "1f1b"], "--pp-schedule set the pipeline of --pp N"),
     (["sft", "--step", "3"], "unrecognized arguments: --step 3"),
 ])

@@ -186,3 +186,42 @@ def test_a_bad_chats_file_loses_nothing_already_written(pretrained, tmp_path):
     with pytest.raises(ChatDataError, match=r"bad\.jsonl:1: no assistant message"):
         SFTTrainer(sft_config(**kw, data=str(bad), overwrite=True), quiet)
     assert {p: (out / p).read_bytes() for p in before} == before
+
+
+def test_mtp_lambda_holds_for_every_step_and_tool_calls_are_refused(pretrained, tmp_path):
+    """`--mtp-lambda 0` trains no MTP at any step (pre-training's late λ follows it); an assistant turn with
+    tool_calls is refused by name, not trained as a bare EOS."""
+    from fewchips import from_pretrained
+    from fewchips.train.sft import SFTTrainer, sft_config
+    assert sft_config(mtp_lambda=0.0).mtp_lambda_late == 0.0 and sft_config().mtp_lambda_late == 0.1
+    tc = sft_config(init=pretrained, out=str(tmp_path / "l"), steps=6, batch_size=4, seq_len=64, mtp_lambda=0.0,
+                    plots=False, progress=False, dtype="fp32", threads=1)
+    SFTTrainer(tc, quiet, chats=small_chats(40)).train()
+    a, b = from_pretrained(pretrained).state_dict(), from_pretrained(str(tmp_path / "l")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("mtp.") and not k.endswith("correction_bias"))
+    f = tmp_path / "tools.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "weather?"},
+                                          {"role": "assistant", "content": "", "tool_calls": [{"name": "w"}]}]}) + "\n")
+    with pytest.raises(ChatDataError, match=r"tools\.jsonl:1: messages\[1\] has tool_calls"):
+        read_chats(str(f))
+
+
+def test_the_loss_is_the_mean_over_every_target_of_the_step(tokenizer_dir):
+    """Two micro-batches with 3 and 40 assistant tokens: the step's loss is their summed CE over 43 (a
+    micro-batch of short samples weighs by its tokens), not the mean of the two means."""
+    from fewchips.losses import Batch, summed_ce
+    from fewchips.train.layout import Layout
+    _, tok = tokenizer_dir
+    model = random_model(tiny_config(vocab_size=300), std=0.1)
+    short = batch_of(pack([encode_chat(tok, CONVERSATIONS[0])], 40, special_ids(tok).eos), [0])
+    long = batch_of(pack([encode_chat(tok, CONVERSATIONS[2])], 40, special_ids(tok).eos), [0])
+    counts = [b.target_count() for b in (short, long)]
+    assert counts[0] * 5 < counts[1]
+    loads = torch.zeros(3, 8)
+    main, _, _, finite = Layout().forward_backward(model, [short, long], 0.0, 0.0, loads, None)
+    with torch.no_grad():
+        sums = [summed_ce(model(b.ids[:, :-1], b.position[:, :-1]), b.ids[:, 1:], b.target_mask(0)).sum().item()
+                for b in (short, long)]
+    assert finite and main == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
+    assert abs(main - (sums[0] / counts[0] + sums[1] / counts[1]) / 2) > 1e-3
+    assert isinstance(short, Batch)

@@ -24,8 +24,12 @@ def register(sub):
     g.add_argument("--temperature", type=float, help="sampling temperature of the rollouts")
     g.add_argument("--top-p", type=float, help="nucleus mass of the rollouts")
     g.add_argument("--clip-eps", type=float, help="ε of the clipped ratio")
-    g.add_argument("--kl-beta", type=float, help="β of the KL penalty to the starting model")
-    g.add_argument("--val-prompts", type=int, help="held-out prompts answered greedily at each evaluation")
+    g.add_argument("--kl-beta", type=float, help="β of the KL penalty to the starting model (0: no reference model)")
+    g.add_argument("--iterations", type=int,
+                   help="μ: updates per batch of rollouts, each with the ratio against the rollout policy (DeepSeekMath)")
+    g.add_argument("--val-prompts", type=_count_or_file,
+                   help="held-out prompts answered greedily at each evaluation: a number (drawn apart from training's, "
+                        "which never sees them) or a prompts .jsonl")
     g.add_argument("--freeze-mtp", action="store_true", help="leave the MTP module as it is")
     add_run_flags(p, pretrain=False)
     p.set_defaults(func=run)
@@ -33,6 +37,10 @@ def register(sub):
         if a.dest == "batch_size":
             a.help = "prompts per step (each sampled --group-size times)"
     set_defaults_from(p, grpo_config(), func=run)
+
+
+def _count_or_file(text: str):
+    return int(text) if text.strip().isdigit() else text
 
 
 def run(args):

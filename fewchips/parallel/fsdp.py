@@ -65,6 +65,15 @@ def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
+def gather_once(model: nn.Module):
+    """All-gather and release every FSDP group once. torch 2.13's post-backward without gradient sync
+    (accumulation) reads each group's gathered parameter, also of a group that has never run: the MTP
+    layers when no MTP loss is taken (GRPO, SFT with --mtp-lambda 0), an AttributeError otherwise."""
+    for m in fsdp_modules(model):
+        m.unshard()
+        m.reshard()
+
+
 def set_gradient_sync(model: nn.Module, enabled: bool):
     """Gradient accumulation: skip the reduce-scatters on all but the last micro-batch."""
     for m in fsdp_modules(model):

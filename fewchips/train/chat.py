@@ -65,6 +65,9 @@ def check_messages(messages, where: str) -> list[dict]:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise ChatDataError(f"{where}: messages[{i}].role must be one of {', '.join(ROLES)}, "
                                 f"got {m.get('role') if isinstance(m, dict) else m!r}")
+        if m.get("tool_calls"):            # trained as a bare EOS otherwise: refused, never dropped
+            raise ChatDataError(f"{where}: messages[{i}] has tool_calls, which this chat format has no syntax for; "
+                                f"drop the row or write the call into the content")
         if not isinstance(m.get("content"), str):
             raise ChatDataError(f"{where}: messages[{i}].content must be a string")
     if not any(m["role"] == "assistant" for m in messages):

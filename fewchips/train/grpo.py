@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import math
 import random
 import re
@@ -48,7 +49,17 @@ class GRPOConfig(TrainConfig):
     top_p: float = 1.0
     clip_eps: float = 0.2                # ε
     kl_beta: float = 0.04                # β (DeepSeekMath's value)
-    val_prompts: int = 200               # held-out prompts scored greedily at each evaluation
+    iterations: int = 1                  # μ: updates per batch of rollouts, the ratio taken against the rollout policy
+    val_prompts: int | str = 50          # held-out prompts drawn apart from training's (never trained on), or a .jsonl
+    no_signal_steps: int = 3             # say so when this many first steps had no group with a reward spread
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.iterations < 1:
+            raise TrainError(f"--iterations must be >= 1, got {self.iterations}")
+        if (self.batch_size * self.group_size) % self.grad_accum:
+            raise TrainError(f"--grad-accum {self.grad_accum} must divide the step's {self.batch_size} x "
+                             f"{self.group_size} completions")
 
 
 GRPO_DEFAULTS = dict(steps=100, batch_size=16, lr=1e-4, lr_schedule="cosine", min_lr_ratio=1.0, warmup_steps=0,
@@ -57,6 +68,8 @@ GRPO_DEFAULTS = dict(steps=100, batch_size=16, lr=1e-4, lr_schedule="cosine", mi
 
 
 def grpo_config(**kw) -> GRPOConfig:
+    """GRPO's settings. λ (`--mtp-lambda`) holds for every step: pre-training's late value follows it."""
+    kw.setdefault("mtp_lambda_late", kw.get("mtp_lambda", GRPO_DEFAULTS["mtp_lambda"]))
     return GRPOConfig(**{**GRPO_DEFAULTS, **kw})
 
 
@@ -132,7 +145,7 @@ def group_advantages(rewards_PG: torch.Tensor, eps: float = 1e-4) -> torch.Tenso
 
 def grpo_loss(logp_NT, logp_old_NT, logp_ref_NT, mask_NT, adv_N, clip_eps: float, beta: float):
     """-J for N sampled outputs (rows), their completion tokens marked by `mask_NT`. Returns the loss and
-    (mean k3 KL per token, share of tokens whose ratio was clipped)."""
+    (mean k3 KL per token, share of tokens where the clip binds)."""
     ratio = torch.exp(logp_NT - logp_old_NT)
     a = adv_N[:, None]
     surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
@@ -142,17 +155,21 @@ def grpo_loss(logp_NT, logp_old_NT, logp_ref_NT, mask_NT, adv_N, clip_eps: float
     lengths = mask_NT.sum(-1).clamp_min(1)
     loss = -(per_token.sum(-1) / lengths).mean()
     n = mask_NT.sum().clamp_min(1)
-    clipped = ((ratio - ratio.clamp(1 - clip_eps, 1 + clip_eps)).abs() > 0).float()
+    # the clip binds where the clipped term is the smaller one (TRL's clip_ratio): ρ < 1-ε with A < 0, ρ > 1+ε with A > 0
+    clipped = (((ratio < 1 - clip_eps) & (a < 0)) | ((ratio > 1 + clip_eps) & (a > 0))).float()
     return loss, ((kl * mask_NT).sum() / n).detach(), ((clipped * mask_NT).sum() / n).detach()
 
 
-def token_logprobs(model, ids_NT, return_hidden=False):
-    """log π(token t | tokens < t) for t = 1..T-1 [N, T-1] (fp32); with `return_hidden` also the final
-    hidden states and the MoE layers' MoEStats."""
-    h, stats = model.hidden_states(ids_NT[:, :-1], with_stats=return_hidden), None
+def token_logprobs(model, ids_NT, return_hidden=False, temperature: float = 1.0, load_mask=None):
+    """log π(token t | tokens < t) for t = 1..T-1 [N, T-1] (fp32), of the distribution the rollouts were
+    sampled from: logits / `temperature` (TRL does the same). With `return_hidden` also the final hidden
+    states and the MoE layers' MoEStats, their loads counted over `load_mask` [N, T-1]."""
+    h, stats = model.hidden_states(ids_NT[:, :-1], with_stats=return_hidden, load_mask=load_mask), None
     if return_hidden:
         h, stats = h
     logits = model.lm_head(h).float()
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
     lp = torch.log_softmax(logits, -1).gather(-1, ids_NT[:, 1:, None])[..., 0]
     return (lp, h, stats) if return_hidden else lp
 
@@ -161,19 +178,44 @@ def token_logprobs(model, ids_NT, return_hidden=False):
 # The trainer
 # ---------------------------------------------------------------------------------------------
 
+def _key(messages) -> str:
+    return json.dumps(messages, sort_keys=True, ensure_ascii=False)
+
+
 class PromptData:
     """Prompts of a task, drawn from a generator seeded by (seed, step): no position to save, a resumed
-    run draws the same prompts. Held-out prompts come from their own seed."""
+    run draws the same prompts. The held-out prompts come first, from their own seed (or a file), and
+    training never draws one of them: a prompt the task gives again is drawn again instead."""
 
-    def __init__(self, tc: GRPOConfig, tok, sp, task: Task):
+    MAX_REDRAWS = 1000
+
+    def __init__(self, tc: GRPOConfig, tok, sp, task: Task, log=print):
         self.tok, self.sp, self.task, self.tc = tok, sp, task, tc
         self.unigram_entropy, self.val_bytes, self.sampler = None, 0, None
-        rng = random.Random(f"{tc.seed}-held-out")
-        self.val = [task.sample(rng) for _ in range(tc.val_prompts)]
+        if isinstance(tc.val_prompts, str):
+            if task.name in BUILTIN_TASKS:
+                raise TrainError(f"--val-prompts {tc.val_prompts}: the {task.name} task's reward needs each prompt's "
+                                 f"answer, which a prompts file does not carry; give a number of held-out prompts")
+            self.val = [(m, None) for m in read_prompts(tc.val_prompts)]
+        else:
+            rng = random.Random(f"{tc.seed}-held-out")
+            self.val = [task.sample(rng) for _ in range(tc.val_prompts)]
+        self.held_out = {_key(m) for m, _ in self.val}
+        log(f"held-out: {len(self.val)} prompts ({len(self.held_out)} distinct), never drawn for training")
 
     def prompts(self, step: int, n: int):
         rng = random.Random(f"{self.tc.seed}-{step}")
-        return [self.task.sample(rng) for _ in range(n)]
+        out = []
+        for _ in range(n):
+            for _ in range(self.MAX_REDRAWS):
+                messages, answer = self.task.sample(rng)
+                if _key(messages) not in self.held_out:
+                    break
+            else:
+                raise TrainError(f"task {self.task.name}: {self.MAX_REDRAWS} draws in a row were held-out prompts; "
+                                 f"hold out fewer (--val-prompts)")
+            out.append((messages, answer))
+        return out
 
     def encode(self, messages) -> list[int]:
         return encode_chat(self.tok, messages, add_generation_prompt=True)[0]
@@ -188,7 +230,9 @@ class PromptData:
         return {"splits": {"task": self.task.name}}
 
     def describe(self):
-        return f"task {self.task.name}, {self.tc.batch_size} prompts x {self.tc.group_size} samples per step"
+        tc = self.tc
+        return (f"task {self.task.name}, {tc.batch_size} prompts x {tc.group_size} samples of up to "
+                f"{tc.max_new_tokens} tokens per step, {tc.iterations} update(s) per batch")
 
     def val_batches(self, n):
         return []
@@ -205,13 +249,12 @@ class GRPOTrainer(Trainer):
         if tc.group_size < 2:
             raise TrainError(f"--group-size must be at least 2 (advantages compare samples), got {tc.group_size}")
         refuse = [(tc.pp > 1, f"--pp {tc.pp}: GRPO's rollouts run whole forwards on every rank; use --dp/--ep"),
-                  (tc.grad_accum != 1, f"--grad-accum {tc.grad_accum}: one GRPO step is one batch of rollouts; "
-                                       f"raise --batch-size (prompts per step) instead"),
                   (tc.microbatches is not None, "--microbatches applies to --pp, which GRPO does not run")]
         for bad, why in refuse:
             if bad:
                 raise TrainError(f"fewchips grpo: {why}", every_rank=True)
         self.task = load_task(tc.task, tc.prompts)
+        self._signal_seen, self._quiet_steps = False, 0
         super().__init__(None, tc, log, device)
         rows = tc.batch_size * tc.group_size
         if rows % self.layout.data_size:
@@ -231,7 +274,7 @@ class GRPOTrainer(Trainer):
 
     def make_data(self, cfg, resume_from):
         tok, sp = model_tokenizer(resume_from or self.tc.init)
-        return PromptData(self.tc, tok, sp, self.task)
+        return PromptData(self.tc, tok, sp, self.task, self.log)
 
     def sample(self, prompt_ids: list[list[int]], n: int, greedy: bool = False, seed: int = 0):
         """n completions per prompt from the current policy with the batched engine: token lists."""
@@ -253,57 +296,103 @@ class GRPOTrainer(Trainer):
     def completion_text(self, ids: list[int]) -> str:
         return self.tok.decode([t for t in ids if t != self.sp.eos], skip_special_tokens=True)
 
-    def train_step(self) -> StepResult:
-        tc = self.tc
-        P, G = tc.batch_size, tc.group_size
-        problems = self.data.prompts(self.step, P)
+    def banner(self, ramp: str = "") -> str:
+        return f"GRPO on a {self.cfg.num_hidden_layers}-layer model for {self.tc.steps} steps; {self.data.describe()}"
+
+    def rollouts(self, problems):
+        """Sample G completions per prompt, score them: (prompt + completion rows [P·G, T] right-padded with
+        EOS, completion-token mask [P·G, T-1] (position t predicts token t+1), rewards [P, G])."""
+        tc, G = self.tc, self.tc.group_size
         prompt_ids = [self.data.encode(m) for m, _ in problems]
         outs = self.sample(prompt_ids, G, seed=tc.seed * 1_000_003 + self.step)
         rewards = torch.tensor([[self.task.reward(problems[i][0], self.completion_text(outs[i * G + j]),
-                                                  problems[i][1]) for j in range(G)] for i in range(P)])
-        adv = group_advantages(rewards).reshape(-1)
-        # prompt + completion rows, right-padded; the loss reads completion tokens only
-        rows = [prompt_ids[k // G] + outs[k] for k in range(P * G)]
+                                                  problems[i][1]) for j in range(G)] for i in range(len(problems))])
+        rows = [prompt_ids[k // G] + outs[k] for k in range(len(outs))]
         T = max(len(r) for r in rows)
-        ids = torch.full((P * G, T), self.sp.eos, dtype=torch.long)
-        mask = torch.zeros(P * G, T - 1)
+        ids = torch.full((len(rows), T), self.sp.eos, dtype=torch.long)
+        mask = torch.zeros(len(rows), T - 1)
         for k, r in enumerate(rows):
             ids[k, :len(r)] = torch.tensor(r)
-            start = len(prompt_ids[k // G])
-            mask[k, start - 1:len(r) - 1] = 1.0            # position t predicts token t+1
+            mask[k, len(prompt_ids[k // G]) - 1:len(r) - 1] = 1.0
+        return ids, mask, rewards
+
+    def train_step(self) -> StepResult:
+        """One batch of rollouts, then μ (`--iterations`) updates on it: the ratio against the rollout
+        policy π_old, whose log-probabilities (at the sampling temperature) are taken once before the
+        first update; each update's gradient accumulated over `--grad-accum` micro-batches of completions.
+        The expert loads of the bias update count the completion tokens only."""
+        tc = self.tc
+        P, G, mu = tc.batch_size, tc.group_size, tc.iterations
+        ids, mask, rewards = self.rollouts(self.data.prompts(self.step, P))
+        adv = group_advantages(rewards).reshape(-1)
         mine = self.layout.my_rows(P * G)                     # this process's rows of the rollouts
         ids, mask, adv = ids[mine].to(self.device), mask[mine].to(self.device), adv[mine].to(self.device)
-        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            logp, h, stats = token_logprobs(self.model, ids, return_hidden=True)
-            with torch.no_grad():
-                logp_ref = token_logprobs(self.ref, ids) if self.ref is not None else logp.detach()
-            loss, kl, clip_frac = grpo_loss(logp, logp.detach(), logp_ref, mask, adv, tc.clip_eps, tc.kl_beta)
-            mtp = None
-            if self._trains_mtp():
-                mtp, mtp_stats = self._mtp_loss(ids, h, mask)
-                stats = stats.cat(mtp_stats)
-        loss = self.layout.global_value(loss)
-        tokens = mask.sum()                                    # completion tokens: KL and clip share are per token
-        kl, clip_frac, tokens = self.layout.sum(torch.stack([kl * tokens, clip_frac * tokens, tokens]).detach())
+        chunks = list(torch.arange(len(ids), device=self.device).tensor_split(tc.grad_accum))   # micro-batches
+        amp = dict(device_type=self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+        with torch.no_grad(), torch.autocast(**amp):
+            old = [token_logprobs(self.model, ids[c], temperature=tc.temperature) for c in chunks] if mu > 1 else None
+            ref = [token_logprobs(self.ref, ids[c], temperature=tc.temperature) for c in chunks] \
+                if self.ref is not None else None
+        frac = self.schedule.fraction(self.step)
+        grad_norm, losses, mtps, sums = float("nan"), [], [], torch.zeros(3, device=self.device)
+        for it in range(mu):
+            loads_LE = torch.zeros(len(self.routers), self.cfg.n_routed_experts, device=self.device)
+            loss_it, mtp_it, finite = 0.0, 0.0, True
+            for i, c in enumerate(chunks):
+                self.layout.sync_gradients(self.model, i == len(chunks) - 1)
+                with torch.autocast(**amp):
+                    logp, h, stats = token_logprobs(self.model, ids[c], return_hidden=True, temperature=tc.temperature,
+                                                    load_mask=mask[c])
+                    logp_old = logp.detach() if old is None else old[i]
+                    logp_ref = logp.detach() if ref is None else ref[i]
+                    loss, kl, clip_frac = grpo_loss(logp, logp_old, logp_ref, mask[c], adv[c], tc.clip_eps, tc.kl_beta)
+                    loss = self.layout.global_value(loss * (len(c) / len(ids)))   # the mean over every row
+                    mtp = None
+                    if self._trains_mtp():
+                        mtp, mtp_stats = self._mtp_loss(ids[c], h, mask[c])
+                        stats = stats.cat(mtp_stats)
+                if not (torch.isfinite(loss) and (mtp is None or torch.isfinite(mtp))):
+                    finite = False
+                    break
+                if mtp is not None:      # MTP's gradient goes to the MTP module only: it follows the policy
+                    params = [p for p in self.model.mtp.parameters() if p.requires_grad]
+                    for p, g in zip(params, torch.autograd.grad(tc.mtp_lambda * mtp * len(c) / len(ids), params,
+                                                                allow_unused=True)):
+                        if g is not None:
+                            p.grad = g if p.grad is None else p.grad + g
+                    mtp_it += mtp.item() * len(c) / len(ids)
+                loss.backward()
+                loads_LE[:len(stats.load)] += stats.load
+                loss_it += loss.item()
+                if it == 0:                  # the rollout policy's KL and clip share, per completion token
+                    n = mask[c].sum()
+                    sums += torch.stack([kl * n, clip_frac * n, n]).detach()
+            grad_norm = self.update(loads_LE, finite, frac)
+            losses.append(loss_it if math.isfinite(grad_norm) else float("nan"))
+            mtps.append(mtp_it)
+        self.sched.step()
+        self.step += 1
+        kl, clip_frac, tokens = self.layout.sum(sums)
         kl, clip_frac = kl / tokens.clamp_min(1), clip_frac / tokens.clamp_min(1)
-        finite = bool(torch.isfinite(loss)) and (mtp is None or bool(torch.isfinite(mtp)))
-        loads_LE = torch.zeros(len(self.routers), self.cfg.n_routed_experts, device=self.device)
-        if finite:
-            if mtp is not None:      # MTP's gradient goes to the MTP module only: it follows the policy, never steers it
-                params = [p for p in self.model.mtp.parameters() if p.requires_grad]
-                for p, g in zip(params, torch.autograd.grad(tc.mtp_lambda * mtp, params, allow_unused=True)):
-                    if g is not None:
-                        p.grad = g
-            loss.backward()
-            loads_LE[:len(stats.load)] += stats.load
-        grad_norm = self.finish_step(loads_LE, finite, self.schedule.fraction(self.step))
-        finite = math.isfinite(grad_norm)
         self.tokens_seen += int(tokens)
+        signal = int((rewards.std(-1) > 0).sum())
+        self._watch_signal(signal)
+        finite = math.isfinite(grad_norm)
         extra = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
                  "kl": kl.item(), "clip_frac": clip_frac.item(), "completion_len": tokens.item() / (P * G),
-                 "groups_with_signal": int((rewards.std(-1) > 0).sum())}
-        return StepResult(loss.item() if finite else float("nan"), mtp.item() if mtp is not None else 0.0, 0.0,
-                          grad_norm, loads_LE.cpu(), not finite, P * G, extra, tokens=int(ids.numel()) * self.layout.data_size)
+                 "groups_with_signal": signal, **({"loss_last_iteration": losses[-1]} if mu > 1 else {})}
+        return StepResult(losses[0] if finite else float("nan"), mtps[0], 0.0, grad_norm, loads_LE.cpu(), not finite,
+                          P * G, extra, tokens=int(tokens))
+
+    def _watch_signal(self, groups_with_signal: int):
+        """GRPO learns only from groups whose rewards differ; a run where none do has nothing to learn."""
+        self._signal_seen |= groups_with_signal > 0
+        self._quiet_steps += groups_with_signal == 0
+        if not self._signal_seen and self._quiet_steps == self.tc.no_signal_steps:
+            self.log(f"warning: in each of the first {self._quiet_steps} steps every one of the {self.tc.batch_size} "
+                     f"groups scored all its {self.tc.group_size} completions the same, so there is no gradient. "
+                     f"Try a model that sometimes succeeds (SFT first), a larger --group-size, a higher --temperature, "
+                     f"or check the reward on a few completions (metrics.jsonl: reward_mean, groups_with_signal)")
 
     def _mtp_loss(self, ids, h, mask):
         """MTP depth 1 on the sampled rows: position t predicts token t+2, scored on completion tokens. It

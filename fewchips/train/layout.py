@@ -98,31 +98,34 @@ class Layout:
     # ---- the step ------------------------------------------------------------------------------
     def forward_backward(self, model, batches: list[Batch], lam: float, alpha: float, loads_LE, amp):
         """Forward and backward of one optimizer step's micro-batches, gradients accumulated; adds the MoE
-        loads to `loads_LE`. Returns the step's (main, MTP, balance) losses, each the mean over
-        micro-batches, and whether the loss was finite (a non-finite micro-batch ends the step)."""
-        n = len(batches)
+        loads to `loads_LE`. Returns the step's (main, MTP, balance) losses and whether the loss was finite
+        (a non-finite micro-batch ends the step). CE and MTP are means over every scored target of the
+        step (so a micro-batch of short samples weighs by its tokens, not as much as a long one); the
+        balance term is the mean over micro-batches of their means over sequences."""
+        n, count = len(batches), max(sum(b.target_count() for b in batches), 1)
         tot = [0.0, 0.0, 0.0]
         for i, batch in enumerate(batches):
             self.sync_gradients(model, i == n - 1)
-            local, count = self.split(batch)
-            main, mtp, bal, stats = compute_losses(model, local.to(self.device), lam, amp, count)
+            local, share = self.split(batch, count)
+            main, mtp, bal, stats = compute_losses(model, local.to(self.device), lam, amp, share)
             main, mtp, bal = (self.global_value(t) for t in (main, mtp, bal))
-            loss = main + lam * mtp + alpha * bal
+            loss = main + lam * mtp + alpha * bal / n
             if not torch.isfinite(loss):
                 return (*tot, False)
-            (loss / n).backward()
+            loss.backward()
             loads_LE[:len(stats.load)] += stats.load
-            for k, t in enumerate((main, mtp, bal)):
-                tot[k] += t.item() / n
+            for k, t in enumerate((main, mtp, bal / n)):
+                tot[k] += t.item()
         return (*tot, True)
 
     def my_rows(self, n: int) -> slice:
         """This process's rows of n (n divisible by the processes that split a batch)."""
         return slice(0, n)
 
-    def split(self, batch: Batch):
-        """This process's rows of a micro-batch and the count its summed CE is divided by (None: its own)."""
-        return batch, None
+    def split(self, batch: Batch, count: int):
+        """This process's rows of a micro-batch and the count its summed CE is divided by (`count`: the
+        step's scored targets)."""
+        return batch, count
 
     def global_value(self, t):
         return t
@@ -236,11 +239,16 @@ class Sharded(Layout):
         from ..parallel.shards import held_rows
         return held_rows(name, t)
 
-    def split(self, batch: Batch):
-        """Rows [r·B/N, (r+1)·B/N) on rank r; the summed CE divided by 1/N of the whole micro-batch's count,
-        so that FSDP's mean over ranks is the gradient of one process's mean over all scored targets
-        (packed chats: ranks' slices hold different numbers of targets)."""
-        return batch.rows(self.my_rows(batch.ids.shape[0])), max(batch.target_count(), 1) / self.par.data_size
+    def fill(self, model, tc: TrainConfig):
+        from ..parallel.fsdp import gather_once
+        super().fill(model, tc)
+        gather_once(model)
+
+    def split(self, batch: Batch, count: int):
+        """Rows [r·B/N, (r+1)·B/N) on rank r; the summed CE divided by 1/N of the step's count, so that
+        FSDP's mean over ranks is the gradient of one process's mean over all scored targets (packed
+        chats: ranks' slices hold different numbers of targets)."""
+        return batch.rows(self.my_rows(batch.ids.shape[0])), count / self.par.data_size
 
     def my_rows(self, n: int) -> slice:
         size, r = self.par.data_size, self.par.data_rank
@@ -402,14 +410,13 @@ class Pipelined(Sharded):
         return m
 
     def forward_backward(self, model, batches, lam, alpha, loads_LE, amp):
-        """The step's rows through the schedule; row r of trainer micro-batch j is divided by
-        n_micro x C_j / (dp x ep) (C_j: that micro-batch's scored targets), so the pipeline's sum over its
-        micro-batches and FSDP's mean over the stage's ranks give one process's mean of micro-batch means."""
-        n_micro, B = len(batches), batches[0].ids.shape[0]
-        counts = torch.tensor([max(b.target_count(), 1) * n_micro / self.par.data_size for b in batches],
-                              dtype=torch.float64).repeat_interleave(B).float()
-        window = self.par.local_batch(Batch.cat(batches).window())     # this rank's rows of the step
-        counts = self.par.local_batch(counts)
+        """The step's rows through the schedule; every row is divided by C / (dp x ep) (C: the step's
+        scored targets), so the pipeline's sum over its micro-batches and FSDP's mean over the stage's
+        ranks give one process's mean over the step's targets."""
+        n_micro = len(batches)
+        step = Batch.cat(batches)
+        window = self.par.local_batch(step.window())                   # this rank's rows of the step
+        counts = torch.full((window.shape[0],), max(step.target_count(), 1) / self.par.data_size)
         self.pipe.set_microbatches(n_micro * self.microbatches // self.tc.grad_accum)   # fewer during a ramp
         main, mtp, bal = self.pipe.step(window.to(self.device), counts.to(self.device), lam, alpha, loads_LE).tolist()
         return main, mtp, bal, all(map(math.isfinite, (main, mtp, bal)))

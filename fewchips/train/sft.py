@@ -27,6 +27,8 @@ SFT_DEFAULTS = dict(steps=200, batch_size=8, seq_len=512, lr=3e-4, lr_schedule="
 
 
 def sft_config(**kw) -> TrainConfig:
+    """SFT's settings. λ (`--mtp-lambda`) holds for every step: pre-training's late value follows it."""
+    kw.setdefault("mtp_lambda_late", kw.get("mtp_lambda", SFT_DEFAULTS["mtp_lambda"]))
     return TrainConfig(**{**SFT_DEFAULTS, **kw})
 
 

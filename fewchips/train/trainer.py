@@ -146,8 +146,15 @@ class Trainer:
                           n_micro * tc.batch_size)
 
     def finish_step(self, loads_LE, finite: bool, frac: float) -> float:
-        """After the backward: the clip (global norm), AdamW, the bias update from the whole step's loads,
-        the schedule. A non-finite loss or gradient skips the update. Returns the norm (NaN: skipped)."""
+        """After the backward: the update, then the schedule moves on. Returns the norm (NaN: skipped)."""
+        grad_norm = self.update(loads_LE, finite, frac)
+        self.sched.step()
+        self.step += 1
+        return grad_norm
+
+    def update(self, loads_LE, finite: bool, frac: float) -> float:
+        """The clip (global norm), AdamW, the bias update from the loads; a non-finite loss or gradient
+        skips it. Returns the norm before clipping (NaN: skipped)."""
         grad_norm = float("nan")
         if finite:
             norm = clip_grad_norm(self.model, self.opt, self.tc.grad_clip, self.layout.grad_norm_sq(self.model))
@@ -158,8 +165,6 @@ class Trainer:
                           bias_speed(frac, self.tc.bias_update_speed))
         self.opt.__dict__.pop("grad_scale", None)       # a clip folded into this step only
         self.opt.zero_grad(set_to_none=True)
-        self.sched.step()
-        self.step += 1
         return grad_norm
 
     def evaluate(self) -> dict:
@@ -176,9 +181,7 @@ class Trainer:
         ramp = (f" (batch ramps from {self.schedule.micro_batches[0] * tc.batch_size} sequences over the first "
                 f"{tc.batch_ramp_tokens:,} tokens{'; the run ends first' if tc.batch_ramp_tokens > self.schedule.total_tokens else ''})"
                 if tc.batch_ramp_tokens else "")
-        self.log(f"training {self.cfg.num_hidden_layers}-layer model for {tc.steps} steps, {self.schedule.total_tokens:,} "
-                 f"tokens, {tc.tokens_per_step} per step{ramp}; {self.data.describe()}; "
-                 f"autocast {self.amp or 'off'}")
+        self.log(self.banner(ramp))
         if self.step >= last_step:
             self.run.close()
             where = f"--stop-at {tc.stop_at}" if tc.stop_at and tc.stop_at < tc.steps else f"--steps {tc.steps}"
@@ -243,6 +246,11 @@ class Trainer:
                    if self.step < tc.steps else f"all {tc.steps} steps done")
         return {"step": self.step, **last, "unigram_entropy": self.unigram_entropy,
                 "skipped_steps": self.bad_steps_total, "stopped": stopped}
+
+    def banner(self, ramp: str = "") -> str:
+        tc = self.tc
+        return (f"training {self.cfg.num_hidden_layers}-layer model for {tc.steps} steps, {self.schedule.total_tokens:,} "
+                f"tokens, {tc.tokens_per_step} per step{ramp}; {self.data.describe()}; autocast {self.amp or 'off'}")
 
     def _on_bad_step(self):
         self.bad_steps_total += 1
