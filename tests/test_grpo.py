@@ -5,6 +5,7 @@ prompt files fail with the row or name at fault."""
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -118,7 +119,7 @@ def test_mtp_loss_does_not_steer_the_policy(sft_dir, tmp_path, monkeypatch):
 
 
 def test_tasks_and_prompt_files_fail_clearly(tmp_path):
-    with pytest.raises(TrainError, match="arithmetic, format, or module:function"):
+    with pytest.raises(TrainError, match="arithmetic, format, math, code, or module:function"):
         load_task("nonsense")
     with pytest.raises(TrainError, match="needs --prompts"):
         load_task("json:dumps")
@@ -226,3 +227,72 @@ def test_a_run_without_reward_spread_says_so(sft_dir, tmp_path, monkeypatch):
     for _ in range(3):
         tr.train_step()
     assert sum("no gradient" in l for l in lines) == 1 and "--group-size" in lines[-1]
+
+
+
+# ---- rewards that see the data ----------------------------------------------------------------
+
+@pytest.mark.parametrize("answer, completion, want", [
+    ("1/2", "0.5", 1.0), ("\\frac{1}{2}", "The answer is $\\frac{2}{4}$.", 1.0), ("7", "so it is 7", 1.0),
+    ("7", "-7", 0.0), ("7", "seven", 0.0), ("3", "", 0.0), ("2", "$\\sqrt{4}$", 1.0), ("0.25", "1/3", 0.0)])
+def test_math_reward_accepts_equivalent_forms_and_rejects_wrong_ones(answer, completion, want):
+    pytest.importorskip("math_verify")
+    from fewchips.train.rewards import math_answer
+    assert math_answer(completion, answer) == want
+
+
+@pytest.mark.parametrize("namespaces", [True, False], ids=["sandboxed", "no-namespaces"])
+def test_code_reward_runs_the_tests_in_a_limited_subprocess(tmp_path, monkeypatch, namespaces):
+    """Passing code scores 1, failing 0; an infinite loop is killed at its CPU limit; the network is
+    unreachable (a listening port on this machine is refused); nothing is written outside the working
+    folder (no file at all in the sandbox; no byte without namespaces), which is gone afterwards."""
+    import socket
+    import time
+    import fewchips.train.rewards as R
+    from fewchips.train.rewards import code_tests
+    if namespaces and not R._sandbox():
+        pytest.skip("this system allows no user namespaces (unshare -rnm)")
+    if not namespaces:
+        monkeypatch.setattr(R, "_sandbox", lambda: ())
+    tests = "assert add(2, 3) == 5"
+    assert code_tests("```python\ndef add(a, b):\n    return a + b\n```", tests) == 1.0
+    assert code_tests("def add(a, b):\n    return a - b", tests) == 0.0
+    t0 = time.time()
+    assert code_tests("def add(a, b):\n    while True:\n        pass", tests, cpu_s=1) == 0.0
+    assert time.time() - t0 < 5                              # the CPU limit, not the wall-clock timeout (7 s)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        reach = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\ndef add(a, b):\n    return a + b"
+        assert code_tests(reach, tests) == 0.0
+    leak = tmp_path / "leak.txt"
+    code_tests(f"open({str(leak)!r}, 'w').write('x' * 100)\ndef add(a, b):\n    return a + b", tests)
+    assert not leak.exists() if namespaces else (not leak.exists() or leak.stat().st_size == 0)
+    import glob
+    import tempfile
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), "fewchips-reward-*"))
+
+
+def test_a_users_reward_sees_the_rows_fields_and_its_errors_name_the_row(tmp_path):
+    import sys
+    mod = tmp_path / "myreward.py"
+    mod.write_text("def score(prompt, completion, answer):\n    return float(completion.strip() == answer)\n"
+                   "def broken(prompt, completion, **row):\n    return 1 / 0\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        f = tmp_path / "p.jsonl"
+        f.write_text(json.dumps({"prompt": "2+2?", "answer": "4", "source": "x"}) + "\n")
+        task = load_task("myreward:score", str(f))
+        messages, row = task.sample(__import__("random").Random(0))
+        assert row.fields == {"answer": "4", "source": "x"}
+        assert task.reward(messages, " 4 ", row) == 1.0 and task.reward(messages, "5", row) == 0.0
+        with pytest.raises(TrainError, match=r"the reward failed on .*p\.jsonl:1 \(ZeroDivisionError"):
+            load_task("myreward:broken", str(f)).reward(messages, "4", row)
+        with pytest.raises(ChatDataError, match=r"p\.jsonl:1: the code task needs a 'tests' field"):
+            load_task("code", str(f))
+        math = load_task("math", str(f))
+        pytest.importorskip("math_verify")
+        assert math.reward(messages, "It is 4.", row) == 1.0
+    finally:
+        sys.path.remove(str(tmp_path))

@@ -15,9 +15,13 @@ def register(sub):
     g = p.add_argument_group("model and task")
     g.add_argument("--model", required=True, dest="init", metavar="MODEL_DIR",
                    help="the model to start from (and the frozen reference for the KL term)")
-    g.add_argument("--task", help="arithmetic | format | module:function taking (prompt, completion) -> float")
+    g.add_argument("--task",
+                   help="arithmetic | format (generated prompts); math (the row's answer, checked by math-verify) | "
+                        "code (the row's tests run on the completion in a sandbox) | module:function called with "
+                        "(prompt, completion, **the row's fields it names) -> float")
     g.add_argument("--prompts", metavar="PROMPTS_JSONL",
-                   help="prompts for a module:function task: {\"prompt\": str} or {\"messages\": [...]} per line")
+                   help="prompts for math, code and module:function tasks: {\"prompt\": str, ...} or "
+                        "{\"messages\": [...], ...} per line; the other fields (answer, tests) go to the reward")
     g = p.add_argument_group("GRPO")
     g.add_argument("--group-size", type=int, help="G: completions sampled per prompt")
     g.add_argument("--max-new-tokens", type=int, help="longest completion")

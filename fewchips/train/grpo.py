@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import rewards
 from .bundled import ARITHMETIC_SYSTEM, arithmetic_problem
 from .chat import ChatDataError, check_messages, encode_chat, read_jsonl
 from .config import TrainConfig, TrainError
@@ -81,7 +82,17 @@ def grpo_config(**kw) -> GRPOConfig:
 class Task:
     name: str
     sample: Callable[[random.Random], tuple[list[dict], object]]   # rng -> (messages, what the reward needs)
-    reward: Callable[[list[dict], str, object], float]              # (messages, completion, answer) -> reward
+    reward: Callable[[list[dict], str, object], float]              # (messages, completion, that) -> reward
+    from_file: bool = False                                         # prompts (and their fields) from --prompts
+
+
+@dataclass
+class PromptRow:
+    """One row of a prompts file: the prompt's messages, the row's other fields (answer, tests, ...) and
+    where it is (path:line), for messages."""
+    messages: list[dict]
+    fields: dict
+    where: str
 
 
 def _arithmetic_prompt(rng):
@@ -91,41 +102,69 @@ def _arithmetic_prompt(rng):
 
 _INTEGER = re.compile(r"^-?\d+$")
 
-BUILTIN_TASKS = {
+BUILTIN_TASKS = {         # generated prompts, the answer beside each
     "arithmetic": Task("arithmetic", _arithmetic_prompt, lambda m, c, a: float(c.strip() == a)),
     "format": Task("format", _arithmetic_prompt, lambda m, c, a: float(bool(_INTEGER.match(c.strip())))),
+}
+FILE_TASKS = {            # prompts from --prompts, the field the reward checks against
+    "math": ("answer", lambda c, row: rewards.math_answer(c, row.fields["answer"])),
+    "code": ("tests", lambda c, row: rewards.code_tests(c, row.fields["tests"])),
 }
 
 
 def load_task(name: str, prompts_file: str | None = None) -> Task:
+    """A built-in task (arithmetic, format: generated prompts), a file task (math: the row's `answer`
+    checked by math-verify; code: the row's `tests` run against the completion), or `module:function`
+    called with (prompt, completion, the row's fields it names). An error in a reward names the row."""
     if name in BUILTIN_TASKS:
+        if prompts_file:
+            raise TrainError(f"--prompts applies to the math, code and module:function tasks; {name} makes its own")
         return BUILTIN_TASKS[name]
-    module, sep, func = name.partition(":")
-    if not sep or not module or not func:
-        raise TrainError(f"--task {name!r}: one of {', '.join(BUILTIN_TASKS)}, or module:function")
-    try:
-        fn = getattr(importlib.import_module(module), func)
-    except (ImportError, AttributeError) as e:
-        raise TrainError(f"--task {name}: cannot load it ({e})") from None
+    if name in FILE_TASKS:
+        field, score = FILE_TASKS[name]
+        check = field
+    else:
+        module, sep, func = name.partition(":")
+        if not sep or not module or not func:
+            raise TrainError(f"--task {name!r}: one of {', '.join([*BUILTIN_TASKS, *FILE_TASKS])}, or module:function")
+        try:
+            fn = getattr(importlib.import_module(module), func)
+        except (ImportError, AttributeError) as e:
+            raise TrainError(f"--task {name}: cannot load it ({e})") from None
+        score, check = (lambda c, row: float(rewards.call_with_fields(fn, row.messages[-1]["content"], c, row.fields))), None
     if not prompts_file:
-        raise TrainError(f"--task {name}: a custom reward needs --prompts FILE.jsonl")
-    prompts = read_prompts(prompts_file)
-    return Task(name, lambda rng: (rng.choice(prompts), None),
-                lambda m, c, a: float(fn(m[-1]["content"], c)))
+        raise TrainError(f"--task {name}: needs --prompts FILE.jsonl (one prompt per row"
+                         + (f", with its {check!r}" if check else "") + ")")
+    rows = read_prompts(prompts_file)
+    if check:
+        missing = next((r for r in rows if check not in r.fields), None)
+        if missing is not None:
+            raise ChatDataError(f"{missing.where}: the {name} task needs a {check!r} field in every row")
+
+    def reward(messages, completion, row):
+        try:
+            return float(score(completion, row))
+        except TrainError:
+            raise
+        except Exception as e:                       # noqa: BLE001 - a user's reward: say which row it failed on
+            raise TrainError(f"--task {name}: the reward failed on {row.where} ({type(e).__name__}: {e})") from None
+
+    return Task(name, lambda rng: (lambda r: (r.messages, r))(rng.choice(rows)), reward, from_file=True)
 
 
-def read_prompts(path: str) -> list[list[dict]]:
-    """Prompts from a .jsonl of {"prompt": str} or {"messages": [...]} rows (no assistant turn needed)."""
+def read_prompts(path: str) -> list[PromptRow]:
+    """Prompts from a .jsonl of {"prompt": str, ...} or {"messages": [...], ...} rows (no assistant turn
+    needed); the other fields of a row go to its reward."""
     out = []
     for where, row in read_jsonl(path):
         if isinstance(row, dict) and isinstance(row.get("prompt"), str):
-            out.append([{"role": "user", "content": row["prompt"]}])
+            msgs = [{"role": "user", "content": row["prompt"]}]
         elif isinstance(row, dict) and "messages" in row:
             msgs = row["messages"]
             check_messages(msgs + [{"role": "assistant", "content": ""}], where)
-            out.append(msgs)
         else:
             raise ChatDataError(f"{where}: expected {{\"prompt\": str}} or {{\"messages\": [...]}}")
+        out.append(PromptRow(msgs, {k: v for k, v in row.items() if k not in ("prompt", "messages")}, where))
     if not out:
         raise ChatDataError(f"{path}: no prompts in it")
     return out
@@ -193,10 +232,10 @@ class PromptData:
         self.tok, self.sp, self.task, self.tc = tok, sp, task, tc
         self.unigram_entropy, self.val_bytes, self.sampler = None, 0, None
         if isinstance(tc.val_prompts, str):
-            if task.name in BUILTIN_TASKS:
-                raise TrainError(f"--val-prompts {tc.val_prompts}: the {task.name} task's reward needs each prompt's "
-                                 f"answer, which a prompts file does not carry; give a number of held-out prompts")
-            self.val = [(m, None) for m in read_prompts(tc.val_prompts)]
+            if not task.from_file:
+                raise TrainError(f"--val-prompts {tc.val_prompts}: the {task.name} task makes its own prompts (and "
+                                 f"answers); give a number of held-out prompts")
+            self.val = [(r.messages, r) for r in read_prompts(tc.val_prompts)]
         else:
             rng = random.Random(f"{tc.seed}-held-out")
             self.val = [task.sample(rng) for _ in range(tc.val_prompts)]
