@@ -72,7 +72,8 @@ def test_a_packed_sample_sees_only_itself(tokenizer_dir):
         h = model.hidden_states(b.ids[:, :-1], b.position[:, :-1], segments=b.segment[:, :-1])
         mtp = model.mtp_forward(b.ids[:, :-1], h, b.position[:, :-1], b.segment[:, :-1])[0]
         at = 0
-        for ids, _ in samples:
+        for i in sorted(range(len(samples)), key=lambda i: -len(samples[i][0])):   # packed longest first
+            ids = samples[i][0]
             alone = torch.tensor([ids])
             h1 = model.hidden_states(alone)
             n = min(len(ids), b.ids.shape[1] - 1 - at)
@@ -225,3 +226,64 @@ def test_the_loss_is_the_mean_over_every_target_of_the_step(tokenizer_dir):
     assert finite and main == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
     assert abs(main - (sums[0] / counts[0] + sums[1] / counts[1]) / 2) > 1e-3
     assert isinstance(short, Batch)
+
+
+def test_best_fit_decreasing_packs_every_sample_once_and_no_worse_than_first_fit():
+    """Every sample lands whole in one row (or cut to the row when longer), rows never overflow, and
+    best-fit decreasing needs no more rows than first-fit in the given order."""
+    import random
+    rng = random.Random(0)
+    L = 64
+    samples = [([1] * n, [True] * n) for n in (rng.randint(1, 80) for _ in range(500))]
+    rows = pack(samples, L - 1, 0)
+    seen = {}
+    for r in range(len(rows.ids)):
+        for s in set(rows.segment[r].tolist()) - {-1}:
+            seen[(r, s)] = int((rows.segment[r] == s).sum())
+    assert sorted(seen.values()) == sorted(min(len(ids), L) for ids, _ in samples)
+    first_fit, room = 0, []
+    for ids, _ in samples:
+        n = min(len(ids), L)
+        slot = next((i for i, free in enumerate(room) if free >= n), None)
+        if slot is None:
+            room.append(L - n)
+            first_fit += 1
+        else:
+            room[slot] -= n
+    assert len(rows.ids) <= first_fit and rows.truncated == sum(len(ids) > L for ids, _ in samples)
+
+
+def test_sft_reads_prompt_completion_text_and_parquet_rows(tmp_path, tokenizer_dir):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    from fewchips.train.chat import encode_sample, read_chats
+    rows = [{"prompt": "2+2?", "completion": "4"},
+            {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "hello"}]},
+            {"text": "def f():\n    return 1\n"},
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}]
+    f = tmp_path / "mixed.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = read_chats(str(f))
+    assert got[0] == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    assert got[1][1] == {"role": "assistant", "content": "hello"} and got[2] == {"text": rows[2]["text"]}
+    pq.write_table(pa.Table.from_pylist([rows[0], rows[0]]), tmp_path / "p.parquet")
+    assert read_chats(str(tmp_path / "p.parquet")) == [got[0], got[0]]
+    _, tok = tokenizer_dir
+    sp = special_ids(tok)
+    ids, train = encode_sample(tok, sp, got[2])
+    assert ids[0] == sp.bos and ids[-1] == sp.eos and train == [False] + [True] * (len(ids) - 1)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "x"}) + "\n")
+    with pytest.raises(ChatDataError, match=r"bad\.jsonl:1: expected \"messages\", \"prompt\" \+ \"completion\", or \"text\""):
+        read_chats(str(bad))
+
+
+def test_epochs_set_the_steps_and_exclude_steps(pretrained, tmp_path):
+    from fewchips.train.sft import SFTTrainer, sft_config
+    with pytest.raises(C.TrainError, match="--steps 5 and --epochs 2 both set the run's length"):
+        sft_config(steps=5, epochs=2)
+    tc = sft_config(init=pretrained, out=str(tmp_path / "e"), epochs=2, batch_size=4, seq_len=64, plots=False,
+                    progress=False, dtype="fp32", threads=1)
+    tr = SFTTrainer(tc, quiet, chats=small_chats(40))
+    rows = len(tr.data.train.ids)
+    assert tr.tc.steps == -(-2 * rows // 4) and tr.schedule.micro_batches == (1,) * tr.tc.steps

@@ -15,14 +15,18 @@ def register(sub):
     g = p.add_argument_group("model and data")
     g.add_argument("--model", required=True, dest="init", metavar="MODEL_DIR",
                    help="the model to fine-tune: a Hugging Face deepseek_v3 directory with tokenizer.json")
-    g.add_argument("--data", metavar="CHATS_JSONL",
-                   help="one {\"messages\": [{\"role\", \"content\"}, ...]} object per line (default: the bundled "
-                        "chats: standard-library functions and arithmetic)")
+    g.add_argument("--data", metavar="CHATS",
+                   help=".jsonl or .parquet rows of {\"messages\": [{\"role\", \"content\"}, ...]}, {\"prompt\", "
+                        "\"completion\"} or {\"text\"} (default: the bundled chats: standard-library functions and "
+                        "arithmetic)")
     g.add_argument("--val-fraction", type=float, help="share of conversations held out, chosen by hash")
     g.add_argument("--freeze-mtp", action="store_true",
                    help="leave the MTP module as it is (no MTP loss): compare speculative acceptance with it trained")
+    g.add_argument("--epochs", type=float,
+                   help="the run's length in passes over the packed training rows (instead of --steps)")
     add_run_flags(p, pretrain=False)
     set_defaults_from(p, sft_config(), func=run)
+    p.set_defaults(steps=None)                       # given or not: --epochs and --steps exclude each other
 
 
 def run(args):

@@ -15,6 +15,7 @@ padding; per token it stores the id, whether it is a training target (assistant)
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -48,14 +49,65 @@ def read_jsonl(path: str):
                 raise ChatDataError(f"{path}:{n}: not a JSON object ({e})") from None
 
 
-def read_chats(path: str) -> list[list[dict]]:
-    """Conversations from a .jsonl file of {"messages": [...]} rows, each checked; the error names the
-    line and field of the first bad row (nothing is trained on a file with one)."""
-    chats = [check_messages(row.get("messages") if isinstance(row, dict) else None, where)
-             for where, row in read_jsonl(path)]
-    if not chats:
+def read_rows(path: str):
+    """(where, row) for each row of a .jsonl or .parquet file; `where` is "path:line" (or "path:row N")."""
+    if path.lower().endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ChatDataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+        if not os.path.exists(path):
+            raise ChatDataError(f"{path}: no such file")
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:      # pyarrow raises ArrowInvalid/OSError for corrupt or non-parquet files
+            raise ChatDataError(f"{path}: not a readable parquet file ({e})") from None
+        n = 0
+        for batch in pf.iter_batches():                  # row groups stream; the file need not fit twice
+            for row in batch.to_pylist():
+                yield f"{path}:row {n}", row
+                n += 1
+        return
+    yield from read_jsonl(path)
+
+
+def read_chats(path: str) -> list:
+    """SFT samples from a .jsonl or .parquet file, each row checked (the error names the row and field of
+    the first bad one; nothing is trained on a file with one). A row is {"messages": [...]} (a
+    conversation), {"prompt", "completion"} (strings: one user turn and the reply; or lists of messages,
+    TRL's conversational form), or {"text": str} (trained on every token, no chat template)."""
+    out = [sample_of(row, where) for where, row in read_rows(path)]
+    if not out:
         raise ChatDataError(f"{path}: no conversations in it")
-    return chats
+    return out
+
+
+def sample_of(row, where: str):
+    """A row as a conversation (list of messages) or a plain text ({"text": str})."""
+    if not isinstance(row, dict):
+        raise ChatDataError(f"{where}: expected an object with messages, prompt/completion or text")
+    if "messages" in row:
+        return check_messages(row["messages"], where)
+    if "prompt" in row and "completion" in row:
+        p, c = row["prompt"], row["completion"]
+        if isinstance(p, str) and isinstance(c, str):
+            return check_messages([{"role": "user", "content": p}, {"role": "assistant", "content": c}], where)
+        if isinstance(p, list) and isinstance(c, list):
+            return check_messages(p + c, where)
+        raise ChatDataError(f"{where}: prompt and completion must both be strings or both lists of messages")
+    if isinstance(row.get("text"), str):
+        return {"text": row["text"]}
+    raise ChatDataError(f"{where}: expected \"messages\", \"prompt\" + \"completion\", or \"text\" "
+                        f"(got {', '.join(map(repr, row)) or 'no fields'})")
+
+
+def encode_sample(tok, sp, sample) -> tuple[list[int], list[bool]]:
+    """Ids and trained-on flags of a conversation (`encode_chat`) or of a plain text (BOS text EOS, every
+    token after BOS trained)."""
+    if isinstance(sample, dict):
+        ids = [sp.bos] + tok.encode(sample["text"], add_special_tokens=False).ids + [sp.eos]
+        return ids, [False] + [True] * (len(ids) - 1)
+    return encode_chat(tok, sample)
 
 
 def check_messages(messages, where: str) -> list[dict]:
@@ -108,23 +160,41 @@ class PackedRows:
     truncated: int = 0       # samples cut to fit a row
 
 
-def pack(samples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int) -> PackedRows:
-    """First-fit packing, in the given order, of samples into rows of seq_len + 1 tokens."""
-    L = seq_len + 1
-    rows: list[list[int]] = []           # per row: indices of its samples
-    room: list[int] = []
-    truncated = 0
-    for i, (ids, _) in enumerate(samples):
-        n = min(len(ids), L)
-        truncated += len(ids) > L
-        for r, free in enumerate(room):
-            if free >= n:
-                rows[r].append(i)
-                room[r] -= n
-                break
+def pack_plan(lengths: list[int], L: int) -> list[list[int]]:
+    """Best-fit decreasing: the samples of the given lengths (each at most L) into rows of L tokens,
+    longest first, each into the row with the least room that still holds it, in O(n log n): rows wait
+    in buckets by their free room, and a sorted list of the free sizes present finds the best one by
+    bisection. Ties keep the samples' order, so the plan is a function of the lengths alone. Returns
+    each row's sample indices."""
+    rows: list[list[int]] = []
+    buckets: dict[int, list[int]] = {}   # free room -> rows with exactly that room
+    sizes: list[int] = []                # the free rooms that have a row, sorted
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        at = bisect.bisect_left(sizes, n)
+        if at < len(sizes):
+            free = sizes[at]
+            r = buckets[free].pop()
+            if not buckets[free]:
+                del buckets[free]
+                sizes.pop(at)
+            rows[r].append(i)
         else:
+            free, r = L, len(rows)
             rows.append([i])
-            room.append(L - n)
+        left = free - n
+        if left not in buckets:
+            buckets[left] = []
+            bisect.insort(sizes, left)
+        buckets[left].append(r)
+    return rows
+
+
+def pack(samples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int) -> PackedRows:
+    """Samples packed into rows of seq_len + 1 tokens (`pack_plan`), each cut to the row if longer."""
+    L = seq_len + 1
+    rows = pack_plan([min(len(ids), L) for ids, _ in samples], L)
+    truncated = sum(len(ids) > L for ids, _ in samples)
     N = len(rows)
     out = PackedRows(np.full((N, L), pad_id, np.int64), np.zeros((N, L), bool), np.full((N, L), -1, np.int32),
                      np.zeros((N, L), np.int32), truncated)
@@ -203,8 +273,8 @@ class ChatData:
         chats = chats if chats is not None else read_chats(tc.data)
         train, val = split_chats(chats, tc.val_fraction)
         order = np.random.default_rng([tc.seed, 2]).permutation(len(train))     # packing order: seeded
-        train_samples = [encode_chat(tok, train[i]) for i in order]
-        val_samples = [encode_chat(tok, c) for c in val]
+        train_samples = [encode_sample(tok, sp, train[i]) for i in order]
+        val_samples = [encode_sample(tok, sp, c) for c in val]
         self.train = pack(train_samples, tc.seq_len, sp.eos)
         self.val = pack(val_samples, tc.seq_len, sp.eos) if val_samples else None
         self.sampler = RowSampler(len(self.train.ids), tc.seed)

@@ -29,6 +29,7 @@ class TrainConfig:
     fim_rate: float = 0.1
     # schedule and batch
     steps: int = 300
+    epochs: float | None = None          # SFT: the run's length in passes over the packed rows (sets steps)
     batch_size: int = 16
     grad_accum: int = 1
     seq_len: int = 256
@@ -83,6 +84,8 @@ class TrainConfig:
         full = self.batch_size * self.grad_accum
         if self.batch_size < 1 or self.grad_accum < 1:
             raise TrainError(f"--batch-size ({self.batch_size}) and --grad-accum ({self.grad_accum}) must be >= 1")
+        if self.epochs is not None and not self.epochs > 0:
+            raise TrainError(f"--epochs must be > 0, got {self.epochs}")
         if self.batch_ramp_tokens < 0:
             raise TrainError(f"--batch-ramp-tokens must be >= 0, got {self.batch_ramp_tokens}")
         if self.lr_schedule not in ("v3", "cosine"):

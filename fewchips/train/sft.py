@@ -14,6 +14,7 @@ The result is an ordinary model directory (weights, tokenizer, chat template) th
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from .chat import ChatData, read_chats
 from .config import TrainConfig, TrainError
@@ -27,8 +28,14 @@ SFT_DEFAULTS = dict(steps=200, batch_size=8, seq_len=512, lr=3e-4, lr_schedule="
 
 
 def sft_config(**kw) -> TrainConfig:
-    """SFT's settings. λ (`--mtp-lambda`) holds for every step: pre-training's late value follows it."""
+    """SFT's settings. λ (`--mtp-lambda`) holds for every step: pre-training's late value follows it. The
+    run's length is --steps or --epochs (passes over the packed rows, turned into steps once the data is
+    packed), not both."""
     kw.setdefault("mtp_lambda_late", kw.get("mtp_lambda", SFT_DEFAULTS["mtp_lambda"]))
+    if kw.get("epochs") is not None and kw.get("steps") is not None:
+        raise TrainError(f"--steps {kw['steps']} and --epochs {kw['epochs']:g} both set the run's length; give one")
+    if kw.get("steps") is None:
+        kw["steps"] = 1 if kw.get("epochs") is not None else SFT_DEFAULTS["steps"]   # epochs: set from the data
     return TrainConfig(**{**SFT_DEFAULTS, **kw})
 
 
@@ -51,7 +58,14 @@ class SFTTrainer(Trainer):
             from .bundled import bundled_chats
             chats = bundled_chats(self.tc.seed)
             self.log(f"data: the bundled chats ({len(chats):,} conversations: standard-library functions and arithmetic)")
-        return ChatData(self.tc, tok, sp, self.log, chats)
+        data = ChatData(self.tc, tok, sp, self.log, chats)
+        tc = self.tc
+        if tc.epochs is not None:
+            rows, per_step = len(data.train.ids), tc.batch_size * tc.grad_accum
+            steps = max(1, math.ceil(tc.epochs * rows / per_step))
+            self.log(f"--epochs {tc.epochs:g}: {steps} steps of {per_step} packed rows ({rows} rows per epoch)")
+            self.tc = dataclasses.replace(tc, steps=steps)
+        return data
 
 
 def sft(tc: TrainConfig, log=print, chats=None) -> dict:

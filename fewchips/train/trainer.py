@@ -84,6 +84,7 @@ class Trainer:
             return resume, self.make_data(cfg, resume)
 
         resume_from, self.data = self.layout.main_first(setup, then)
+        tc = self.tc                       # the data may have set the run's length (SFT's --epochs)
         self.tok, self.sp = self.data.tok, self.data.sp
         self.sampler = getattr(self.data, "sampler", None)
         self.cfg = cfg = cfg.replace(bos_token_id=self.sp.bos, eos_token_id=self.sp.eos)
