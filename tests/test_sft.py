@@ -287,3 +287,34 @@ def test_epochs_set_the_steps_and_exclude_steps(pretrained, tmp_path):
     tr = SFTTrainer(tc, quiet, chats=small_chats(40))
     rows = len(tr.data.train.ids)
     assert tr.tc.steps == -(-2 * rows // 4) and tr.schedule.micro_batches == (1,) * tr.tc.steps
+
+
+def test_sample_keeps_what_the_reward_accepts_and_sft_reads_it(pretrained, tmp_path, capsys):
+    """`fewchips sample`: --keep best keeps one completion per prompt whose reward is > 0, --keep all-correct every
+    distinct one with reward >= 1; the file is SFT data as it stands."""
+    import sys
+    from fewchips.cli import main
+    (tmp_path / "lenreward.py").write_text("def score(prompt, completion, want):\n"
+                                           "    return float(len(completion) % 2 == want)\n")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {i}", "want": i % 2}) + "\n" for i in range(4)))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        base = ["sample", "--model", pretrained, "--reward", "lenreward:score", "--prompts", str(prompts), "--n", "6",
+                "--max-new-tokens", "5", "--threads", "1"]
+        assert main([*base, "--keep", "best", "--out", str(tmp_path / "best.jsonl")]) == 0
+        assert main([*base, "--keep", "all-correct", "--out", str(tmp_path / "all.jsonl")]) == 0
+        assert main([*base, "--count", "3", "--out", str(tmp_path / "x.jsonl")]) == 2
+    finally:
+        sys.path.remove(str(tmp_path))
+    best = [json.loads(l) for l in open(tmp_path / "best.jsonl")]
+    every = [json.loads(l) for l in open(tmp_path / "all.jsonl")]
+    assert 0 < len(best) <= 4 and len(every) >= len(best)
+    for row in best + every:
+        want = int(row["messages"][0]["content"].split()[1]) % 2
+        assert row["reward"] == 1.0 and len(row["messages"][-1]["content"]) % 2 == want
+    prompts_of_best = [r["messages"][0]["content"] for r in best]
+    assert len(set(prompts_of_best)) == len(prompts_of_best)                      # one per prompt
+    replies = [(r["messages"][0]["content"], r["messages"][-1]["content"]) for r in every]
+    assert len(set(replies)) == len(replies)                                    # distinct
+    assert read_chats(str(tmp_path / "all.jsonl"))[0] == every[0]["messages"]     # SFT reads it as it is

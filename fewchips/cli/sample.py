@@ -1,0 +1,58 @@
+"""`fewchips sample`: rejection sampling, a model's own completions kept as SFT chats when a reward accepts them."""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(sub):
+    from .generate import add_model_flags
+    p = sub.add_parser("sample", help="rejection sampling: keep a model's completions that a reward accepts, as SFT chats",
+                       description="Sample --n completions per prompt with the batched engine, score them with a task's "
+                                   "reward (the same tasks as fewchips grpo) and write the accepted ones as "
+                                   "{\"messages\": [...]} rows that fewchips sft --data reads (DeepSeek-V3 §5.1).")
+    add_model_flags(p)
+    g = p.add_argument_group("prompts and reward")
+    g.add_argument("--reward", default="arithmetic",
+                   help="arithmetic | format (generated prompts) | math | code | module:function (with --prompts)")
+    g.add_argument("--prompts", metavar="PROMPTS_JSONL", help="{\"prompt\" or \"messages\", ...fields} rows")
+    g.add_argument("--count", type=int, default=None, help="prompts of a generated task (arithmetic, format; default 100)")
+    g.add_argument("--n", type=int, default=8, help="completions per prompt")
+    g.add_argument("--keep", choices=["best", "all-correct"], default="best",
+                   help="best: each prompt's highest-rewarded completion (reward > 0); all-correct: every distinct "
+                        "completion with reward >= 1")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="longest completion")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass")
+    g.add_argument("--seed", type=int, default=0, help="seeds the prompts of a generated task and the samples")
+    p.add_argument("--out", required=True, help="the .jsonl of kept chats")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    from fewchips.train import TrainError
+    from fewchips.train.grpo import load_task
+    from fewchips.train.run_dir import model_tokenizer
+    from fewchips.train.sample import prompts_of, rejection_sample, write_chats
+
+    from .generate import load_model_and_tokenizer
+    if args.prompts and args.count is not None:
+        print("fewchips sample: error: --count applies to generated tasks; a --prompts file is sampled whole",
+              file=sys.stderr)
+        return 2
+    try:
+        task = load_task(args.reward, args.prompts)
+        prompts = prompts_of(task, args.prompts, args.count or 100, args.seed)
+        model, _ = load_model_and_tokenizer(args)
+        tok, sp = model_tokenizer(args.model)
+        kept, best = rejection_sample(model.eval(), tok, sp, task, prompts, args.n, args.keep, args.max_new_tokens,
+                                      args.temperature, args.top_p, args.seed,
+                                      log=lambda m: print(m, file=sys.stderr))
+    except TrainError as e:
+        print(f"fewchips sample: error: {e}", file=sys.stderr)
+        return 1
+    write_chats(args.out, kept)
+    solved = sum(b > 0 for b in best)
+    print(f"kept {len(kept)} chats from {len(prompts)} prompts x {args.n} samples ({solved} prompts with a rewarded "
+          f"completion, --keep {args.keep}); wrote {args.out}")
+    return 0
