@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-demo: $(VENV)/.installed   # train tiny on the Python stdlib (~5-7 min on 2 CPU cores), then sample from it
+demo: $(VENV)/.installed   # train tiny on the Python stdlib (4-16 min on 2 CPU cores), then sample from it
 	$(VENV)/bin/fewchips train --preset tiny --out $(OUT) --overwrite
 	$(PY) -m fewchips.demo $(OUT)
 
