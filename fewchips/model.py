@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, yarn_mscale
-from .ops import causal_attention, expert_swiglu, gathered_swiglu, use_gathered_experts
+from .ops import causal_attention, expert_swiglu, gather_rows, gathered_swiglu, use_gathered_experts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +118,9 @@ class LatentCache:
     compiler copy the whole buffer.
     `slots` rows of the batch dimension can be reused by different requests over time.
     static=True: every step attends over all max_len positions (the causal mask hides the unwritten
-    ones), so shapes never change and nothing syncs with the host - what CUDA-graph capture needs."""
+    ones), so shapes never change and nothing syncs with the host - what CUDA-graph capture needs.
+    The engine's paged twin (`inference.paged.PagedLatentCache`) has the same two methods the model
+    calls: `address` (where this step's tokens go and what they read) and `layer`."""
 
     def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int, n_layers: int | None = None,
                  dtype=torch.float32, device="cpu", static: bool = False):
@@ -137,28 +139,59 @@ class LatentCache:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.latent_BSC + self.k_rope_BSR)
 
+    def address(self, positions_BT, slots_B=None, attend_len: int | None = None) -> "CacheStep":
+        """New tokens at `positions_BT` of cache rows `slots_B` (None: rows 0..B-1) attend over positions
+        [0, attend_len): by default max(positions) + 1 (a host sync), or max_len for a static cache."""
+        rows_B = slots_B if slots_B is not None else torch.arange(positions_BT.shape[0], device=positions_BT.device)
+        if attend_len is None:
+            attend_len = self.max_len if self.static else int(positions_BT.max()) + 1
+        return CacheStep(positions_BT, attend_len, (rows_B[:, None] * self.max_len + positions_BT).reshape(-1),
+                         slots_B=slots_B)
+
+    def layer(self, i: int):
+        return self.latent_BSC[i], self.k_rope_BSR[i]
+
+
+@dataclass
+class CacheStep:
+    """Cache addressing for one forward, shared by every layer."""
+    positions_BT: torch.Tensor        # absolute position of each new token
+    attend_len: int                   # attend over cache positions [0, attend_len)
+    write_M: torch.Tensor             # flat cache row of each new token (one index_copy_ per write)
+    read_BS: torch.Tensor | None = None   # flat cache row of each attended position (paged); None: contiguous
+    slots_B: torch.Tensor | None = None   # contiguous: cache row of each batch row; None: rows 0..B-1 (a view)
+
 
 @dataclass
 class CacheView:
-    """What one layer's attention needs to read and write the cache for this step."""
-    latent_BSC: torch.Tensor      # this layer's buffers (all slots)
-    k_rope_BSR: torch.Tensor
-    slots_B: torch.Tensor | None  # cache row of each batch row; None: rows 0..B-1 (read as a view)
-    positions_BT: torch.Tensor    # absolute position of each new token
-    attend_len: int               # attend over cache positions [0, attend_len)
-    flat_M: torch.Tensor          # slot * max_len + position of each new token (one index_copy_ per write)
+    """What one layer's attention needs to read and write the cache for this step: its buffers (any
+    shape whose last dim is C or R; flattened to cache rows) and the step's addressing."""
+    latent: torch.Tensor
+    k_rope: torch.Tensor
+    step: CacheStep
+
+    @property
+    def positions_BT(self):
+        return self.step.positions_BT
+
+    @property
+    def attend_len(self):
+        return self.step.attend_len
 
     def write(self, c_BTC, k_rope_BTR):
-        for buf, x in ((self.latent_BSC, c_BTC), (self.k_rope_BSR, k_rope_BTR)):
-            buf.view(-1, buf.shape[-1]).index_copy_(0, self.flat_M, x.reshape(-1, x.shape[-1]).to(buf.dtype))
+        for buf, x in ((self.latent, c_BTC), (self.k_rope, k_rope_BTR)):
+            buf.view(-1, buf.shape[-1]).index_copy_(0, self.step.write_M, x.reshape(-1, x.shape[-1]).to(buf.dtype))
 
     def read(self, dtype):
         """The latent [B, S, C] and rope keys [B, S, R] of this step's rows, S = attend_len."""
-        S = self.attend_len
-        if self.slots_B is None:
-            B = self.positions_BT.shape[0]
-            return self.latent_BSC[:B, :S].to(dtype), self.k_rope_BSR[:B, :S].to(dtype)
-        return self.latent_BSC[self.slots_B, :S].to(dtype), self.k_rope_BSR[self.slots_B, :S].to(dtype)
+        st, S = self.step, self.step.attend_len
+        if st.read_BS is not None:        # paged: gather each row's positions through its block table
+            return tuple(gather_rows(buf.view(-1, buf.shape[-1]), st.read_BS).to(dtype)
+                         for buf in (self.latent, self.k_rope))
+        if st.slots_B is None:
+            B = st.positions_BT.shape[0]
+            return self.latent[:B, :S].to(dtype), self.k_rope[:B, :S].to(dtype)
+        return self.latent[st.slots_B, :S].to(dtype), self.k_rope[st.slots_B, :S].to(dtype)
 
 
 class MLA(nn.Module):
@@ -585,21 +618,14 @@ class DeepseekV3(nn.Module):
 
     @staticmethod
     def _cache_step(cache, slots, positions, attend_len: int | None = None):
-        """Cache addressing for one forward, shared by all layers: slots, positions, attend length and
-        the flat write index (slot * max_len + position)."""
-        if cache is None:
-            return None
-        rows_B = slots if slots is not None else torch.arange(positions.shape[0], device=positions.device)
-        flat_M = (rows_B[:, None] * cache.max_len + positions).reshape(-1)
-        if attend_len is None:
-            attend_len = cache.max_len if cache.static else int(positions.max()) + 1
-        return slots, positions, attend_len, flat_M
+        """Cache addressing for one forward, shared by all layers (the cache's own: contiguous or paged)."""
+        return None if cache is None else cache.address(positions, slots, attend_len)
 
     @staticmethod
     def _cache_view(cache, layer, step):
         if cache is None:
             return None
-        return CacheView(cache.latent_BSC[layer], cache.k_rope_BSR[layer], *step)
+        return CacheView(*cache.layer(layer), step)
 
     # ---- weights ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -12,6 +12,9 @@ dtype, batch size, under a compiler) is decided here. Tests check every fast pat
         twin: swiglu_reference (a loop over experts)
     gathered_swiglu(x, experts_MK, weights_MK, gate_up, down)   decode-sized batches in a compiled graph
         twin: expert_swiglu after dispatch (RoutedExperts.forward)
+    gather_rows(pool_NC, index_BS)              the paged cache's working set: pool rows by block table
+        fast: one index_select into the step's [B, S, C] (CPU; a paged-attention kernel would read in place)
+        twin: gather_rows_reference (a loop over batch rows)
 
 Shape legend as in model.py (B batch, H heads, T tokens, E experts, N sorted token copies, D hidden,
 F expert width, f = 2F gate and up rows).
@@ -74,6 +77,19 @@ def attention_reference(q_BHTk, k_BHTk, v_BHTV, scale, segments_BT=None):
         allowed = sample_mask(segments_BT)[:, None]
     scores = scores.masked_fill(~allowed, float("-inf"))
     return (scores.softmax(-1) @ v_BHTV.float()).to(v_BHTV.dtype)
+
+
+def gather_rows(pool_NC, index_BS):
+    """pool_NC[index_BS]: the cache rows [B, S, C] that a step's queries attend, read through the block
+    tables (`inference.paged`). On CPU a copy into the step's working set costs what the attention's own
+    read of it does; a GPU kernel reading the pool in place (FlashMLA's paged decode) would go here."""
+    B, S = index_BS.shape
+    return pool_NC.index_select(0, index_BS.reshape(-1)).view(B, S, pool_NC.shape[-1])
+
+
+def gather_rows_reference(pool_NC, index_BS):
+    """The plain twin of `gather_rows`: one row of the batch at a time."""
+    return torch.stack([pool_NC[row] for row in index_BS])
 
 
 # ---------------------------------------------------------------------------------------------

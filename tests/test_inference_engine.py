@@ -1,5 +1,6 @@
 """The continuous-batching engine: same tokens as `generate`, requests joining and leaving mid-batch,
-per-request sampling, slot reuse, streaming callbacks, and the cache-memory cap (queueing, clear errors)."""
+per-request sampling, block reuse, streaming callbacks, and the cache-memory cap (queueing, clear errors).
+The paged cache, prefix cache, chunking and preemption have their own tests (test_inference_paged.py)."""
 
 import threading
 import time
@@ -30,7 +31,7 @@ def test_engine_matches_generate_with_joins_and_leaves():
     for r, w, n in zip(reqs, want, lengths):
         assert r.finish_reason == "length"
         assert r.prompt_ids + r.output_ids == w[: len(r.prompt_ids) + n]
-    assert engine.peak_batch == 4 and sorted(engine.free_slots) == [0, 1, 2, 3]
+    assert engine.peak_batch == 4 and engine.pool.n_used == 0        # every block back
 
 
 def test_background_thread_streams_and_late_arrivals_join():
@@ -86,12 +87,15 @@ def test_cache_cap_queues_and_refuses_clearly():
     model = tiny_model(0)
     cfg = model.config
     per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4
-    engine = Engine(model, max_batch=16, max_len=32, max_cache_bytes=2 * 32 * per_token + 100)
-    assert engine.n_slots == 2 and engine.cache_bytes == 2 * 32 * per_token
+    # 4 blocks of 16 tokens, one of them the null block: 48 tokens of cache for 16 requests of up to 20
+    engine = Engine(model, max_batch=16, max_len=32, max_cache_bytes=4 * 16 * per_token + 100, prefix_caching=False)
+    assert engine.pool.n_usable == 3 and engine.cache_bytes == 4 * 16 * per_token
     rows = prompts(5, seed=3)
+    want = [Engine(model, max_batch=1, max_len=32).run([Request(r, SamplingParams(max_tokens=8))])[0].output_ids
+            for r in rows]
     reqs = engine.run([Request(r, SamplingParams(max_tokens=8)) for r in rows])
-    assert all(r.finish_reason == "length" and len(r.output_ids) == 8 for r in reqs)
-    assert engine.peak_batch == 2                              # the rest waited in the queue
+    assert all(r.finish_reason == "length" for r in reqs) and [r.output_ids for r in reqs] == want
+    assert 1 < engine.peak_running <= 3                        # the rest waited (or were preempted)
     with pytest.raises(ValueError, match="maximum context length is 32"):
         engine.add(Request(list(range(3, 30)), SamplingParams(max_tokens=8)))
     with pytest.raises(ValueError, match="empty"):
@@ -99,7 +103,7 @@ def test_cache_cap_queues_and_refuses_clearly():
     with pytest.raises(ValueError, match="token ids"):
         engine.add(Request([5, 100000], SamplingParams(max_tokens=8)))
     with pytest.raises(ValueError, match="cannot hold one request"):
-        Engine(model, max_len=32, max_cache_bytes=per_token)
+        Engine(model, max_len=32, max_cache_bytes=2 * 16 * per_token)
 
 
 def test_abort_frees_the_slot():
@@ -109,7 +113,7 @@ def test_abort_frees_the_slot():
     b = engine.add(Request([8, 9], SamplingParams(max_tokens=4)))
     engine.step()
     engine.step()
-    assert a.slot is not None and b.slot is None               # b waits for the only slot
+    assert a in engine.running and b in engine.waiting          # b waits: max_batch 1
     engine.abort(a)
     while b.finish_reason is None:
         engine.step()

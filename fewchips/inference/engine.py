@@ -1,14 +1,22 @@
-"""The continuous-batching engine: requests join and leave a running batch between decode steps.
+"""The continuous-batching engine over a paged latent cache: requests join and leave a running batch
+between steps; the cache is one pool of fixed-size blocks that requests take as they grow.
 
-Each request owns one row ("slot") of a pre-allocated `LatentCache` from admission to its end; the slot
-goes back to the free list when it finishes and the next waiting request reuses it (stale entries are
-never read: attention stops at a row's own position). The cache is sized once from `max_cache_bytes`,
-so memory is capped: requests beyond the free slots wait in a FIFO queue, and a request that could
-never fit (prompt + max_tokens > max_len) is refused at `add` with a clear error.
+Each step the scheduler gives every running request its next tokens to compute (one for a decoding
+request, a chunk of its prompt for one being prefilled) and admits waiting requests while the step's
+prefill budget (`max_prefill_tokens`) and `max_batch` allow. A request computes its tokens in order;
+once all of them (prompt and output so far) are in the cache, the logits at the last one give its next
+token. So a long prompt is prefilled over several steps beside the running decodes (chunked prefill),
+and a request that was preempted simply recomputes what it had (prompt + output) the same way.
 
-One `step()`: admit waiting requests into free slots and prefill them (right-padded, expanded MLA),
-sampling each one's first token; then one decode forward over every running request (absorbed MLA,
-each row at its own position), sampling with each request's own parameters and generator.
+- Prefix caching: a new request first takes the longest run of cached full blocks of its tokens
+  (`paged.BlockPool`) and computes only the rest. A request whose next block is being computed by
+  another request waits a step for it (n choices of one prompt, GRPO's G samples, prefill it once).
+- Memory: the pool holds `max_cache_bytes` (default: max_batch requests of max_len tokens). When a
+  running request needs a block and none is free, the newest running request is preempted (its blocks
+  freed, back to the front of the queue). A request longer than max_len is refused at `add`.
+- Two forwards per step: the prefill chunks (right-padded, expanded MLA from position 0, absorbed over
+  the cache after a prefix hit or an earlier chunk) and the decodes (absorbed MLA, compiled if asked).
+
 `start()` runs steps on a background thread; `run(requests)` steps in the caller's thread.
 """
 
@@ -16,16 +24,19 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from ..model import LatentCache
+from .metrics import EngineMetrics
+from .paged import NULL_BLOCK, BlockPool, PagedLatentCache, block_hashes
 from .sampling import SamplingParams, adjust_logits, sample
-from .steps import compiled_decode_step, prefill, stop_reason
+from .steps import compiled_decode_step, pad_rows, stop_reason
 
 log = logging.getLogger("fewchips")
 _ids = itertools.count()
@@ -51,9 +62,21 @@ class Request:
     prompt_logprob_list: list[TokenLogprob | None] = field(default_factory=list)
     finish_reason: str | None = None      # "stop", "length", "abort" or "error"
     error: str | None = None
-    slot: int | None = None
     aborted: bool = False
     done_event: threading.Event = field(default_factory=threading.Event)
+    # cache state (the engine's)
+    blocks: list[int] = field(default_factory=list)        # block table: block of positions [i*bs, (i+1)*bs)
+    n_computed: int = 0                   # tokens of prompt + output whose latents are in the cache
+    n_registered: int = 0                 # leading blocks offered to the prefix cache
+    hashes: list[bytes] = field(default_factory=list)      # chained hashes of the full blocks of its tokens
+    cached_tokens: int = 0                # prompt tokens the prefix cache supplied (first admission)
+    preemptions: int = 0
+    arrival: float = 0.0
+    last_token_time: float | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
 
     def _notify(self, kind, payload):
         if self.on_event is not None:
@@ -62,32 +85,42 @@ class Request:
 
 class Engine:
     def __init__(self, model, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
-                 max_cache_bytes: int | None = None, max_prefill_tokens: int = 8192, compile: bool = False,
-                 inference_mode: bool = True):
+                 max_cache_bytes: int | None = None, max_prefill_tokens: int = 512, block_size: int = 16,
+                 prefix_caching: bool = True, compile: bool = False, inference_mode: bool = True,
+                 metrics: EngineMetrics | None = None):
         cfg = model.config
         self.model, self.tokenizer = model, tokenizer
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        per_token = cfg.kv_cache_bytes_per_token(p.element_size())
-        n_slots = max_batch
-        if max_cache_bytes is not None:
-            n_slots = min(max_batch, max_cache_bytes // (per_token * self.max_len))
-            if n_slots < 1:
+        if block_size < 1 or max_prefill_tokens < 1 or max_batch < 1:
+            raise ValueError("block_size, max_prefill_tokens and max_batch must be >= 1")
+        self.block_size, self.max_batch, self.max_prefill_tokens = block_size, max_batch, max_prefill_tokens
+        block_bytes = cfg.kv_cache_bytes_per_token(p.element_size()) * block_size
+        per_request = math.ceil(self.max_len / block_size)
+        if max_cache_bytes is None:
+            n_blocks = max_batch * per_request + 1               # today's memory: max_batch requests of max_len
+        else:
+            n_blocks = max_cache_bytes // block_bytes
+            if n_blocks - 1 < per_request:
                 raise ValueError(f"max_cache_bytes={max_cache_bytes} cannot hold one request of max_len="
-                                 f"{self.max_len} tokens ({per_token * self.max_len} bytes); lower max_len or raise the cap")
-        self.cache = LatentCache(cfg, n_slots, self.max_len, n_layers=cfg.num_hidden_layers,
-                                 dtype=self.dtype, device=self.device)
-        self.n_slots, self.max_prefill_tokens = n_slots, max_prefill_tokens
-        self.free_slots = list(range(n_slots))[::-1]
+                                 f"{self.max_len} tokens ({per_request * block_bytes + block_bytes} bytes in blocks "
+                                 f"of {block_size}); lower max_len or raise the cap")
+        self.pool = BlockPool(n_blocks, prefix_caching)
+        self.cache = PagedLatentCache(cfg, n_blocks, block_size, cfg.num_hidden_layers, dtype=self.dtype,
+                                      device=self.device)
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.running: list[Request] = []        # in admission order: the last is preempted first
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
         self.peak_batch = 0           # most requests decoded together so far
-        # compile: decode steps as one compiled graph (generate.compiled_decode_step); pays off for
+        self.peak_running = 0         # most requests holding cache at once
+        self.preemptions = 0
+        self.metrics = metrics if metrics is not None else EngineMetrics()
+        self.metrics.watch(self)
+        # compile: decode steps as one compiled graph (steps.compiled_decode_step); pays off for
         # batches of one or two, e.g. `fewchips chat --compile`. Prefill stays eager.
         self._step = compiled_decode_step() if compile else None
         # False for a model that trains between runs with FSDP: its gathered weights, made once, must not be
@@ -97,6 +130,17 @@ class Engine:
     @property
     def cache_bytes(self) -> int:
         return self.cache.nbytes
+
+    @property
+    def n_slots(self) -> int:
+        """Requests that can hold cache at once (max_batch)."""
+        return self.max_batch
+
+    def reset_prefix_cache(self):
+        """Forget cached prefixes: call after the weights change (GRPO between steps)."""
+        self.pool.reset()
+        for r in self.running + list(self.waiting):
+            r.n_registered = len(r.blocks)      # held blocks are not offered again under stale content
 
     # ---- requests ----------------------------------------------------------------------------
     def check(self, prompt_ids: list[int], max_tokens: int):
@@ -113,6 +157,7 @@ class Engine:
     def add(self, request: Request) -> Request:
         self.check(request.prompt_ids, request.params.max_tokens)
         request._rng = request.params.generator(self.device)
+        request.arrival = time.monotonic()
         with self._cv:
             self.waiting.append(request)
             self._cv.notify()
@@ -138,56 +183,175 @@ class Engine:
                 self._finish(r, "abort")
             for r in [r for r in self.running if r.aborted]:
                 self._finish(r, "abort")
-            new, budget = [], self.max_prefill_tokens
-            while self.waiting and self.free_slots and (not new or len(self.waiting[0].prompt_ids) <= budget):
-                r = self.waiting.popleft()
-                r.slot = self.free_slots.pop()
-                budget -= len(r.prompt_ids)
-                new.append(r)
-        batch = new
+            work = self._schedule()
+        self.peak_running = max(self.peak_running, len(self.running))
+        decodes = [r for r, n in work if n == 1 and r.n_computed == len(r.tokens) - 1 and r.prompt_logprobs is None]
+        chunks = [(r, n) for r, n in work if r not in decodes]
+        batch = [r for r, _ in work]
         try:
-            if new:
-                self.running.extend(new)
-                self._prefill(new)
-            batch = [r for r in self.running if r.finish_reason is None and r not in new]
-            if batch:
-                self.peak_batch = max(self.peak_batch, len(batch))
-                self._decode(batch)
+            if chunks:
+                self._prefill(chunks)
+            if decodes:
+                self.peak_batch = max(self.peak_batch, len(decodes))
+                self._decode(decodes)
         except Exception as e:          # a failed forward fails its requests, not the engine
             log.exception("engine step failed")
-            for r in batch + [r for r in new if r.finish_reason is None]:
+            for r in batch:
                 if r.finish_reason is None:
                     r.error = f"{type(e).__name__}: {e}"
                     self._finish(r, "error")
         self.steps += 1
 
-    def _prefill(self, reqs: list[Request]):
-        slots_B = torch.tensor([r.slot for r in reqs], device=self.device)
-        h_BTD, last_BV = prefill(self.model, [r.prompt_ids for r in reqs], self.cache, slots_B)
-        for i, r in enumerate(reqs):
-            if r.prompt_logprobs is not None and len(r.prompt_ids) > 1:
-                r.prompt_logprob_list = [None] + self._logprobs(self.model.lm_head(h_BTD[i, : len(r.prompt_ids) - 1]),
-                                                                r.prompt_ids[1:], r.prompt_logprobs)
-            elif r.prompt_logprobs is not None:
-                r.prompt_logprob_list = [None]
-        live = []
-        for i, r in enumerate(reqs):
-            if r.params.max_tokens == 0:       # scoring only (echo with max_tokens 0)
-                self._finish(r, "length")
-            else:
-                live.append(i)
-        if live:
-            self._emit([reqs[i] for i in live], last_BV[torch.tensor(live, device=self.device)])
+    # ---- scheduling --------------------------------------------------------------------------
+    def _schedule(self) -> list[tuple[Request, int]]:
+        """This step's (request, tokens to compute): running requests first (oldest first), then
+        waiting ones while the prefill budget, max_batch and the pool allow."""
+        work, budget = [], self.max_prefill_tokens
+        for r in list(self.running):
+            if r not in self.running:              # preempted for an older request in this loop
+                continue
+            pending = len(r.tokens) - r.n_computed
+            n = 1 if pending == 1 else min(pending, budget)
+            if n == 0:
+                continue
+            if self._reserve(r, n, preempt=True):
+                work.append((r, n))
+                budget -= n if pending > 1 else 0
+        inflight = {h for r in self.running for h in r.hashes[r.n_computed // self.block_size:]}
+        while self.waiting and len(self.running) < self.max_batch and budget > 0:
+            r = self.waiting[0]
+            if not r.blocks:
+                self._match_prefix(r)
+                nxt = len(r.blocks)
+                if r.prompt_logprobs is None and nxt < len(r.hashes) and r.hashes[nxt] in inflight:
+                    self.pool.release(r.blocks)      # its next block is being computed: take it next step
+                    r.blocks, r.n_computed = [], 0
+                    break
+            pending = len(r.tokens) - r.n_computed
+            n = min(pending, budget)
+            if not self._reserve(r, n, preempt=False):
+                self.pool.release(r.blocks)
+                r.blocks, r.n_computed = [], 0
+                break
+            self.waiting.popleft()
+            self.running.append(r)
+            inflight.update(r.hashes[r.n_computed // self.block_size:])
+            work.append((r, n))
+            budget -= n if pending > 1 else 0
+        return work
+
+    def _match_prefix(self, r: Request):
+        """Take the cached blocks of r's longest cached prefix, leaving at least its last token to compute
+        (its logits give the next token). Echo scoring computes every prompt position: no reuse."""
+        bs, toks = self.block_size, r.tokens
+        if len(r.hashes) < len(toks) // bs:
+            r.hashes += block_hashes(toks, bs, r.hashes[-1] if r.hashes else b"", len(r.hashes))
+        if r.prompt_logprobs is not None:
+            return
+        usable = (len(toks) - 1) // bs
+        r.blocks = self.pool.match(r.hashes[:usable])
+        r.n_computed, r.n_registered = len(r.blocks) * bs, len(r.blocks)
+        if r.preemptions == 0:                   # count each request's prompt once, not its recomputes
+            r.cached_tokens = r.n_computed
+            self.metrics.prefix_cache(len(toks), r.n_computed)
+
+    def _reserve(self, r: Request, n: int, preempt: bool) -> bool:
+        """Blocks for r's next n tokens; if the pool is short, preempt the newest running request (maybe r)."""
+        need = math.ceil((r.n_computed + n) / self.block_size) - len(r.blocks)
+        while need > 0:
+            got = self.pool.allocate(need)
+            if got is not None:
+                r.blocks += got
+                return True
+            if not preempt:
+                return False
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is r:
+                return False
+        return True
+
+    def _preempt(self, r: Request):
+        """Free r's blocks and queue it first again; it recomputes prompt + output so far when readmitted
+        (its full blocks stay in the prefix cache until evicted, so that is often cheap)."""
+        self.running.remove(r)
+        self.pool.release(r.blocks)
+        r.blocks, r.n_computed, r.n_registered = [], 0, 0
+        r.preemptions += 1
+        self.preemptions += 1
+        self.metrics.preempted()
+        self.waiting.appendleft(r)
+        log.debug("preempted request %d (%d tokens) for cache blocks", r.id, len(r.tokens))
+
+    def _computed(self, r: Request, n: int):
+        """n more of r's tokens are in the cache: offer its newly full blocks to the prefix cache."""
+        r.n_computed += n
+        bs = self.block_size
+        full = r.n_computed // bs
+        if len(r.hashes) < full:
+            r.hashes += block_hashes(r.tokens, bs, r.hashes[-1] if r.hashes else b"", len(r.hashes))
+        for i in range(r.n_registered, full):
+            self.pool.register(r.blocks[i], r.hashes[i])
+        r.n_registered = max(r.n_registered, full)
+
+    def _tables(self, reqs: list[Request], width_tokens: int) -> torch.Tensor:
+        """Block tables [B, K] padded with the null block, K blocks covering `width_tokens` positions."""
+        K = math.ceil(width_tokens / self.block_size)
+        return torch.tensor([r.blocks[:K] + [NULL_BLOCK] * (K - len(r.blocks[:K])) for r in reqs],
+                            dtype=torch.long, device=self.device)
+
+    # ---- the forwards ------------------------------------------------------------------------
+    def _prefill(self, work: list[tuple[Request, int]]):
+        """Compute each request's next chunk of tokens (right-padded; pad positions past a row's blocks
+        write into the null block). Rows whose chunk completes their tokens sample their next token."""
+        reqs = [r for r, _ in work]
+        starts = [r.n_computed for r in reqs]
+        rows = [r.tokens[s: s + n] for (r, n), s in zip(work, starts)]
+        T = max(len(x) for x in rows)
+        ids_BT = pad_rows(rows, 0, self.device)
+        pos_BT = torch.tensor(starts, device=self.device)[:, None] + torch.arange(T, device=self.device)
+        tables = self._tables(reqs, max(starts) + T)
+        h_BTD = self.model.hidden_states(ids_BT, positions=pos_BT, cache=self.cache, slots=tables,
+                                         attend_len=max(s + len(x) for s, x in zip(starts, rows)))
+        self.metrics.prompt_tokens(sum(len(x) for r, x in zip(reqs, rows) if r.n_computed < len(r.prompt_ids)))
+        done = []
+        for i, (r, n) in enumerate(work):
+            if r.prompt_logprobs is not None:
+                self._prompt_logprobs(r, h_BTD[i, :n], starts[i])
+            self._computed(r, n)
+            if r.n_computed == len(r.tokens):
+                if r.params.max_tokens == 0:      # scoring only (echo with max_tokens 0)
+                    self._finish(r, "length")
+                else:
+                    done.append(i)
+        if done:
+            idx = torch.tensor(done, device=self.device)
+            last = torch.tensor([len(rows[i]) - 1 for i in done], device=self.device)
+            self._emit([reqs[i] for i in done], self.model.lm_head(h_BTD[idx, last]))
+
+    def _prompt_logprobs(self, r: Request, h_TD, start: int):
+        """Logprobs of prompt tokens start+1 .. from this chunk's hidden states (position t predicts t+1)."""
+        P = len(r.prompt_ids)
+        if start == 0:
+            r.prompt_logprob_list = [None]
+        upto = min(start + h_TD.shape[0], P - 1)            # positions whose next token is a prompt token
+        if upto > start:
+            r.prompt_logprob_list += self._logprobs(self.model.lm_head(h_TD[: upto - start]),
+                                                    r.prompt_ids[start + 1: upto + 1], r.prompt_logprobs)
 
     def _decode(self, reqs: list[Request]):
-        pos = [len(r.prompt_ids) + len(r.output_ids) - 1 for r in reqs]      # of each row's last token
-        ids_B1 = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)
-        pos_B1 = torch.tensor(pos, device=self.device)[:, None]
-        slots_B = torch.tensor([r.slot for r in reqs], device=self.device)
+        pos = [r.n_computed for r in reqs]                      # the one token each row computes
+        self.metrics.prompt_tokens(sum(p < len(r.prompt_ids) for r, p in zip(reqs, pos)))
+        ids_B = torch.tensor([r.tokens[p] for r, p in zip(reqs, pos)], device=self.device)
+        pos_B = torch.tensor(pos, device=self.device)
+        tables = self._tables(reqs, max(pos) + 1)
         if self._step is not None:     # the attend length from the host-side positions: no sync in the graph
-            logits_BV = self._step(self.model, ids_B1[:, 0], pos_B1[:, 0], self.cache, slots_B, max(pos) + 1)
+            logits_BV = self._step(self.model, ids_B, pos_B, self.cache, tables, max(pos) + 1)
         else:
-            logits_BV = self.model(ids_B1, positions=pos_B1, cache=self.cache, slots=slots_B)[:, 0]
+            logits_BV = self.model(ids_B[:, None], positions=pos_B[:, None], cache=self.cache, slots=tables,
+                                   attend_len=max(pos) + 1)[:, 0]
+        for r in reqs:
+            self._computed(r, 1)
         self._emit(reqs, logits_BV)
 
     def _emit(self, reqs: list[Request], logits_BV):
@@ -195,8 +359,11 @@ class Engine:
         params = [r.params for r in reqs]
         adjusted_BV = adjust_logits(logits_BV, params, [r.output_ids for r in reqs])
         tokens = sample(adjusted_BV, params, [r._rng for r in reqs]).tolist()
+        now = time.monotonic()
         for i, (r, t) in enumerate(zip(reqs, tokens)):
             r.output_ids.append(t)
+            self.metrics.token(r, now)
+            r.last_token_time = now
             item = t
             if r.params.logprobs is not None:
                 item = self._logprobs(logits_BV[i: i + 1], [t], r.params.logprobs)[0]
@@ -226,9 +393,9 @@ class Engine:
         r.finish_reason = reason
         if r in self.running:
             self.running.remove(r)
-        if r.slot is not None:
-            self.free_slots.append(r.slot)
-            r.slot = None
+        self.pool.release(r.blocks)
+        r.blocks = []
+        self.metrics.finished(r, reason, time.monotonic())
         if reason == "error":
             r._notify("error", r.error)
         else:
