@@ -241,3 +241,29 @@ def test_api_key(tmp_path):
         assert httpx.get(s.url + "/health").status_code == 200
     finally:
         s.close()
+
+
+def test_prefix_cache_in_usage_and_metrics(served, client):
+    """Two chats sharing a long system prompt: the second reports the cached prompt tokens in OpenAI's
+    `usage.prompt_tokens_details.cached_tokens`, and /metrics (Prometheus text, vLLM's names under the
+    fewchips: prefix) counts the hits, the tokens and the time to first token."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    system = {"role": "system", "content": "one two three four five six seven eight nine ten. " * 2}
+    first = client.chat.completions.create(model=NAME, messages=[system, {"role": "user", "content": "hello"}],
+                                           max_tokens=3, temperature=0)
+    second = client.chat.completions.create(model=NAME, messages=[system, {"role": "user", "content": "how are you"}],
+                                            max_tokens=3, temperature=0)
+    assert first.usage.prompt_tokens > 48
+    assert second.usage.prompt_tokens_details.cached_tokens >= 32
+    text = httpx.get(served.url + "/metrics").text
+    samples = {(s.name, s.labels.get("finished_reason")): s.value for f in text_string_to_metric_families(text)
+               for s in f.samples if s.labels.get("model_name") == served.engine.metrics.model_name}
+    assert samples[("fewchips:prefix_cache_hits_total", None)] >= 32
+    assert samples[("fewchips:prompt_tokens_total", None)] >= first.usage.prompt_tokens
+    assert samples[("fewchips:generation_tokens_total", None)] >= 6
+    assert samples[("fewchips:time_to_first_token_seconds_count", None)] >= 2
+    assert samples[("fewchips:request_success_total", "length")] >= 2
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "num_preemptions_total",
+                 "inter_token_latency_seconds_count"):
+        assert ("fewchips:" + name, None) in samples

@@ -16,12 +16,18 @@ def register(sub):
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     g.add_argument("--model-name", default=None, help="the id clients send as `model` (default: directory name)")
     e = p.add_argument_group("engine")
-    e.add_argument("--max-batch", type=int, default=16, help="requests decoded together (cache slots)")
+    e.add_argument("--max-batch", type=int, default=16, help="requests running together (holding cache)")
     e.add_argument("--max-len", type=int, default=None,
-                   help="prompt + completion tokens per request (default: max_position_embeddings, at most "
-                        "4096; every slot reserves this many tokens of cache)")
+                   help="prompt + completion tokens per request (default: max_position_embeddings, at most 4096)")
     e.add_argument("--cache-gb", type=float, default=None,
-                   help="cap on latent-cache memory; fewer slots are allocated and extra requests queue")
+                   help="latent-cache pool size (default: --max-batch requests of --max-len tokens); requests "
+                        "take blocks as they grow, the newest is preempted if they run out")
+    e.add_argument("--block-size", type=int, default=16, help="tokens per cache block")
+    e.add_argument("--no-prefix-cache", action="store_true",
+                   help="do not reuse cached blocks of earlier requests' prompts")
+    e.add_argument("--max-prefill-tokens", type=int, default=512,
+                   help="prompt tokens computed per step; longer prompts are prefilled in chunks beside "
+                        "the running decodes")
     from fewchips.inference.server_limits import ServerLimits
     d = ServerLimits()
     lim = p.add_argument_group("limits (what one client may ask for)")
@@ -41,13 +47,19 @@ def run(args):
     from fewchips.inference.server import serve
     from fewchips.inference.server_limits import ServerLimits
 
+    from fewchips.inference.metrics import EngineMetrics
+
     model, tok = load_model_and_tokenizer(args)
     cap = None if args.cache_gb is None else int(args.cache_gb * 2**30)
     max_len = args.max_len or min(model.config.max_position_embeddings, 4096)
-    engine = Engine(model, tok, max_batch=args.max_batch, max_len=max_len, max_cache_bytes=cap)
     name = args.model_name or os.path.basename(os.path.normpath(args.model))
-    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({engine.n_slots} slots of "
-          f"{engine.max_len} tokens, cache {engine.cache_bytes / 2**20:.1f} MiB)")
+    engine = Engine(model, tok, max_batch=args.max_batch, max_len=max_len, max_cache_bytes=cap,
+                    block_size=args.block_size, prefix_caching=not args.no_prefix_cache,
+                    max_prefill_tokens=args.max_prefill_tokens, metrics=EngineMetrics(name))
+    pool = engine.pool
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (cache {engine.cache_bytes / 2**20:.1f} MiB: "
+          f"{pool.n_usable} blocks of {engine.block_size} tokens; up to {engine.max_batch} requests of at most "
+          f"{engine.max_len} tokens; prefix cache {'on' if pool.prefix_caching else 'off'}; metrics at /metrics)")
     limits = ServerLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_prompts=args.max_prompts, max_n=args.max_n,
                           max_waiting=args.max_waiting, shutdown_timeout=args.shutdown_timeout)
     serve(engine, tok, name, host=args.host, port=args.port, api_key=args.api_key, limits=limits)

@@ -49,6 +49,9 @@ class EngineMetrics:
         self.drafts = make(Counter, "spec_decode_num_drafts", "Speculative draft rounds")
         self.draft_tokens = make(Counter, "spec_decode_num_draft_tokens", "Draft tokens proposed")
         self.accepted = make(Counter, "spec_decode_num_accepted_tokens", "Draft tokens accepted")
+        for m in (self.preemptions, self.prompt, self.generation, self.prefix_queries, self.prefix_hits, self.ttft,
+                  self.itl, self.e2e, self.req_prompt, self.req_gen, self.drafts, self.draft_tokens, self.accepted):
+            m.labels(model_name)            # exported (at 0) before the first event, as dashboards expect
 
     def watch(self, engine):
         m = self.model_name

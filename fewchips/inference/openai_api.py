@@ -235,9 +235,14 @@ def chat_logprobs(tokenizer, items: list[TokenLogprob]) -> dict:
 
 
 def usage(prompts: list[list[int]], reqs) -> dict:
+    """OpenAI's usage block; `cached_tokens` are prompt tokens the prefix cache supplied (for n choices of
+    a prompt, what every choice found cached)."""
     p = sum(len(x) for x in prompts)
     c = sum(len(r.output_ids) for r in reqs)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    n = max(len(reqs) // max(len(prompts), 1), 1)
+    cached = sum(min(getattr(r, "cached_tokens", 0) for r in reqs[i:i + n]) for i in range(0, len(reqs), n))
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def sse(obj) -> str:

@@ -9,6 +9,8 @@ is the HTTP side: limits, routes, and the loop that turns engine events into res
 The engine steps on its own thread; each request's tokens come back to the event loop through a queue.
 Bodies are read with a size cap and parsed and tokenised on a worker thread, so the event loop (and
 /health) stays responsive whatever a client sends. `ServerLimits` bounds what one client can ask for.
+/metrics serves the engine's Prometheus metrics (unauthenticated, as vLLM's: bind to localhost or
+firewall it).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -186,6 +189,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     @app.get("/health")
     async def health():
         return {"status": "ok", "running": len(engine.running), "waiting": len(engine.waiting)}
+
+    @app.get("/metrics")
+    async def metrics():
+        """Prometheus text format: the engine's counters, gauges and latency histograms (inference.metrics)."""
+        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():

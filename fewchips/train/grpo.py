@@ -316,13 +316,14 @@ class GRPOTrainer(Trainer):
         return PromptData(self.tc, tok, sp, self.task, self.log)
 
     def sample(self, prompt_ids: list[list[int]], n: int, greedy: bool = False, seed: int = 0):
-        """n completions per prompt from the current policy with the batched engine: token lists."""
-        from ..inference.engine import Engine, Request
+        """n completions per prompt from the current policy with the batched engine: token lists. One
+        engine serves every step (rebuilt only to grow); its prefix cache is cleared first, since the
+        weights changed, and then each prompt's full blocks are prefilled once for its n samples."""
+        from ..inference.engine import Request
         from ..inference.sampling import SamplingParams
         tc = self.tc
-        max_len = max(len(p) for p in prompt_ids) + tc.max_new_tokens + 1
-        engine = Engine(self.model, None, max_batch=len(prompt_ids) * n, max_len=max_len,
-                        inference_mode=self.layout.data_size == 1)
+        engine = self.engine(len(prompt_ids) * n, max(len(p) for p in prompt_ids) + tc.max_new_tokens + 1)
+        engine.reset_prefix_cache()
         reqs = [Request(p, SamplingParams(max_tokens=tc.max_new_tokens, temperature=0.0 if greedy else tc.temperature,
                                           top_p=tc.top_p, seed=seed * 10_000 + i * n + j, stop_token_ids=[self.sp.eos]))
                 for i, p in enumerate(prompt_ids) for j in range(n)]
@@ -331,6 +332,16 @@ class GRPOTrainer(Trainer):
         engine.run(reqs)
         self.model.train(was)
         return [r.output_ids for r in reqs]
+
+    def engine(self, batch: int, max_len: int):
+        from ..inference.engine import Engine
+        e = getattr(self, "_engine", None)
+        if e is None or e.max_batch < batch or e.max_len < max_len:
+            if e is not None:
+                batch, max_len = max(batch, e.max_batch), max(max_len, e.max_len)
+            self._engine = e = Engine(self.model, None, max_batch=batch, max_len=max_len,
+                                      inference_mode=self.layout.data_size == 1)
+        return e
 
     def completion_text(self, ids: list[int]) -> str:
         return self.tok.decode([t for t in ids if t != self.sp.eos], skip_special_tokens=True)
