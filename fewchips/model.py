@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, yarn_mscale
-from .ops import causal_attention, expert_swiglu, gather_rows, gathered_swiglu, use_gathered_experts
+from .ops import (causal_attention, expert_swiglu, gather_rows, gathered_swiglu, positional_attention,
+                  use_gathered_experts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +215,11 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
         self.softmax_scale = cfg.softmax_scale   # 192^-1/2 * mscale^2; also for the absorbed form
+        # Over S cached positions, a query token costs 2C + R multiply-adds per head and position absorbed,
+        # N + R + V expanded plus C(N + V) per position to decompress, shared by the step's T tokens:
+        # expanded wins once T > C(N + V) / (2C - N - V) (64 for `tiny`, 171 for V3); decoding stays absorbed.
+        C, NV = cfg.kv_lora_rank, self.nope + self.v_dim
+        self.absorb_max_T = C * NV // (2 * C - NV) if 2 * C > NV else 1 << 62
 
     def forward(self, x_BTD, cos, sin, cache: CacheView | None = None, segments_BT=None):
         """segments_BT: the packed sample each token belongs to (sample masking: attention stays inside
@@ -235,6 +241,9 @@ class MLA(nn.Module):
         if cache is not None:
             cache.write(c_BTC, k_rope_BTR)
             if cache.attend_len > T or not _starts_at_zero(cache.positions_BT):
+                if T > self.absorb_max_T:       # a prefill chunk after cached tokens: decompress them (MHA form)
+                    o_BHTV = self._expanded_cached(q_nope_BTHN, q_rope_BTHR, cache)
+                    return self.o_proj(o_BHTV.transpose(1, 2).reshape(B, T, -1))
                 o_BTHV = self._absorbed(q_nope_BTHN, q_rope_BTHR, cache)
                 return self.o_proj(o_BTHV.reshape(B, T, -1))
         # Expanded ("MHA mode") attention over the tokens of this step: training and prefill.
@@ -245,6 +254,18 @@ class MLA(nn.Module):
                            dim=-1).transpose(1, 2)
         o_BHTV = causal_attention(q_BHTk, k_BHTk, v_BTHV.transpose(1, 2), self.softmax_scale, segments_BT)
         return self.o_proj(o_BHTV.transpose(1, 2).reshape(B, T, -1))
+
+    def _expanded_cached(self, q_nope_BTHN, q_rope_BTHR, cache: CacheView):
+        """Attend over the cache in the expanded form: the step's S cached latents decompressed by W_UK/W_UV
+        (kv_b_proj), each query token seeing positions up to its own (chunked prefill, prefix-cache hits)."""
+        B, T, H, _ = q_nope_BTHN.shape
+        latent_BSC, k_rope_BSR = cache.read(q_nope_BTHN.dtype)
+        S = latent_BSC.shape[1]
+        k_nope_BSHN, v_BSHV = self.kv_b_proj(latent_BSC).view(B, S, H, self.nope + self.v_dim).split(
+            [self.nope, self.v_dim], dim=-1)
+        q_BHTk = torch.cat((q_nope_BTHN, q_rope_BTHR), dim=-1).transpose(1, 2)
+        k_BHSk = torch.cat((k_nope_BSHN, k_rope_BSR[:, :, None].expand(B, S, H, self.rope)), dim=-1).transpose(1, 2)
+        return positional_attention(q_BHTk, k_BHSk, v_BSHV.transpose(1, 2), self.softmax_scale, cache.positions_BT)
 
     def _absorbed(self, q_nope_BTHN, q_rope_BTHR, cache: CacheView):
         """Attend over the cached latent directly: W_UK folded into the query, W_UV applied after

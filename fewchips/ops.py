@@ -6,6 +6,8 @@ dtype, batch size, under a compiler) is decided here. Tests check every fast pat
         fast: torch's fused SDPA (GPU; CPU beyond 512 tokens), with V padded to the q/k head dim
               an explicit matmul-softmax-matmul (CPU up to 512 tokens, where it is faster)
         twin: attention_reference
+    positional_attention(q, k, v, scale, positions)   queries at absolute positions over a cached context
+        fast: torch's fused SDPA with a boolean mask; twin: attention_reference(positions_BT=...)
     expert_swiglu(x_sorted, counts_E, gate_up, down)   each expert's SwiGLU on its run of sorted rows
         fast: grouped_mm (GPU, skewed or sparse CPU loads), padded bmm (balanced CPU loads), bf16 runs
               rounded to a few shapes (oneDNN's kernel cache)
@@ -60,6 +62,18 @@ def causal_attention(q_BHTk, k_BHTk, v_BHTV, scale, segments_BT=None):
     return torch.matmul(scores_BHTT.softmax(dim=-1).to(v_BHTV.dtype), v_BHTV)
 
 
+def positional_attention(q_BHTk, k_BHSk, v_BHSV, scale, positions_BT):
+    """Queries at absolute positions `positions_BT` over keys at positions 0..S-1: query t sees key s <= its
+    position (prefill chunks after cached tokens). torch's fused SDPA with a boolean mask (V padded to the
+    q/k head dim, which selects the fused CPU kernel); twin: attention_reference with `positions_BT`."""
+    S, v_dim = k_BHSk.shape[-2], v_BHSV.shape[-1]
+    allowed_B1TS = (torch.arange(S, device=q_BHTk.device) <= positions_BT[..., None])[:, None]
+    pad = q_BHTk.shape[-1] - v_dim
+    if pad > 0:
+        v_BHSV = F.pad(v_BHSV, (0, pad))
+    return F.scaled_dot_product_attention(q_BHTk, k_BHSk, v_BHSV, attn_mask=allowed_B1TS, scale=scale)[..., :v_dim]
+
+
 def sample_mask(segments_BT):
     """[B, T, T] bool: query t may attend to key s (s <= t, same segment). Block-diagonal causal."""
     T = segments_BT.shape[-1]
@@ -67,11 +81,14 @@ def sample_mask(segments_BT):
     return causal_TT & (segments_BT[:, :, None] == segments_BT[:, None, :])
 
 
-def attention_reference(q_BHTk, k_BHTk, v_BHTV, scale, segments_BT=None):
-    """The plain twin: fp32 scores, a (block-diagonal) causal mask, softmax, weighted values."""
+def attention_reference(q_BHTk, k_BHTk, v_BHTV, scale, segments_BT=None, positions_BT=None):
+    """The plain twin: fp32 scores, a (block-diagonal) causal mask, softmax, weighted values.
+    `positions_BT`: the twin of positional_attention (query t sees keys 0..positions[t])."""
     T = q_BHTk.shape[-2]
     scores = (q_BHTk.float() @ k_BHTk.float().transpose(-2, -1)) * scale
-    if segments_BT is None:
+    if positions_BT is not None:
+        allowed = (torch.arange(k_BHTk.shape[-2], device=q_BHTk.device) <= positions_BT[..., None])[:, None]
+    elif segments_BT is None:
         allowed = torch.ones(T, T, dtype=torch.bool, device=q_BHTk.device).tril()
     else:
         allowed = sample_mask(segments_BT)[:, None]

@@ -9,7 +9,7 @@ from fewchips import LatentCache
 from fewchips.inference.engine import Engine, Request
 from fewchips.inference.paged import BlockPool, PagedLatentCache, block_hashes
 from fewchips.inference.sampling import SamplingParams
-from fewchips.ops import gather_rows, gather_rows_reference
+from fewchips.ops import attention_reference, gather_rows, gather_rows_reference, positional_attention
 
 from inference_utils import YARN, one_thread, tiny_model  # noqa: F401 (autouse fixture)
 
@@ -61,6 +61,31 @@ def test_paged_logits_equal_contiguous(block_size, rope):
             got.append(model(tok, positions=p[:, None], cache=paged, slots=padded(tables, K))[:, 0])
             want.append(model(tok, positions=p[:, None], cache=flat)[:, 0])
     torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=0, atol=1e-5)
+
+
+def test_positional_attention_equals_its_twin():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 3, 5, 12, generator=g), torch.randn(2, 3, 9, 12, generator=g), torch.randn(2, 3, 9, 8, generator=g)
+    pos = torch.tensor([[4, 5, 6, 7, 8], [0, 1, 2, 3, 4]])
+    torch.testing.assert_close(positional_attention(q, k, v, 0.3, pos),
+                               attention_reference(q, k, v, 0.3, positions_BT=pos), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [7, 40])
+def test_chunked_prefill_logits_equal_one_shot(chunk):
+    """A 100-token prompt in chunks of 7 (absorbed attention over the cache) or 40 (beyond the model's
+    absorb_max_T of 32: the cached latents decompressed, MHA form): the logits of its 16 tokens equal a
+    one-shot prefill's (fp32, 1e-5)."""
+    model = tiny_model(0)
+    assert model.model.layers[0].self_attn.absorb_max_T == 32
+    p = ids_of(100, 12)
+    out = []
+    for budget in (512, chunk):
+        engine = Engine(model, max_batch=2, max_len=128, max_prefill_tokens=budget)
+        seen = record_logits(engine)
+        r = engine.run([Request(p, SamplingParams(max_tokens=16))])[0]
+        out.append(torch.stack(seen[r.id]))
+    torch.testing.assert_close(out[1], out[0], rtol=0, atol=1e-5)
 
 
 def test_gather_rows_equals_its_twin():

@@ -1,0 +1,177 @@
+"""The paged engine against the slot engine it replaced, same model, same process, interleaved:
+
+  concurrency  100-token chats (100 prompt + 100 completion tokens) at --max-len 2048 under one fixed
+               cache size (8 requests of 2048 tokens): requests running at once, and tokens/s.
+               The slot engine is the same Engine with one block of max_len tokens per request and no
+               prefix cache: exactly what each request reserved before (a contiguous max_len row).
+  prefix       time to first token of 16 requests sharing a 1,024-token prefix (16-token tails, all
+               sent at once), prefix cache on against off.
+  chunking     4 running streams while a 4,096-token prompt arrives: their worst and median gap
+               between tokens until that prompt's first token, chunked (--max-prefill-tokens 512)
+               against one-shot prefill.
+
+    python benchmarks/bench_engine.py [--parts concurrency,prefix,chunking] [--pairs 3]
+
+The model is the `tiny` preset at random init (max_position_embeddings raised to 8192 for the 4K
+prompt), fp32, greedy, EOS never stops a request, 2 threads. Prefill FLOPs (2 x activated parameters
+per token, plus attention) are set against a measured fp32 matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from fewchips import DeepseekV3, ModelConfig  # noqa: E402
+from fewchips.inference.engine import Engine, Request  # noqa: E402
+from fewchips.inference.sampling import SamplingParams  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def matmul_rate(n: int = 1024, reps: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def ids(n, seed):
+    return torch.randint(5, 4000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run_timed(engine, reqs):
+    """Step until done; each request's token times (perf_counter) and the wall time."""
+    times = {r.id: [] for r in reqs}
+    for r in reqs:
+        r.on_event = lambda req, kind, payload: times[req.id].append(time.perf_counter()) if kind == "tokens" else None
+    t0 = time.perf_counter()
+    for r in reqs:
+        engine.add(r)
+        r.t_add = t0
+    while any(r.finish_reason is None for r in reqs):
+        engine.step()
+    return times, time.perf_counter() - t0
+
+
+def concurrency(model, pairs):
+    cfg = model.config
+    per_token = cfg.kv_cache_bytes_per_token(4)
+    cap = 8 * 2048 * per_token
+    rows = [ids(100, i) for i in range(96)]
+    out = {"slot": [], "paged": []}
+    for _ in range(pairs):
+        for name in ("slot", "paged"):
+            bs = 2048 if name == "slot" else 16
+            engine = Engine(model, max_batch=256, max_len=2048, max_cache_bytes=cap + bs * per_token, block_size=bs,
+                            prefix_caching=name == "paged", max_prefill_tokens=2048)
+            reqs = [Request(r, SamplingParams(max_tokens=100)) for r in rows]
+            _, wall = run_timed(engine, reqs)
+            out[name].append((engine.peak_running, len(rows) * 100 / wall, engine.preemptions))
+    for name, runs in out.items():
+        print(f"  {name:5s}: {runs[0][0]} requests at once (cache {cap / 2**20:.0f} MiB), "
+              f"{statistics.median(r[1] for r in runs):.0f} tokens/s (runs {', '.join(f'{r[1]:.0f}' for r in runs)}), "
+              f"preemptions {runs[0][2]}")
+    ratio = statistics.median(p[1] / s[1] for p, s in zip(out["paged"], out["slot"]))
+    print(f"  => {out['paged'][0][0] / out['slot'][0][0]:.1f}x requests at once, {ratio:.2f}x tokens/s (median of pairs)")
+
+
+def prefix(model, pairs, rate, active):
+    shared = ids(1024, 99)
+    rows = [shared + ids(16, 200 + i) for i in range(16)]
+    out = {"on": [], "off": []}
+    for _ in range(pairs):
+        for name in ("off", "on"):
+            engine = Engine(model, max_batch=16, max_len=1100, prefix_caching=name == "on")
+            reqs = [Request(r, SamplingParams(max_tokens=1)) for r in rows]
+            times, wall = run_timed(engine, reqs)
+            ttft = sorted(times[r.id][0] - r.t_add for r in reqs)
+            computed = sum(len(r.prompt_ids) - r.cached_tokens for r in reqs)
+            out[name].append((statistics.mean(ttft), ttft[-1], computed, wall))
+    for name, runs in out.items():
+        mean = statistics.median(r[0] for r in runs)
+        last = statistics.median(r[1] for r in runs)
+        wall = statistics.median(r[3] for r in runs)
+        util = 2 * active * runs[0][2] / wall / rate
+        print(f"  prefix cache {name:3s}: TTFT mean {mean * 1e3:.0f} ms, last {last * 1e3:.0f} ms; "
+              f"{runs[0][2]} prompt tokens computed; ~{util:.0%} of the matmul rate (2 x active params / token)")
+    r_mean = statistics.median(f[0] / n[0] for f, n in zip(out["off"], out["on"]))
+    r_last = statistics.median(f[1] / n[1] for f, n in zip(out["off"], out["on"]))
+    print(f"  => {r_mean:.1f}x faster mean TTFT, {r_last:.1f}x faster last TTFT (median of pairs)")
+
+
+def chunking(model, pairs):
+    out = {"chunked": [], "one-shot": []}
+    for _ in range(pairs):
+        for name in ("one-shot", "chunked"):
+            engine = Engine(model, max_batch=8, max_len=4200, max_prefill_tokens=512 if name == "chunked" else 8192)
+            streams = [engine.add(Request(ids(8, 300 + i), SamplingParams(max_tokens=4000))) for i in range(4)]
+            for _ in range(5):
+                engine.step()
+            stamp = {r.id: [] for r in streams}
+            for r in streams:
+                r.on_event = lambda req, kind, p: stamp[req.id].append(time.perf_counter()) if kind == "tokens" else None
+            long = engine.add(Request(ids(4096, 7), SamplingParams(max_tokens=1)))
+            t0 = time.perf_counter()
+            while long.finish_reason is None:
+                engine.step()
+            ttft = time.perf_counter() - t0
+            gaps = [b - a for r in streams for a, b in zip(stamp[r.id], stamp[r.id][1:])]
+            out[name].append((max(gaps) if gaps else ttft, statistics.median(gaps) if gaps else ttft, ttft))
+            for r in streams:
+                engine.abort(r)
+            engine.step()
+    for name, runs in out.items():
+        print(f"  {name:8s}: running streams' worst gap {statistics.median(r[0] for r in runs) * 1e3:.0f} ms, "
+              f"median {statistics.median(r[1] for r in runs) * 1e3:.0f} ms; the 4K prompt's first token after "
+              f"{statistics.median(r[2] for r in runs) * 1e3:.0f} ms")
+    ratio = statistics.median(o[0] / c[0] for o, c in zip(out["one-shot"], out["chunked"]))
+    print(f"  => worst inter-token gap {ratio:.1f}x smaller with chunking (median of pairs)")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="concurrency,prefix,chunking")
+    ap.add_argument("--pairs", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny").replace(max_position_embeddings=8192)
+    model = DeepseekV3(cfg).init_weights(0.02).eval()
+    rate = matmul_rate()
+    active = model.num_parameters()["active"]
+    print(f"{cpu_name()}, torch {torch.__version__}, 2 threads, fp32; tiny preset ({active / 1e6:.1f}M active); "
+          f"fp32 matmul {rate / 1e9:.0f} GFLOP/s")
+    with torch.inference_mode():
+        for part in args.parts.split(","):
+            print(part)
+            if part == "concurrency":
+                concurrency(model, args.pairs)
+            elif part == "prefix":
+                prefix(model, args.pairs, rate, active)
+            elif part == "chunking":
+                chunking(model, args.pairs)
+            else:
+                raise SystemExit(f"unknown part {part!r}")
+
+
+if __name__ == "__main__":
+    main()
