@@ -1,7 +1,8 @@
 """The paged engine against the slot engine it replaced, same model, same process, interleaved:
 
   concurrency  100-token chats (100 prompt + 100 completion tokens) at --max-len 2048 under one fixed
-               cache size (8 requests of 2048 tokens): requests running at once, and tokens/s.
+               cache size (8 requests of 2048 tokens), 96 requests sent at once: the most decoded together
+               in one step, tokens/s, and preemptions (admission is optimistic, as vLLM's).
                The slot engine is the same Engine with one block of max_len tokens per request and no
                prefix cache: exactly what each request reserved before (a contiguous max_len row).
   prefix       time to first token of 16 requests sharing a 1,024-token prefix (16-token tails, all
@@ -14,7 +15,7 @@
 
 The model is the `tiny` preset at random init (max_position_embeddings raised to 8192 for the 4K
 prompt), fp32, greedy, EOS never stops a request, 2 threads. Prefill FLOPs (2 x activated parameters
-per token, plus attention) are set against a measured fp32 matmul rate.
+per token; attention not counted) are set against a measured fp32 matmul rate.
 """
 
 from __future__ import annotations
@@ -85,13 +86,13 @@ def concurrency(model, pairs):
                             prefix_caching=name == "paged", max_prefill_tokens=2048)
             reqs = [Request(r, SamplingParams(max_tokens=100)) for r in rows]
             _, wall = run_timed(engine, reqs)
-            out[name].append((engine.peak_running, len(rows) * 100 / wall, engine.preemptions))
+            out[name].append((engine.peak_batch, len(rows) * 100 / wall, engine.preemptions))
     for name, runs in out.items():
-        print(f"  {name:5s}: {runs[0][0]} requests at once (cache {cap / 2**20:.0f} MiB), "
+        print(f"  {name:5s}: {runs[0][0]} requests decoded together at most (cache {cap / 2**20:.0f} MiB), "
               f"{statistics.median(r[1] for r in runs):.0f} tokens/s (runs {', '.join(f'{r[1]:.0f}' for r in runs)}), "
               f"preemptions {runs[0][2]}")
     ratio = statistics.median(p[1] / s[1] for p, s in zip(out["paged"], out["slot"]))
-    print(f"  => {out['paged'][0][0] / out['slot'][0][0]:.1f}x requests at once, {ratio:.2f}x tokens/s (median of pairs)")
+    print(f"  => {out['paged'][0][0] / out['slot'][0][0]:.1f}x requests decoded together, {ratio:.2f}x tokens/s (median of pairs)")
 
 
 def prefix(model, pairs, rate, active):
