@@ -37,6 +37,28 @@ def tiny_model(seed: int = 0, std: float = 0.08, **overrides) -> DeepseekV3:
     return model.eval()
 
 
+def copy_drafter_model(noise: float, seed: int = 0, hidden_gain: float = 0.3):
+    """A 1-layer model whose MTP block is a noisy copy of its decoder layer: a drafter that is often
+    right, so both acceptances and rejections happen (a random MTP module is almost never right).
+    Embedding rows have unit RMS, so enorm(emb) ~ emb and the MTP block at position i sees what the
+    main layer sees at i+1. The hidden half of eh_proj is live (x = enorm(emb) + gain·hnorm(h) + noise)
+    and the norms have distinct weights, so the drafts depend on hnorm(h), on which hidden state feeds
+    the MTP module, and on each norm being the right one."""
+    model = tiny_model(seed, num_hidden_layers=1, first_k_dense_replace=0)
+    D = model.config.hidden_size
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb.div_(emb.pow(2).mean(-1, keepdim=True).sqrt())
+        model.mtp[0].load_state_dict(model.model.layers[0].state_dict(), strict=False)
+        eh = torch.cat((torch.eye(D), hidden_gain * torch.eye(D)), 1)
+        model.mtp[0].eh_proj.weight.copy_(eh + noise * torch.randn(D, 2 * D, generator=g))
+        for norm, spread in ((model.model.norm, 0.1), (model.mtp[0].enorm, 0.05), (model.mtp[0].hnorm, 0.5)):
+            norm.weight.uniform_(1 - spread, 1 + spread, generator=g)
+        model.mtp[0].shared_head.norm.weight.copy_(model.model.norm.weight * torch.empty(D).uniform_(0.95, 1.05, generator=g))
+    return model
+
+
 CORPUS = ("the quick brown fox jumps over the lazy dog. hello world! how are you today? "
           "one two three four five six seven eight nine ten. a b c d e f g h i j k l m n o p. ") * 4
 

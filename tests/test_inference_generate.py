@@ -8,7 +8,7 @@ import fewchips
 from fewchips.inference.sampling import SamplingParams, probabilities
 from fewchips.inference.speculative import verify
 
-from inference_utils import YARN, one_thread, tiny_model, tiny_tokenizer  # noqa: F401 (autouse fixture)
+from inference_utils import YARN, copy_drafter_model, one_thread, tiny_model, tiny_tokenizer  # noqa: F401 (autouse fixture)
 
 
 def prompts(n, lens, seed=0, vocab=320):
@@ -89,28 +89,6 @@ def test_top_k_top_p_filtering():
     assert full[0] < 0.6 < full[:2].sum()           # top_p 0.6 keeps the two tokens that reach 0.6
     assert (p[1, 2:] == 0).all() and (p[1, :2] > 0).all()
     assert torch.equal(p[2], torch.tensor([1.0, 0, 0, 0, 0]))
-
-
-def copy_drafter_model(noise: float, seed: int = 0, hidden_gain: float = 0.3):
-    """A 1-layer model whose MTP block is a noisy copy of its decoder layer: a drafter that is often
-    right, so both acceptances and rejections happen (a random MTP module is almost never right).
-    Embedding rows have unit RMS, so enorm(emb) ~ emb and the MTP block at position i sees what the
-    main layer sees at i+1. The hidden half of eh_proj is live (x = enorm(emb) + gain·hnorm(h) + noise)
-    and the norms have distinct weights, so the drafts depend on hnorm(h), on which hidden state feeds
-    the MTP module, and on each norm being the right one."""
-    model = tiny_model(seed, num_hidden_layers=1, first_k_dense_replace=0)
-    D = model.config.hidden_size
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        emb = model.model.embed_tokens.weight
-        emb.div_(emb.pow(2).mean(-1, keepdim=True).sqrt())
-        model.mtp[0].load_state_dict(model.model.layers[0].state_dict(), strict=False)
-        eh = torch.cat((torch.eye(D), hidden_gain * torch.eye(D)), 1)
-        model.mtp[0].eh_proj.weight.copy_(eh + noise * torch.randn(D, 2 * D, generator=g))
-        for norm, spread in ((model.model.norm, 0.1), (model.mtp[0].enorm, 0.05), (model.mtp[0].hnorm, 0.5)):
-            norm.weight.uniform_(1 - spread, 1 + spread, generator=g)
-        model.mtp[0].shared_head.norm.weight.copy_(model.model.norm.weight * torch.empty(D).uniform_(0.95, 1.05, generator=g))
-    return model
 
 
 @pytest.mark.parametrize("noise", [0.0, 0.05])

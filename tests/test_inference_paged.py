@@ -244,3 +244,52 @@ def test_block_pool_refcounts_hashes_and_lru():
     assert pool.allocate(1) is None                         # all 5 held: nothing to take or evict
     pool.reset()
     assert pool.match(h) == [] and pool.n_used == 5
+
+
+# ---- MTP speculation inside the engine ----------------------------------------------------------------
+
+def test_speculative_greedy_equals_plain_greedy_in_a_batch():
+    """Requests of different lengths (1 to 41 prompt tokens), joining through 3 places, prefilled in chunks
+    of at most 16, two sharing a prefix, one stopping inside an accepted pair: speculative greedy output is
+    plain greedy's token for token; drafts are both kept and rejected."""
+    from inference_utils import copy_drafter_model
+    model = copy_drafter_model(0.05)
+    rows = [ids_of(n, 60 + n) for n in (3, 17, 30, 9, 41, 1)]
+    rows.append(rows[4][:33] + ids_of(4, 1))
+    lens = [20, 33, 12, 25, 18, 30, 15]
+    plain = Engine(model, max_batch=3, max_len=96, block_size=8).run(
+        [Request(r, SamplingParams(max_tokens=n)) for r, n in zip(rows, lens)])
+    stop_tok = plain[0].output_ids[7]
+    engine = Engine(model, max_batch=3, max_len=96, block_size=8, speculative="mtp", max_prefill_tokens=16)
+    spec = engine.run([Request(r, SamplingParams(max_tokens=n, stop_token_ids=[stop_tok] if i == 0 else []))
+                       for i, (r, n) in enumerate(zip(rows, lens))])
+    want0 = plain[0].output_ids[: plain[0].output_ids.index(stop_tok) + 1]
+    assert spec[0].output_ids == want0 and spec[0].finish_reason == "stop"
+    assert [r.output_ids for r in spec[1:]] == [r.output_ids for r in plain[1:]]
+    drafted, accepted = sum(r.drafted for r in spec), sum(r.accepted for r in spec)
+    assert 0 < accepted < drafted
+    assert spec[-1].cached_tokens == 32
+    chunked = Engine(model, max_batch=3, max_len=96, block_size=8, max_prefill_tokens=16)
+    chunked.run([Request(r, SamplingParams(max_tokens=n)) for r, n in zip(rows, lens)])
+    assert engine.steps < chunked.steps                     # one or two tokens per request per step
+
+
+def test_speculative_sampling_draws_as_generate_does():
+    """A seeded sampled request: the engine's speculative steps draw the first token, the draft, the
+    acceptance and the bonus in the order `generate(use_mtp=True)` does, so the tokens are the same."""
+    import fewchips
+    from inference_utils import copy_drafter_model
+    model = copy_drafter_model(0.05)
+    p = ids_of(11, 70)
+    params = SamplingParams(max_tokens=30, temperature=0.8, top_p=0.95, seed=7)
+    want = fewchips.generate(model, [p], params=params, use_mtp=True)[0][len(p):]
+    r = Engine(model, max_batch=2, max_len=64, speculative="mtp").run([Request(p, params)])[0]
+    assert r.output_ids == want and r.accepted > r.drafted / 2
+
+
+def test_speculative_refusals():
+    model = tiny_model(0, num_nextn_predict_layers=0)
+    with pytest.raises(ValueError, match="MTP module"):
+        Engine(model, speculative="mtp")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        Engine(tiny_model(0), speculative="mtp", compile=True)

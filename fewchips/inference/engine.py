@@ -14,8 +14,15 @@ and a request that was preempted simply recomputes what it had (prompt + output)
 - Memory: the pool holds `max_cache_bytes` (default: max_batch requests of max_len tokens). When a
   running request needs a block and none is free, the newest running request is preempted (its blocks
   freed, back to the front of the queue). A request longer than max_len is refused at `add`.
-- Two forwards per step: the prefill chunks (right-padded, expanded MLA from position 0, absorbed over
-  the cache after a prefix hit or an earlier chunk) and the decodes (absorbed MLA, compiled if asked).
+- Two forwards per step: the prefill chunks (right-padded, expanded MLA from position 0 or over the
+  cache after a prefix hit or an earlier chunk) and the decodes (absorbed MLA, compiled if asked).
+- MTP speculation (`speculative="mtp"`, arXiv 2412.19437 §5.4.3): the MTP module runs after every main
+  forward over the same positions (its latents are one more layer of the same blocks) and drafts each
+  request's next-but-one token; a decode step verifies [last token, draft] per request in one T=2
+  forward with the speculative-sampling rule (`speculative.verify`): one or two tokens per request per
+  step, the output distribution unchanged (greedy: token for token). A shared prefix block's MTP entry
+  at its last position was computed with the token after the block of whoever computed it; that can
+  only change a draft, never the output.
 
 `start()` runs steps on a background thread; `run(requests)` steps in the caller's thread.
 """
@@ -35,7 +42,8 @@ import torch
 
 from .metrics import EngineMetrics
 from .paged import NULL_BLOCK, BlockPool, PagedLatentCache, block_hashes
-from .sampling import SamplingParams, adjust_logits, sample
+from .sampling import SamplingParams, adjust_logits, draw, probabilities, sample
+from .speculative import verify
 from .steps import compiled_decode_step, pad_rows, stop_reason
 
 log = logging.getLogger("fewchips")
@@ -70,6 +78,8 @@ class Request:
     n_registered: int = 0                 # leading blocks offered to the prefix cache
     hashes: list[bytes] = field(default_factory=list)      # chained hashes of the full blocks of its tokens
     cached_tokens: int = 0                # prompt tokens the prefix cache supplied (first admission)
+    drafted: int = 0                      # MTP drafts verified / accepted
+    accepted: int = 0
     preemptions: int = 0
     arrival: float = 0.0
     last_token_time: float | None = None
@@ -87,8 +97,15 @@ class Engine:
     def __init__(self, model, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
                  max_cache_bytes: int | None = None, max_prefill_tokens: int = 512, block_size: int = 16,
                  prefix_caching: bool = True, compile: bool = False, inference_mode: bool = True,
-                 metrics: EngineMetrics | None = None):
+                 metrics: EngineMetrics | None = None, speculative: str | None = None):
         cfg = model.config
+        if speculative not in (None, "mtp"):
+            raise ValueError(f"speculative must be None or 'mtp', got {speculative!r}")
+        if speculative and len(getattr(model, "mtp", [])) < 1:
+            raise ValueError("speculative='mtp' needs a model with its MTP module loaded (num_nextn_predict_layers >= 1)")
+        if speculative and compile:
+            raise ValueError("speculative='mtp' and compile=True cannot be combined (the compiled step decodes one token)")
+        self.speculative = speculative
         self.model, self.tokenizer = model, tokenizer
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -97,7 +114,7 @@ class Engine:
             raise ValueError("block_size, max_prefill_tokens and max_batch must be >= 1")
         self.block_size, self.max_batch, self.max_prefill_tokens = block_size, max_batch, max_prefill_tokens
         block_bytes = cfg.kv_cache_bytes_per_token(p.element_size()) * block_size
-        per_request = math.ceil(self.max_len / block_size)
+        per_request = math.ceil((self.max_len + (1 if speculative else 0)) / block_size)   # + a draft's slot
         if max_cache_bytes is None:
             n_blocks = max_batch * per_request + 1               # today's memory: max_batch requests of max_len
         else:
@@ -107,8 +124,8 @@ class Engine:
                                  f"{self.max_len} tokens ({per_request * block_bytes + block_bytes} bytes in blocks "
                                  f"of {block_size}); lower max_len or raise the cap")
         self.pool = BlockPool(n_blocks, prefix_caching)
-        self.cache = PagedLatentCache(cfg, n_blocks, block_size, cfg.num_hidden_layers, dtype=self.dtype,
-                                      device=self.device)
+        self.cache = PagedLatentCache(cfg, n_blocks, block_size, cfg.num_hidden_layers + (1 if speculative else 0),
+                                      dtype=self.dtype, device=self.device)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []        # in admission order: the last is preempted first
         self._cv = threading.Condition()
@@ -193,7 +210,7 @@ class Engine:
                 self._prefill(chunks)
             if decodes:
                 self.peak_batch = max(self.peak_batch, len(decodes))
-                self._decode(decodes)
+                (self._decode_speculative if self.speculative else self._decode)(decodes)
         except Exception as e:          # a failed forward fails its requests, not the engine
             log.exception("engine step failed")
             for r in batch:
@@ -214,7 +231,7 @@ class Engine:
             n = 1 if pending == 1 else min(pending, budget)
             if n == 0:
                 continue
-            if self._reserve(r, n, preempt=True):
+            if self._reserve(r, n + (pending == 1 and getattr(r, "_draft", None) is not None), preempt=True):
                 work.append((r, n))
                 budget -= n if pending > 1 else 0
         inflight = {h for r in self.running for h in r.hashes[r.n_computed // self.block_size:]}
@@ -277,6 +294,7 @@ class Engine:
         self.running.remove(r)
         self.pool.release(r.blocks)
         r.blocks, r.n_computed, r.n_registered = [], 0, 0
+        r._draft = None
         r.preemptions += 1
         self.preemptions += 1
         self.metrics.preempted()
@@ -287,7 +305,7 @@ class Engine:
         """n more of r's tokens are in the cache: offer its newly full blocks to the prefix cache."""
         r.n_computed += n
         bs = self.block_size
-        full = r.n_computed // bs
+        full = min(r.n_computed, len(r.tokens)) // bs      # a kept draft's token is appended just after
         if len(r.hashes) < full:
             r.hashes += block_hashes(r.tokens, bs, r.hashes[-1] if r.hashes else b"", len(r.hashes))
         for i in range(r.n_registered, full):
@@ -328,6 +346,34 @@ class Engine:
             idx = torch.tensor(done, device=self.device)
             last = torch.tensor([len(rows[i]) - 1 for i in done], device=self.device)
             self._emit([reqs[i] for i in done], self.model.lm_head(h_BTD[idx, last]))
+        if self.speculative:
+            self._mtp_after(reqs, h_BTD, starts, [len(x) for x in rows], pos_BT, tables)
+
+    def _mtp_after(self, reqs, h_BTD, starts, lens, pos_BT, tables, draft_at=None):
+        """The MTP module over the positions the main forward just computed: position t reads the main
+        state h_t and token t+1 (the next prompt token or the one just sampled). Rows that finished are
+        left out (their blocks are freed). A row with all its tokens computed drafts from its last
+        position, or from `draft_at[i]` (the speculative step's accepted/rejected choice)."""
+        keep = [i for i, r in enumerate(reqs) if r.finish_reason is None]
+        if not keep:
+            return
+        T = h_BTD.shape[1]
+        nxt = [reqs[i].tokens[starts[i] + 1: starts[i] + lens[i] + 1] for i in keep]
+        idx = torch.tensor(keep, device=self.device)
+        ids_BT = pad_rows([x + [0] * (T - len(x)) for x in nxt], 0, self.device)
+        hm_BTD = self.model.mtp_hidden(0, ids_BT, h_BTD[idx], positions=pos_BT[idx], cache=self.cache,
+                                       slots=tables[idx])
+        rows = [j for j, i in enumerate(keep) if reqs[i].n_computed == len(reqs[i].tokens) - 1]
+        if not rows:
+            return
+        at = [draft_at[keep[j]] if draft_at is not None else lens[keep[j]] - 1 for j in rows]
+        logits_BV = self.model.mtp_logits(0, hm_BTD[torch.tensor(rows, device=self.device),
+                                                     torch.tensor(at, device=self.device)])
+        rs = [reqs[keep[j]] for j in rows]
+        params = [r.params for r in rs]
+        q_BV = probabilities(logits_BV, params)
+        for r, q_V, d in zip(rs, q_BV, draw(q_BV, [r._rng for r in rs]).tolist()):
+            r._draft, r._q = (d, q_V) if not (r.params.adjusts_logits or r.params.logprobs is not None) else (None, None)
 
     def _prompt_logprobs(self, r: Request, h_TD, start: int):
         """Logprobs of prompt tokens start+1 .. from this chunk's hidden states (position t predicts t+1)."""
@@ -354,24 +400,86 @@ class Engine:
             self._computed(r, 1)
         self._emit(reqs, logits_BV)
 
+    def _decode_speculative(self, reqs: list[Request]):
+        """One T=2 forward over [last token, MTP draft] per request: the logits at the last token verify the
+        draft (kept with probability min(1, p/q), else a token from normalise(max(0, p - q))); if it is
+        kept, the logits at the draft give a bonus token. Rows without a draft (penalties, logit bias or
+        logprobs asked for) ride along and take one token as plain decoding would."""
+        pos = [r.n_computed for r in reqs]
+        drafts = [getattr(r, "_draft", None) for r in reqs]
+        ids_B2 = torch.tensor([[r.tokens[p], 0 if d is None else d] for r, p, d in zip(reqs, pos, drafts)],
+                              device=self.device)
+        pos_B2 = torch.tensor(pos, device=self.device)[:, None] + torch.arange(2, device=self.device)
+        tables = self._tables(reqs, max(pos) + 2)
+        h_B2D = self.model.hidden_states(ids_B2, positions=pos_B2, cache=self.cache, slots=tables,
+                                         attend_len=max(pos) + 2)
+        logits_B2V = self.model.lm_head(h_B2D)
+        self.metrics.prompt_tokens(sum(p < len(r.prompt_ids) for r, p in zip(reqs, pos)))
+        spec = [i for i, d in enumerate(drafts) if d is not None]
+        plain = [i for i, d in enumerate(drafts) if d is None]
+        emitted: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        if plain:
+            ps = [reqs[i] for i in plain]
+            lg = logits_B2V[torch.tensor(plain, device=self.device), 0]
+            toks = sample(adjust_logits(lg, [r.params for r in ps], [r.output_ids for r in ps]),
+                          [r.params for r in ps], [r._rng for r in ps]).tolist()
+            for j, i in enumerate(plain):
+                emitted[i] = [(toks[j], lg[j])]
+        if spec:
+            sr = [reqs[i] for i in spec]
+            params, rngs = [r.params for r in sr], [r._rng for r in sr]
+            sel = torch.tensor(spec, device=self.device)
+            d_S = torch.tensor([drafts[i] for i in spec], device=self.device)
+            ok_S, fix_S = verify(probabilities(logits_B2V[sel, 0], params), torch.stack([r._q for r in sr]), d_S,
+                                 params, rngs)
+            bonus_S = draw(probabilities(logits_B2V[sel, 1], params), rngs)
+            n_ok = int(ok_S.sum())
+            self.metrics.speculation(len(spec), n_ok)
+            for j, i in enumerate(spec):
+                r = reqs[i]
+                r.drafted += 1
+                if bool(ok_S[j]):
+                    r.accepted += 1
+                    emitted[i] = [(drafts[i], logits_B2V[i, 0]), (int(bonus_S[j]), logits_B2V[i, 1])]
+                else:
+                    emitted[i] = [(int(fix_S[j]), logits_B2V[i, 0])]
+        draft_at = []
+        for i, r in enumerate(reqs):
+            out = emitted[i]
+            self._computed(r, len(out))          # position p, and p+1 if its draft was kept
+            draft_at.append(len(out) - 1)
+            for t, logits_V in out:
+                self._append(r, t, logits_V)
+                if r.finish_reason is not None:
+                    break
+        # MTP over [p, p+1] with tokens [p+1, p+2]; an entry at p+1 after a rejection is rewritten next step
+        lens = [2] * len(reqs)
+        for r in reqs:
+            r._draft = None
+        self._mtp_after(reqs, h_B2D, pos, lens, pos_B2, tables, draft_at=draft_at)
+
     def _emit(self, reqs: list[Request], logits_BV):
         """Sample each row's next token (after its penalties and logit bias; logprobs stay the model's own)."""
         params = [r.params for r in reqs]
         adjusted_BV = adjust_logits(logits_BV, params, [r.output_ids for r in reqs])
         tokens = sample(adjusted_BV, params, [r._rng for r in reqs]).tolist()
-        now = time.monotonic()
         for i, (r, t) in enumerate(zip(reqs, tokens)):
-            r.output_ids.append(t)
-            self.metrics.token(r, now)
-            r.last_token_time = now
-            item = t
-            if r.params.logprobs is not None:
-                item = self._logprobs(logits_BV[i: i + 1], [t], r.params.logprobs)[0]
-                r.logprobs.append(item)
-            r._notify("tokens", [item])
-            reason = stop_reason(r.output_ids, r.params, self.tokenizer)
-            if reason is not None:
-                self._finish(r, reason)
+            self._append(r, t, logits_BV[i])
+
+    def _append(self, r: Request, t: int, logits_V):
+        """r's next token is t (sampled from logits_V): record, stream, and finish r if it stops."""
+        now = time.monotonic()
+        r.output_ids.append(t)
+        self.metrics.token(r, now)
+        r.last_token_time = now
+        item = t
+        if r.params.logprobs is not None:
+            item = self._logprobs(logits_V[None], [t], r.params.logprobs)[0]
+            r.logprobs.append(item)
+        r._notify("tokens", [item])
+        reason = stop_reason(r.output_ids, r.params, self.tokenizer)
+        if reason is not None:
+            self._finish(r, reason)
 
     @staticmethod
     def _logprobs(logits_TV, tokens: list[int], top_n: int) -> list[TokenLogprob]:
