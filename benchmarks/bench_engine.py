@@ -10,8 +10,11 @@
   chunking     4 running streams while a 4,096-token prompt arrives: their worst and median gap
                between tokens until that prompt's first token, chunked (--max-prefill-tokens 512)
                against one-shot prefill.
+  mtp          (needs --model, a trained model with its MTP module, e.g. `make demo`'s runs/demo) decode
+               tokens/s with MTP speculation against plain decoding at batch 1 and 8: greedy, 128 tokens
+               after 64-token prompts cut from the standard library's sources; acceptance rate.
 
-    python benchmarks/bench_engine.py [--parts concurrency,prefix,chunking] [--pairs 3]
+    python benchmarks/bench_engine.py [--parts concurrency,prefix,chunking,mtp] [--pairs 3] [--model DIR]
 
 The model is the `tiny` preset at random init (max_position_embeddings raised to 8192 for the 4K
 prompt), fp32, greedy, EOS never stops a request, 2 threads. Prefill FLOPs (2 x activated parameters
@@ -148,10 +151,52 @@ def chunking(model, pairs):
     print(f"  => worst inter-token gap {ratio:.1f}x smaller with chunking (median of pairs)")
 
 
+def stdlib_prompts(tok, n, length=64):
+    import inspect
+    import json as m1, argparse as m2, textwrap as m3, statistics as m4, fractions as m5, calendar as m6, \
+        string as m7, heapq as m8  # noqa: E401
+    out = []
+    for m in (m1, m2, m3, m4, m5, m6, m7, m8)[:n]:
+        out.append(tok.encode(inspect.getsource(m)[2000:8000])[:length])
+    return out
+
+
+def mtp(model_dir, pairs):
+    from fewchips.checkpoint import from_pretrained
+    from fewchips.inference.tokenizer import Tokenizer
+    model = from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = Tokenizer.from_dir(model_dir)
+    for B in (1, 8):
+        rows = stdlib_prompts(tok, B)
+        out = {"plain": [], "mtp": []}
+        for _ in range(pairs):
+            for name in ("plain", "mtp"):
+                engine = Engine(model, max_batch=B, max_len=256, speculative="mtp" if name == "mtp" else None)
+                reqs = [Request(r, SamplingParams(max_tokens=128)) for r in rows]
+                for r in reqs:                        # time the decode only: prefill first
+                    engine.add(r)
+                while any(not r.output_ids for r in reqs):
+                    engine.step()
+                t0, n0 = time.perf_counter(), sum(len(r.output_ids) for r in reqs)
+                while any(r.finish_reason is None for r in reqs):
+                    engine.step()
+                wall = time.perf_counter() - t0
+                acc = sum(r.accepted for r in reqs) / max(sum(r.drafted for r in reqs), 1)
+                out[name].append(((sum(len(r.output_ids) for r in reqs) - n0) / wall, acc,
+                                  [r.output_ids for r in reqs]))
+        assert all(a[2] == b[2] for a, b in zip(out["plain"], out["mtp"])), "speculative greedy output differs"
+        for name, runs in out.items():
+            print(f"  batch {B} {name:5s}: {statistics.median(r[0] for r in runs):.0f} tokens/s "
+                  f"(runs {', '.join(f'{r[0]:.0f}' for r in runs)})" + (f", acceptance {runs[0][1]:.0%}" if name == "mtp" else ""))
+        ratio = statistics.median(m[0] / p[0] for m, p in zip(out["mtp"], out["plain"]))
+        print(f"  => batch {B}: {ratio:.2f}x tokens/s with MTP speculation, same tokens (median of pairs)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="concurrency,prefix,chunking")
     ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--model", default=None, help="a trained model directory (for --parts mtp)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -170,6 +215,10 @@ def main():
                 prefix(model, args.pairs, rate, active)
             elif part == "chunking":
                 chunking(model, args.pairs)
+            elif part == "mtp":
+                if not args.model:
+                    raise SystemExit("--parts mtp needs --model DIR (a trained model, e.g. runs/demo)")
+                mtp(args.model, args.pairs)
             else:
                 raise SystemExit(f"unknown part {part!r}")
 

@@ -27,10 +27,10 @@ NAME = "tiny-test"
 
 
 class Served:
-    def __init__(self, path, api_key=None, limits=None, max_batch=16):
+    def __init__(self, path, api_key=None, limits=None, max_batch=16, speculative=None):
         self.model = from_pretrained(path, dtype=torch.float32)
         self.tok = Tokenizer.from_dir(path)
-        self.engine = Engine(self.model, self.tok, max_batch=max_batch, max_len=128).start()
+        self.engine = Engine(self.model, self.tok, max_batch=max_batch, max_len=128, speculative=speculative).start()
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -267,3 +267,21 @@ def test_prefix_cache_in_usage_and_metrics(served, client):
     for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "num_preemptions_total",
                  "inter_token_latency_seconds_count"):
         assert ("fewchips:" + name, None) in samples
+
+
+def test_speculative_server_answers_as_plain_and_reports_drafts(tmp_path, served):
+    """An engine with MTP speculation behind the openai client: the same greedy text, streamed or not, for
+    concurrent requests; usage counts the verified drafts (completion_tokens_details)."""
+    s = Served(save_tiny_model_dir(tmp_path / "m"), speculative="mtp")
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        prompts = ["hello world", "one two three", "the quick brown fox"]
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda p: c.completions.create(model=NAME, prompt=p, max_tokens=10, temperature=0),
+                                prompts))
+        for p, r in zip(prompts, got):
+            assert r.choices[0].text == served.greedy_text(served.tok.encode(p), 10)
+            d = r.usage.completion_tokens_details
+            assert d.accepted_prediction_tokens + d.rejected_prediction_tokens >= 1
+    finally:
+        s.close()

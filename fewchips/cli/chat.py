@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .generate import add_model_flags, add_sampling_flags, load_model_and_tokenizer
+from .generate import add_model_flags, add_sampling_flags, load_model_and_tokenizer, wants_mtp
 
 
 def register(sub):
@@ -14,6 +14,9 @@ def register(sub):
     p.add_argument("--system", default=None, help="a system message to start the conversation with")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (torch.compile; ~1 min before the first reply): faster replies")
+    p.add_argument("--speculative", default="auto", choices=["auto", "mtp", "none"],
+                   help="MTP speculative decoding (same replies); auto: on a GPU for models with an MTP module "
+                        "unless --compile, off on CPU where it does not pay")
     p.set_defaults(func=run)
 
 
@@ -23,9 +26,17 @@ def run(args, stdin=None, stdout=None):
     from fewchips.inference.tokenizer import TextStream
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    model, tok = load_model_and_tokenizer(args)
+    import torch
+
+    from fewchips.inference.engine import speculation_for
+
+    if args.compile and args.speculative == "mtp":
+        raise SystemExit("fewchips chat: --compile and --speculative mtp cannot be combined (the compiled step "
+                         "decodes one token); pass one of them")
+    model, tok = load_model_and_tokenizer(args, mtp=not args.compile and wants_mtp(args, torch))
+    spec = None if args.compile else speculation_for(model, args.speculative)
     engine = Engine(model, tok, max_batch=1, max_len=min(model.config.max_position_embeddings, 8192),
-                    compile=args.compile)
+                    compile=args.compile, speculative=spec)
     base = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(base)
     print("fewchips chat: empty line or /exit quits, /reset starts over", file=sys.stderr)

@@ -34,6 +34,12 @@ def load_model_and_tokenizer(args, mtp: bool = False):
     return model, tokenizer
 
 
+def wants_mtp(args, torch) -> bool:
+    """Whether --speculative asks for the MTP module's weights (auto: only on a GPU, where it pays)."""
+    gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    return args.speculative == "mtp" or (args.speculative == "auto" and gpu)
+
+
 def add_sampling_flags(p, max_new_tokens: int, temperature: float):
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")

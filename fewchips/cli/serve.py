@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .generate import add_model_flags, load_model_and_tokenizer
+from .generate import add_model_flags, load_model_and_tokenizer, wants_mtp
 
 
 def register(sub):
@@ -25,6 +25,9 @@ def register(sub):
     e.add_argument("--block-size", type=int, default=16, help="tokens per cache block")
     e.add_argument("--no-prefix-cache", action="store_true",
                    help="do not reuse cached blocks of earlier requests' prompts")
+    e.add_argument("--speculative", default="auto", choices=["auto", "mtp", "none"],
+                   help="MTP speculative decoding (same output; acceptance in usage.completion_tokens_details); "
+                        "auto: on a GPU for models with an MTP module, off on CPU where it does not pay")
     e.add_argument("--max-prefill-tokens", type=int, default=512,
                    help="prompt tokens computed per step; longer prompts are prefilled in chunks beside "
                         "the running decodes")
@@ -49,17 +52,23 @@ def run(args):
 
     from fewchips.inference.metrics import EngineMetrics
 
-    model, tok = load_model_and_tokenizer(args)
+    import torch
+
+    from fewchips.inference.engine import speculation_for
+
+    model, tok = load_model_and_tokenizer(args, mtp=wants_mtp(args, torch))
+    spec = speculation_for(model, args.speculative)
     cap = None if args.cache_gb is None else int(args.cache_gb * 2**30)
     max_len = args.max_len or min(model.config.max_position_embeddings, 4096)
     name = args.model_name or os.path.basename(os.path.normpath(args.model))
     engine = Engine(model, tok, max_batch=args.max_batch, max_len=max_len, max_cache_bytes=cap,
                     block_size=args.block_size, prefix_caching=not args.no_prefix_cache,
-                    max_prefill_tokens=args.max_prefill_tokens, metrics=EngineMetrics(name))
+                    max_prefill_tokens=args.max_prefill_tokens, metrics=EngineMetrics(name), speculative=spec)
     pool = engine.pool
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (cache {engine.cache_bytes / 2**20:.1f} MiB: "
           f"{pool.n_usable} blocks of {engine.block_size} tokens; up to {engine.max_batch} requests of at most "
-          f"{engine.max_len} tokens; prefix cache {'on' if pool.prefix_caching else 'off'}; metrics at /metrics)")
+          f"{engine.max_len} tokens; prefix cache {'on' if pool.prefix_caching else 'off'}; MTP speculation {'on' if spec else 'off'}; "
+          f"metrics at /metrics)")
     limits = ServerLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_prompts=args.max_prompts, max_n=args.max_n,
                           max_waiting=args.max_waiting, shutdown_timeout=args.shutdown_timeout)
     serve(engine, tok, name, host=args.host, port=args.port, api_key=args.api_key, limits=limits)

@@ -241,8 +241,14 @@ def usage(prompts: list[list[int]], reqs) -> dict:
     c = sum(len(r.output_ids) for r in reqs)
     n = max(len(reqs) // max(len(prompts), 1), 1)
     cached = sum(min(getattr(r, "cached_tokens", 0) for r in reqs[i:i + n]) for i in range(0, len(reqs), n))
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    out = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+           "prompt_tokens_details": {"cached_tokens": cached}}
+    drafted = sum(getattr(r, "drafted", 0) for r in reqs)
+    if drafted:           # MTP drafts the engine verified: OpenAI's predicted-output counts are the nearest field
+        accepted = sum(r.accepted for r in reqs)
+        out["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                            "rejected_prediction_tokens": drafted - accepted}
+    return out
 
 
 def sse(obj) -> str:
