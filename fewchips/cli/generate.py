@@ -66,30 +66,42 @@ def register(sub):
 
 
 def run(args):
-    model, tok = load_model_and_tokenizer(args, mtp=args.mtp)
-    from fewchips.inference.generate import generate
+    """One prompt through the serving engine (the same path as chat, serve and GRPO's rollouts)."""
+    from fewchips.inference.engine import Engine, Request
+    from fewchips.inference.sampling import SamplingParams
 
+    if args.mtp and args.compile:
+        raise ValueError("--mtp and --compile cannot be combined (the compiled step decodes one token); pass one")
+    model, tok = load_model_and_tokenizer(args, mtp=args.mtp)
     ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
-    stops = [tok.eos_token_id] if tok.eos_token_id is not None else None
-    stats: dict = {}
+    stops = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop_token_ids=stops)
+    engine = Engine(model, tok, max_batch=1, max_len=len(ids) + args.max_new_tokens + 1, compile=args.compile,
+                    speculative="mtp" if args.mtp else None)
     t0 = time.perf_counter()
-    out = generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop_token_ids=stops,
-                   use_mtp=args.mtp, stats=stats, compile=args.compile)[0]
+    req = Request(ids, params)
+    engine.add(req)
+    engine.step()                          # the prefill and the first token
+    if args.compile and req.finish_reason is None:
+        engine.step()                      # the first decode step compiles
+    t_first = time.perf_counter()
+    while req.finish_reason is None:
+        engine.step()
     dt = time.perf_counter() - t0
-    new = out[len(ids):]
+    new = req.output_ids
     text = args.prompt + tok.decode(new) if not args.chat else tok.decode(new)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     sys.stdout.flush()                  # the text ends before the stats line starts, on a terminal or a pipe
     line = f"{len(new)} tokens in {dt:.2f}s ({len(new) / max(dt, 1e-9):.1f} tok/s)"
-    if "compile_seconds" in stats:   # the prefill's token and the compiling step's token come before `rest`
-        rest = dt - stats["compile_seconds"]
-        line = (f"{len(new)} tokens in {dt:.2f}s, of which {stats['compile_seconds']:.1f}s compiling the decode step "
-                f"(then about {max(len(new) - 2, 0) / max(rest, 1e-9):.1f} tok/s)")
+    if args.compile and len(new) > 2:   # the first decode step compiles: report the rate after it
+        line = (f"{len(new)} tokens in {dt:.2f}s, of which {t_first - t0:.1f}s the prefill and compiling the decode "
+                f"step (then about {(len(new) - 2) / max(dt - (t_first - t0), 1e-9):.1f} tok/s)")
     if args.mtp:
-        line += (f"; MTP acceptance {stats['acceptance_rate']:.1%}, "
-                 f"{stats['tokens_per_forward']:.2f} tokens per forward")
+        decode_steps = max(engine.steps - 1, 1)
+        line += (f"; MTP acceptance {req.accepted / max(req.drafted, 1):.1%}, "
+                 f"{(len(new) - 1) / decode_steps:.2f} tokens per forward")
     print(line, file=sys.stderr)
     return 0
