@@ -161,12 +161,12 @@ def stdlib_prompts(tok, n, length=64):
     return out
 
 
-def mtp(model_dir, pairs):
+def mtp(model_dir, pairs, batches=(1, 8)):
     from fewchips.checkpoint import from_pretrained
     from fewchips.inference.tokenizer import Tokenizer
     model = from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = Tokenizer.from_dir(model_dir)
-    for B in (1, 8):
+    for B in batches:
         rows = stdlib_prompts(tok, B)
         out = {"plain": [], "mtp": []}
         for _ in range(pairs):

@@ -293,3 +293,11 @@ def test_speculative_refusals():
         Engine(model, speculative="mtp")
     with pytest.raises(ValueError, match="cannot be combined"):
         Engine(tiny_model(0), speculative="mtp", compile=True)
+    from fewchips.inference.engine import speculation_for
+    with_mtp = tiny_model(0)
+    assert speculation_for(with_mtp, "auto", 1) == "mtp"          # chat: one request at a time
+    assert speculation_for(with_mtp, "auto", 8) is None           # a CPU server: it does not pay
+    assert speculation_for(model, "auto", 1) is None and speculation_for(with_mtp, "none") is None
+    assert speculation_for(with_mtp, "mtp", 8) == "mtp"
+    with pytest.raises(ValueError, match="auto, mtp or none"):
+        speculation_for(with_mtp, "eagle")

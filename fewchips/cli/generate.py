@@ -34,10 +34,10 @@ def load_model_and_tokenizer(args, mtp: bool = False):
     return model, tokenizer
 
 
-def wants_mtp(args, torch) -> bool:
-    """Whether --speculative asks for the MTP module's weights (auto: only on a GPU, where it pays)."""
+def wants_mtp(args, torch, max_batch: int = 1) -> bool:
+    """Whether --speculative asks for the MTP module's weights (auto: on a GPU, or decoding one request)."""
     gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
-    return args.speculative == "mtp" or (args.speculative == "auto" and gpu)
+    return args.speculative == "mtp" or (args.speculative == "auto" and (gpu or max_batch == 1))
 
 
 def add_sampling_flags(p, max_new_tokens: int, temperature: float):

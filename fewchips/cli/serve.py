@@ -27,7 +27,8 @@ def register(sub):
                    help="do not reuse cached blocks of earlier requests' prompts")
     e.add_argument("--speculative", default="auto", choices=["auto", "mtp", "none"],
                    help="MTP speculative decoding (same output; acceptance in usage.completion_tokens_details); "
-                        "auto: on a GPU for models with an MTP module, off on CPU where it does not pay")
+                        "auto: on for models with an MTP module on a GPU (or with --max-batch 1), off for a CPU server, where it "
+                        "does not pay at batch > 1")
     e.add_argument("--max-prefill-tokens", type=int, default=512,
                    help="prompt tokens computed per step; longer prompts are prefilled in chunks beside "
                         "the running decodes")
@@ -56,8 +57,8 @@ def run(args):
 
     from fewchips.inference.engine import speculation_for
 
-    model, tok = load_model_and_tokenizer(args, mtp=wants_mtp(args, torch))
-    spec = speculation_for(model, args.speculative)
+    model, tok = load_model_and_tokenizer(args, mtp=wants_mtp(args, torch, args.max_batch))
+    spec = speculation_for(model, args.speculative, args.max_batch)
     cap = None if args.cache_gb is None else int(args.cache_gb * 2**30)
     max_len = args.max_len or min(model.config.max_position_embeddings, 4096)
     name = args.model_name or os.path.basename(os.path.normpath(args.model))

@@ -93,18 +93,17 @@ class Request:
             self.on_event(self, kind, payload)
 
 
-def speculation_for(model, choice: str = "auto") -> str | None:
-    """The engine's `speculative` for a CLI choice: 'mtp', 'none', or 'auto': MTP on a GPU when the model
-    has its MTP module (the report's 1.8x tokens/s at 85-90% acceptance), off on CPU, where a second token
-    per step reads about twice the routed experts and the step costs ~2x (benchmarks/RESULTS.md)."""
-    if choice == "none":
-        return None
-    has_mtp = len(getattr(model, "mtp", [])) > 0
-    if choice == "mtp":
-        return "mtp"
-    if choice != "auto":
+def speculation_for(model, choice: str = "auto", max_batch: int = 1) -> str | None:
+    """The engine's `speculative` for a CLI choice: 'mtp', 'none', or 'auto': MTP when the model has its
+    MTP module and either runs on a GPU (the report: 1.8x tokens/s at 85-90% acceptance) or decodes one
+    request at a time. On CPU a two-token step reads about twice the routed experts: measured 1.14x at
+    batch 1 and 1.0x at batch 8 on the demo model (benchmarks/RESULTS.md), so a CPU server stays plain."""
+    if choice not in ("auto", "mtp", "none"):
         raise ValueError(f"--speculative must be auto, mtp or none, got {choice!r}")
-    return "mtp" if has_mtp and next(model.parameters()).device.type == "cuda" else None
+    if choice != "auto":
+        return None if choice == "none" else "mtp"
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    return "mtp" if len(getattr(model, "mtp", [])) > 0 and (on_gpu or max_batch == 1) else None
 
 
 class Engine:
