@@ -147,6 +147,12 @@ def test_n_requests_of_one_prompt_prefill_it_once():
     reqs = engine.run([Request(p, SamplingParams(max_tokens=6, temperature=1.0, seed=i)) for i in range(4)])
     assert [r.cached_tokens for r in reqs] == [0, 32, 32, 32]
     assert sum(computed) == 37 + 3 * 5
+    samples = {s.name: s.value for m in engine.metrics.registry.collect() for s in m.samples}
+    assert samples["fewchips:prefix_cache_queries_total"] == 4 * 37        # each counted once, waits included
+    assert samples["fewchips:prefix_cache_hits_total"] == 3 * 32
+    off = Engine(model, max_batch=8, max_len=64, block_size=8, prefix_caching=False)
+    off.run([Request(p, SamplingParams(max_tokens=2)) for _ in range(4)])
+    assert off.steps == 2                                  # no waiting for blocks it will not share
     alone = Engine(model, max_batch=1, max_len=64, block_size=8)
     assert [alone.run([Request(p, SamplingParams(max_tokens=6, temperature=1.0, seed=i))])[0].output_ids
             for i in range(4)] == [r.output_ids for r in reqs]

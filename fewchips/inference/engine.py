@@ -253,7 +253,8 @@ class Engine:
             if not r.blocks:
                 self._match_prefix(r)
                 nxt = len(r.blocks)
-                if r.prompt_logprobs is None and nxt < len(r.hashes) and r.hashes[nxt] in inflight:
+                if (self.pool.prefix_caching and r.prompt_logprobs is None and nxt < len(r.hashes)
+                        and r.hashes[nxt] in inflight):
                     self.pool.release(r.blocks)      # its next block is being computed: take it next step
                     r.blocks, r.n_computed = [], 0
                     break
@@ -265,6 +266,8 @@ class Engine:
                 break
             self.waiting.popleft()
             self.running.append(r)
+            if r.preemptions == 0 and not r.output_ids:   # counted once, at its first admission
+                self.metrics.prefix_cache(len(r.prompt_ids), r.cached_tokens)
             inflight.update(r.hashes[r.n_computed // self.block_size:])
             work.append((r, n))
             budget -= n if pending > 1 else 0
@@ -281,9 +284,8 @@ class Engine:
         usable = (len(toks) - 1) // bs
         r.blocks = self.pool.match(r.hashes[:usable])
         r.n_computed, r.n_registered = len(r.blocks) * bs, len(r.blocks)
-        if r.preemptions == 0:                   # count each request's prompt once, not its recomputes
+        if r.preemptions == 0 and not r.output_ids:   # its prompt, not a recompute after preemption
             r.cached_tokens = r.n_computed
-            self.metrics.prefix_cache(len(toks), r.n_computed)
 
     def _reserve(self, r: Request, n: int, preempt: bool) -> bool:
         """Blocks for r's next n tokens; if the pool is short, preempt the newest running request (maybe r)."""
