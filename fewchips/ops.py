@@ -5,6 +5,7 @@ dtype, batch size, under a compiler) is decided here. Tests check every fast pat
     causal_attention(q, k, v, scale)            softmax(q k^T scale + causal mask) v
         fast: torch's fused SDPA (GPU; CPU beyond 512 tokens), with V padded to the q/k head dim
               an explicit matmul-softmax-matmul (CPU up to 512 tokens, where it is faster)
+              packed samples: varlen_attention (each sample alone on views; no [T, T] mask)
         twin: attention_reference
     positional_attention(q, k, v, scale, positions)   queries at absolute positions over a cached context
         fast: torch's fused SDPA with a boolean mask; twin: attention_reference(positions_BT=...)
@@ -39,7 +40,10 @@ CPU_EXPLICIT_ATTENTION_MAX_T = 512
 
 def causal_attention(q_BHTk, k_BHTk, v_BHTV, scale, segments_BT=None):
     """softmax(q k^T scale + causal mask) v for training and prefill (v's head dim may be smaller).
-    `segments_BT` (packed samples): a token attends only to earlier tokens of its own segment."""
+    `segments_BT` (packed samples): a token attends only to earlier tokens of its own segment, computed
+    sample by sample (`varlen_attention`): no [T, T] mask is built."""
+    if segments_BT is not None and _contiguous_segments(segments_BT):
+        return varlen_attention(q_BHTk, k_BHTk, v_BHTV, scale, segments_BT)
     T, v_dim = q_BHTk.shape[-2], v_BHTV.shape[-1]
     if q_BHTk.is_cuda or T > CPU_EXPLICIT_ATTENTION_MAX_T:
         pad = q_BHTk.shape[-1] - v_dim
@@ -60,6 +64,34 @@ def causal_attention(q_BHTk, k_BHTk, v_BHTV, scale, segments_BT=None):
         mask = torch.zeros(allowed.shape, device=q_BHTk.device).masked_fill_(~allowed, float("-inf"))
     scores_BHTT = torch.matmul(q_BHTk * scale, k_BHTk.transpose(-2, -1)) + mask
     return torch.matmul(scores_BHTT.softmax(dim=-1).to(v_BHTV.dtype), v_BHTV)
+
+
+def _contiguous_segments(segments_BT) -> bool:
+    """Each row's samples are runs of consecutive positions (how `chat.pack` lays them out)."""
+    change_BT = segments_BT[:, 1:] != segments_BT[:, :-1]
+    return int(change_BT.sum()) + segments_BT.shape[0] == int(
+        sum(torch.unique(row).numel() for row in segments_BT))
+
+
+def varlen_attention(q_BHTk, k_BHTk, v_BHTV, scale, segments_BT):
+    """Causal attention inside each packed sample, one sample at a time on views of q, k, v: the varlen
+    form (FlashAttention's cu_seqlens) on top of torch's fused causal SDPA, so no [T, T] mask or score
+    matrix spans samples, and the work is sum(L^2) rather than T^2. Twin: attention_reference with
+    `segments_BT` (the dense block-diagonal mask)."""
+    T, v_dim = q_BHTk.shape[-2], v_BHTV.shape[-1]
+    pad = q_BHTk.shape[-1] - v_dim
+    if pad > 0:   # equal head dims select torch's fused CPU kernel
+        v_BHTV = F.pad(v_BHTV, (0, pad))
+    change_BT = torch.ones_like(segments_BT, dtype=torch.bool)
+    change_BT[:, 1:] = segments_BT[:, 1:] != segments_BT[:, :-1]
+    rows = []
+    for b, (starts, q, k, v) in enumerate(zip(change_BT.tolist(), q_BHTk.split(1), k_BHTk.split(1), v_BHTV.split(1))):
+        cuts = [t for t, c in enumerate(starts) if c] + [T]
+        lens = [t1 - t0 for t0, t1 in zip(cuts, cuts[1:])]
+        # split, not slices: its backward is one concatenation, where each slice's would be a full-size zero tensor
+        rows.append(torch.cat([F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+                               for qs, ks, vs in zip(q.split(lens, 2), k.split(lens, 2), v.split(lens, 2))], dim=2))
+    return torch.cat(rows)[..., :v_dim]
 
 
 def positional_attention(q_BHTk, k_BHSk, v_BHSV, scale, positions_BT):

@@ -318,3 +318,34 @@ def test_sample_keeps_what_the_reward_accepts_and_sft_reads_it(pretrained, tmp_p
     replies = [(r["messages"][0]["content"], r["messages"][-1]["content"]) for r in every]
     assert len(set(replies)) == len(replies)                                    # distinct
     assert read_chats(str(tmp_path / "all.jsonl"))[0] == every[0]["messages"]     # SFT reads it as it is
+
+
+def test_varlen_sample_masking_equals_the_dense_twin(monkeypatch):
+    """Packed rows (samples of 1-300 tokens, padding as its own run, rows laid out differently) through
+    `causal_attention`: outputs and gradients equal the dense block-diagonal twin's (fp32, 1e-5), and no
+    [T, T] mask is built on the way; segments that are not runs fall back to the dense mask, still exact."""
+    from fewchips import ops
+    g = torch.Generator().manual_seed(0)
+    T = 600
+    seg = torch.full((2, T), -1)
+    for row, lens in enumerate(([300, 1, 120, 150], [64, 64, 64, 200, 7])):
+        at = 0
+        for i, n in enumerate(lens):
+            seg[row, at:at + n] = i
+            at += n
+    q, k = (torch.randn(2, 4, T, 24, generator=g).requires_grad_() for _ in range(2))
+    v = torch.randn(2, 4, T, 16, generator=g).requires_grad_()
+    grad = torch.randn(2, 4, T, 16, generator=g)
+    want = ops.attention_reference(q, k, v, 0.3, seg)
+    want_g = torch.autograd.grad(want, (q, k, v), grad)
+    dense = ops.sample_mask
+    monkeypatch.setattr(ops, "sample_mask", lambda *a: pytest.fail("a dense [T, T] mask was built"))
+    got = ops.causal_attention(q, k, v, 0.3, seg)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), grad), want_g):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    monkeypatch.setattr(ops, "sample_mask", dense)
+    scattered = seg.clone()
+    scattered[0, 10] = 2                                          # sample 2 no longer one run
+    torch.testing.assert_close(ops.causal_attention(q, k, v, 0.3, scattered),
+                               ops.attention_reference(q, k, v, 0.3, scattered), rtol=0, atol=1e-5)
