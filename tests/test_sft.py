@@ -278,6 +278,30 @@ def test_sft_reads_prompt_completion_text_and_parquet_rows(tmp_path, tokenizer_d
         read_chats(str(bad))
 
 
+def test_sft_reads_a_datasets_folder(tmp_path):
+    """A folder written by `datasets` (Dataset.save_to_disk, and a DatasetDict's: its train split or a named
+    split's folder) reads as the same rows as the .jsonl; a folder that is none of these is refused by name."""
+    datasets = pytest.importorskip("datasets")
+    from fewchips.train.chat import read_chats
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(5)]
+    f = tmp_path / "c.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    want = read_chats(str(f))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    assert read_chats(str(tmp_path / "ds")) == want
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:3]),
+                          "test": datasets.Dataset.from_list(rows[3:])}).save_to_disk(str(tmp_path / "dd"))
+    assert read_chats(str(tmp_path / "dd")) == want[:3]
+    assert read_chats(str(tmp_path / "dd" / "test")) == want[3:]
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "nv"))
+    with pytest.raises(ChatDataError, match="without a 'train' split.*validation"):
+        read_chats(str(tmp_path / "nv"))
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ChatDataError, match="not a Hugging Face datasets folder"):
+        read_chats(str(tmp_path / "plain"))
+
+
 def test_epochs_set_the_steps_and_exclude_steps(pretrained, tmp_path):
     from fewchips.train.sft import SFTTrainer, sft_config
     with pytest.raises(C.TrainError, match="--steps 5 and --epochs 2 both set the run's length"):

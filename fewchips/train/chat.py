@@ -50,7 +50,11 @@ def read_jsonl(path: str):
 
 
 def read_rows(path: str):
-    """(where, row) for each row of a .jsonl or .parquet file; `where` is "path:line" (or "path:row N")."""
+    """(where, row) for each row of a .jsonl or .parquet file, or of a Hugging Face `datasets` directory
+    (`save_to_disk`); `where` is "path:line" (or "path:row N")."""
+    if os.path.isdir(path):
+        yield from read_dataset_dir(path)
+        return
     if path.lower().endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
@@ -71,8 +75,38 @@ def read_rows(path: str):
     yield from read_jsonl(path)
 
 
+def read_dataset_dir(path: str):
+    """Rows of a `datasets` directory (`Dataset.save_to_disk`, or a DatasetDict's, whose "train" split is
+    read), through `datasets.load_from_disk`: the Arrow files are memory-mapped, not loaded."""
+    split = None
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
+        parent, name = os.path.split(os.path.normpath(path))
+        if os.path.exists(os.path.join(parent, "dataset_dict.json")):
+            path, split = parent, name            # a split's folder inside a DatasetDict
+        else:
+            raise ChatDataError(f"{path}: a folder, but not a Hugging Face datasets folder (no state.json or "
+                                f"dataset_dict.json from save_to_disk); pass a .jsonl or .parquet file")
+    try:
+        import datasets
+    except ImportError:
+        raise ChatDataError(f"{path}: reading a datasets folder needs the datasets library "
+                            f"(pip install 'fewchips[datasets]')") from None
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as e:           # a damaged folder: missing arrow files, unreadable state
+        raise ChatDataError(f"{path}: not a readable datasets folder ({type(e).__name__}: {e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        split = split or ("train" if "train" in ds else None)
+        if split not in ds:
+            raise ChatDataError(f"{path}: a DatasetDict without a 'train' split (splits: {', '.join(ds)}); pass "
+                                f"the split's folder, e.g. {os.path.join(path, next(iter(ds), 'SPLIT'))}")
+        ds, path = ds[split], os.path.join(path, split)
+    for n, row in enumerate(ds):
+        yield f"{path}:row {n}", row
+
+
 def read_chats(path: str) -> list:
-    """SFT samples from a .jsonl or .parquet file, each row checked (the error names the row and field of
+    """SFT samples from a .jsonl or .parquet file or a datasets folder, each row checked (the error names the row and field of
     the first bad one; nothing is trained on a file with one). A row is {"messages": [...]} (a
     conversation), {"prompt", "completion"} (strings: one user turn and the reply; or lists of messages,
     TRL's conversational form), or {"text": str} (trained on every token, no chat template)."""
