@@ -373,3 +373,66 @@ def test_varlen_sample_masking_equals_the_dense_twin(monkeypatch):
     scattered[0, 10] = 2                                          # sample 2 no longer one run
     torch.testing.assert_close(ops.causal_attention(q, k, v, 0.3, scattered),
                                ops.attention_reference(q, k, v, 0.3, scattered), rtol=0, atol=1e-5)
+
+
+# Templates written for these tests in the layouts of later DeepSeek releases (not copies of them):
+# V3.1's non-thinking turns open with </think>; R1's generation prompt opens <think> and its rendered
+# history keeps only what follows </think>.
+V31_STYLE = ("{% set ns = namespace(system='') %}{% for m in messages %}{% if m['role'] == 'system' %}"
+             "{% set ns.system = ns.system + m['content'] %}{% endif %}{% endfor %}{{ bos_token }}{{ ns.system }}"
+             "{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+             "{% elif m['role'] == 'assistant' %}<｜Assistant｜></think>{{ m['content'] }}<｜end▁of▁sentence｜>"
+             "{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜></think>{% endif %}")
+R1_STYLE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
+            "{% elif m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+            "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'].split('</think>')[-1] }}"
+            "<｜end▁of▁sentence｜>{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}")
+LAST_ONLY = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+             "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}{% if loop.last %}"
+             "<｜end▁of▁sentence｜>{% endif %}{% endif %}{% endfor %}")
+
+
+def template_dir(base, tmp_path, source):
+    import shutil
+    d = tmp_path / "t"
+    shutil.copytree(base, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": source}))
+    return d
+
+
+@pytest.mark.parametrize("style", ["v3", "v3.1", "r1"])
+def test_the_checkpoints_own_template_renders_chats(tokenizer_dir, tmp_path, style):
+    """Chats render through the model directory's Jinja template: ids equal transformers'
+    apply_chat_template for V3's template (the one fewchips writes) and V3.1- and R1-style ones, and the
+    trained tokens are the assistant's replies and their EOS as derived by hand (R1: the part after
+    </think>, which is all its template shows)."""
+    transformers = pytest.importorskip("transformers")
+    from fewchips.inference.tokenizer import ChatTemplate
+    base, tok = tokenizer_dir
+    d = base if style == "v3" else template_dir(base, tmp_path, {"v3.1": V31_STYLE, "r1": R1_STYLE}[style])
+    template = ChatTemplate.of_dir(str(d))
+    hf = transformers.AutoTokenizer.from_pretrained(str(d))
+    convs = CONVERSATIONS + [[{"role": "user", "content": "2+2?"},
+                              {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"}]]
+    for msgs in convs:
+        for gen in (False, True):
+            want = hf.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True)
+            want = want["input_ids"] if hasattr(want, "keys") else want
+            ids, train = encode_chat(tok, msgs, add_generation_prompt=gen, template=template)
+            assert ids == list(want), (style, msgs, gen)
+            replies = [m["content"] for m in msgs if m["role"] == "assistant"]
+            if style == "r1":
+                replies = [r.split("</think>")[-1] for r in replies]
+            trained = tok.decode([i for i, t in zip(ids, train) if t], skip_special_tokens=False)
+            assert trained == "".join(r + "<｜end▁of▁sentence｜>" for r in replies)
+            if style == "v3":                             # the template fewchips writes = its built-in format
+                assert (ids, train) == encode_chat(tok, msgs, add_generation_prompt=gen)
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(tokenizer_dir, tmp_path):
+    from fewchips.inference.tokenizer import ChatTemplate
+    base, tok = tokenizer_dir
+    template = ChatTemplate.of_dir(str(template_dir(base, tmp_path, LAST_ONLY)))
+    with pytest.raises(ChatDataError, match="renders turn 1 differently once later turns follow"):
+        encode_chat(tok, CONVERSATIONS[1][2:], template=template)

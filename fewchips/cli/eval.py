@@ -49,7 +49,7 @@ def batches_for(path: str, tok, sp, seq_len: int, batch_size: int, max_mb: float
     nbytes = token_byte_lengths(tok)
     if is_chats(path):
         chats = read_chats(path)
-        rows = pack([encode_chat(tok, c) for c in chats], seq_len, sp.eos)
+        rows = pack([encode_chat(tok, c, template=sp.template) for c in chats], seq_len, sp.eos)
         idx = np.arange(len(rows.ids))
         batches = [batch_of(rows, idx[i:i + batch_size]) for i in range(0, len(idx), batch_size)]
         mask = batch_of(rows, idx).target_mask(0).numpy()

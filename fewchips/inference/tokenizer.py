@@ -16,14 +16,49 @@ def _raise(message):
     raise ValueError(f"chat template: {message}")
 
 
+class ChatTemplate:
+    """A checkpoint's Jinja `chat_template`, rendered as transformers renders it: a sandboxed environment
+    with trim_blocks and lstrip_blocks, `raise_exception`, and the special tokens' strings as variables."""
+
+    def __init__(self, source: str, bos_token: str | None = None, eos_token: str | None = None):
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise          # what Hugging Face templates call
+        self.source, self.bos_token, self.eos_token = source, bos_token or "", eos_token or ""
+        self._template = env.from_string(source)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token, eos_token=self.eos_token)
+
+    @classmethod
+    def of_dir(cls, path) -> "ChatTemplate | None":
+        """The template in a model directory's tokenizer_config.json, or None."""
+        file = os.path.join(path, "tokenizer_config.json")
+        if not os.path.exists(file):
+            return None
+        try:
+            with open(file) as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{file}: not readable JSON ({e})") from None
+        source = _default_template(config.get("chat_template"))
+        return None if not source else cls(source, _token_text(config.get("bos_token")),
+                                           _token_text(config.get("eos_token")))
+
+
+def _default_template(t):
+    if isinstance(t, list):      # named templates: take the default one
+        named = {x.get("name"): x.get("template") for x in t}
+        return named.get("default") or next(iter(named.values()), None)
+    return t
+
+
 class Tokenizer:
     def __init__(self, tok, config: dict | None = None):
         self.tok = tok
         config = config or {}
-        self.chat_template = config.get("chat_template")
-        if isinstance(self.chat_template, list):      # named templates: take the default one
-            named = {t.get("name"): t.get("template") for t in self.chat_template}
-            self.chat_template = named.get("default") or next(iter(named.values()), None)
+        self.chat_template = _default_template(config.get("chat_template"))
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.eos_token_id = self.tok.token_to_id(self.eos_token) if self.eos_token else None
@@ -75,12 +110,8 @@ class Tokenizer:
         """Token ids of the conversation followed by the assistant's turn opening."""
         if self.chat_template:
             if self._template is None:
-                from jinja2.sandbox import ImmutableSandboxedEnvironment
-                env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-                env.globals["raise_exception"] = _raise          # what Hugging Face templates call
-                self._template = env.from_string(self.chat_template)
-            text = self._template.render(messages=messages, add_generation_prompt=True,
-                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+                self._template = ChatTemplate(self.chat_template, self.bos_token, self.eos_token)
+            text = self._template.render(messages, add_generation_prompt=True)
             return self.encode(text, add_special_tokens=False)
         # No template: a plain transcript.
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"

@@ -136,12 +136,12 @@ def sample_of(row, where: str):
 
 
 def encode_sample(tok, sp, sample) -> tuple[list[int], list[bool]]:
-    """Ids and trained-on flags of a conversation (`encode_chat`) or of a plain text (BOS text EOS, every
-    token after BOS trained)."""
+    """Ids and trained-on flags of a conversation (`encode_chat`, through the model's template if `sp` has
+    one) or of a plain text (BOS text EOS, every token after BOS trained)."""
     if isinstance(sample, dict):
         ids = [sp.bos] + tok.encode(sample["text"], add_special_tokens=False).ids + [sp.eos]
         return ids, [False] + [True] * (len(ids) - 1)
-    return encode_chat(tok, sample)
+    return encode_chat(tok, sample, template=getattr(sp, "template", None))
 
 
 def check_messages(messages, where: str) -> list[dict]:
@@ -161,9 +161,13 @@ def check_messages(messages, where: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def encode_chat(tok, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
-    """Token ids of a conversation in DeepSeek-V3's format and, per token, whether it is the
-    assistant's (trained on): BOS system USER user ASSISTANT assistant EOS ... [ASSISTANT]."""
+def encode_chat(tok, messages: list[dict], add_generation_prompt: bool = False,
+                template=None) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation and, per token, whether it is the assistant's (trained on). With the
+    model directory's `template` (a ChatTemplate), in the checkpoint's own format (`encode_templated`);
+    without one, DeepSeek-V3's: BOS system USER user ASSISTANT assistant EOS ... [ASSISTANT]."""
+    if template is not None:
+        return encode_templated(tok, template, messages, add_generation_prompt)
     for special in (USER, ASSISTANT):
         if tok.token_to_id(special) is None:
             raise ChatDataError(f"the tokenizer has no {special} token: chat data needs a tokenizer trained by "
@@ -183,6 +187,31 @@ def encode_chat(tok, messages: list[dict], add_generation_prompt: bool = False) 
         ids += piece
         train += [is_assistant] * len(piece)
     return ids, train
+
+
+def encode_templated(tok, template, messages: list[dict], add_generation_prompt: bool = False):
+    """The conversation rendered by the checkpoint's Jinja template, tokenised whole (as
+    `transformers.apply_chat_template` does), and the assistant mask derived from that rendering: assistant
+    turn i spans what the rendering up to and including it adds beyond the turns before it with the
+    generation prompt (their common prefix: R1's prompt opens a `<think>` its rendered history does not
+    show); a token is trained on if it lies inside such a span. A template that renders a turn
+    differently once later turns follow has no such spans and is refused by name."""
+    full = template.render(messages, add_generation_prompt=add_generation_prompt)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = template.render(messages[:i], add_generation_prompt=True)
+        through = template.render(messages[: i + 1])
+        start = len(os.path.commonprefix([before, through]))
+        if not full.startswith(through) or start < len(template.render(messages[:i])):
+            raise ChatDataError(f"the model's chat template renders turn {i} differently once later turns follow "
+                                f"(it rewrites earlier turns), so the assistant's tokens cannot be told from the "
+                                f"rendering; train on one assistant turn per row, or use a template without that")
+        spans.append((start, len(through)))
+    enc = tok.encode(full, add_special_tokens=False)
+    train = [e > b and any(lo <= b and e <= hi for lo, hi in spans) for b, e in enc.offsets]
+    return enc.ids, train
 
 
 @dataclass

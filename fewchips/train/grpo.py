@@ -257,7 +257,7 @@ class PromptData:
         return out
 
     def encode(self, messages) -> list[int]:
-        return encode_chat(self.tok, messages, add_generation_prompt=True)[0]
+        return encode_chat(self.tok, messages, add_generation_prompt=True, template=self.sp.template)[0]
 
     def state_dict(self):
         return {}

@@ -180,10 +180,11 @@ def truncate_metrics(path, step: int, log=print):
 
 def model_tokenizer(folder: str):
     """A model directory's tokenizer.json and its special ids, or one error naming the file."""
+    from ..inference.tokenizer import ChatTemplate
     path = os.path.join(folder, "tokenizer.json")
     try:
         tok = load_tokenizer(path)
-        return tok, special_ids(tok, path)
+        return tok, dataclasses.replace(special_ids(tok, path), template=ChatTemplate.of_dir(folder))
     except (ValueError, FileNotFoundError) as e:
         raise TrainError(f"--model: {e}") from None
 

@@ -30,7 +30,7 @@ def rejection_sample(model, tok, sp, task, prompts, n: int = 8, keep: str = "bes
     kept, best = [], []
     for start in range(0, len(prompts), max(1, batch // n)):
         chunk = prompts[start:start + max(1, batch // n)]
-        ids = [encode_chat(tok, m, add_generation_prompt=True)[0] for m, _ in chunk]
+        ids = [encode_chat(tok, m, add_generation_prompt=True, template=sp.template)[0] for m, _ in chunk]
         engine = Engine(model, None, max_batch=len(ids) * n, max_len=max(map(len, ids)) + max_new_tokens + 1)
         reqs = [Request(p, SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                           seed=seed * 1_000_003 + (start + i) * n + j, stop_token_ids=[sp.eos]))

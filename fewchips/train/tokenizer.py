@@ -53,6 +53,7 @@ class SpecialIds:
     fim_begin: int
     fim_hole: int
     fim_end: int
+    template: object = None      # the model directory's ChatTemplate (chats render through it), if it has one
 
 
 def special_ids(tok: Tokenizer, source: str = "tokenizer") -> SpecialIds:
