@@ -293,6 +293,14 @@ def test_speculative_sampling_draws_as_generate_does():
     assert r.output_ids == want and r.accepted > r.drafted / 2
 
 
+def test_speculative_pool_stays_within_the_cap():
+    """With MTP speculation the pool holds one more layer per token: --cache-gb still bounds it."""
+    model = tiny_model(0)
+    cap = 40 * 16 * model.config.kv_cache_bytes_per_token(4)
+    plain, spec = (Engine(model, max_len=64, max_cache_bytes=cap, speculative=s) for s in (None, "mtp"))
+    assert spec.cache_bytes <= cap and plain.cache_bytes <= cap and spec.pool.n_blocks < plain.pool.n_blocks
+
+
 def test_speculative_refusals():
     model = tiny_model(0, num_nextn_predict_layers=0)
     with pytest.raises(ValueError, match="MTP module"):

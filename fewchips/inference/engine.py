@@ -126,7 +126,8 @@ class Engine:
         if block_size < 1 or max_prefill_tokens < 1 or max_batch < 1:
             raise ValueError("block_size, max_prefill_tokens and max_batch must be >= 1")
         self.block_size, self.max_batch, self.max_prefill_tokens = block_size, max_batch, max_prefill_tokens
-        block_bytes = cfg.kv_cache_bytes_per_token(p.element_size()) * block_size
+        per_layer = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * p.element_size()
+        block_bytes = per_layer * (cfg.num_hidden_layers + (1 if speculative else 0)) * block_size   # + the MTP layer
         per_request = math.ceil((self.max_len + (1 if speculative else 0)) / block_size)   # + a draft's slot
         if max_cache_bytes is None:
             n_blocks = max_batch * per_request + 1               # today's memory: max_batch requests of max_len
