@@ -223,3 +223,31 @@ def test_demo_script_reads_a_finished_run(tmp_path, corpus, capsys, monkeypatch)
     demo.main(str(tmp_path / "run"))
     out = capsys.readouterr().out
     assert "validation loss by step" in out and "unigram entropy of the corpus" in out and "--- sample 1" in out
+
+
+def test_extend_context_from_a_checkpoint(tmp_path, corpus):
+    """--init with --extend-context (arXiv 2412.19437 §4.3): the exported config carries the report's YaRN
+    settings over the original length, transformers loads it with our logits past the old context, and the
+    weights' shapes are kept; a --set that would change a shape is refused by name."""
+    base = tmp_path / "base"
+    Trainer(micro_config(max_position_embeddings=64, rope_scaling=None),
+            train_config(base, corpus, steps=2), log=quiet).train()
+    out = tmp_path / "long"
+    tr = Trainer(None, train_config(out, corpus, steps=2, seq_len=96, init=str(base), extend_context=256), log=quiet)
+    tr.train()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["max_position_embeddings"] == 256
+    assert cfg["rope_scaling"] == {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                                   "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+    ids = torch.randint(0, 300, (1, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = fewchips.from_pretrained(out, dtype=torch.float32)(ids)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours, rtol=1e-4, atol=1e-4)
+    with pytest.raises(TrainError, match="--set num_hidden_layers would change the shape"):
+        Trainer(None, train_config(tmp_path / "bad", corpus, init=str(base),
+                                   init_set={"num_hidden_layers": 2, "topk_group": 1}), log=quiet)
+    with pytest.raises(TrainError, match="already has 256 positions"):
+        Trainer(None, train_config(tmp_path / "bad2", corpus, init=str(out), extend_context=128), log=quiet)

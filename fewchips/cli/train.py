@@ -30,6 +30,10 @@ def register(sub):
     g.add_argument("--init", default=None, metavar="MODEL_DIR",
                    help="continue pre-training from a Hugging Face deepseek_v3 directory (bf16 or the released "
                         "FP8 layout, sharded or not), with its config and its own tokenizer")
+    g.add_argument("--extend-context", type=int, default=None, metavar="POSITIONS",
+                   help="with --init: extend the context with YaRN to this many positions (the report's phase: "
+                        "factor over the original length, beta_fast 32, beta_slow 1); train the phase with a longer "
+                        "--seq-len and a low constant --lr (docs/training.md)")
     g.add_argument("--vocab-size", type=int, default=None,
                    help="override the preset's vocabulary (the BPE is trained to this size)")
     g = p.add_argument_group("data")
@@ -165,13 +169,7 @@ def model_config(args):
     import json
 
     from fewchips.config import ConfigError, ModelConfig
-    if args.init:
-        if args.config or args.set or args.vocab_size:
-            raise ConfigError("--init takes the model's config from its directory; --config, --set and "
-                              "--vocab-size apply to new models")
-        return ModelConfig.from_json(args.init)
-    cfg = ModelConfig.from_json(args.config) if args.config else ModelConfig.from_preset(args.preset)
-    sets = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+    sets = {}
     for item in args.set:
         key, eq, value = item.partition("=")
         if not eq or not key:
@@ -180,6 +178,17 @@ def model_config(args):
             sets[key.strip()] = json.loads(value)
         except ValueError:
             sets[key.strip()] = value
+    if args.init:
+        if args.config or args.vocab_size:
+            raise ConfigError("--init takes the model's config from its directory; --config and --vocab-size apply "
+                              "to new models (--set may change fields that keep the weights' shapes)")
+        args.init_set = sets or None             # applied, and checked, where the trainer reads --init's config
+        return ModelConfig.from_json(args.init)
+    if args.extend_context:
+        raise ConfigError("--extend-context extends a trained model's context: it needs --init MODEL_DIR")
+    cfg = ModelConfig.from_json(args.config) if args.config else ModelConfig.from_preset(args.preset)
+    if args.vocab_size:
+        sets = {"vocab_size": args.vocab_size, **sets}
     return ModelConfig.from_dict({**cfg.to_dict(), **sets}, source="--set") if sets else cfg
 
 

@@ -20,6 +20,8 @@ class TrainError(RuntimeError):
 class TrainConfig:
     out: str = "runs/train"
     init: str | None = None              # start from this Hugging Face model directory (weights, tokenizer)
+    init_set: dict | None = None         # config fields changed on --init's model (weights' shapes kept)
+    extend_context: int | None = None    # YaRN to this many positions from --init's model (arXiv 2412.19437 §4.3)
     data: str | None = None              # None: the Python standard library's .py files
     text_field: str = "text"
     max_corpus_mb: float | None = None

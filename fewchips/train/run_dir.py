@@ -189,15 +189,55 @@ def model_tokenizer(folder: str):
         raise TrainError(f"--model: {e}") from None
 
 
-def init_config(path: str, log=print) -> ModelConfig:
-    """The config of a model directory to start from, its MTP layers counted only if their weights are there."""
+def init_config(path: str, log=print, changes: dict | None = None, extend_context: int | None = None) -> ModelConfig:
+    """The config of a model directory to start from, its MTP layers counted only if their weights are there;
+    then `changes` (--set) and a context extension, each refused by name if it would change a weight's shape."""
     try:
         cfg = CheckpointReader(path).cfg
     except (CheckpointError, ConfigError, FileNotFoundError) as e:
         raise TrainError(f"--init: {e}") from None
     if not cfg.num_nextn_predict_layers:
         log(f"--init: {path} has no MTP weights; training without the MTP module")
-    return cfg
+    changes = dict(changes or {})
+    if extend_context:
+        changes = {**yarn_extension(cfg, extend_context), **changes}
+        rs = changes["rope_scaling"]
+        log(f"--extend-context: {cfg.max_position_embeddings:,} -> {extend_context:,} positions, YaRN factor "
+            f"{rs['factor']:g} over the original {rs['original_max_position_embeddings']:,} (beta_fast 32, beta_slow 1; "
+            f"arXiv 2412.19437 §4.3)")
+    return with_changes(cfg, changes) if changes else cfg
+
+
+def yarn_extension(cfg: ModelConfig, length: int) -> dict:
+    """The report's YaRN settings for a context of `length` positions: the factor over the original
+    pre-training length, beta_fast 32, beta_slow 1, and mscale as V3 sets it (0.1 ln s + 1 on the attention
+    scale, from mscale = mscale_all_dim = 1); only the decoupled rope key is rotated, as always."""
+    if length <= cfg.max_position_embeddings:
+        raise TrainError(f"--extend-context {length}: the model already has {cfg.max_position_embeddings} positions")
+    original = (cfg.rope_scaling or {}).get("original_max_position_embeddings") or cfg.max_position_embeddings
+    return {"max_position_embeddings": length,
+            "rope_scaling": {"type": "yarn", "factor": length / original, "original_max_position_embeddings": original,
+                             "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}}
+
+
+def with_changes(cfg: ModelConfig, changes: dict) -> ModelConfig:
+    """cfg with `changes`, refused naming the fields that would change the shape of a weight."""
+    from ..model import DeepseekV3
+
+    def shapes(c):
+        with torch.device("meta"):
+            return {k: tuple(v.shape) for k, v in DeepseekV3(c).state_dict().items()}
+
+    try:
+        new = ModelConfig.from_dict({**cfg.to_dict(), **changes}, source="--set")
+    except ConfigError as e:
+        raise TrainError(f"--init: {e}") from None
+    if shapes(new) != shapes(cfg):
+        bad = [k for k in changes if shapes(ModelConfig.from_dict({**cfg.to_dict(), k: changes[k]})) != shapes(cfg)]
+        raise TrainError(f"--init: --set {', '.join(bad) or ', '.join(changes)} would change the shape of the "
+                         f"checkpoint's weights; with --init only shape-preserving fields may change (rope_scaling, "
+                         f"max_position_embeddings, routing and balance settings, ...)")
+    return new
 
 
 def rng_state() -> dict:

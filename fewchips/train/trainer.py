@@ -72,7 +72,9 @@ class Trainer:
         self.run = RunDir(tc, log, writer=self.layout.is_main)
         self.ckpt_dir, self.metrics_path = self.run.ckpt_dir, self.run.metrics_path
         if tc.init:
-            cfg = init_config(tc.init, log)
+            cfg = init_config(tc.init, log, tc.init_set, tc.extend_context)
+        elif tc.init_set or tc.extend_context:
+            raise TrainError("init_set and --extend-context change a model being continued: they need --init")
 
         def setup():                       # rank 0 first: it checks OUT, takes the lock, prepares the data
             self.run.open()
