@@ -211,8 +211,10 @@ def test_config_and_set_flags(tmp_path, capsys):
     assert (cfg.num_hidden_layers, cfg.n_routed_experts, cfg.n_group) == (2, 4, 1)
     assert main(["train", "--out", str(tmp_path / "o"), "--set", "n_routed_expert=4"]) == 2
     assert "did you mean 'n_routed_experts'" in capsys.readouterr().err
-    assert main(["train", "--out", str(tmp_path / "o"), "--init", str(tmp_path), "--set", "x=1"]) == 2
+    assert main(["train", "--out", str(tmp_path / "o"), "--init", str(tmp_path), "--vocab-size", "100"]) == 2
     assert "--init takes the model's config from its directory" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "o"), "--extend-context", "4096"]) == 2
+    assert "--extend-context extends a trained model's context: it needs --init" in capsys.readouterr().err
 
 
 def test_demo_script_reads_a_finished_run(tmp_path, corpus, capsys, monkeypatch):
