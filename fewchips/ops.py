@@ -42,8 +42,10 @@ def causal_attention(q_BHTk, k_BHTk, v_BHTV, scale, segments_BT=None):
     """softmax(q k^T scale + causal mask) v for training and prefill (v's head dim may be smaller).
     `segments_BT` (packed samples): a token attends only to earlier tokens of its own segment, computed
     sample by sample (`varlen_attention`): no [T, T] mask is built."""
-    if segments_BT is not None and _contiguous_segments(segments_BT):
-        return varlen_attention(q_BHTk, k_BHTk, v_BHTV, scale, segments_BT)
+    if segments_BT is not None:
+        runs = sample_runs(segments_BT)
+        if runs is not None:
+            return varlen_attention(q_BHTk, k_BHTk, v_BHTV, scale, segments_BT, runs)
     T, v_dim = q_BHTk.shape[-2], v_BHTV.shape[-1]
     if q_BHTk.is_cuda or T > CPU_EXPLICIT_ATTENTION_MAX_T:
         pad = q_BHTk.shape[-1] - v_dim
@@ -66,28 +68,38 @@ def causal_attention(q_BHTk, k_BHTk, v_BHTV, scale, segments_BT=None):
     return torch.matmul(scores_BHTT.softmax(dim=-1).to(v_BHTV.dtype), v_BHTV)
 
 
-def _contiguous_segments(segments_BT) -> bool:
-    """Each row's samples are runs of consecutive positions (how `chat.pack` lays them out)."""
-    change_BT = segments_BT[:, 1:] != segments_BT[:, :-1]
-    return int(change_BT.sum()) + segments_BT.shape[0] == int(
-        sum(torch.unique(row).numel() for row in segments_BT))
+def sample_runs(segments_BT) -> list[list[int]] | None:
+    """Each row's sample lengths, or None if some sample is not one run of consecutive positions (then the
+    dense mask is needed). Two small host reads (the run starts and their ids), no loop over tokens."""
+    B, T = segments_BT.shape
+    change_BT = torch.ones_like(segments_BT, dtype=torch.bool)
+    change_BT[:, 1:] = segments_BT[:, 1:] != segments_BT[:, :-1]
+    starts = change_BT.nonzero().tolist()                  # (row, position) of each run, row-major
+    ids = segments_BT[change_BT].tolist()
+    runs, seen = [[] for _ in range(B)], [set() for _ in range(B)]
+    for i, ((b, t0), sid) in enumerate(zip(starts, ids)):
+        if sid in seen[b]:
+            return None
+        seen[b].add(sid)
+        end = starts[i + 1][1] if i + 1 < len(starts) and starts[i + 1][0] == b else T
+        runs[b].append(end - t0)
+    return runs
 
 
-def varlen_attention(q_BHTk, k_BHTk, v_BHTV, scale, segments_BT):
+def varlen_attention(q_BHTk, k_BHTk, v_BHTV, scale, segments_BT, runs=None):
     """Causal attention inside each packed sample, one sample at a time on views of q, k, v: the varlen
     form (FlashAttention's cu_seqlens) on top of torch's fused causal SDPA, so no [T, T] mask or score
     matrix spans samples, and the work is sum(L^2) rather than T^2. Twin: attention_reference with
     `segments_BT` (the dense block-diagonal mask)."""
-    T, v_dim = q_BHTk.shape[-2], v_BHTV.shape[-1]
+    v_dim = v_BHTV.shape[-1]
     pad = q_BHTk.shape[-1] - v_dim
     if pad > 0:   # equal head dims select torch's fused CPU kernel
         v_BHTV = F.pad(v_BHTV, (0, pad))
-    change_BT = torch.ones_like(segments_BT, dtype=torch.bool)
-    change_BT[:, 1:] = segments_BT[:, 1:] != segments_BT[:, :-1]
+    runs = runs if runs is not None else sample_runs(segments_BT)
+    if runs is None:
+        raise ValueError("varlen_attention needs each sample to be one run of positions")
     rows = []
-    for b, (starts, q, k, v) in enumerate(zip(change_BT.tolist(), q_BHTk.split(1), k_BHTk.split(1), v_BHTV.split(1))):
-        cuts = [t for t, c in enumerate(starts) if c] + [T]
-        lens = [t1 - t0 for t0, t1 in zip(cuts, cuts[1:])]
+    for lens, q, k, v in zip(runs, q_BHTk.split(1), k_BHTk.split(1), v_BHTV.split(1)):
         # split, not slices: its backward is one concatenation, where each slice's would be a full-size zero tensor
         rows.append(torch.cat([F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
                                for qs, ks, vs in zip(q.split(lens, 2), k.split(lens, 2), v.split(lens, 2))], dim=2))
