@@ -99,9 +99,8 @@ def main():
         def step_ours(ids):
             main, _, bal, stats = L.compute_losses(ours, ids, 0.0, amp)
             (main + tc.balance_alpha * bal).backward()
-            B.clip_grad_norm(ours, opt_ours, 1.0)        # the trainer's clip: folded into fused AdamW
+            B.clip_grad_norm(ours, opt_ours, 1.0)        # the trainer's clip
             opt_ours.step()
-            opt_ours.__dict__.pop("grad_scale", None)
             opt_ours.zero_grad(set_to_none=True)
             L.update_biases(routers, stats.load, 1e-3)
 

@@ -7,6 +7,7 @@ recipe (emulated on CPU, `apply_fp8(model, "emulate")`) and without, and compare
 
 Writes OUT/{baseline,fp8}/metrics.jsonl, OUT/fp8_vs_baseline.png (both validation-loss curves) and
 OUT/summary.json. The baseline is FP32 (autocast off), which is at least as precise as the paper's BF16.
+`--runs fp8,fp8-full` compares the FP8 recipe with and without its FP8-cached activations.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ def run(kind: str, args):
                      threads=args.threads, seed=args.seed, max_corpus_mb=args.max_corpus_mb,
                      **({"bias_update_speed": args.bias_update_speed} if args.bias_update_speed is not None else {}))
     trainer = Trainer(cfg, tc)
-    if kind == "fp8":
-        names = apply_fp8(trainer.model, backend="emulate")
+    if kind in ("fp8", "fp8-full"):     # fp8: activations cached in FP8 (the default); fp8-full: not
+        names = apply_fp8(trainer.model, backend="emulate", cache_activations=kind == "fp8")
         print(f"fp8: {len(names)} modules converted")
     t0 = time.time()
     out = trainer.train()
@@ -105,7 +106,8 @@ def main():
                         "routing out of the early collapse that otherwise dominates short comparisons")
     p.add_argument("--seed", type=int, default=0, help="init, data order and FIM seed (both runs use the same)")
     p.add_argument("--out", default="runs/fp8_validation")
-    p.add_argument("--runs", default="baseline,fp8", help="comma-separated: baseline, fp8")
+    p.add_argument("--runs", default="baseline,fp8",
+                   help="comma-separated: baseline, fp8 (activations cached in FP8), fp8-full (kept in fp32)")
     p.add_argument("--plot-only", action="store_true")
     args = p.parse_args()
     from fewchips.runtime import keep_freed_memory

@@ -176,7 +176,7 @@ def pipeline(schedule, microbatches):
     ref = random_model(cfg).train()
     model = copy.deepcopy(ref)
     ids = batch(1, cfg)                                     # windows [B, T+1]
-    sched, mods, tie = build_pipeline(model, dist.group.WORLD, (B // microbatches, T), schedule, microbatches)
+    sched, mods, tie, _ = build_pipeline(model, dist.group.WORLD, (B // microbatches, T), schedule, microbatches)
     routers_all = moe_routers(model)
     loads = torch.zeros(len(routers_all), cfg.n_routed_experts)
     for m in mods:

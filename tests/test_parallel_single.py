@@ -190,3 +190,14 @@ def test_balanced_split_is_optimal_on_small_cases(schedule, n_layers, extra):
         assert busiest(runs) < busiest(split_layers(n_layers, n_stages))
     if extra == 0 and n_layers % n_stages == 0:
         assert [len(r) for r in balanced_split([1.0] * n_layers, 0.0, owners)] == [n_layers // n_stages] * n_stages
+
+
+def test_overlap_refuses_a_torch_it_was_not_tested_with(monkeypatch):
+    """parallel.overlap is the one module on torch's private schedule internals: on another torch
+    release it refuses to register, and the trainer refuses --pp-overlap on by name."""
+    from fewchips.parallel import overlap
+    assert overlap.check_torch() is None                      # this torch is a tested one
+    monkeypatch.setattr(torch, "__version__", "2.99.0")
+    assert "tested with torch 2.13, not 2.99.0" in overlap.check_torch()
+    with pytest.raises(ValueError, match="private schedule internals"):
+        overlap.register(object())

@@ -19,6 +19,9 @@ ARGS = ["--preset", "tiny", "--vocab-size", "384", "--steps", "4", "--batch-size
         "--no-progress", "--val-fraction", "0.1", "--threads", "1", "--grad-accum", "2"]
 
 
+EMA = 0.75       # the parameter EMA rides along: each rank averages its shards, checkpoints reshard it
+
+
 def torchrun(n, *args, timeout=240):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
@@ -43,7 +46,7 @@ def reference(tmp_path_factory):
     one = tmp / "one"
     cfg = ModelConfig.from_preset("tiny", vocab_size=384)
     tc = train_config(one, data, steps=4, batch_size=4, seq_len=32, eval_every=4, eval_batches=1, log_every=1,
-                      grad_accum=2, lr=2e-3, warmup_steps=None)                                # the CLI defaults
+                      grad_accum=2, lr=2e-3, warmup_steps=None, ema=EMA, export_ema=True)      # the CLI defaults
     Trainer(cfg, tc, quiet).train()
     return data, one
 
@@ -53,9 +56,9 @@ def val_losses(out):
             if "val_loss" in r}
 
 
-def same_run(one, out):
-    """Every step's loss within 1e-5, the step-4 validation loss within 3e-5, and the exported weights within a
-    small fraction of one AdamW step (lr 2e-3): Adam's m/sqrt(v) magnifies fp32 reduction-order noise in
+def same_run(one, out, ema=False):
+    """Every step's loss within 1e-5, the step-4 validation loss within 3e-5, and the exported weights (and
+    with `ema` the EMA's, exported by --export-ema) within a small fraction of one AdamW step (lr 2e-3): Adam's m/sqrt(v) magnifies fp32 reduction-order noise in
     near-zero gradients."""
     from fewchips import from_pretrained
     ref, got = losses(one), losses(out)
@@ -65,20 +68,24 @@ def same_run(one, out):
     # the weights after 4 steps carry that noise (measured: 1.2e-5 relative after the pipeline legs);
     # the evaluation itself is exact to 1e-6 on equal weights (test_parallel.py)
     assert val_losses(out)[4] == pytest.approx(val_losses(one)[4], rel=3e-5)
-    a, b = from_pretrained(str(one)).state_dict(), from_pretrained(str(out)).state_dict()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
+    for model in (".", "ema") if ema else (".",):
+        a, b = (from_pretrained(os.path.join(run, model)).state_dict() for run in (one, out))
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=f"{model}: {k}")
+    if ema:                                          # an average, not the live weights
+        assert any(not torch.equal(t, from_pretrained(str(out)).state_dict()[k]) for k, t in b.items())
 
 
 def test_torchrun_train_matches_single_process_and_resumes_at_another_world_size(reference, tmp_path):
     data, one = reference
     out = tmp_path / "par"
-    torchrun(4, "--data", data, "--out", out, "--ep", "2", "--stop-at", "2")       # dp 2 x ep 2
+    ema = ("--ema", EMA, "--export-ema")
+    torchrun(4, "--data", data, "--out", out, "--ep", "2", "--stop-at", "2", *ema)      # dp 2 x ep 2
     assert os.path.exists(out / "checkpoint" / ".metadata")
     p = torchrun(2, "--data", data, "--out", out, "--ep", "2", "--resume",          # dp 1 x ep 2
-                 "--activation-checkpointing")                                   # recompute: same numbers
+                 "--activation-checkpointing", *ema)                             # recompute: same numbers
     assert "saved at pp 1 x dp 2 x ep 2" in p.stdout + p.stderr
-    same_run(one, out)
+    same_run(one, out, ema=True)
 
 
 def test_torchrun_pipeline_matches_single_process_and_resumes_at_other_layouts(reference, tmp_path):
@@ -91,19 +98,21 @@ def test_torchrun_pipeline_matches_single_process_and_resumes_at_other_layouts(r
     import re
     data, one = reference
     out = tmp_path / "pp"
-    p = torchrun(4, "--data", data, "--out", out, "--pp", "2", "--ep", "2", "--stop-at", "2", "--pp-overlap", "on")
+    ema = ("--ema", EMA, "--export-ema")
+    p = torchrun(4, "--data", data, "--out", out, "--pp", "2", "--ep", "2", "--stop-at", "2", "--pp-overlap", "on",
+                 *ema)
     assert "pp 2 (dualpipev, 4 micro-batches) x dp 1 x ep 2" in p.stdout + p.stderr
     assert "runs on two threads" in p.stdout + p.stderr
     held, total = map(lambda s: int(s.replace(",", "")),
                       re.search(r"holds ([\d,]+) of the model's ([\d,]+) parameters", p.stdout + p.stderr).groups())
     assert held < 0.5 * total                 # rank 0's two V stages, sharded over its 2 ep ranks
-    p = torchrun(2, "--data", data, "--out", out, "--ep", "2", "--resume", "--stop-at", "3")
+    p = torchrun(2, "--data", data, "--out", out, "--ep", "2", "--resume", "--stop-at", "3", *ema)
     assert "saved at pp 2 x dp 1 x ep 2" in p.stdout + p.stderr
     p = torchrun(4, "--data", data, "--out", out, "--pp", "2", "--pp-schedule", "1f1b", "--microbatches", "2",
-                 "--resume")
+                 "--resume", *ema)
     assert "saved at pp 1 x dp 1 x ep 2" in p.stdout + p.stderr
     assert "pp 2 (1f1b, 2 micro-batches) x dp 2 x ep 1" in p.stdout + p.stderr
-    same_run(one, out)
+    same_run(one, out, ema=True)
 
 
 def _child_with_rank(parent_pid: int, rank: int) -> int | None:

@@ -35,15 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     for p in sub.choices.values():
         p.formatter_class = HelpFormatter
         p.allow_abbrev = False               # `--step 10` is not `--steps 10`: an unknown flag, said so
+    parser.set_defaults(command_parsers=sub.choices)     # for `parse`'s errors, in the subcommand's words
     return parser
 
 
 def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Like parse_args, but an unknown flag is reported with the subcommand's usage, not the top level's."""
     args, extra = parser.parse_known_args(argv)
+    commands = vars(args).pop("command_parsers", None)
     if extra:
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        if commands is None:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     return args
 
 

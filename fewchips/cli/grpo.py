@@ -35,11 +35,7 @@ def register(sub):
                    help="held-out prompts answered greedily at each evaluation: a number (drawn apart from training's, "
                         "which never sees them) or a prompts .jsonl")
     g.add_argument("--freeze-mtp", action="store_true", help="leave the MTP module as it is")
-    add_run_flags(p, pretrain=False)
-    p.set_defaults(func=run)
-    for a in p._actions:                              # --batch-size means prompts per step here
-        if a.dest == "batch_size":
-            a.help = "prompts per step (each sampled --group-size times)"
+    add_run_flags(p, pretrain=False, batch_help="prompts per step (each sampled --group-size times)")
     set_defaults_from(p, grpo_config(), func=run)
 
 

@@ -53,12 +53,12 @@ def register(sub):
 
 def set_defaults_from(p, tc, **extra):
     """Every default comes from a TrainConfig (the dataclass's own, or SFT's): one place for each, the
-    flags cannot drift from it."""
-    fields = {f.name for f in dataclasses.fields(tc)}
-    p.set_defaults(**extra, **{a.dest: getattr(tc, a.dest) for a in p._actions if a.dest in fields})
+    flags cannot drift from it. Fields without a flag here get their default too (what the command's
+    run builds the config from anyway)."""
+    p.set_defaults(**extra, **{f.name: getattr(tc, f.name) for f in dataclasses.fields(tc)})
 
 
-def add_run_flags(p, pretrain: bool = True):
+def add_run_flags(p, pretrain: bool = True, batch_help: str = "sequences per micro-batch; lower it if memory is short"):
     """The flags `fewchips train` and `fewchips sft` share: schedule, recipe, systems, parallelism,
     output (pre-training-only ones, such as the batch ramp, when `pretrain`)."""
     g = p.add_argument_group("schedule (lr: warm-up, constant to 67.6%, cosine to 0.1x by 96.6% of the run's tokens)"
@@ -67,7 +67,7 @@ def add_run_flags(p, pretrain: bool = True):
         g.add_argument("--min-lr-ratio", type=float, help="the lr ends at this fraction of the peak (the report: 1e-6/5e-6)")
     g.add_argument("--steps", type=int,
                    help="optimizer steps (300 x 4096 tokens: ~7 min for tiny on 2 CPU cores); all schedules scale to it")
-    g.add_argument("--batch-size", type=int, help="sequences per micro-batch; lower it if memory is short")
+    g.add_argument("--batch-size", type=int, help=batch_help)
     g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (bigger effective batch)")
     if pretrain:
         g.add_argument("--batch-ramp-tokens", type=_token_count,
@@ -88,6 +88,10 @@ def add_run_flags(p, pretrain: bool = True):
     if pretrain:
         g.add_argument("--mtp-lambda-late", type=float, help="MTP loss weight afterwards")
         g.add_argument("--init-std", type=float, help="std of the N(0, std) initialisation")
+    g.add_argument("--ema", type=float, metavar="DECAY",
+                   help="keep an exponential moving average of the parameters on the host (e.g. 0.999), updated "
+                        "after each step in the background, checkpointed and evaluated beside the model")
+    g.add_argument("--export-ema", action="store_true", help="also export the EMA's weights as their own model in OUT/ema")
     g = p.add_argument_group("systems")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"],
                    help="autocast precision; auto = bf16 where the hardware has native bf16 (AMX/AVX512-BF16, GPUs)")
@@ -99,6 +103,9 @@ def add_run_flags(p, pretrain: bool = True):
                         "in E4M3 with 1x128/128x128 scales (fast on Hopper; emulated, slower, elsewhere)")
     g.add_argument("--fp8-backend", choices=["auto", "scaled_mm", "emulate"],
                    help="auto: cuBLAS block-wise scaled_mm on Hopper, emulation elsewhere")
+    g.add_argument("--fp8-activations", choices=["cached", "full"],
+                   help="cached (default): what the backward keeps is FP8 too, as in the report (SwiGLU input in "
+                        "E4M3 with its output recomputed, o_proj's input in E5M6); full: kept in the activation dtype")
     g.add_argument("--bf16-moments", action="store_true",
                    help="store AdamW's two moments in BF16 as DeepSeek-V3 does (half the optimizer memory)")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

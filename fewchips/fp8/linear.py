@@ -72,23 +72,31 @@ class FP8Linear(nn.Linear):
     dicts, checkpoints and optimisers see an ordinary linear layer."""
 
     def __init__(self, in_features, out_features, bias=True, backend: str = "auto", pow2_scales: bool = False,
-                 device=None, dtype=None):
+                 device=None, dtype=None, cache_e5m6: bool = False):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.backend, self.pow2_scales = backend, pow2_scales
+        self.cache_e5m6 = cache_e5m6           # the input cached in E5M6 for the backward (fp8.cached)
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, backend: str = "auto", pow2_scales: bool = False) -> "FP8Linear":
+    def from_linear(cls, lin: nn.Linear, backend: str = "auto", pow2_scales: bool = False,
+                    cache_e5m6: bool = False) -> "FP8Linear":
         new = cls(lin.in_features, lin.out_features, bias=False, backend=backend, pow2_scales=pow2_scales,
-                  device="meta")
+                  device="meta", cache_e5m6=cache_e5m6)
         new.weight, new.bias = lin.weight, lin.bias                  # the same Parameter objects
         return new
 
     def forward(self, x):
-        y = fp8_linear(x, self.weight, resolve_backend(self.backend, str(x.device)), self.pow2_scales, _out_dtype(x))
+        backend = resolve_backend(self.backend, str(x.device))
+        if self.cache_e5m6:
+            from .cached import e5m6_cached_linear
+            y = e5m6_cached_linear(x, self.weight, backend, self.pow2_scales, _out_dtype(x))
+        else:
+            y = fp8_linear(x, self.weight, backend, self.pow2_scales, _out_dtype(x))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self):
-        return super().extra_repr() + f", fp8 backend={self.backend}, pow2_scales={self.pow2_scales}"
+        return (super().extra_repr() + f", fp8 backend={self.backend}, pow2_scales={self.pow2_scales}"
+                + (", input cached in e5m6" if self.cache_e5m6 else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,9 +181,13 @@ def fp8_expert_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF, backend: str = 
     return _FP8GroupedMatmul.apply((F.silu(gate) * up).contiguous(), down_EDF, offs_E, backend, pow2_scales, out_dtype)
 
 
-def fp8_swiglu(backend: str = "auto", pow2_scales: bool = False):
+def fp8_swiglu(backend: str = "auto", pow2_scales: bool = False, cache_activations: bool = False):
     """The FP8 grouped FFN as a plain function of (x_sorted, counts_E, gate_up, down): what an expert
-    module's `swiglu` seam holds under the FP8 recipe (expert parallelism carries it to the local experts)."""
+    module's `swiglu` seam holds under the FP8 recipe (expert parallelism carries it to the local experts).
+    `cache_activations`: the backward keeps FP8 copies and recomputes the SwiGLU (fp8.cached)."""
+    if cache_activations:
+        from .cached import fp8_cached_expert_swiglu
+        return functools.partial(fp8_cached_expert_swiglu, backend=backend, pow2_scales=pow2_scales)
     return functools.partial(fp8_expert_swiglu, backend=backend, pow2_scales=pow2_scales)
 
 
@@ -186,34 +198,44 @@ class FP8RoutedExperts(RoutedExperts):
     gathered_decode = False       # the gathered decode form would read the full-precision weights
 
     def __init__(self, n_experts: int, dim: int, hidden: int, backend: str = "auto", pow2_scales: bool = False,
-                 device=None):
+                 device=None, cache_activations: bool = False):
         super().__init__(n_experts, dim, hidden, device)
-        self.backend, self.pow2_scales = backend, pow2_scales
-        self.swiglu = fp8_swiglu(backend, pow2_scales)
+        self.backend, self.pow2_scales, self.cache_activations = backend, pow2_scales, cache_activations
+        self.swiglu = fp8_swiglu(backend, pow2_scales, cache_activations)
 
     @classmethod
-    def from_experts(cls, ex: RoutedExperts, backend: str = "auto", pow2_scales: bool = False):
+    def from_experts(cls, ex: RoutedExperts, backend: str = "auto", pow2_scales: bool = False,
+                     cache_activations: bool = False):
         E, D, Fd = ex.down_proj.shape
-        new = cls(E, D, Fd, backend, pow2_scales, device="meta")
+        new = cls(E, D, Fd, backend, pow2_scales, device="meta", cache_activations=cache_activations)
         new.gate_up_proj, new.down_proj = ex.gate_up_proj, ex.down_proj   # the same Parameter objects
         return new
 
     def extra_repr(self):
-        return f"fp8 backend={self.backend}, pow2_scales={self.pow2_scales}"
+        return (f"fp8 backend={self.backend}, pow2_scales={self.pow2_scales}"
+                + (", activations cached in fp8" if self.cache_activations else ""))
 
 
-def apply_fp8(model: nn.Module, backend: str = "auto", pow2_scales: bool = False) -> list[str]:
+def apply_fp8(model: nn.Module, backend: str = "auto", pow2_scales: bool = False,
+              cache_activations: bool = False) -> list[str]:
     """Swap the recipe's layers (recipe.py) for FP8 ones in place; returns the converted module names.
-    Parameters are kept (same objects), so this may run before or after the optimiser is built."""
+    Parameters are kept (same objects), so this may run before or after the optimiser is built.
+    `cache_activations`: what the backward keeps is FP8 too (the report's §3.3.3, `fp8.cached`): SwiGLU
+    MLPs become one function caching x and h in E4M3, o_proj caches its input in E5M6."""
+    from ..model import MLP
+    from .cached import FP8CachedMLP
     if any(isinstance(p, DTensor) for p in model.parameters()):
         raise ValueError("apply_fp8 must run before parallelize: the layers it swaps are then held by FSDP "
                          "(FP8 experts carry over into expert parallelism)")
     converted = []
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and not isinstance(module, FP8Linear) and is_fp8_linear(name):
-            new = FP8Linear.from_linear(module, backend, pow2_scales)
+            new = FP8Linear.from_linear(module, backend, pow2_scales,
+                                        cache_e5m6=cache_activations and name.endswith("self_attn.o_proj"))
         elif type(module) is RoutedExperts and FP8_EXPERTS_RE.search(name):
-            new = FP8RoutedExperts.from_experts(module, backend, pow2_scales)
+            new = FP8RoutedExperts.from_experts(module, backend, pow2_scales, cache_activations)
+        elif cache_activations and type(module) is MLP and is_fp8_linear(name + ".gate_proj"):
+            new = FP8CachedMLP.from_mlp(module, backend, pow2_scales)
         else:
             continue
         parent_name, _, child = name.rpartition(".")

@@ -97,6 +97,33 @@ def retile(q: torch.Tensor, s: torch.Tensor, pow2: bool = False):
     return quantize(dequantize(q, s, TILE).t(), TILE, pow2)
 
 
+# E5M6: the report's finer cache format for the post-attention Linear's input (§3.3.3): 5 exponent
+# bits (bias 15, as FP16), 6 mantissa bits. Emulated: the values are rounded to E5M6 exactly
+# (round-to-nearest-even from fp32) and stored in FP16, which holds every E5M6 value.
+E5M6_MAX = 65024.0                       # (2 - 2^-6) * 2^15
+_E5M6_DROP = 23 - 6                      # fp32 mantissa bits below E5M6's
+_E5M6_SUB = 2.0 ** -20                   # the subnormal step: 2^-14 * 2^-6
+
+
+def round_e5m6(y: torch.Tensor) -> torch.Tensor:
+    """fp32 values within E5M6's range -> the nearest E5M6 value (ties to even), still fp32."""
+    bits = y.float().contiguous().view(torch.int32)
+    lsb = (bits >> _E5M6_DROP) & 1
+    normal = ((bits + ((1 << (_E5M6_DROP - 1)) - 1) + lsb) & ~((1 << _E5M6_DROP) - 1)).view(torch.float32)
+    sub = torch.round(y.float() / _E5M6_SUB) * _E5M6_SUB                   # exact: a power-of-two step
+    return torch.where(y.abs() < 2.0 ** -14, sub, normal)
+
+
+def quantize_e5m6(x: torch.Tensor, block: tuple[int, int] = TILE):
+    """x [..., R, C] -> (q [..., R, C] as FP16 holding E5M6 values, s fp32 per group), x ~ q * s, with
+    power-of-two scales (s = 2^ceil(log2(amax / 65024))): dividing by s is exact, so re-tiling the
+    cache in the backward adds no error of its own."""
+    xb = _blocked(x.float(), block)
+    s = torch.exp2(torch.ceil(torch.log2(xb.abs().amax(dim=(-3, -1)).clamp(min=AMAX_FLOOR) / E5M6_MAX)))
+    q = round_e5m6(xb / s[..., :, None, :, None]).to(torch.float16)
+    return _unblocked(q, x.shape).contiguous(), s
+
+
 def segment_tiles(offs: torch.Tensor, M: int, tile: int = 128):
     """For rows grouped into consecutive segments ending at `offs` (int, [E]): the tile id and the
     row within the tile of each row, when every segment is cut into `tile`-row tiles starting at its

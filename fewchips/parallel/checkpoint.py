@@ -27,12 +27,13 @@ from ..files import swap_dir
 
 
 def save(path: str, model, optimizer=None, extra: dict | None = None, before_commit=None, group=None,
-         owned: set[str] | None = None):
+         owned: set[str] | None = None, tensors: dict[str, dict] | None = None):
     """Collective: every rank calls it. `extra` (step, data position, ...) must be the same on all ranks.
     `before_commit(tmp_dir)` runs on rank 0 before the rename (other files that belong with it);
     `group` is used for the barriers (a group with a long timeout for big models). `owned`: the names
     this rank keeps up to date (a pipeline rank's stages); it writes only those, so each tensor of the
-    checkpoint comes from a rank that trains it."""
+    checkpoint comes from a rank that trains it. `tensors`: more named groups of tensors (DTensors
+    laid out like the parameters: the parameter EMA), each a key beside "model"."""
     path = os.path.abspath(path)
     tmp = path + ".tmp"
     rank = dist.get_rank()
@@ -47,6 +48,8 @@ def save(path: str, model, optimizer=None, extra: dict | None = None, before_com
         if optimizer is not None:
             state["optim"]["state"] = {k: v for k, v in state["optim"]["state"].items() if k in owned}
     state["extra"] = dict(extra or {})
+    for key, group_state in (tensors or {}).items():
+        state[key] = group_state
     dcp.save(state, checkpoint_id=tmp)
     if rank == 0:
         model.config.save(os.path.join(tmp, "config.json"))
@@ -83,6 +86,18 @@ def load(path: str, model, optimizer=None, owned: set[str] | None = None) -> dic
                 if name not in owned:
                     optimizer.state.pop(p, None)
     return state["extra"]
+
+
+def load_tensors(path: str, key: str, template: dict) -> None:
+    """Collective: fill `template` (name → tensor or DTensor, this rank's part) in place from the group
+    `key` that `save(..., tensors=...)` wrote, at any layout. KeyError if the checkpoint has no such group
+    or lacks a name."""
+    md = dcp.FileSystemReader(path).read_metadata()
+    saved = {k.split(".", 1)[1] for k in md.state_dict_metadata if k.startswith(key + ".")}
+    missing = [n for n in template if n not in saved]
+    if missing:
+        raise KeyError(f"no {key!r} entry for {len(missing)} tensor(s), e.g. {missing[0]}")
+    dcp.load({key: template}, checkpoint_id=path)
 
 
 def _saved_extra(path) -> dict:

@@ -130,9 +130,21 @@ def init_parallel(dp: int | None = None, ep: int = 1, backend: str | None = None
             dist.init_process_group(**kw)
     full = init_device_mesh(device.type, (pp, dp, ep), mesh_dim_names=("pp", "dp", "ep"))
     mesh = full["dp", "ep"]
-    fsdp_mesh = mesh._flatten("dp_ep")          # 1-D view over the stage's ranks (as torchtitan does)
+    fsdp_mesh = _stage_mesh(full, device.type)
     return Parallel(mesh=mesh, fsdp_mesh=fsdp_mesh, dp=dp, ep=ep, rank=dist.get_rank(), world_size=world,
                     device=device, pp=pp, pp_mesh=full["pp"] if pp > 1 else None, full_mesh=full)
+
+
+def _stage_mesh(full: DeviceMesh, device_type: str) -> DeviceMesh:
+    """A 1-D mesh over this rank's pipeline stage (its dp x ep ranks), built from a process group per
+    stage (every rank creates every stage's group, in the same order)."""
+    stages = full.mesh.reshape(full.mesh.shape[0], -1)
+    rank, mine = dist.get_rank(), None
+    for ranks in stages.tolist():
+        group = dist.new_group(ranks) if len(stages) > 1 else dist.group.WORLD
+        if rank in ranks:
+            mine = DeviceMesh.from_group(group, device_type, mesh=ranks, mesh_dim_names=("dp_ep",))
+    return mine
 
 
 def shutdown():

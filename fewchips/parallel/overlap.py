@@ -13,20 +13,41 @@ forward all-to-alls inside the backward, keeps the pair sequential.
 
 The function redoes, for the two sub-actions, the bookkeeping torch's runtime does for them: the
 waits on received activations and gradients, the last stage's loss, the hand-off between the two
-chunks of a V on one rank. It uses torch 2.13's internal names (`fwd_recv_ops`, `bwd_recv_ops`,
-`backward_counter`, `_maybe_compute_loss`, `_maybe_get_loss`, `_assert_unsharded`);
-`tests/test_parallel*.py` run it against one process.
+chunks of a V on one rank. torch has no public API for that bookkeeping, so this is the one module
+of fewchips that uses torch's private names: the schedule's `_stages`, `fwd_recv_ops`, `bwd_recv_ops`,
+`backward_counter`, `_n_microbatches`, `_maybe_compute_loss`, `_maybe_get_loss`, `_assert_unsharded`
+and `schedules._wait_batch_p2p`. They are read only on a torch release listed in `TESTED_TORCH`
+(`check_torch`); on another one `--pp-overlap on` is refused and `auto` runs the pairs one after the
+other (torch's own path). Upgrading torch: compare `ScheduleDualPipeV`'s FORWARD and FULL_BACKWARD
+actions in `torch/distributed/pipelining/schedules.py` with `_forward`/`_backward` below, then run
+`tests/test_parallel.py -k dualpipev` and `tests/test_parallel_train.py -k pipeline` (they check every
+loss and gradient against one process, with the pairs on two threads) and add the release here.
 """
 
 from __future__ import annotations
 
 import threading
 
-from torch.distributed.pipelining.schedules import OVERLAP_F_B, _wait_batch_p2p
+import torch
+
+TESTED_TORCH = ("2.13",)        # releases whose schedule internals the tests above were run against
+
+
+def check_torch() -> str | None:
+    """None where the overlap may run on this torch, else why it may not."""
+    release = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    if release in TESTED_TORCH:
+        return None
+    return (f"DualPipeV's overlapped chunks use torch's private schedule internals, tested with torch "
+            f"{', '.join(TESTED_TORCH)}, not {torch.__version__} (see fewchips/parallel/overlap.py)")
 
 
 def register(schedule) -> None:
     """Run the schedule's OVERLAP_F_B pairs concurrently."""
+    why = check_torch()
+    if why:
+        raise ValueError(why)
+    from torch.distributed.pipelining.schedules import OVERLAP_F_B
     schedule.register_custom_function(OVERLAP_F_B, overlap_f_b)
 
 
@@ -60,13 +81,18 @@ def overlap_f_b(action, ctx) -> None:
         raise errors[0]
 
 
+def _wait(ops) -> None:
+    from torch.distributed.pipelining.schedules import _wait_batch_p2p
+    _wait_batch_p2p(ops)
+
+
 def _forward(sched, stages, action, ctx) -> None:
     """torch's FORWARD action."""
     s, mb = action.stage_index, action.microbatch_index
     stage = stages[s]
     sched._assert_unsharded(stage)
     if not stage.is_first and s - 1 not in stages:          # input from another rank
-        _wait_batch_p2p(sched.fwd_recv_ops.pop((s, mb)))
+        _wait(sched.fwd_recv_ops.pop((s, mb)))
     out = stage.forward_one_chunk(mb, ctx.arg_mbs[mb], ctx.kwarg_mbs[mb], save_forward_output=True)
     sched._maybe_compute_loss(stage, out, ctx.target_mbs, mb)
     if s + 1 in stages:                                     # the V's next chunk is on this rank
@@ -79,7 +105,7 @@ def _backward(sched, stages, action) -> None:
     stage = stages[s]
     sched._assert_unsharded(stage)
     if not stage.is_last and s + 1 not in stages:           # gradient from another rank
-        _wait_batch_p2p(sched.bwd_recv_ops.pop((s, mb)))
+        _wait(sched.bwd_recv_ops.pop((s, mb)))
     loss = sched._maybe_get_loss(stage, mb)
     sched.backward_counter[s] += 1
     last = sched.backward_counter[s] == sched._n_microbatches

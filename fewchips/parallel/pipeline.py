@@ -159,7 +159,7 @@ def build_pipeline(model: DeepseekV3, pp_group, microbatch: tuple, schedule: str
                    loss_fn: PipelineLoss | None = None):
     """This rank's stages and the schedule, for micro-batches of `microbatch` = (rows, *window shape):
     (rows, T + 1) for ids, (rows, 4, T + 1) for packed chats (`Batch.window`). Returns (schedule, local
-    Stage modules, tie group or None): the tie group sums the embedding gradients of the first and last
+    Stage modules, tie group or None, their torch PipelineStages): the tie group sums the embedding gradients of the first and last
     stages when they sit on two ranks. Shapes are given to torch up front (its static mode): no stage
     runs a forward on placeholder data to discover them. `pipelines`: the global ranks of every pipeline
     when there are several (dp x ep of them), so that every rank creates every pipeline's tie group, as
@@ -212,7 +212,7 @@ def build_pipeline(model: DeepseekV3, pp_group, microbatch: tuple, schedule: str
             group = dist.new_group([ranks[first_rank], ranks[last_rank]])
             if ranks == mine:
                 tie = group
-    return sched, modules, tie
+    return sched, modules, tie, stages
 
 
 def shard_stages_over_data_ranks(stages: list[Stage], par, amp: torch.dtype | None = None):
@@ -290,9 +290,9 @@ class Pipeline:
                                   stages_per_rank(schedule), schedule)
         self.loss = PipelineLoss(n_microbatches)
         window = (window,) if isinstance(window, int) else tuple(window)
-        self.sched, self.stages, self.tie = build_pipeline(model, self.group, (rows, *window), schedule, n_microbatches,
-                                                           par.device, amp, par.pipelines(), prepare=shard_stages,
-                                                           loss_fn=self.loss)
+        self.sched, self.stages, self.tie, self.pipeline_stages = build_pipeline(
+            model, self.group, (rows, *window), schedule, n_microbatches, par.device, amp, par.pipelines(),
+            prepare=shard_stages, loss_fn=self.loss)
         self.holds_first = any(m.first for m in self.stages)
         self.holds_last = any(m.last for m in self.stages)
         local = {id(t) for m in self.stages for t in [*m.parameters(), *m.buffers()]}
@@ -309,8 +309,7 @@ class Pipeline:
         schedule over the same stages."""
         if n == self.n_microbatches:
             return
-        stages = self.sched._stages if hasattr(self.sched, "_stages") else [self.sched._stage]
-        self.sched = make_schedule(stages, self.schedule, n, self.loss)
+        self.sched = make_schedule(self.pipeline_stages, self.schedule, n, self.loss)
         if self.overlapped:
             from .overlap import register
             register(self.sched)

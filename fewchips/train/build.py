@@ -13,6 +13,13 @@ from .config import TrainConfig
 from .schedule import RunSchedule
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX). torch has no public query: its
+    oneDNN one is used where it exists; without it, fp32 (the safe choice)."""
+    query = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+    return bool(query()) if query is not None else False
+
+
 def autocast_dtype(name: str, device: torch.device):
     if name == "fp32":
         return None
@@ -21,7 +28,7 @@ def autocast_dtype(name: str, device: torch.device):
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     try:   # CPUs with AVX512-BF16/AMX run bf16 matmuls natively; elsewhere bf16 is emulated and slow
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+        return torch.bfloat16 if cpu_has_native_bf16() else None
     except (AttributeError, RuntimeError):
         return None
 
@@ -37,7 +44,7 @@ def build_model(cfg: ModelConfig, tc: TrainConfig) -> DeepseekV3:
             p.requires_grad_(False)
     if tc.fp8:
         from ..fp8 import apply_fp8
-        apply_fp8(model, backend=tc.fp8_backend)
+        apply_fp8(model, backend=tc.fp8_backend, cache_activations=tc.fp8_activations == "cached")
     if tc.activation_checkpointing:
         apply_activation_checkpointing(model)
     if tc.compile:
@@ -101,12 +108,10 @@ def build_optimizer(model: DeepseekV3, tc: TrainConfig, schedule: RunSchedule | 
 
 @torch.no_grad()
 def clip_grad_norm(model, opt, max_norm: float, norm_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """torch's clip_grad_norm_ (scale by max_norm / (norm + 1e-6) when that is below 1), without its
-    extra pass over every gradient: no pass when nothing is clipped, and with fused AdamW the scale
-    goes to the optimizer's own `grad_scale` (its kernel divides the gradients as it reads them; the
-    caller pops it after the step). `norm_sq`: Σ g² over the whole model when this process holds only
-    part of it (`parallel.grad_norm_sq`, `Pipeline.grad_norm_sq`); each process then scales its own
-    part. Returns the norm before clipping."""
+    """torch's clip_grad_norm_: gradients scaled by max_norm / (norm + 1e-6) when that is below 1, and
+    no pass over them when nothing is clipped. `norm_sq`: Σ g² over the whole model when this process
+    holds only part of it (`parallel.grad_norm_sq`, `Pipeline.grad_norm_sq`); each process then scales
+    its own shards. Returns the norm before clipping."""
     params = [p for p in model.parameters() if p.grad is not None]
     for p in params:
         lay_out_grad_like_param(p)
@@ -117,11 +122,9 @@ def clip_grad_norm(model, opt, max_norm: float, norm_sq: torch.Tensor | None = N
     norm = norm_sq.sqrt()
     if not bool(norm + 1e-6 > max_norm):           # also False for NaN: the step is skipped anyway
         return norm
-    grads = [local(p.grad) for p in params]
-    if isinstance(opt, torch.optim.AdamW) and opt.defaults.get("fused") and all(g is p.grad for g, p in zip(grads, params)):
-        opt.grad_scale = (norm + 1e-6) / max_norm
-    else:                          # each process scales its local shards, whatever mesh a DTensor lives on
-        torch._foreach_mul_(grads, max_norm / (float(norm) + 1e-6))
+    scale = max_norm / (float(norm) + 1e-6)
+    for p in params:               # the local shards: DTensors of several meshes need no common op
+        local(p.grad).mul_(scale)
     return norm
 
 

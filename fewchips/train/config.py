@@ -58,7 +58,10 @@ class TrainConfig:
     compile: bool = False
     fp8: bool = False                    # DeepSeek-V3's FP8 recipe on the linears and experts (fewchips.fp8)
     fp8_backend: str = "auto"            # auto | scaled_mm (Hopper) | emulate
+    fp8_activations: str = "cached"      # cached: the backward keeps FP8 copies (arXiv 2412.19437 §3.3.3) | full
     bf16_moments: bool = False           # AdamW moments stored in BF16, as in the report (fewchips.fp8.optim)
+    ema: float | None = None             # decay of the parameter EMA kept on the host (arXiv 2412.19437 §3.2.3)
+    export_ema: bool = False             # also export the EMA's weights as OUT/ema
     threads: int | None = None
     seed: int = 0
     # layout (torchrun): processes = pp x dp x ep; a checkpoint resumes at any other layout
@@ -92,6 +95,18 @@ class TrainConfig:
             raise TrainError(f"--batch-ramp-tokens must be >= 0, got {self.batch_ramp_tokens}")
         if self.lr_schedule not in ("v3", "cosine"):
             raise TrainError(f"lr_schedule must be v3 or cosine, got {self.lr_schedule!r}")
+        if self.fp8_activations not in ("cached", "full"):
+            raise TrainError(f"--fp8-activations must be cached or full, got {self.fp8_activations!r}")
+        if not self.fp8:
+            given = [flag for flag, value, default in (("--fp8-backend", self.fp8_backend, "auto"),
+                                                       ("--fp8-activations", self.fp8_activations, "cached"))
+                     if value != default]
+            if given:
+                raise TrainError(f"{', '.join(given)} set(s) the FP8 recipe, which this run does not use: add --fp8")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise TrainError(f"--ema takes the decay, between 0 and 1 (e.g. 0.999), got {self.ema}")
+        if self.export_ema and self.ema is None:
+            raise TrainError("--export-ema writes the parameter EMA, which this run does not keep: add --ema DECAY")
         start = self.batch_size_start
         if start is not None and (start % self.batch_size or not self.batch_size <= start <= full):
             raise TrainError(f"--batch-size-start {start} must be a multiple of --batch-size {self.batch_size} "

@@ -32,6 +32,8 @@ from ..losses import FIELDS, Batch, compute_losses, evaluate
 from ..stages import stages_per_rank
 from .config import TrainConfig, TrainError
 
+EMA_FILE = "ema.safetensors"           # a one-process checkpoint's parameter EMA (HF names, fp32)
+
 
 def make_layout(tc: TrainConfig, device="cpu") -> "Layout":
     """One process unless the run is distributed (a layout flag, or torchrun's WORLD_SIZE > 1)."""
@@ -152,13 +154,21 @@ class Layout:
         return evaluate(model, data.val_batches(batch_size), data.val_bytes, amp, self.device)
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def save_checkpoint(self, ckpt_dir: str, model, opt, state: dict, write_files):
-        """OUT/checkpoint as a Hugging Face directory plus train_state.pt (with the optimizer); written
-        beside it and swapped in by renames, the one before kept as checkpoint.old."""
+    def owned(self) -> set[str] | None:
+        """The names this process keeps up to date (None: every tensor it holds)."""
+        return None
+
+    def save_checkpoint(self, ckpt_dir: str, model, opt, state: dict, write_files, ema=None):
+        """OUT/checkpoint as a Hugging Face directory plus train_state.pt (with the optimizer) and the
+        parameter EMA as ema.safetensors; written beside it and swapped in by renames, the one before
+        kept as checkpoint.old."""
+        from safetensors.torch import save_file
         tmp = temp_dir_beside(ckpt_dir)
         try:
             save_pretrained(model, tmp)
             write_files(tmp)
+            if ema is not None:
+                save_file(ema.state_dict(), os.path.join(tmp, EMA_FILE))
             torch.save({**state, "optimizer": opt.state_dict()}, os.path.join(tmp, "train_state.pt"))
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -172,6 +182,14 @@ class Layout:
                              f"torchrun (any number of processes), or in one process with --dp 1")
         load_weights(model, CheckpointReader(path))
         opt.load_state_dict(st["optimizer"])
+
+    def load_ema(self, path: str, ema, updates: int):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            ema.load_state_dict(load_file(os.path.join(path, EMA_FILE)), updates)
+        except (OSError, SafetensorError, KeyError) as e:
+            raise TrainError(f"--resume: the EMA in {path}/{EMA_FILE} cannot be read ({e})") from None
 
     def export(self, model, out: str, write_files):
         """The final model in OUT itself: config.json, safetensors, tokenizer files."""
@@ -295,10 +313,7 @@ class Sharded(Layout):
         local = [b.rows(self.my_rows(b.ids.shape[0])) for b in batches]
         return evaluate(model, local, data.val_bytes, amp, self.device, reduce=self.sum)
 
-    def _owned(self):
-        return None
-
-    def save_checkpoint(self, ckpt_dir, model, opt, state, write_files):
+    def save_checkpoint(self, ckpt_dir, model, opt, state, write_files, ema=None):
         from ..parallel import checkpoint as pckpt
 
         def with_state(tmp):
@@ -306,14 +321,24 @@ class Sharded(Layout):
             torch.save(state, os.path.join(tmp, "train_state.pt"))
 
         pckpt.save(ckpt_dir, model, opt, extra={"step": state["step"]}, before_commit=with_state,
-                   group=self.slow_group, owned=self._owned())
+                   group=self.slow_group, owned=self.owned(),
+                   tensors={"ema": ema.sharded_state_dict()} if ema is not None else None)
 
     def load_checkpoint(self, path, model, opt, st):
         """Each rank reads its shards of the weights and optimizer state (any layout wrote them)."""
         from ..parallel import checkpoint as pckpt
         if not os.path.exists(os.path.join(path, ".metadata")):
             raise TrainError(f"--resume: {path} is a single-process checkpoint; resume it without torchrun")
-        pckpt.load(path, model, opt, owned=self._owned())
+        pckpt.load(path, model, opt, owned=self.owned())
+
+    def load_ema(self, path, ema, updates: int):
+        """Each rank reads its shards of the average (saved at any layout) into the host copy."""
+        from ..parallel import checkpoint as pckpt
+        try:
+            pckpt.load_tensors(path, "ema", ema.sharded_state_dict())
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise TrainError(f"--resume: the EMA in {path} cannot be read ({e})", every_rank=True) from None
+        ema.updates = updates
 
     def export(self, model, out, write_files):
         """One Hugging Face directory, streamed by rank 0 from the ranks' shards (no rank holds the model)."""
@@ -356,7 +381,11 @@ class Pipelined(Sharded):
         par = self.par
         self.experts_per_rank = model.config.n_routed_experts // par.ep
         rows = tc.batch_size * tc.grad_accum // (self.microbatches * par.data_size)
-        overlap = {"on": True, "off": False, "auto": par.device.type == "cuda"}[tc.pp_overlap]
+        from ..parallel.overlap import check_torch
+        untested = check_torch()
+        if untested and tc.pp_overlap == "on":
+            raise TrainError(f"--pp-overlap on: {untested}; use --pp-overlap off", every_rank=True)
+        overlap = {"on": True, "off": False, "auto": par.device.type == "cuda" and not untested}[tc.pp_overlap]
         if overlap and tc.activation_checkpointing:
             if tc.pp_overlap == "on":
                 raise TrainError("--pp-overlap on with --activation-checkpointing: the recomputation would issue "
@@ -449,5 +478,5 @@ class Pipelined(Sharded):
         loss = total.item() / max(count, 1)
         return {"val_loss": loss, "val_bpb": bits_per_byte(loss, data.val_bytes / max(count, 1)), "val_tokens": count}
 
-    def _owned(self):
+    def owned(self):
         return self.pipe.owned

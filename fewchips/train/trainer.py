@@ -34,6 +34,7 @@ from ..model import DeepseekV3
 from .build import autocast_dtype, build_model, build_optimizer, clip_grad_norm
 from .config import TrainConfig, TrainError
 from .data import TextData
+from .ema import ParameterEMA
 from .layout import make_layout
 from .run_dir import RunDir, check_resume, init_config, read_train_state, rng_state, set_rng_state
 from .schedule import RunSchedule, bias_speed, mtp_weight
@@ -101,6 +102,7 @@ class Trainer:
         self.bad_steps_total = 0
         self.bad_streak = 0
         self.load_accum_LE = torch.zeros(len(self.routers), cfg.n_routed_experts)
+        self.ema = ParameterEMA(self.model, tc.ema, self.layout.owned()) if tc.ema else None
         if resume_from:
             self._load(resume_from)
         else:
@@ -163,15 +165,27 @@ class Trainer:
             norm = clip_grad_norm(self.model, self.opt, self.tc.grad_clip, self.layout.grad_norm_sq(self.model))
             grad_norm = float(norm)
         if math.isfinite(grad_norm):
+            if self.ema is not None:
+                self.ema.wait()                         # it reads the parameters the step changes
             self.opt.step()
+            if self.ema is not None:
+                self.ema.update()
             update_biases(self.routers, self.layout.reduce_loads(loads_LE),
                           bias_speed(frac, self.tc.bias_update_speed))
-        self.opt.__dict__.pop("grad_scale", None)       # a clip folded into this step only
         self.opt.zero_grad(set_to_none=True)
         return grad_norm
 
     def evaluate(self) -> dict:
         return self.layout.evaluate(self.model, self.data, self.tc.batch_size, self.amp)
+
+    def evaluate_ema(self) -> dict:
+        """The validation metrics of the EMA's weights (swapped in, then back), as ema_val_*."""
+        self.ema.swap(self.model)
+        try:
+            ev = self.evaluate()
+        finally:
+            self.ema.swap(self.model)
+        return {f"ema_{k}": v for k, v in ev.items() if k != "val_tokens"}
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self) -> dict:
@@ -268,9 +282,13 @@ class Trainer:
 
     def _eval_and_plot(self, bar):
         ev = self.evaluate()
+        if ev and self.ema is not None:
+            ev.update(self.evaluate_ema())
         if ev:
             self.run.write({"step": self.step, "tokens": self.tokens_seen, **ev})
             msg = f"step {self.step}: val loss {ev['val_loss']:.3f} nats ({ev['val_bpb']:.3f} bits/byte)"
+            if "ema_val_loss" in ev:
+                msg += f", EMA {ev['ema_val_loss']:.3f}"
             if self.unigram_entropy is not None:
                 msg += f", unigram entropy {self.unigram_entropy:.3f}"
             (bar.write if bar is not None else self.log)(msg)
@@ -294,6 +312,7 @@ class Trainer:
             "rng": rng_state(), "train_config": dataclasses.asdict(self.tc), "model_config": self.cfg.to_dict(),
             "corpus": self.data.fingerprint(), "tokenizer_hash": tokenizer_hash(self.tok),
             **({"parallel": {"pp": par.pp, "dp": par.dp, "ep": par.ep}} if par is not None else {}),
+            **({"ema": {"decay": self.ema.decay, "updates": self.ema.updates}} if self.ema is not None else {}),
         }
 
     def save_checkpoint(self):
@@ -302,7 +321,7 @@ class Trainer:
         disk) leaves the old checkpoints alone."""
         try:
             self.layout.save_checkpoint(self.ckpt_dir, self.model, self.opt, self.state(),
-                                        lambda folder: self.run.write_tokenizer(self.tok, folder))
+                                        lambda folder: self.run.write_tokenizer(self.tok, folder), self.ema)
         except OSError as e:
             kept = f"the previous checkpoint in {self.ckpt_dir} is intact" if os.path.exists(self.ckpt_dir) \
                 else "no earlier checkpoint exists"
@@ -310,11 +329,21 @@ class Trainer:
                              f"Free some disk space and rerun with --resume.") from e
 
     def export(self):
-        """The final model in OUT itself: config.json, model.safetensors, tokenizer files."""
+        """The final model in OUT itself: config.json, model.safetensors, tokenizer files; with
+        --export-ema the EMA's weights too, as their own directory OUT/ema."""
+        self._export(self.tc.out)
+        if self.ema is not None and self.tc.export_ema:
+            self.ema.swap(self.model)
+            try:
+                self._export(os.path.join(self.tc.out, "ema"))
+            finally:
+                self.ema.swap(self.model)
+
+    def _export(self, out: str):
         try:
-            self.layout.export(self.model, self.tc.out, lambda folder: self.run.write_tokenizer(self.tok, folder))
+            self.layout.export(self.model, out, lambda folder: self.run.write_tokenizer(self.tok, folder))
         except OSError as e:
-            raise TrainError(f"could not export the model to {self.tc.out} ({e.strerror or e}); "
+            raise TrainError(f"could not export the model to {out} ({e.strerror or e}); "
                              f"the checkpoint in {self.ckpt_dir} is intact") from e
 
     def _load(self, path):
@@ -333,11 +362,23 @@ class Trainer:
         self.data.load_state_dict(st["sampler"])
         self.step, self.tokens_seen, self.bad_steps_total = st["step"], st["tokens_seen"], st["bad_steps_total"]
         self.load_accum_LE = st["load_accum"]
+        self._load_ema(path, st.get("ema"))
         set_rng_state(st["rng"])
         self.run.truncate(self.step)
         was = st.get("parallel")
         layout = f" (saved at pp {was.get('pp', 1)} x dp {was['dp']} x ep {was['ep']})" if was else ""
         self.log(f"resumed from {path} at step {self.step}{layout}")
+
+
+    def _load_ema(self, path, saved: dict | None):
+        if saved is not None and self.ema is not None:
+            self.layout.load_ema(path, self.ema, saved["updates"])
+            if saved["decay"] != self.ema.decay:
+                self.log(f"--resume: the EMA continues with decay {self.ema.decay} (it was {saved['decay']})")
+        elif saved is not None:
+            self.log(f"--resume: the checkpoint's EMA (decay {saved['decay']}) is not carried on: no --ema")
+        elif self.ema is not None:
+            self.log("--resume: the checkpoint has no EMA; it starts from the resumed weights")
 
 
 def train(cfg: ModelConfig, tc: TrainConfig, log=print) -> dict:
