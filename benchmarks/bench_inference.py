@@ -95,14 +95,14 @@ class Reference:
 def bench_preset(name, args, log):
     import transformers
     from fewchips import DeepseekV3, ModelConfig
-    from fewchips.checkpoint import from_pretrained
+    from fewchips.checkpoint import from_pretrained, save_pretrained
     from fewchips.ops import gathered_experts_fit
 
     transformers.logging.set_verbosity_error()
     cfg = ModelConfig.from_preset(name)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
-        DeepseekV3(cfg).init_weights(std=0.02).save_pretrained(d)
+        save_pretrained(DeepseekV3(cfg).init_weights(std=0.02), d)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
         ours = from_pretrained(d, dtype=dtype, mtp=False)
         systems = [Ours(ours), Reference(transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval())]

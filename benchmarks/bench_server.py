@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def build_model_dir(preset: str, path: str):
-    from fewchips import DeepseekV3, ModelConfig
+    from fewchips import DeepseekV3, ModelConfig, save_pretrained
     from fewchips.train import data as D
     from fewchips.train.tokenizer import save_tokenizer, special_ids, train_tokenizer
 
@@ -37,7 +37,7 @@ def build_model_dir(preset: str, path: str):
     sp = special_ids(tok)
     cfg = cfg.replace(bos_token_id=sp.bos, eos_token_id=sp.eos)
     torch.manual_seed(0)
-    DeepseekV3(cfg).init_weights(0.02).save_pretrained(path)
+    save_pretrained(DeepseekV3(cfg).init_weights(0.02), path)
     save_tokenizer(tok, path)
     return sp.eos
 

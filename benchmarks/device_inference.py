@@ -93,13 +93,13 @@ class Ours:
 def bench(preset, args):
     import transformers
     from fewchips import DeepseekV3, ModelConfig
-    from fewchips.checkpoint import from_pretrained
+    from fewchips.checkpoint import from_pretrained, save_pretrained
 
     transformers.logging.set_verbosity_error()
     cfg = ModelConfig.from_preset(preset)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
-        DeepseekV3(cfg).init_weights(std=0.02).save_pretrained(d)
+        save_pretrained(DeepseekV3(cfg).init_weights(std=0.02), d)
         ours = from_pretrained(d, dtype=DTYPE, device=DEVICE, mtp=False)
         ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=DTYPE).to(DEVICE).eval()
     systems = [Reference(ref), Ours(ours, graph=False), Ours(ours, graph=True)]   # on a CPU dry run: static cache, no graph

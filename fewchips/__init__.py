@@ -13,9 +13,7 @@ _LAZY = {"DeepseekV3": "model", "LatentCache": "model", "CheckpointError": "chec
 
 __all__ = ["ModelConfig", "PRESETS", "ConfigError", *_LAZY, "__version__"]
 
-
-# importing checkpoint I/O attaches DeepseekV3.save_pretrained
-__getattr__ = lazy_attributes(__name__, _LAZY, first=(".checkpoint",))
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 def __dir__():

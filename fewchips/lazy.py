@@ -6,15 +6,13 @@ from __future__ import annotations
 import importlib
 
 
-def lazy_attributes(package: str, names: dict[str, str], first: tuple[str, ...] = ()):
+def lazy_attributes(package: str, names: dict[str, str]):
     """A module `__getattr__` for `package`: attribute `name` is `name` in submodule `names[name]`,
-    imported when first asked for (the modules in `first` are imported before it)."""
+    imported when first asked for."""
 
     def __getattr__(name):
         if name not in names:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        for module in first:
-            importlib.import_module(module, package)
         value = getattr(importlib.import_module(f".{names[name]}", package), name)
         setattr(importlib.import_module(package), name, value)
         return value

@@ -680,6 +680,11 @@ class DeepseekV3(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         return self
 
+    def save_pretrained(self, path, **kw):
+        """This model as a Hugging Face directory: `hf_format.save_pretrained(self, path, **kw)`."""
+        from .hf_format import save_pretrained
+        return save_pretrained(self, path, **kw)
+
     def num_parameters(self) -> dict[str, int]:
         """Total, activated per token, embedding/head and MTP parameter counts, from the module tree."""
         cfg = self.config

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from fewchips import DeepseekV3, ModelConfig
+from fewchips import DeepseekV3, ModelConfig, save_pretrained
 
 TINY = dict(vocab_size=320, hidden_size=64, num_hidden_layers=3, intermediate_size=128,
             num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
@@ -84,7 +84,7 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user
 def save_tiny_model_dir(path, seed: int = 0, **overrides) -> str:
     """A complete model directory: config.json, safetensors, tokenizer.json, tokenizer_config.json."""
     model = tiny_model(seed, **overrides)
-    model.save_pretrained(path)
+    save_pretrained(model, path)
     tiny_tokenizer().save(os.path.join(path, "tokenizer.json"))
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump({"bos_token": "<bos>", "eos_token": "<eos>", "chat_template": CHAT_TEMPLATE}, f)

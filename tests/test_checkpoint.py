@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fewchips
-from fewchips import CheckpointError, ConfigError
+from fewchips import CheckpointError, ConfigError, save_pretrained
 from fewchips.fp8.checkpoint import load_fp8
 from fewchips.fp8.quant import BLOCK, dequantize
 
@@ -35,7 +35,7 @@ def test_save_load_roundtrip_keeps_mtp(tmp_path):
     with torch.no_grad():                                  # distinct values, so a swapped name cannot pass
         for i, p in enumerate(model.parameters()):
             p.add_(i)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     disk = load_file(tmp_path / "model.safetensors")
     assert "model.layers.1.mlp.experts.7.down_proj.weight" in disk       # released per-expert names
     mem = dict(model.state_dict())
@@ -56,7 +56,7 @@ def test_ours_to_transformers_same_logits(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = random_model(tiny_config())
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     a, b = logits(model), logits(hf)
     assert ((a - b).abs().max() / b.abs().max()) <= 1e-5
@@ -85,7 +85,7 @@ def test_transformers_to_ours_same_logits(tmp_path, caplog):
 
 def test_sharded_save_writes_index_and_loads(tmp_path):
     model = random_model(tiny_config())
-    model.save_pretrained(tmp_path, max_shard_bytes=40_000)
+    save_pretrained(model, tmp_path, max_shard_bytes=40_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) > 3 and all((tmp_path / s).exists() for s in shards)
@@ -95,7 +95,7 @@ def test_sharded_save_writes_index_and_loads(tmp_path):
 
 def test_bf16_load_keeps_router_bias_fp32(tmp_path):
     model = random_model(tiny_config())
-    model.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    save_pretrained(model, tmp_path, dtype=torch.bfloat16)
     back = fewchips.from_pretrained(tmp_path)
     assert back.lm_head.weight.dtype == torch.bfloat16
     bias = back.model.layers[1].mlp.gate.e_score_correction_bias
@@ -198,7 +198,7 @@ def test_fp8_missing_or_misshaped_scale_is_refused(tmp_path):
 
 @pytest.fixture
 def saved(tmp_path):
-    random_model(tiny_config()).save_pretrained(tmp_path)
+    save_pretrained(random_model(tiny_config()), tmp_path)
     return tmp_path
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import random_model, tiny_config
 from fewchips import CheckpointError
-from fewchips.checkpoint import from_pretrained
+from fewchips.checkpoint import from_pretrained, save_pretrained
 from fewchips.cli import main as cli
 from fewchips.fp8.checkpoint import FP8StoredExperts, FP8StoredLinear, convert, load_fp8, save_fp8
 from fewchips.fp8.quant import BLOCK, dequantize
@@ -104,7 +104,7 @@ def test_load_fp8_with_fp8_gemms(fp8_dir):
 
 
 def test_load_fp8_quantises_a_bf16_checkpoint(model, tmp_path):
-    model.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    save_pretrained(model, tmp_path, dtype=torch.bfloat16)
     m8 = load_fp8(tmp_path, dtype=torch.float32)
     assert m8.model.layers[0].mlp.down_proj.qweight.dtype == torch.float8_e4m3fn
     with torch.no_grad():
@@ -113,7 +113,7 @@ def test_load_fp8_quantises_a_bf16_checkpoint(model, tmp_path):
 
 def test_convert_bf16_fp8_bf16(model, tmp_path):
     src, fp8, back = tmp_path / "bf16", tmp_path / "fp8", tmp_path / "back"
-    model.save_pretrained(src, dtype=torch.bfloat16, max_shard_bytes=200_000)   # several shards
+    save_pretrained(model, src, dtype=torch.bfloat16, max_shard_bytes=200_000)   # several shards
     (src / "tokenizer.json").write_text("{}")
     assert cli(["convert", "--in", str(src), "--out", str(fp8), "--to", "fp8"]) == 0
     assert cli(["convert", "--in", str(fp8), "--out", str(back), "--to", "bf16"]) == 0

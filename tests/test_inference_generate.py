@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fewchips
+from fewchips import save_pretrained
 from fewchips.inference.sampling import SamplingParams, probabilities
 from fewchips.inference.speculative import verify
 
@@ -21,7 +22,7 @@ def test_greedy_matches_transformers(tmp_path, overrides):
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
     model = tiny_model(0, **overrides)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ids = torch.tensor(prompts(2, [12, 12], seed=1))
     with torch.no_grad():

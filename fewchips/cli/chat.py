@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .generate import add_model_flags, add_sampling_flags, load_model_and_tokenizer, wants_mtp
+from .models import add_model_flags, add_sampling_flags, load_model_and_tokenizer, wants_mtp
 
 
 def register(sub):

@@ -8,7 +8,7 @@ import json
 import math
 import os
 
-from .generate import add_model_flags
+from .models import add_model_flags
 
 
 def register(sub):

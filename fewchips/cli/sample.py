@@ -6,7 +6,7 @@ import sys
 
 
 def register(sub):
-    from .generate import add_model_flags
+    from .models import add_model_flags
     p = sub.add_parser("sample", help="rejection sampling: keep a model's completions that a reward accepts, as SFT chats",
                        description="Sample --n completions per prompt with the batched engine, score them with a task's "
                                    "reward (the same tasks as fewchips grpo) and write the accepted ones as "
@@ -35,7 +35,7 @@ def run(args):
     from fewchips.train.run_dir import model_tokenizer
     from fewchips.train.sample import prompts_of, rejection_sample, write_chats
 
-    from .generate import load_model_and_tokenizer
+    from .models import load_model_and_tokenizer
     if args.prompts and args.count is not None:
         print("fewchips sample: error: --count applies to generated tasks; a --prompts file is sampled whole",
               file=sys.stderr)
