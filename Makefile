@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= runs/demo
 
-.PHONY: demo test clean
+.PHONY: demo test test-fast clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,8 +17,11 @@ demo: $(VENV)/.installed   # train tiny on the Python stdlib (4-16 min on 2 CPU 
 	$(VENV)/bin/fewchips train --preset tiny --out $(OUT) --overwrite
 	$(PY) -m fewchips.demo $(OUT)
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed      # everything CI runs: ~8 min on 2 cores
 	$(PY) -m pytest -q -x
+
+test-fast: $(VENV)/.installed # the edit loop: no slow or multi-process tests, under a minute
+	$(PY) -m pytest -q -x -m "not slow and not multiprocess"
 
 clean:
 	rm -rf $(VENV) runs

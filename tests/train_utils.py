@@ -3,10 +3,7 @@
 import os
 import random
 
-import pytest
-import torch
-
-from conftest import tiny_config
+from model_utils import tiny_config
 
 WORDS = ["value", "items", "count", "name", "result", "data", "index", "total", "node", "key"]
 
@@ -41,11 +38,3 @@ def train_config(out, data, **kw):
 
 def quiet(*a, **k):
     pass
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """Trainers here run on one thread (tiny tensors; no oversubscription on a shared CPU)."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)

@@ -20,7 +20,7 @@ and `schedules._wait_batch_p2p`. They are read only on a torch release listed in
 (`check_torch`); on another one `--pp-overlap on` is refused and `auto` runs the pairs one after the
 other (torch's own path). Upgrading torch: compare `ScheduleDualPipeV`'s FORWARD and FULL_BACKWARD
 actions in `torch/distributed/pipelining/schedules.py` with `_forward`/`_backward` below, then run
-`tests/test_parallel.py -k dualpipev` and `tests/test_parallel_train.py -k pipeline` (they check every
+`tests/parallel/test_parallel.py -k dualpipev` and `tests/parallel/test_parallel_train.py -k pipeline` (they check every
 loss and gradient against one process, with the pairs on two threads) and add the release here.
 """
 

@@ -109,6 +109,7 @@ def test_too_many_prompts_or_choices_are_400(served):
     assert r.status_code == 400 and "asks for 6 generations" in r.json()["error"]["message"]
 
 
+@pytest.mark.slow
 def test_flood_gets_429_and_ordinary_requests_are_still_served(served, monkeypatch):
     slow_engine(served, monkeypatch, 0.05)
     results = {}
@@ -152,6 +153,7 @@ def test_hung_up_non_streaming_client_frees_its_slot(served, monkeypatch):
     assert [r.finish_reason for r in aborted] == ["abort"] and len(aborted[0].output_ids) < 100
 
 
+@pytest.mark.slow
 def test_parsing_and_tokenising_stay_off_the_event_loop(tmp_path):
     """A body that takes a while to tokenise (2 MB of text) does not stall /health."""
     s = Served(save_tiny_model_dir(tmp_path / "m"), limits=ServerLimits(max_body_bytes=8 * 2**20))
@@ -171,6 +173,7 @@ def test_parsing_and_tokenising_stay_off_the_event_loop(tmp_path):
         s.close()
 
 
+@pytest.mark.multiprocess
 def test_sigterm_ends_the_server_within_its_timeout(tmp_path):
     model_dir = save_tiny_model_dir(tmp_path / "m")
     with socket.socket() as sk:

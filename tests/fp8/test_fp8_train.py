@@ -11,7 +11,7 @@ from fewchips.cli.train import train_config as cli_train_config
 from fewchips.fp8 import FP8Linear, FP8RoutedExperts
 from fewchips.fp8.checkpoint import load_fp8, save_fp8
 from fewchips.train import Trainer
-from train_utils import _restore_threads, micro_config, quiet, train_config, write_corpus  # noqa: F401
+from train_utils import micro_config, quiet, train_config, write_corpus
 
 
 def test_cli_flag_reaches_the_train_config(tmp_path):

@@ -12,7 +12,9 @@ import pytest
 
 from train_utils import micro_config, quiet, train_config, write_corpus
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.multiprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMON = ["--dtype", "fp32", "--log-every", "1", "--no-plots", "--no-progress", "--threads", "1"]
 SFT = ["--steps", "3", "--batch-size", "4", "--grad-accum", "2", "--seq-len", "48", "--eval-every", "3",
        "--val-fraction", "0.2", *COMMON]

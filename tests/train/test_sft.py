@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_model, tiny_config
+from model_utils import random_model, tiny_config
 from fewchips import losses as L
-from fewchips.train import build as B, config as C, schedule as S
+from fewchips.train import config as C
 from fewchips.train.chat import ChatDataError, batch_of, encode_chat, pack, read_chats
 from fewchips.train.tokenizer import save_tokenizer, special_ids, train_tokenizer
-from train_utils import _restore_threads, quiet  # noqa: F401
+from train_utils import quiet
 
 TEXT = ["def add(a, b):\n    return a + b\n", "the quick brown fox jumps over the lazy dog. " * 20,
         "What is 3 + 4? 7. What is 9 - 2? 7.", "print('hello world')\n" * 10]
@@ -143,6 +143,7 @@ def small_chats(n=120, seed=0):
     return arithmetic_chats(n, seed)
 
 
+@pytest.mark.slow
 def test_sft_lowers_held_out_assistant_loss_and_writes_a_model_dir(pretrained, tmp_path):
     from fewchips import from_pretrained
     from fewchips.inference.tokenizer import Tokenizer

@@ -14,7 +14,7 @@ import torch
 from fewchips.files import UMASK, FolderLock
 from fewchips.train import Trainer, TrainError
 from fewchips.train.stopping import TrainInterrupted
-from train_utils import _restore_threads, micro_config, quiet, train_config, write_corpus  # noqa: F401
+from train_utils import micro_config, quiet, train_config, write_corpus
 
 N = 8
 

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import random_model, tiny_config
+from model_utils import random_model, tiny_config
 from fewchips import CheckpointError
 from fewchips.checkpoint import from_pretrained, save_pretrained
 from fewchips.cli import main as cli

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import random_model, tiny_config
+from model_utils import random_model, tiny_config
 from fewchips.fp8 import FP8Linear, FP8RoutedExperts, apply_fp8, fp8_linear
 from fewchips.fp8 import linear as fp8lin
 from fewchips.fp8.gemm import fast_path_available, fp8_mm, resolve_backend

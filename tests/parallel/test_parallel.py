@@ -10,10 +10,12 @@ import time
 import pytest
 import torch
 
-from conftest import lm_loss, tiny_config
+from model_utils import lm_loss, tiny_config
+
+pytestmark = pytest.mark.multiprocess
 
 WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _free_port():

@@ -6,13 +6,11 @@ FP8 tolerance: E4M3 keeps 3 mantissa bits (a relative step of 6-12%), so a gradi
 copy (the SwiGLU's recomputation from h in E4M3) moves by a few percent: measured 4-6% against today's
 --fp8 path per tensor, and 1.02x its distance from FP32 for the whole model's gradient."""
 
-import statistics
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_model, tiny_config
+from model_utils import random_model, tiny_config
 from fewchips.fp8 import apply_fp8
 from fewchips.fp8.cached import FP8CachedMLP, fp8_cached_expert_swiglu
 from fewchips.fp8.linear import FP8Linear, fp8_expert_swiglu

@@ -11,7 +11,7 @@ from fewchips.inference.paged import BlockPool, PagedLatentCache, block_hashes
 from fewchips.inference.sampling import SamplingParams
 from fewchips.ops import attention_reference, gather_rows, gather_rows_reference, positional_attention
 
-from inference_utils import YARN, one_thread, tiny_model  # noqa: F401 (autouse fixture)
+from inference_utils import YARN, tiny_model
 
 
 def ids_of(n, seed):

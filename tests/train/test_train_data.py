@@ -12,7 +12,7 @@ import pytest
 from fewchips.train import Trainer
 from fewchips.train import data as D
 from fewchips.train.tokenizer import SPECIAL_TOKENS, load_tokenizer, save_tokenizer, special_ids, train_tokenizer
-from train_utils import _restore_threads, micro_config, quiet, train_config, write_corpus  # noqa: F401
+from train_utils import micro_config, quiet, train_config, write_corpus
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import random_model, tiny_config
+from model_utils import random_model, tiny_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import random_model
+from model_utils import random_model
 from test_parallel import _assert_ok, launch, results
 
 LAYOUTS = {"dp2_ep2": (4, {"ep": 2}), "ep4": (4, {"ep": 4}), "pp2": (2, {"pp": 2}), "pp2_ep2": (4, {"pp": 2, "ep": 2})}
@@ -27,6 +27,7 @@ def fp8_dir(tmp_path_factory):
     return str(d)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_placed_weights_equal_one_process_and_each_rank_holds_its_share(tmp_path, fp8_dir, layout):
     from safetensors.torch import load_file
@@ -51,6 +52,7 @@ def test_placed_weights_equal_one_process_and_each_rank_holds_its_share(tmp_path
     assert json.load(open(one / "model.safetensors.index.json")) == json.load(open(streamed / "model.safetensors.index.json"))
 
 
+@pytest.mark.multiprocess
 def test_streamed_export_loads_in_transformers(tmp_path, fp8_dir):
     """One layout's streamed export (written by rank 0 from the ranks' shards) is an ordinary HF directory."""
     transformers = pytest.importorskip("transformers")

@@ -11,7 +11,7 @@ import torch
 
 import fewchips
 from fewchips.train import Trainer, TrainError
-from train_utils import _restore_threads, micro_config, quiet, train_config, write_corpus  # noqa: F401
+from train_utils import micro_config, quiet, train_config, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,7 @@ def test_resume_continues_exactly(tmp_path, corpus):
     assert full.sched.get_last_lr() == second.sched.get_last_lr()
 
 
+@pytest.mark.slow
 def test_output_loads_in_fewchips_and_transformers(tmp_path, corpus):
     out = tmp_path / "run"
     tr = Trainer(micro_config(), train_config(out, corpus, steps=4, plots=True), log=quiet)

@@ -13,7 +13,7 @@ from fewchips import CheckpointError, ConfigError, save_pretrained
 from fewchips.fp8.checkpoint import load_fp8
 from fewchips.fp8.quant import BLOCK, dequantize
 
-from conftest import random_model, tiny_config
+from model_utils import random_model, tiny_config
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 

@@ -9,7 +9,7 @@ import pytest
 
 from fewchips.cli import build_parser, main
 
-from inference_utils import one_thread, save_tiny_model_dir  # noqa: F401 (autouse fixture)
+from inference_utils import save_tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +17,7 @@ def model_dir(tmp_path_factory):
     return save_tiny_model_dir(tmp_path_factory.mktemp("cli") / "m")
 
 
+@pytest.mark.slow
 def test_generate_plain_and_mtp(model_dir, capsys):
     assert main(["generate", "--model", model_dir, "--prompt", "hello world", "--max-new-tokens", "6"]) == 0
     plain = capsys.readouterr()
@@ -54,6 +55,7 @@ def test_flags():
     assert a.max_new_tokens == 512
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_serve_command_starts_and_answers(model_dir):
     """The real `fewchips serve` process: binds 127.0.0.1, answers, and stops on SIGINT."""

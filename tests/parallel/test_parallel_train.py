@@ -13,7 +13,9 @@ import torch
 
 from train_utils import quiet, train_config, write_corpus
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.multiprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARGS = ["--preset", "tiny", "--vocab-size", "384", "--steps", "4", "--batch-size", "4", "--seq-len", "32",
         "--dtype", "fp32", "--log-every", "1", "--eval-every", "4", "--eval-batches", "1", "--no-plots",
         "--no-progress", "--val-fraction", "0.1", "--threads", "1", "--grad-accum", "2"]

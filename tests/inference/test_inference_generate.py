@@ -9,7 +9,7 @@ from fewchips import save_pretrained
 from fewchips.inference.sampling import SamplingParams, probabilities
 from fewchips.inference.speculative import verify
 
-from inference_utils import YARN, copy_drafter_model, one_thread, tiny_model, tiny_tokenizer  # noqa: F401 (autouse fixture)
+from inference_utils import YARN, copy_drafter_model, tiny_model, tiny_tokenizer
 
 
 def prompts(n, lens, seed=0, vocab=320):
@@ -115,7 +115,7 @@ def test_mtp_drafts_equal_the_report_equations():
     module written from the report's equations over the final sequence: at position i it reads the
     main model's final-normed h_i and token i+1 and predicts token i+2. Checks the hidden state, the
     token and the MTP cache fed at every step, accepted or rejected."""
-    from conftest import mtp_depth_from_the_report
+    from model_utils import mtp_depth_from_the_report
     model = copy_drafter_model(0.05)
     prompt = prompts(1, [6], seed=11)[0]
     recorded, plain_logits = [], model.mtp_logits
@@ -197,6 +197,7 @@ def test_gathered_experts_equal_the_grouped_path():
 
 @pytest.mark.parametrize("lens,overrides", [([9], {}), ([5, 12], {}), ([70], {"q_lora_rank": None, "rope_scaling": YARN})],
                          ids=["batch1_one_graph", "ragged_batch2", "batch1_yarn_no_q_lora"])
+@pytest.mark.slow
 def test_compiled_decoding_equals_eager(lens, overrides):
     """generate(compile=True): prefill eager, each decode step one compiled graph.
     Same greedy tokens as eager decoding; at batch 1 the step compiles without a graph break."""
@@ -213,6 +214,7 @@ def test_compiled_decoding_equals_eager(lens, overrides):
         fewchips.generate(model, rows, max_new_tokens=2, compile=True, use_mtp=True)
 
 
+@pytest.mark.slow
 def test_compiled_decoding_with_rows_stopping_early():
     """Under compile finished rows keep stepping with their outputs unused; the others are unaffected."""
     model = tiny_model(0)
@@ -224,6 +226,7 @@ def test_compiled_decoding_with_rows_stopping_early():
     assert fewchips.generate(model, rows, max_new_tokens=12, stop_token_ids=[stop], compile=True) == want
 
 
+@pytest.mark.slow
 def test_compiled_step_keeps_fp8_experts():
     """A compiled step of an FP8 model runs its experts through FP8 (not the gathered full-precision
     form): its logits equal the eager step's."""

@@ -183,6 +183,7 @@ def test_client_sees_typed_errors(served, client):
         client.completions.create(model=NAME, prompt="hi", max_tokens=100000)
 
 
+@pytest.mark.slow
 def test_sixteen_concurrent_streaming_clients(served):
     prompts = [f"{w} " * (1 + i % 4) + str(i) for i, w in enumerate(["hello", "one", "the", "a"] * 4)]
     n_tokens = [10 + (i * 3) % 11 for i in range(16)]

@@ -13,7 +13,7 @@ import torch
 from fewchips.train.chat import ChatDataError
 from fewchips.train.config import TrainError
 from fewchips.train.grpo import GRPOTrainer, grpo_config, grpo_loss, group_advantages, load_task, token_logprobs
-from train_utils import _restore_threads, quiet  # noqa: F401
+from train_utils import quiet
 
 
 def test_group_advantages_by_hand():
@@ -241,6 +241,7 @@ def test_math_reward_accepts_equivalent_forms_and_rejects_wrong_ones(answer, com
     assert math_answer(completion, answer) == want
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("namespaces", [True, False], ids=["sandboxed", "no-namespaces"])
 def test_code_reward_runs_the_tests_in_a_limited_subprocess(tmp_path, monkeypatch, namespaces):
     """Passing code scores 1, failing 0; an infinite loop is killed at its CPU limit; the network is

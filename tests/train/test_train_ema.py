@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import fewchips
 from fewchips.train import Trainer, TrainError
-from train_utils import _restore_threads, micro_config, quiet, train_config, write_corpus  # noqa: F401
+from train_utils import micro_config, quiet, train_config, write_corpus
 
 DECAY = 0.75          # far from 1, so a few steps move the average visibly
 

@@ -5,7 +5,7 @@ import torch
 
 from fewchips import LatentCache
 
-from inference_utils import YARN, one_thread, tiny_model  # noqa: F401 (autouse fixture)
+from inference_utils import YARN, tiny_model
 
 CONFIGS = {"q_lora": {}, "no_q_lora": {"q_lora_rank": None}, "yarn": {"rope_scaling": YARN}}
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import lm_loss, random_model, tiny_config
+from model_utils import lm_loss, random_model, tiny_config
 
 
 def test_one_process_path_matches_plain_model():

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-sys.path.insert(0, os.path.dirname(__file__))
-from conftest import lm_loss, random_model, tiny_config, train_step  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # tests/: the helpers
+from model_utils import lm_loss, random_model, tiny_config, train_step  # noqa: E402
 
 from fewchips.checkpoint import save_pretrained  # noqa: E402
 from fewchips.model import Router  # noqa: E402

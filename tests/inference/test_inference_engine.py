@@ -12,7 +12,7 @@ import fewchips
 from fewchips.inference.engine import Engine, Request
 from fewchips.inference.sampling import SamplingParams
 
-from inference_utils import one_thread, tiny_model  # noqa: F401 (autouse fixture)
+from inference_utils import tiny_model
 
 
 def prompts(n, seed=0):
@@ -121,6 +121,7 @@ def test_abort_frees_the_slot():
     assert b.prompt_ids + b.output_ids == fewchips.generate(model, [[8, 9]], max_new_tokens=4, stop_token_ids=[])[0]
 
 
+@pytest.mark.slow
 def test_compiled_engine_matches_eager_one_slot():
     """Engine(compile=True), as `fewchips chat --compile` runs it: requests one after another through one
     slot (the slot reused, the cache length growing every step), the same greedy tokens as eager."""
@@ -133,6 +134,7 @@ def test_compiled_engine_matches_eager_one_slot():
     assert got == want
 
 
+@pytest.mark.slow
 def test_compiled_engine_matches_eager_with_joins_and_leaves():
     """Engine(compile=True) with three slots: requests at different positions, joining and leaving,
     slots reused; batch sizes where the compiled step uses gathered experts and where it does not."""
