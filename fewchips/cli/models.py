@@ -23,13 +23,18 @@ def load_model_and_tokenizer(args, mtp: bool = False):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.dtype == "auto":
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    else:
-        dtype = getattr(torch, args.dtype)
+    dtype = model_dtype(args, device)
     tokenizer = Tokenizer.from_dir(args.model)
     model = from_pretrained(args.model, dtype=dtype, device=device, mtp=None if mtp else False)
     return model, tokenizer
+
+
+def model_dtype(args, device: str):
+    """--dtype, where auto is bf16 on a GPU and fp32 on a CPU (where bf16 is slow)."""
+    import torch
+    if args.dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return getattr(torch, args.dtype)
 
 
 def wants_mtp(args, torch, max_batch: int = 1) -> bool:

@@ -107,3 +107,9 @@ def test_every_run_ends_with_a_line_saying_where_it_stopped(tmp_path, capsys):
     assert "done: step 2 (all 2 steps done)" in capsys.readouterr().out
     assert main([*run, "--resume"]) == 0
     assert "nothing to do: the checkpoint is at step 2, --steps 2" in capsys.readouterr().out
+
+
+def test_serve_over_ranks_without_torchrun_says_how_to_launch(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["serve", "--model", str(tmp_path), "--ep", "2"]) == 2
+    assert "torchrun --nproc_per_node=2 -m fewchips serve --ep 2" in capsys.readouterr().err

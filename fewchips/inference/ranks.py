@@ -1,0 +1,158 @@
+"""Serving a model split over ranks (`torchrun --nproc_per_node=N -m fewchips serve --ep N`): the routed
+experts divided over the N ranks, everything else (attention, dense layers, the MLA cache) replicated.
+
+    rank 0              the HTTP server, the scheduler and sampling: the one Engine
+    every rank          the same forward of each engine step, in lockstep
+
+Rank 0's engine drives a `LockstepModel`: each call that runs MoE layers (a prefill chunk, a decode
+step, the MTP module) is first announced to the other ranks on a control group (the method, and every
+tensor argument broadcast from rank 0: token ids, positions, block tables), and each of them makes
+the same call on its replica with its own paged cache (`follow`). A step's tokens are therefore on
+every rank, and each MoE layer splits them: rank r takes rows [r·n, (r+1)·n) of the step's n·N (padded)
+tokens through training's expert-parallel dispatch and combine (`ExpertParallelExperts`: the copies
+go to the rank holding their expert and come back), and an all-gather gives every rank every token's
+output again (`ServingExperts`). Each rank loads only its experts (`load_for_ranks`, the sharded reader).
+
+A collective that fails (a rank died or hangs) ends this process with one line (`abort_on_failure`);
+torchrun then stops the others. SIGTERM is rank 0's to handle: it drains as a one-process server does,
+then tells the other ranks to stop, which ignore the signal themselves.
+"""
+
+from __future__ import annotations
+
+import signal
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..checkpoint import CheckpointReader, load_weights
+from ..model import DeepseekV3, MoE, RoutedExperts
+from ..parallel.expert_parallel import ExpertParallelExperts
+from ..parallel.mesh import abort_on_failure
+from ..parallel.shards import held_rows
+
+STOP = "stop"
+CACHE = ("cache",)             # the engine's paged cache: each rank passes its own
+
+
+class ServingExperts(ExpertParallelExperts):
+    """Routed experts at ep N when every rank holds the step's tokens (attention replicated): this rank's
+    1/N of the tokens through the training dispatch/combine, then every rank's outputs all-gathered."""
+
+    def forward(self, x_MD, experts_MK, weights_MK, shared=None):
+        M, P = x_MD.shape[0], self.ep
+        n = -(-M // P)
+        pad = n * P - M                   # padding rows go to expert 0 with weight 0: their output is dropped
+        if pad:
+            x_MD, experts_MK, weights_MK = (F.pad(t, (0, 0, 0, pad)) for t in (x_MD, experts_MK, weights_MK))
+        r = dist.get_rank(self.group)
+        mine = slice(r * n, (r + 1) * n)
+        y_nD = super().forward(x_MD[mine], experts_MK[mine], weights_MK[mine], shared).contiguous()
+        out = torch.empty(n * P, y_nD.shape[1], dtype=y_nD.dtype, device=y_nD.device)
+        dist.all_gather_single(out, y_nD, group=self.group)
+        return out[:M]
+
+
+def load_for_ranks(path: str, par, dtype=None, mtp: bool | None = None) -> DeepseekV3:
+    """The model of a Hugging Face directory with its routed experts split over `par`'s ep ranks: built on
+    the meta device, each rank allocating and reading only what it holds (its experts' rows; every other
+    tensor whole)."""
+    ck = CheckpointReader(path, mtp)
+    with torch.device("meta"):
+        model = DeepseekV3(ck.cfg)
+    model = model.to(dtype or ck.stored_dtype())
+    for m in model.modules():
+        if isinstance(m, MoE) and isinstance(m.experts, RoutedExperts):
+            dense = m.experts
+            m.experts = ServingExperts.from_dense(dense, par, fp8_dispatch=False)
+    model.to_empty(device=par.device)
+    model.tie_weights()
+    return load_weights(model, ck, held_rows).eval()
+
+
+def held_bytes(model) -> int:
+    """Bytes of the weights this rank holds (its local shards)."""
+    from torch.distributed.tensor import DTensor
+    return sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
+
+
+def control_group():
+    """The group step announcements travel on: gloo (host objects), and no timeout an idle server could
+    reach (the followers wait on it between requests)."""
+    return dist.new_group(backend="gloo", timeout=timedelta(days=365))
+
+
+def _spec(value, tensors: list):
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return ("tensor", tuple(value.shape), value.dtype)
+    if hasattr(value, "address") and hasattr(value, "layer"):         # a latent cache (model.LatentCache's seam)
+        return CACHE
+    if value is None or isinstance(value, (int, float, bool, str)):
+        return ("value", value)
+    raise TypeError(f"a lockstep call cannot carry a {type(value).__name__} to the other ranks")
+
+
+class LockstepModel:
+    """Rank 0's model: the calls that run MoE layers are announced to the other ranks first, everything
+    else (the head, the MTP head, config, parameters) is the model's own."""
+
+    def __init__(self, model, par, group):
+        self._model, self._par, self._group = model, par, group
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, *args, **kw):
+        return self._run("__call__", args, kw)
+
+    def hidden_states(self, *args, **kw):
+        return self._run("hidden_states", args, kw)
+
+    def mtp_hidden(self, *args, **kw):
+        return self._run("mtp_hidden", args, kw)
+
+    def _run(self, method, args, kw):
+        tensors = []
+        header = (method, [_spec(a, tensors) for a in args], {k: _spec(v, tensors) for k, v in kw.items()})
+        with abort_on_failure(self._par, "serving step"):
+            dist.broadcast_object_list([header], src=0, group=self._group)
+            for t in tensors:
+                dist.broadcast(t.contiguous(), src=0)
+            fn = self._model if method == "__call__" else getattr(self._model, method)
+            return fn(*args, **kw)
+
+    def stop(self):
+        """Tell the other ranks to leave `follow`."""
+        with abort_on_failure(self._par, "stopping the other ranks"):
+            dist.broadcast_object_list([(STOP, [], {})], src=0, group=self._group)
+
+
+def follow(model, cache, par, group):
+    """The other ranks' loop: receive each announced call, make it on this replica with this rank's cache,
+    until rank 0 says stop. SIGTERM and SIGINT are left to rank 0 (it drains, then stops us)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    device = par.device
+
+    def value(spec):
+        if spec == CACHE:
+            return cache
+        if spec[0] == "value":
+            return spec[1]
+        t = torch.empty(spec[1], dtype=spec[2], device=device)
+        dist.broadcast(t, src=0)
+        return t
+
+    with abort_on_failure(par, "serving step"), torch.inference_mode():
+        while True:
+            header = [None]
+            dist.broadcast_object_list(header, src=0, group=group)
+            method, specs, kwspecs = header[0]
+            if method == STOP:
+                return
+            args = [value(s) for s in specs]
+            kw = {k: value(s) for k, s in kwspecs.items()}
+            (model if method == "__call__" else getattr(model, method))(*args, **kw)

@@ -1,0 +1,121 @@
+"""`torchrun --nproc_per_node=N -m fewchips serve --ep N` on real gloo processes: rank 0 serves, every
+rank runs each step with 1/N of the routed experts (each loads only its own). A batch of requests of
+different lengths, sent together so the engine batches and chunks them, gets the greedy tokens of one
+process and its logprobs within 1e-5 (fp32); the OpenAI client talks to it; SIGTERM ends every rank."""
+
+import concurrent.futures
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+from inference_utils import save_tiny_model_dir
+
+pytestmark = [pytest.mark.multiprocess,
+              pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="finds torchrun's rank 0 through /proc")]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PROMPTS = [list(range(5, 5 + n)) for n in (3, 17, 40, 9, 70, 1)]      # token ids; 70 > --max-prefill-tokens 32
+MAX_TOKENS = 12
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """Tokens and logprobs of one process's engine on the same prompts and settings."""
+    from fewchips import from_pretrained
+    from fewchips.inference.engine import Engine, Request
+    from fewchips.inference.sampling import SamplingParams
+    from fewchips.inference.tokenizer import Tokenizer
+    model = from_pretrained(model_dir, dtype=torch.float32, mtp=False)
+    tok = Tokenizer.from_dir(model_dir)
+    engine = Engine(model, tok, max_batch=8, max_len=128, max_prefill_tokens=32)
+    eos = tok.eos_token_id if tok.eos_token_id is not None else model.config.eos_token_id   # as the server stops
+    reqs = engine.run([Request(p, SamplingParams(max_tokens=MAX_TOKENS, logprobs=0, stop_token_ids=[eos]))
+                       for p in PROMPTS])
+    return [([tok.token_text(t) for t in r.output_ids], [lp.logprob for lp in r.logprobs]) for r in reqs]
+
+
+def start(n, model_dir, port):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                             "-m", "fewchips", "serve", "--model", model_dir, "--port", str(port), "--ep", str(n),
+                             "--max-len", "128", "--max-batch", "8", "--max-prefill-tokens", "32", "--threads", "1",
+                             "--device", "cpu", "--speculative", "none", "--shutdown-timeout", "5", "--model-name", "m"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read()[-4000:])
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("the ranked server did not come up: " + proc.stdout.read()[-4000:])
+
+
+def rank0_pid(parent: int) -> int:
+    """torchrun's worker with RANK=0 (Linux /proc)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if ppid == parent and b"RANK=0" in env:
+            return int(pid)
+    raise AssertionError("no rank 0 worker found")
+
+
+def complete(port, prompt):
+    r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
+                   json={"model": "m", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": 0})
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    return lp["tokens"], lp["token_logprobs"]
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_ep_server_gives_one_process_tokens_and_logprobs(model_dir, reference, n):
+    port = free_port()
+    proc = start(n, model_dir, port)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:      # together: batched, chunked
+            got = list(pool.map(lambda p: complete(port, p), PROMPTS))
+        for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, reference):
+            assert tokens == want_tokens
+            assert logprobs == pytest.approx(want_logprobs, abs=1e-5)
+        if n == 2:
+            openai = pytest.importorskip("openai")
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+            out = client.completions.create(model="m", prompt=PROMPTS[1], max_tokens=4, temperature=0)
+            assert out.usage.completion_tokens == 4
+        os.kill(rank0_pid(proc.pid), signal.SIGTERM)         # what torchrun forwards, to the rank that serves
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out[-4000:]                # rank 0 drained, then every rank left cleanly
+        assert "aborting" not in out and "Traceback" not in out, out[-4000:]
+        held = [line for line in out.splitlines() if "MiB of weights (experts" in line]
+        assert len(held) == n, out[-4000:]                     # each rank says what it holds
+    finally:
+        if proc.poll() is None:
+            proc.kill()
