@@ -20,7 +20,7 @@ demo: $(VENV)/.installed   # train tiny on the Python stdlib (4-16 min on 2 CPU 
 test: $(VENV)/.installed      # everything CI runs: ~8 min on 2 cores
 	$(PY) -m pytest -q -x
 
-test-fast: $(VENV)/.installed # the edit loop: no slow or multi-process tests, under a minute
+test-fast: $(VENV)/.installed # the edit loop: no slow or multi-process tests, about a minute
 	$(PY) -m pytest -q -x -m "not slow and not multiprocess"
 
 clean:

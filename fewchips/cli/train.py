@@ -59,8 +59,16 @@ def set_defaults_from(p, tc, **extra):
 
 
 def add_run_flags(p, pretrain: bool = True, batch_help: str = "sequences per micro-batch; lower it if memory is short"):
-    """The flags `fewchips train` and `fewchips sft` share: schedule, recipe, systems, parallelism,
-    output (pre-training-only ones, such as the batch ramp, when `pretrain`)."""
+    """The flags `fewchips train`, `sft` and `grpo` share: schedule, recipe, systems, parallelism, output
+    (pre-training-only ones, such as the batch ramp, when `pretrain`)."""
+    _schedule_flags(p, pretrain, batch_help)
+    _recipe_flags(p, pretrain)
+    _systems_flags(p)
+    _parallel_flags(p)
+    _output_flags(p)
+
+
+def _schedule_flags(p, pretrain: bool, batch_help: str):
     g = p.add_argument_group("schedule (lr: warm-up, constant to 67.6%, cosine to 0.1x by 96.6% of the run's tokens)"
                              if pretrain else "schedule (lr: warm-up, then cosine to --min-lr-ratio x the peak)")
     if not pretrain:
@@ -80,6 +88,9 @@ def add_run_flags(p, pretrain: bool = True, batch_help: str = "sequences per mic
     g.add_argument("--warmup", type=int, dest="warmup_steps", help="warm-up steps (default 3%% of --steps)")
     g.add_argument("--weight-decay", type=float, help="AdamW decay on matrices (never on norms/biases)")
     g.add_argument("--grad-clip", type=float, help="global gradient-norm clip")
+
+
+def _recipe_flags(p, pretrain: bool):
     g = p.add_argument_group("DeepSeek-V3 recipe")
     g.add_argument("--bias-update-speed", type=float,
                    help="γ of the aux-loss-free balancing bias (0 turns it off; set to 0 for the last 3.4%% of steps)")
@@ -92,6 +103,9 @@ def add_run_flags(p, pretrain: bool = True, batch_help: str = "sequences per mic
                    help="keep an exponential moving average of the parameters on the host (e.g. 0.999), updated "
                         "after each step in the background, checkpointed and evaluated beside the model")
     g.add_argument("--export-ema", action="store_true", help="also export the EMA's weights as their own model in OUT/ema")
+
+
+def _systems_flags(p):
     g = p.add_argument_group("systems")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp32"],
                    help="autocast precision; auto = bf16 where the hardware has native bf16 (AMX/AVX512-BF16, GPUs)")
@@ -110,6 +124,9 @@ def add_run_flags(p, pretrain: bool = True, batch_help: str = "sequences per mic
                    help="store AdamW's two moments in BF16 as DeepSeek-V3 does (half the optimizer memory)")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--seed", type=int, help="seeds the init, FIM choices and data order")
+
+
+def _parallel_flags(p):
     g = p.add_argument_group("parallelism (launch with torchrun --nproc_per_node=N -m fewchips train ...)")
     g.add_argument("--ep", type=int, default=1,
                    help="expert-parallel ranks: each holds n_routed_experts/ep experts; keep it within a node")
@@ -126,6 +143,9 @@ def add_run_flags(p, pretrain: bool = True, batch_help: str = "sequences per mic
     g.add_argument("--pp-overlap", choices=["auto", "on", "off"], default="auto",
                    help="run DualPipeV's paired forward and backward chunks on two threads, so one chunk's "
                         "all-to-alls travel while the other computes (auto: on CUDA; on 2 CPU cores it is slower)")
+
+
+def _output_flags(p):
     g = p.add_argument_group("output and checkpoints")
     g.add_argument("--out", required=True, help="output folder (model, tokenizer, metrics, plots, checkpoint)")
     g.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint")

@@ -51,21 +51,13 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
              top_k: int = 0, seed: int | None = None, stop_token_ids: list[int] | None = None,
              stop: list[str] | None = None, tokenizer=None, use_mtp: bool = False, stats: dict | None = None,
              compile: bool = False, *, params: SamplingParams | None = None, max_tokens: int | None = None):
-    """Generate up to `max_new_tokens` after each prompt and return prompt + new ids.
+    """Prompt + up to `max_new_tokens` new ids per prompt; the plain reference decoder (docs/inference.md).
 
-    input_ids: a tensor [T] or [B, T] (returns a tensor [B, T + n], rows that stopped early padded with
-    the first stop token) or a list of token lists of any lengths (returns a list of lists).
-    temperature 0 is greedy; top_k 0 and top_p 1 are off; `seed` makes sampling reproducible (row i
-    uses seed + i). Generation of a row ends at a token in `stop_token_ids` (default: the config's
-    eos) - kept in the output - or once its text contains a string of `stop` (needs `tokenizer`).
-    The sampling settings may come as one `params=SamplingParams(...)` instead (the engine's and the
-    server's form; its stop_token_ids are used as given), and `max_tokens` is the same as
-    `max_new_tokens`.
-    use_mtp: speculative decoding with the MTP module as drafter (same output distribution; greedy
-    output identical); `stats`, if given, receives the acceptance rate and tokens per forward.
-    compile: run each decode step as one `torch.compile`d graph (see `compiled_decode_step`): faster
-    single-stream decoding after a one-time compile; the same tokens as eager up to float rounding.
-    `stats` receives `compile_seconds` (the first compiled step, compile included)."""
+    input_ids: [T] or [B, T] (returns [B, T + n], early-stopped rows padded with the first stop token),
+    or a list of token lists (returns lists). Greedy at temperature 0; row i samples with seed + i.
+    A row stops at a `stop_token_ids` token (default: eos; kept) or a `stop` string (needs `tokenizer`).
+    `params`: the same settings as one SamplingParams (the engine's form). use_mtp: MTP speculative
+    decoding; compile: each decode step as one compiled graph; `stats` receives their figures."""
     cfg = model.config
     rows, as_tensor = as_rows(input_ids)
     if any(len(r) == 0 for r in rows):

@@ -170,8 +170,9 @@ def encode_chat(tok, messages: list[dict], add_generation_prompt: bool = False,
         return encode_templated(tok, template, messages, add_generation_prompt)
     for special in (USER, ASSISTANT):
         if tok.token_to_id(special) is None:
-            raise ChatDataError(f"the tokenizer has no {special} token: chat data needs a tokenizer trained by "
-                                f"fewchips since session 5, or a released DeepSeek-V3 one")
+            raise ChatDataError(f"the tokenizer has no {special} token: chat data needs DeepSeek-V3's chat tokens, as "
+                                f"in a released DeepSeek-V3 tokenizer or one `fewchips train` writes (fewchips 0.1.0 "
+                                f"and later), or the model directory's own chat_template")
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
     pieces = [(BOS + system, False)]
     for m in messages:
