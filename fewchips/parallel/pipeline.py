@@ -157,17 +157,9 @@ def build_pipeline(model: DeepseekV3, pp_group, microbatch: tuple, schedule: str
                    n_microbatches: int = 4, device="cpu", amp: torch.dtype | None = None,
                    pipelines: list[list[int]] | None = None, balance: bool = True, prepare=None,
                    loss_fn: PipelineLoss | None = None):
-    """This rank's stages and the schedule, for micro-batches of `microbatch` = (rows, *window shape):
-    (rows, T + 1) for ids, (rows, 4, T + 1) for packed chats (`Batch.window`). Returns (schedule, local
-    Stage modules, tie group or None, their torch PipelineStages): the tie group sums the embedding gradients of the first and last
-    stages when they sit on two ranks. Shapes are given to torch up front (its static mode): no stage
-    runs a forward on placeholder data to discover them. `pipelines`: the global ranks of every pipeline
-    when there are several (dp x ep of them), so that every rank creates every pipeline's tie group, as
-    torch requires. `balance`: split the layers so that every rank does about the same work, counting
-    the head and MTP on the last stage (`balanced_split`); False: the same number of layers per stage.
-    `prepare(stage_modules)` runs on this rank's Stage modules before torch wraps them (expert
-    parallelism inside the stages). `loss_fn`: the schedule's (default: a `PipelineLoss` of its own;
-    `step` then takes the per-row counts as `target`)."""
+    """This rank's stages and torch's schedule over them, for micro-batches of `microbatch` = (rows, *window).
+    Returns (schedule, local Stage modules, tie group or None, their torch PipelineStages); the
+    arguments are described in docs/parallel.md ("build_pipeline")."""
     from torch.distributed import pipelining as P
 
     if schedule not in SCHEDULES:

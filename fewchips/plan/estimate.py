@@ -516,16 +516,8 @@ def _activation_terms(p: Params, layout: Layout, s: int, blocks, seq: int, micro
 
 def _fewchips_terms(p: Params, layout: Layout, s: int, blocks, seq: int, micro_batch: int, fp8: bool,
                     bf16_moments: bool, accumulate: bool) -> list[Term]:
-    """What `fewchips train` holds on one GPU. The model is built on the meta device and each rank
-    allocates only its shards, so start-up holds no more than the step. FSDP2 shards every parameter
-    over its replicas (ZeRO-3: dp x ep for non-expert weights, dp for experts, already split over ep):
-    FP32 weights (they are the masters), FP32 gradients and AdamW's two moments (FP32 by default, BF16
-    with --bf16-moments). Weights are all-gathered in BF16 for compute: a layer and the next one without
-    a pipeline; a stage's whole set under one (they stay gathered for the step, which the split weight
-    backward needs), where the embedding also stays whole. Gradients accumulated over micro-batches stay
-    unsharded until the step's last backward (FSDP's no-sync accumulation, and a pipeline stage's one
-    reduce-scatter). The export assembles one tensor at a time on rank 0's device (its files fill host
-    memory, one at a time)."""
+    """What `fewchips train` holds on one GPU, term by term: FSDP2-sharded FP32 masters, gradients and
+    AdamW moments, BF16 gathered weights, unsharded accumulated gradients (docs/plan.md says why each)."""
     dense_dp, expert_dp = layout.dp * layout.ep, layout.dp
     shard = full = largest_layer = largest_tensor = 0.0
     for b in blocks:
