@@ -26,6 +26,10 @@ def run(args, stdin=None, stdout=None):
     from fewchips.inference.tokenizer import TextStream
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("fewchips chat: not built over ranks yet (every rank would read the terminal); run "
+                         "torchrun ... -m fewchips serve --ep N and talk to it with an OpenAI chat client")
     import torch
 
     from fewchips.inference.engine import speculation_for

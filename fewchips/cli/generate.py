@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .models import add_model_flags, add_sampling_flags, load_model_and_tokenizer
+from .models import add_ep_flag, add_model_flags, add_sampling_flags, load_model_and_tokenizer, open_ranks, ranked
 
 
 def register(sub):
@@ -20,25 +20,50 @@ def register(sub):
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (torch.compile; up to ~1 min, once): faster single-prompt "
                         "decoding, same tokens up to float rounding")
+    add_ep_flag(p, "generate")
     p.set_defaults(func=run)
 
 
 def run(args):
-    """One prompt through the serving engine (the same path as chat, serve and GRPO's rollouts)."""
-    from fewchips.inference.engine import Engine, Request
+    """One prompt through the serving engine (the same path as chat, serve and GRPO's rollouts); under
+    torchrun with --ep N, rank 0 generates and every rank runs the steps with its share of the experts."""
+    from fewchips.inference.engine import Engine
     from fewchips.inference.sampling import SamplingParams
 
     if args.mtp and args.compile:
         raise ValueError("--mtp and --compile cannot be combined (the compiled step decodes one token); pass one")
-    model, tok = load_model_and_tokenizer(args, mtp=args.mtp)
+    ranks = None
+    if ranked(args):                       # torchrun --ep N: this rank's experts; rank 0 generates
+        from fewchips.inference.tokenizer import Tokenizer
+        opened, code = open_ranks(args, "generate", mtp=args.mtp)
+        if opened is None:
+            return code
+        model, ranks = opened
+        tok = Tokenizer.from_dir(args.model)
+    else:
+        model, tok = load_model_and_tokenizer(args, mtp=args.mtp)
     ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
     stops = [tok.eos_token_id] if tok.eos_token_id is not None else []
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop_token_ids=stops)
-    engine = Engine(model, tok, max_batch=1, max_len=len(ids) + args.max_new_tokens + 1, compile=args.compile,
-                    speculative="mtp" if args.mtp else None)
+    engine_kw = dict(max_batch=1, max_len=len(ids) + args.max_new_tokens + 1, compile=args.compile,
+                     speculative="mtp" if args.mtp else None)
+    if ranks is not None and not ranks.is_main:
+        ranks.follow(model, Engine(model, None, **engine_kw).cache)      # rank 0's cache, the same blocks
+        ranks.close()
+        return 0
+    try:
+        return _generate(args, Engine(model if ranks is None else ranks.lockstep(model), tok, **engine_kw),
+                         ids, params, tok)
+    finally:
+        if ranks is not None:
+            ranks.close()
+
+
+def _generate(args, engine, ids, params, tok) -> int:
+    from fewchips.inference.engine import Request
     t0 = time.perf_counter()
     req = Request(ids, params)
     engine.add(req)

@@ -3,6 +3,9 @@ flags, loading the model and its tokenizer onto the device, and the sampling fla
 
 from __future__ import annotations
 
+import os
+import sys
+
 
 def add_model_flags(p):
     g = p.add_argument_group("model")
@@ -51,3 +54,56 @@ def add_sampling_flags(p, max_new_tokens: int, temperature: float):
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off); try 0.95")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
     g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+
+
+def add_ep_flag(p, command: str):
+    p.add_argument("--ep", type=int, default=None,
+                   help=f"split the routed experts over N ranks: launch with torchrun --nproc_per_node=N -m fewchips "
+                        f"{command} --ep N (rank 0 does the work; every rank holds 1/N of the experts and a copy of the rest)")
+
+
+def ranked(args) -> bool:
+    """Whether this command runs over ranks (a torchrun launch, or --ep > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or (args.ep or 1) > 1
+
+
+def open_ranks(args, command: str, mtp: bool):
+    """Under torchrun with --ep N: this rank's model (its experts only) and the `Ranks` that run the
+    engine's steps in lockstep; or an exit code after one line saying what is wrong."""
+    import torch
+
+    from fewchips.inference.ranks import Ranks, held_bytes, load_for_ranks
+    from fewchips.parallel import init_parallel
+
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    ep = args.ep or world
+
+    def refuse(msg):
+        if rank == 0:
+            print(f"fewchips {command}: error: {msg}", file=sys.stderr)
+        return None, 2
+    if world == 1:
+        return refuse(f"--ep {ep} splits the experts over {ep} processes: start them with torchrun "
+                      f"--nproc_per_node={ep} -m fewchips {command} --ep {ep} ...")
+    if ep != world:
+        return refuse(f"--ep {ep} must equal the {world} processes torchrun started (the routed experts are split "
+                      f"over every rank; data-parallel replicas are not built)")
+    if args.device not in ("auto", "cpu", "cuda"):
+        return refuse(f"--device {args.device}: under torchrun each rank takes its own device (cuda:LOCAL_RANK), "
+                      f"or cpu")
+    if getattr(args, "compile", False):
+        return refuse("--compile with --ep: the compiled decode step would trace the other ranks' calls; drop one")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        par = init_parallel(ep=ep, backend="gloo" if args.device == "cpu" else None)
+    except ValueError as e:
+        return refuse(str(e))
+    try:
+        model = load_for_ranks(args.model, par, model_dtype(args, str(par.device)), mtp=None if mtp else False)
+    except ValueError as e:               # a config the experts cannot split over, a damaged checkpoint
+        return refuse(str(e))
+    n = model.config.n_routed_experts // ep
+    print(f"rank {rank}: {held_bytes(model) / 2**20:,.1f} MiB of weights (experts {rank * n}-{(rank + 1) * n - 1} "
+          f"of {model.config.n_routed_experts} per MoE layer, the rest whole), {par.device}", file=sys.stderr, flush=True)
+    return (model, Ranks(par)), 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .models import add_model_flags, load_model_and_tokenizer, wants_mtp
+from .models import add_ep_flag, add_model_flags, load_model_and_tokenizer, ranked, wants_mtp
 
 
 def register(sub):
@@ -29,9 +29,7 @@ def register(sub):
                    help="MTP speculative decoding (same output; acceptance in usage.completion_tokens_details); "
                         "auto: on for models with an MTP module on a GPU (or with --max-batch 1), off for a CPU server, where it "
                         "does not pay at batch > 1")
-    e.add_argument("--ep", type=int, default=None,
-                   help="split the routed experts over N ranks: launch with torchrun --nproc_per_node=N -m fewchips "
-                        "serve --ep N (rank 0 serves HTTP; every rank holds 1/N of the experts and a copy of the rest)")
+    add_ep_flag(e, "serve")
     e.add_argument("--max-prefill-tokens", type=int, default=512,
                    help="prompt tokens computed per step; longer prompts are prefilled in chunks beside "
                         "the running decodes")
@@ -54,9 +52,8 @@ def run(args):
 
     from fewchips.inference.engine import speculation_for
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 or (args.ep or 1) > 1:
-        return run_ranked(args, world)
+    if ranked(args):
+        return run_ranked(args)
     model, tok = load_model_and_tokenizer(args, mtp=wants_mtp(args, torch, args.max_batch))
     spec = speculation_for(model, args.speculative, args.max_batch)
     engine = make_engine(args, model, tok, spec)
@@ -97,69 +94,35 @@ def serve_http(args, engine, tok):
     serve(engine, tok, model_name(args), host=args.host, port=args.port, api_key=args.api_key, limits=limits)
 
 
-def run_ranked(args, world: int) -> int:
+def run_ranked(args) -> int:
     """torchrun --nproc_per_node=N -m fewchips serve --ep N: rank 0 serves, every rank runs each step's
     forward with 1/N of the routed experts (`fewchips.inference.ranks`)."""
-    import sys
+    import signal
 
     import torch
 
     from fewchips.inference.engine import speculation_for
-    from fewchips.inference.ranks import LockstepModel, control_group, follow, held_bytes, load_for_ranks
     from fewchips.inference.tokenizer import Tokenizer
-    from fewchips.parallel import init_parallel
-    from fewchips.parallel.mesh import shutdown
 
-    from .models import model_dtype
+    from .models import open_ranks
 
-    rank = int(os.environ.get("RANK", "0"))
-    ep = args.ep or world
-
-    def refuse(msg):
-        if rank == 0:
-            print(f"fewchips serve: error: {msg}", file=sys.stderr)
-        return 2
-    if world == 1:
-        return refuse(f"--ep {ep} splits the experts over {ep} processes: start them with torchrun "
-                      f"--nproc_per_node={ep} -m fewchips serve --ep {ep} ...")
-    if ep != world:
-        return refuse(f"--ep {ep} must equal the {world} processes torchrun started (serving splits the routed "
-                      f"experts over every rank; data-parallel replicas are not built)")
-    if args.device not in ("auto", "cpu", "cuda"):
-        return refuse(f"--device {args.device}: under torchrun each rank takes its own device (cuda:LOCAL_RANK), "
-                      f"or cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        par = init_parallel(ep=ep, backend="gloo" if args.device == "cpu" else None)
-    except ValueError as e:
-        return refuse(str(e))
-    try:
-        model = load_for_ranks(args.model, par, model_dtype(args, str(par.device)),
-                               mtp=None if wants_mtp(args, torch, args.max_batch) else False)
-    except ValueError as e:               # a config the experts cannot split over, a damaged checkpoint
-        return refuse(str(e))
-    group = control_group()
+    opened, code = open_ranks(args, "serve", mtp=wants_mtp(args, torch, args.max_batch))
+    if opened is None:
+        return code
+    model, ranks = opened
     spec = speculation_for(model, args.speculative, args.max_batch)
-    experts = model.config.n_routed_experts // ep
-    print(f"rank {rank}: {held_bytes(model) / 2**20:,.1f} MiB of weights (experts {rank * experts}-"
-          f"{(rank + 1) * experts - 1} of {model.config.n_routed_experts} per MoE layer, the rest whole), "
-          f"{par.device}", flush=True)
-    if rank != 0:
-        engine = make_engine(args, model, None, spec)     # the same paged cache as rank 0's; no scheduling here
-        follow(model, engine.cache, par, group)
-        shutdown()
+    if not ranks.is_main:
+        ranks.follow(model, make_engine(args, model, None, spec).cache)   # rank 0's cache, the same blocks
+        ranks.close()
         return 0
-    import signal
     for sig in (signal.SIGTERM, signal.SIGINT):   # uvicorn re-raises the signal it drained on: not before the
         signal.signal(sig, lambda *_: None)        # other ranks are told to stop (uvicorn's own handler drains)
-    lockstep = LockstepModel(model, par, group)
     tok = Tokenizer.from_dir(args.model)
-    engine = make_engine(args, lockstep, tok, spec)
-    print(banner(args, engine, spec).replace("serving", f"serving over {ep} ranks (expert parallel),", 1), flush=True)
+    engine = make_engine(args, ranks.lockstep(model), tok, spec)
+    print(banner(args, engine, spec).replace("serving", f"serving over {ranks.par.ep} ranks (expert parallel),", 1),
+          flush=True)
     try:
         serve_http(args, engine, tok)
     finally:
-        lockstep.stop()
-        shutdown()
+        ranks.close()
     return 0

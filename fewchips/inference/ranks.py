@@ -156,3 +156,26 @@ def follow(model, cache, par, group):
             args = [value(s) for s in specs]
             kw = {k: value(s) for k, s in kwspecs.items()}
             (model if method == "__call__" else getattr(model, method))(*args, **kw)
+
+
+class Ranks:
+    """A command's ranks: rank 0 drives the engine through `lockstep(model)`, the others `follow`."""
+
+    def __init__(self, par):
+        self.par, self.group = par, control_group()
+        self.is_main = par.rank == 0
+        self._lockstep = None
+
+    def lockstep(self, model) -> LockstepModel:
+        self._lockstep = LockstepModel(model, self.par, self.group)
+        return self._lockstep
+
+    def follow(self, model, cache):
+        follow(model, cache, self.par, self.group)
+
+    def close(self):
+        """Rank 0 tells the others to stop; every rank leaves the process group."""
+        from ..parallel.mesh import shutdown
+        if self._lockstep is not None:
+            self._lockstep.stop()
+        shutdown()

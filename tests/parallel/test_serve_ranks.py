@@ -1,7 +1,7 @@
 """`torchrun --nproc_per_node=N -m fewchips serve --ep N` on real gloo processes: rank 0 serves, every
 rank runs each step with 1/N of the routed experts (each loads only its own). A batch of requests of
 different lengths, sent together so the engine batches and chunks them, gets the greedy tokens of one
-process and its logprobs within 1e-5 (fp32); the OpenAI client talks to it; SIGTERM ends every rank."""
+process and its logprobs within 1e-5 (fp32); the OpenAI client talks to it; SIGTERM ends every rank; `generate --ep 2` prints one process's text."""
 
 import concurrent.futures
 import os
@@ -119,3 +119,16 @@ def test_ep_server_gives_one_process_tokens_and_logprobs(model_dir, reference, n
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_generate_over_ranks_prints_one_process_text(model_dir):
+    """`torchrun ... fewchips generate --ep 2`: rank 0 prints what one process prints (greedy)."""
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    flags = ["generate", "--model", model_dir, "--prompt", "the quick brown fox", "--max-new-tokens", "12",
+             "--temperature", "0", "--threads", "1", "--device", "cpu"]
+    one = subprocess.run([sys.executable, "-m", "fewchips", *flags], env=env, capture_output=True, text=True, timeout=120)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "fewchips", *flags, "--ep", "2"], env=env, capture_output=True, text=True, timeout=180)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-4000:]
+    assert two.stdout == one.stdout and one.stdout.startswith("the quick brown fox")
+    assert two.stderr.count("MiB of weights (experts") == 2
