@@ -22,14 +22,13 @@ import torch.nn.functional as F
 
 from ..model import MLP
 from .gemm import fp8_mm, resolve_backend
-from .quant import BLOCK, TILE, dequantize, quantize, quantize_e5m6
+from .quant import BLOCK, TILE, dequantize, quantize, quantize_e5m6, retile
 
 
-def _wgrad(g_MN, xq, xs, pow2, backend):
-    """dW = g^T x with both operands in 128x1 tiles (along tokens); x from its 1x128 FP8 cache."""
+def _wgrad(g_MN, xt, pow2, backend):
+    """dW = g^T x with both operands in 128x1 tiles (along tokens); `xt` = retile(x's 1x128 FP8 cache)."""
     gtq, gts = quantize(g_MN.t(), TILE, pow2)
-    xtq, xts = quantize(dequantize(xq, xs, TILE).t(), TILE, pow2)
-    return fp8_mm(gtq, gts, xtq, xts, TILE, torch.float32, backend)
+    return fp8_mm(gtq, gts, *xt, TILE, torch.float32, backend)
 
 
 def _dgrad(g_MN, wq, ws, pow2, backend, dtype):
@@ -68,7 +67,7 @@ class _E5M6CachedMatmul(torch.autograd.Function):
         dx = _dgrad(g, wq, ws, pow2, backend, x_dtype).view(x_shape) if ctx.needs_input_grad[0] else None
         dw = None
         if ctx.needs_input_grad[1]:
-            xtq, xts = quantize(dequantize(xe, xes, TILE).t(), TILE, True)   # 1x128 -> 128x1, pow2 scales
+            xtq, xts = retile(xe, xes, True)                                # 1x128 -> 128x1, pow2 scales
             gtq, gts = quantize(g.t(), TILE, pow2)
             dw = fp8_mm(gtq, gts, xtq, xts, TILE, torch.float32, backend).to(w_dtype)
         return dx, dw, None, None, None
@@ -98,13 +97,13 @@ class _FP8SwiGLU(torch.autograd.Function):
         dy_MD = dy.reshape(-1, dy.shape[-1])
         g, u = dequantize(hq, hs, TILE).split(Fw, dim=-1)
         a = F.silu(g) * u                                              # recomputed from the FP8 cache
-        aq, as_ = quantize(a, TILE, pow2)
-        dw_down = _wgrad(dy_MD, aq, as_, pow2, backend)
+        dw_down = _wgrad(dy_MD, retile(*quantize(a, TILE, pow2), pow2), pow2, backend)
         dA = _dgrad(dy_MD, wdq, wds, pow2, backend, torch.float32)
         dg, du = _swiglu_grads(dA, g, u)
         dx = (_dgrad(dg, wgq, wgs, pow2, backend, torch.float32)
               + _dgrad(du, wuq, wus, pow2, backend, torch.float32)).to(x_dtype).view(x_shape)
-        dw_gate, dw_up = _wgrad(dg, xq, xs, pow2, backend), _wgrad(du, xq, xs, pow2, backend)
+        xt = retile(xq, xs, pow2)                                     # once, for both weight gradients
+        dw_gate, dw_up = _wgrad(dg, xt, pow2, backend), _wgrad(du, xt, pow2, backend)
         return dx, dw_gate.to(w_dtype), dw_up.to(w_dtype), dw_down.to(w_dtype), None, None, None
 
 

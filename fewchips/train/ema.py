@@ -86,10 +86,10 @@ class ParameterEMA:
     @torch.no_grad()
     def swap(self, model: torch.nn.Module):
         """Exchange the average and the live parameters in place (bitwise; call again to swap back)."""
+        from ..parallel.fsdp import fsdp_modules
         self.wait()
-        for m in model.modules():          # FSDP: drop gathered weights, so the next forward reads the shards
-            if hasattr(m, "reshard") and hasattr(m, "unshard"):
-                m.reshard()
+        for m in fsdp_modules(model):      # drop gathered weights, so the next forward reads the shards
+            m.reshard()
         for s, (_, p) in zip(self.shadow, self.named):
             live = _local(p)
             held = live.detach().to("cpu", torch.float32, copy=True)

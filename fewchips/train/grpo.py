@@ -464,9 +464,12 @@ class GRPOTrainer(Trainer):
 
     def _eval_and_plot(self, bar):
         ev = self.evaluate()
+        if self.ema is not None:           # the EMA's weights answer the same prompts (sample resets the prefix cache)
+            ev.update(self.evaluate_ema())
         self.run.write({"step": self.step, **ev})
+        ema = f"; EMA {ev['ema_val_reward']:.3f}" if "ema_val_reward" in ev else ""
         (bar.write if bar is not None else self.log)(
-            f"step {self.step}: held-out reward {ev['val_reward']:.3f} (greedy), reply length {ev['val_len']:.1f}")
+            f"step {self.step}: held-out reward {ev['val_reward']:.3f} (greedy), reply length {ev['val_len']:.1f}{ema}")
         if self.tc.plots:
             self.plot()
         return ev

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from train_utils import quiet, train_config, write_corpus
+from workers import child_with_rank
 
 pytestmark = pytest.mark.multiprocess
 
@@ -117,21 +118,6 @@ def test_torchrun_pipeline_matches_single_process_and_resumes_at_other_layouts(r
     same_run(one, out, ema=True)
 
 
-def _child_with_rank(parent_pid: int, rank: int) -> int | None:
-    """The pid of torchrun's worker with RANK=rank (Linux /proc)."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-        except OSError:
-            continue
-        if ppid == parent_pid and f"RANK={rank}".encode() in env:
-            return int(pid)
-    return None
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="finds torchrun's workers through /proc")
 def test_kill_9_of_a_pipeline_rank_ends_every_rank_with_a_clear_message(reference, tmp_path):
     """A stage that dies mid-run (kill -9) leaves its peer blocked in a pipeline receive; gloo reports
@@ -153,7 +139,7 @@ def test_kill_9_of_a_pipeline_rank_ends_every_rank_with_a_clear_message(referenc
             if os.path.exists(out / "metrics.jsonl") and len(open(out / "metrics.jsonl").readlines()) >= 2:
                 break
             time.sleep(0.5)
-        victim = _child_with_rank(p.pid, 1)
+        victim = child_with_rank(p.pid, 1)
         assert victim is not None
         os.kill(victim, signal.SIGKILL)
         t0 = time.time()

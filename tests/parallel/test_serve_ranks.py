@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from inference_utils import save_tiny_model_dir
+from workers import child_with_rank
 
 pytestmark = [pytest.mark.multiprocess,
               pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="finds torchrun's rank 0 through /proc")]
@@ -72,21 +73,6 @@ def start(n, model_dir, port):
     raise AssertionError("the ranked server did not come up: " + proc.stdout.read()[-4000:])
 
 
-def rank0_pid(parent: int) -> int:
-    """torchrun's worker with RANK=0 (Linux /proc)."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-        except OSError:
-            continue
-        if ppid == parent and b"RANK=0" in env:
-            return int(pid)
-    raise AssertionError("no rank 0 worker found")
-
-
 def complete(port, prompt):
     r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
                    json={"model": "m", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": 0})
@@ -110,7 +96,7 @@ def test_ep_server_gives_one_process_tokens_and_logprobs(model_dir, reference, n
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
             out = client.completions.create(model="m", prompt=PROMPTS[1], max_tokens=4, temperature=0)
             assert out.usage.completion_tokens == 4
-        os.kill(rank0_pid(proc.pid), signal.SIGTERM)         # what torchrun forwards, to the rank that serves
+        os.kill(child_with_rank(proc.pid, 0), signal.SIGTERM)         # what torchrun forwards, to the rank that serves
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out[-4000:]                # rank 0 drained, then every rank left cleanly
         assert "aborting" not in out and "Traceback" not in out, out[-4000:]

@@ -297,3 +297,14 @@ def test_a_users_reward_sees_the_rows_fields_and_its_errors_name_the_row(tmp_pat
         assert math.reward(messages, "It is 4.", row) == 1.0
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_ema_answers_the_held_out_prompts_beside_the_policy(sft_dir, tmp_path):
+    """--ema under GRPO: each evaluation also scores the EMA's weights, then the policy is as it was."""
+    tc = grpo_config(init=sft_dir, out=str(tmp_path / "e"), steps=1, batch_size=1, group_size=2, eval_every=100,
+                     plots=False, progress=False, dtype="fp32", threads=1, val_prompts=2, ema=0.5)
+    tr = GRPOTrainer(tc, quiet)
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    ev = tr._eval_and_plot(None)
+    assert {"val_reward", "ema_val_reward", "ema_val_len"} <= set(ev)
+    assert all(torch.equal(p, before[n]) for n, p in tr.model.named_parameters())
