@@ -5,7 +5,11 @@ against what it should hold: the non-expert weights whole + 1/N of the routed ex
 config (hidden 256, 6 layers with the first dense, 64 routed experts of width 512, top-4, MTP 1, vocab
 2,048: ~157M parameters, 96% routed experts), random weights saved in fp32.
 
-    python benchmarks/bench_serve_memory.py [--layouts 1 2 4]
+    python benchmarks/bench_serve_memory.py [--layouts 1 2 4] [--weights fp8]
+
+`--weights fp8` serves the same fp32 checkpoint with its linears and experts block-quantised to E4M3 on
+load (1 byte per weight + 4 per 128x128 block); the expected figure is then the planner's
+(`fewchips.plan.estimate.serving_weight_bytes`, which `fewchips plan --search serve` uses).
 """
 
 from __future__ import annotations
@@ -64,13 +68,14 @@ def workers(parent: int) -> dict[int, int]:
     return out or {0: parent}
 
 
-def run(n: int, model_dir: str):
+def run(n: int, model_dir: str, weights: str = "dense"):
     import httpx
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve = ["-m", "fewchips", "serve", "--model", model_dir, "--port", str(port), "--max-len", "512",
-             "--max-batch", "8", "--threads", "1", "--device", "cpu", "--speculative", "none", "--model-name", "m"]
+             "--max-batch", "8", "--threads", "1", "--device", "cpu", "--speculative", "none", "--model-name", "m",
+             "--weights", weights]
     cmd = [sys.executable, *serve] if n == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *serve, "--ep", str(n)]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
@@ -102,18 +107,22 @@ def idle_mib() -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layouts", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--weights", default="dense", choices=["dense", "fp8"])
     args = ap.parse_args()
+    from fewchips.plan.estimate import serving_weight_bytes
     tmp = tempfile.mkdtemp(prefix="bench_serve_memory_")
     cfg, total, experts = make_model(tmp)
     idle = idle_mib()
     cache = 8 * 512 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4 / 2**20
-    print(f"{total / 1e6:.0f}M parameters ({experts / total:.0%} routed experts), fp32; cache {cache:.1f} MiB "
+    print(f"{total / 1e6:.0f}M parameters ({experts / total:.0%} routed experts), fp32 checkpoint served "
+          f"{'as FP8 E4M3 (linears and experts)' if args.weights == 'fp8' else 'in fp32'}; cache {cache:.1f} MiB "
           f"(8 requests x 512 tokens); an idle interpreter with the server imported: {idle:.0f} MiB anonymous")
     print(f"{'layout':>8} {'rank':>4} {'peak RSS':>9} {'anonymous':>10} {'above idle':>11} {'expected':>9}  (MiB; "
           f"expected = non-expert weights + experts / N + cache; peak RSS also counts the checkpoint's mapped pages)")
     for n in args.layouts:
-        expected = ((total - experts) + experts / n) * 4 / 2**20 + cache
-        for rank, (peak, anon) in run(n, tmp).items():
+        expected = serving_weight_bytes(cfg, n, fp8=args.weights == "fp8", dtype_bytes=4, mtp=False)["total"] / 2**20 \
+            + cache
+        for rank, (peak, anon) in run(n, tmp, args.weights).items():
             print(f"{'1 proc' if n == 1 else f'ep {n}':>8} {rank:>4} {peak:>9,.0f} {anon:>10,.0f} {anon - idle:>11,.0f} "
                   f"{expected:>9,.0f}")
 

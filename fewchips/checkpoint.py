@@ -240,14 +240,17 @@ def empty_model(cfg: ModelConfig, device="cpu", dtype=None) -> DeepseekV3:
     return model.to_empty(device=device).tie_weights()
 
 
-def load_weights(model: DeepseekV3, ck: CheckpointReader, rows=None) -> DeepseekV3:
+def load_weights(model: DeepseekV3, ck: CheckpointReader, rows=None, skip_experts: bool = False) -> DeepseekV3:
     """Fill `model` from a Hugging Face directory. Walks the model's tensors and reads, for each, only
     the rows this process holds: `rows(name, tensor)` -> (local tensor, global row ids [n]) or None (not
     held here); default: every row (see `DeepseekV3.init_weights`). Experts are stacked rows, so a
     process reads only its experts' files' tensors; an FP8 weight is dequantised block by block on the
-    rows read. Every tensor on disk must belong to the config, and every held row must be on disk."""
+    rows read. Every tensor on disk must belong to the config, and every held row must be on disk.
+    skip_experts: routed experts are neither expected on disk nor filled here (their module reads them)."""
     cfg = model.config
     disk = set(n for n in ck.files if not (n.endswith("_scale_inv") or _MTP_COPY_RE.match(n)))
+    if skip_experts:                          # read by their own module (serving over ranks)
+        disk = {n for n in disk if not _EXPERT_RE.match(_memory_name(cfg, n))}
     if not cfg.num_nextn_predict_layers:
         disk = {n for n in disk if not _memory_name(cfg, n).startswith("mtp.")}
     expected, missing = set(), []

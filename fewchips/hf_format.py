@@ -218,3 +218,25 @@ def write_safetensors(tensors: dict, dest):
     """One safetensors file, written beside `dest` and renamed into place."""
     with atomic_path(dest, ".safetensors") as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
+
+
+EXPERT_LOADS_FILE = "expert_loads.json"
+
+
+def moe_expert_names(cfg: ModelConfig) -> list[str]:
+    """Disk names of the MoE layers' experts (`model.layers.N.mlp.experts`), main layers then MTP: the
+    order of the routers' load rows."""
+    main = [f"model.layers.{i}.mlp.experts" for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    mtp = [f"model.layers.{cfg.num_hidden_layers + k}.mlp.experts" for k in range(cfg.num_nextn_predict_layers)]
+    return main + mtp
+
+
+def write_expert_loads(path, cfg: ModelConfig, loads_LE: torch.Tensor, tokens: int):
+    """Beside a saved model, the tokens each routed expert received ([layers, E], rows as `moe_expert_names`):
+    what `fewchips serve --redundant-experts` places its replicas from."""
+    names = moe_expert_names(cfg)
+    rows = loads_LE.tolist()[:len(names)]
+    doc = {"layers": dict(zip(names, ([int(x) for x in r] for r in rows))), "tokens": int(tokens),
+           "note": "routed-expert loads (token copies per expert) over the training run that wrote this model"}
+    atomic_write_text(os.path.join(path, EXPERT_LOADS_FILE), json.dumps(doc) + "\n")
+

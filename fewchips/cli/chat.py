@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from .models import add_model_flags, add_sampling_flags, load_model_and_tokenizer, wants_mtp
+from .models import (add_ep_flag, add_model_flags, add_sampling_flags, load_model_and_tokenizer, open_ranks, ranked,
+                     refuse_replica_flags, wants_mtp)
 
 
 def register(sub):
@@ -17,30 +18,54 @@ def register(sub):
     p.add_argument("--speculative", default="auto", choices=["auto", "mtp", "none"],
                    help="MTP speculative decoding (same replies); auto: on for models with an MTP module, unless "
                         "--compile (1.14x tokens/s at batch 1 on CPU for the demo model)")
+    add_ep_flag(p, "chat")
     p.set_defaults(func=run)
 
 
 def run(args, stdin=None, stdout=None):
-    from fewchips.inference.engine import Engine, Request
-    from fewchips.inference.sampling import SamplingParams
-    from fewchips.inference.tokenizer import TextStream
-
-    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    import os
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit("fewchips chat: not built over ranks yet (every rank would read the terminal); run "
-                         "torchrun ... -m fewchips serve --ep N and talk to it with an OpenAI chat client")
+    """The conversation loop; under torchrun with --ep N rank 0 reads the terminal and every rank runs
+    the engine's steps with its share of the experts."""
     import torch
 
-    from fewchips.inference.engine import speculation_for
+    from fewchips.inference.engine import Engine, speculation_for
 
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     if args.compile and args.speculative == "mtp":
         raise SystemExit("fewchips chat: --compile and --speculative mtp cannot be combined (the compiled step "
                          "decodes one token); pass one of them")
-    model, tok = load_model_and_tokenizer(args, mtp=not args.compile and wants_mtp(args, torch))
+    mtp = not args.compile and wants_mtp(args, torch)
+    ranks = None
+    if ranked(args):                       # torchrun --ep N: rank 0 talks, every rank runs the steps
+        from fewchips.inference.tokenizer import Tokenizer
+        opened, code = open_ranks(args, "chat", mtp=mtp)
+        if opened is None:
+            return code
+        model, ranks = opened
+        tok = Tokenizer.from_dir(args.model)
+    else:
+        if refuse_replica_flags(args):
+            raise ValueError(refuse_replica_flags(args))
+        model, tok = load_model_and_tokenizer(args, mtp=mtp)
     spec = None if args.compile else speculation_for(model, args.speculative)
-    engine = Engine(model, tok, max_batch=1, max_len=min(model.config.max_position_embeddings, 8192),
-                    compile=args.compile, speculative=spec)
+    engine_kw = dict(max_batch=1, max_len=min(model.config.max_position_embeddings, 8192), compile=args.compile,
+                     speculative=spec)
+    if ranks is not None and not ranks.is_main:
+        ranks.follow(model, Engine(model, None, **engine_kw).cache)      # rank 0's cache, the same blocks
+        ranks.close()
+        return 0
+    engine = Engine(model if ranks is None else ranks.lockstep(model), tok, **engine_kw)
+    try:
+        return _converse(args, engine, tok, stdin, stdout)
+    finally:
+        if ranks is not None:
+            ranks.close()
+
+
+def _converse(args, engine, tok, stdin, stdout) -> int:
+    from fewchips.inference.engine import Request
+    from fewchips.inference.sampling import SamplingParams
+    from fewchips.inference.tokenizer import TextStream
+
     base = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(base)
     print("fewchips chat: empty line or /exit quits, /reset starts over", file=sys.stderr)

@@ -8,7 +8,7 @@ import json
 import math
 import os
 
-from .models import add_model_flags
+from .models import add_model_flags, load_model
 
 
 def register(sub):
@@ -64,18 +64,15 @@ def batches_for(path: str, tok, sp, seq_len: int, batch_size: int, max_mb: float
 def run(args):
     import torch
 
-    from fewchips.checkpoint import from_pretrained
     from fewchips.train.tokenizer import load_tokenizer, special_ids
     from fewchips.losses import evaluate
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float32 if args.dtype == "auto" and device == "cpu" else (
-        torch.bfloat16 if args.dtype == "auto" else getattr(torch, args.dtype))
     tok = load_tokenizer(args.model)
     sp = special_ids(tok, args.model)
-    model = from_pretrained(args.model, dtype=dtype, device=device, mtp=False)
+    model = load_model(args, device)
     batches, target_bytes, what = batches_for(args.data, tok, sp, args.seq_len, args.batch_size, args.max_mb,
                                               args.text_field)
     ev = evaluate(model, batches, target_bytes, device=device)

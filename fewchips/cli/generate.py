@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
-from .models import add_ep_flag, add_model_flags, add_sampling_flags, load_model_and_tokenizer, open_ranks, ranked
+from .models import (add_ep_flag, add_model_flags, add_sampling_flags, load_model_and_tokenizer, open_ranks, ranked,
+                     refuse_replica_flags)
 
 
 def register(sub):
@@ -41,6 +42,8 @@ def run(args):
         model, ranks = opened
         tok = Tokenizer.from_dir(args.model)
     else:
+        if refuse_replica_flags(args):
+            raise ValueError(refuse_replica_flags(args))
         model, tok = load_model_and_tokenizer(args, mtp=args.mtp)
     ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
     if not ids:

@@ -15,21 +15,35 @@ def add_model_flags(p):
                    help="weights and cache dtype (auto: bfloat16 on GPU, float32 on CPU, where bf16 is slow)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); tiny models decode fastest on 1")
+    g.add_argument("--weights", default="auto", choices=["auto", "fp8", "dense"],
+                   help="fp8: keep the linear layers' and experts' weights in E4M3 with 128x128 scales (1 byte "
+                        "each; a BF16 checkpoint is block-quantised on load); dense: in --dtype; auto: fp8 for "
+                        "checkpoints in the released FP8 layout")
 
 
 def load_model_and_tokenizer(args, mtp: bool = False):
     import torch
 
-    from fewchips.checkpoint import from_pretrained
     from fewchips.inference.tokenizer import Tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = model_dtype(args, device)
     tokenizer = Tokenizer.from_dir(args.model)
-    model = from_pretrained(args.model, dtype=dtype, device=device, mtp=None if mtp else False)
-    return model, tokenizer
+    return load_model(args, device, mtp), tokenizer
+
+
+def load_model(args, device: str, mtp: bool = False):
+    """The model of --model on `device` in --dtype, its recipe weights in FP8 storage when --weights says so."""
+    from fewchips.checkpoint import from_pretrained
+    from fewchips.config import ModelConfig
+    from fewchips.fp8.checkpoint import load_fp8, stores_fp8
+
+    dtype = model_dtype(args, device)
+    if stores_fp8(args.weights, ModelConfig.from_json(args.model)):
+        return load_fp8(args.model, dtype=dtype, device=device, fp8_gemm=str(device).startswith("cuda"),
+                        mtp=None if mtp else False)
+    return from_pretrained(args.model, dtype=dtype, device=device, mtp=None if mtp else False)
 
 
 def model_dtype(args, device: str):
@@ -60,6 +74,40 @@ def add_ep_flag(p, command: str):
     p.add_argument("--ep", type=int, default=None,
                    help=f"split the routed experts over N ranks: launch with torchrun --nproc_per_node=N -m fewchips "
                         f"{command} --ep N (rank 0 does the work; every rank holds 1/N of the experts and a copy of the rest)")
+    p.add_argument("--redundant-experts", type=int, default=0, metavar="R",
+                   help="with --ep N: R extra copies of the hottest experts (R/N per rank), placed from measured "
+                        "loads (--expert-loads) so the ranks' loads even out; tokens of a copied expert split between "
+                        "its copies")
+    p.add_argument("--expert-loads", default=None, metavar="FILE",
+                   help="the expert loads replicas are placed from (default: MODEL/expert_loads.json, which "
+                        "fewchips train writes, when present)")
+    p.add_argument("--rebalance-every", type=int, default=0, metavar="STEPS",
+                   help="re-place the replicas from the loads of the last STEPS forward steps, while serving (0: never)")
+
+
+def expert_loads(args) -> dict | None:
+    """--expert-loads, or MODEL/expert_loads.json when present: {layer's experts on disk: [E] loads}."""
+    import json
+    path = args.expert_loads or os.path.join(args.model, "expert_loads.json")
+    if not os.path.exists(path):
+        if args.expert_loads:
+            raise ValueError(f"--expert-loads {path}: no such file")
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)["layers"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--expert-loads {path}: not an expert-loads file ({e}); it holds "
+                         f"{{\"layers\": {{\"model.layers.N.mlp.experts\": [loads]}}}}") from None
+
+
+def refuse_replica_flags(args) -> str | None:
+    """What is wrong with the replica flags of a command that runs in one process (None: nothing)."""
+    given = [f for f, v in (("--redundant-experts", args.redundant_experts), ("--expert-loads", args.expert_loads),
+                            ("--rebalance-every", args.rebalance_every)) if v]
+    if given:
+        return f"{', '.join(given)} place expert replicas over the ranks of --ep N (under torchrun); one process has none"
+    return None
 
 
 def ranked(args) -> bool:
@@ -72,7 +120,7 @@ def open_ranks(args, command: str, mtp: bool):
     engine's steps in lockstep; or an exit code after one line saying what is wrong."""
     import torch
 
-    from fewchips.inference.ranks import Ranks, held_bytes, load_for_ranks
+    from fewchips.inference.ranks import Ranks, load_for_ranks
     from fewchips.parallel import init_parallel
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -99,11 +147,31 @@ def open_ranks(args, command: str, mtp: bool):
         par = init_parallel(ep=ep, backend="gloo" if args.device == "cpu" else None)
     except ValueError as e:
         return refuse(str(e))
+    if (args.expert_loads or args.rebalance_every) and not args.redundant_experts:
+        return refuse(f"{'--expert-loads' if args.expert_loads else '--rebalance-every'} places expert replicas: "
+                      f"add --redundant-experts R")
     try:
-        model = load_for_ranks(args.model, par, model_dtype(args, str(par.device)), mtp=None if mtp else False)
+        loads = expert_loads(args) if args.redundant_experts else None
+        model = load_for_ranks(args.model, par, model_dtype(args, str(par.device)), mtp=None if mtp else False,
+                               weights=args.weights, redundant=args.redundant_experts,
+                               rebalance_every=args.rebalance_every, loads=loads)
     except ValueError as e:               # a config the experts cannot split over, a damaged checkpoint
         return refuse(str(e))
-    n = model.config.n_routed_experts // ep
-    print(f"rank {rank}: {held_bytes(model) / 2**20:,.1f} MiB of weights (experts {rank * n}-{(rank + 1) * n - 1} "
-          f"of {model.config.n_routed_experts} per MoE layer, the rest whole), {par.device}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"rank {rank}: {describe_holdings(model, rank)}, {par.device}\n")   # one write: ranks share the pipe
+    sys.stderr.flush()
     return (model, Ranks(par)), 0
+
+
+def describe_holdings(model, rank: int) -> str:
+    """What this rank holds of the model, in the server's start-up words (the planner says the same)."""
+    from fewchips.inference.experts import ServingExperts
+    from fewchips.inference.ranks import held_bytes
+    layers = [m for m in model.modules() if isinstance(m, ServingExperts)]
+    m = layers[0]
+    first = rank * m.own
+    replicas = m.n_local - m.own
+    kind = "FP8 E4M3 linears and experts" if m.fp8 else str(m.down.dtype).replace("torch.", "")
+    extra = m.placement.slots_PS[rank, m.own:].tolist()
+    copies = f" + replicas of {', '.join(map(str, extra))} (first MoE layer)" if replicas else ""
+    return (f"{held_bytes(model) / 2**20:,.1f} MiB of weights ({kind}; experts {first}-{first + m.own - 1} of "
+            f"{m.n_experts} per MoE layer{copies}, the rest whole)")

@@ -70,7 +70,7 @@ def register(sub):
     g.add_argument("--search", choices=("train", "serve"), default=None,
                    help="find the fewest GPUs of --gpu (and the layout) that fit the model for training "
                         "(weights, gradients, optimizer, activations; --fp8 for the FP8 recipe) or serving "
-                        "(weights and one --seq context)")
+                        "as fewchips serve --ep N runs it (experts split, the rest and one --seq context per rank)")
     g = p.add_argument_group("output")
     g.add_argument("--implied-mfu", nargs="?", const="2664K", default=None, metavar="GPU_HOURS",
                    help="the MFU a finished run implies from its GPU-hours and --tokens "
@@ -204,11 +204,18 @@ def explain_search(cfg, found: dict, args) -> list[str]:
     """--explain with --search: the found layout's worst GPU, term by term with its formula."""
     from fewchips.plan import estimate as est
     if found["mode"] == "serve":
-        p = est.count_params(cfg)
-        gpu = resolve_gpu(args.gpu, args.gpu_spec)
         r = Report(True)
-        for t in est.serving_terms(p, gpu, found["gpus"], args.seq, args.fp8):
-            r.line(t.name, f"{t.value:,.4g}", t.formula)
+        if found["gpus"] is None:
+            return []
+        n = found["ep"]
+        r.line("weights held whole", f"{found['rest_gib']:>8.2f} GiB", "attention, dense layers, shared experts, "
+               "router, embedding, head, norms (and the MTP module's): replicated on every rank")
+        r.line("routed experts", f"{found['experts_gib']:>8.2f} GiB", f"E/{n} = {cfg.n_routed_experts // n} of "
+               f"{cfg.n_routed_experts} experts per MoE layer")
+        r.line("MLA cache", f"{found['kv_gib']:>8.2f} GiB", f"{found['sequences']} x {found['seq']} tokens x "
+               f"(latent {cfg.kv_lora_rank} + rope key {cfg.qk_rope_head_dim}) x layers x 2 B, on every rank")
+        r.line("total", f"{found['need_gib']:>8.2f} GiB", f"of {found['capacity_gib']:g} GiB; the weights are what each rank of "
+               f"fewchips serve --ep {n} reports at start-up (no activation workspace counted)")
         return r.lines
     if found["gpus"] is None:
         return []

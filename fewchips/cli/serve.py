@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .models import add_ep_flag, add_model_flags, load_model_and_tokenizer, ranked, wants_mtp
+from .models import add_ep_flag, add_model_flags, load_model_and_tokenizer, ranked, refuse_replica_flags, wants_mtp
 
 
 def register(sub):
@@ -54,6 +54,8 @@ def run(args):
 
     if ranked(args):
         return run_ranked(args)
+    if refuse_replica_flags(args):
+        raise ValueError(refuse_replica_flags(args))
     model, tok = load_model_and_tokenizer(args, mtp=wants_mtp(args, torch, args.max_batch))
     spec = speculation_for(model, args.speculative, args.max_batch)
     engine = make_engine(args, model, tok, spec)
@@ -78,8 +80,13 @@ def model_name(args) -> str:
 
 
 def banner(args, engine, spec) -> str:
+    import torch
+
+    from fewchips.inference.ranks import held_bytes
     pool = engine.pool
-    return (f"serving {model_name(args)!r} on http://{args.host}:{args.port}/v1 (cache {engine.cache_bytes / 2**20:.1f} MiB: "
+    fp8 = any(b.dtype == torch.float8_e4m3fn for b in engine.model.buffers())
+    return (f"serving {model_name(args)!r} on http://{args.host}:{args.port}/v1 (weights {held_bytes(engine.model) / 2**20:,.1f} "
+            f"MiB{', FP8 E4M3' if fp8 else ''}; cache {engine.cache_bytes / 2**20:.1f} MiB: "
             f"{pool.n_usable} blocks of {engine.block_size} tokens; up to {engine.max_batch} requests of at most "
             f"{engine.max_len} tokens; prefix cache {'on' if pool.prefix_caching else 'off'}; MTP speculation "
             f"{'on' if spec else 'off'}; metrics at /metrics)")

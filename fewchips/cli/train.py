@@ -184,6 +184,8 @@ def run_trainer(command: str, make_config, runner, args, done=None) -> int:
         if main_rank:
             print(f"fewchips {command}: {e}; continue with --resume", file=sys.stderr)
         return e.exit_code
+    from fewchips.parallel.mesh import shutdown
+    shutdown()                                     # under torchrun: every rank done, then the group closed
     if result is not None and main_rank:
         message = done(result) if done is not None else None
         print(message or f"fewchips {command}: stopped at step {result['step']}: {result.get('stopped', 'done')}; "

@@ -117,19 +117,26 @@ class FP8StoredExperts(ExpertDispatch):
             self.register_buffer(f"{kind}_s", torch.empty(n_experts, -(-r // 128), -(-c // 128),
                                                           dtype=torch.float32, device=device))
 
-    def _w(self, kind, e, dtype):
-        return dequantize(getattr(self, f"{kind}_q")[e], getattr(self, f"{kind}_s")[e], BLOCK, dtype)
-
     def expert_ffn(self, x_sorted, counts_E):
-        y = x_sorted.new_zeros(x_sorted.shape[0], self.down_q.shape[1])
-        start = 0
-        for e, n in enumerate(counts_E.tolist()):
-            if n:
-                x = x_sorted[start:start + n]
-                h = F.silu(F.linear(x, self._w("gate", e, x.dtype))) * F.linear(x, self._w("up", e, x.dtype))
-                y[start:start + n] = F.linear(h, self._w("down", e, x.dtype))
-            start += n
-        return y
+        return fp8_stored_swiglu(x_sorted, counts_E, *(getattr(self, f"{k}_{t}") for k in ("gate", "up", "down")
+                                                        for t in ("q", "s")))
+
+
+def fp8_stored_swiglu(x_sorted, counts_E, gate_q, gate_s, up_q, up_s, down_q, down_s):
+    """The grouped SwiGLU on E4M3 expert weights [E, ...] with their 128x128 block scales: rows sorted by
+    expert, each expert that received rows dequantised just before use (one expert's weights at a time)."""
+    def w(q, s, e, dtype):
+        return dequantize(q[e], s[e], BLOCK, dtype)
+
+    y = x_sorted.new_zeros(x_sorted.shape[0], down_q.shape[1])
+    start = 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n:
+            x = x_sorted[start:start + n]
+            h = F.silu(F.linear(x, w(gate_q, gate_s, e, x.dtype))) * F.linear(x, w(up_q, up_s, e, x.dtype))
+            y[start:start + n] = F.linear(h, w(down_q, down_s, e, x.dtype))
+        start += n
+    return y
 
 
 def _swap_in_fp8_storage(model: DeepseekV3, dtype, fp8_gemm: bool):
@@ -145,6 +152,15 @@ def _swap_in_fp8_storage(model: DeepseekV3, dtype, fp8_gemm: bool):
         setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def stores_fp8(weights: str, cfg: ModelConfig) -> bool:
+    """--weights: `fp8` keeps the recipe's weights in E4M3 with their block scales (a BF16 checkpoint is
+    block-quantised on load); `dense` holds them in the model dtype; `auto` is fp8 for a checkpoint in
+    the released FP8 layout."""
+    if weights not in ("auto", "fp8", "dense"):
+        raise ValueError(f"--weights {weights}: one of auto, fp8, dense")
+    return weights == "fp8" or (weights == "auto" and (cfg.quantization_config or {}).get("quant_method") == "fp8")
+
+
 def fp8_pair(ck: CheckpointReader, name: str, t: torch.Tensor):
     """(E4M3 tensor, block scales) for a recipe weight: an FP8 tensor's own scales, or a high-precision
     tensor quantised here."""
@@ -158,20 +174,33 @@ def load_fp8(path, dtype=torch.bfloat16, device="cpu", fp8_gemm: bool = False, m
     tensors are used as stored; a BF16 checkpoint's are quantised on load). Other weights: `dtype`.
     The same walk and checks as `fewchips.from_pretrained`; only where each tensor goes differs."""
     ck = CheckpointReader(path, mtp)
-    cfg = ck.cfg
+    model = fp8_meta_model(ck, dtype, fp8_gemm).to_empty(device=device)
+    return fill_fp8(model, ck).eval()
+
+
+def fp8_meta_model(ck: CheckpointReader, dtype=torch.bfloat16, fp8_gemm: bool = False) -> DeepseekV3:
+    """The model of `ck` on the meta device with the recipe's weights held in FP8 storage."""
     if ck.block != BLOCK:
         raise CheckpointError(f"{ck.path}: weight_block_size {list(ck.block)} is not supported (only [128, 128])")
     with torch.device("meta"):
-        model = DeepseekV3(cfg).to(dtype)
+        model = DeepseekV3(ck.cfg).to(dtype)
         for m in model.modules():                  # the balancing bias is FP32 whatever `dtype` is
             if isinstance(m, Router):
-                m.e_score_correction_bias = torch.empty(cfg.n_routed_experts, dtype=torch.float32)
+                m.e_score_correction_bias = torch.empty(ck.cfg.n_routed_experts, dtype=torch.float32)
     _swap_in_fp8_storage(model, dtype, fp8_gemm)
-    model = model.to_empty(device=device)
+    return model
+
+
+def fill_fp8(model: DeepseekV3, ck: CheckpointReader, skip_experts: bool = False) -> DeepseekV3:
+    """Fill an FP8-storage model (`fp8_meta_model`, materialised) from `ck`. skip_experts: the routed
+    experts are read by their own module (serving over ranks reads only the experts a rank holds)."""
+    cfg = ck.cfg
     targets = dict(model.state_dict(keep_vars=True))
     fill = Fill(ck, {k: (v.numel(), _fp8_disk_name(cfg, k, v)) for k, v in targets.items()
                      if not (k == "lm_head.weight" and cfg.tie_word_embeddings)})
     for e in ck.entries():
+        if e.expert is not None and skip_experts:
+            continue
         if e.expert is not None:
             base, i, kind = e.expert
             kind = kind.removesuffix("_proj")
@@ -191,7 +220,7 @@ def load_fp8(path, dtype=torch.bfloat16, device="cpu", fp8_gemm: bool = False, m
         else:
             fill.put(e.memory, targets.get(e.memory), ck.dequantized(e.name), e)
     fill.check()
-    return model.eval()
+    return model
 
 
 def _fp8_disk_name(cfg: ModelConfig, key: str, t: torch.Tensor) -> str:

@@ -8,10 +8,10 @@ Rank 0's engine drives a `LockstepModel`: each call that runs MoE layers (a pref
 step, the MTP module) is first announced to the other ranks on a control group (the method, and every
 tensor argument broadcast from rank 0: token ids, positions, block tables), and each of them makes
 the same call on its replica with its own paged cache (`follow`). A step's tokens are therefore on
-every rank, and each MoE layer splits them: rank r takes rows [r·n, (r+1)·n) of the step's n·N (padded)
-tokens through training's expert-parallel dispatch and combine (`ExpertParallelExperts`: the copies
-go to the rank holding their expert and come back), and an all-gather gives every rank every token's
-output again (`ServingExperts`). Each rank loads only its experts (`load_for_ranks`, the sharded reader).
+every rank, and each MoE layer splits them (`experts.ServingExperts`): rank r takes its 1/N of the
+step's tokens through expert parallelism's dispatch and combine to the slots holding their experts (its
+own E/N and the replicas of hot ones), and an all-gather gives every rank every token's output again.
+Each rank reads only the experts it holds (`load_for_ranks`); FP8 weights stay FP8 (`--weights`).
 
 A collective that fails (a rank died or hangs) ends this process with one line (`abort_on_failure`);
 torchrun then stops the others. SIGTERM is rank 0's to handle: it drains as a one-process server does,
@@ -25,57 +25,60 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..checkpoint import CheckpointReader, load_weights
-from ..model import DeepseekV3, MoE, RoutedExperts
-from ..parallel.expert_parallel import ExpertParallelExperts
+from ..fp8.checkpoint import fill_fp8, fp8_meta_model, stores_fp8
+from ..hf_format import disk_name
+from ..model import DeepseekV3, MoE
 from ..parallel.mesh import abort_on_failure
-from ..parallel.shards import held_rows
+from .experts import COUNTERS, Placement, ServingExperts, replica_summary
 
 STOP = "stop"
 CACHE = ("cache",)             # the engine's paged cache: each rank passes its own
 
 
-class ServingExperts(ExpertParallelExperts):
-    """Routed experts at ep N when every rank holds the step's tokens (attention replicated): this rank's
-    1/N of the tokens through the training dispatch/combine, then every rank's outputs all-gathered."""
-
-    def forward(self, x_MD, experts_MK, weights_MK, shared=None):
-        M, P = x_MD.shape[0], self.ep
-        n = -(-M // P)
-        pad = n * P - M                   # padding rows go to expert 0 with weight 0: their output is dropped
-        if pad:
-            x_MD, experts_MK, weights_MK = (F.pad(t, (0, 0, 0, pad)) for t in (x_MD, experts_MK, weights_MK))
-        r = dist.get_rank(self.group)
-        mine = slice(r * n, (r + 1) * n)
-        y_nD = super().forward(x_MD[mine], experts_MK[mine], weights_MK[mine], shared).contiguous()
-        out = torch.empty(n * P, y_nD.shape[1], dtype=y_nD.dtype, device=y_nD.device)
-        dist.all_gather_single(out, y_nD, group=self.group)
-        return out[:M]
-
-
-def load_for_ranks(path: str, par, dtype=None, mtp: bool | None = None) -> DeepseekV3:
+def load_for_ranks(path: str, par, dtype=None, mtp: bool | None = None, weights: str = "auto", redundant: int = 0,
+                   rebalance_every: int = 0, loads: dict | None = None) -> DeepseekV3:
     """The model of a Hugging Face directory with its routed experts split over `par`'s ep ranks: built on
-    the meta device, each rank allocating and reading only what it holds (its experts' rows; every other
-    tensor whole)."""
+    the meta device, each rank allocating and reading only what it holds (its experts and its replicas'
+    rows; every other tensor whole). `loads`: per MoE layer (its `...mlp.experts` name on disk) the expert
+    loads the replicas are first placed for (None: no measured loads yet)."""
     ck = CheckpointReader(path, mtp)
-    with torch.device("meta"):
-        model = DeepseekV3(ck.cfg)
-    model = model.to(dtype or ck.stored_dtype())
-    for m in model.modules():
-        if isinstance(m, MoE) and isinstance(m.experts, RoutedExperts):
-            dense = m.experts
-            m.experts = ServingExperts.from_dense(dense, par, fp8_dispatch=False)
+    fp8 = stores_fp8(weights, ck.cfg)
+    dtype = dtype or ck.stored_dtype()
+    if fp8:
+        model = fp8_meta_model(ck, dtype, fp8_gemm=par.device.type == "cuda")
+    else:
+        with torch.device("meta"):
+            model = DeepseekV3(ck.cfg)
+        model = model.to(dtype)
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, MoE):
+            m.experts = ServingExperts(ck.cfg, par, dtype, fp8, redundant, rebalance_every)
+            layers[disk_name(ck.cfg, name + ".experts")] = m.experts
     model.to_empty(device=par.device)
     model.tie_weights()
-    return load_weights(model, ck, held_rows).eval()
+    for disk, experts in layers.items():
+        if loads is not None and disk in loads:
+            experts.set_placement(Placement.place(torch.as_tensor(loads[disk]), par.ep, redundant))
+    if fp8:
+        fill_fp8(model, ck, skip_experts=True)
+    else:
+        load_weights(model, ck, skip_experts=True)
+    for disk, experts in layers.items():
+        experts.load(ck, disk)
+    return model.eval()
 
 
 def held_bytes(model) -> int:
-    """Bytes of the weights this rank holds (its local shards)."""
+    """Bytes of the weights this rank holds (parameters and stored weights; not the load counters)."""
     from torch.distributed.tensor import DTensor
-    return sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
+    seen = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name.rsplit(".", 1)[-1] not in COUNTERS:
+            seen[t.data_ptr() if t.numel() else name] = (t.to_local() if isinstance(t, DTensor) else t).nbytes
+    return sum(seen.values())
 
 
 def control_group():
@@ -175,7 +178,12 @@ class Ranks:
 
     def close(self):
         """Rank 0 tells the others to stop; every rank leaves the process group."""
+        import sys
+
         from ..parallel.mesh import shutdown
         if self._lockstep is not None:
             self._lockstep.stop()
+            summary = replica_summary(self._lockstep._model)
+            if summary:
+                print(summary, file=sys.stderr, flush=True)
         shutdown()

@@ -174,28 +174,74 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-class ExpertParallelExperts(nn.Module):
-    """Drop-in for `RoutedExperts` (same call, same parameter names and global shapes) whose experts
-    live on their owner ranks."""
+class ExpertExchange(nn.Module):
+    """The dispatch/combine of expert parallelism over `n_slots` expert slots, `n_local` per ep rank (rank
+    r holds slots [r*n_local, (r+1)*n_local)). Training's slots are the experts themselves; serving adds
+    replicas of hot experts as extra slots (fewchips.inference.experts)."""
 
     overlap = True                          # the shared experts run while the dispatch travels
 
-    def __init__(self, n_experts: int, gate_up_LFD: torch.Tensor, down_LDF: torch.Tensor, par: Parallel):
+    def __init__(self, n_slots: int, par: Parallel):
         super().__init__()
-        self.n_experts, self.ep, self.n_local = n_experts, par.ep, n_experts // par.ep
+        self.ep, self.n_local = par.ep, n_slots // par.ep
         self.group = par.ep_group
-        self.first = par.ep_rank * self.n_local             # global id of local expert 0
-        ep_mesh = par.mesh["ep"]                            # replicas over dp: FSDP shards them there (apply_fsdp)
-        self.gate_up_proj = nn.Parameter(DTensor.from_local(gate_up_LFD, ep_mesh, [Shard(0)], run_check=False))
-        self.down_proj = nn.Parameter(DTensor.from_local(down_LDF, ep_mesh, [Shard(0)], run_check=False))
         self.comm_seconds = 0.0                             # all-to-all wall time, forward and backward
         self.dispatch_bytes = 0                             # bytes of the token rows the forward dispatch sent
         self.dispatch_rows = 0                              # and how many rows
         self.fp8_bytes_sent = 0                             # FP8 codes and scales sent (both directions)
-        self.swiglu = expert_swiglu                         # the grouped FFN: the replaced module's (FP8 too)
         self.backward_group = None                          # the backward's all-to-alls (None: self.group);
         #                                                     DualPipe's overlapped chunks set their own
         self.fp8_dispatch = False                           # FP8 experts: dispatch in FP8 (set by from_dense)
+
+    def exchange(self, x_sorted, counts_E, fn, meanwhile=None):
+        """Send rows sorted by global expert to their owners, apply fn(x_local, counts_L) there (rows
+        sorted by local expert), and bring the results back in the original order. `meanwhile()` runs
+        while the rows travel (with `overlap`; after they land otherwise)."""
+        P, L = self.ep, self.n_local
+        counts_PL = counts_E.view(P, L)
+        recv_PL = torch.empty_like(counts_PL)
+        dist.all_to_all_single(recv_PL, counts_PL.contiguous(), group=self.group)  # counts first
+        send = counts_PL.sum(1).tolist()
+        recv = recv_PL.sum(1).tolist()
+        self.dispatch_rows += x_sorted.shape[0]
+        inflight = InFlight() if self.overlap else None
+        if self.fp8_dispatch:
+            before = self.fp8_bytes_sent
+            x_recv, q_recv, s_recv = _FP8Dispatch.apply(x_sorted, recv, send, self.group, self, inflight,
+                                                        self.backward_group)
+            self.dispatch_bytes += self.fp8_bytes_sent - before
+        else:
+            self.dispatch_bytes += x_sorted.numel() * x_sorted.element_size()
+            x_recv = all_to_all(x_sorted, recv, send, self.group, self, inflight, self.backward_group)
+        if meanwhile is not None:
+            meanwhile()
+        if inflight is not None:
+            inflight.wait(self)
+        # Received rows are peer-major; the grouped FFN wants them expert-major.
+        local_id = torch.arange(L, device=x_recv.device).repeat(P).repeat_interleave(recv_PL.flatten())
+        perm = local_id.argsort(stable=True)
+        if self.fp8_dispatch:                     # the up-projection takes the received FP8 rows as they are
+            y_local = fn(x_recv[perm], recv_PL.sum(0), x_fp8=(q_recv[perm], s_recv[perm]))
+        else:
+            y_local = fn(x_recv[perm], recv_PL.sum(0))
+        y_recv = torch.empty_like(y_local).index_copy_(0, perm, y_local)
+        if self.fp8_dispatch:
+            return _FP8GradCombine.apply(y_recv, send, recv, self.group, self, self.backward_group)
+        return all_to_all(y_recv, send, recv, self.group, self, backward_group=self.backward_group)
+
+
+class ExpertParallelExperts(ExpertExchange):
+    """Drop-in for `RoutedExperts` (same call, same parameter names and global shapes) whose experts
+    live on their owner ranks."""
+
+    def __init__(self, n_experts: int, gate_up_LFD: torch.Tensor, down_LDF: torch.Tensor, par: Parallel):
+        super().__init__(n_experts, par)
+        self.n_experts = n_experts
+        self.first = par.ep_rank * self.n_local             # global id of local expert 0
+        ep_mesh = par.mesh["ep"]                            # replicas over dp: FSDP shards them there (apply_fsdp)
+        self.gate_up_proj = nn.Parameter(DTensor.from_local(gate_up_LFD, ep_mesh, [Shard(0)], run_check=False))
+        self.down_proj = nn.Parameter(DTensor.from_local(down_LDF, ep_mesh, [Shard(0)], run_check=False))
+        self.swiglu = expert_swiglu                         # the grouped FFN: the replaced module's (FP8 too)
 
     @classmethod
     def from_dense(cls, experts: RoutedExperts, par: Parallel, fp8_dispatch: bool | None = None) -> "ExpertParallelExperts":
@@ -233,42 +279,6 @@ class ExpertParallelExperts(nn.Module):
         y_sorted = y_sorted * weights_MK.reshape(-1)[order, None].to(y_sorted.dtype)
         y_MD = torch.zeros_like(x_MD).index_add_(0, token_of, y_sorted.to(x_MD.dtype))  # bf16 under autocast
         return y_MD if shared is None else y_MD + side["y"]
-
-    def exchange(self, x_sorted, counts_E, fn, meanwhile=None):
-        """Send rows sorted by global expert to their owners, apply fn(x_local, counts_L) there (rows
-        sorted by local expert), and bring the results back in the original order. `meanwhile()` runs
-        while the rows travel (with `overlap`; after they land otherwise)."""
-        P, L = self.ep, self.n_local
-        counts_PL = counts_E.view(P, L)
-        recv_PL = torch.empty_like(counts_PL)
-        dist.all_to_all_single(recv_PL, counts_PL.contiguous(), group=self.group)  # counts first
-        send = counts_PL.sum(1).tolist()
-        recv = recv_PL.sum(1).tolist()
-        self.dispatch_rows += x_sorted.shape[0]
-        inflight = InFlight() if self.overlap else None
-        if self.fp8_dispatch:
-            before = self.fp8_bytes_sent
-            x_recv, q_recv, s_recv = _FP8Dispatch.apply(x_sorted, recv, send, self.group, self, inflight,
-                                                        self.backward_group)
-            self.dispatch_bytes += self.fp8_bytes_sent - before
-        else:
-            self.dispatch_bytes += x_sorted.numel() * x_sorted.element_size()
-            x_recv = all_to_all(x_sorted, recv, send, self.group, self, inflight, self.backward_group)
-        if meanwhile is not None:
-            meanwhile()
-        if inflight is not None:
-            inflight.wait(self)
-        # Received rows are peer-major; the grouped FFN wants them expert-major.
-        local_id = torch.arange(L, device=x_recv.device).repeat(P).repeat_interleave(recv_PL.flatten())
-        perm = local_id.argsort(stable=True)
-        if self.fp8_dispatch:                     # the up-projection takes the received FP8 rows as they are
-            y_local = fn(x_recv[perm], recv_PL.sum(0), x_fp8=(q_recv[perm], s_recv[perm]))
-        else:
-            y_local = fn(x_recv[perm], recv_PL.sum(0))
-        y_recv = torch.empty_like(y_local).index_copy_(0, perm, y_local)
-        if self.fp8_dispatch:
-            return _FP8GradCombine.apply(y_recv, send, recv, self.group, self, self.backward_group)
-        return all_to_all(y_recv, send, recv, self.group, self, backward_group=self.backward_group)
 
     def expert_ffn(self, x_sorted, counts_L, **kw):
         """The grouped SwiGLU of the replaced experts (plain or FP8) on the local experts' weights. Their

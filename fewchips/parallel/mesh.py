@@ -148,7 +148,10 @@ def _stage_mesh(full: DeviceMesh, device_type: str) -> DeviceMesh:
 
 
 def shutdown():
+    """Leave the process group at a normal end: a barrier first, so no rank closes its connections while a
+    peer is still in a collective on them (gloo aborts a process whose peer vanishes mid-teardown)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

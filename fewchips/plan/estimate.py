@@ -559,6 +559,47 @@ def _fewchips_terms(p: Params, layout: Layout, s: int, blocks, seq: int, micro_b
 # Serving, time and cost
 # ---------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=8)
+def _param_shapes(cfg_json: str) -> tuple:
+    import torch
+
+    from fewchips.model import DeepseekV3
+    with torch.device("meta"):
+        model = DeepseekV3(ModelConfig.from_dict(json.loads(cfg_json)))
+    return tuple((n, tuple(t.shape)) for n, t in [*model.named_parameters(), *model.named_buffers()])
+
+
+def _fp8_bytes(rows: int, cols: int) -> int:
+    return rows * cols + 4 * math.ceil(rows / 128) * math.ceil(cols / 128)    # E4M3 + an FP32 scale per block
+
+
+def serving_weight_bytes(cfg: ModelConfig, ep: int = 1, fp8: bool = False, redundant: int = 0,
+                         dtype_bytes: int = 2, mtp: bool = True) -> dict:
+    """The weight bytes one rank of `fewchips serve --ep N` holds (what it reports at start-up): every
+    tensor whole except the routed experts, of which E/N own plus R/N replicas per MoE layer. fp8
+    (`--weights fp8`): the recipe's linears and experts as E4M3 with 128x128 FP32 scales (gate and up
+    quantised apart, as the release stores them), the router bias FP32, the rest in the model dtype."""
+    from fewchips.fp8.recipe import is_fp8_linear
+    slots = cfg.n_routed_experts // ep + redundant // ep
+    out = {"experts": 0, "rest": 0}
+    for name, shape in _param_shapes(json.dumps(cfg.to_dict(), sort_keys=True)):
+        if name.startswith("mtp.") and not mtp:
+            continue
+        routed = re.search(r"\.mlp\.experts\.(gate_up_proj|down_proj)$", name)
+        if routed:
+            r, c = shape[1:]
+            mats = [(r // 2, c)] * 2 if routed.group(1) == "gate_up_proj" else [(r, c)]
+            per = sum(_fp8_bytes(a, b) if fp8 else a * b * dtype_bytes for a, b in mats)
+            out["experts"] += slots * per
+        elif fp8 and name.endswith(".weight") and len(shape) == 2 and is_fp8_linear(name[:-len(".weight")]):
+            out["rest"] += _fp8_bytes(*shape)
+        else:
+            el = 4 if (fp8 and name.endswith("e_score_correction_bias")) else dtype_bytes
+            out["rest"] += math.prod(shape) * el
+    out["total"] = out["experts"] + out["rest"]
+    return out
+
+
 def serving_terms(p: Params, gpu: GPU, n_gpus: int, seq: int, fp8: bool) -> list[Term]:
     """The MLA cache (normalised latent + rotated rope key per layer, BF16) and how many tokens of it
     fit beside the weights on n_gpus (an upper bound: no activation workspace)."""

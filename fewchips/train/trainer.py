@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ModelConfig
+from ..hf_format import write_expert_loads
 from ..losses import max_violation, moe_routers, update_biases
 from ..model import DeepseekV3
 from .build import autocast_dtype, build_model, build_optimizer, clip_grad_norm
@@ -340,8 +341,11 @@ class Trainer:
                 self.ema.swap(self.model)
 
     def _export(self, out: str):
+        def files(folder):
+            self.run.write_tokenizer(self.tok, folder)
+            write_expert_loads(folder, self.cfg, self.load_accum_LE, self.tokens_seen)
         try:
-            self.layout.export(self.model, out, lambda folder: self.run.write_tokenizer(self.tok, folder))
+            self.layout.export(self.model, out, files)
         except OSError as e:
             raise TrainError(f"could not export the model to {out} ({e.strerror or e}); "
                              f"the checkpoint in {self.ckpt_dir} is intact") from e

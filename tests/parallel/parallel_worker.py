@@ -354,7 +354,7 @@ def main():
         res = pipeline(sys.argv[3], int(sys.argv[4]))
         with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
             json.dump(res, f)
-        dist.destroy_process_group()
+        shutdown()
         return
     if scenario == "pipeline_overlap":
         res = pipeline_overlap(sys.argv[3] == "on", sys.argv[4])
@@ -395,3 +395,6 @@ def main():
 
 if __name__ == "__main__":
     main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)     # results are written and the group is closed; gloo's threads at interpreter exit are not under test

@@ -250,9 +250,35 @@ def test_search_finds_the_fewest_gpus_that_fit(capsys):
 
 
 def test_search_serving_v3_fp8_on_h800(capsys):
+    """fewchips serve --ep N replicates everything but the routed experts: V3's 18 GiB of FP8 non-expert
+    weights sit on every rank beside 1/N of the 620 GiB of experts, so 8 x 80 GiB (which would hold the
+    627 GiB split evenly) do not fit (18 + 78 GiB each) and 16 do."""
     assert main(["plan", "--preset", "v3", "--gpu", "h800", "--fp8", "--search", "serve", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["gpus"] == 8 and out["need_gib"] <= 8 * 80 < out["need_gib"] + 80      # 627 GiB of FP8 weights
+    assert out["gpus"] == out["ep"] == 16 and out["need_gib"] <= 80
+    assert 17 < out["rest_gib"] < 19 and out["experts_gib"] * 16 == pytest.approx(620, rel=0.01)
+    eight = est.serving_weight_bytes(ModelConfig.from_preset("v3"), 8, fp8=True)["total"] / 2**30
+    assert eight > 80
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_serving_bytes_are_what_each_rank_holds(tmp_path, fp8):
+    """The planner's per-rank weight bytes equal the bytes the server's ranks allocate (`held_bytes` of
+    `load_for_ranks`, the tensors themselves), FP8 storage and replicas included."""
+    import torch
+    from types import SimpleNamespace
+
+    from inference_utils import save_tiny_model_dir
+    from fewchips.inference.ranks import held_bytes, load_for_ranks
+    d = save_tiny_model_dir(tmp_path / "m")
+    cfg = ModelConfig.from_json(d)
+    for ep, redundant in ((1, 0), (2, 0), (4, 4)):
+        want = est.serving_weight_bytes(cfg, ep, fp8=fp8, redundant=redundant, dtype_bytes=4, mtp=False)["total"]
+        for rank in range(ep):
+            par = SimpleNamespace(ep=ep, ep_rank=rank, ep_group=None, device=torch.device("cpu"))
+            model = load_for_ranks(d, par, torch.float32, mtp=False, weights="fp8" if fp8 else "dense",
+                                   redundant=redundant)
+            assert held_bytes(model) == want, (ep, rank)
 
 
 def test_fewchips_memory_counts_the_bytes_the_trainer_allocates(tmp_path):
