@@ -1,0 +1,65 @@
+"""The routed experts' fp32 CPU GEMM forms side by side: `expert_swiglu` with the runs padded into one
+`bmm` against `grouped_mm` (one GEMM per expert), forward + backward of one MoE layer's experts, for
+even and skewed loads. What `ops.padded_bmm_pays` decides per CPU.
+
+    python benchmarks/bench_expert_gemm.py [--experts 32 --dim 512 --width 256 --rows 4096]
+"""
+
+import argparse
+import platform
+import time
+
+import torch
+
+from fewchips import ops
+
+
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--experts", type=int, default=32)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--rows", type=int, default=4096, help="token copies (tokens x top-k)")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    E, D, Fd, N = args.experts, args.dim, args.width, args.rows
+    g = torch.Generator().manual_seed(0)
+    w1 = (torch.randn(E, 2 * Fd, D, generator=g) * 0.02).requires_grad_()
+    w2 = (torch.randn(E, D, Fd, generator=g) * 0.02).requires_grad_()
+    gy = torch.randn(N, D, generator=g)
+
+    def timed(pays, x, c):
+        ops.padded_bmm_pays = lambda: pays
+        best = float("inf")
+        for _ in range(args.repeats + 1):
+            xx = x.detach().requires_grad_()
+            t = time.perf_counter()
+            ops.expert_swiglu(xx, c, w1, w2).backward(gy)
+            best = min(best, time.perf_counter() - t)
+            w1.grad = w2.grad = None
+        return best * 1e3
+
+    print(f"{E} experts, {D} -> 2x{Fd} -> {D}, {N} rows, fp32, forward + backward, best of {args.repeats}; "
+          f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}; "
+          f"this CPU pads: {ops.padded_bmm_pays()}")
+    cases = [("even", torch.full((E,), N // E))]
+    for skew in (0.5, 1.0):
+        p = torch.rand(E, generator=g) ** skew
+        cases.append((f"skew {skew}", torch.distributions.Multinomial(N - 8 * E, p / p.sum()).sample().long() + 8))
+    for name, c in cases:
+        x = torch.randn(int(c.sum()), D, generator=g)
+        pad = E * int(c.max()) / int(c.sum())
+        print(f"  {name:9s} (padding {pad:.2f}x): padded bmm {timed(True, x, c):6.1f} ms   "
+              f"grouped_mm {timed(False, x, c):6.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
