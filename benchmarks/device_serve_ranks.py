@@ -1,6 +1,8 @@
 """Device check for serving over ranks (issue 25): `fewchips serve --ep N` under torchrun with NCCL, one
 rank per GPU, against one process on the same model: greedy tokens equal, logprobs close (bf16: 2e-2),
-and the per-rank weights each rank reports. Needs 2+ GPUs; `--cpu-smoke` runs the same script on gloo
+and the per-rank weights each rank reports; then the same with `--weights fp8` (E4M3 linears on the FP8
+GEMM, E4M3 experts) and N redundant experts re-placed every 4 forward calls, against one process with
+`--weights fp8`. Needs 2+ GPUs; `--cpu-smoke` runs the same script on gloo
 with 2 CPU processes (what was checked here, without a GPU).
 
     PYTHONUNBUFFERED=1 python benchmarks/device_serve_ranks.py --json $OUT/serve_ranks.json
@@ -72,12 +74,17 @@ def main():
         lps = [g["choices"][0]["logprobs"] for g in got]
         return [x["tokens"] for x in lps], [x["token_logprobs"] for x in lps], seconds, out
 
-    one = answers(serve)
-    ranked = answers(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *serve, "--ep", str(n)])
-    result["tokens_equal"] = one[0] == ranked[0]
-    result["max_logprob_diff"] = max(abs(a - b) for x, y in zip(one[1], ranked[1]) for a, b in zip(x, y))
-    result["seconds_one_process"], result["seconds_ranked"] = one[2], ranked[2]
-    result["held"] = [line for line in ranked[3].splitlines() if "MiB of weights" in line]
+    for tag, extra, rank_extra in (("", [], []),
+                                   ("fp8_replicas_", ["--weights", "fp8"],
+                                    ["--redundant-experts", str(n), "--rebalance-every", "4"])):
+        one = answers([*serve, *extra])
+        ranked = answers(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *serve, *extra,
+                          *rank_extra, "--ep", str(n)])
+        result[f"{tag}tokens_equal"] = one[0] == ranked[0]
+        result[f"{tag}max_logprob_diff"] = max(abs(a - b) for x, y in zip(one[1], ranked[1]) for a, b in zip(x, y))
+        result[f"{tag}seconds_one_process"], result[f"{tag}seconds_ranked"] = one[2], ranked[2]
+        result[f"{tag}held"] = [line for line in ranked[3].splitlines() if "MiB of weights" in line]
+        result[f"{tag}replicas"] = [line for line in ranked[3].splitlines() if line.startswith("expert replicas")]
     print(json.dumps(result, indent=2))
     if args.json:
         json.dump(result, open(args.json, "w"), indent=2)

@@ -25,8 +25,6 @@ F expert width, f = 2F gate and up rows).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -192,26 +190,15 @@ def gathered_swiglu(x_MD, experts_MK, weights_MK, gate_up_EfD, down_EDF):
 CPU_GEMM_ROW_BITS = 4
 
 
-@functools.lru_cache(maxsize=None)
-def padded_bmm_pays() -> bool:
-    """Whether fp32 experts on this CPU run faster as one padded `bmm` than as `grouped_mm`'s GEMM per
-    expert. Measured forward + backward, 32 experts x 128 rows, 512 -> 2x256 -> 512: on an AVX-512 Xeon
-    the padded bmm is ~3x faster at even loads; on an AVX2 AMD EPYC (Zen 2) `grouped_mm` is faster even
-    at even loads (105 against 111-119 ms) and 1.5-1.9x faster at the 1.4-1.8x padding of trained
-    routing, where the padded rows are spent FLOPs."""
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-
-
 @torch.compiler.disable   # grouped_mm's meta kernel accepts only bf16 and the row counts are data-dependent
 def expert_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF):
     """Grouped SwiGLU: rows of x_sorted belong to experts 0..E-1 in runs of counts_E.
 
     `grouped_mm` is the fused kernel on GPUs. On CPU it issues one GEMM per expert: right for
-    decode-sized batches (most experts idle) and skewed loads. Where a padded `bmm` is faster for
-    balanced training batches (low precision; fp32 where `padded_bmm_pays`), the runs are padded to the
-    longest one and batched when that at most doubles the rows (measured, 3x padding already loses).
-    In bf16 on CPU the runs are rounded up to a few shapes (CPU_GEMM_ROW_BITS). No Python loop over
-    experts."""
+    decode-sized batches (most experts idle) and skewed loads, ~3x slower than `bmm` for balanced
+    training batches, so there the runs are padded to the longest one and batched when that at most
+    doubles the rows (measured, 3x padding already loses). In bf16 on CPU the runs are rounded up to
+    a few shapes (CPU_GEMM_ROW_BITS). No Python loop over experts."""
     E, (N, D) = counts_E.shape[0], x_sorted.shape
     device = x_sorted.device.type
     # grouped_mm is not on autocast's list: cast by hand (weights follow the activations without autocast)
@@ -221,7 +208,7 @@ def expert_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF):
         return _grouped_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF)
     cap = int(counts_E.max()) if N else 0
     aligned = all(n * x_sorted.element_size() % 16 == 0 for n in (D, down_EDF.shape[-1]))  # grouped_mm needs it
-    padded_bmm = not aligned or (x_sorted.dtype != torch.float32 or padded_bmm_pays()) and N >= E and E * cap <= 2 * N
+    padded_bmm = not aligned or N >= E and E * cap <= 2 * N
     if padded_bmm:
         run_E = torch.full_like(counts_E, cap)
     elif x_sorted.dtype != torch.float32 and cap >= 1 << CPU_GEMM_ROW_BITS:
