@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
+
+from machine import cpu_name
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -38,15 +39,6 @@ from fewchips import DeepseekV3, ModelConfig  # noqa: E402
 from fewchips.inference.engine import Engine, Request  # noqa: E402
 from fewchips.inference.sampling import SamplingParams  # noqa: E402
 
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def matmul_rate(n: int = 1024, reps: int = 10) -> float:

@@ -6,19 +6,14 @@ backward of one MoE layer's experts, for even and skewed loads.
 """
 
 import argparse
-import platform
 import time
 
 import torch
 
+from machine import cpu_name
+
 from fewchips import ops
 
-
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main():

@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from machine import cpu_name
+
 from fewchips.runtime import keep_freed_memory
 
 
@@ -182,7 +184,7 @@ def main():
     torch.set_num_threads(args.threads)
     import transformers
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": _cpu_name(), "cpus": os.cpu_count(),
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_name(), "cpus": os.cpu_count(),
             "threads": args.threads, "load_average_1m": load, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(), **{
                 k: getattr(args, k) for k in ("prefill_len", "context", "steps", "rounds", "dtype")}}
@@ -200,16 +202,6 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
 
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -18,10 +18,11 @@ import argparse
 import glob
 import json
 import os
-import platform
 import sysconfig
 
 import torch
+
+from machine import cpu_name
 
 from fewchips import from_pretrained
 from fewchips.hf_format import moe_expert_names
@@ -29,15 +30,6 @@ from fewchips.inference.experts import Placement, imbalance
 from fewchips.inference.tokenizer import Tokenizer
 from fewchips.model import MoE
 
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def route(model, tok, files, seq, max_tokens):

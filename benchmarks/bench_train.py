@@ -50,6 +50,29 @@ def balance_routing(model, ids, iters, gamma=0.005):
     return vio[0], vio[-1]
 
 
+def training_steps(ours, hf, opt_ours, opt_hf, tc, amp):
+    """One training step of each on a batch of windows [B, T+1]: ours the trainer's (`compute_losses`,
+    its clip, AdamW, the bias update), transformers' `model(ids, labels=ids).loss`, clip, the same AdamW."""
+    routers = L.moe_routers(ours)
+
+    def step_ours(ids):
+        main, _, bal, stats = L.compute_losses(ours, ids, 0.0, amp)
+        (main + tc.balance_alpha * bal).backward()
+        B.clip_grad_norm(ours, opt_ours, 1.0)        # the trainer's clip
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+        L.update_biases(routers, stats.load, 1e-3)
+
+    def step_hf(ids):
+        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            loss = hf(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        opt_hf.step()
+        opt_hf.zero_grad(set_to_none=True)
+    return step_ours, step_hf
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", nargs="+", default=["small", "tiny"])
@@ -90,27 +113,12 @@ def main():
         ours.train(), hf.train()
         if args.compile:
             B.compile_layers(ours)
-        routers = L.moe_routers(ours)
         opt_ours, _ = B.build_optimizer(ours, tc)
         opt_hf, _ = B.build_optimizer(hf, tc)
 
         # A fresh batch every step (the same sequence for both models): repeating one batch overfits it
         # within a few steps and collapses the routing onto a few experts, which is not what training sees.
-        def step_ours(ids):
-            main, _, bal, stats = L.compute_losses(ours, ids, 0.0, amp)
-            (main + tc.balance_alpha * bal).backward()
-            B.clip_grad_norm(ours, opt_ours, 1.0)        # the trainer's clip
-            opt_ours.step()
-            opt_ours.zero_grad(set_to_none=True)
-            L.update_biases(routers, stats.load, 1e-3)
-
-        def step_hf(ids):
-            with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
-                loss = hf(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-            opt_hf.step()
-            opt_hf.zero_grad(set_to_none=True)
+        step_ours, step_hf = training_steps(ours, hf, opt_ours, opt_hf, tc, amp)
 
         for ids in batches[:args.warmup]:   # allocations, optimizer state, compiling; oneDNN's kernels per shape
             step_ours(ids), step_hf(ids)

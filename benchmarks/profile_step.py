@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 
 import torch
@@ -24,23 +23,14 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(__file__))
+from machine import cpu_name  # noqa: E402
 from bench_model import forward_flops  # noqa: E402
-from bench_train import balance_routing  # noqa: E402
+from bench_train import balance_routing, training_steps  # noqa: E402
 
 from fewchips import DeepseekV3, ModelConfig  # noqa: E402
-from fewchips import losses as L  # noqa: E402
 from fewchips.runtime import keep_freed_memory  # noqa: E402
 from fewchips.train import build as B, config as C  # noqa: E402
 
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kw) -> int:
@@ -118,24 +108,8 @@ def main():
     tc = C.TrainConfig(mtp_lambda=0.0, mtp_lambda_late=0.0)
     opt_ours, _ = B.build_optimizer(ours, tc)
     opt_hf, _ = B.build_optimizer(hf, tc)
-    routers = L.moe_routers(ours)
+    step_ours, step_hf = training_steps(ours, hf, opt_ours, opt_hf, tc, amp)
     it = iter(batches)
-
-    def step_ours(ids):
-        main, _, bal, stats = L.compute_losses(ours, ids, 0.0, amp)
-        (main + tc.balance_alpha * bal).backward()
-        B.clip_grad_norm(ours, opt_ours, 1.0)
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
-        L.update_biases(routers, stats.load, 1e-3)
-
-    def step_hf(ids):
-        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
-            loss = hf(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-        opt_hf.step()
-        opt_hf.zero_grad(set_to_none=True)
 
     for _ in range(2):
         ids = next(it)

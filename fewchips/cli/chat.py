@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .models import (add_ep_flag, add_model_flags, add_sampling_flags, load_model_and_tokenizer, open_ranks, ranked,
-                     refuse_replica_flags, wants_mtp)
+from .models import add_ep_flag, add_model_flags, add_sampling_flags, open_model, wants_mtp
 
 
 def register(sub):
@@ -34,18 +33,10 @@ def run(args, stdin=None, stdout=None):
         raise SystemExit("fewchips chat: --compile and --speculative mtp cannot be combined (the compiled step "
                          "decodes one token); pass one of them")
     mtp = not args.compile and wants_mtp(args, torch)
-    ranks = None
-    if ranked(args):                       # torchrun --ep N: rank 0 talks, every rank runs the steps
-        from fewchips.inference.tokenizer import Tokenizer
-        opened, code = open_ranks(args, "chat", mtp=mtp)
-        if opened is None:
-            return code
-        model, ranks = opened
-        tok = Tokenizer.from_dir(args.model)
-    else:
-        if refuse_replica_flags(args):
-            raise ValueError(refuse_replica_flags(args))
-        model, tok = load_model_and_tokenizer(args, mtp=mtp)
+    opened = open_model(args, "chat", mtp=mtp)
+    if isinstance(opened, int):
+        return opened
+    model, tok, ranks = opened
     spec = None if args.compile else speculation_for(model, args.speculative)
     engine_kw = dict(max_batch=1, max_len=min(model.config.max_position_embeddings, 8192), compile=args.compile,
                      speculative=spec)

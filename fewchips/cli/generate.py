@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .models import (add_ep_flag, add_model_flags, add_sampling_flags, load_model_and_tokenizer, open_ranks, ranked,
-                     refuse_replica_flags)
+from .models import add_ep_flag, add_model_flags, add_sampling_flags, open_model
 
 
 def register(sub):
@@ -33,18 +32,10 @@ def run(args):
 
     if args.mtp and args.compile:
         raise ValueError("--mtp and --compile cannot be combined (the compiled step decodes one token); pass one")
-    ranks = None
-    if ranked(args):                       # torchrun --ep N: this rank's experts; rank 0 generates
-        from fewchips.inference.tokenizer import Tokenizer
-        opened, code = open_ranks(args, "generate", mtp=args.mtp)
-        if opened is None:
-            return code
-        model, ranks = opened
-        tok = Tokenizer.from_dir(args.model)
-    else:
-        if refuse_replica_flags(args):
-            raise ValueError(refuse_replica_flags(args))
-        model, tok = load_model_and_tokenizer(args, mtp=args.mtp)
+    opened = open_model(args, "generate", mtp=args.mtp)
+    if isinstance(opened, int):
+        return opened
+    model, tok, ranks = opened
     ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
     if not ids:
         raise ValueError("the prompt encodes to no tokens")

@@ -162,6 +162,22 @@ def open_ranks(args, command: str, mtp: bool):
     return (model, Ranks(par)), 0
 
 
+def open_model(args, command: str, mtp: bool):
+    """(model, tokenizer, Ranks or None) for a command that runs in one process or, under torchrun with
+    --ep N, over ranks (rank 0 does the work; the others get their experts and follow); or an exit code
+    after one line saying what is wrong."""
+    if ranked(args):
+        from fewchips.inference.tokenizer import Tokenizer
+        opened, code = open_ranks(args, command, mtp=mtp)
+        if opened is None:
+            return code
+        model, ranks = opened
+        return model, Tokenizer.from_dir(args.model), ranks
+    if refuse_replica_flags(args):
+        raise ValueError(refuse_replica_flags(args))
+    return (*load_model_and_tokenizer(args, mtp=mtp), None)
+
+
 def describe_holdings(model, rank: int) -> str:
     """What this rank holds of the model, in the server's start-up words (the planner says the same)."""
     from fewchips.inference.experts import ServingExperts
