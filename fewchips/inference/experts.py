@@ -70,7 +70,7 @@ class Placement:
         return cls(torch.tensor(slots, dtype=torch.long), L)
 
     def table(self) -> torch.Tensor:
-        """[E, C] global slot ids of each expert's copies (-1 past its count), own copy first."""
+        """[E, C] global slot ids of each expert's copies in slot order (-1 past its count)."""
         P, S = self.slots_PS.shape
         flat = self.slots_PS.reshape(-1)
         E = int(flat.max()) + 1
@@ -296,14 +296,24 @@ class ServingExperts(ExpertExchange):
                 f"{self.n_local - self.own} replicas), {kind}")
 
 
+def replica_layers(model) -> list:
+    return [m for m in model.modules() if isinstance(m, ServingExperts) and m.redundant]
+
+
+def replica_imbalance(layers) -> tuple[float, float]:
+    """(without replicas, served): the busiest rank's rows over the mean so far, averaged over `layers`
+    (1.0 before any token)."""
+    before = sum(imbalance(m.unreplicated_P.cpu()) for m in layers) / len(layers)
+    return before, sum(imbalance(m.served_P.cpu()) for m in layers) / len(layers)
+
+
 def replica_summary(model) -> str | None:
     """One line on what the replicas did over a run (None without replicas): the busiest rank's rows over
     the mean, averaged over the MoE layers, as served and as the own experts alone would have had it."""
-    layers = [m for m in model.modules() if isinstance(m, ServingExperts) and m.redundant]
+    layers = replica_layers(model)
     if not layers or not any(float(m.unreplicated_P.sum()) for m in layers):
         return None
-    before = sum(imbalance(m.unreplicated_P.cpu()) for m in layers) / len(layers)
-    after = sum(imbalance(m.served_P.cpu()) for m in layers) / len(layers)
+    before, after = replica_imbalance(layers)
     m = layers[0]
     return (f"expert replicas ({m.redundant} per layer over {m.ep} ranks, {m.rebalances} re-placements per layer): "
             f"max/mean rank load {before:.3f} without them, {after:.3f} served (mean over {len(layers)} MoE layers)")

@@ -49,6 +49,9 @@ class EngineMetrics:
         self.drafts = make(Counter, "spec_decode_num_drafts", "Speculative draft rounds")
         self.draft_tokens = make(Counter, "spec_decode_num_draft_tokens", "Draft tokens proposed")
         self.accepted = make(Counter, "spec_decode_num_accepted_tokens", "Draft tokens accepted")
+        self.imbalance = make(Gauge, "expert_rank_load_imbalance", "Serving over ranks with replicas: the busiest "
+                              "rank's expert rows over the mean, averaged over MoE layers, since start",
+                              extra=["placement"])
         for m in (self.preemptions, self.prompt, self.generation, self.prefix_queries, self.prefix_hits, self.ttft,
                   self.itl, self.e2e, self.req_prompt, self.req_gen, self.drafts, self.draft_tokens, self.accepted):
             m.labels(model_name)            # exported (at 0) before the first event, as dashboards expect
@@ -59,6 +62,11 @@ class EngineMetrics:
         self.waiting.labels(m).set_function(lambda: len(engine.waiting))
         self.cache_usage.labels(m).set_function(lambda: engine.pool.n_used / max(engine.pool.n_usable, 1))
         self.blocks_used.labels(m).set_function(lambda: engine.pool.n_used)
+        from .experts import replica_imbalance, replica_layers
+        layers = replica_layers(engine.model)
+        if layers:                     # --ep N --redundant-experts R: as served, and with the own experts alone
+            self.imbalance.labels(m, "served").set_function(lambda: replica_imbalance(layers)[1])
+            self.imbalance.labels(m, "without_replicas").set_function(lambda: replica_imbalance(layers)[0])
 
     def prefix_cache(self, queried: int, hit: int):
         self.prefix_queries.labels(self.model_name).inc(queried)

@@ -120,6 +120,9 @@ def test_ep_server_gives_one_process_tokens_and_logprobs(model_dir, request, tmp
         for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, reference):
             assert tokens == want_tokens
             assert logprobs == pytest.approx(want_logprobs, abs=1e-5)
+        if "--redundant-experts" in extra:        # the imbalance with and without the replicas, live
+            metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            assert 'fewchips:expert_rank_load_imbalance{model_name="m",placement="served"}' in metrics
         if case == "ep2":
             openai = pytest.importorskip("openai")
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
