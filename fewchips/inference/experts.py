@@ -120,7 +120,7 @@ def imbalance(rank_loads_P: torch.Tensor) -> float:
     return float(rank_loads_P.max()) / mean if mean > 0 else 1.0
 
 
-COUNTERS = ("loads_E", "window_E", "served_P", "unreplicated_P")     # buffers that are not weights
+COUNTERS = ("window_E", "served_P", "unreplicated_P")     # buffers that are not weights
 
 
 class ServingExperts(ExpertExchange):
@@ -157,7 +157,6 @@ class ServingExperts(ExpertExchange):
                                      persistent=False)
             else:
                 self.register_buffer(kind, torch.empty(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("loads_E", torch.zeros(E, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("window_E", torch.zeros(E, dtype=torch.long, device=device), persistent=False)
         # rows each rank computed, and would have without replicas (their max/mean is the imbalance)
         self.register_buffer("served_P", torch.zeros(P, dtype=torch.float64, device=device), persistent=False)
@@ -222,19 +221,8 @@ class ServingExperts(ExpertExchange):
 
     # ---- the forward -------------------------------------------------------------------------------
     def forward(self, x_MD, experts_MK, weights_MK, shared=None):
-        flat = experts_MK.reshape(-1)
-        if self._table.device != flat.device:             # the placement's tables, where the tokens are
-            self._table, self._copies, self._share_EP, self._own_EP = (
-                t.to(flat.device) for t in (self._table, self._copies, self._share_EP, self._own_EP))
-        counts = torch.bincount(flat, minlength=self.n_experts)
-        self.loads_E += counts
-        self.window_E += counts
-        self.calls += 1
-        if self.redundant and self.rebalance_every and self.calls % self.rebalance_every == 0:
-            self.rebalance(self.window_E)
-            self.window_E.zero_()
-        self.served_P += counts.double() @ self._share_EP
-        self.unreplicated_P += counts.double() @ self._own_EP
+        if self.redundant:
+            self.count(experts_MK.reshape(-1))
         M, P = x_MD.shape[0], self.ep
         n = -(-M // P)
         pad = n * P - M                   # padding rows go to expert 0 with weight 0: their output is dropped
@@ -246,9 +234,25 @@ class ServingExperts(ExpertExchange):
         dist.all_gather_single(out, y_nD, group=self.group)
         return out[:M]
 
+    def count(self, flat_N: torch.Tensor):
+        """Replicas only: the call's loads (every rank sees every token, so all count alike), the
+        re-placement every `rebalance_every` calls, and the rows each rank computes with and without them."""
+        if self._table.device != flat_N.device:           # the placement's tables, where the tokens are
+            self._table, self._copies, self._share_EP, self._own_EP = (
+                t.to(flat_N.device) for t in (self._table, self._copies, self._share_EP, self._own_EP))
+        counts = torch.bincount(flat_N, minlength=self.n_experts)
+        self.window_E += counts
+        self.calls += 1
+        if self.rebalance_every and self.calls % self.rebalance_every == 0:
+            self.rebalance(self.window_E)
+            self.window_E.zero_()
+        self.served_P += counts.double() @ self._share_EP
+        self.unreplicated_P += counts.double() @ self._own_EP
+
     def routed(self, x_MD, experts_MK, weights_MK, shared=None):
         K = experts_MK.shape[1]
-        slot = self.slots_of(experts_MK.reshape(-1))
+        flat = experts_MK.reshape(-1)
+        slot = self.slots_of(flat) if self.redundant else flat     # without replicas slot r*L + i is expert r*L + i
         order = slot.argsort(stable=True)
         token_of = order // K                                               # source token of each copy
         side = {}

@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 from ..checkpoint import CheckpointReader, load_weights
 from ..fp8.checkpoint import fill_fp8, fp8_meta_model, stores_fp8
-from ..hf_format import disk_name
+from ..config import ModelConfig
+from ..hf_format import disk_name, moe_expert_names
 from ..model import DeepseekV3, MoE
 from ..parallel.mesh import abort_on_failure
 from .experts import COUNTERS, Placement, ServingExperts, replica_summary
@@ -57,11 +58,19 @@ def load_for_ranks(path: str, par, dtype=None, mtp: bool | None = None, weights:
         if isinstance(m, MoE):
             m.experts = ServingExperts(ck.cfg, par, dtype, fp8, redundant, rebalance_every)
             layers[disk_name(ck.cfg, name + ".experts")] = m.experts
+    if not layers:
+        raise ValueError(f"--ep {par.ep} splits the routed experts over ranks, and this model has no MoE layer")
+    if loads is not None:
+        unknown = sorted(set(loads) - set(moe_expert_names(ModelConfig.from_json(path))))   # MTP too, loaded or not
+        wrong = [k for k in set(loads) & set(layers) if len(loads[k]) != ck.cfg.n_routed_experts]
+        if unknown or wrong:
+            raise ValueError(f"expert loads name layers this model does not have ({unknown[:3]}) or hold other than "
+                             f"{ck.cfg.n_routed_experts} loads ({sorted(wrong)[:3]})")
     model.to_empty(device=par.device)
     model.tie_weights()
     for disk, experts in layers.items():
         if loads is not None and disk in loads:
-            experts.set_placement(Placement.place(torch.as_tensor(loads[disk]), par.ep, redundant))
+            experts.set_placement(Placement.place(torch.as_tensor(loads[disk], dtype=torch.float64), par.ep, redundant))
     if fp8:
         fill_fp8(model, ck, skip_experts=True)
     else:

@@ -109,3 +109,14 @@ def test_weights_flag_keeps_fp8_where_asked(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(auto(ids), dense(ids), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(load(dense_dir, "fp8")(ids), auto(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_loads_that_do_not_fit_the_model_are_refused(tmp_path):
+    from inference_utils import save_tiny_model_dir
+    from fewchips.inference.ranks import load_for_ranks
+    d = save_tiny_model_dir(tmp_path / "m")
+    par = SimpleNamespace(ep=2, ep_rank=0, ep_group=None, device=torch.device("cpu"))
+    for loads in ({"model.layers.9.mlp.experts": [1] * 8}, {"model.layers.1.mlp.experts": [1] * 7}):
+        with pytest.raises(ValueError, match="expert loads name layers"):
+            load_for_ranks(d, par, torch.float32, mtp=False, redundant=2, loads=loads)
+
