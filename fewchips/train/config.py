@@ -22,9 +22,12 @@ class TrainConfig:
     init: str | None = None              # start from this Hugging Face model directory (weights, tokenizer)
     init_set: dict | None = None         # config fields changed on --init's model (weights' shapes kept)
     extend_context: int | None = None    # YaRN to this many positions from --init's model (arXiv 2412.19437 §4.3)
-    data: str | None = None              # None: the Python standard library's .py files
+    data: str | list | None = None       # [WEIGHT:]PATH items; None: the Python standard library's .py files
     text_field: str = "text"
-    max_corpus_mb: float | None = None
+    max_corpus_mb: float | None = None   # per source
+    skip_bad_rows: bool = False          # skip and count malformed rows instead of stopping at the first
+    data_workers: int | None = None      # tokenising processes per rank (None: the cores / ranks on the node)
+    tokenizer_sample_mb: float | None = None   # the BPE's training sample (None: 100 MB)
     val_fraction: float = 0.03
     tokenizer: str | None = None         # an existing tokenizer.json; None: train one
     cache_dir: str | None = None         # None: OUT/cache

@@ -1,170 +1,42 @@
-"""Training data: find documents, split them by file, tokenise once into memory-mapped shards, and
-sample fixed-length windows deterministically.
-
-Layout of a prepared corpus (one folder per corpus x tokenizer x FIM setting, reused when it exists):
-    train.bin, val.bin   every document as BOS body EOS, back to back (document packing), as
-                         uint16 (vocab <= 65536) or uint32, read with numpy.memmap
-    index.json           dtype, token and byte counts, document start offsets, unigram entropy
+"""The trainer's view of pre-training text: sources prepared once into token shards (`prepare`), a
+tokenizer trained on a bounded sample of them, windows drawn from each source by weight, and fixed
+validation windows per source.
 
 FIM (arXiv 2412.19437 §4.1): with probability `fim_rate` a training document is cut at two random
 character positions into prefix/middle/suffix and stored in PSM order,
     BOS FIM_BEGIN prefix FIM_HOLE suffix FIM_END middle EOS
-before packing. Validation documents are never transformed, so bits per byte stay comparable.
+before packing; which documents, and where, follows from a hash of the document's name and the seed,
+so any split of the work gives the same tokens. Validation documents are never transformed, so bits
+per byte stay comparable.
+
+Mixtures (`--data 0.7:web/ 0.3:code/`), as Megatron's blended datasets: window i comes from the source
+furthest below its share of the first i windows, so every prefix of the run follows the weights to
+within one window; each source walks its own windows in a fresh seeded permutation per epoch.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import shutil
-import sysconfig
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..files import atomic_path, swap_dir, temp_dir_beside
+from ..files import atomic_path
 from ..losses import Batch, bits_per_byte  # noqa: F401 - the data's types, re-exported
+from .prepare import PrepareConfig, Solo, TokenStream, file_hash, is_prepared, load_index, open_prepared, prepare
+from .sources import (TEXT_SUFFIXES, DataError, default_corpus_root, doc_hash, fim_split, is_val,  # noqa: F401
+                      parse_sources, plan_units, psm, read_documents, read_unit)
 from .tokenizer import SpecialIds, load_tokenizer, special_ids, token_byte_lengths, tokenizer_hash, train_tokenizer
 
-TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".c", ".h", ".cc", ".cpp", ".hpp", ".js", ".ts", ".java",
-                 ".go", ".rs", ".sh", ".toml", ".yaml", ".yml", ".json", ".html", ".css", ".tex", ".csv"}
-SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", ".git"}
-
-
-class DataError(ValueError):
-    """The data cannot be used as given; the message says what to change."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding documents
-# ---------------------------------------------------------------------------------------------
-
-def default_corpus_root() -> str:
-    return sysconfig.get_paths()["stdlib"]
-
-
-def read_documents(path: str | None = None, max_bytes: int | None = None, text_field: str = "text"):
-    """[(name, text)], sorted by a hash of the name (a deterministic shuffle), capped at `max_bytes`
-    of UTF-8. `path` None: the Python standard library's own .py files (tests excluded)."""
-    if path is None:
-        root = default_corpus_root()
-        docs = list(_read_tree(root, suffixes={".py"}))
-        where = f"the Python standard library at {root}"
-    else:
-        path = os.path.expanduser(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--data {path}: no such file or directory")
-        docs = list(_read_tree(path) if os.path.isdir(path) else _read_file(path, os.path.basename(path), text_field))
-        where = path
-    docs = [(n, t) for n, t in docs if t.strip()]
-    if not docs:
-        raise DataError(f"no text found in {where}; --data takes text files, folders of them, "
-                        f".jsonl (a {text_field!r} field per line) or .parquet")
-    docs.sort(key=lambda d: _hash(d[0]))
-    if max_bytes:
-        kept, total = [], 0
-        for n, t in docs:
-            if total >= max_bytes:
-                break
-            kept.append((n, t))
-            total += len(t.encode())
-        docs = kept
-    return docs
-
-
-def _read_tree(root, suffixes=None):
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
-        for f in sorted(filenames):
-            full = os.path.join(dirpath, f)
-            ext = os.path.splitext(f)[1].lower()
-            if suffixes is not None and ext not in suffixes:
-                continue
-            if suffixes is None and ext not in TEXT_SUFFIXES | {".jsonl", ".parquet"}:
-                continue
-            yield from _read_file(full, os.path.relpath(full, root), "text")
-
-
-def _read_file(full, name, text_field):
-    ext = os.path.splitext(full)[1].lower()
-    if ext == ".jsonl":
-        with open(full, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{full}:{i + 1}: not valid JSON ({e})") from None
-                if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                    raise DataError(f"{full}:{i + 1}: no string field {text_field!r} (set --text-field)")
-                yield f"{name}:{i}", row[text_field]
-    elif ext == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DataError(f"{full}: reading .parquet needs pyarrow (pip install pyarrow)") from None
-        try:
-            pf = pq.ParquetFile(full)
-        except Exception as e:      # pyarrow raises ArrowInvalid/OSError for corrupt or non-parquet files
-            raise DataError(f"{full}: not a readable parquet file ({e})") from None
-        columns = pf.schema_arrow.names
-        if text_field not in columns:
-            raise DataError(f"{full}: no column {text_field!r} (columns: {', '.join(columns)}; set --text-field)")
-        i = 0
-        for batch in pf.iter_batches(columns=[text_field]):    # row groups stream; the file need not fit twice
-            for t in batch.column(0).to_pylist():
-                if isinstance(t, str):
-                    yield f"{name}:{i}", t
-                i += 1
-    else:
-        try:
-            with open(full, encoding="utf-8") as f:
-                yield name, f.read()
-        except UnicodeDecodeError:
-            return   # binary or non-UTF-8 files are skipped
-
-
-def _hash(s: str) -> int:
-    return int.from_bytes(hashlib.sha1(s.encode()).digest()[:8], "big")
+TOKENIZER_SAMPLE_MB = 100.0            # the BPE's training sample when --tokenizer-sample-mb is not given
 
 
 def split_documents(docs, val_fraction: float = 0.03):
-    """Split by a hash of the document name: the same file always lands on the same side.
-    With two or more documents, validation gets at least one."""
-    cut = int(val_fraction * 2**64)
-    train = [d for d in docs if _hash("split:" + d[0]) >= cut]
-    val = [d for d in docs if _hash("split:" + d[0]) < cut]
-    if not val and len(docs) >= 2 and val_fraction > 0:
-        val, train = train[-1:], train[:-1]
-    return train, val
-
-
-def corpus_fingerprint(docs) -> str:
-    h = hashlib.sha1()
-    for n, t in docs:
-        h.update(n.encode())
-        h.update(hashlib.sha1(t.encode()).digest())
-    return h.hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------------------------
-# FIM and tokenisation into shards
-# ---------------------------------------------------------------------------------------------
-
-def fim_split(text: str, rng: np.random.Generator):
-    """Two uniform cut points over the characters: (prefix, middle, suffix)."""
-    a, b = sorted(rng.integers(0, len(text) + 1, size=2).tolist())
-    return text[:a], text[a:b], text[b:]
-
-
-def psm(prefix_ids, middle_ids, suffix_ids, sp: SpecialIds) -> list[int]:
-    """The PSM-order FIM body (without BOS/EOS)."""
-    return [sp.fim_begin, *prefix_ids, sp.fim_hole, *suffix_ids, sp.fim_end, *middle_ids]
+    """(train, val) by a hash of each document's name: the same document always lands on the same side."""
+    return [d for d in docs if not is_val(d[0], val_fraction)], [d for d in docs if is_val(d[0], val_fraction)]
 
 
 def parse_psm(body, sp: SpecialIds):
@@ -179,92 +51,13 @@ def parse_psm(body, sp: SpecialIds):
 
 
 def encode_documents(docs, tok, sp: SpecialIds, fim_rate: float = 0.0, seed: int = 0, batch: int = 256):
-    """Yield one int array per document: BOS body EOS, with FIM (PSM) applied at `fim_rate`."""
-    rng = np.random.default_rng(seed)
+    """Yield (ids, is_fim) per document, BOS body EOS, with FIM (PSM) where the name's hash says so:
+    exactly what preparation writes for a training document."""
+    from .prepare import encode_batch
+    pc = PrepareConfig(fim_rate=fim_rate, seed=seed, val_fraction=0.0)
     for start in range(0, len(docs), batch):
-        chunk = docs[start:start + batch]
-        pieces, plan = [], []
-        for _, text in chunk:
-            if fim_rate > 0 and rng.random() < fim_rate:
-                plan.append(("fim", len(pieces)))
-                pieces.extend(fim_split(text, rng))
-            else:
-                plan.append(("doc", len(pieces)))
-                pieces.append(text)
-        enc = [e.ids for e in tok.encode_batch(pieces, add_special_tokens=False)]
-        for kind, i in plan:
-            body = psm(enc[i], enc[i + 1], enc[i + 2], sp) if kind == "fim" else enc[i]
-            yield np.asarray([sp.bos, *body, sp.eos], dtype=np.int64), kind == "fim"
-
-
-@dataclass
-class Split:
-    tokens: np.ndarray        # memmap, uint16/uint32
-    doc_starts: np.ndarray
-
-
-@dataclass
-class Corpus:
-    path: str
-    train: Split
-    val: Split
-    index: dict
-
-
-def prepare_corpus(train_docs, val_docs, tok, sp: SpecialIds, cache_dir: str, key: str,
-                   fim_rate: float = 0.1, seed: int = 0, log=print) -> Corpus:
-    """Tokenise into `cache_dir/key/` once (atomically: a temp folder renamed into place), then
-    memory-map it. An existing folder with a complete index is reused."""
-    out = os.path.join(cache_dir, key)
-    if not os.path.exists(os.path.join(out, "index.json")):
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = temp_dir_beside(out)
-        try:
-            index = _write_shards(tmp, train_docs, val_docs, tok, sp, fim_rate, seed)
-            swap_dir(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        log(f"tokenised {index['splits']['train']['documents']} train / {index['splits']['val']['documents']} val "
-            f"documents into {out}")
-    return load_corpus(out)
-
-
-def _write_shards(folder, train_docs, val_docs, tok, sp: SpecialIds, fim_rate: float, seed: int) -> dict:
-    """{train,val}.bin token streams, their document starts and index.json in `folder`."""
-    vocab = tok.get_vocab_size()
-    dtype = np.uint16 if vocab <= 2**16 else np.uint32
-    index = {"dtype": np.dtype(dtype).name, "vocab_size": vocab, "fim_rate": fim_rate, "seed": seed, "splits": {}}
-    counts = np.zeros(vocab, dtype=np.int64)
-    for split, docs, rate in (("train", train_docs, fim_rate), ("val", val_docs, 0.0)):
-        starts, n_tok, n_fim = [], 0, 0
-        with open(os.path.join(folder, f"{split}.bin"), "wb") as f:
-            for ids, is_fim in encode_documents(docs, tok, sp, rate, seed):
-                starts.append(n_tok)
-                n_tok += len(ids)
-                n_fim += is_fim
-                if split == "train":
-                    counts += np.bincount(ids, minlength=vocab)
-                f.write(ids.astype(dtype).tobytes())
-        np.save(os.path.join(folder, f"{split}_doc_starts.npy"), np.asarray(starts, dtype=np.int64))
-        index["splits"][split] = {"tokens": n_tok, "documents": len(docs), "fim_documents": n_fim,
-                                  "bytes": sum(len(t.encode()) for _, t in docs)}
-    p = counts[counts > 0] / max(counts.sum(), 1)
-    index["unigram_entropy_nats"] = float(-(p * np.log(p)).sum())
-    with open(os.path.join(folder, "index.json"), "w") as f:
-        json.dump(index, f, indent=2)
-    return index
-
-
-def load_corpus(path: str) -> Corpus:
-    with open(os.path.join(path, "index.json")) as f:
-        index = json.load(f)
-    splits = {}
-    for name in ("train", "val"):
-        n = index["splits"][name]["tokens"]
-        toks = (np.memmap(os.path.join(path, f"{name}.bin"), dtype=index["dtype"], mode="r", shape=(n,))
-                if n else np.zeros(0, dtype=index["dtype"]))
-        splits[name] = Split(toks, np.load(os.path.join(path, f"{name}_doc_starts.npy")))
-    return Corpus(path, splits["train"], splits["val"], index)
+        for _, ids, is_fim, _ in encode_batch(docs[start:start + batch], tok, sp, pc):
+            yield ids, is_fim
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,17 +68,18 @@ class Sampler:
     """Non-overlapping windows of seq_len + 1 tokens over the packed stream, visited in a fresh
     seeded permutation each epoch. `state_dict()` is the exact position; resuming continues it."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int = 0):
+    def __init__(self, tokens, seq_len: int, seed: int = 0, stream: int = 0):
         if len(tokens) < seq_len + 1:
             raise DataError(f"the training split has {len(tokens)} tokens, fewer than one sequence of "
                             f"--seq-len {seq_len} (+1 for the shifted target); add data or lower --seq-len")
-        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        self.tokens, self.seq_len, self.seed, self.stream = tokens, seq_len, seed, stream
         self.n_windows = (len(tokens) - 1) // seq_len
         self.epoch, self.cursor = 0, 0
         self._order = self._permutation(0)
 
     def _permutation(self, epoch):
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+        key = [self.seed, epoch] + ([self.stream] if self.stream else [])     # a mixture's sources: their own orders
+        return np.random.default_rng(key).permutation(self.n_windows)
 
     def next_batch(self, batch_size: int):
         """ids [B, seq_len + 1] (int64) and the window numbers [B]."""
@@ -301,11 +95,17 @@ class Sampler:
             which.append(w)
         return np.stack(rows), np.asarray(which)
 
+    def progress(self) -> dict:
+        return {}
+
     def state_dict(self):
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "seq_len": self.seq_len,
                 "n_windows": self.n_windows}
 
     def load_state_dict(self, s):
+        if "mixture" in s:
+            raise DataError(f"the checkpoint's data position is for a mixture of {s['names']}; this run has one "
+                            f"source (same --data needed)")
         if (s["seq_len"], s["n_windows"], s["seed"]) != (self.seq_len, self.n_windows, self.seed):
             raise DataError(f"the checkpoint's data position is for seq_len={s['seq_len']}, "
                             f"{s['n_windows']} windows, seed={s['seed']}; this run has seq_len={self.seq_len}, "
@@ -324,71 +124,248 @@ def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> np.ndarr
     return np.stack([np.asarray(tokens[i * T:i * T + T + 1], dtype=np.int64) for i in range(n)])
 
 
+class MixtureSampler:
+    """Windows from several sources by weight (see the module's docstring): deterministic, and
+    `state_dict()` is the exact position of every source and of the blend."""
+
+    def __init__(self, streams, weights, seq_len: int, seed: int = 0, names=None):
+        total = float(sum(weights))
+        self.weights = np.asarray(weights, dtype=np.float64) / total
+        self.names = list(names or range(len(streams)))
+        self.samplers = [Sampler(s, seq_len, seed, stream=i) for i, s in enumerate(streams)]
+        self.drawn = np.zeros(len(streams), dtype=np.int64)
+
+    def next_batch(self, batch_size: int):
+        """ids [B, seq_len + 1] and the source of each row [B]."""
+        rows, which = [], []
+        for _ in range(batch_size):
+            s = int(np.argmax(self.weights * (self.drawn.sum() + 1) - self.drawn))   # furthest below its share
+            self.drawn[s] += 1
+            rows.append(self.samplers[s].next_batch(1)[0][0])
+            which.append(s)
+        return np.stack(rows), np.asarray(which)
+
+    def progress(self) -> dict:
+        """Tokens drawn and the epoch reached, per source (for the metrics)."""
+        out = {}
+        for name, smp, n in zip(self.names, self.samplers, self.drawn):
+            out[f"tokens_{name}"] = int(n) * smp.seq_len
+            out[f"epoch_{name}"] = round(smp.epoch + smp.cursor / smp.n_windows, 4)
+        return out
+
+    def state_dict(self):
+        return {"mixture": [s.state_dict() for s in self.samplers], "drawn": self.drawn.tolist(),
+                "names": self.names, "weights": self.weights.tolist()}
+
+    def load_state_dict(self, s):
+        if "mixture" not in s or s["names"] != self.names or not np.allclose(s["weights"], self.weights):
+            was = list(zip(s.get("names", ["(one source)"]), s.get("weights", [1.0])))
+            raise DataError(f"the checkpoint's data position is for the sources {was}; this run has "
+                            f"{list(zip(self.names, self.weights.round(4).tolist()))} (same --data needed)")
+        for smp, st in zip(self.samplers, s["mixture"]):
+            smp.load_state_dict(st)
+        self.drawn = np.asarray(s["drawn"], dtype=np.int64)
+
+
 # ---------------------------------------------------------------------------------------------
 # The trainer's view of a corpus
 # ---------------------------------------------------------------------------------------------
 
-def prepare_data(cfg, tc, log=print, tokenizer_path: str | None = None):
-    """Documents → tokenizer (trained once per corpus, cached) → memory-mapped shards (cached)."""
-    max_bytes = int(tc.max_corpus_mb * 2**20) if tc.max_corpus_mb else None
-    docs = read_documents(tc.data, max_bytes, tc.text_field)
-    train_docs, val_docs = split_documents(docs, tc.val_fraction)
-    if not train_docs:
-        raise DataError(f"all {len(docs)} documents went to validation; lower --val-fraction or add data")
-    fp = corpus_fingerprint(docs)
-    cache = tc.cache_dir or os.path.join(tc.out, "cache")
-    tokenizer_path = tokenizer_path or tc.tokenizer
-    if tokenizer_path:
-        tok = load_tokenizer(tokenizer_path)
-    else:
-        cached = os.path.join(cache, f"tokenizer-{fp}-{cfg.vocab_size}.json")
-        if os.path.exists(cached):
-            tok = load_tokenizer(cached)
-        else:
-            t0 = time.time()
-            tok = train_tokenizer((t for _, t in train_docs), cfg.vocab_size, len(train_docs))
-            os.makedirs(cache, exist_ok=True)
-            with atomic_path(cached, ".json") as tmp:
-                tok.save(tmp)
-            log(f"trained a {tok.get_vocab_size()}-token byte-level BPE in {time.time() - t0:.1f}s")
-    if tok.get_vocab_size() > cfg.vocab_size:
-        raise DataError(f"the tokenizer has {tok.get_vocab_size()} tokens but the model's vocab_size is "
-                          f"{cfg.vocab_size}; pass --vocab-size {tok.get_vocab_size()} (or more)")
-    sp = special_ids(tok)
-    key = f"tokens-{fp}-{tokenizer_hash(tok)}-fim{tc.fim_rate}-val{tc.val_fraction}-seed{tc.seed}"
-    corpus = prepare_corpus(train_docs, val_docs, tok, sp, cache, key, tc.fim_rate, tc.seed, log)
-    val = corpus.index["splits"]["val"]
-    if tc.val_fraction > 0 and val["tokens"] < MIN_VAL_TOKENS:
-        log(f"warning: the validation split is {val['tokens']:,} tokens in {val['documents']} document(s) "
-            f"(--val-fraction {tc.val_fraction} of {len(docs)} documents, split by name): validation loss will "
-            f"be noisy. Raise --val-fraction or add documents")
-    return tok, sp, corpus
-
-
 MIN_VAL_TOKENS = 4096      # below this a validation loss is mostly noise: say so
 
 
-class TextData:
-    """Pre-training data: the tokenised corpus, windows drawn by the seeded `Sampler`, and fixed
-    validation windows. The trainer's view of any data set: `next_batch`, `val_batches`, `val_bytes`,
-    its position (`state_dict`), what must match on resume (`fingerprint`) and one line about it."""
+def prepare_config(tc) -> PrepareConfig:
+    return PrepareConfig(fim_rate=tc.fim_rate, seed=tc.seed, val_fraction=tc.val_fraction, text_field=tc.text_field,
+                         skip_bad_rows=tc.skip_bad_rows or tc.data is None,     # our own corpus: best effort
+                         max_bytes=int(tc.max_corpus_mb * 2**20) if tc.max_corpus_mb else None)
 
-    def __init__(self, cfg, tc, log=print, tokenizer_path: str | None = None):
-        self.tok, self.sp, self.corpus = prepare_data(cfg, tc, log, tokenizer_path)
-        self.sampler = Sampler(self.corpus.train.tokens, tc.seq_len, tc.seed)
-        self.val = eval_windows(self.corpus.val.tokens, tc.seq_len, tc.eval_batches * tc.batch_size)
-        # exact bytes behind the evaluated targets: bits per byte compares across tokenizers
-        self.val_bytes = int(token_byte_lengths(self.tok)[self.val[:, 1:]].sum()) if len(self.val) else 0
-        self.unigram_entropy = self.corpus.index["unigram_entropy_nats"]
+
+def sample_texts(sources, plan, pc: PrepareConfig, sample_bytes: int):
+    """The tokenizer's training sample: each source's first training documents in the plan's order,
+    up to its weight's share of `sample_bytes` (deterministic; validation documents never)."""
+    total = sum(s.weight for s in sources)
+    for i, src in enumerate(sources):
+        budget, used = sample_bytes * src.weight / total, 0
+        for unit in (u for u in plan.units if u.source == i):
+            for name, text in read_unit(unit, pc.text_field, pc.skip_bad_rows):
+                if used >= budget:
+                    break
+                if not is_val(name, pc.val_fraction):
+                    used += len(text.encode())
+                    yield text
+            if used >= budget:
+                break
+
+
+def trained_tokenizer(sources, plan, pc: PrepareConfig, vocab_size: int, sample_mb: float, cache: str, team, log):
+    """A byte-level BPE trained (by rank 0, once per sample) on `sample_texts`; its cached file."""
+    path = os.path.join(cache, f"tokenizer-{plan.key()}-{pc.key()}-{vocab_size}-{sample_mb:g}mb.json")
+    err = None
+    if team.rank == 0 and not os.path.exists(path):
+        try:
+            _train_tokenizer(sources, plan, pc, vocab_size, sample_mb, path, log)
+        except Exception as e:  # noqa: BLE001 - raised on every rank below, so none waits for rank 0 forever
+            err = e
+    errors = [e for e in team.all_gather(f"{type(err).__name__}: {err}" if err else None) if e]
+    if err is not None:
+        raise err
+    if errors:
+        raise DataError(f"rank 0 could not train the tokenizer: {errors[0]}")
+    return path
+
+
+def _train_tokenizer(sources, plan, pc: PrepareConfig, vocab_size: int, sample_mb: float, path: str, log):
+    t0, seen = time.time(), []
+
+    def texts():
+        for t in sample_texts(sources, plan, pc, int(sample_mb * 2**20)):
+            seen.append(len(t.encode()))
+            yield t
+    tok = train_tokenizer(texts(), vocab_size)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_path(path, ".json") as tmp:
+        tok.save(tmp)
+    log(f"trained a {tok.get_vocab_size()}-token byte-level BPE in {time.time() - t0:.1f}s on a sample of "
+        f"{len(seen):,} training documents, {sum(seen) / 2**20:.1f} MB (--tokenizer-sample-mb {sample_mb:g}: each "
+        f"source's first documents by weight)")
+
+
+def prepare_data(cfg, tc, log=print, tokenizer_path: str | None = None, team=None):
+    """--data items → (tokenizer, special ids, [PreparedSource]): prepared folders used as they are, the
+    other sources tokenised once into OUT/cache (or --cache-dir) by every rank and worker together."""
+    team = team or Solo()
+    items = parse_sources(tc.data)
+    ready = [s for s in items if s.path is not None and is_prepared(s.path)]
+    raw = [s for s in items if s not in ready]
+    cache = tc.cache_dir or os.path.join(tc.out, "cache")
+    given = tokenizer_path or tc.tokenizer
+    folders = [(s, load_index(s.path)) for s in ready]
+    for s, index in folders:
+        _check_prepared(s.path, index, tc, given)
+    pc = prepare_config(tc)
+    if raw:
+        if tc.tokenizer_sample_mb is not None and (given or folders):
+            raise DataError("--tokenizer-sample-mb trains a tokenizer, but this run has one "
+                            f"({given or os.path.join(folders[0][0].path, 'tokenizer.json')}): drop the flag")
+        plan = plan_units(raw, pc.unit_bytes, pc.max_bytes)
+        tok_file = given and (os.path.join(given, "tokenizer.json") if os.path.isdir(given) else given)
+        tok_file = tok_file or (os.path.join(folders[0][0].path, "tokenizer.json") if folders else None)
+        if tok_file is None:
+            tok_file = trained_tokenizer(raw, plan, pc, cfg.vocab_size, tc.tokenizer_sample_mb or TOKENIZER_SAMPLE_MB,
+                                         cache, team, log)
+        tok = load_tokenizer(tok_file)
+        _check_vocab(tok, cfg)
+        key = f"tokens-{plan.key()}-{tokenizer_hash(tok)}-{pc.key()}"
+        folder = prepare(raw, tok_file, os.path.join(cache, key), pc, team, tc.data_workers, log, tc.progress)
+        folders.append((None, load_index(folder)))
+        paths = [s.path for s in ready] + [folder]
+    else:
+        if tc.data_workers is not None:
+            raise DataError("--data-workers tokenises raw sources; every --data here is a prepared folder: drop it")
+        tok = load_tokenizer(given or os.path.join(ready[0].path, "tokenizer.json"))
+        _check_vocab(tok, cfg)
+        paths = [s.path for s in ready]
+    sp = special_ids(tok)
+    sources = []
+    for item, path in zip(ready + [None], paths):    # a folder's sources share its --data item's weight
+        inner = open_prepared(path)
+        scale = (item.weight if item else 1.0) / sum(s.weight for s in inner)
+        for s in inner:
+            s.weight *= scale if item else 1.0
+            s.name = f"{item.name}.{s.name}" if item and len(inner) > 1 else (item.name if item else s.name)
+        sources.extend(inner)
+    if len({s.name for s in sources}) < len(sources):
+        raise DataError(f"two --data sources share a name ({[s.name for s in sources]}); rename a folder")
+    _warn_small_val(sources, tc, log)
+    return tok, sp, sources
+
+
+def _check_vocab(tok, cfg):
+    if tok.get_vocab_size() > cfg.vocab_size:
+        raise DataError(f"the tokenizer has {tok.get_vocab_size()} tokens but the model's vocab_size is "
+                        f"{cfg.vocab_size}; pass --vocab-size {tok.get_vocab_size()} (or more)")
+
+
+def _check_prepared(path: str, index: dict, tc, given: str | None):
+    """A prepared folder fixes the tokens: flags that would change them are refused by name."""
+    was = index["settings"]
+    for flag, now, then in (("--fim-rate", tc.fim_rate, was["fim_rate"]), ("--val-fraction", tc.val_fraction, was["val_fraction"]),
+                            ("--text-field", tc.text_field, was["text_field"]), ("--seed", tc.seed, was["seed"]),
+                            ("--skip-bad-rows", tc.skip_bad_rows, was["skip_bad_rows"]),
+                            ("--max-corpus-mb", int(tc.max_corpus_mb * 2**20) if tc.max_corpus_mb else None, was["max_bytes"])):
+        if now != then:
+            raise DataError(f"--data {path} was prepared with {flag} {_flag_value(flag, then)}; this run asks for "
+                            f"{_flag_value(flag, now)}: pass {flag} {_flag_value(flag, then)}, or prepare the data again")
+    if given:
+        file = os.path.join(given, "tokenizer.json") if os.path.isdir(given) else given
+        if file_hash(file) != index["tokenizer_hash"]:
+            raise DataError(f"--data {path} was tokenised with its own tokenizer.json, not {file} (--tokenizer, --init "
+                            f"or the checkpoint's): prepare the data with that tokenizer")
+
+
+def _flag_value(flag, v):
+    return f"{v / 2**20:g}" if flag == "--max-corpus-mb" and v else v
+
+
+def _warn_small_val(sources, tc, log):
+    for s in sources:
+        val = s.index["splits"]["val"]
+        if tc.val_fraction > 0 and val["tokens"] < MIN_VAL_TOKENS:
+            log(f"warning: the validation split of {s.name} is {val['tokens']:,} tokens in {val['documents']} "
+                f"document(s) (--val-fraction {tc.val_fraction}, split by name): validation loss will be noisy. "
+                f"Raise --val-fraction or add documents")
+
+
+class ValSet:
+    """One source's validation windows, as the layouts evaluate them (`val_batches`, `val_bytes`)."""
+
+    def __init__(self, name: str, windows: np.ndarray, nbytes: int):
+        self.name, self.val, self.val_bytes = name, windows, nbytes
+
+    def val_batches(self, n: int) -> list[Batch]:
+        return [Batch(torch.from_numpy(self.val[i:i + n])) for i in range(0, len(self.val), n)]
+
+
+class TextData:
+    """Pre-training data: the prepared sources, windows drawn by the seeded `Sampler` (one source) or
+    `MixtureSampler`, and fixed validation windows per source. The trainer's view of any data set:
+    `next_batch`, `val_batches`, `val_bytes` (and `val_sets`, one per source), its position
+    (`state_dict`), what must match on resume (`fingerprint`), `progress()` and one line about it."""
+
+    def __init__(self, cfg, tc, log=print, tokenizer_path: str | None = None, team=None):
+        self.tok, self.sp, self.sources = prepare_data(cfg, tc, log, tokenizer_path, team)
+        names = [s.name for s in self.sources]
+        if len(self.sources) == 1:
+            self.sampler = Sampler(self.sources[0].train, tc.seq_len, tc.seed)
+        else:
+            self.sampler = MixtureSampler([s.train for s in self.sources], [s.weight for s in self.sources],
+                                          tc.seq_len, tc.seed, names)
+        per = tc.eval_batches if len(self.sources) == 1 else max(1, math.ceil(tc.eval_batches / len(self.sources)))
+        lengths = token_byte_lengths(self.tok)     # exact bytes behind the targets: bits per byte across tokenizers
+        self.val_sets = []
+        for s in self.sources:
+            w = eval_windows(s.val, tc.seq_len, per * tc.batch_size)
+            self.val_sets.append(ValSet(s.name, w, int(lengths[w[:, 1:]].sum()) if len(w) else 0))
+        first = self.val_sets[0]
+        self.val, self.val_bytes = first.val, first.val_bytes     # one source: what every layout evaluates
+        self.unigram_entropy = self._entropy()
+        self.train_tokens, self.val_tokens = sum(len(s.train) for s in self.sources), sum(len(s.val) for s in self.sources)
 
     packed = False                       # batches carry ids only (no targets, samples, positions)
+
+    def _entropy(self):
+        folders = {s.train.folder for s in self.sources}       # one preparation: its entropy; several: none
+        return load_index(folders.pop()).get("unigram_entropy_nats") if len(folders) == 1 else None
 
     def next_batch(self, n: int) -> Batch:
         ids, _ = self.sampler.next_batch(n)
         return Batch(torch.from_numpy(ids))
 
     def val_batches(self, n: int) -> list[Batch]:
-        return [Batch(torch.from_numpy(self.val[i:i + n])) for i in range(0, len(self.val), n)]
+        return self.val_sets[0].val_batches(n)
+
+    def progress(self) -> dict:
+        return self.sampler.progress()
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
@@ -397,8 +374,15 @@ class TextData:
         self.sampler.load_state_dict(state)
 
     def fingerprint(self) -> dict:
-        return self.corpus.index            # its "splits" must match on resume; `fewchips.demo` reads the rest
+        """Its "splits" (token counts) must match on resume; `fewchips.demo` reads the entropy."""
+        splits = {sp: {k: sum(s.index["splits"][sp][k] for s in self.sources)
+                       for k in ("tokens", "documents", "fim_documents", "bytes")} for sp in ("train", "val")}
+        h = hashlib.sha1(repr(sorted((s.name, s.weight, s.index.get("read", {}).get("bytes")) for s in self.sources)).encode())
+        return {"splits": splits, "sources": {s.name: round(s.weight, 6) for s in self.sources},
+                "fingerprint": h.hexdigest()[:16], "unigram_entropy_nats": self.unigram_entropy}
 
     def describe(self) -> str:
-        return (f"train {len(self.corpus.train.tokens):,} tokens, val {len(self.corpus.val.tokens):,}; "
-                f"unigram entropy {self.unigram_entropy:.3f} nats")
+        mix = "" if len(self.sources) == 1 else " from " + ", ".join(f"{s.name} {s.weight / sum(x.weight for x in self.sources):.0%}"
+                                                                      for s in self.sources)
+        ent = f"; unigram entropy {self.unigram_entropy:.3f} nats" if self.unigram_entropy is not None else ""
+        return f"train {self.train_tokens:,} tokens{mix}, val {self.val_tokens:,}{ent}"

@@ -311,6 +311,8 @@ class GRPOTrainer(Trainer):
     def _trains_mtp(self) -> bool:
         return self.tc.mtp_lambda > 0 and not self.tc.freeze_mtp and len(self.model.mtp) > 0
 
+    data_first_on_main = True            # rank 0 reads the chats first; the others then do the same
+
     def make_data(self, cfg, resume_from):
         tok, sp = model_tokenizer(resume_from or self.tc.init)
         return PromptData(self.tc, tok, sp, self.task, self.log)

@@ -72,8 +72,13 @@ class Layout:
         return None
 
     def main_first(self, main, rest=None):
-        """Setup that rank 0 does first (OUT checks, data preparation) and the others then repeat or read."""
+        """Setup that rank 0 does first (OUT checks) and the others then repeat or read."""
         return main()
+
+    def team(self):
+        """The processes that prepare data together (rank, size, barrier, all_gather)."""
+        from .prepare import Solo
+        return Solo()
 
     # ---- placement -----------------------------------------------------------------------------
     def place(self, model, tc: TrainConfig, amp, packed: bool = False):
@@ -200,6 +205,23 @@ class Layout:
         return contextlib.nullcontext()
 
 
+class GlooTeam:
+    """Every rank preparing data together, meeting on a gloo group with a long timeout (one rank may
+    tokenise far longer than a collective's usual wait)."""
+
+    def __init__(self, group):
+        self.group, self.rank, self.size = group, dist.get_rank(), dist.get_world_size()
+        self.local_size = int(os.environ.get("LOCAL_WORLD_SIZE", self.size))
+
+    def barrier(self):
+        dist.barrier(group=self.group)
+
+    def all_gather(self, obj) -> list:
+        out = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+
 class Sharded(Layout):
     """Routed experts split over --ep ranks (whole experts per rank, FSDP-sharded again over dp),
     everything else FSDP2-sharded over all ranks; losses averaged over ranks (the values logged are the
@@ -238,6 +260,9 @@ class Sharded(Layout):
         if msg[0]:
             raise TrainError(f"rank 0 could not set up the run: {msg[0]}", every_rank=True)   # rank 0 says it
         return value if self.par.is_main else (rest or main)()
+
+    def team(self):
+        return GlooTeam(self.slow_group)
 
     def place(self, model, tc: TrainConfig, amp, packed: bool = False):
         """Under bf16 autocast FSDP all-gathers the weights in bf16 (half the traffic) while master

@@ -49,6 +49,8 @@ class SFTTrainer(Trainer):
         self._chats = chats
         super().__init__(None, tc, log, device)
 
+    data_first_on_main = True            # rank 0 reads the chats first; the others then do the same
+
     def make_data(self, cfg, resume_from):
         tok, sp = model_tokenizer(resume_from or self.tc.init)
         chats = self._chats

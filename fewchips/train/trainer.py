@@ -78,16 +78,13 @@ class Trainer:
         elif tc.init_set or tc.extend_context:
             raise TrainError("init_set and --extend-context change a model being continued: they need --init")
 
-        def setup():                       # rank 0 first: it checks OUT, takes the lock, prepares the data
+        def setup():                       # rank 0 first: it checks OUT and takes the lock
             self.run.open()
-            resume = self.run.resume_dir() if tc.resume else None
-            return resume, self.make_data(cfg, resume)
+            return self.run.resume_dir() if tc.resume else None
 
-        def then():                        # the other ranks: the same choice, reading rank 0's caches
-            resume = self.run.resume_dir() if tc.resume else None
-            return resume, self.make_data(cfg, resume)
-
-        resume_from, self.data = self.layout.main_first(setup, then)
+        resume_from = self.layout.main_first(setup, lambda: self.run.resume_dir() if tc.resume else None)
+        self.data = self.layout.main_first(lambda: self.make_data(cfg, resume_from)) if self.data_first_on_main \
+            else self.make_data(cfg, resume_from)
         tc = self.tc                       # the data may have set the run's length (SFT's --epochs)
         self.tok, self.sp = self.data.tok, self.data.sp
         self.sampler = getattr(self.data, "sampler", None)
@@ -125,11 +122,13 @@ class Trainer:
         self.layout.fill(model, tc)
         return model
 
+    data_first_on_main = False           # pre-training data: every rank prepares its share together
+
     def make_data(self, cfg: ModelConfig, resume_from: str | None):
         """The data this run trains on (pre-training text here; chats for `fewchips sft`)."""
         tokenizer = os.path.join(resume_from, "tokenizer.json") if resume_from else (
             os.path.join(self.tc.init, "tokenizer.json") if self.tc.init else None)
-        return TextData(cfg, self.tc, self.log, tokenizer)
+        return TextData(cfg, self.tc, self.log, tokenizer, self.layout.team())
 
     @property
     def is_main(self) -> bool:
@@ -177,7 +176,20 @@ class Trainer:
         return grad_norm
 
     def evaluate(self) -> dict:
-        return self.layout.evaluate(self.model, self.data, self.tc.batch_size, self.amp)
+        """Validation loss and bits per byte; with several sources, each one's too (val_loss_NAME) and
+        the overall figures over all their windows."""
+        sets = getattr(self.data, "val_sets", None)
+        if not sets or len(sets) == 1:
+            return self.layout.evaluate(self.model, self.data, self.tc.batch_size, self.amp)
+        out, nats, count, nbytes = {}, 0.0, 0, 0
+        for vs in sets:
+            ev = self.layout.evaluate(self.model, vs, self.tc.batch_size, self.amp)
+            if ev:
+                out[f"val_loss_{vs.name}"], out[f"val_bpb_{vs.name}"] = ev["val_loss"], ev["val_bpb"]
+                nats, count, nbytes = nats + ev["val_loss"] * ev["val_tokens"], count + ev["val_tokens"], nbytes + vs.val_bytes
+        if count:
+            out.update(val_loss=nats / count, val_bpb=nats / math.log(2) / max(nbytes, 1), val_tokens=count)
+        return out
 
     def evaluate_ema(self) -> dict:
         """The validation metrics of the EMA's weights (swapped in, then back), as ema_val_*."""
@@ -232,7 +244,7 @@ class Trainer:
                                         "mtp_loss": r.mtp_loss, "balance_loss": tc.balance_alpha * r.balance_loss,
                                         "lr": self.sched.get_last_lr()[0], "grad_norm": r.grad_norm, "tok_per_s": tok_s,
                                         "maxvio": max_violation(r.loads_LE), "skipped_steps": self.bad_steps_total,
-                                        **r.extra})
+                                        **getattr(self.data, "progress", dict)(), **r.extra})
                     if self.step % tc.eval_every == 0 or self.step == tc.steps:
                         last = self._eval_and_plot(bar)
                     if self.layout.any_rank(stop.requested is not None) and self.step < last_step:
