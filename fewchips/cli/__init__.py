@@ -10,7 +10,7 @@ import logging
 import sys
 
 # Command modules, in the order `--help` lists them.
-COMMANDS = ["info", "train", "sft", "grpo", "sample", "eval", "plan", "convert", "generate", "chat", "serve"]
+COMMANDS = ["info", "data", "train", "sft", "grpo", "sample", "eval", "plan", "convert", "generate", "chat", "serve"]
 
 
 class HelpFormatter(argparse.HelpFormatter):

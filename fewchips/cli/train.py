@@ -37,15 +37,26 @@ def register(sub):
     g.add_argument("--vocab-size", type=int, default=None,
                    help="override the preset's vocabulary (the BPE is trained to this size)")
     g = p.add_argument_group("data")
-    g.add_argument("--data",
-                   help="text file, folder, .jsonl or .parquet (default: this Python's standard library .py files)")
-    g.add_argument("--text-field", help="field holding the text in .jsonl/.parquet rows")
+    g.add_argument("--data", nargs="+", metavar="[WEIGHT:]PATH",
+                   help="text files, folders, .jsonl(.gz/.zst), .parquet, a datasets save_to_disk folder, or a folder "
+                        "`fewchips data prepare` wrote; several with weights make a mixture, e.g. --data 0.7:web/ "
+                        "0.3:code.parquet (default: this Python's standard library .py files)")
+    g.add_argument("--text-field", help="field holding the text in .jsonl/.parquet/datasets rows")
     g.add_argument("--max-corpus-mb", type=float,
-                   help="use at most this many MB of text (a deterministic subset); tokenising is ~1 MB/s")
+                   help="use at most this many MB of each source (a deterministic subset: whole files, lines or row groups)")
+    g.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip malformed rows (bad JSON, a missing text field, non-UTF-8 text) and count them, "
+                        "instead of stopping at the first with its file and line")
+    g.add_argument("--data-workers", type=int,
+                   help="tokenising processes per rank (default: the cores, shared by the ranks on a node); "
+                        "each document is tokenised once, by one worker of one rank")
+    g.add_argument("--tokenizer-sample-mb", type=float,
+                   help="train the BPE on this many MB: each source's first training documents, by weight (default 100)")
     g.add_argument("--val-fraction", type=float, help="share of documents held out, chosen by name hash")
     g.add_argument("--tokenizer",
                    help="an existing tokenizer.json (must have DeepSeek's BOS/EOS/FIM tokens); default: train a BPE")
-    g.add_argument("--cache-dir", help="where tokenised shards are kept and reused (default OUT/cache)")
+    g.add_argument("--cache-dir", help="where tokenised shards are kept and reused (default OUT/cache); share it "
+                   "between runs, or prepare once with `fewchips data prepare`")
     g.add_argument("--fim-rate", type=float, help="share of training documents turned into PSM FIM samples")
     add_run_flags(p)
     set_defaults_from(p, TrainConfig(), func=run)
@@ -244,8 +255,9 @@ def run(args):
             print(f"fewchips train: error: {e}", file=sys.stderr)
         return 2
     return run_trainer("train", train_config_class(), lambda tc: train(cfg, tc), args, lambda r: (
-        f"done: step {r['step']} ({r['stopped']}), val loss {r['val_loss']:.3f} nats/token ({r['val_bpb']:.3f} "
-        f"bits/byte; unigram entropy {r['unigram_entropy']:.3f}); model in {args.out}" if "val_loss" in r else None))
+        f"done: step {r['step']} ({r['stopped']}), val loss {r['val_loss']:.3f} nats/token ({r['val_bpb']:.3f} bits/byte"
+        + (f"; unigram entropy {r['unigram_entropy']:.3f}" if r.get("unigram_entropy") else "")
+        + f"); model in {args.out}" if "val_loss" in r else None))
 
 
 def train_config_class():

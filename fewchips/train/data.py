@@ -197,9 +197,12 @@ def sample_texts(sources, plan, pc: PrepareConfig, sample_bytes: int):
                 break
 
 
-def trained_tokenizer(sources, plan, pc: PrepareConfig, vocab_size: int, sample_mb: float, cache: str, team, log):
-    """A byte-level BPE trained (by rank 0, once per sample) on `sample_texts`; its cached file."""
-    path = os.path.join(cache, f"tokenizer-{plan.key()}-{pc.key()}-{vocab_size}-{sample_mb:g}mb.json")
+def tokenizer_cache_path(cache: str, plan, pc: PrepareConfig, vocab_size: int, sample_mb: float) -> str:
+    return os.path.join(cache, f"tokenizer-{plan.key()}-{pc.key()}-{vocab_size}-{sample_mb:g}mb.json")
+
+
+def trained_tokenizer(sources, plan, pc: PrepareConfig, vocab_size: int, sample_mb: float, path: str, team, log):
+    """A byte-level BPE trained by rank 0 on `sample_texts` into `path` (kept if it exists); the path."""
     err = None
     if team.rank == 0 and not os.path.exists(path):
         try:
@@ -244,15 +247,16 @@ def prepare_data(cfg, tc, log=print, tokenizer_path: str | None = None, team=Non
         _check_prepared(s.path, index, tc, given)
     pc = prepare_config(tc)
     if raw:
-        if tc.tokenizer_sample_mb is not None and (given or folders):
-            raise DataError("--tokenizer-sample-mb trains a tokenizer, but this run has one "
-                            f"({given or os.path.join(folders[0][0].path, 'tokenizer.json')}): drop the flag")
+        if tc.tokenizer_sample_mb is not None and (tc.tokenizer or tc.init or folders):
+            raise DataError("--tokenizer-sample-mb trains a tokenizer, but this run has one (--tokenizer, --init's or "
+                            "a prepared folder's): drop the flag")
         plan = plan_units(raw, pc.unit_bytes, pc.max_bytes)
         tok_file = given and (os.path.join(given, "tokenizer.json") if os.path.isdir(given) else given)
         tok_file = tok_file or (os.path.join(folders[0][0].path, "tokenizer.json") if folders else None)
         if tok_file is None:
-            tok_file = trained_tokenizer(raw, plan, pc, cfg.vocab_size, tc.tokenizer_sample_mb or TOKENIZER_SAMPLE_MB,
-                                         cache, team, log)
+            mb = tc.tokenizer_sample_mb or TOKENIZER_SAMPLE_MB
+            tok_file = trained_tokenizer(raw, plan, pc, cfg.vocab_size, mb,
+                                         tokenizer_cache_path(cache, plan, pc, cfg.vocab_size, mb), team, log)
         tok = load_tokenizer(tok_file)
         _check_vocab(tok, cfg)
         key = f"tokens-{plan.key()}-{tokenizer_hash(tok)}-{pc.key()}"
@@ -260,8 +264,10 @@ def prepare_data(cfg, tc, log=print, tokenizer_path: str | None = None, team=Non
         folders.append((None, load_index(folder)))
         paths = [s.path for s in ready] + [folder]
     else:
-        if tc.data_workers is not None:
-            raise DataError("--data-workers tokenises raw sources; every --data here is a prepared folder: drop it")
+        for flag, value in (("--data-workers", tc.data_workers), ("--tokenizer-sample-mb", tc.tokenizer_sample_mb),
+                            ("--cache-dir", tc.cache_dir)):
+            if value is not None:
+                raise DataError(f"{flag} is for preparing raw sources; every --data here is a prepared folder: drop it")
         tok = load_tokenizer(given or os.path.join(ready[0].path, "tokenizer.json"))
         _check_vocab(tok, cfg)
         paths = [s.path for s in ready]
@@ -272,7 +278,8 @@ def prepare_data(cfg, tc, log=print, tokenizer_path: str | None = None, team=Non
         scale = (item.weight if item else 1.0) / sum(s.weight for s in inner)
         for s in inner:
             s.weight *= scale if item else 1.0
-            s.name = f"{item.name}.{s.name}" if item and len(inner) > 1 else (item.name if item else s.name)
+            if item and len(items) > 1:          # several --data items: each names its sources
+                s.name = f"{item.name}.{s.name}" if len(inner) > 1 else item.name
         sources.extend(inner)
     if len({s.name for s in sources}) < len(sources):
         raise DataError(f"two --data sources share a name ({[s.name for s in sources]}); rename a folder")
@@ -290,7 +297,7 @@ def _check_prepared(path: str, index: dict, tc, given: str | None):
     """A prepared folder fixes the tokens: flags that would change them are refused by name."""
     was = index["settings"]
     for flag, now, then in (("--fim-rate", tc.fim_rate, was["fim_rate"]), ("--val-fraction", tc.val_fraction, was["val_fraction"]),
-                            ("--text-field", tc.text_field, was["text_field"]), ("--seed", tc.seed, was["seed"]),
+                            ("--text-field", tc.text_field, was["text_field"]),
                             ("--skip-bad-rows", tc.skip_bad_rows, was["skip_bad_rows"]),
                             ("--max-corpus-mb", int(tc.max_corpus_mb * 2**20) if tc.max_corpus_mb else None, was["max_bytes"])):
         if now != then:

@@ -169,7 +169,7 @@ def tokenise_unit(unit: Unit, out: str, tokenizer_file: str, pc: PrepareConfig) 
             continue                                  # in a shard a killed run already finished
         batch.append((name, text))
         batch_bytes += len(text)
-        if len(batch) >= 1024 or batch_bytes >= 4 * 2**20:
+        if len(batch) >= 1024 or batch_bytes >= min(4 * 2**20, pc.shard_tokens):   # a token is >= 1 byte
             flush()
             batch_bytes = 0
             if writer is not None and writer.tokens >= pc.shard_tokens:
@@ -292,7 +292,7 @@ def _start(out: str, header: dict, tokenizer_file: str) -> str | None:
         if was != header:
             return (f"{out} holds an unfinished preparation of other data or settings (plan {was.get('plan')}, "
                     f"now {header['plan']}); delete the folder or choose another --out")
-    elif os.listdir(os.path.join(out, "parts")) or set(os.listdir(out)) - {"parts"}:
+    elif os.listdir(os.path.join(out, "parts")) or set(os.listdir(out)) - {"parts", "tokenizer.json"}:
         return f"{out} is not empty and holds no preparation; choose an empty or new folder"
     if os.path.abspath(tokenizer_file) != os.path.abspath(os.path.join(out, "tokenizer.json")):
         with atomic_path(os.path.join(out, "tokenizer.json"), ".json") as tmp:
