@@ -281,6 +281,11 @@ def prepare_data(cfg, tc, log=print, tokenizer_path: str | None = None, team=Non
             if item and len(items) > 1:          # several --data items: each names its sources
                 s.name = f"{item.name}.{s.name}" if len(inner) > 1 else item.name
         sources.extend(inner)
+    for s in sources:
+        if not s.index["splits"]["train"]["documents"]:
+            rd = s.index.get("read", {})
+            raise DataError(f"no text found in the source {s.name} for training: {rd.get('empty', 0)} empty document(s), "
+                            f"{rd.get('skipped', 0)} bad row(s) skipped, {s.index['splits']['val']['documents']} held out")
     if len({s.name for s in sources}) < len(sources):
         raise DataError(f"two --data sources share a name ({[s.name for s in sources]}); rename a folder")
     _warn_small_val(sources, tc, log)
@@ -318,8 +323,8 @@ def _warn_small_val(sources, tc, log):
     for s in sources:
         val = s.index["splits"]["val"]
         if tc.val_fraction > 0 and val["tokens"] < MIN_VAL_TOKENS:
-            log(f"warning: the validation split of {s.name} is {val['tokens']:,} tokens in {val['documents']} "
-                f"document(s) (--val-fraction {tc.val_fraction}, split by name): validation loss will be noisy. "
+            log(f"warning: the validation split is {val['tokens']:,} tokens in {val['documents']} document(s) of "
+                f"{s.name} (--val-fraction {tc.val_fraction}, split by name): validation loss will be noisy. "
                 f"Raise --val-fraction or add documents")
 
 

@@ -429,8 +429,11 @@ def _read_arrow(p: Piece, text_field: str, skip: bool, stats: ReadStats):
 def read_documents(data=None, max_bytes: int | None = None, text_field: str = "text", skip_bad_rows: bool = False):
     """Every document of the sources as a list [(name, text)], in the plan's order: for small data (an
     evaluation set, the bundled chats); training streams instead."""
-    plan = plan_units(parse_sources(data), max_bytes=max_bytes)
-    return [d for u in plan.units for d in read_unit(u, text_field, skip_bad_rows or data is None)]
+    plan, stats = plan_units(parse_sources(data), max_bytes=max_bytes), ReadStats()
+    docs = [d for u in plan.units for d in read_unit(u, text_field, skip_bad_rows or data is None, stats)]
+    if not docs:
+        raise DataError(f"no text found in {data}: {stats.empty} empty document(s), {stats.skipped} bad row(s) skipped")
+    return docs
 
 
 # ---------------------------------------------------------------------------------------------

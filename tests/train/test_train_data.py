@@ -67,29 +67,35 @@ def test_fim_psm_round_trip(corpus, tok):
 
 def test_fim_rate_and_plain_documents(corpus, tok):
     sp = special_ids(tok)
-    docs = D.read_documents(corpus) * 20                        # 240 documents
+    docs = [(f"{n}#{k}", t) for k in range(20) for n, t in D.read_documents(corpus)]     # 240 named documents
     flags = [f for _, f in D.encode_documents(docs, tok, sp, fim_rate=0.1, seed=0)]
     assert 8 <= sum(flags) <= 45                                 # ~24 expected
+    assert flags == [f for _, f in D.encode_documents(docs[::-1], tok, sp, fim_rate=0.1, seed=0)][::-1]   # per name
     plain = next(D.encode_documents(docs[:1], tok, sp, fim_rate=0.0))[0].tolist()
     assert plain == [*tok.encode(docs[0][1]).ids, sp.eos]           # encode() adds the BOS
 
 
 def test_split_shards_and_determinism(corpus, tok, tmp_path):
+    from fewchips.train.prepare import PrepareConfig, open_prepared, prepare
+    from fewchips.train.sources import parse_sources
     sp = special_ids(tok)
     docs = D.read_documents(corpus)
     train, val = D.split_documents(docs, 0.2)
     assert train and val and not {n for n, _ in train} & {n for n, _ in val}
     assert {n for n, _ in D.split_documents(list(reversed(docs)), 0.2)[1]} == {n for n, _ in val}  # by name
-    a = D.prepare_corpus(train, val, tok, sp, str(tmp_path), "a", 0.1, 0, log=quiet)
-    b = D.prepare_corpus(train, val, tok, sp, str(tmp_path), "b", 0.1, 0, log=quiet)
-    assert a.train.tokens.dtype == np.uint16 and isinstance(a.train.tokens, np.memmap)
-    assert np.array_equal(a.train.tokens, b.train.tokens) and np.array_equal(a.val.tokens, b.val.tokens)
-    idx = json.load(open(os.path.join(a.path, "index.json")))
-    assert idx["splits"]["val"]["fim_documents"] == 0
-    assert idx["splits"]["train"]["tokens"] == len(a.train.tokens)
+    save_tokenizer(tok, tmp_path / "tok")
+    pc = PrepareConfig(fim_rate=0.1, val_fraction=0.2)
+    a, b = (open_prepared(prepare(parse_sources(corpus), str(tmp_path / "tok" / "tokenizer.json"), str(tmp_path / k), pc,
+                                  log=quiet, progress=False))[0] for k in "ab")
+    assert a.train[0:len(a.train)].dtype == np.uint16
+    assert np.array_equal(a.train[0:len(a.train)], b.train[0:len(b.train)]) and np.array_equal(a.val[0:10**9], b.val[0:10**9])
+    idx = json.load(open(os.path.join(tmp_path / "a", "index.json")))
+    assert idx["splits"]["val"]["fim_documents"] == 0 and idx["splits"]["val"]["documents"] == len(val)
+    assert idx["splits"]["train"]["tokens"] == len(a.train)
     # packing: document starts point at BOS, the token before each start is EOS
-    starts = a.train.doc_starts
-    assert all(a.train.tokens[s] == sp.bos for s in starts) and all(a.train.tokens[s - 1] == sp.eos for s in starts[1:])
+    starts, tokens = a.train.doc_starts(), a.train[0:len(a.train)]
+    assert len(starts) == len(train) and all(tokens[s] == sp.bos for s in starts)
+    assert all(tokens[s - 1] == sp.eos for s in starts[1:])
     assert 0 < idx["unigram_entropy_nats"] < np.log(tok.get_vocab_size())
 
 
@@ -114,25 +120,18 @@ def test_jsonl_and_text_inputs(tmp_path):
     p.write_text('{"text": "alpha beta"}\n\n{"text": "gamma"}\n')
     assert sorted(t for _, t in D.read_documents(str(p))) == ["alpha beta", "gamma"]
     p.write_text('{"body": "x"}\n')
-    with pytest.raises(D.DataError, match="text-field"):
+    with pytest.raises(D.DataError, match="d.jsonl:1: no string field 'text' \\(set --text-field\\)"):
         D.read_documents(str(p))
     q = tmp_path / "notes.txt"
     q.write_text("hello")
     assert D.read_documents(str(q)) == [("notes.txt", "hello")]
 
 
-def test_parquet_input(tmp_path, monkeypatch):
+def test_parquet_needs_pyarrow(tmp_path, monkeypatch):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
     p = tmp_path / "d.parquet"
-    pq.write_table(pa.table({"content": ["def f():\n    return 1\n", None, "x = 2\n"], "n": [1, 2, 3]}), p,
-                   row_group_size=2)
-    assert sorted(t for _, t in D.read_documents(str(p), text_field="content")) == ["def f():\n    return 1\n", "x = 2\n"]
-    with pytest.raises(D.DataError, match="no column 'text'.*content, n"):
-        D.read_documents(str(p))
-    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
-    with pytest.raises(D.DataError, match="not a readable parquet"):
-        D.read_documents(str(tmp_path / "bad.parquet"))
+    pq.write_table(pa.table({"content": ["x = 2\n"]}), p)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)     # as if pyarrow were not installed
     with pytest.raises(D.DataError, match="needs pyarrow"):
         D.read_documents(str(p), text_field="content")
