@@ -132,7 +132,12 @@ class MixtureSampler:
         total = float(sum(weights))
         self.weights = np.asarray(weights, dtype=np.float64) / total
         self.names = list(names or range(len(streams)))
-        self.samplers = [Sampler(s, seq_len, seed, stream=i) for i, s in enumerate(streams)]
+        self.samplers = []
+        for i, (name, stream) in enumerate(zip(self.names, streams)):
+            try:
+                self.samplers.append(Sampler(stream, seq_len, seed, stream=i))
+            except DataError as e:
+                raise DataError(f"source {name}: {e}") from None
         self.drawn = np.zeros(len(streams), dtype=np.int64)
 
     def next_batch(self, batch_size: int):

@@ -26,6 +26,10 @@ def read_metrics(path):
     return out
 
 
+def _per_source(records, prefix: str) -> list[str]:
+    return sorted({k for r in records for k in r if k.startswith(prefix)})
+
+
 def write_plots(metrics_path, load_LE, out_dir, unigram_entropy=None, layer_names=None):
     recs = read_metrics(metrics_path)
     train = [r for r in recs if "loss" in r]
@@ -36,13 +40,19 @@ def write_plots(metrics_path, load_LE, out_dir, unigram_entropy=None, layer_name
     a.plot([r["step"] for r in train], [r["mtp_loss"] for r in train], label="train (MTP, next-next token)", alpha=0.7)
     if val:
         a.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    for key in _per_source(val, "val_loss_"):          # a mixture: each source's own curve
+        a.plot([r["step"] for r in val if key in r], [r[key] for r in val if key in r], ".--", label=key[9:], alpha=0.7)
     if unigram_entropy:
         a.axhline(unigram_entropy, color="grey", ls="--", label="unigram entropy")
     a.set(xlabel="step", ylabel="nats / token", title="loss")
     a.legend(fontsize=8)
     a = ax[0, 1]
     if val:
-        a.plot([r["step"] for r in val], [r["val_bpb"] for r in val], "o-")
+        a.plot([r["step"] for r in val], [r["val_bpb"] for r in val], "o-", label="all")
+    for key in _per_source(val, "val_bpb_"):
+        a.plot([r["step"] for r in val if key in r], [r[key] for r in val if key in r], ".--", label=key[8:], alpha=0.7)
+    if _per_source(val, "val_bpb_"):
+        a.legend(fontsize=8)
     a.set(xlabel="step", ylabel="bits / byte", title="validation bits per byte")
     a = ax[1, 0]
     if train and train[0].get("maxvio"):

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -419,16 +420,22 @@ class TokenStream:
     def __init__(self, folder: str, segments: list, dtype: str):
         self.folder, self.segments, self.dtype = folder, segments, np.dtype(dtype)
         self.offsets = np.cumsum([0] + [stop - start for _, start, stop, _ in segments])
-        self._maps: dict = {}
+        self._maps: OrderedDict = OrderedDict()      # the most recently read files stay mapped
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    MAX_OPEN = 1024                                  # well under Linux's 65,530 mappings per process
+
     def _map(self, i: int):
-        if i not in self._maps:
+        if i in self._maps:
+            self._maps.move_to_end(i)
+        else:
             name = self.segments[i][0]
             n = os.path.getsize(_part(self.folder, f"{name}.bin")) // self.dtype.itemsize
             self._maps[i] = np.memmap(_part(self.folder, f"{name}.bin"), dtype=self.dtype, mode="r", shape=(n,))
+            if len(self._maps) > self.MAX_OPEN:
+                self._maps.popitem(last=False)
         return self._maps[i]
 
     def __getitem__(self, sl: slice) -> np.ndarray:
