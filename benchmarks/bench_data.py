@@ -99,6 +99,14 @@ def one(args):
                    "--eval-every", "1", "--eval-batches", "1", "--val-fraction", "0.01", "--threads", "1",
                    "--data-workers", "1"]))
         rc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True).returncode
+    elif args.one == "bpe":                                   # the tokenizer on its default sample (100 MB)
+        from fewchips.train.data import TOKENIZER_SAMPLE_MB, trained_tokenizer
+        from fewchips.train.prepare import PrepareConfig, Solo
+        from fewchips.train.sources import parse_sources, plan_units
+        src, pc = parse_sources(args.corpus), PrepareConfig()
+        os.makedirs(out, exist_ok=True)
+        trained_tokenizer(src, plan_units(src), pc, 32768, TOKENIZER_SAMPLE_MB, os.path.join(out, "t.json"), Solo(), print)
+        rc = 0
     else:                                                     # the raw encode_batch rate on the same text
         from tokenizers import Tokenizer
         tok = Tokenizer.from_file(args.tok)
@@ -137,6 +145,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds (the median is printed)")
     ap.add_argument("--ranks", action="store_true", help="also 2 torchrun ranks x 1 worker against 1 process x 2")
     ap.add_argument("--train", type=float, nargs="*", default=[], help="sizes to run `fewchips train --steps 1` on")
+    ap.add_argument("--bpe", type=float, nargs="*", default=[], help="sizes to train the BPE on (its 100 MB sample)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--corpus", help=argparse.SUPPRESS)
     ap.add_argument("--tok", help=argparse.SUPPRESS)
@@ -158,6 +167,7 @@ def main():
         kinds = [("raw", w) for w in args.workers] + [("prepare", w) for w in args.workers]
         kinds += [("ranks", 1)] if args.ranks else []
         kinds += [("train", max(args.workers)), ("ranks-train", 1)] if mb in args.train else []
+        kinds += [("bpe", 1)] if mb in args.bpe else []
         runs = {k: [] for k in kinds}
         for _ in range(args.rounds):
             for k in kinds:
@@ -166,10 +176,11 @@ def main():
         for (kind, w), rs in runs.items():
             sec = statistics.median(r["seconds"] for r in rs)
             rate = statistics.median(r["mb"] / r["seconds"] for r in rs) if kind == "raw" else real_mb / sec
-            ref = raw[max(args.workers)] if kind.startswith("ranks") else raw.get(w)
+            ref = raw[max(args.workers)] if kind.startswith("ranks") else raw.get(w) if kind != "bpe" else None
             what = {"raw": "tokenizers encode_batch (text in memory)", "prepare": "fewchips data prepare",
                     "ranks": "torchrun 2 ranks x 1 worker: data prepare", "train": "fewchips train --steps 1 (all of it)",
-                    "ranks-train": "torchrun 2 ranks: fewchips train --steps 1"}[kind]
+                    "ranks-train": "torchrun 2 ranks: fewchips train --steps 1",
+                    "bpe": "BPE (32k) trained on the 100 MB sample"}[kind]
             print(f"| {real_mb:,.1f} | {what} | {2 if kind.startswith('ranks') else w} | {sec:.1f} | {rate:.2f} | "
                   f"{rate / ref if ref and kind != 'raw' else 1:.2f}x | {max(r['main_mib'] for r in rs):,.0f} / "
                   f"{max(r['child_mib'] for r in rs):,.0f} |", flush=True)

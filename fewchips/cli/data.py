@@ -26,7 +26,7 @@ def register(sub):
     q.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets rows")
     q.add_argument("--val-fraction", type=float, default=0.03, help="share of documents held out, chosen by name hash")
     q.add_argument("--fim-rate", type=float, default=0.1, help="share of training documents turned into PSM FIM samples")
-    q.add_argument("--seed", type=int, default=0, help="seeds the FIM choices (train with the same --seed)")
+    q.add_argument("--seed", type=int, default=0, help="seeds the FIM choices (fixed in the folder; a training run's own --seed is free)")
     q.add_argument("--max-corpus-mb", type=float, help="at most this many MB of each source")
     q.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping")
     q.add_argument("--data-workers", type=int, help="tokenising processes per rank (default: the cores / local ranks)")
@@ -38,11 +38,13 @@ def register(sub):
 
 
 def run(args):
-    from fewchips.train.data import TOKENIZER_SAMPLE_MB, trained_tokenizer
+    from fewchips.train.data import TOKENIZER_SAMPLE_MB, tokenizer_cache_path, trained_tokenizer
     from fewchips.train.prepare import PrepareConfig, Solo, load_index, prepare, summary_lines
     from fewchips.train.sources import parse_sources, plan_units
     from fewchips.train.tokenizer import load_tokenizer, special_ids
 
+    if args.data_workers is not None and args.data_workers < 1:
+        raise ValueError(f"--data-workers must be >= 1, got {args.data_workers}")
     if bool(args.tokenizer) == bool(args.vocab_size):
         raise ValueError("give --tokenizer FILE (use an existing tokenizer) or --vocab-size N (train one), not both")
     if args.tokenizer and args.tokenizer_sample_mb is not None:
@@ -55,22 +57,26 @@ def run(args):
                        max_bytes=int(args.max_corpus_mb * 2**20) if args.max_corpus_mb else None,
                        unit_bytes=max(1, int(args.unit_mb * 2**20)))
     out = os.path.abspath(args.out)
-    if os.path.exists(os.path.join(out, "index.json")):
-        log(f"{out} is already prepared:")
-        for line in summary_lines(load_index(out)):
-            log(line)
-        return 0
+    finished = os.path.exists(os.path.join(out, "index.json"))
     tok_file = args.tokenizer
     if tok_file:
         tok_file = os.path.join(tok_file, "tokenizer.json") if os.path.isdir(tok_file) else tok_file
         special_ids(load_tokenizer(tok_file), tok_file)
     else:
         plan = plan_units(sources, pc.unit_bytes, pc.max_bytes)
+        mb = args.tokenizer_sample_mb or TOKENIZER_SAMPLE_MB
+        tok_file = os.path.join(out, "." + os.path.basename(tokenizer_cache_path(out, plan, pc, args.vocab_size, mb)))
+        if finished and not os.path.exists(tok_file):
+            raise ValueError(f"{out} was prepared with another tokenizer (not --vocab-size {args.vocab_size}, "
+                             f"--tokenizer-sample-mb {mb:g} on these files); choose another --out")
         if team.rank == 0:
             os.makedirs(out, exist_ok=True)
-        tok_file = trained_tokenizer(sources, plan, pc, args.vocab_size, args.tokenizer_sample_mb or TOKENIZER_SAMPLE_MB,
-                                     os.path.join(out, "tokenizer.json"), team, log)
+        tok_file = trained_tokenizer(sources, plan, pc, args.vocab_size, mb, tok_file, team, log)
     prepare(sources, tok_file, out, pc, team, args.data_workers, log, args.progress)
+    if finished:
+        log(f"{out} was already prepared, from the same files and settings:")
+        for line in summary_lines(load_index(out)):
+            log(line)
     log(f"fewchips data prepare: {out} is ready; train on it with fewchips train --data {out}")
     if not isinstance(team, Solo):
         import torch.distributed as dist

@@ -92,6 +92,10 @@ class TrainConfig:
         full = self.batch_size * self.grad_accum
         if self.batch_size < 1 or self.grad_accum < 1:
             raise TrainError(f"--batch-size ({self.batch_size}) and --grad-accum ({self.grad_accum}) must be >= 1")
+        if self.data_workers is not None and self.data_workers < 1:
+            raise TrainError(f"--data-workers must be >= 1, got {self.data_workers}")
+        if self.tokenizer_sample_mb is not None and not self.tokenizer_sample_mb > 0:
+            raise TrainError(f"--tokenizer-sample-mb must be > 0, got {self.tokenizer_sample_mb}")
         if self.epochs is not None and not self.epochs > 0:
             raise TrainError(f"--epochs must be > 0, got {self.epochs}")
         if self.batch_ramp_tokens < 0:

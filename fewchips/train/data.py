@@ -242,14 +242,11 @@ def prepare_data(cfg, tc, log=print, tokenizer_path: str | None = None, team=Non
     """--data items → (tokenizer, special ids, [PreparedSource]): prepared folders used as they are, the
     other sources tokenised once into OUT/cache (or --cache-dir) by every rank and worker together."""
     team = team or Solo()
-    items = parse_sources(tc.data)
-    ready = [s for s in items if s.path is not None and is_prepared(s.path)]
+    given = tokenizer_path or tc.tokenizer
+    got = _every_rank(team, _read_items, tc, given)       # a path missing on one node stops every rank
+    items, ready, folders = got
     raw = [s for s in items if s not in ready]
     cache = tc.cache_dir or os.path.join(tc.out, "cache")
-    given = tokenizer_path or tc.tokenizer
-    folders = [(s, load_index(s.path)) for s in ready]
-    for s, index in folders:
-        _check_prepared(s.path, index, tc, given)
     pc = prepare_config(tc)
     if raw:
         if tc.tokenizer_sample_mb is not None and (tc.tokenizer or tc.init or folders):
@@ -295,6 +292,38 @@ def prepare_data(cfg, tc, log=print, tokenizer_path: str | None = None, team=Non
         raise DataError(f"two --data sources share a name ({[s.name for s in sources]}); rename a folder")
     _warn_small_val(sources, tc, log)
     return tok, sp, sources
+
+
+def _every_rank(team, fn, *args):
+    """fn's result on every rank, or the first rank's error raised on all of them (none left waiting)."""
+    try:
+        value, err = fn(*args), None
+    except (DataError, OSError) as e:
+        value, err = None, e
+    errors = [m for m in team.all_gather(f"{err}" if err else None) if m]
+    if err is not None:
+        raise err
+    if errors:
+        raise DataError(f"another rank: {errors[0]}")
+    return value
+
+
+def _read_items(tc, given):
+    """(the --data items, those that are prepared folders, [(item, its index)]), each folder checked."""
+    items = parse_sources(tc.data)
+    for s in items:
+        if s.path and os.path.exists(os.path.join(s.path, "prepare.json")) and not is_prepared(s.path):
+            raise DataError(f"--data {s.path} is an unfinished `fewchips data prepare`: run it again with the same "
+                            f"flags to finish it")
+    ready = [s for s in items if s.path is not None and is_prepared(s.path)]
+    folders = [(s, load_index(s.path)) for s in ready]
+    for s, index in folders:
+        _check_prepared(s.path, index, tc, given)
+    hashes = {index["tokenizer_hash"] for _, index in folders}
+    if len(hashes) > 1:
+        raise DataError(f"the prepared folders {[s.path for s in ready]} were tokenised with different tokenizers; "
+                        f"prepare them with one")
+    return items, ready, folders
 
 
 def _check_vocab(tok, cfg):

@@ -66,8 +66,9 @@ class Solo:
 
 
 def file_hash(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha1(f.read()).hexdigest()[:16]
+    """The tokenizer's own hash (its JSON as `tokenizers` writes it), whatever the file's formatting."""
+    from .tokenizer import load_tokenizer, tokenizer_hash
+    return tokenizer_hash(load_tokenizer(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +95,8 @@ class ShardWriter:
 
     def __init__(self, out: str, unit: int, k: int, dtype):
         self.out, self.name, self.dtype = out, f"u{unit:06d}-{k:03d}", dtype
-        self.files = {s: open(_part(out, f".{self.name}.{s}.bin.tmp"), "wb") for s in SPLITS}
+        self.tmp = {s: _part(out, f".{self.name}.{s}.bin.{os.getpid()}.tmp") for s in SPLITS}   # writers never share one
+        self.files = {s: open(self.tmp[s], "wb") for s in SPLITS}
         self.starts = {s: [] for s in SPLITS}
         self.counts = {s: {"tokens": 0, "documents": 0, "fim_documents": 0, "bytes": 0} for s in SPLITS}
 
@@ -116,7 +118,7 @@ class ShardWriter:
             self.files[s].close()
             with atomic_path(_part(self.out, f"{self.name}.{s}.starts.npy"), ".npy") as tmp:
                 np.save(tmp, np.asarray(self.starts[s], dtype=np.int64))
-            os.replace(_part(self.out, f".{self.name}.{s}.bin.tmp"), _part(self.out, f"{self.name}.{s}.bin"))
+            os.replace(self.tmp[s], _part(self.out, f"{self.name}.{s}.bin"))   # same bytes from any writer
         meta = {"name": self.name, "docs_through": docs_through, **self.counts}
         atomic_write_text(_part(self.out, f"{self.name}.json"), json.dumps(meta))
         return meta
@@ -200,15 +202,19 @@ def _init_worker(threads: int):
 def _pool(workers: int):
     """Worker processes forked where the OS can (as torch's DataLoader: instant, and a script without a
     __main__ guard works), spawned elsewhere. A forked tokenizer cannot reuse the parent's thread pool:
-    each worker encodes on one thread, which is what `workers` = the cores wants anyway."""
+    each worker encodes on one thread, which is what `workers` = the cores wants anyway. A worker the
+    OS kills (out of memory) raises BrokenProcessPool here rather than leaving its task waiting forever."""
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
     threads = max(1, (os.cpu_count() or 1) // workers)
     if "fork" not in mp.get_all_start_methods():
-        return mp.get_context("spawn").Pool(workers, _init_worker, (threads,))
+        return ProcessPoolExecutor(workers, mp.get_context("spawn"), _init_worker, (threads,))
     was = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"          # the children inherit it (and print no fork warning)
     try:
-        return mp.get_context("fork").Pool(workers)
+        pool = ProcessPoolExecutor(workers, mp.get_context("fork"))
+        pool.submit(int).result()                           # fork them now, while the variable is set
+        return pool
     finally:
         if was is None:
             os.environ.pop("TOKENIZERS_PARALLELISM")
@@ -239,15 +245,18 @@ def prepare(sources: list[Source], tokenizer_file: str, out: str, pc: PrepareCon
     """Tokenise `sources` into the folder `out` (kept if complete; resumed if not). Every rank of `team`
     calls it with the same arguments; each takes its share of the units; rank 0 writes the index."""
     team = team or Solo()
-    if os.path.exists(os.path.join(out, "index.json")):
-        return out
-    plan = plan_units(sources, pc.unit_bytes, pc.max_bytes)
-    keys = team.all_gather(plan.key())
+    plan = _guarded(plan_units, sources, pc.unit_bytes, pc.max_bytes)
+    keys = team.all_gather(plan.key() if isinstance(plan, Plan) else f"error: {plan}")
+    if any(k.startswith("error: ") for k in keys):
+        raise DataError(next(k[7:] for k in keys if k.startswith("error: ")))
     if len(set(keys)) > 1:
         raise DataError("the ranks see different files under --data (is the data folder the same on every "
                         "node?); prepare it once with `fewchips data prepare` into a folder every node reads")
     header = {"format": FORMAT, "version": VERSION, "plan": plan.key(), "tokenizer_hash": file_hash(tokenizer_file),
               "settings": asdict(pc), "sources": [{"name": s.name, "path": s.path, "weight": s.weight} for s in sources]}
+    if os.path.exists(os.path.join(out, "index.json")):
+        check_same(out, header)
+        return out
     err = _guarded(_start, out, header, tokenizer_file) if team.rank == 0 else None
     err = next((e for e in team.all_gather(err) if e), None)
     if err:
@@ -262,8 +271,11 @@ def prepare(sources: list[Source], tokenizer_file: str, out: str, pc: PrepareCon
     err = next((e for e in team.all_gather(err) if e), None)
     if err:
         raise DataError(err)
+    index = _guarded(finalize, out, plan, header) if team.rank == 0 else None
+    err = next((e for e in team.all_gather(index if isinstance(index, str) else None) if e), None)
+    if err:
+        raise DataError(err)
     if team.rank == 0:
-        index = finalize(out, plan, header)
         dt = time.time() - t0
         log(f"prepared {out} with {team.size} rank(s) x {workers} worker(s): {total / 2**20:,.1f} MB of this rank's "
             f"input in {dt:.1f}s ({total / 2**20 / max(dt, 1e-9):.1f} MB/s)")
@@ -273,8 +285,23 @@ def prepare(sources: list[Source], tokenizer_file: str, out: str, pc: PrepareCon
     return out
 
 
-def _guarded(fn, *args) -> str | None:
-    """fn's error as a message (every rank then raises it together) or None."""
+def check_same(out: str, header: dict):
+    """A finished folder serves only the request it was made for: anything else is refused by name."""
+    with open(os.path.join(out, "prepare.json")) as f:
+        was = json.load(f)
+    if was == header:
+        return
+    what = [f"--{k.replace('_', '-').replace('max-bytes', 'max-corpus-mb').replace('unit-bytes', 'unit-mb')} "
+            f"{was['settings'].get(k)} (now {v})" for k, v in header["settings"].items() if was["settings"].get(k) != v]
+    what += ["the files (names, sizes or times)"] if was["plan"] != header["plan"] else []
+    what += ["the tokenizer"] if was["tokenizer_hash"] != header["tokenizer_hash"] else []
+    what += ["the sources or weights"] if was["sources"] != header["sources"] else []
+    raise DataError(f"{out} was prepared from other data or settings: {'; '.join(what)}. Choose another --out, or "
+                    f"delete it to prepare again")
+
+
+def _guarded(fn, *args):
+    """fn's result, or its error as a message (every rank then raises it together)."""
     try:
         return fn(*args)
     except DataError as e:
@@ -293,7 +320,7 @@ def _start(out: str, header: dict, tokenizer_file: str) -> str | None:
         if was != header:
             return (f"{out} holds an unfinished preparation of other data or settings (plan {was.get('plan')}, "
                     f"now {header['plan']}); delete the folder or choose another --out")
-    elif os.listdir(os.path.join(out, "parts")) or set(os.listdir(out)) - {"parts", "tokenizer.json"}:
+    elif os.listdir(os.path.join(out, "parts")) or {f for f in os.listdir(out) if not f.startswith(".")} - {"parts"}:
         return f"{out} is not empty and holds no preparation; choose an empty or new folder"
     if os.path.abspath(tokenizer_file) != os.path.abspath(os.path.join(out, "tokenizer.json")):
         with atomic_path(os.path.join(out, "tokenizer.json"), ".json") as tmp:
@@ -315,7 +342,7 @@ def _run(units, out, tokenizer_file, pc, workers: int, progress: bool) -> str | 
             results = map(_work, jobs)
         else:
             pool = _pool(workers)
-            results = pool.imap_unordered(_work, jobs)
+            results = pool.map(_work, jobs)
         for summary, err in results:
             if err:
                 return err
@@ -324,8 +351,7 @@ def _run(units, out, tokenizer_file, pc, workers: int, progress: bool) -> str | 
         return None
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(cancel_futures=True)
         if bar is not None:
             bar.close()
 

@@ -21,6 +21,7 @@ import io
 import json
 import os
 import sysconfig
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,6 +113,7 @@ class Piece:
     stop: int | None = None            # exclusive; None: to the end
     nbytes: int = 0                    # bytes of input (parquet: uncompressed)
     first_row: int = 0                 # parquet: the row number of the first row in `start`
+    limit: int | None = None           # --max-corpus-mb: read documents until this many bytes of the piece
 
 
 @dataclass
@@ -150,6 +152,8 @@ def plan_units(sources: list[Source], unit_bytes: int = UNIT_BYTES, max_bytes: i
         for p in pieces:
             if max_bytes is not None and total >= max_bytes:
                 break
+            if max_bytes is not None and total + p.nbytes > max_bytes and p.kind != "text":
+                p = dataclasses.replace(p, limit=max_bytes - total)    # the cap falls inside: cut there
             total += p.nbytes
             if current is None or current.nbytes + p.nbytes > unit_bytes and current.pieces:
                 current = Unit(len(units), s_idx)
@@ -195,7 +199,7 @@ def _source_pieces(src: Source, unit_bytes: int):
     """(pieces, {suffix: count of files left out})."""
     root = src.root
     if src.path is not None and _is_dataset_dir(root):
-        return _dataset_pieces(root), {}
+        return _dataset_pieces(root, unit_bytes), {}
     if os.path.isfile(root):
         kind = _kind(root) or "text"               # a single file named on the command line is read as text
         return _file_pieces(root, os.path.basename(root), kind, unit_bytes), {}
@@ -219,8 +223,25 @@ def _source_pieces(src: Source, unit_bytes: int):
     return pieces, left_out
 
 
+def _input_bytes(full: str) -> int:
+    """A file's bytes of text: the decompressed size a .gz or .zst records (estimated if it does not)."""
+    size, low = os.path.getsize(full), full.lower()
+    try:
+        with open(full, "rb") as f:
+            if low.endswith(".gz") and size >= 18:
+                f.seek(-4, os.SEEK_END)
+                return max(int.from_bytes(f.read(4), "little"), size)      # ISIZE: the size mod 2^32
+            if low.endswith(".zst"):
+                import zstandard
+                n = zstandard.frame_content_size(f.read(18))
+                return n if n > 0 else 4 * size
+    except Exception:  # noqa: BLE001 - only an estimate; reading the file says what is wrong with it
+        pass
+    return size
+
+
 def _file_pieces(full: str, rel: str, kind: str, unit_bytes: int) -> list[Piece]:
-    size = os.path.getsize(full)
+    size = os.path.getsize(full) if kind != "jsonl" else _input_bytes(full)
     if kind == "jsonl" and full.lower().endswith(".jsonl") and size > unit_bytes:
         return [Piece(full, rel, kind, a, min(a + unit_bytes, size), min(unit_bytes, size - a))
                 for a in range(0, size, unit_bytes)]            # byte ranges: lines that start in each
@@ -243,11 +264,11 @@ def _parquet_pieces(full: str, rel: str) -> list[Piece]:
     return pieces
 
 
-def _dataset_pieces(root: str) -> list[Piece]:
+def _dataset_pieces(root: str, unit_bytes: int) -> list[Piece]:
     ds = _load_dataset(root)
     n = len(ds)
     per_row = max(1, ds.data.nbytes // max(n, 1))
-    step = max(1, UNIT_BYTES // per_row)
+    step = max(1, unit_bytes // per_row)
     rel = os.path.basename(os.path.normpath(root))
     return [Piece(root, rel, "arrow", a, min(a + step, n), (min(a + step, n) - a) * per_row) for a in range(0, n, step)]
 
@@ -365,7 +386,8 @@ def _read_jsonl(p: Piece, text_field: str, skip: bool, stats: ReadStats):
         if p.start:                                 # the line that crosses into this range is the previous range's
             f.seek(p.start - 1)
             pos = p.start - 1 + len(f.readline())
-        while p.stop is None or pos < p.stop:
+        stop = p.stop if p.limit is None else min(p.stop or 1 << 62, p.start + p.limit)
+        while stop is None or pos < stop:
             line = f.readline()
             if not line:
                 break
@@ -399,28 +421,46 @@ def _read_parquet(p: Piece, text_field: str, skip: bool, stats: ReadStats):
     columns = pf.schema_arrow.names
     if text_field not in columns:
         raise DataError(f"{p.path}: no column {text_field!r} (columns: {', '.join(columns)}; set --text-field)")
-    row = p.first_row
+    row, used = p.first_row, 0
     for g in range(p.start, p.stop):
-        try:
-            values = pf.read_row_group(g, columns=[text_field]).column(0).to_pylist()
-        except Exception as e:
-            raise DataError(f"{p.path}: row group {g} cannot be read ({e}); the file is damaged") from None
-        for t in values:
+        for t in _row_group_texts(pf, g, text_field, p.path):
+            if p.limit is not None and used >= p.limit:
+                return
             if isinstance(t, str):
+                used += len(t)
                 yield f"{p.rel}:{row}", t
             else:
                 _bad(stats, skip, f"{p.path}:row {row}", f"column {text_field!r} holds {type(t).__name__}, not text")
             row += 1
 
 
+def _row_group_texts(pf, g: int, text_field: str, path: str):
+    """One row group's texts, 1,024 rows at a time (a row group can be large)."""
+    try:
+        batches = iter(pf.iter_batches(1024, row_groups=[g], columns=[text_field]))
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            yield from batch.column(0).to_pylist()
+    except DataError:
+        raise
+    except Exception as e:          # pyarrow's errors for damaged pages
+        raise DataError(f"{path}: row group {g} cannot be read ({e}); the file is damaged") from None
+
+
 def _read_arrow(p: Piece, text_field: str, skip: bool, stats: ReadStats):
     ds = _load_dataset(p.path)
     if text_field not in ds.column_names:
         raise DataError(f"{p.path}: no column {text_field!r} (columns: {', '.join(ds.column_names)}; set --text-field)")
-    col = ds.data.column(text_field)               # the memory-mapped Arrow table: no copy of the rest
+    col, used = ds.data.column(text_field), 0      # the memory-mapped Arrow table: no copy of the rest
     for row in range(p.start, p.stop, 4096):
         for i, t in enumerate(col.slice(row, min(4096, p.stop - row)).to_pylist()):
+            if p.limit is not None and used >= p.limit:
+                return
             if isinstance(t, str):
+                used += len(t)
                 yield f"{p.rel}:{row + i}", t
             else:
                 _bad(stats, skip, f"{p.path}:row {row + i}", f"column {text_field!r} holds {type(t).__name__}, not text")

@@ -285,3 +285,23 @@ def test_two_torchrun_ranks_prepare_the_tokens_of_one_process(mixed, tok_file, t
     assert "2 rank(s) x 1 worker(s)" in p.stdout and len(os.listdir(tmp_path / "two" / "parts")) > 20
     two = streams(str(tmp_path / "two"))
     assert all(np.array_equal(a, b) for k in one for a, b in zip(one[k], two[k]))
+
+
+def test_a_prepared_folder_serves_only_its_own_request(mixed, tok_file, tmp_path, capsys):
+    """A finished folder asked for with other settings, or an unfinished one given to training, is
+    refused by name; --max-corpus-mb cuts inside a compressed file too."""
+    from fewchips.cli import main
+    root, _ = mixed
+    out = str(tmp_path / "p")
+    base = ["data", "prepare", "--data", root, "--out", out, "--tokenizer", tok_file, "--no-progress"]
+    assert main(base) == 0 and main(base) == 0                       # the same request: kept
+    assert "already prepared" in capsys.readouterr().out
+    assert main([*base, "--fim-rate", "0.3"]) == 2
+    assert "--fim-rate 0.1 (now 0.3)" in capsys.readouterr().err
+    os.remove(os.path.join(out, "index.json"))                       # as if killed before the end
+    args = ["train", "--preset", "tiny", "--vocab-size", "400", "--data", out, "--out", str(tmp_path / "run")]
+    assert main(args) == 2 and "unfinished `fewchips data prepare`" in capsys.readouterr().err
+    gz = os.path.join(root, "b.jsonl.gz")
+    whole = D.read_documents(gz)
+    capped = D.read_documents(gz, max_bytes=2000)
+    assert 0 < len(capped) < len(whole) and capped == whole[:len(capped)]
