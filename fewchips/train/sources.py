@@ -421,17 +421,21 @@ def _read_parquet(p: Piece, text_field: str, skip: bool, stats: ReadStats):
     columns = pf.schema_arrow.names
     if text_field not in columns:
         raise DataError(f"{p.path}: no column {text_field!r} (columns: {', '.join(columns)}; set --text-field)")
-    row, used = p.first_row, 0
-    for g in range(p.start, p.stop):
-        for t in _row_group_texts(pf, g, text_field, p.path):
-            if p.limit is not None and used >= p.limit:
-                return
-            if isinstance(t, str):
-                used += len(t)
-                yield f"{p.rel}:{row}", t
-            else:
-                _bad(stats, skip, f"{p.path}:row {row}", f"column {text_field!r} holds {type(t).__name__}, not text")
-            row += 1
+    texts = (t for g in range(p.start, p.stop) for t in _row_group_texts(pf, g, text_field, p.path))
+    yield from _rows(texts, p.first_row, p, text_field, skip, stats)
+
+
+def _rows(texts, first_row: int, p: Piece, text_field: str, skip: bool, stats: ReadStats):
+    """(name, text) per row of a text column; a null or non-text value is a bad row; stops at p.limit."""
+    used = 0
+    for row, t in enumerate(texts, first_row):
+        if p.limit is not None and used >= p.limit:
+            return
+        if isinstance(t, str):
+            used += len(t)
+            yield f"{p.rel}:{row}", t
+        else:
+            _bad(stats, skip, f"{p.path}:row {row}", f"column {text_field!r} holds {type(t).__name__}, not text")
 
 
 def _row_group_texts(pf, g: int, text_field: str, path: str):
@@ -454,16 +458,9 @@ def _read_arrow(p: Piece, text_field: str, skip: bool, stats: ReadStats):
     ds = _load_dataset(p.path)
     if text_field not in ds.column_names:
         raise DataError(f"{p.path}: no column {text_field!r} (columns: {', '.join(ds.column_names)}; set --text-field)")
-    col, used = ds.data.column(text_field), 0      # the memory-mapped Arrow table: no copy of the rest
-    for row in range(p.start, p.stop, 4096):
-        for i, t in enumerate(col.slice(row, min(4096, p.stop - row)).to_pylist()):
-            if p.limit is not None and used >= p.limit:
-                return
-            if isinstance(t, str):
-                used += len(t)
-                yield f"{p.rel}:{row + i}", t
-            else:
-                _bad(stats, skip, f"{p.path}:row {row + i}", f"column {text_field!r} holds {type(t).__name__}, not text")
+    col = ds.data.column(text_field)               # the memory-mapped Arrow table: no copy of the rest
+    texts = (t for a in range(p.start, p.stop, 4096) for t in col.slice(a, min(4096, p.stop - a)).to_pylist())
+    yield from _rows(texts, p.start, p, text_field, skip, stats)
 
 
 def read_documents(data=None, max_bytes: int | None = None, text_field: str = "text", skip_bad_rows: bool = False):
