@@ -38,8 +38,8 @@ def register(sub):
 
 
 def run(args):
-    from fewchips.train.data import TOKENIZER_SAMPLE_MB, tokenizer_cache_path, trained_tokenizer
-    from fewchips.train.prepare import PrepareConfig, Solo, load_index, prepare, summary_lines
+    from fewchips.train.prepare import (TOKENIZER_SAMPLE_MB, PrepareConfig, Solo, load_index, prepare, summary_lines,
+                                        tokenizer_cache_path, trained_tokenizer)     # no torch: a light process
     from fewchips.train.sources import parse_sources, plan_units
     from fewchips.train.tokenizer import load_tokenizer, special_ids
 

@@ -26,12 +26,12 @@ import torch
 
 from ..files import atomic_path
 from ..losses import Batch, bits_per_byte  # noqa: F401 - the data's types, re-exported
-from .prepare import PrepareConfig, Solo, TokenStream, file_hash, is_prepared, load_index, open_prepared, prepare
+from .prepare import (TOKENIZER_SAMPLE_MB, PrepareConfig, Solo, TokenStream, file_hash, is_prepared,  # noqa: F401
+                      load_index, open_prepared, prepare, sample_texts, tokenizer_cache_path, trained_tokenizer)
 from .sources import (TEXT_SUFFIXES, DataError, default_corpus_root, doc_hash, fim_split, is_val,  # noqa: F401
                       parse_sources, plan_units, psm, read_documents, read_unit)
 from .tokenizer import SpecialIds, load_tokenizer, special_ids, token_byte_lengths, tokenizer_hash, train_tokenizer
 
-TOKENIZER_SAMPLE_MB = 100.0            # the BPE's training sample when --tokenizer-sample-mb is not given
 
 
 def split_documents(docs, val_fraction: float = 0.03):
@@ -183,59 +183,6 @@ def prepare_config(tc) -> PrepareConfig:
     return PrepareConfig(fim_rate=tc.fim_rate, seed=tc.seed, val_fraction=tc.val_fraction, text_field=tc.text_field,
                          skip_bad_rows=tc.skip_bad_rows or tc.data is None,     # our own corpus: best effort
                          max_bytes=int(tc.max_corpus_mb * 2**20) if tc.max_corpus_mb else None)
-
-
-def sample_texts(sources, plan, pc: PrepareConfig, sample_bytes: int):
-    """The tokenizer's training sample: each source's first training documents in the plan's order,
-    up to its weight's share of `sample_bytes` (deterministic; validation documents never)."""
-    total = sum(s.weight for s in sources)
-    for i, src in enumerate(sources):
-        budget, used = sample_bytes * src.weight / total, 0
-        for unit in (u for u in plan.units if u.source == i):
-            for name, text in read_unit(unit, pc.text_field, pc.skip_bad_rows):
-                if used >= budget:
-                    break
-                if not is_val(name, pc.val_fraction):
-                    used += len(text.encode())
-                    yield text
-            if used >= budget:
-                break
-
-
-def tokenizer_cache_path(cache: str, plan, pc: PrepareConfig, vocab_size: int, sample_mb: float) -> str:
-    return os.path.join(cache, f"tokenizer-{plan.key()}-{pc.key()}-{vocab_size}-{sample_mb:g}mb.json")
-
-
-def trained_tokenizer(sources, plan, pc: PrepareConfig, vocab_size: int, sample_mb: float, path: str, team, log):
-    """A byte-level BPE trained by rank 0 on `sample_texts` into `path` (kept if it exists); the path."""
-    err = None
-    if team.rank == 0 and not os.path.exists(path):
-        try:
-            _train_tokenizer(sources, plan, pc, vocab_size, sample_mb, path, log)
-        except Exception as e:  # noqa: BLE001 - raised on every rank below, so none waits for rank 0 forever
-            err = e
-    errors = [e for e in team.all_gather(f"{type(err).__name__}: {err}" if err else None) if e]
-    if err is not None:
-        raise err
-    if errors:
-        raise DataError(f"rank 0 could not train the tokenizer: {errors[0]}")
-    return path
-
-
-def _train_tokenizer(sources, plan, pc: PrepareConfig, vocab_size: int, sample_mb: float, path: str, log):
-    t0, seen = time.time(), []
-
-    def texts():
-        for t in sample_texts(sources, plan, pc, int(sample_mb * 2**20)):
-            seen.append(len(t.encode()))
-            yield t
-    tok = train_tokenizer(texts(), vocab_size)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with atomic_path(path, ".json") as tmp:
-        tok.save(tmp)
-    log(f"trained a {tok.get_vocab_size()}-token byte-level BPE in {time.time() - t0:.1f}s on a sample of "
-        f"{len(seen):,} training documents, {sum(seen) / 2**20:.1f} MB (--tokenizer-sample-mb {sample_mb:g}: each "
-        f"source's first documents by weight)")
 
 
 def prepare_data(cfg, tc, log=print, tokenizer_path: str | None = None, team=None):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -32,10 +33,12 @@ import numpy as np
 from ..files import atomic_path, atomic_write_text
 from .sources import (UNIT_BYTES, DataError, Plan, ReadStats, Source, Unit, fim_choice, fim_split, is_val, plan_units,
                       psm, read_unit)
+from .tokenizer import train_tokenizer
 
 FORMAT, VERSION = "fewchips-tokens", 2
 SHARD_TOKENS = 1 << 26                 # 64M tokens (128 MiB as uint16): a bound on any file we write
 SPLITS = ("train", "val")
+TOKENIZER_SAMPLE_MB = 100.0            # the BPE's training sample when --tokenizer-sample-mb is not given
 
 
 @dataclass(frozen=True)
@@ -264,6 +267,10 @@ def prepare(sources: list[Source], tokenizer_file: str, out: str, pc: PrepareCon
     mine = assign(plan.units, team.size)[team.rank]
     pending = [u for u in mine if not os.path.exists(_part(out, f"u{u.index:06d}.json"))]
     workers = min(workers or default_workers(team), max(len(pending), 1))
+    if workers > 1 and math.ceil(len(pending) / workers) * workers > 1.1 * len(pending):
+        workers = 1                    # a pool would idle a core on the last units: one process, every thread
+    if workers == 1:
+        os.environ.setdefault("RAYON_NUM_THREADS", str(default_workers(team)))   # the rank's share of the cores
     t0, total = time.time(), sum(u.nbytes for u in pending)
     if len(pending) < len(mine):
         log(f"resuming the preparation in {out}: {len(mine) - len(pending)} of this rank's {len(mine)} units done")
@@ -277,7 +284,8 @@ def prepare(sources: list[Source], tokenizer_file: str, out: str, pc: PrepareCon
         raise DataError(err)
     if team.rank == 0:
         dt = time.time() - t0
-        log(f"prepared {out} with {team.size} rank(s) x {workers} worker(s): {total / 2**20:,.1f} MB of this rank's "
+        how = f"{workers} worker processes" if workers > 1 else f"1 process ({os.environ['RAYON_NUM_THREADS']} threads)"
+        log(f"prepared {out} with {team.size} rank(s) x {how}: {total / 2**20:,.1f} MB of this rank's "
             f"input in {dt:.1f}s ({total / 2**20 / max(dt, 1e-9):.1f} MB/s)")
         for line in summary_lines(index, plan):
             log(line)
@@ -412,7 +420,8 @@ def _unigram_entropy(out: str, index: dict, sample: int = 1 << 24) -> float:
     counts = np.zeros(index["vocab_size"], dtype=np.int64)
     for src in index["sources"]:
         stream = TokenStream(out, src["splits"]["train"]["segments"], index["dtype"])
-        counts += np.bincount(stream[0:min(sample, len(stream))], minlength=len(counts))[:len(counts)]
+        for a in range(0, min(sample, len(stream)), 1 << 20):        # in slices: no corpus-sized copy
+            counts += np.bincount(stream[a:min(a + (1 << 20), sample, len(stream))], minlength=len(counts))[:len(counts)]
     p = counts[counts > 0] / max(counts.sum(), 1)
     return float(-(p * np.log(p)).sum())
 
@@ -433,6 +442,63 @@ def summary_lines(index: dict, plan: Plan | None = None) -> list[str]:
             line += "; files left out by suffix: " + ", ".join(f"{n} {e or '(none)'}" for e, n in src["left_out"].items())
         lines.append(line)
     return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer, trained on a bounded sample of the sources
+# ---------------------------------------------------------------------------------------------
+
+def sample_texts(sources, plan, pc: PrepareConfig, sample_bytes: int):
+    """The tokenizer's training sample: each source's first training documents in the plan's order,
+    up to its weight's share of `sample_bytes` (deterministic; validation documents never)."""
+    total = sum(s.weight for s in sources)
+    for i, src in enumerate(sources):
+        budget, used = sample_bytes * src.weight / total, 0
+        for unit in (u for u in plan.units if u.source == i):
+            for name, text in read_unit(unit, pc.text_field, pc.skip_bad_rows):
+                if used >= budget:
+                    break
+                if not is_val(name, pc.val_fraction):
+                    used += len(text.encode())
+                    yield text
+            if used >= budget:
+                break
+
+
+def tokenizer_cache_path(cache: str, plan, pc: PrepareConfig, vocab_size: int, sample_mb: float) -> str:
+    return os.path.join(cache, f"tokenizer-{plan.key()}-{pc.key()}-{vocab_size}-{sample_mb:g}mb.json")
+
+
+def trained_tokenizer(sources, plan, pc: PrepareConfig, vocab_size: int, sample_mb: float, path: str, team, log):
+    """A byte-level BPE trained by rank 0 on `sample_texts` into `path` (kept if it exists); the path."""
+    err = None
+    if team.rank == 0 and not os.path.exists(path):
+        try:
+            _train_tokenizer(sources, plan, pc, vocab_size, sample_mb, path, log)
+        except Exception as e:  # noqa: BLE001 - raised on every rank below, so none waits for rank 0 forever
+            err = e
+    errors = [e for e in team.all_gather(f"{type(err).__name__}: {err}" if err else None) if e]
+    if err is not None:
+        raise err
+    if errors:
+        raise DataError(f"rank 0 could not train the tokenizer: {errors[0]}")
+    return path
+
+
+def _train_tokenizer(sources, plan, pc: PrepareConfig, vocab_size: int, sample_mb: float, path: str, log):
+    t0, seen = time.time(), []
+
+    def texts():
+        for t in sample_texts(sources, plan, pc, int(sample_mb * 2**20)):
+            seen.append(len(t.encode()))
+            yield t
+    tok = train_tokenizer(texts(), vocab_size)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_path(path, ".json") as tmp:
+        tok.save(tmp)
+    log(f"trained a {tok.get_vocab_size()}-token byte-level BPE in {time.time() - t0:.1f}s on a sample of "
+        f"{len(seen):,} training documents, {sum(seen) / 2**20:.1f} MB (--tokenizer-sample-mb {sample_mb:g}: each "
+        f"source's first documents by weight)")
 
 
 # ---------------------------------------------------------------------------------------------

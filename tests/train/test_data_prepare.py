@@ -282,7 +282,7 @@ def test_two_torchrun_ranks_prepare_the_tokens_of_one_process(mixed, tok_file, t
                         "--unit-mb", "0.003"],
                        env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "2 rank(s) x 1 worker(s)" in p.stdout and len(os.listdir(tmp_path / "two" / "parts")) > 20
+    assert "2 rank(s) x 1 process" in p.stdout and len(os.listdir(tmp_path / "two" / "parts")) > 20
     two = streams(str(tmp_path / "two"))
     assert all(np.array_equal(a, b) for k in one for a, b in zip(one[k], two[k]))
 
