@@ -199,7 +199,7 @@ def prepare_data(cfg, tc, log=print, tokenizer_path: str | None = None, team=Non
         if tc.tokenizer_sample_mb is not None and (tc.tokenizer or tc.init or folders):
             raise DataError("--tokenizer-sample-mb trains a tokenizer, but this run has one (--tokenizer, --init's or "
                             "a prepared folder's): drop the flag")
-        plan = plan_units(raw, pc.unit_bytes, pc.max_bytes)
+        plan = _every_rank(team, plan_units, raw, pc.unit_bytes, pc.max_bytes)
         tok_file = given and (os.path.join(given, "tokenizer.json") if os.path.isdir(given) else given)
         tok_file = tok_file or (os.path.join(folders[0][0].path, "tokenizer.json") if folders else None)
         if tok_file is None:
