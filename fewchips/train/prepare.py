@@ -395,10 +395,29 @@ def finalize(out: str, plan: Plan, header: dict) -> dict:
         index["sources"].append({**src, "splits": {s: {**counts[s], "segments": segs[s]} for s in SPLITS},
                                  "read": asdict(stats), "left_out": plan.left_out.get(src["name"], {})})
     index["splits"] = {s: {k: sum(src["splits"][s][k] for src in index["sources"]) for k in counts[s]} for s in SPLITS}
+    _remove_stale_temps(out)
     index["fingerprint"] = digest.hexdigest()[:16]
     index["unigram_entropy_nats"] = _unigram_entropy(out, index)
     atomic_write_text(os.path.join(out, "index.json"), json.dumps(index, indent=1))
     return index
+
+
+def _remove_stale_temps(out: str, age_s: float = 600.0):
+    """Partial shards a killed writer left: its process gone (on this host) and the file untouched for a while."""
+    parts = os.path.join(out, "parts")
+    for f in os.listdir(parts):
+        if not (f.startswith(".u") and f.endswith(".tmp")):
+            continue
+        path, pid = os.path.join(parts, f), int(f.split(".")[-2])
+        try:
+            os.kill(pid, 0)
+            continue                                  # still running: not ours to remove
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        if time.time() - os.path.getmtime(path) > age_s:
+            os.remove(path)
 
 
 def _move_last_document(out, segs, counts):

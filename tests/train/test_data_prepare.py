@@ -120,7 +120,11 @@ def test_two_workers_and_a_killed_preparation_give_the_same_tokens(mixed, tok_fi
     before = {f: os.stat(os.path.join(parts, f)).st_mtime_ns for f in os.listdir(parts) if not f.startswith(".")}
     unfinished = closed[-1].split("-")[0]
     assert not os.path.exists(os.path.join(parts, unfinished + ".json"))      # killed inside a unit
+    stale = os.path.join(parts, ".u000000-009.train.bin.999999999.tmp")     # a killed writer's partial shard
+    open(stale, "wb").write(b"\0" * 10)
+    os.utime(stale, (0, 0))
     resumed = streams(P.prepare(src, tok_file, out, pc, workers=1, log=quiet, progress=False))
+    assert not os.path.exists(stale)
     assert all(os.stat(os.path.join(parts, f)).st_mtime_ns == t for f, t in before.items())   # none rewritten
     assert all(np.array_equal(a, b) for k in one for a, b in zip(one[k], resumed[k]))
     assert json.load(open(os.path.join(out, "index.json")))["fingerprint"] == \
