@@ -45,6 +45,8 @@ def run(args):
 
     if args.data_workers is not None and args.data_workers < 1:
         raise ValueError(f"--data-workers must be >= 1, got {args.data_workers}")
+    if not args.unit_mb > 0:
+        raise ValueError(f"--unit-mb must be > 0, got {args.unit_mb}")
     if bool(args.tokenizer) == bool(args.vocab_size):
         raise ValueError("give --tokenizer FILE (use an existing tokenizer) or --vocab-size N (train one), not both")
     if args.tokenizer and args.tokenizer_sample_mb is not None:

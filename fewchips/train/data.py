@@ -26,8 +26,9 @@ import torch
 
 from ..files import atomic_path
 from ..losses import Batch, bits_per_byte  # noqa: F401 - the data's types, re-exported
-from .prepare import (TOKENIZER_SAMPLE_MB, PrepareConfig, Solo, TokenStream, file_hash, is_prepared,  # noqa: F401
-                      load_index, open_prepared, prepare, sample_texts, tokenizer_cache_path, trained_tokenizer)
+from .prepare import (TOKENIZER_SAMPLE_MB, PrepareConfig, Solo, TokenStream, every_rank, file_hash,  # noqa: F401
+                      is_prepared, load_index, open_prepared, prepare, sample_texts, tokenizer_cache_path,
+                      trained_tokenizer)
 from .sources import (TEXT_SUFFIXES, DataError, default_corpus_root, doc_hash, fim_split, is_val,  # noqa: F401
                       parse_sources, plan_units, psm, read_documents, read_unit)
 from .tokenizer import SpecialIds, load_tokenizer, special_ids, token_byte_lengths, tokenizer_hash, train_tokenizer
@@ -190,7 +191,7 @@ def prepare_data(cfg, tc, log=print, tokenizer_path: str | None = None, team=Non
     other sources tokenised once into OUT/cache (or --cache-dir) by every rank and worker together."""
     team = team or Solo()
     given = tokenizer_path or tc.tokenizer
-    got = _every_rank(team, _read_items, tc, given)       # a path missing on one node stops every rank
+    got = every_rank(team, lambda: _read_items(tc, given))       # a path missing on one node stops every rank
     items, ready, folders = got
     raw = [s for s in items if s not in ready]
     cache = tc.cache_dir or os.path.join(tc.out, "cache")
@@ -199,7 +200,7 @@ def prepare_data(cfg, tc, log=print, tokenizer_path: str | None = None, team=Non
         if tc.tokenizer_sample_mb is not None and (tc.tokenizer or tc.init or folders):
             raise DataError("--tokenizer-sample-mb trains a tokenizer, but this run has one (--tokenizer, --init's or "
                             "a prepared folder's): drop the flag")
-        plan = _every_rank(team, plan_units, raw, pc.unit_bytes, pc.max_bytes)
+        plan = every_rank(team, lambda: plan_units(raw, pc.unit_bytes, pc.max_bytes))
         tok_file = given and (os.path.join(given, "tokenizer.json") if os.path.isdir(given) else given)
         tok_file = tok_file or (os.path.join(folders[0][0].path, "tokenizer.json") if folders else None)
         if tok_file is None:
@@ -239,20 +240,6 @@ def prepare_data(cfg, tc, log=print, tokenizer_path: str | None = None, team=Non
         raise DataError(f"two --data sources share a name ({[s.name for s in sources]}); rename a folder")
     _warn_small_val(sources, tc, log)
     return tok, sp, sources
-
-
-def _every_rank(team, fn, *args):
-    """fn's result on every rank, or the first rank's error raised on all of them (none left waiting)."""
-    try:
-        value, err = fn(*args), None
-    except (DataError, OSError) as e:
-        value, err = None, e
-    errors = [m for m in team.all_gather(f"{err}" if err else None) if m]
-    if err is not None:
-        raise err
-    if errors:
-        raise DataError(f"another rank: {errors[0]}")
-    return value
 
 
 def _read_items(tc, given):

@@ -191,11 +191,7 @@ def tokenise_unit(unit: Unit, out: str, tokenizer_file: str, pc: PrepareConfig) 
 
 
 def _work(job):                                   # a worker process's entry: one unit
-    unit, out, tokenizer_file, pc = job
-    try:
-        return tokenise_unit(unit, out, tokenizer_file, pc), None
-    except DataError as e:
-        return None, str(e)
+    return tokenise_unit(*job)
 
 
 def _init_worker(threads: int):
@@ -248,22 +244,16 @@ def prepare(sources: list[Source], tokenizer_file: str, out: str, pc: PrepareCon
     """Tokenise `sources` into the folder `out` (kept if complete; resumed if not). Every rank of `team`
     calls it with the same arguments; each takes its share of the units; rank 0 writes the index."""
     team = team or Solo()
-    plan = _guarded(plan_units, sources, pc.unit_bytes, pc.max_bytes)
-    keys = team.all_gather(plan.key() if isinstance(plan, Plan) else f"error: {plan}")
-    if any(k.startswith("error: ") for k in keys):
-        raise DataError(next(k[7:] for k in keys if k.startswith("error: ")))
-    if len(set(keys)) > 1:
+    plan, tok_hash = every_rank(team, lambda: (plan_units(sources, pc.unit_bytes, pc.max_bytes), file_hash(tokenizer_file)))
+    if len(set(team.all_gather(plan.key()))) > 1:
         raise DataError("the ranks see different files under --data (is the data folder the same on every "
                         "node?); prepare it once with `fewchips data prepare` into a folder every node reads")
-    header = {"format": FORMAT, "version": VERSION, "plan": plan.key(), "tokenizer_hash": file_hash(tokenizer_file),
+    header = {"format": FORMAT, "version": VERSION, "plan": plan.key(), "tokenizer_hash": tok_hash,
               "settings": asdict(pc), "sources": [{"name": s.name, "path": s.path, "weight": s.weight} for s in sources]}
     if os.path.exists(os.path.join(out, "index.json")):
         check_same(out, header)
         return out
-    err = _guarded(_start, out, header, tokenizer_file) if team.rank == 0 else None
-    err = next((e for e in team.all_gather(err) if e), None)
-    if err:
-        raise DataError(err)
+    every_rank(team, lambda: _start(out, header, tokenizer_file), main_only=True)
     mine = assign(plan.units, team.size)[team.rank]
     pending = [u for u in mine if not os.path.exists(_part(out, f"u{u.index:06d}.json"))]
     workers = min(workers or default_workers(team), max(len(pending), 1))
@@ -274,14 +264,8 @@ def prepare(sources: list[Source], tokenizer_file: str, out: str, pc: PrepareCon
     t0, total = time.time(), sum(u.nbytes for u in pending)
     if len(pending) < len(mine):
         log(f"resuming the preparation in {out}: {len(mine) - len(pending)} of this rank's {len(mine)} units done")
-    err = _guarded(_run, pending, out, os.path.join(out, "tokenizer.json"), pc, workers, progress and team.rank == 0)
-    err = next((e for e in team.all_gather(err) if e), None)
-    if err:
-        raise DataError(err)
-    index = _guarded(finalize, out, plan, header) if team.rank == 0 else None
-    err = next((e for e in team.all_gather(index if isinstance(index, str) else None) if e), None)
-    if err:
-        raise DataError(err)
+    every_rank(team, lambda: _run(pending, out, os.path.join(out, "tokenizer.json"), pc, workers, progress and team.rank == 0))
+    index = every_rank(team, lambda: finalize(out, plan, header), main_only=True)
     if team.rank == 0:
         dt = time.time() - t0
         how = f"{workers} worker processes" if workers > 1 else f"1 process ({os.environ['RAYON_NUM_THREADS']} threads)"
@@ -308,17 +292,26 @@ def check_same(out: str, header: dict):
                     f"delete it to prepare again")
 
 
-def _guarded(fn, *args):
-    """fn's result, or its error as a message (every rank then raises it together)."""
-    try:
-        return fn(*args)
-    except DataError as e:
-        return str(e)
-    except Exception as e:  # noqa: BLE001 - a full disk or unreadable file on one rank stops all of them
-        return f"{type(e).__name__}: {e}"
+def every_rank(team, fn, main_only: bool = False):
+    """fn() on every rank (or rank 0 alone), then its result; an error on any rank is raised on all of
+    them (the failing rank's own exception there, a DataError naming it elsewhere), so none is left
+    waiting in a collective."""
+    value, err = None, None
+    if team.rank == 0 or not main_only:
+        try:
+            value = fn()
+        except Exception as e:  # noqa: BLE001 - a full disk or unreadable file on one rank stops all of them
+            err = e
+    errors = [m for m in team.all_gather(None if err is None else (str(err) if isinstance(err, DataError)
+                                                                    else f"{type(err).__name__}: {err}")) if m]
+    if err is not None:
+        raise err
+    if errors:
+        raise DataError(f"another rank: {errors[0]}")
+    return value
 
 
-def _start(out: str, header: dict, tokenizer_file: str) -> str | None:
+def _start(out: str, header: dict, tokenizer_file: str):
     """Rank 0: the folder made (or an unfinished one checked to be this very preparation)."""
     os.makedirs(os.path.join(out, "parts"), exist_ok=True)
     marker = os.path.join(out, "prepare.json")
@@ -326,19 +319,18 @@ def _start(out: str, header: dict, tokenizer_file: str) -> str | None:
         with open(marker) as f:
             was = json.load(f)
         if was != header:
-            return (f"{out} holds an unfinished preparation of other data or settings (plan {was.get('plan')}, "
-                    f"now {header['plan']}); delete the folder or choose another --out")
+            raise DataError(f"{out} holds an unfinished preparation of other data or settings (plan {was.get('plan')}, "
+                            f"now {header['plan']}); delete the folder or choose another --out")
     elif os.listdir(os.path.join(out, "parts")) or {f for f in os.listdir(out) if not f.startswith(".")} - {"parts"}:
-        return f"{out} is not empty and holds no preparation; choose an empty or new folder"
+        raise DataError(f"{out} is not empty and holds no preparation; choose an empty or new folder")
     if os.path.abspath(tokenizer_file) != os.path.abspath(os.path.join(out, "tokenizer.json")):
         with atomic_path(os.path.join(out, "tokenizer.json"), ".json") as tmp:
             shutil.copyfile(tokenizer_file, tmp)
     atomic_write_text(marker, json.dumps(header, indent=2))
-    return None
 
 
-def _run(units, out, tokenizer_file, pc, workers: int, progress: bool) -> str | None:
-    """Tokenise the units here (one worker) or in a pool of spawned processes; the first error or None."""
+def _run(units, out, tokenizer_file, pc, workers: int, progress: bool):
+    """Tokenise the units here (one worker) or in a pool of worker processes; a unit's error is raised."""
     bar = None
     if progress and units:
         from tqdm.auto import tqdm
@@ -351,12 +343,9 @@ def _run(units, out, tokenizer_file, pc, workers: int, progress: bool) -> str | 
         else:
             pool = _pool(workers)
             results = pool.map(_work, jobs)
-        for summary, err in results:
-            if err:
-                return err
+        for summary in results:
             if bar is not None:
                 bar.update(sizes[summary["unit"]])
-        return None
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -490,17 +479,8 @@ def tokenizer_cache_path(cache: str, plan, pc: PrepareConfig, vocab_size: int, s
 
 def trained_tokenizer(sources, plan, pc: PrepareConfig, vocab_size: int, sample_mb: float, path: str, team, log):
     """A byte-level BPE trained by rank 0 on `sample_texts` into `path` (kept if it exists); the path."""
-    err = None
-    if team.rank == 0 and not os.path.exists(path):
-        try:
-            _train_tokenizer(sources, plan, pc, vocab_size, sample_mb, path, log)
-        except Exception as e:  # noqa: BLE001 - raised on every rank below, so none waits for rank 0 forever
-            err = e
-    errors = [e for e in team.all_gather(f"{type(err).__name__}: {err}" if err else None) if e]
-    if err is not None:
-        raise err
-    if errors:
-        raise DataError(f"rank 0 could not train the tokenizer: {errors[0]}")
+    if not os.path.exists(path):
+        every_rank(team, lambda: _train_tokenizer(sources, plan, pc, vocab_size, sample_mb, path, log), main_only=True)
     return path
 
 

@@ -78,8 +78,8 @@ def parse_sources(data) -> list[Source]:
                 weight, path = float(head), tail
             except ValueError:
                 pass                   # a colon in a path, not a weight
-        if not weight > 0:
-            raise DataError(f"--data {item}: the weight must be > 0")
+        if not 0 < weight < float("inf"):
+            raise DataError(f"--data {item}: the weight must be a finite number > 0")
         path = os.path.expanduser(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"--data {path}: no such file or directory")

@@ -221,6 +221,9 @@ def test_mixture_follows_the_weights_and_resumes_exactly():
     b = D.MixtureSampler(streams_, weights, 16, seed=3, names=["web", "code", "math"])
     b.load_state_dict(state)
     assert all(np.array_equal(x, b.next_batch(64)[0]) for x in rest)
+    for bad in ("0:x", "inf:x", "-1:x"):
+        with pytest.raises(DataError, match="finite number > 0"):
+            parse_sources([bad])
     with pytest.raises(DataError, match="same --data"):
         D.MixtureSampler(streams_, [0.5, 0.3, 0.2], 16, names=["web", "code", "math"]).load_state_dict(state)
     with pytest.raises(DataError, match="mixture"):
