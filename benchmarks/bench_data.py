@@ -172,17 +172,19 @@ def main():
         for _ in range(args.rounds):
             for k in kinds:
                 runs[k].append(measure(k[0], corpus, tok, args.work, k[1]))
-        raw = {w: statistics.median(r["mb"] / r["seconds"] for r in runs[("raw", w)]) for w in args.workers}
         for (kind, w), rs in runs.items():
             sec = statistics.median(r["seconds"] for r in rs)
             rate = statistics.median(r["mb"] / r["seconds"] for r in rs) if kind == "raw" else real_mb / sec
-            ref = raw[max(args.workers)] if kind.startswith("ranks") else raw.get(w) if kind != "bpe" else None
+            w_ref = max(args.workers) if kind.startswith("ranks") else w
+            pairs = runs.get(("raw", w_ref)) if kind not in ("raw", "bpe") else None   # each round's raw run
+            ratio = statistics.median((real_mb / r["seconds"]) / (p["mb"] / p["seconds"])
+                                      for r, p in zip(rs, pairs)) if pairs else None       # median of the pairs
             what = {"raw": "tokenizers encode_batch (text in memory)", "prepare": "fewchips data prepare",
                     "ranks": "torchrun 2 ranks x 1 worker: data prepare", "train": "fewchips train --steps 1 (all of it)",
                     "ranks-train": "torchrun 2 ranks: fewchips train --steps 1",
                     "bpe": "BPE (32k) trained on the 100 MB sample"}[kind]
             print(f"| {real_mb:,.1f} | {what} | {2 if kind.startswith('ranks') else w} | {sec:.1f} | {rate:.2f} | "
-                  f"{rate / ref if ref and kind != 'raw' else 1:.2f}x | {max(r['main_mib'] for r in rs):,.0f} / "
+                  f"{f'{ratio:.2f}x' if ratio else '-'} | {max(r['main_mib'] for r in rs):,.0f} / "
                   f"{max(r['child_mib'] for r in rs):,.0f} |", flush=True)
 
 
