@@ -1,5 +1,9 @@
 """`fewchips.generate`: prefill the prompts into a latent cache, then decode one token per step.
 
+With `use_mtp=True` the prompts run through the serving engine (`engine.Engine`, MTP speculation), the
+one decoding loop of the package. Plain decoding here (`plain_generate`, a contiguous cache) is the
+engine's declared reference twin, as `ops.py` keeps plain twins: the engine's tests hold it to this.
+
 Prompts of different lengths are right-padded for the prefill. No attention mask is needed: attention
 is causal by absolute position, so a real token never sees the padding after it, and a row's padding
 entries in the cache sit beyond its position until its own decoded tokens overwrite them. Rows that
@@ -15,8 +19,8 @@ import time
 import torch
 
 from ..model import LatentCache
+from .engine import Engine, Request
 from .sampling import SamplingParams, sample
-from .speculative import mtp_generate
 from .steps import compiled_decode_step, pad_rows, prefill, stop_reason
 
 
@@ -82,10 +86,27 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
     if n_new == 0:
         return finish(rows, [[] for _ in rows], as_tensor, pad_id, device)
     if use_mtp:
-        gens = mtp_generate(model, rows, rows_params, tokenizer, stats)
+        gens = engine_generate(model, rows, rows_params, tokenizer, stats)
     else:
         gens = plain_generate(model, rows, rows_params, tokenizer, compile, stats)
     return finish(rows, gens, as_tensor, pad_id, device)
+
+
+def engine_generate(model, rows, params, tokenizer=None, stats: dict | None = None) -> list[list[int]]:
+    """The rows as engine requests with MTP speculation, all admitted and prefilled in the first step."""
+    cfg = model.config
+    if cfg.num_nextn_predict_layers < 1 or len(getattr(model, "mtp", [])) < 1:
+        raise ValueError("use_mtp needs a model with an MTP module (num_nextn_predict_layers >= 1 and its weights)")
+    engine = Engine(model, tokenizer, max_batch=len(rows), max_len=max(map(len, rows)) + params[0].max_tokens + 1,
+                    max_prefill_tokens=sum(map(len, rows)), speculative="mtp")
+    reqs = engine.run([Request(r, p) for r, p in zip(rows, params)])
+    if stats is not None:
+        n_tokens, drafted = sum(len(r.output_ids) for r in reqs), sum(r.drafted for r in reqs)
+        accepted = sum(r.accepted for r in reqs)
+        stats.update(drafted=drafted, accepted=accepted, forwards=engine.steps, tokens=n_tokens,
+                     acceptance_rate=accepted / max(drafted, 1),
+                     tokens_per_forward=n_tokens / (len(rows) + drafted))   # per row: a prefill, then verifies
+    return [r.output_ids for r in reqs]
 
 
 def plain_generate(model, rows, params, tokenizer=None, compile: bool = False, stats: dict | None = None) -> list[list[int]]:

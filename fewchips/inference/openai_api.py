@@ -15,7 +15,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .engine import TokenLogprob
+from .request import TokenLogprob
 from .sampling import SamplingParams
 
 INT64 = 2**63

@@ -167,14 +167,14 @@ def test_mtp_general_rule_on_greedy_rows_is_exact_match():
     """A batch mixing greedy and sampled rows takes the rejection-sampling path; its greedy rows
     (one-hot p and q) must still reproduce plain greedy decoding."""
     from fewchips.inference.generate import row_params
-    from fewchips.inference.speculative import mtp_generate
+    from fewchips.inference.generate import engine_generate
     model = copy_drafter_model(0.05)
     rows = prompts(2, [6, 9], seed=8)
     params = row_params(2, 30, 0.0, 1.0, 0, None, None, [], None)
     params[1] = SamplingParams(max_tokens=30, temperature=0.9, seed=3)
     stats = {}
     with torch.inference_mode():
-        got = mtp_generate(model, rows, params, stats=stats)
+        got = engine_generate(model, rows, params, stats=stats)
     plain = fewchips.generate(model, [rows[0]], max_new_tokens=30, stop_token_ids=[])[0]
     assert rows[0] + got[0] == plain and len(got[1]) == 30
     assert 0 < stats["accepted"] < stats["drafted"]

@@ -73,8 +73,8 @@ def _content_length(head: bytes) -> int:
 
 
 def slow_engine(served, monkeypatch, seconds):
-    real = served.engine._decode
-    monkeypatch.setattr(served.engine, "_decode", lambda reqs: (time.sleep(seconds), real(reqs))[1])
+    real = served.engine.runner.decode
+    monkeypatch.setattr(served.engine.runner, "decode", lambda reqs: (time.sleep(seconds), real(reqs))[1])
 
 
 def wait_idle(served, timeout=20):
