@@ -72,3 +72,49 @@ def test_the_walk_sees_a_planted_upward_import(tmp_path):
     with open(pkg / "model.py", "a") as f:
         f.write("\n\ndef _late():\n    from .train import trainer  # noqa\n")
     assert upward(str(pkg)) - set(KNOWN) == {("fewchips.model", "fewchips.train")}
+
+
+def circles(root: str) -> list[list[str]]:
+    """Groups of modules that import each other, directly or round a loop (lazy imports included)."""
+    edges: dict[str, set[str]] = {}
+    pairs = list(imports(root))
+    modules = {a for a, _ in pairs}
+    for a, b in pairs:
+        while b not in modules and "." in b and not os.path.exists(
+                os.path.join(os.path.dirname(root), *b.split(".")) + ".py"):
+            b = b.rsplit(".", 1)[0]                   # `from .linear import X`: the module, not the name
+        if b != a:
+            edges.setdefault(a, set()).add(b)
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):                                     # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while not group or group[-1] != v:
+                group.append(stack.pop())
+                on.discard(group[-1])
+            if len(group) > 1:
+                out.append(sorted(group))
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_module_imports_itself_round_a_circle(tmp_path):
+    assert circles(os.path.dirname(fewchips.__file__)) == []
+    import shutil
+    pkg = tmp_path / "fewchips"                       # the check can fail: a planted runner -> engine import
+    shutil.copytree(os.path.dirname(fewchips.__file__), pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(pkg / "inference" / "runner.py", "a") as f:
+        f.write("\n\ndef _late():\n    from .engine import Engine  # noqa\n")
+    assert circles(str(pkg)) == [["fewchips.inference.engine", "fewchips.inference.runner"]]

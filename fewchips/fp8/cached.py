@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import MLP
-from .gemm import fp8_mm, resolve_backend
+from .gemm import fp8_mm, grouped_fp8_mm, grouped_wgrad, out_dtype_for, resolve_backend
 from .quant import BLOCK, TILE, dequantize, quantize, quantize_e5m6, retile
 
 
@@ -123,9 +123,8 @@ class FP8CachedMLP(MLP):
         return new
 
     def forward(self, x):
-        from .linear import _out_dtype
         return _FP8SwiGLU.apply(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
-                                resolve_backend(self.backend, str(x.device)), self.pow2_scales, _out_dtype(x))
+                                resolve_backend(self.backend, str(x.device)), self.pow2_scales, out_dtype_for(x))
 
     def extra_repr(self):
         return f"fp8 backend={self.backend}, pow2_scales={self.pow2_scales}, activations cached in fp8"
@@ -137,7 +136,6 @@ class _FP8GroupedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_MK, w_gu, w_down, offs_E, backend: str, pow2: bool, out_dtype=None, x_fp8=None):
-        from .linear import grouped_fp8_mm
         dt = out_dtype or x_MK.dtype
         xq, xs = x_fp8 if x_fp8 is not None else quantize(x_MK, TILE, pow2)
         wgu, wd = quantize(w_gu.detach(), BLOCK, pow2), quantize(w_down.detach(), BLOCK, pow2)
@@ -150,13 +148,12 @@ class _FP8GroupedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from .linear import _grouped_wgrad, grouped_fp8_mm
         xq, xs, hq, hs, wguq, wgus, wdq, wds, offs_E = ctx.saved_tensors
         backend, pow2, x_dtype, w_dtype = ctx.meta
         g, u = dequantize(hq, hs, TILE).chunk(2, dim=-1)
         a = (F.silu(g) * u).contiguous()                               # recomputed from the FP8 cache
         aq, as_ = quantize(a, TILE, pow2)
-        dw_down = _grouped_wgrad(dy, aq, as_, offs_E, wdq.shape, backend, pow2)
+        dw_down = grouped_wgrad(dy, aq, as_, offs_E, wdq.shape, backend, pow2)
         gq, gs = quantize(dy, TILE, pow2)
         dA = grouped_fp8_mm(gq, gs, wdq.transpose(-2, -1).contiguous(), wds.transpose(-2, -1), offs_E,
                             torch.float32, backend)
@@ -166,7 +163,7 @@ class _FP8GroupedSwiGLU(torch.autograd.Function):
             hq_, hs_ = quantize(dh, TILE, pow2)
             dx = grouped_fp8_mm(hq_, hs_, wguq.transpose(-2, -1).contiguous(), wgus.transpose(-2, -1), offs_E,
                                 x_dtype, backend)
-        dw_gu = _grouped_wgrad(dh, xq, xs, offs_E, wguq.shape, backend, pow2)
+        dw_gu = grouped_wgrad(dh, xq, xs, offs_E, wguq.shape, backend, pow2)
         return dx, dw_gu.to(w_dtype), dw_down.to(w_dtype), None, None, None, None, None
 
 
@@ -174,10 +171,9 @@ class _FP8GroupedSwiGLU(torch.autograd.Function):
 def fp8_cached_expert_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF, backend: str = "auto",
                              pow2_scales: bool = False, x_fp8=None):
     """`linear.fp8_expert_swiglu` with the activations cached in FP8 (`_FP8GroupedSwiGLU`)."""
-    from .linear import _out_dtype
     backend = resolve_backend(backend, str(x_sorted.device))
     return _FP8GroupedSwiGLU.apply(x_sorted, gate_up_EfD, down_EDF, counts_E.cumsum(0), backend, pow2_scales,
-                                   _out_dtype(x_sorted), x_fp8)
+                                   out_dtype_for(x_sorted), x_fp8)
 
 
 def e5m6_cached_linear(x, weight, backend: str, pow2: bool = False, out_dtype=None):

@@ -23,7 +23,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .quant import BLOCK, TILE, cdiv, dequantize, quantize
+from .quant import BLOCK, TILE, cdiv, dequantize, quantize, quantize_segments, retile, to_float
 
 log = logging.getLogger("fewchips")
 
@@ -123,3 +123,50 @@ def resolve_backend(requested: str, device: str) -> str:
         log.warning("fp8: fast path unavailable (%s); falling back to emulation "
                     "(same numerics, FP32 matmuls, slower)", why)
     return "emulate"
+
+
+def out_dtype_for(x):
+    """The output dtype a linear layer would have here: autocast's if it is on, else the input's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+# Grouped experts: rows of x sorted by expert, segment e is rows [offs[e-1], offs[e])
+
+def segments(offs_E):
+    ends = offs_E.tolist()
+    return list(zip([0] + ends[:-1], ends))
+
+
+def grouped_fp8_mm(xq, xs, wq_ENK, ws_ENK, offs_E, out_dtype, backend):
+    """y[rows of e] = x[rows of e] @ W_e^T for every expert e; x in 1x128 tiles, W_e in 128x128 blocks."""
+    if backend == "scaled_mm":          # no block-wise grouped GEMM in torch yet: one GEMM per expert
+        y = xq.new_zeros(xq.shape[0], wq_ENK.shape[1], dtype=out_dtype)
+        for e, (a, b) in enumerate(segments(offs_E)):
+            if b > a:
+                y[a:b] = fp8_mm(xq[a:b], xs[a:b], wq_ENK[e], ws_ENK[e], BLOCK, out_dtype, backend)
+        return y
+    w_ENK = dequantize(wq_ENK, ws_ENK, BLOCK)
+    with torch.autocast(xq.device.type, enabled=False):
+        return F.grouped_mm(dequantize(xq, xs, TILE), w_ENK.transpose(-2, -1), offs=offs_E.int()).to(out_dtype)
+
+
+def grouped_wgrad(g_MN, xq, xs, offs_E, shape_ENK, backend, pow2):
+    """dW_e = g_e^T x_e with both operands in 128x1 tiles along each expert's own tokens."""
+    dw = torch.zeros(shape_ENK, dtype=torch.float32, device=g_MN.device)
+    if backend == "scaled_mm":
+        for e, (a, b) in enumerate(segments(offs_E)):
+            if b > a:
+                gtq, gts = quantize(g_MN[a:b].t(), TILE, pow2)
+                xtq, xts = retile(xq[a:b], xs[a:b], pow2)
+                dw[e] = fp8_mm(gtq, gts, xtq, xts, TILE, torch.float32, backend)
+        return dw
+    gq, gs, tile_M = quantize_segments(g_MN, offs_E, pow2)
+    x2q, x2s, _ = quantize_segments(dequantize(xq, xs, TILE), offs_E, pow2)
+    g = to_float(gq) * gs[tile_M]
+    x = to_float(x2q) * x2s[tile_M]
+    with torch.autocast(g.device.type, enabled=False):
+        for e, (a, b) in enumerate(segments(offs_E)):
+            if b > a:
+                dw[e] = g[a:b].t() @ x[a:b]
+    return dw

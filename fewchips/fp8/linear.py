@@ -1,5 +1,5 @@
 """FP8 training layers: a linear layer and the grouped routed experts, each running Fprop, Dgrad
-and Wgrad as FP8 GEMMs (arXiv 2412.19437 §3.3), and `apply_fp8` that swaps them into a model.
+and Wgrad as FP8 GEMMs (arXiv 2412.19437 §3.3); `recipe.apply_fp8` swaps them into a model.
 
 Per linear layer y = x W^T (x [M, K] tokens by inputs, W [N, K]):
 
@@ -20,18 +20,11 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from ..model import RoutedExperts
-from .gemm import fp8_mm, resolve_backend
-from .quant import BLOCK, TILE, dequantize, quantize, quantize_segments, retile, to_float
-from .recipe import FP8_EXPERTS_RE, is_fp8_linear
-
-
-def _out_dtype(x):
-    """The output dtype a linear layer would have here: autocast's if it is on, else the input's."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+from .cached import e5m6_cached_linear, fp8_cached_expert_swiglu
+from .gemm import fp8_mm, grouped_fp8_mm, grouped_wgrad, out_dtype_for, resolve_backend
+from .quant import BLOCK, TILE, quantize, retile
 
 
 class _FP8Matmul(torch.autograd.Function):
@@ -88,10 +81,9 @@ class FP8Linear(nn.Linear):
     def forward(self, x):
         backend = resolve_backend(self.backend, str(x.device))
         if self.cache_e5m6:
-            from .cached import e5m6_cached_linear
-            y = e5m6_cached_linear(x, self.weight, backend, self.pow2_scales, _out_dtype(x))
+            y = e5m6_cached_linear(x, self.weight, backend, self.pow2_scales, out_dtype_for(x))
         else:
-            y = fp8_linear(x, self.weight, backend, self.pow2_scales, _out_dtype(x))
+            y = fp8_linear(x, self.weight, backend, self.pow2_scales, out_dtype_for(x))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self):
@@ -102,24 +94,6 @@ class FP8Linear(nn.Linear):
 # ---------------------------------------------------------------------------------------------
 # Grouped routed experts: rows of x sorted by expert, segment e is rows [offs[e-1], offs[e])
 # ---------------------------------------------------------------------------------------------
-
-def _segments(offs_E):
-    ends = offs_E.tolist()
-    return list(zip([0] + ends[:-1], ends))
-
-
-def grouped_fp8_mm(xq, xs, wq_ENK, ws_ENK, offs_E, out_dtype, backend):
-    """y[rows of e] = x[rows of e] @ W_e^T for every expert e; x in 1x128 tiles, W_e in 128x128 blocks."""
-    if backend == "scaled_mm":          # no block-wise grouped GEMM in torch yet: one GEMM per expert
-        y = xq.new_zeros(xq.shape[0], wq_ENK.shape[1], dtype=out_dtype)
-        for e, (a, b) in enumerate(_segments(offs_E)):
-            if b > a:
-                y[a:b] = fp8_mm(xq[a:b], xs[a:b], wq_ENK[e], ws_ENK[e], BLOCK, out_dtype, backend)
-        return y
-    w_ENK = dequantize(wq_ENK, ws_ENK, BLOCK)
-    with torch.autocast(xq.device.type, enabled=False):
-        return F.grouped_mm(dequantize(xq, xs, TILE), w_ENK.transpose(-2, -1), offs=offs_E.int()).to(out_dtype)
-
 
 class _FP8GroupedMatmul(torch.autograd.Function):
     @staticmethod
@@ -141,29 +115,8 @@ class _FP8GroupedMatmul(torch.autograd.Function):
             dx = grouped_fp8_mm(gq, gs, wq.transpose(-2, -1).contiguous(), ws.transpose(-2, -1), offs_E,
                                 x_dtype, backend)
         if ctx.needs_input_grad[1]:
-            dw = _grouped_wgrad(dy_MN, xq, xs, offs_E, wq.shape, backend, pow2).to(w_dtype)
+            dw = grouped_wgrad(dy_MN, xq, xs, offs_E, wq.shape, backend, pow2).to(w_dtype)
         return dx, dw, None, None, None, None, None
-
-
-def _grouped_wgrad(g_MN, xq, xs, offs_E, shape_ENK, backend, pow2):
-    """dW_e = g_e^T x_e with both operands in 128x1 tiles along each expert's own tokens."""
-    dw = torch.zeros(shape_ENK, dtype=torch.float32, device=g_MN.device)
-    if backend == "scaled_mm":
-        for e, (a, b) in enumerate(_segments(offs_E)):
-            if b > a:
-                gtq, gts = quantize(g_MN[a:b].t(), TILE, pow2)
-                xtq, xts = retile(xq[a:b], xs[a:b], pow2)
-                dw[e] = fp8_mm(gtq, gts, xtq, xts, TILE, torch.float32, backend)
-        return dw
-    gq, gs, tile_M = quantize_segments(g_MN, offs_E, pow2)
-    x2q, x2s, _ = quantize_segments(dequantize(xq, xs, TILE), offs_E, pow2)
-    g = to_float(gq) * gs[tile_M]
-    x = to_float(x2q) * x2s[tile_M]
-    with torch.autocast(g.device.type, enabled=False):
-        for e, (a, b) in enumerate(_segments(offs_E)):
-            if b > a:
-                dw[e] = g[a:b].t() @ x[a:b]
-    return dw
 
 
 @torch.compiler.disable   # like expert_swiglu: data-dependent row counts, grouped_mm's meta kernel is bf16-only
@@ -175,7 +128,7 @@ def fp8_expert_swiglu(x_sorted, counts_E, gate_up_EfD, down_EDF, backend: str = 
     up-projection uses them as they are."""
     backend = resolve_backend(backend, str(x_sorted.device))
     offs_E = counts_E.cumsum(0)
-    out_dtype = _out_dtype(x_sorted)
+    out_dtype = out_dtype_for(x_sorted)
     h = _FP8GroupedMatmul.apply(x_sorted, gate_up_EfD, offs_E, backend, pow2_scales, out_dtype, x_fp8)
     gate, up = h.chunk(2, dim=-1)
     return _FP8GroupedMatmul.apply((F.silu(gate) * up).contiguous(), down_EDF, offs_E, backend, pow2_scales, out_dtype)
@@ -186,7 +139,6 @@ def fp8_swiglu(backend: str = "auto", pow2_scales: bool = False, cache_activatio
     module's `swiglu` seam holds under the FP8 recipe (expert parallelism carries it to the local experts).
     `cache_activations`: the backward keeps FP8 copies and recomputes the SwiGLU (fp8.cached)."""
     if cache_activations:
-        from .cached import fp8_cached_expert_swiglu
         return functools.partial(fp8_cached_expert_swiglu, backend=backend, pow2_scales=pow2_scales)
     return functools.partial(fp8_expert_swiglu, backend=backend, pow2_scales=pow2_scales)
 
@@ -214,31 +166,3 @@ class FP8RoutedExperts(RoutedExperts):
     def extra_repr(self):
         return (f"fp8 backend={self.backend}, pow2_scales={self.pow2_scales}"
                 + (", activations cached in fp8" if self.cache_activations else ""))
-
-
-def apply_fp8(model: nn.Module, backend: str = "auto", pow2_scales: bool = False,
-              cache_activations: bool = False) -> list[str]:
-    """Swap the recipe's layers (recipe.py) for FP8 ones in place; returns the converted module names.
-    Parameters are kept (same objects), so this may run before or after the optimiser is built.
-    `cache_activations`: what the backward keeps is FP8 too (the report's §3.3.3, `fp8.cached`): SwiGLU
-    MLPs become one function caching x and h in E4M3, o_proj caches its input in E5M6."""
-    from ..model import MLP
-    from .cached import FP8CachedMLP
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        raise ValueError("apply_fp8 must run before parallelize: the layers it swaps are then held by FSDP "
-                         "(FP8 experts carry over into expert parallelism)")
-    converted = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and not isinstance(module, FP8Linear) and is_fp8_linear(name):
-            new = FP8Linear.from_linear(module, backend, pow2_scales,
-                                        cache_e5m6=cache_activations and name.endswith("self_attn.o_proj"))
-        elif type(module) is RoutedExperts and FP8_EXPERTS_RE.search(name):
-            new = FP8RoutedExperts.from_experts(module, backend, pow2_scales, cache_activations)
-        elif cache_activations and type(module) is MLP and is_fp8_linear(name + ".gate_proj"):
-            new = FP8CachedMLP.from_mlp(module, backend, pow2_scales)
-        else:
-            continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        converted.append(name)
-    return converted
