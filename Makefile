@@ -13,10 +13,6 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-$(VENV)/.ruff: $(VENV)/.installed
-	$(PY) -m pip install -q 'ruff>=0.6'
-	touch $@
-
 demo: $(VENV)/.installed   # train tiny on the Python stdlib (4-16 min on 2 CPU cores), then sample from it
 	$(VENV)/bin/fewchips train --preset tiny --out $(OUT) --overwrite
 	$(PY) -m fewchips.demo $(OUT)
@@ -24,7 +20,7 @@ demo: $(VENV)/.installed   # train tiny on the Python stdlib (4-16 min on 2 CPU 
 test: lint $(VENV)/.installed # everything CI runs: the linter, then the tests (~8 min on 2 cores)
 	$(PY) -m pytest -q -x
 
-lint: $(VENV)/.ruff           # ruff (pyproject.toml: pyflakes, pycodestyle, 120 columns)
+lint: $(VENV)/.installed      # ruff (pyproject.toml: pyflakes, pycodestyle, 120 columns)
 	$(VENV)/bin/ruff check .
 
 test-fast: $(VENV)/.installed # the edit loop: no slow or multi-process tests, about a minute
