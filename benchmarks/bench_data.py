@@ -92,8 +92,8 @@ def one(args):
                    "--data-workers", str(args.w)])
     elif args.one in ("ranks", "ranks-train"):
         cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fewchips"]
-               + (["data", "prepare", "--data", args.corpus, "--out", out, "--tokenizer", args.tok, "--data-workers", "1",
-                   "--no-progress", "--val-fraction", "0.01"] if args.one == "ranks" else
+               + (["data", "prepare", "--data", args.corpus, "--out", out, "--tokenizer", args.tok,
+                   "--data-workers", "1", "--no-progress", "--val-fraction", "0.01"] if args.one == "ranks" else
                   ["train", "--preset", "tiny", "--vocab-size", "32768", "--data", args.corpus, "--tokenizer", args.tok,
                    "--out", out, "--steps", "1", "--batch-size", "2", "--seq-len", "64", "--no-plots", "--no-progress",
                    "--eval-every", "1", "--eval-batches", "1", "--val-fraction", "0.01", "--threads", "1",
@@ -105,7 +105,8 @@ def one(args):
         from fewchips.train.sources import parse_sources, plan_units
         src, pc = parse_sources(args.corpus), PrepareConfig()
         os.makedirs(out, exist_ok=True)
-        trained_tokenizer(src, plan_units(src), pc, 32768, TOKENIZER_SAMPLE_MB, os.path.join(out, "t.json"), Solo(), print)
+        trained_tokenizer(src, plan_units(src), pc, 32768, TOKENIZER_SAMPLE_MB, os.path.join(out, "t.json"),
+                          Solo(), print)
         rc = 0
     else:                                                     # the raw encode_batch rate on the same text
         from tokenizers import Tokenizer
@@ -157,7 +158,8 @@ def main():
     os.makedirs(args.work, exist_ok=True)
     tok = tokenizer(args.work)
     print(f"# {cpu_name()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; tokenizer: 32k byte-level BPE")
-    print("| corpus MB | what | workers/threads | seconds | MB/s | vs raw encode_batch | peak RSS MiB (main / largest child) |")
+    print("| corpus MB | what | workers/threads | seconds | MB/s | vs raw encode_batch "
+          "| peak RSS MiB (main / largest child) |")
     print("|---|---|---|---|---|---|---|")
     import statistics
     for mb in args.sizes:
@@ -180,7 +182,8 @@ def main():
             ratio = statistics.median((real_mb / r["seconds"]) / (p["mb"] / p["seconds"])
                                       for r, p in zip(rs, pairs)) if pairs else None       # median of the pairs
             what = {"raw": "tokenizers encode_batch (text in memory)", "prepare": "fewchips data prepare",
-                    "ranks": "torchrun 2 ranks x 1 worker: data prepare", "train": "fewchips train --steps 1 (all of it)",
+                    "ranks": "torchrun 2 ranks x 1 worker: data prepare",
+                    "train": "fewchips train --steps 1 (all of it)",
                     "ranks-train": "torchrun 2 ranks: fewchips train --steps 1",
                     "bpe": "BPE (32k) trained on the 100 MB sample"}[kind]
             print(f"| {real_mb:,.1f} | {what} | {2 if kind.startswith('ranks') else w} | {sec:.1f} | {rate:.2f} | "

@@ -87,7 +87,8 @@ def concurrency(model, pairs):
               f"{statistics.median(r[1] for r in runs):.0f} tokens/s (runs {', '.join(f'{r[1]:.0f}' for r in runs)}), "
               f"preemptions {runs[0][2]}")
     ratio = statistics.median(p[1] / s[1] for p, s in zip(out["paged"], out["slot"]))
-    print(f"  => {out['paged'][0][0] / out['slot'][0][0]:.1f}x requests decoded together, {ratio:.2f}x tokens/s (median of pairs)")
+    print(f"  => {out['paged'][0][0] / out['slot'][0][0]:.1f}x requests decoded together, "
+          f"{ratio:.2f}x tokens/s (median of pairs)")
 
 
 def prefix(model, pairs, rate, active):
@@ -124,7 +125,8 @@ def chunking(model, pairs):
                 engine.step()
             stamp = {r.id: [] for r in streams}
             for r in streams:
-                r.on_event = lambda req, kind, p: stamp[req.id].append(time.perf_counter()) if kind == "tokens" else None
+                r.on_event = lambda req, kind, p: (stamp[req.id].append(time.perf_counter())
+                                                   if kind == "tokens" else None)
             long = engine.add(Request(ids(4096, 7), SamplingParams(max_tokens=1)))
             t0 = time.perf_counter()
             while long.finish_reason is None:
@@ -179,7 +181,8 @@ def mtp(model_dir, pairs, batches=(1, 8)):
         assert all(a[2] == b[2] for a, b in zip(out["plain"], out["mtp"])), "speculative greedy output differs"
         for name, runs in out.items():
             print(f"  batch {B} {name:5s}: {statistics.median(r[0] for r in runs):.0f} tokens/s "
-                  f"(runs {', '.join(f'{r[0]:.0f}' for r in runs)})" + (f", acceptance {runs[0][1]:.0%}" if name == "mtp" else ""))
+                  f"(runs {', '.join(f'{r[0]:.0f}' for r in runs)})"
+                  + (f", acceptance {runs[0][1]:.0%}" if name == "mtp" else ""))
         ratio = statistics.median(m[0] / p[0] for m, p in zip(out["mtp"], out["plain"]))
         print(f"  => batch {B}: {ratio:.2f}x tokens/s with MTP speculation, same tokens (median of pairs)")
 

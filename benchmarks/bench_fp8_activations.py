@@ -65,7 +65,8 @@ def measure(cfg, mode: str, ids):
             if isinstance(w, tuple):
                 out[w[0]] = out.get(w[0], 0) + n
         return out
-    return per(acts), per(weights), [cfg.is_moe_layer(i) if i < cfg.num_hidden_layers else True for i in range(len(layers))]
+    return per(acts), per(weights), [cfg.is_moe_layer(i) if i < cfg.num_hidden_layers else True
+                                     for i in range(len(layers))]
 
 
 def main():
@@ -91,8 +92,13 @@ def main():
         rows[mode] = (acts, weights, moe)
     mib = 2 ** 20
     print(f"{'':>22} {'fp32':>10} {'fp8 full':>10} {'fp8 cached':>11}   (MiB saved for the backward)")
-    dense = lambda moe: [i for i, m in enumerate(moe) if not m][:1]
-    sparse = lambda moe: [i for i, m in enumerate(moe) if m]
+
+    def dense(moe):
+        return [i for i, m in enumerate(moe) if not m][:1]
+
+    def sparse(moe):
+        return [i for i, m in enumerate(moe) if m]
+
     for label, pick, part in (("dense layer", dense, None), ("  its MLP", dense, "mlp"),
                               ("MoE layer (mean)", sparse, None), ("  its MoE", sparse, "mlp"),
                               ("  its attention", sparse, "self_attn")):
@@ -107,7 +113,8 @@ def main():
     tot = [sum(n for k, n in rows[m][0].items() if not isinstance(k, tuple)) / mib for m in ("fp32", "full", "cached")]
     print(f"{'whole model':>22} {tot[0]:>10.1f} {tot[1]:>10.1f} {tot[2]:>11.1f}   (embedding, head and loss included)")
     wts = [sum(n for k, n in rows[m][1].items() if not isinstance(k, tuple)) / mib for m in ("fp32", "full", "cached")]
-    print(f"{'FP8 weight copies':>22} {wts[0]:>10.1f} {wts[1]:>10.1f} {wts[2]:>11.1f}   (kept by the FP8 GEMMs' backward)")
+    print(f"{'FP8 weight copies':>22} {wts[0]:>10.1f} {wts[1]:>10.1f} {wts[2]:>11.1f}   "
+          "(kept by the FP8 GEMMs' backward)")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ class OursCompiled(Ours):
     def start(self, ids, n_new):
         from fewchips.inference.generate import compiled_decode_step
         tok = super().start(ids, n_new)
-        self.pos_B, self._step, self.compile_seconds = torch.full((ids.shape[0],), self.pos), compiled_decode_step(), None
+        self.pos_B, self._step, self.compile_seconds = (torch.full((ids.shape[0],), self.pos),
+                                                        compiled_decode_step(), None)
         return tok
 
     def step(self, tok):
@@ -131,8 +132,8 @@ def bench_preset(name, args, log):
         ids = torch.randint(3, cfg.vocab_size, (B, args.context), generator=g)
         toks, outs = {}, {}
         # compiled decoding pays off where the experts' gathered form applies (ops.gathered_swiglu)
-        compiled = ([OursCompiled(ours)] if args.compile and gathered_experts_fit(B, cfg.num_experts_per_tok, cfg.n_routed_experts)
-                    else [])
+        compiled = ([OursCompiled(ours)]
+                    if args.compile and gathered_experts_fit(B, cfg.num_experts_per_tok, cfg.n_routed_experts) else [])
         for s in systems + compiled:
             toks[s.name] = s.start(ids, args.rounds * args.steps + 1)
             outs[s.name] = [toks[s.name]]
@@ -153,7 +154,8 @@ def bench_preset(name, args, log):
                 tag = "" if s.name == "fewchips" else "_compiled"
                 res[f"same_greedy_tokens{tag}_b{B}"] = float((torch.stack(outs[s.name], 1) == ref).float().mean())
         for s in compiled:
-            res[f"ratio_decode_b{B}_compiled"] = res[f"{s.name}_decode_b{B}_tok_s"] / res[f"transformers_decode_b{B}_tok_s"]
+            res[f"ratio_decode_b{B}_compiled"] = (res[f"{s.name}_decode_b{B}_tok_s"]
+                                                  / res[f"transformers_decode_b{B}_tok_s"])
             res[f"compile_seconds_b{B}"] = s.compile_seconds
         log(f"  {name} decode batch {B}: " + ", ".join(f"{s.name} {res[f'{s.name}_decode_b{B}_tok_s']:.1f} tok/s"
                                                      for s in systems + compiled))
@@ -172,10 +174,12 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (the targets assume 2)")
     p.add_argument("--prefill-len", type=int, default=256, help="prompt tokens for the prefill measurement")
     p.add_argument("--context", type=int, default=512,
-                   help="tokens already in the cache when decoding is timed (the reference's per-step cost grows with it)")
+                   help="tokens already in the cache when decoding is timed "
+                        "(the reference's per-step cost grows with it)")
     p.add_argument("--steps", type=int, default=8, help="decode steps per timed round")
     p.add_argument("--rounds", type=int, default=4, help="alternating rounds per system; the fastest is kept")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights, activations and cache, both systems")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="weights, activations and cache, both systems")
     p.add_argument("--compile", action="store_true",
                    help="also time fewchips with compiled decode steps (batch sizes where they apply)")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -196,7 +200,8 @@ def main():
         print(f"{name:6s} prefill {r['ratio_prefill']:.2f}x | decode b1 {r['ratio_decode_b1']:.2f}x | decode b8 "
               f"{r['ratio_decode_b8']:.2f}x | cache {r['cache_bytes_per_token_bf16']} B/token (bf16) | same greedy "
               f"tokens b1 {r['same_greedy_tokens_b1']:.2f} b8 {r['same_greedy_tokens_b8']:.2f}" +
-              "".join(f" | compiled decode b{B} {r[f'ratio_decode_b{B}_compiled']:.2f}x (compile {r[f'compile_seconds_b{B}']:.0f} s)"
+              "".join(f" | compiled decode b{B} {r[f'ratio_decode_b{B}_compiled']:.2f}x "
+                      f"(compile {r[f'compile_seconds_b{B}']:.0f} s)"
                       for B in (1, 8) if f"ratio_decode_b{B}_compiled" in r), flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -52,7 +52,8 @@ def main():
     ff_rows = first_fit(sub, L)
     ff_s = time.perf_counter() - t0
     bfd_sub = len(pack_plan(sub, L))
-    print(f"on the first {len(sub):,}: first-fit {ff_rows:,} rows in {ff_s:.1f} s; best-fit decreasing {bfd_sub:,} rows")
+    print(f"on the first {len(sub):,}: first-fit {ff_rows:,} rows in {ff_s:.1f} s; "
+          f"best-fit decreasing {bfd_sub:,} rows")
 
 
 if __name__ == "__main__":

@@ -119,7 +119,8 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores // processes)")
     ap.add_argument("--no-overlap", action="store_true", help="wait for the dispatch before the shared experts run")
     ap.add_argument("--compare-overlap", action="store_true",
-                    help="interleaved pairs of runs with and without the overlap at each --procs; prints the median ratio")
+                    help="interleaved pairs of runs with and without the overlap at each --procs; "
+                         "prints the median ratio")
     ap.add_argument("--pairs", type=int, default=3, help="pairs of runs for --compare-overlap")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -89,7 +89,7 @@ def predicted_bubble(layout: str, microbatches: int) -> float | None:
         return None
     schedule = "dualpipev" if layout.endswith("dualpipev") else "1f1b"
     cfg = ModelConfig.from_preset("v3")                       # the formula depends on pp and M only
-    layout_ = est.make_layout(cfg, gpus=2, pp=2, schedule=schedule)
+    layout_ = est.gpu_split(cfg, gpus=2, pp=2, schedule=schedule)
     return next(t.value for t in est.bubble_terms(layout_, microbatches) if t.name == "bubble fraction")
 
 

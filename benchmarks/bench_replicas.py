@@ -25,7 +25,7 @@ import torch
 from machine import cpu_name
 
 from fewchips import from_pretrained
-from fewchips.hf_format import moe_expert_names
+from fewchips.checkpoint.hf_format import moe_expert_names
 from fewchips.inference.experts import Placement, imbalance
 from fewchips.inference.tokenizer import Tokenizer
 from fewchips.model import MoE

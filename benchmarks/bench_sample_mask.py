@@ -62,7 +62,8 @@ def main():
     args = ap.parse_args()
     if args.one:
         return one(args.one[0], int(args.one[1]))
-    print(f"{open('/proc/cpuinfo').read().split('model name')[1].split(':')[1].splitlines()[0].strip()}, 2 threads, fp32")
+    cpu = open("/proc/cpuinfo").read().split("model name")[1].split(":")[1].splitlines()[0].strip()
+    print(f"{cpu}, 2 threads, fp32")
     for T in map(int, args.lengths.split(",")):
         res = {"dense": [], "varlen": []}
         for _ in range(args.pairs):
@@ -71,9 +72,10 @@ def main():
                                      check=True).stdout
                 res[kind].append(json.loads(out))
         d, v = ({k: statistics.median(r[k] for r in res[n]) for k in ("s", "peak_mib")} for n in ("dense", "varlen"))
-        print(f"T={T} ({res['dense'][0]['samples']} samples): dense mask {d['peak_mib']:.0f} MiB {d['s'] * 1e3:.0f} ms, "
-              f"varlen {v['peak_mib']:.0f} MiB {v['s'] * 1e3:.0f} ms => {d['peak_mib'] / max(v['peak_mib'], 1e-9):.1f}x "
-              f"less memory, {d['s'] / v['s']:.2f}x the speed")
+        print(f"T={T} ({res['dense'][0]['samples']} samples): "
+              f"dense mask {d['peak_mib']:.0f} MiB {d['s'] * 1e3:.0f} ms, "
+              f"varlen {v['peak_mib']:.0f} MiB {v['s'] * 1e3:.0f} ms => "
+              f"{d['peak_mib'] / max(v['peak_mib'], 1e-9):.1f}x less memory, {d['s'] / v['s']:.2f}x the speed")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Peak memory per rank of `fewchips serve` in one process and at --ep 2 / --ep 4 under torchrun (gloo,
 CPU): each rank's high-water RSS (VmHWM) and its anonymous memory (RssAnon: without the checkpoint's
 file pages, which safetensors maps and the kernel may drop) after start-up and one answered request,
-against what it should hold: the non-expert weights whole + 1/N of the routed experts + the latent cache. A parameter-heavy MoE
-config (hidden 256, 6 layers with the first dense, 64 routed experts of width 512, top-4, MTP 1, vocab
-2,048: ~157M parameters, 96% routed experts), random weights saved in fp32.
+against what it should hold: the non-expert weights whole + 1/N of the routed experts + the latent cache.
+A parameter-heavy MoE config (hidden 256, 6 layers with the first dense, 64 routed experts of width 512,
+top-4, MTP 1, vocab 2,048: ~157M parameters, 96% routed experts), random weights saved in fp32.
 
     python benchmarks/bench_serve_memory.py [--layouts 1 2 4] [--weights fp8]
 
@@ -123,8 +123,8 @@ def main():
         expected = serving_weight_bytes(cfg, n, fp8=args.weights == "fp8", dtype_bytes=4, mtp=False)["total"] / 2**20 \
             + cache
         for rank, (peak, anon) in run(n, tmp, args.weights).items():
-            print(f"{'1 proc' if n == 1 else f'ep {n}':>8} {rank:>4} {peak:>9,.0f} {anon:>10,.0f} {anon - idle:>11,.0f} "
-                  f"{expected:>9,.0f}")
+            print(f"{'1 proc' if n == 1 else f'ep {n}':>8} {rank:>4} {peak:>9,.0f} {anon:>10,.0f} "
+                  f"{anon - idle:>11,.0f} {expected:>9,.0f}")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ def main():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, tok, "m"), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, tok, "m"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
@@ -87,7 +88,8 @@ def main():
     def via_server(stream: bool):
         t0 = time.perf_counter()
         if stream:
-            with client.stream("POST", url, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+            with client.stream("POST", url,
+                               json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
                 lines = [ln for ln in r.iter_lines() if ln.startswith("data: {")]
             n = json.loads(lines[-1][6:])["usage"]["completion_tokens"]
         else:
@@ -103,7 +105,8 @@ def main():
     engine.stop()
     ratio_plain = statistics.median(g / s for g, s, _ in rows)
     ratio_stream = statistics.median(g / s for g, _, s in rows)
-    print(f"{args.preset}, batch 1, {args.tokens} tokens, fp32 greedy, {args.threads} threads, {args.pairs} interleaved pairs")
+    print(f"{args.preset}, batch 1, {args.tokens} tokens, fp32 greedy, {args.threads} threads, "
+          f"{args.pairs} interleaved pairs")
     print(f"in-process generate: median {statistics.median(r[0] for r in rows):.1f} tok/s")
     print(f"server, non-streaming: median {statistics.median(r[1] for r in rows):.1f} tok/s; "
           f"generate / server = {ratio_plain:.2f}x (median of pairs)")

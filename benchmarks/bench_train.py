@@ -22,7 +22,7 @@ from bench_model import forward_flops  # noqa: E402
 from fewchips import DeepseekV3, ModelConfig  # noqa: E402
 from fewchips.runtime import keep_freed_memory  # noqa: E402
 from fewchips import losses as L  # noqa: E402
-from fewchips.train import build as B, config as C, schedule as S  # noqa: E402
+from fewchips.train import build as B, config as C  # noqa: E402
 
 
 def matmul_rate(n=1024, reps=10, clock=time.perf_counter):
@@ -82,7 +82,8 @@ def main():
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (fresh batches, both models)")
-    ap.add_argument("--compile", action="store_true", help="ours with `fewchips train --compile` (compile time not timed)")
+    ap.add_argument("--compile", action="store_true",
+                    help="ours with `fewchips train --compile` (compile time not timed)")
     ap.add_argument("--balance-iters", type=int, default=30,
                     help="bias-update passes before timing, so routing is as balanced as in training "
                          "(both models get the same biases); 0 keeps random-init routing")
@@ -135,7 +136,8 @@ def main():
         pair = sorted(h / o for o, h in zip(t_ours, t_hf))     # step by step, same batch, adjacent in time
         tok = args.batch * args.seq
         fl = 3 * forward_flops(ours, args.batch, args.seq)
-        print(f"{preset:6s} B={args.batch} T={args.seq}: ours {tok / a:7.0f} tok/s ({fl / a / rate:5.1%} of matmul rate)  "
+        print(f"{preset:6s} B={args.batch} T={args.seq}: "
+              f"ours {tok / a:7.0f} tok/s ({fl / a / rate:5.1%} of matmul rate)  "
               f"transformers {tok / b:7.0f} tok/s ({fl / b / rate:5.1%})  ratio {b / a:.2f}x (best of each; "
               f"median of step pairs {pair[len(pair) // 2]:.2f}x)  "
               f"(routing MaxVio {v0:.2f} -> {v1:.2f} after {args.balance_iters} bias passes on one batch; "

@@ -102,7 +102,8 @@ def bench(preset, args):
         save_pretrained(DeepseekV3(cfg).init_weights(std=0.02), d)
         ours = from_pretrained(d, dtype=DTYPE, device=DEVICE, mtp=False)
         ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=DTYPE).to(DEVICE).eval()
-    systems = [Reference(ref), Ours(ours, graph=False), Ours(ours, graph=True)]   # on a CPU dry run: static cache, no graph
+    # on a CPU dry run: static cache, no graph
+    systems = [Reference(ref), Ours(ours, graph=False), Ours(ours, graph=True)]
     res = {"preset": preset, "context": args.context}
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, cfg.vocab_size, (1, args.prefill_len), generator=g).to(DEVICE)
@@ -137,7 +138,8 @@ def bench(preset, args):
                     torch.cuda.empty_cache()
         if "fewchips" in outs and "transformers" in outs:
             n = min(outs["fewchips"].shape[1], outs["transformers"].shape[1])
-            res[f"same_greedy_tokens_b{B}"] = float((outs["fewchips"][:, :n] == outs["transformers"][:, :n]).float().mean())
+            res[f"same_greedy_tokens_b{B}"] = float((outs["fewchips"][:, :n]
+                                                     == outs["transformers"][:, :n]).float().mean())
         for who in ("fewchips", "fewchips+graph"):
             k = f"{who}_decode_b{B}_tok_s"
             if k in res and f"transformers_decode_b{B}_tok_s" in res:

@@ -38,7 +38,7 @@ def main() -> int:
     from fewchips import DeepseekV3, ModelConfig, from_pretrained
     from fewchips.parallel import (ExpertParallelExperts, init_parallel, parallelize,
                                    shutdown)
-    from fewchips.parallel import checkpoint as pckpt
+    from fewchips.checkpoint import sharded as pckpt
     from fewchips.parallel.expert_parallel import comm_seconds
 
     results, ok = [], True
@@ -69,7 +69,8 @@ def main() -> int:
     ref_grads = dict(ref.named_parameters())
     worst = max(((p.grad.full_tensor() - ref_grads[n].grad).abs().max() /
                  (ref_grads[n].grad.abs().max() + 1e-30)).item() for n, p in model.named_parameters())
-    report("fp32_parity", abs(loss.item() - ref_loss.item()) < 1e-4 and worst < 1e-3 and torch.equal(stats.load.cpu(), ref_stats.load.cpu()),
+    report("fp32_parity", abs(loss.item() - ref_loss.item()) < 1e-4 and worst < 1e-3
+           and torch.equal(stats.load.cpu(), ref_stats.load.cpu()),
            loss=loss.item(), ref_loss=ref_loss.item(), grad_rel_err=worst, moe_layers=stats.load.shape[0])
 
     # 2. all-to-all round trip on NCCL
@@ -127,7 +128,8 @@ def main() -> int:
     sync()
     dt = (time.perf_counter() - t0) / n
     report("small_throughput", out == out, tokens_per_s=B * T / dt, step_s=dt,
-           a2a_share=comm_seconds(big) / (dt * n), peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None)
+           a2a_share=comm_seconds(big) / (dt * n),
+           peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None)
 
     dist.barrier()
     shutdown()

@@ -43,7 +43,7 @@ def main():
         print("device_pipeline: no CUDA device; nothing measured (use --cpu for a smoke run)")
         return 0
     from fewchips import DeepseekV3, ModelConfig
-    from fewchips.plan.estimate import Layout, bubble_terms
+    from fewchips.plan.estimate import GPUSplit, bubble_terms
 
     dev = torch.device("cpu" if args.cpu else "cuda")
     torch.set_num_threads(2)
@@ -80,7 +80,7 @@ def main():
         sync()
         return time.perf_counter() - t0
 
-    F, B, I = [], [], []
+    F, B, Ig = [], [], []
     for i in range(args.repeats + 2):
         h0 = torch.randn(rows, seq, cfg.hidden_size, device=dev, requires_grad=True)
         grad = torch.randn(rows, seq, cfg.hidden_size, device=dev)
@@ -98,8 +98,8 @@ def main():
         if i >= 2:                                  # the first two warm up kernels and the allocator
             F.append((f + f2) / 2)
             B.append(b)
-            I.append(i_t)
-    f, b, i_med = (statistics.median(x) * 1e3 for x in (F, B, I))
+            Ig.append(i_t)
+    f, b, i_med = (statistics.median(x) * 1e3 for x in (F, B, Ig))
     w = max(b - i_med, 0.0)
     res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "preset": preset,
            "layers_per_chunk": args.layers, "rows": rows, "seq": seq, "dtype": "bf16 autocast" if amp else "fp32",
@@ -108,7 +108,7 @@ def main():
     M = 32
     for sched in ("1f1b", "zb1p", "dualpipev"):
         for pp in (2, 4, 8, 16):
-            layout = Layout(gpus=pp, dp=1, ep=1, pp=pp, schedule=sched)
+            layout = GPUSplit(gpus=pp, dp=1, ep=1, pp=pp, schedule=sched)
             meas = bubble_terms(layout, M, (f, b, w))[1].value
             guess = bubble_terms(layout, M)[1].value
             row = {"schedule": sched, "pp": pp, "microbatches": M, "bubble_share_measured": meas,

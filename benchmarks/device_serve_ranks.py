@@ -66,7 +66,8 @@ def main():
             with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
                 got = list(pool.map(lambda p: httpx.post(
                     f"http://127.0.0.1:{port}/v1/completions", timeout=300,
-                    json={"model": "m", "prompt": p, "max_tokens": 12, "temperature": 0, "logprobs": 0}).json(), prompts))
+                    json={"model": "m", "prompt": p, "max_tokens": 12, "temperature": 0, "logprobs": 0}).json(),
+                    prompts))
             seconds = time.perf_counter() - t0
         finally:
             proc.terminate()

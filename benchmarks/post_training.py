@@ -121,7 +121,8 @@ def main():
                        "sampled_reward_by_20_steps": [round(sum(r["reward_mean"] for r in recs if "reward_mean" in r
                                                                 and a < r["step"] <= a + 20) / 20, 4)
                                                       for a in range(0, args.grpo_steps, 20)],
-                       "kl_by_20_steps": [round(sum(r["kl"] for r in recs if "kl" in r and a < r["step"] <= a + 20) / 20, 4)
+                       "kl_by_20_steps": [round(sum(r["kl"] for r in recs if "kl" in r
+                                                    and a < r["step"] <= a + 20) / 20, 4)
                                           for a in range(0, args.grpo_steps, 20)],
                        "seconds": time.time() - t0}
     save()

@@ -120,8 +120,9 @@ def main():
     ids = next(it)
     p_ours, p_hf = best_profile(lambda: step_ours(ids)), best_profile(lambda: step_hf(ids))
     print(f"{args.preset} ({cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts of width "
-          f"{cfg.moe_intermediate_size}, top-{cfg.num_experts_per_tok}), {args.dtype}, batch {args.batch} x {args.seq}, "
-          f"{args.threads} threads; {cpu_name()}, torch {torch.__version__}, transformers {transformers.__version__}")
+          f"{cfg.moe_intermediate_size}, top-{cfg.num_experts_per_tok}), {args.dtype}, "
+          f"batch {args.batch} x {args.seq}, {args.threads} threads; {cpu_name()}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}")
     print(f"GEMM FLOPs per training step issued: ours {fl_ours / 1e9:,.1f} G, transformers {fl_hf / 1e9:,.1f} G; "
           f"the model's 3 x forward: {fl_model / 1e9:,.1f} G (ours {fl_ours / fl_model:.2f}x, transformers "
           f"{fl_hf / fl_model:.2f}x)")

@@ -51,7 +51,8 @@ class Batch:
         if self.target is None and self.segment is None:
             return None
         T = self.ids.shape[1] - 1
-        mask = self.target[:, k + 1:] if self.target is not None else torch.ones_like(self.ids[:, k + 1:], dtype=torch.bool)
+        mask = (self.target[:, k + 1:] if self.target is not None
+                else torch.ones_like(self.ids[:, k + 1:], dtype=torch.bool))
         if self.segment is not None:
             mask = mask & (self.segment[:, k + 1:] == self.segment[:, : T - k])
         return mask

@@ -682,7 +682,7 @@ class DeepseekV3(nn.Module):
 
     def save_pretrained(self, path, **kw):
         """This model as a Hugging Face directory: `hf_format.save_pretrained(self, path, **kw)`."""
-        from .hf_format import save_pretrained
+        from .checkpoint.hf_format import save_pretrained
         return save_pretrained(self, path, **kw)
 
     def num_parameters(self) -> dict[str, int]:
@@ -724,7 +724,8 @@ def _seeded_normal(local, row_ids, shape, std: float, key: str):
     block = max(1, INIT_BLOCK // max(1, math.prod(row_shape)))
     ids = torch.arange(n_rows) if row_ids is None else row_ids.cpu()
     for b in torch.unique(ids // block).tolist():
-        g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{key}/{b}".encode()).digest()[:8], "little") >> 1)
+        block_seed = int.from_bytes(hashlib.sha256(f"{key}/{b}".encode()).digest()[:8], "little") >> 1
+        g = torch.Generator().manual_seed(block_seed)
         lo, hi = b * block, min((b + 1) * block, n_rows)
         values = torch.empty((hi - lo, *row_shape)).normal_(0.0, std, generator=g)
         where = ((ids >= lo) & (ids < hi)).nonzero().flatten()

@@ -165,7 +165,8 @@ def gathered_experts_fit(tokens: int, top_k: int, n_experts: int) -> bool:
 
 def use_gathered_experts(tokens: int, top_k: int, n_experts: int) -> bool:
     """The gathered form applies inside a compiled graph, without grad, at decode-sized batches."""
-    return torch.compiler.is_compiling() and not torch.is_grad_enabled() and gathered_experts_fit(tokens, top_k, n_experts)
+    return (torch.compiler.is_compiling() and not torch.is_grad_enabled()
+            and gathered_experts_fit(tokens, top_k, n_experts))
 
 
 def gathered_swiglu(x_MD, experts_MK, weights_MK, gate_up_EfD, down_EDF):

@@ -54,7 +54,8 @@ def copy_drafter_model(noise: float, seed: int = 0, hidden_gain: float = 0.3):
         model.mtp[0].eh_proj.weight.copy_(eh + noise * torch.randn(D, 2 * D, generator=g))
         for norm, spread in ((model.model.norm, 0.1), (model.mtp[0].enorm, 0.05), (model.mtp[0].hnorm, 0.5)):
             norm.weight.uniform_(1 - spread, 1 + spread, generator=g)
-        model.mtp[0].shared_head.norm.weight.copy_(model.model.norm.weight * torch.empty(D).uniform_(0.95, 1.05, generator=g))
+        model.mtp[0].shared_head.norm.weight.copy_(model.model.norm.weight
+                                                   * torch.empty(D).uniform_(0.95, 1.05, generator=g))
     return model
 
 
@@ -68,7 +69,8 @@ def tiny_tokenizer(vocab_size: int = 300):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>", "<|user|>", "<|assistant|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  special_tokens=["<pad>", "<bos>", "<eos>", "<|user|>", "<|assistant|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([CORPUS], trainer)
     return tok

@@ -45,7 +45,8 @@ def mtp_depth_from_the_report(model, mtp, next_ids_BT, h_prev_BTD):
 
     T = next_ids_BT.shape[1]
     emb = model.model.embed_tokens.weight[next_ids_BT]
-    x = torch.cat((rms_norm(emb, mtp.enorm.weight), rms_norm(h_prev_BTD, mtp.hnorm.weight)), -1) @ mtp.eh_proj.weight.t()
+    x = (torch.cat((rms_norm(emb, mtp.enorm.weight), rms_norm(h_prev_BTD, mtp.hnorm.weight)), -1)
+         @ mtp.eh_proj.weight.t())
     cos, sin = model.rotary(torch.arange(T)[None])
     h = rms_norm(DecoderLayer.forward(mtp, x, cos, sin)[0], mtp.shared_head.norm.weight)
     return h, h @ model.lm_head.weight.t()
@@ -60,9 +61,10 @@ def lm_loss(model, ids):
 
 
 def train_step(model, opt, ids, par, gamma: float = 1e-3) -> float:
-    """A dp x ep optimizer step as DistributedTrainer takes it, from the trainer's own pieces: this rank's
-    rows of windows ids, expert gradients reduced over dp, the clip at 1.0 with the global norm, the
-    optimizer, the bias update from every rank's loads. Returns the global loss."""
+    """A dp x ep optimizer step as `Trainer` (fewchips.train.trainer) takes it with the `Sharded` layout
+    (fewchips.train.layout), from the trainer's own pieces: this rank's rows of windows ids, expert
+    gradients reduced over dp, the clip at 1.0 with the global norm, the optimizer, the bias update from
+    every rank's loads. Returns the global loss."""
     import torch.distributed as dist
 
     from fewchips.parallel import grad_norm_sq

@@ -16,7 +16,7 @@ def register(sub):
 
 
 def run(args):
-    from fewchips.fp8.checkpoint import convert
+    from fewchips.checkpoint.fp8 import convert
 
     stats = convert(args.src, args.dst, args.to, pow2_scales=args.pow2_scales,
                     progress=lambda f: print(f"  wrote {f}", flush=True))

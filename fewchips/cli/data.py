@@ -4,20 +4,19 @@
 from __future__ import annotations
 
 import os
-import sys
 
 
 def register(sub):
     p = sub.add_parser("data", help="prepare pre-training data once (tokenised shards any run can read)",
-                       description="Work on pre-training data. `prepare` streams the sources, tokenises each document "
-                                   "once (worker processes; under torchrun, every rank a share) and writes token shards "
-                                   "with an index; killed, it resumes where it stopped.")
+                       description="Work on pre-training data. `prepare` streams the sources, tokenises each "
+                                   "document once (worker processes; under torchrun, every rank a share) and writes "
+                                   "token shards with an index; killed, it resumes where it stopped.")
     verbs = p.add_subparsers(dest="verb", metavar="VERB")
     verbs.required = True
     q = verbs.add_parser("prepare", help="tokenise --data into --out")
     q.add_argument("--data", nargs="+", required=True, metavar="[WEIGHT:]PATH",
-                   help="text files, folders, .jsonl(.gz/.zst), .parquet or datasets folders; several with weights make "
-                        "a mixture (the weights are stored; `fewchips train --data OUT` draws by them)")
+                   help="text files, folders, .jsonl(.gz/.zst), .parquet or datasets folders; several with weights "
+                        "make a mixture (the weights are stored; `fewchips train --data OUT` draws by them)")
     q.add_argument("--out", required=True, help="the prepared folder (new, or an unfinished one to resume)")
     q.add_argument("--tokenizer", help="an existing tokenizer.json (DeepSeek's special tokens)")
     q.add_argument("--vocab-size", type=int, help="without --tokenizer: train a byte-level BPE of this size")
@@ -25,8 +24,10 @@ def register(sub):
                    help="the BPE's training sample: each source's first training documents by weight (default 100)")
     q.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets rows")
     q.add_argument("--val-fraction", type=float, default=0.03, help="share of documents held out, chosen by name hash")
-    q.add_argument("--fim-rate", type=float, default=0.1, help="share of training documents turned into PSM FIM samples")
-    q.add_argument("--seed", type=int, default=0, help="seeds the FIM choices (fixed in the folder; a training run's own --seed is free)")
+    q.add_argument("--fim-rate", type=float, default=0.1,
+                   help="share of training documents turned into PSM FIM samples")
+    q.add_argument("--seed", type=int, default=0,
+                   help="seeds the FIM choices (fixed in the folder; a training run's own --seed is free)")
     q.add_argument("--max-corpus-mb", type=float, help="at most this many MB of each source")
     q.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping")
     q.add_argument("--data-workers", type=int, help="tokenising processes per rank (default: the cores / local ranks)")
@@ -54,8 +55,8 @@ def run(args):
     team = _team()
     log = print if team.rank == 0 else (lambda *a, **k: None)
     sources = parse_sources(args.data)
-    pc = PrepareConfig(fim_rate=args.fim_rate, seed=args.seed, val_fraction=args.val_fraction, text_field=args.text_field,
-                       skip_bad_rows=args.skip_bad_rows,
+    pc = PrepareConfig(fim_rate=args.fim_rate, seed=args.seed, val_fraction=args.val_fraction,
+                       text_field=args.text_field, skip_bad_rows=args.skip_bad_rows,
                        max_bytes=int(args.max_corpus_mb * 2**20) if args.max_corpus_mb else None,
                        unit_bytes=max(1, int(args.unit_mb * 2**20)))
     out = os.path.abspath(args.out)

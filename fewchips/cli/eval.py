@@ -15,7 +15,8 @@ def register(sub):
     p = sub.add_parser("eval", help="loss, perplexity and bits/byte of a model on text or chats")
     add_model_flags(p)
     p.add_argument("--data", required=True,
-                   help="text file, folder, .jsonl (text field) or .parquet; or a chats .jsonl ({\"messages\": ...} rows)")
+                   help="text file, folder, .jsonl (text field) or .parquet; "
+                        "or a chats .jsonl ({\"messages\": ...} rows)")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet rows")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per evaluated sequence")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
@@ -83,6 +84,7 @@ def run(args):
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{args.model} on {args.data} ({what}, {out['tokens']:,} scored tokens): loss {out['loss']:.4f} nats/token, "
-              f"perplexity {out['perplexity']:.2f}, {out['bits_per_byte']:.4f} bits/byte")
+        print(f"{args.model} on {args.data} ({what}, {out['tokens']:,} scored tokens): "
+              f"loss {out['loss']:.4f} nats/token, perplexity {out['perplexity']:.2f}, "
+              f"{out['bits_per_byte']:.4f} bits/byte")
     return 0

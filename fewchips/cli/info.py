@@ -31,7 +31,8 @@ def run(args):
     with torch.device("meta"):           # counts come from the real module tree, allocating nothing
         counts = DeepseekV3(cfg).num_parameters()
     kv = cfg.kv_cache_elements_per_token
-    info = {**counts, "kv_cache_elements_per_token": kv, "kv_cache_bytes_per_token_bf16": cfg.kv_cache_bytes_per_token(2),
+    info = {**counts, "kv_cache_elements_per_token": kv,
+            "kv_cache_bytes_per_token_bf16": cfg.kv_cache_bytes_per_token(2),
             "kv_cache_bytes_per_token_with_mtp_bf16": cfg.kv_cache_bytes_per_token(2, mtp=True)}
     if args.json:
         print(json.dumps(info))
@@ -40,8 +41,10 @@ def run(args):
     print(f"{name}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok}), {cfg.num_nextn_predict_layers} MTP")
     print(f"  total parameters      {_h(counts['total'])}  (main model, MTP not included)")
-    print(f"  activated per token   {_h(counts['active'])}  (embedding {_h(counts['embedding'])}, head {_h(counts['head'])} included)")
-    print(f"  MTP parameters        {_h(counts['mtp'])}  ({_h(counts['mtp_active'])} activated; embedding and head shared)")
+    print(f"  activated per token   {_h(counts['active'])}  "
+          f"(embedding {_h(counts['embedding'])}, head {_h(counts['head'])} included)")
+    print(f"  MTP parameters        {_h(counts['mtp'])}  "
+          f"({_h(counts['mtp_active'])} activated; embedding and head shared)")
     print(f"  KV cache per token    {kv} elements = {_bytes(cfg.kv_cache_bytes_per_token(2))} in bf16 "
           f"({cfg.kv_lora_rank}+{cfg.qk_rope_head_dim} per layer)")
     return 0

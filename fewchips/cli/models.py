@@ -37,7 +37,7 @@ def load_model(args, device: str, mtp: bool = False):
     """The model of --model on `device` in --dtype, its recipe weights in FP8 storage when --weights says so."""
     from fewchips.checkpoint import from_pretrained
     from fewchips.config import ModelConfig
-    from fewchips.fp8.checkpoint import load_fp8, stores_fp8
+    from fewchips.checkpoint.fp8 import load_fp8, stores_fp8
 
     dtype = model_dtype(args, device)
     if stores_fp8(args.weights, ModelConfig.from_json(args.model)):
@@ -73,7 +73,8 @@ def add_sampling_flags(p, max_new_tokens: int, temperature: float):
 def add_ep_flag(p, command: str):
     p.add_argument("--ep", type=int, default=None,
                    help=f"split the routed experts over N ranks: launch with torchrun --nproc_per_node=N -m fewchips "
-                        f"{command} --ep N (rank 0 does the work; every rank holds 1/N of the experts and a copy of the rest)")
+                        f"{command} --ep N (rank 0 does the work; every rank holds 1/N of the experts "
+                        "and a copy of the rest)")
     p.add_argument("--redundant-experts", type=int, default=0, metavar="R",
                    help="with --ep N: R extra copies of the hottest experts (R/N per rank), placed from measured "
                         "loads (--expert-loads) so the ranks' loads even out; tokens of a copied expert split between "
@@ -82,7 +83,8 @@ def add_ep_flag(p, command: str):
                    help="the expert loads replicas are placed from (default: MODEL/expert_loads.json, which "
                         "fewchips train writes, when present)")
     p.add_argument("--rebalance-every", type=int, default=0, metavar="STEPS",
-                   help="re-place the replicas from the loads of the last STEPS forward steps, while serving (0: never)")
+                   help="re-place the replicas from the loads of the last STEPS forward steps, while serving "
+                        "(0: never)")
 
 
 def expert_loads(args) -> dict | None:
@@ -106,7 +108,8 @@ def refuse_replica_flags(args) -> str | None:
     given = [f for f, v in (("--redundant-experts", args.redundant_experts), ("--expert-loads", args.expert_loads),
                             ("--rebalance-every", args.rebalance_every)) if v]
     if given:
-        return f"{', '.join(given)} place expert replicas over the ranks of --ep N (under torchrun); one process has none"
+        return (f"{', '.join(given)} place expert replicas over the ranks of --ep N (under torchrun); "
+                "one process has none")
     return None
 
 
@@ -157,7 +160,8 @@ def open_ranks(args, command: str, mtp: bool):
                                rebalance_every=args.rebalance_every, loads=loads)
     except ValueError as e:               # a config the experts cannot split over, a damaged checkpoint
         return refuse(str(e))
-    sys.stderr.write(f"rank {rank}: {describe_holdings(model, rank)}, {par.device}\n")   # one write: ranks share the pipe
+    # one write: ranks share the pipe
+    sys.stderr.write(f"rank {rank}: {describe_holdings(model, rank)}, {par.device}\n")
     sys.stderr.flush()
     return (model, Ranks(par)), 0
 

@@ -54,7 +54,8 @@ def register(sub):
                         "and AdamW moments sharded, BF16 gathered layers; default) or the report's recipe (BF16 "
                         "weights, FP32 masters, BF16 moments under --zero)")
     g.add_argument("--zero", type=int, default=None, choices=(0, 1, 2, 3),
-                   help="with --memory report: the ZeRO stage (default 1, as V3: optimizer state over data parallelism)")
+                   help="with --memory report: the ZeRO stage "
+                        "(default 1, as V3: optimizer state over data parallelism)")
     g.add_argument("--bf16-moments", action="store_true",
                    help="with --memory fewchips: AdamW's moments in BF16 (fewchips train --bf16-moments)")
     g.add_argument("--pp-schedule", default="dualpipev", choices=("dualpipev", "dualpipe", "1f1b", "zb1p"),
@@ -109,7 +110,7 @@ def build_plan(args) -> dict:
         raise ValueError(f"--mfu must be in (0, 1], got {args.mfu:g} (0.35 means 35%)")
     if args.price < 0:
         raise ValueError(f"--price must be >= 0, got {args.price:g}")
-    layout = est.make_layout(cfg, gpus=args.gpus, dp=args.dp, ep=args.ep, pp=args.pp, zero=args.zero,
+    layout = est.gpu_split(cfg, gpus=args.gpus, dp=args.dp, ep=args.ep, pp=args.pp, zero=args.zero,
                              schedule=args.pp_schedule)
     microbatches = microbatches_per_step(args, layout)
     fbw = parse_fbw(args.fbw)
@@ -120,8 +121,8 @@ def build_plan(args) -> dict:
         stages = est.training_memory(params, layout, args.seq, args.micro_batch, fp8, args.memory, args.bf16_moments,
                                      accumulate=microbatches > 1)
         worst = max(stages, key=lambda s: s.total)
-        memory[prec] = dict(stage=worst, fits=worst.total <= gpu.memory_gib * est.GIB,
-                            acts=est.activation_bytes_per_token(cfg, "moe" if params.sum("routed_experts") else "dense", fp8))
+        acts = est.activation_bytes_per_token(cfg, "moe" if params.sum("routed_experts") else "dense", fp8)
+        memory[prec] = dict(stage=worst, fits=worst.total <= gpu.memory_gib * est.GIB, acts=acts)
     plan = dict(
         name=args.model or args.preset or "v3", cfg=cfg, gpu=gpu, layout=layout, tokens=tokens, fp8=args.fp8,
         seq=args.seq, micro_batch=args.micro_batch, mfu=args.mfu, price=args.price, memory_kind=args.memory,
@@ -214,12 +215,12 @@ def explain_search(cfg, found: dict, args) -> list[str]:
                f"{cfg.n_routed_experts} experts per MoE layer")
         r.line("MLA cache", f"{found['kv_gib']:>8.2f} GiB", f"{found['sequences']} x {found['seq']} tokens x "
                f"(latent {cfg.kv_lora_rank} + rope key {cfg.qk_rope_head_dim}) x layers x 2 B, on every rank")
-        r.line("total", f"{found['need_gib']:>8.2f} GiB", f"of {found['capacity_gib']:g} GiB; the weights are what each rank of "
-               f"fewchips serve --ep {n} reports at start-up (no activation workspace counted)")
+        r.line("total", f"{found['need_gib']:>8.2f} GiB", f"of {found['capacity_gib']:g} GiB; the weights are what "
+               f"each rank of fewchips serve --ep {n} reports at start-up (no activation workspace counted)")
         return r.lines
     if found["gpus"] is None:
         return []
-    layout = est.make_layout(cfg, dp=found["dp"], ep=found["ep"], pp=found["pp"], zero=args.zero,
+    layout = est.gpu_split(cfg, dp=found["dp"], ep=found["ep"], pp=found["pp"], zero=args.zero,
                              schedule=args.pp_schedule)
     stages = est.training_memory(est.count_params(cfg), layout, args.seq, args.micro_batch, args.fp8, args.memory,
                                  args.bf16_moments)

@@ -7,16 +7,18 @@ import sys
 
 def register(sub):
     from .models import add_model_flags
-    p = sub.add_parser("sample", help="rejection sampling: keep a model's completions that a reward accepts, as SFT chats",
-                       description="Sample --n completions per prompt with the batched engine, score them with a task's "
-                                   "reward (the same tasks as fewchips grpo) and write the accepted ones as "
+    p = sub.add_parser("sample",
+                       help="rejection sampling: keep a model's completions that a reward accepts, as SFT chats",
+                       description="Sample --n completions per prompt with the batched engine, score them with a "
+                                   "task's reward (the same tasks as fewchips grpo) and write the accepted ones as "
                                    "{\"messages\": [...]} rows that fewchips sft --data reads (DeepSeek-V3 §5.1).")
     add_model_flags(p)
     g = p.add_argument_group("prompts and reward")
     g.add_argument("--reward", default="arithmetic",
                    help="arithmetic | format (generated prompts) | math | code | module:function (with --prompts)")
     g.add_argument("--prompts", metavar="PROMPTS_JSONL", help="{\"prompt\" or \"messages\", ...fields} rows")
-    g.add_argument("--count", type=int, default=None, help="prompts of a generated task (arithmetic, format; default 100)")
+    g.add_argument("--count", type=int, default=None,
+                   help="prompts of a generated task (arithmetic, format; default 100)")
     g.add_argument("--n", type=int, default=8, help="completions per prompt")
     g.add_argument("--keep", choices=["best", "all-correct"], default="best",
                    help="best: each prompt's highest-rewarded completion (reward > 0); all-correct: every distinct "
@@ -32,7 +34,7 @@ def register(sub):
 def run(args):
     from fewchips.train import TrainError
     from fewchips.train.grpo import load_task
-    from fewchips.train.run_dir import model_tokenizer
+    from fewchips.checkpoint.run_dir import model_tokenizer
     from fewchips.train.sample import prompts_of, rejection_sample, write_chats
 
     from .models import load_model_and_tokenizer

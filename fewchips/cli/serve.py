@@ -27,8 +27,8 @@ def register(sub):
                    help="do not reuse cached blocks of earlier requests' prompts")
     e.add_argument("--speculative", default="auto", choices=["auto", "mtp", "none"],
                    help="MTP speculative decoding (same output; acceptance in usage.completion_tokens_details); "
-                        "auto: on for models with an MTP module on a GPU (or with --max-batch 1), off for a CPU server, where it "
-                        "does not pay at batch > 1")
+                        "auto: on for models with an MTP module on a GPU (or with --max-batch 1), off for a CPU "
+                        "server, where it does not pay at batch > 1")
     add_ep_flag(e, "serve")
     e.add_argument("--max-prefill-tokens", type=int, default=512,
                    help="prompt tokens computed per step; longer prompts are prefilled in chunks beside "
@@ -85,8 +85,9 @@ def banner(args, engine, spec) -> str:
     from fewchips.inference.ranks import held_bytes
     pool = engine.pool
     fp8 = any(b.dtype == torch.float8_e4m3fn for b in engine.model.buffers())
-    return (f"serving {model_name(args)!r} on http://{args.host}:{args.port}/v1 (weights {held_bytes(engine.model) / 2**20:,.1f} "
-            f"MiB{', FP8 E4M3' if fp8 else ''}; cache {engine.cache_bytes / 2**20:.1f} MiB: "
+    return (f"serving {model_name(args)!r} on http://{args.host}:{args.port}/v1 "
+            f"(weights {held_bytes(engine.model) / 2**20:,.1f} MiB{', FP8 E4M3' if fp8 else ''}; "
+            f"cache {engine.cache_bytes / 2**20:.1f} MiB: "
             f"{pool.n_usable} blocks of {engine.block_size} tokens; up to {engine.max_batch} requests of at most "
             f"{engine.max_len} tokens; prefix cache {'on' if pool.prefix_caching else 'off'}; MTP speculation "
             f"{'on' if spec else 'off'}; metrics at /metrics)")

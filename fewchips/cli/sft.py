@@ -16,9 +16,9 @@ def register(sub):
     g.add_argument("--model", required=True, dest="init", metavar="MODEL_DIR",
                    help="the model to fine-tune: a Hugging Face deepseek_v3 directory with tokenizer.json")
     g.add_argument("--data", metavar="CHATS",
-                   help=".jsonl or .parquet file or datasets save_to_disk folder, rows of {\"messages\": [{\"role\", \"content\"}, ...]}, {\"prompt\", "
-                        "\"completion\"} or {\"text\"} (default: the bundled chats: standard-library functions and "
-                        "arithmetic)")
+                   help=".jsonl or .parquet file or datasets save_to_disk folder, rows of "
+                        "{\"messages\": [{\"role\", \"content\"}, ...]}, {\"prompt\", \"completion\"} or {\"text\"} "
+                        "(default: the bundled chats: standard-library functions and arithmetic)")
     g.add_argument("--val-fraction", type=float, help="share of conversations held out, chosen by hash")
     g.add_argument("--freeze-mtp", action="store_true",
                    help="leave the MTP module as it is (no MTP loss): compare speculative acceptance with it trained")

@@ -43,7 +43,8 @@ def register(sub):
                         "0.3:code.parquet (default: this Python's standard library .py files)")
     g.add_argument("--text-field", help="field holding the text in .jsonl/.parquet/datasets rows")
     g.add_argument("--max-corpus-mb", type=float,
-                   help="use at most this many MB of each source (a deterministic subset: whole files, lines or row groups)")
+                   help="use at most this many MB of each source "
+                        "(a deterministic subset: whole files, lines or row groups)")
     g.add_argument("--skip-bad-rows", action="store_true",
                    help="skip malformed rows (bad JSON, a missing text field, non-UTF-8 text) and count them, "
                         "instead of stopping at the first with its file and line")
@@ -51,7 +52,8 @@ def register(sub):
                    help="tokenising processes per rank (default: the cores, shared by the ranks on a node); "
                         "each document is tokenised once, by one worker of one rank")
     g.add_argument("--tokenizer-sample-mb", type=float,
-                   help="train the BPE on this many MB: each source's first training documents, by weight (default 100)")
+                   help="train the BPE on this many MB: each source's first training documents, by weight "
+                        "(default 100)")
     g.add_argument("--val-fraction", type=float, help="share of documents held out, chosen by name hash")
     g.add_argument("--tokenizer",
                    help="an existing tokenizer.json (must have DeepSeek's BOS/EOS/FIM tokens); default: train a BPE")
@@ -83,9 +85,11 @@ def _schedule_flags(p, pretrain: bool, batch_help: str):
     g = p.add_argument_group("schedule (lr: warm-up, constant to 67.6%, cosine to 0.1x by 96.6% of the run's tokens)"
                              if pretrain else "schedule (lr: warm-up, then cosine to --min-lr-ratio x the peak)")
     if not pretrain:
-        g.add_argument("--min-lr-ratio", type=float, help="the lr ends at this fraction of the peak (the report: 1e-6/5e-6)")
+        g.add_argument("--min-lr-ratio", type=float,
+                       help="the lr ends at this fraction of the peak (the report: 1e-6/5e-6)")
     g.add_argument("--steps", type=int,
-                   help="optimizer steps (300 x 4096 tokens: ~7 min for tiny on 2 CPU cores); all schedules scale to it")
+                   help="optimizer steps (300 x 4096 tokens: ~7 min for tiny on 2 CPU cores); "
+                        "all schedules scale to it")
     g.add_argument("--batch-size", type=int, help=batch_help)
     g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (bigger effective batch)")
     if pretrain:
@@ -93,7 +97,8 @@ def _schedule_flags(p, pretrain: bool, batch_help: str):
                        help="ramp the global batch up over the run's first N tokens (e.g. 2M; the report: 3,072 -> "
                             "15,360 sequences over 469B), one micro-batch at a time, up to --batch-size x --grad-accum")
         g.add_argument("--batch-size-start", type=int,
-                       help="sequences per step when the ramp starts: a multiple of --batch-size (default: one micro-batch)")
+                       help="sequences per step when the ramp starts: a multiple of --batch-size "
+                            "(default: one micro-batch)")
     g.add_argument("--seq-len", type=int, help="tokens per training sequence")
     g.add_argument("--lr", type=float, help="peak learning rate (2e-3 suits tiny; ~6e-4 for small)")
     g.add_argument("--warmup", type=int, dest="warmup_steps", help="warm-up steps (default 3%% of --steps)")
@@ -106,14 +111,16 @@ def _recipe_flags(p, pretrain: bool):
     g.add_argument("--bias-update-speed", type=float,
                    help="γ of the aux-loss-free balancing bias (0 turns it off; set to 0 for the last 3.4%% of steps)")
     g.add_argument("--balance-alpha", type=float, help="α of the sequence-wise balance loss")
-    g.add_argument("--mtp-lambda", type=float, help="MTP loss weight" + (" for the first 67.6%% of steps" if pretrain else ""))
+    g.add_argument("--mtp-lambda", type=float,
+                   help="MTP loss weight" + (" for the first 67.6%% of steps" if pretrain else ""))
     if pretrain:
         g.add_argument("--mtp-lambda-late", type=float, help="MTP loss weight afterwards")
         g.add_argument("--init-std", type=float, help="std of the N(0, std) initialisation")
     g.add_argument("--ema", type=float, metavar="DECAY",
                    help="keep an exponential moving average of the parameters on the host (e.g. 0.999), updated "
                         "after each step in the background, checkpointed and evaluated beside the model")
-    g.add_argument("--export-ema", action="store_true", help="also export the EMA's weights as their own model in OUT/ema")
+    g.add_argument("--export-ema", action="store_true",
+                   help="also export the EMA's weights as their own model in OUT/ema")
 
 
 def _systems_flags(p):
@@ -122,7 +129,8 @@ def _systems_flags(p):
                    help="autocast precision; auto = bf16 where the hardware has native bf16 (AMX/AVX512-BF16, GPUs)")
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute layers in backward: less memory, ~30%% more compute")
-    g.add_argument("--compile", action="store_true", help="torch.compile each layer (slow start; pays off on long runs)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each layer (slow start; pays off on long runs)")
     g.add_argument("--fp8", action="store_true",
                    help="DeepSeek-V3's FP8 recipe: attention projections, MLPs and experts run their three GEMMs "
                         "in E4M3 with 1x128/128x128 scales (fast on Hopper; emulated, slower, elsewhere)")
@@ -142,7 +150,8 @@ def _parallel_flags(p):
     g.add_argument("--ep", type=int, default=1,
                    help="expert-parallel ranks: each holds n_routed_experts/ep experts; keep it within a node")
     g.add_argument("--dp", type=int, default=None,
-                   help="data-parallel ranks (default: processes / (pp x ep)); --batch-size stays the global micro-batch")
+                   help="data-parallel ranks (default: processes / (pp x ep)); "
+                        "--batch-size stays the global micro-batch")
     g.add_argument("--pp", type=int, default=1,
                    help="pipeline-parallel ranks: each holds a run of decoder layers (two runs, in a V, with "
                         "dualpipev/zbv); processes = pp x dp x ep")
@@ -161,8 +170,10 @@ def _output_flags(p):
     g.add_argument("--out", required=True, help="output folder (model, tokenizer, metrics, plots, checkpoint)")
     g.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint")
     g.add_argument("--allow-schedule-change", action="store_true",
-                   help="with --resume: accept a different --steps/--warmup (the schedules are re-laid over the new run)")
-    g.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds a run (keeps the data cache)")
+                   help="with --resume: accept a different --steps/--warmup "
+                        "(the schedules are re-laid over the new run)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an OUT that holds a run (keeps the data cache)")
     g.add_argument("--stop-at", type=int, help="stop with a checkpoint after this step (split a run)")
     g.add_argument("--log-every", type=int, help="steps between metrics.jsonl records")
     g.add_argument("--eval-every", type=int, help="steps between validation runs and plot updates")
@@ -255,7 +266,8 @@ def run(args):
             print(f"fewchips train: error: {e}", file=sys.stderr)
         return 2
     return run_trainer("train", train_config_class(), lambda tc: train(cfg, tc), args, lambda r: (
-        f"done: step {r['step']} ({r['stopped']}), val loss {r['val_loss']:.3f} nats/token ({r['val_bpb']:.3f} bits/byte"
+        f"done: step {r['step']} ({r['stopped']}), val loss {r['val_loss']:.3f} nats/token "
+        f"({r['val_bpb']:.3f} bits/byte"
         + (f"; unigram entropy {r['unigram_entropy']:.3f}" if r.get("unigram_entropy") else "")
         + f"); model in {args.out}" if "val_loss" in r else None))
 

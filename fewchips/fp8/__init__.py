@@ -8,9 +8,9 @@ Hopper fast path and a plain-PyTorch twin, FP8 training layers, FP8 checkpoints.
 
 from ..lazy import lazy_attributes
 
-# name -> submodule; loaded on first use, so that `fewchips.fp8.quant` (a leaf: torch only) can be
-# imported by checkpoint I/O without pulling in the FP8 layers, which import checkpoint I/O themselves.
-_LAZY = {"convert": "checkpoint", "load_fp8": "checkpoint", "save_fp8": "checkpoint", "fp8_mm": "gemm",
+# name -> submodule (FP8 checkpoints live in fewchips.checkpoint.fp8); loaded on first use, so that
+# `fewchips.fp8.quant` (a leaf: torch only) can be imported by checkpoint I/O without the FP8 layers.
+_LAZY = {"convert": ".checkpoint.fp8", "load_fp8": ".checkpoint.fp8", "save_fp8": ".checkpoint.fp8", "fp8_mm": "gemm",
          "resolve_backend": "gemm", "FP8Linear": "linear", "FP8RoutedExperts": "linear", "apply_fp8": "recipe",
          "fp8_linear": "linear", "BLOCK": "quant", "E4M3": "quant", "TILE": "quant", "dequantize": "quant",
          "quantize": "quant", "retile": "quant", "is_fp8_linear": "recipe", "is_fp8_weight": "recipe"}

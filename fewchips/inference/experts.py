@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..checkpoint import CheckpointError, CheckpointReader, copy_checked
-from ..fp8.checkpoint import fp8_pair, fp8_stored_swiglu
+from ..checkpoint.load import CheckpointError, CheckpointReader, copy_checked
+from ..checkpoint.fp8 import fp8_pair, fp8_stored_swiglu
 from ..fp8.quant import BLOCK
 from ..ops import expert_swiglu
 from ..parallel.expert_parallel import ExpertExchange

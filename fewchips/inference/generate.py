@@ -20,7 +20,7 @@ import torch
 
 from ..model import LatentCache
 from .engine import Engine, Request
-from .sampling import SamplingParams, sample
+from .sampling import MAX_TOKENS, SamplingParams, sample
 from .steps import compiled_decode_step, pad_rows, prefill, stop_reason
 
 
@@ -51,11 +51,12 @@ def row_params(B, max_new_tokens, temperature, top_p, top_k, seed, stop, stop_to
 
 
 @torch.inference_mode()
-def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+def generate(model, input_ids, max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, seed: int | None = None, stop_token_ids: list[int] | None = None,
              stop: list[str] | None = None, tokenizer=None, use_mtp: bool = False, stats: dict | None = None,
              compile: bool = False, *, params: SamplingParams | None = None, max_tokens: int | None = None):
-    """Prompt + up to `max_new_tokens` new ids per prompt; the plain reference decoder (docs/inference.md).
+    """Prompt + up to `max_new_tokens` (or `max_tokens`, the same setting; default `sampling.MAX_TOKENS`)
+    new ids per prompt.
 
     input_ids: [T] or [B, T] (returns [B, T + n], early-stopped rows padded with the first stop token),
     or a list of token lists (returns lists). Greedy at temperature 0; row i samples with seed + i.
@@ -66,8 +67,9 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
     rows, as_tensor = as_rows(input_ids)
     if any(len(r) == 0 for r in rows):
         raise ValueError("every prompt needs at least one token")
-    if max_tokens is not None:
-        max_new_tokens = max_tokens
+    if max_tokens is not None and max_new_tokens not in (None, max_tokens):
+        raise ValueError(f"max_tokens={max_tokens} and max_new_tokens={max_new_tokens} are one setting: give one")
+    max_new_tokens = next((n for n in (max_tokens, max_new_tokens) if n is not None), MAX_TOKENS)
     if params is not None:
         rows_params = [dataclasses.replace(params, seed=None if params.seed is None else params.seed + i)
                        for i in range(len(rows))]

@@ -16,7 +16,7 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .request import TokenLogprob
-from .sampling import SamplingParams
+from .sampling import MAX_TOKENS, SamplingParams
 
 INT64 = 2**63
 
@@ -79,7 +79,7 @@ class _Common(BaseModel):
 
 class CompletionBody(_Common):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = Field(16, ge=0)
+    max_tokens: int | None = Field(MAX_TOKENS, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool | None = False
 

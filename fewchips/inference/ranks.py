@@ -26,10 +26,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import CheckpointReader, load_weights
-from ..fp8.checkpoint import fill_fp8, fp8_meta_model, stores_fp8
+from ..checkpoint.load import CheckpointReader, load_weights
+from ..checkpoint.fp8 import fill_fp8, fp8_meta_model, stores_fp8
 from ..config import ModelConfig
-from ..hf_format import disk_name, moe_expert_names
+from ..checkpoint.hf_format import disk_name, moe_expert_names
 from ..model import DeepseekV3, MoE
 from ..parallel.mesh import abort_on_failure
 from .experts import COUNTERS, Placement, ServingExperts, replica_summary

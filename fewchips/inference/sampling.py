@@ -13,9 +13,12 @@ from dataclasses import InitVar, dataclass, field
 import torch
 
 
+MAX_TOKENS = 16    # the one default length of a generation: OpenAI's for /v1/completions
+
+
 @dataclass
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int = MAX_TOKENS
     temperature: float = 0.0          # 0: greedy
     top_p: float = 1.0                # 1: off
     top_k: int = 0                    # 0: off

@@ -253,7 +253,7 @@ def prepare_chat(raw: bytes, state: AppState):
 
 
 async def complete(state: AppState, request: HTTPRequest, body: CompletionBody, prompts, texts):
-    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    max_tokens = api.MAX_TOKENS if body.max_tokens is None else body.max_tokens
     scoring = body.echo and body.logprobs is not None
     s = state.submit(prompts, body, [max_tokens] * len(prompts), body.logprobs, request,
                      prompt_logprobs=body.logprobs if scoring else None)

@@ -244,7 +244,8 @@ class ExpertParallelExperts(ExpertExchange):
         self.swiglu = expert_swiglu                         # the grouped FFN: the replaced module's (FP8 too)
 
     @classmethod
-    def from_dense(cls, experts: RoutedExperts, par: Parallel, fp8_dispatch: bool | None = None) -> "ExpertParallelExperts":
+    def from_dense(cls, experts: RoutedExperts, par: Parallel,
+                   fp8_dispatch: bool | None = None) -> "ExpertParallelExperts":
         """The experts of `experts` this rank owns. fp8_dispatch (default: when the experts are FP8 and
         ep > 1): send token rows and the down-projection's gradients in FP8, as the report does."""
         E = experts.n_experts

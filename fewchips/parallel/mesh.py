@@ -3,9 +3,9 @@
     rank = (pp_rank * dp + dp_rank) * ep + ep_rank     (ep innermost: the ep ranks of one replica are
                                                          neighbours, one node; pp outermost, across nodes)
 
-The ranks of one pipeline stage (dp x ep of them) each read their own slice of the global batch. Routed experts are split over the `ep` dimension
-(whole experts per rank) and FSDP-sharded again over `dp`; everything else is FSDP-sharded over all
-ranks of the stage.
+The ranks of one pipeline stage (dp x ep of them) each read their own slice of the global batch. Routed
+experts are split over the `ep` dimension (whole experts per rank) and FSDP-sharded again over `dp`;
+everything else is FSDP-sharded over all ranks of the stage.
 The same code runs for one process (a one-rank group on an in-memory store) and for N under torchrun.
 gloo on CPU, NCCL on CUDA; every collective has a timeout, so a dead or stuck peer ends the job
 with an error instead of a hang.

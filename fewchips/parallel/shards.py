@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
-from ..checkpoint import row_runs
+from ..checkpoint.load import row_runs
 
 
 def held_rows(name: str, t: torch.Tensor):

@@ -266,14 +266,15 @@ def flops_per_token(p: Params, seq: int) -> Flops:
 
 
 # ---------------------------------------------------------------------------------------------
-# Layout and training memory
+# The GPU split (dp x ep x pp) and training memory
 # ---------------------------------------------------------------------------------------------
 
 SCHEDULES = ("dualpipev", "dualpipe", "1f1b", "zb1p")
 
 
 @dataclass
-class Layout:
+class GPUSplit:
+    """How the planner spreads a training run over GPUs (the trainer's own placement is `train.layout`)."""
     gpus: int
     dp: int
     ep: int
@@ -290,8 +291,8 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def make_layout(cfg: ModelConfig, gpus: int | None = None, dp: int | None = None, ep: int | None = None,
-                pp: int | None = None, zero: int = 1, schedule: str = "dualpipev") -> Layout:
+def gpu_split(cfg: ModelConfig, gpus: int | None = None, dp: int | None = None, ep: int | None = None,
+              pp: int | None = None, zero: int = 1, schedule: str = "dualpipev") -> GPUSplit:
     """Fill in what was not given (gpus = dp x ep x pp) and reject splits the model cannot take."""
     if schedule not in SCHEDULES:
         raise ValueError(f"--pp-schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
@@ -323,7 +324,7 @@ def make_layout(cfg: ModelConfig, gpus: int | None = None, dp: int | None = None
         dp = gpus // (ep * pp)
     if dp * ep * pp != gpus:
         raise ValueError(f"dp x ep x pp = {dp} x {ep} x {pp} = {dp * ep * pp}, but --gpus is {gpus}")
-    return Layout(gpus, dp, ep, pp, zero, schedule)
+    return GPUSplit(gpus, dp, ep, pp, zero, schedule)
 
 
 def pipeline_stages(p: Params, owners: list[int], seq: int) -> list[list[Block]]:
@@ -339,12 +340,12 @@ def pipeline_stages(p: Params, owners: list[int], seq: int) -> list[list[Block]]
     return stages
 
 
-def device_blocks(p: Params, layout: Layout, seq: int) -> list[list[Block]]:
-    """The blocks each pipeline GPU holds under the layout's schedule (a block twice under DualPipe)."""
-    pp = layout.pp
-    if pp == 1 or layout.schedule in ("1f1b", "zb1p"):
+def device_blocks(p: Params, split: GPUSplit, seq: int) -> list[list[Block]]:
+    """The blocks each pipeline GPU holds under the split's schedule (a block twice under DualPipe)."""
+    pp = split.pp
+    if pp == 1 or split.schedule in ("1f1b", "zb1p"):
         return pipeline_stages(p, list(range(pp)), seq)
-    if layout.schedule == "dualpipe":        # GPU r: stage r of one direction, stage pp-1-r of the other
+    if split.schedule == "dualpipe":        # GPU r: stage r of one direction, stage pp-1-r of the other
         stages = pipeline_stages(p, list(range(pp)), seq)
         return [stages[r] + stages[pp - 1 - r] for r in range(pp)]
     owners = stage_ranks(pp, 2 * pp, "dualpipev")   # dualpipev: chunks r and 2pp-1-r in a V
@@ -352,9 +353,9 @@ def device_blocks(p: Params, layout: Layout, seq: int) -> list[list[Block]]:
     return [chunks[r] + chunks[2 * pp - 1 - r] for r in range(pp)]
 
 
-def activations_in_flight(layout: Layout, gpu: int) -> tuple[float, str]:
+def activations_in_flight(split: GPUSplit, gpu: int) -> tuple[float, str]:
     """Micro-batches of the GPU's own layers whose activations wait for their backward (Table 2)."""
-    pp, sched = layout.pp, layout.schedule
+    pp, sched = split.pp, split.schedule
     if pp == 1:
         return 1.0, "1 micro-batch (no pipeline)"
     if sched in ("1f1b", "zb1p"):
@@ -364,12 +365,12 @@ def activations_in_flight(layout: Layout, gpu: int) -> tuple[float, str]:
     return (2 * pp + 1) / 2, f"2pp+1 = {2 * pp + 1} chunk activations, each half this GPU's layers (DualPipeV)"
 
 
-def bubble_terms(layout: Layout, microbatches: int, fbw: tuple[float, ...] | None = None) -> list[Term]:
+def bubble_terms(split: GPUSplit, microbatches: int, fbw: tuple[float, ...] | None = None) -> list[Term]:
     """The pipeline's idle time per step (report Table 2) and its share of the step, from per-chunk
     F, B, W (and F&B) times; FLOP ratios 1 : 2 : 1 unless measured times are given."""
     F, B, W, FB = (tuple(fbw) + (None,) * 4)[:4] if fbw else (1.0, 2.0, 1.0, None)
     FB = F + B if FB is None else FB
-    pp, M, sched = layout.pp, microbatches, layout.schedule
+    pp, M, sched = split.pp, microbatches, split.schedule
     if pp == 1:
         return [Term("bubble", 0.0, "no pipeline"), Term("bubble fraction", 0.0, "no pipeline")]
     if sched == "1f1b":
@@ -436,39 +437,39 @@ class StageMemory:
         return max(self.terms, key=lambda t: t.value)
 
 
-def training_memory(p: Params, layout: Layout, seq: int, micro_batch: int, fp8: bool, memory: str = "report",
+def training_memory(p: Params, split: GPUSplit, seq: int, micro_batch: int, fp8: bool, memory: str = "report",
                     bf16_moments: bool = False, accumulate: bool = True) -> list[StageMemory]:
     """Bytes per GPU on every pipeline stage (the plan reports the worst). `memory`: "report", the report's
-    recipe (BF16 working weights, FP32 masters and BF16 moments under ZeRO-`layout.zero`); "fewchips",
+    recipe (BF16 working weights, FP32 masters and BF16 moments under ZeRO-`split.zero`); "fewchips",
     what `fewchips train` holds (`_fewchips_terms`). `accumulate`: a step has several micro-batches."""
     if memory == "fewchips":
-        return [StageMemory(s, [b.name for b in blocks], _fewchips_terms(p, layout, s, blocks, seq, micro_batch, fp8,
+        return [StageMemory(s, [b.name for b in blocks], _fewchips_terms(p, split, s, blocks, seq, micro_batch, fp8,
                                                                           bf16_moments, accumulate))
-                for s, blocks in enumerate(device_blocks(p, layout, seq))]
+                for s, blocks in enumerate(device_blocks(p, split, seq))]
     if memory != "report":
         raise ValueError(f"--memory must be fewchips or report, got {memory!r}")
     cfg = p.cfg
-    dense_dp = layout.dp * layout.ep          # replicas of non-expert weights
-    expert_dp = layout.dp                     # replicas of each expert
+    dense_dp = split.dp * split.ep          # replicas of non-expert weights
+    expert_dp = split.dp                     # replicas of each expert
     tokens = micro_batch * seq
     n_heads = 1 + cfg.num_nextn_predict_layers
     out = []
-    for s, blocks in enumerate(device_blocks(p, layout, seq)):
+    for s, blocks in enumerate(device_blocks(p, split, seq)):
         w = g = o = 0.0                        # bytes per GPU
         n_dense = n_expert = 0.0
         for b in blocks:
             for cat, n in b.params.items():
-                per_gpu = n / layout.ep if cat == "routed_experts" else n
+                per_gpu = n / split.ep if cat == "routed_experts" else n
                 replicas = expert_dp if cat == "routed_experts" else dense_dp
                 wbytes = FP8_WEIGHT_BYTES if (fp8 and cat in FP8_LINEARS) else 2
-                w += per_gpu * wbytes / (replicas if layout.zero >= 3 else 1)
-                g += per_gpu * GRAD_BYTES / (replicas if layout.zero >= 2 else 1)
-                o += per_gpu * (MASTER_BYTES + MOMENT_BYTES) / (replicas if layout.zero >= 1 else 1)
+                w += per_gpu * wbytes / (replicas if split.zero >= 3 else 1)
+                g += per_gpu * GRAD_BYTES / (replicas if split.zero >= 2 else 1)
+                o += per_gpu * (MASTER_BYTES + MOMENT_BYTES) / (replicas if split.zero >= 1 else 1)
                 if cat == "routed_experts":
                     n_expert += per_gpu
                 else:
                     n_dense += per_gpu
-        in_flight, flight_txt = activations_in_flight(layout, s)
+        in_flight, flight_txt = activations_in_flight(split, s)
         act = 0.0
         for b in blocks:
             if b.kind in ("dense", "moe", "mtp"):
@@ -479,12 +480,12 @@ def training_memory(p: Params, layout: Layout, seq: int, micro_batch: int, fp8: 
         params_txt = f"{human(n_dense)} non-expert + {human(n_expert)} expert params on this GPU"
         terms = [
             Term("weights", w, f"{params_txt}; BF16 2 B" + (", FP8 linears 1 B + block scales" if fp8 else "")
-                 + ("; / replicas (ZeRO-3)" if layout.zero >= 3 else "")),
+                 + ("; / replicas (ZeRO-3)" if split.zero >= 3 else "")),
             Term("gradients", g, f"{params_txt} x {GRAD_BYTES} B (FP32 accumulation)"
-                 + ("; / replicas (ZeRO-2)" if layout.zero >= 2 else "")),
+                 + ("; / replicas (ZeRO-2)" if split.zero >= 2 else "")),
             Term("optimizer state", o, f"{params_txt} x {MASTER_BYTES + MOMENT_BYTES} B (FP32 master + BF16 Adam m, v)"
-                 + (f" / {dense_dp} non-expert, / {expert_dp} expert replicas ({shard[layout.zero]})"
-                    if layout.zero >= 1 else " (not sharded)")),
+                 + (f" / {dense_dp} non-expert, / {expert_dp} expert replicas ({shard[split.zero]})"
+                    if split.zero >= 1 else " (not sharded)")),
             Term("activations", act, f"per-token layer bytes (see --explain activations) x {micro_batch} x {seq} tokens"
                  f" x {flight_txt}"),
         ]
@@ -496,10 +497,10 @@ def training_memory(p: Params, layout: Layout, seq: int, micro_batch: int, fp8: 
     return out
 
 
-def _activation_terms(p: Params, layout: Layout, s: int, blocks, seq: int, micro_batch: int, fp8: bool) -> list[Term]:
+def _activation_terms(p: Params, split: GPUSplit, s: int, blocks, seq: int, micro_batch: int, fp8: bool) -> list[Term]:
     cfg, tokens = p.cfg, micro_batch * seq
     n_heads = 1 + cfg.num_nextn_predict_layers
-    in_flight, flight_txt = activations_in_flight(layout, s)
+    in_flight, flight_txt = activations_in_flight(split, s)
     act = 0.0
     for b in blocks:
         if b.kind in ("dense", "moe", "mtp"):
@@ -514,18 +515,18 @@ def _activation_terms(p: Params, layout: Layout, s: int, blocks, seq: int, micro
     return terms
 
 
-def _fewchips_terms(p: Params, layout: Layout, s: int, blocks, seq: int, micro_batch: int, fp8: bool,
+def _fewchips_terms(p: Params, split: GPUSplit, s: int, blocks, seq: int, micro_batch: int, fp8: bool,
                     bf16_moments: bool, accumulate: bool) -> list[Term]:
     """What `fewchips train` holds on one GPU, term by term: FSDP2-sharded FP32 masters, gradients and
     AdamW moments, BF16 gathered weights, unsharded accumulated gradients (docs/plan.md says why each)."""
-    dense_dp, expert_dp = layout.dp * layout.ep, layout.dp
+    dense_dp, expert_dp = split.dp * split.ep, split.dp
     shard = full = largest_layer = largest_tensor = 0.0
     for b in blocks:
         layer = 0.0
         for cat, n in b.params.items():
-            local = n / layout.ep if cat == "routed_experts" else n
+            local = n / split.ep if cat == "routed_experts" else n
             replicas = expert_dp if cat == "routed_experts" else dense_dp
-            if layout.pp > 1 and b.kind == "embedding":
+            if split.pp > 1 and b.kind == "embedding":
                 replicas = 1                              # whole inside a stage: two stage roots share it
             shard += local / replicas
             full += local
@@ -534,8 +535,8 @@ def _fewchips_terms(p: Params, layout: Layout, s: int, blocks, seq: int, micro_b
             largest_tensor = max(largest_tensor, per_tensor)
         largest_layer = max(largest_layer, layer)
     moment = 4 if bf16_moments else 8
-    unsharded_grads = accumulate or layout.pp > 1
-    gathered = full if layout.pp > 1 else 2 * largest_layer
+    unsharded_grads = accumulate or split.pp > 1
+    gathered = full if split.pp > 1 else 2 * largest_layer
     terms = [
         Term("weights", 4 * shard, f"{human(shard)} params held (FSDP shard of this GPU's {human(full)}) x 4 B FP32"),
         Term("gradients", 4 * (full if unsharded_grads else shard),
@@ -545,9 +546,9 @@ def _fewchips_terms(p: Params, layout: Layout, s: int, blocks, seq: int, micro_b
         Term("optimizer state", moment * shard, f"{human(shard)} x {moment} B (AdamW m, v in "
              f"{'BF16, --bf16-moments' if bf16_moments else 'FP32, the trainer default'})"),
         Term("gathered weights", 2 * gathered, f"{human(gathered)} x 2 B BF16 all-gathered for compute ("
-             + ("the stage's weights, kept for the step" if layout.pp > 1 else "a layer and the prefetched next")
+             + ("the stage's weights, kept for the step" if split.pp > 1 else "a layer and the prefetched next")
              + ")" + ("; FP8 GEMMs quantise them per call" if fp8 else "")),
-        *_activation_terms(p, layout, s, blocks, seq, micro_batch, fp8),
+        *_activation_terms(p, split, s, blocks, seq, micro_batch, fp8),
     ]
     if s == 0:
         terms.append(Term("export buffer", 4 * largest_tensor, f"rank 0 assembles one tensor at a time: the largest, "

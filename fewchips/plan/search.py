@@ -38,33 +38,33 @@ def search(cfg: ModelConfig, gpu: GPU, mode: str = "train", seq: int = 4096, mic
     for ep in eps:
         for pp in pps:
             try:
-                est.make_layout(cfg, dp=1, ep=ep, pp=pp, zero=zero, schedule=schedule)
+                est.gpu_split(cfg, dp=1, ep=ep, pp=pp, zero=zero, schedule=schedule)
             except ValueError:
                 continue
             lo, hi = 1, MAX_DP
-            ok_hi, worst_hi = _fits(p, est.make_layout(cfg, dp=hi, ep=ep, pp=pp, zero=zero, schedule=schedule),
+            ok_hi, worst_hi = _fits(p, est.gpu_split(cfg, dp=hi, ep=ep, pp=pp, zero=zero, schedule=schedule),
                                     seq, micro_batch, fp8, capacity)
             tried += 1
             if not ok_hi:
                 continue
             while lo < hi:                                   # smallest dp that fits
                 mid = (lo + hi) // 2
-                ok, _ = _fits(p, est.make_layout(cfg, dp=mid, ep=ep, pp=pp, zero=zero, schedule=schedule),
+                ok, _ = _fits(p, est.gpu_split(cfg, dp=mid, ep=ep, pp=pp, zero=zero, schedule=schedule),
                               seq, micro_batch, fp8, capacity)
                 tried += 1
                 lo, hi = (lo, mid) if ok else (mid + 1, hi)
-            layout = est.make_layout(cfg, dp=lo, ep=ep, pp=pp, zero=zero, schedule=schedule)
-            _, worst = _fits(p, layout, seq, micro_batch, fp8, capacity)
-            key = (layout.gpus, worst)
+            split = est.gpu_split(cfg, dp=lo, ep=ep, pp=pp, zero=zero, schedule=schedule)
+            _, worst = _fits(p, split, seq, micro_batch, fp8, capacity)
+            key = (split.gpus, worst)
             if best is None or key < best[0]:
-                best = (key, layout, worst)
+                best = (key, split, worst)
     out = {"mode": "train", "gpu": gpu.name, "capacity_gib": gpu.memory_gib, "seq": seq,
            "micro_batch": micro_batch, "fp8": fp8, "zero": zero, "schedule": schedule, "layouts_tried": tried,
            "memory": memory}
     if best is None:
         return {**out, "gpus": None}
-    _, layout, worst = best
-    return {**out, "gpus": layout.gpus, "dp": layout.dp, "ep": layout.ep, "pp": layout.pp,
+    _, split, worst = best
+    return {**out, "gpus": split.gpus, "dp": split.dp, "ep": split.ep, "pp": split.pp,
             "worst_gpu_gib": worst / est.GIB}
 
 

@@ -106,8 +106,8 @@ def read_dataset_dir(path: str):
 
 
 def read_chats(path: str) -> list:
-    """SFT samples from a .jsonl or .parquet file or a datasets folder, each row checked (the error names the row and field of
-    the first bad one; nothing is trained on a file with one). A row is {"messages": [...]} (a
+    """SFT samples from a .jsonl or .parquet file or a datasets folder, each row checked (the error names
+    the row and field of the first bad one; nothing is trained on a file with one). A row is {"messages": [...]} (a
     conversation), {"prompt", "completion"} (strings: one user turn and the reply; or lists of messages,
     TRL's conversational form), or {"text": str} (trained on every token, no chat template)."""
     out = [sample_of(row, where) for where, row in read_rows(path)]

@@ -19,19 +19,17 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import time
 
 import numpy as np
 import torch
 
-from ..files import atomic_path
 from ..losses import Batch, bits_per_byte  # noqa: F401 - the data's types, re-exported
 from .prepare import (TOKENIZER_SAMPLE_MB, PrepareConfig, Solo, TokenStream, every_rank, file_hash,  # noqa: F401
                       is_prepared, load_index, open_prepared, prepare, sample_texts, tokenizer_cache_path,
                       trained_tokenizer)
 from .sources import (TEXT_SUFFIXES, DataError, default_corpus_root, doc_hash, fim_split, is_val,  # noqa: F401
                       parse_sources, plan_units, psm, read_documents, read_unit)
-from .tokenizer import SpecialIds, load_tokenizer, special_ids, token_byte_lengths, tokenizer_hash, train_tokenizer
+from .tokenizer import SpecialIds, load_tokenizer, special_ids, token_byte_lengths, tokenizer_hash
 
 
 
@@ -234,8 +232,9 @@ def prepare_data(cfg, tc, log=print, tokenizer_path: str | None = None, team=Non
     for s in sources:
         if not s.index["splits"]["train"]["documents"]:
             rd = s.index.get("read", {})
-            raise DataError(f"no text found in the source {s.name} for training: {rd.get('empty', 0)} empty document(s), "
-                            f"{rd.get('skipped', 0)} bad row(s) skipped, {s.index['splits']['val']['documents']} held out")
+            raise DataError(f"no text found in the source {s.name} for training: "
+                            f"{rd.get('empty', 0)} empty document(s), {rd.get('skipped', 0)} bad row(s) skipped, "
+                            f"{s.index['splits']['val']['documents']} held out")
     if len({s.name for s in sources}) < len(sources):
         raise DataError(f"two --data sources share a name ({[s.name for s in sources]}); rename a folder")
     _warn_small_val(sources, tc, log)
@@ -269,13 +268,16 @@ def _check_vocab(tok, cfg):
 def _check_prepared(path: str, index: dict, tc, given: str | None):
     """A prepared folder fixes the tokens: flags that would change them are refused by name."""
     was = index["settings"]
-    for flag, now, then in (("--fim-rate", tc.fim_rate, was["fim_rate"]), ("--val-fraction", tc.val_fraction, was["val_fraction"]),
+    for flag, now, then in (("--fim-rate", tc.fim_rate, was["fim_rate"]),
+                            ("--val-fraction", tc.val_fraction, was["val_fraction"]),
                             ("--text-field", tc.text_field, was["text_field"]),
                             ("--skip-bad-rows", tc.skip_bad_rows, was["skip_bad_rows"]),
-                            ("--max-corpus-mb", int(tc.max_corpus_mb * 2**20) if tc.max_corpus_mb else None, was["max_bytes"])):
+                            ("--max-corpus-mb", int(tc.max_corpus_mb * 2**20) if tc.max_corpus_mb else None,
+                             was["max_bytes"])):
         if now != then:
             raise DataError(f"--data {path} was prepared with {flag} {_flag_value(flag, then)}; this run asks for "
-                            f"{_flag_value(flag, now)}: pass {flag} {_flag_value(flag, then)}, or prepare the data again")
+                            f"{_flag_value(flag, now)}: pass {flag} {_flag_value(flag, then)}, "
+                            "or prepare the data again")
     if given:
         file = os.path.join(given, "tokenizer.json") if os.path.isdir(given) else given
         if file_hash(file) != index["tokenizer_hash"]:
@@ -329,7 +331,8 @@ class TextData:
         first = self.val_sets[0]
         self.val, self.val_bytes = first.val, first.val_bytes     # one source: what every layout evaluates
         self.unigram_entropy = self._entropy()
-        self.train_tokens, self.val_tokens = sum(len(s.train) for s in self.sources), sum(len(s.val) for s in self.sources)
+        self.train_tokens = sum(len(s.train) for s in self.sources)
+        self.val_tokens = sum(len(s.val) for s in self.sources)
 
     packed = False                       # batches carry ids only (no targets, samples, positions)
 
@@ -357,12 +360,13 @@ class TextData:
         """Its "splits" (token counts) must match on resume; `fewchips.demo` reads the entropy."""
         splits = {sp: {k: sum(s.index["splits"][sp][k] for s in self.sources)
                        for k in ("tokens", "documents", "fim_documents", "bytes")} for sp in ("train", "val")}
-        h = hashlib.sha1(repr(sorted((s.name, s.weight, s.index.get("read", {}).get("bytes")) for s in self.sources)).encode())
+        h = hashlib.sha1(repr(sorted((s.name, s.weight, s.index.get("read", {}).get("bytes"))
+                                     for s in self.sources)).encode())
         return {"splits": splits, "sources": {s.name: round(s.weight, 6) for s in self.sources},
                 "fingerprint": h.hexdigest()[:16], "unigram_entropy_nats": self.unigram_entropy}
 
     def describe(self) -> str:
-        mix = "" if len(self.sources) == 1 else " from " + ", ".join(f"{s.name} {s.weight / sum(x.weight for x in self.sources):.0%}"
-                                                                      for s in self.sources)
+        mix = "" if len(self.sources) == 1 else " from " + ", ".join(
+            f"{s.name} {s.weight / sum(x.weight for x in self.sources):.0%}" for s in self.sources)
         ent = f"; unigram entropy {self.unigram_entropy:.3f} nats" if self.unigram_entropy is not None else ""
         return f"train {self.train_tokens:,} tokens{mix}, val {self.val_tokens:,}{ent}"

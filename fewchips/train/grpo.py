@@ -36,7 +36,7 @@ from . import rewards
 from .bundled import ARITHMETIC_SYSTEM, arithmetic_problem
 from .chat import ChatDataError, check_messages, encode_chat, read_jsonl
 from .config import TrainConfig, TrainError
-from .run_dir import model_tokenizer
+from ..checkpoint.run_dir import model_tokenizer
 from .trainer import StepResult, Trainer
 
 
@@ -131,7 +131,10 @@ def load_task(name: str, prompts_file: str | None = None) -> Task:
             fn = getattr(importlib.import_module(module), func)
         except (ImportError, AttributeError) as e:
             raise TrainError(f"--task {name}: cannot load it ({e})") from None
-        score, check = (lambda c, row: float(rewards.call_with_fields(fn, row.messages[-1]["content"], c, row.fields))), None
+        check = None
+
+        def score(c, row):
+            return float(rewards.call_with_fields(fn, row.messages[-1]["content"], c, row.fields))
     if not prompts_file:
         raise TrainError(f"--task {name}: needs --prompts FILE.jsonl (one prompt per row"
                          + (f", with its {check!r}" if check else "") + ")")
@@ -194,7 +197,7 @@ def grpo_loss(logp_NT, logp_old_NT, logp_ref_NT, mask_NT, adv_N, clip_eps: float
     lengths = mask_NT.sum(-1).clamp_min(1)
     loss = -(per_token.sum(-1) / lengths).mean()
     n = mask_NT.sum().clamp_min(1)
-    # the clip binds where the clipped term is the smaller one (TRL's clip_ratio): ρ < 1-ε with A < 0, ρ > 1+ε with A > 0
+    # the clip binds where the clipped term is smaller (TRL's clip_ratio): ρ < 1-ε with A < 0, ρ > 1+ε with A > 0
     clipped = (((ratio < 1 - clip_eps) & (a < 0)) | ((ratio > 1 + clip_eps) & (a > 0))).float()
     return loss, ((kl * mask_NT).sum() / n).detach(), ((clipped * mask_NT).sum() / n).detach()
 

@@ -26,7 +26,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import CheckpointError, CheckpointReader, load_weights, save_pretrained
+from ..checkpoint.hf_format import save_pretrained
+from ..checkpoint.load import CheckpointError, CheckpointReader, load_weights
 from ..files import swap_dir, temp_dir_beside
 from ..losses import FIELDS, Batch, compute_losses, evaluate
 from ..stages import stages_per_rank
@@ -339,7 +340,7 @@ class Sharded(Layout):
         return evaluate(model, local, data.val_bytes, amp, self.device, reduce=self.sum)
 
     def save_checkpoint(self, ckpt_dir, model, opt, state, write_files, ema=None):
-        from ..parallel import checkpoint as pckpt
+        from ..checkpoint import sharded as pckpt
 
         def with_state(tmp):
             write_files(tmp)
@@ -351,14 +352,14 @@ class Sharded(Layout):
 
     def load_checkpoint(self, path, model, opt, st):
         """Each rank reads its shards of the weights and optimizer state (any layout wrote them)."""
-        from ..parallel import checkpoint as pckpt
+        from ..checkpoint import sharded as pckpt
         if not os.path.exists(os.path.join(path, ".metadata")):
             raise TrainError(f"--resume: {path} is a single-process checkpoint; resume it without torchrun")
         pckpt.load(path, model, opt, owned=self.owned())
 
     def load_ema(self, path, ema, updates: int):
         """Each rank reads its shards of the average (saved at any layout) into the host copy."""
-        from ..parallel import checkpoint as pckpt
+        from ..checkpoint import sharded as pckpt
         try:
             pckpt.load_tensors(path, "ema", ema.sharded_state_dict())
         except (KeyError, RuntimeError, ValueError) as e:
@@ -368,7 +369,7 @@ class Sharded(Layout):
     def export(self, model, out, write_files):
         """One Hugging Face directory, streamed by rank 0 from the ranks' shards (no rank holds the model)."""
 
-        from ..parallel.checkpoint import save_hf
+        from ..checkpoint.sharded import save_hf
         save_hf(model, out, self.device)
         if self.par.is_main:
             write_files(out)

@@ -98,7 +98,8 @@ class ShardWriter:
 
     def __init__(self, out: str, unit: int, k: int, dtype):
         self.out, self.name, self.dtype = out, f"u{unit:06d}-{k:03d}", dtype
-        self.tmp = {s: _part(out, f".{self.name}.{s}.bin.{os.getpid()}.tmp") for s in SPLITS}   # writers never share one
+        # writers never share one
+        self.tmp = {s: _part(out, f".{self.name}.{s}.bin.{os.getpid()}.tmp") for s in SPLITS}
         self.files = {s: open(self.tmp[s], "wb") for s in SPLITS}
         self.starts = {s: [] for s in SPLITS}
         self.counts = {s: {"tokens": 0, "documents": 0, "fim_documents": 0, "bytes": 0} for s in SPLITS}
@@ -244,12 +245,14 @@ def prepare(sources: list[Source], tokenizer_file: str, out: str, pc: PrepareCon
     """Tokenise `sources` into the folder `out` (kept if complete; resumed if not). Every rank of `team`
     calls it with the same arguments; each takes its share of the units; rank 0 writes the index."""
     team = team or Solo()
-    plan, tok_hash = every_rank(team, lambda: (plan_units(sources, pc.unit_bytes, pc.max_bytes), file_hash(tokenizer_file)))
+    plan, tok_hash = every_rank(team, lambda: (plan_units(sources, pc.unit_bytes, pc.max_bytes),
+                                               file_hash(tokenizer_file)))
     if len(set(team.all_gather(plan.key()))) > 1:
         raise DataError("the ranks see different files under --data (is the data folder the same on every "
                         "node?); prepare it once with `fewchips data prepare` into a folder every node reads")
     header = {"format": FORMAT, "version": VERSION, "plan": plan.key(), "tokenizer_hash": tok_hash,
-              "settings": asdict(pc), "sources": [{"name": s.name, "path": s.path, "weight": s.weight} for s in sources]}
+              "settings": asdict(pc),
+              "sources": [{"name": s.name, "path": s.path, "weight": s.weight} for s in sources]}
     if os.path.exists(os.path.join(out, "index.json")):
         check_same(out, header)
         return out
@@ -264,7 +267,8 @@ def prepare(sources: list[Source], tokenizer_file: str, out: str, pc: PrepareCon
     t0, total = time.time(), sum(u.nbytes for u in pending)
     if len(pending) < len(mine):
         log(f"resuming the preparation in {out}: {len(mine) - len(pending)} of this rank's {len(mine)} units done")
-    every_rank(team, lambda: _run(pending, out, os.path.join(out, "tokenizer.json"), pc, workers, progress and team.rank == 0))
+    every_rank(team, lambda: _run(pending, out, os.path.join(out, "tokenizer.json"), pc, workers,
+                                  progress and team.rank == 0))
     index = every_rank(team, lambda: finalize(out, plan, header), main_only=True)
     if team.rank == 0:
         dt = time.time() - t0
@@ -429,7 +433,8 @@ def _unigram_entropy(out: str, index: dict, sample: int = 1 << 24) -> float:
     for src in index["sources"]:
         stream = TokenStream(out, src["splits"]["train"]["segments"], index["dtype"])
         for a in range(0, min(sample, len(stream)), 1 << 20):        # in slices: no corpus-sized copy
-            counts += np.bincount(stream[a:min(a + (1 << 20), sample, len(stream))], minlength=len(counts))[:len(counts)]
+            counts += np.bincount(stream[a:min(a + (1 << 20), sample, len(stream))],
+                                  minlength=len(counts))[:len(counts)]
     p = counts[counts > 0] / max(counts.sum(), 1)
     return float(-(p * np.log(p)).sum())
 
@@ -447,7 +452,8 @@ def summary_lines(index: dict, plan: Plan | None = None) -> list[str]:
         if rd["empty"]:
             line += f"; {rd['empty']:,} empty documents left out"
         if src.get("left_out"):
-            line += "; files left out by suffix: " + ", ".join(f"{n} {e or '(none)'}" for e, n in src["left_out"].items())
+            line += "; files left out by suffix: " + ", ".join(f"{n} {e or '(none)'}"
+                                                              for e, n in src["left_out"].items())
         lines.append(line)
     return lines
 
@@ -578,6 +584,7 @@ def load_index(folder: str) -> dict:
 
 def open_prepared(folder: str) -> list[PreparedSource]:
     index = load_index(folder)
-    return [PreparedSource(s["name"], s["weight"], TokenStream(folder, s["splits"]["train"]["segments"], index["dtype"]),
+    return [PreparedSource(s["name"], s["weight"],
+                           TokenStream(folder, s["splits"]["train"]["segments"], index["dtype"]),
                            TokenStream(folder, s["splits"]["val"]["segments"], index["dtype"]), s)
             for s in index["sources"]]

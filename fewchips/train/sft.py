@@ -18,7 +18,7 @@ import math
 
 from .chat import ChatData, read_chats
 from .config import TrainConfig, TrainError
-from .run_dir import model_tokenizer
+from ..checkpoint.run_dir import model_tokenizer
 from .trainer import Trainer
 
 # Defaults where fine-tuning differs from pre-training (the rest are TrainConfig's).
@@ -59,7 +59,8 @@ class SFTTrainer(Trainer):
         if chats is None:
             from .bundled import bundled_chats
             chats = bundled_chats(self.tc.seed)
-            self.log(f"data: the bundled chats ({len(chats):,} conversations: standard-library functions and arithmetic)")
+            self.log(f"data: the bundled chats ({len(chats):,} conversations: "
+                     "standard-library functions and arithmetic)")
         data = ChatData(self.tc, tok, sp, self.log, chats)
         tc = self.tc
         if tc.epochs is not None:

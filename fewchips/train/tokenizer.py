@@ -105,7 +105,8 @@ def save_tokenizer(tok: Tokenizer, out_dir: str, model_max_length: int = 2048):
            "model_max_length": model_max_length, "clean_up_tokenization_spaces": False}
     if tok.token_to_id(USER) is not None and tok.token_to_id(ASSISTANT) is not None:
         cfg["chat_template"] = CHAT_TEMPLATE
-    atomic_write_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(os.path.join(out_dir, "tokenizer_config.json"),
+                      json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 def tokenizer_hash(tok: Tokenizer) -> str:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ModelConfig
-from ..hf_format import write_expert_loads
+from ..checkpoint.hf_format import write_expert_loads
 from ..losses import max_violation, moe_routers, update_biases
 from ..model import DeepseekV3
 from .build import autocast_dtype, build_model, build_optimizer, clip_grad_norm
@@ -37,7 +37,7 @@ from .config import TrainConfig, TrainError
 from .data import TextData
 from .ema import ParameterEMA
 from .layout import make_layout
-from .run_dir import RunDir, check_resume, init_config, read_train_state, rng_state, set_rng_state
+from ..checkpoint.run_dir import RunDir, check_resume, init_config, read_train_state, rng_state, set_rng_state
 from .schedule import RunSchedule, bias_speed, mtp_weight
 from .stopping import StopOnSignal, TrainInterrupted
 from .tokenizer import tokenizer_hash
@@ -186,7 +186,8 @@ class Trainer:
             ev = self.layout.evaluate(self.model, vs, self.tc.batch_size, self.amp)
             if ev:
                 out[f"val_loss_{vs.name}"], out[f"val_bpb_{vs.name}"] = ev["val_loss"], ev["val_bpb"]
-                nats, count, nbytes = nats + ev["val_loss"] * ev["val_tokens"], count + ev["val_tokens"], nbytes + vs.val_bytes
+                nats, count = nats + ev["val_loss"] * ev["val_tokens"], count + ev["val_tokens"]
+                nbytes += vs.val_bytes
         if count:
             out.update(val_loss=nats / count, val_bpb=nats / math.log(2) / max(nbytes, 1), val_tokens=count)
         return out
@@ -209,7 +210,8 @@ class Trainer:
         tc = self.tc
         last_step = min(tc.steps, tc.stop_at) if tc.stop_at else tc.steps
         ramp = (f" (batch ramps from {self.schedule.micro_batches[0] * tc.batch_size} sequences over the first "
-                f"{tc.batch_ramp_tokens:,} tokens{'; the run ends first' if tc.batch_ramp_tokens > self.schedule.total_tokens else ''})"
+                f"{tc.batch_ramp_tokens:,} tokens"
+                f"{'; the run ends first' if tc.batch_ramp_tokens > self.schedule.total_tokens else ''})"
                 if tc.batch_ramp_tokens else "")
         self.log(self.banner(ramp))
         if self.step >= last_step:
@@ -259,7 +261,8 @@ class Trainer:
             self.log(f"stopped after step {self.step}; checkpoint in {self.ckpt_dir}; continue with --resume")
             raise
         except KeyboardInterrupt:
-            where = f"the checkpoint in {self.ckpt_dir} is as it was" if os.path.exists(self.ckpt_dir) else "no checkpoint was written"
+            where = (f"the checkpoint in {self.ckpt_dir} is as it was" if os.path.exists(self.ckpt_dir)
+                     else "no checkpoint was written")
             self.log(f"\naborted during step {self.step + 1}; {where}")
             raise
         finally:
@@ -279,8 +282,9 @@ class Trainer:
 
     def banner(self, ramp: str = "") -> str:
         tc = self.tc
-        return (f"training {self.cfg.num_hidden_layers}-layer model for {tc.steps} steps, {self.schedule.total_tokens:,} "
-                f"tokens, {tc.tokens_per_step} per step{ramp}; {self.data.describe()}; autocast {self.amp or 'off'}")
+        return (f"training {self.cfg.num_hidden_layers}-layer model for {tc.steps} steps, "
+                f"{self.schedule.total_tokens:,} tokens, {tc.tokens_per_step} per step{ramp}; "
+                f"{self.data.describe()}; autocast {self.amp or 'off'}")
 
     def _on_bad_step(self):
         self.bad_steps_total += 1

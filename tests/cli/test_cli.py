@@ -1,6 +1,7 @@
 """The command line's first impression: help shows each default and every preset (no stray %%), an
-unknown flag gets its subcommand's usage, `train`'s defaults are the recipe's,
-`generate` prints its stats on their own line, a damaged tokenizer.json is one line naming it, and --pp without torchrun says how to launch."""
+unknown flag gets its subcommand's usage, `train`'s defaults are the recipe's, `generate` prints its
+stats on their own line, a damaged tokenizer.json is one line naming it, and --pp without torchrun
+says how to launch."""
 
 import shutil
 

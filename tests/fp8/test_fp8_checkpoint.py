@@ -13,7 +13,7 @@ from model_utils import random_model, tiny_config
 from fewchips import CheckpointError
 from fewchips.checkpoint import from_pretrained, save_pretrained
 from fewchips.cli import main as cli
-from fewchips.fp8.checkpoint import FP8StoredExperts, FP8StoredLinear, convert, load_fp8, save_fp8
+from fewchips.checkpoint.fp8 import FP8StoredExperts, FP8StoredLinear, convert, load_fp8, save_fp8
 from fewchips.fp8.quant import BLOCK, dequantize
 
 # widths past 128 so that every weight has full and partial 128x128 blocks

@@ -9,7 +9,7 @@ from fewchips.checkpoint import from_pretrained
 from fewchips.cli import build_parser
 from fewchips.cli.train import train_config as cli_train_config
 from fewchips.fp8 import FP8Linear, FP8RoutedExperts
-from fewchips.fp8.checkpoint import load_fp8, save_fp8
+from fewchips.checkpoint.fp8 import load_fp8, save_fp8
 from fewchips.train import Trainer
 from train_utils import micro_config, quiet, train_config, write_corpus
 

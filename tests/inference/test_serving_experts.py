@@ -94,7 +94,7 @@ def test_weights_flag_keeps_fp8_where_asked(tmp_path):
     from inference_utils import save_tiny_model_dir
     from fewchips import from_pretrained
     from fewchips.cli.models import load_model
-    from fewchips.fp8.checkpoint import FP8StoredExperts, FP8StoredLinear, save_fp8
+    from fewchips.checkpoint.fp8 import FP8StoredExperts, FP8StoredLinear, save_fp8
     dense_dir = save_tiny_model_dir(tmp_path / "dense")
     fp8_dir = save_fp8(from_pretrained(dense_dir, dtype=torch.float32), tmp_path / "fp8", dtype=torch.float32)
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import fewchips
 from fewchips import CheckpointError, ConfigError, save_pretrained
-from fewchips.fp8.checkpoint import load_fp8
+from fewchips.checkpoint.fp8 import load_fp8
 from fewchips.fp8.quant import BLOCK, dequantize
 
 from model_utils import random_model, tiny_config
@@ -226,7 +226,8 @@ def test_unknown_scoring_func_and_typo_fields(saved):
 def test_shape_mismatch_names_tensor(saved):
     d = json.loads((saved / "config.json").read_text())
     (saved / "config.json").write_text(json.dumps({**d, "kv_lora_rank": 24}))
-    with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.0\.self_attn\.kv_a_\w+\.weight' has shape \(\d+,?( \d+)?\), the config expects"):
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.0\.self_attn\.kv_a_\w+\.weight' "
+                                              r"has shape \(\d+,?( \d+)?\), the config expects"):
         fewchips.from_pretrained(saved)
 
 
@@ -241,7 +242,8 @@ def test_missing_tensor_is_an_error_not_a_partial_load(saved, loader):
     del sd["model.layers.2.mlp.experts.3.up_proj.weight"]
     del sd["model.norm.weight"]
     save_file(sd, saved / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"missing tensors.*model\.layers\.2\.mlp\.experts\.(3|\{0\.\.7\})\.up_proj"):
+    with pytest.raises(CheckpointError,
+                       match=r"missing tensors.*model\.layers\.2\.mlp\.experts\.(3|\{0\.\.7\})\.up_proj"):
         LOADERS[loader](saved)
     with pytest.raises(CheckpointError, match=r"missing tensors.*'model\.norm\.weight'"):
         sd["model.layers.2.mlp.experts.3.up_proj.weight"] = torch.zeros(24, 64)

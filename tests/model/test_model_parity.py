@@ -215,7 +215,11 @@ def test_expert_swiglu_under_autocast(counts, bits, monkeypatch):
         out = M.expert_swiglu(x, counts_E, w1, w2)
     assert out.dtype == torch.bfloat16
     ref, s = [], 0
-    r = lambda t: t.bfloat16().float()      # the operands the bf16 GEMMs see; accumulation is fp32 in both
+
+    def r(t):
+        # the operands the bf16 GEMMs see; accumulation is fp32 in both
+        return t.bfloat16().float()
+
     for e, c in enumerate(counts):
         gate, up = (r(x[s:s + c]) @ r(w1[e]).T).chunk(2, dim=-1)
         ref.append(r(r(torch.nn.functional.silu(gate)) * r(up)) @ r(w2[e]).T)

@@ -19,7 +19,7 @@ from fewchips.checkpoint import save_pretrained  # noqa: E402
 from fewchips.model import Router  # noqa: E402
 from fewchips.parallel import (ExpertParallelExperts, abort_on_failure, grad_norm_sq, init_parallel,  # noqa: E402
                                parallelize, shutdown)
-from fewchips.parallel import checkpoint as pckpt  # noqa: E402
+from fewchips.checkpoint import sharded as pckpt  # noqa: E402
 from fewchips.losses import compute_losses, moe_routers, update_biases  # noqa: E402
 from fewchips.train.build import clip_grad_norm  # noqa: E402
 
@@ -204,8 +204,9 @@ def pipeline(schedule, microbatches):
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            full_name = next(k for k, q in model.named_parameters() if q is p) if any(q is p for q in model.parameters()) \
-                else "model.embed_tokens.weight"          # the last stage's own copy of the embedding
+            full_name = (next(k for k, q in model.named_parameters() if q is p)
+                         if any(q is p for q in model.parameters())
+                         else "model.embed_tokens.weight")          # the last stage's own copy of the embedding
             r = refp[full_name].grad
             worst = max(worst, ((p.grad - r).abs().max() / (r.abs().max() + 1e-30)).item())
             n += 1
@@ -279,7 +280,7 @@ def placement(out, layout: dict, fp8_dir: str):
     it holds; the streamed export of the loaded model is written for the test to compare."""
     from fewchips import DeepseekV3, from_pretrained
     from fewchips.checkpoint import empty_model, hf_state_dict
-    from fewchips.parallel.checkpoint import save_hf
+    from fewchips.checkpoint.sharded import save_hf
     from fewchips.parallel.shards import RowGather
     from fewchips.train.build import build_model
     from fewchips.train.config import TrainConfig
@@ -294,7 +295,8 @@ def placement(out, layout: dict, fp8_dir: str):
         lay.fill(model, tc_)
         got = dict(hf_state_dict(model, RowGather(model, lay.device)))
         if what == "init":
-            held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters() if not p.is_meta)
+            held = sum((p.to_local() if isinstance(p, DTensor) else p).numel()
+                       for p in model.parameters() if not p.is_meta)
             res["held_share"] = held / sum(p.numel() for p in model.parameters())
         if dist.get_rank() == 0:
             if what == "init":

@@ -1,4 +1,6 @@
-"""Expert + data parallelism on real gloo processes match the single-process model: loss, gathered gradients, bias updates, all-to-all round trips, 4→2-rank resume, HF export, and dead/hung ranks fail fast."""
+"""Expert + data parallelism on real gloo processes match the single-process model: loss, gathered
+gradients, bias updates, all-to-all round trips, 4→2-rank resume, HF export, and dead/hung ranks fail
+fast."""
 
 import json
 import os
@@ -195,7 +197,7 @@ def test_export_sharded_checkpoint_to_hf(dp2_ep2_run, tmp_path):
     """The 4-rank checkpoint exported in one process loads with from_pretrained and gives the loss
     the 4-rank run saw at the start of step 2."""
     from fewchips import from_pretrained
-    from fewchips.parallel import checkpoint as pckpt
+    from fewchips.checkpoint import sharded as pckpt
     from parallel_worker import batch
 
     out, res4 = dp2_ep2_run

@@ -1,4 +1,5 @@
-"""The parallel code path in one process (a one-rank group) matches the plain model, and group-limited routing bounds how many expert-parallel ranks a token reaches."""
+"""The parallel code path in one process (a one-rank group) matches the plain model, and group-limited
+routing bounds how many expert-parallel ranks a token reaches."""
 
 import copy
 
@@ -102,7 +103,8 @@ def test_shared_experts_run_while_the_dispatch_travels(monkeypatch):
         ref = random_model(cfg).train()
         events = []
         wait = ep_mod.InFlight.wait
-        monkeypatch.setattr(ep_mod.InFlight, "wait", lambda self, timer=None: (events.append("wait"), wait(self, timer))[1])
+        monkeypatch.setattr(ep_mod.InFlight, "wait",
+                            lambda self, timer=None: (events.append("wait"), wait(self, timer))[1])
         ids = torch.randint(0, cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
         results = {}
         for overlap in (True, False):

@@ -61,8 +61,8 @@ def val_losses(out):
 
 def same_run(one, out, ema=False):
     """Every step's loss within 1e-5, the step-4 validation loss within 3e-5, and the exported weights (and
-    with `ema` the EMA's, exported by --export-ema) within a small fraction of one AdamW step (lr 2e-3): Adam's m/sqrt(v) magnifies fp32 reduction-order noise in
-    near-zero gradients."""
+    with `ema` the EMA's, exported by --export-ema) within a small fraction of one AdamW step (lr 2e-3):
+    Adam's m/sqrt(v) magnifies fp32 reduction-order noise in near-zero gradients."""
     from fewchips import from_pretrained
     ref, got = losses(one), losses(out)
     assert sorted(got) == [1, 2, 3, 4]
@@ -93,11 +93,11 @@ def test_torchrun_train_matches_single_process_and_resumes_at_another_world_size
 
 def test_torchrun_pipeline_matches_single_process_and_resumes_at_other_layouts(reference, tmp_path):
     """One run through three layouts: pp 2 x ep 2 with DualPipeV (4 stages in a V, 4 micro-batches, each
-    split over the 2 expert-parallel ranks of a stage, the paired chunks on two threads) for steps 1-2; no pipeline (ep 2) for step 3;
-    pp 2 x dp 2 with 1F1B (two pipelines, each with its own tied embedding) for step 4, whose
-    validation runs through the pipeline and whose export is reassembled from the checkpoint. Each
-    pipeline rank holds only its stages' parameters. Every step's loss and the validation loss are
-    the single-process trainer's."""
+    split over the 2 expert-parallel ranks of a stage, the paired chunks on two threads) for steps 1-2;
+    no pipeline (ep 2) for step 3; pp 2 x dp 2 with 1F1B (two pipelines, each with its own tied
+    embedding) for step 4, whose validation runs through the pipeline and whose export is reassembled
+    from the checkpoint. Each pipeline rank holds only its stages' parameters. Every step's loss and
+    the validation loss are the single-process trainer's."""
     import re
     data, one = reference
     out = tmp_path / "pp"

@@ -53,8 +53,10 @@ def sft_one(model_and_chats, tmp_path_factory):
     return records(out)
 
 
-@pytest.mark.parametrize("layout", [["--dp", "2"], ["--ep", "2"], ["--pp", "2", "--pp-schedule", "1f1b", "--microbatches", "4"]],
-                         ids=["dp2", "ep2", "pp2"])                 # pp2: a micro-batch's rows over two pipeline micro-batches
+# pp2: a micro-batch's rows over two pipeline micro-batches
+@pytest.mark.parametrize("layout", [["--dp", "2"], ["--ep", "2"],
+                                    ["--pp", "2", "--pp-schedule", "1f1b", "--microbatches", "4"]],
+                         ids=["dp2", "ep2", "pp2"])
 def test_sft_under_torchrun_logs_the_single_process_losses(model_and_chats, sft_one, tmp_path, layout):
     model, chats = model_and_chats
     p = torchrun(2, "sft", "--model", model, "--data", chats, "--out", tmp_path / "par", *SFT, *layout)
@@ -93,7 +95,7 @@ def test_a_flag_a_command_cannot_honour_is_refused_by_name(model_and_chats, tmp_
         code = main([argv[0], "--model", model, "--out", str(tmp_path / "x"), *argv[1:]])
         assert code != 0
     err = capsys.readouterr().err
-    assert says in err and len([l for l in err.splitlines() if "error" in l]) == 1, err
+    assert says in err and len([line for line in err.splitlines() if "error" in line]) == 1, err
     assert not os.path.exists(tmp_path / "x" / "checkpoint")
 
 

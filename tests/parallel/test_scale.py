@@ -20,7 +20,7 @@ MOST = {"dp2_ep2": 0.30, "ep4": 0.30, "pp2": 0.75, "pp2_ep2": 0.45}
 @pytest.fixture(scope="module")
 def fp8_dir(tmp_path_factory):
     """The released FP8 layout (E4M3 weights in 128x128 blocks, bf16 elsewhere) of a random model."""
-    from fewchips.fp8.checkpoint import save_fp8
+    from fewchips.checkpoint.fp8 import save_fp8
     from parallel_worker import placement_config
     d = tmp_path_factory.mktemp("fp8")
     save_fp8(random_model(placement_config(), std=0.05), str(d))
@@ -49,7 +49,8 @@ def test_placed_weights_equal_one_process_and_each_rank_holds_its_share(tmp_path
         if f.endswith(".safetensors"):
             a, b = load_file(one / f), load_file(streamed / f)
             assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), f
-    assert json.load(open(one / "model.safetensors.index.json")) == json.load(open(streamed / "model.safetensors.index.json"))
+    assert (json.load(open(one / "model.safetensors.index.json"))
+            == json.load(open(streamed / "model.safetensors.index.json")))
 
 
 @pytest.mark.multiprocess

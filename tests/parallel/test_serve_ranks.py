@@ -1,7 +1,8 @@
 """`torchrun --nproc_per_node=N -m fewchips serve --ep N` on real gloo processes: rank 0 serves, every
 rank runs each step with 1/N of the routed experts (each loads only its own). A batch of requests of
 different lengths, sent together so the engine batches and chunks them, gets the greedy tokens of one
-process and its logprobs within 1e-5 (fp32); the OpenAI client talks to it; SIGTERM ends every rank; `generate --ep 2` prints one process's text."""
+process and its logprobs within 1e-5 (fp32); the OpenAI client talks to it; SIGTERM ends every rank;
+`generate --ep 2` prints one process's text."""
 
 import concurrent.futures
 import json
@@ -20,7 +21,8 @@ from inference_utils import save_tiny_model_dir
 from workers import child_with_rank
 
 pytestmark = [pytest.mark.multiprocess,
-              pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="finds torchrun's rank 0 through /proc")]
+              pytest.mark.skipif(not os.path.exists("/proc/self/environ"),
+                                 reason="finds torchrun's rank 0 through /proc")]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPTS = [list(range(5, 5 + n)) for n in (3, 17, 40, 9, 70, 1)]      # token ids; 70 > --max-prefill-tokens 32
@@ -60,7 +62,7 @@ def reference(model_dir):
 @pytest.fixture(scope="module")
 def fp8_reference(model_dir):
     """One process with the recipe's weights block-quantised to E4M3 on load, as `--weights fp8` serves."""
-    from fewchips.fp8.checkpoint import load_fp8
+    from fewchips.checkpoint.fp8 import load_fp8
     return engine_outputs(load_fp8(model_dir, dtype=torch.float32, mtp=False), model_dir)
 
 
@@ -153,7 +155,8 @@ def test_generate_over_ranks_prints_one_process_text(model_dir):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     flags = ["generate", "--model", model_dir, "--prompt", "the quick brown fox", "--max-new-tokens", "12",
              "--temperature", "0", "--threads", "1", "--device", "cpu"]
-    one = subprocess.run([sys.executable, "-m", "fewchips", *flags], env=env, capture_output=True, text=True, timeout=120)
+    one = subprocess.run([sys.executable, "-m", "fewchips", *flags], env=env, capture_output=True, text=True,
+                         timeout=120)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "fewchips", *flags, "--ep", "2"], env=env, capture_output=True, text=True, timeout=180)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-4000:]

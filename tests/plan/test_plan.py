@@ -1,4 +1,5 @@
-"""`fewchips plan` gets DeepSeek-V3's numbers right (parameters from the model, FLOPs against a hand count, the MFU its run implies, the report's layout fitting an H800) and rejects bad input clearly."""
+"""`fewchips plan` gets DeepSeek-V3's numbers right (parameters from the model, FLOPs against a hand count,
+the MFU its run implies, the report's layout fitting an H800) and rejects bad input clearly."""
 
 import json
 
@@ -59,7 +60,7 @@ def test_implied_mfu_of_deepseek_v3(v3):
 
 def test_report_layout_fits_an_h800(v3):
     cfg, p = v3
-    layout = est.make_layout(cfg, gpus=2048, ep=64, pp=16, zero=1)
+    layout = est.gpu_split(cfg, gpus=2048, ep=64, pp=16, zero=1)
     assert (layout.dp, layout.ep, layout.pp) == (2, 64, 16)
     stages = est.training_memory(p, layout, seq=4096, micro_batch=1, fp8=True)
     worst = max(s.total for s in stages)
@@ -70,7 +71,7 @@ def test_report_layout_fits_an_h800(v3):
 
 def test_671b_on_one_gpu_does_not_fit_and_names_the_largest_term(v3, capsys):
     cfg, p = v3
-    (stage,) = est.training_memory(p, est.make_layout(cfg, gpus=1), 4096, 1, fp8=True)
+    (stage,) = est.training_memory(p, est.gpu_split(cfg, gpus=1), 4096, 1, fp8=True)
     assert stage.total > 80 * est.GIB
     assert stage.largest.name == "optimizer state"              # 8 B x 683B params
     assert main(["plan", "--preset", "v3", "--gpus", "1", "--fp8"]) == 0
@@ -80,7 +81,8 @@ def test_671b_on_one_gpu_does_not_fit_and_names_the_largest_term(v3, capsys):
 
 def test_cli_report_layout_end_to_end(capsys):
     argv = ["plan", "--preset", "v3", "--tokens", "14.8T", "--gpus", "2048", "--gpu", "h800",
-            "--ep", "64", "--pp", "16", "--dp", "2", "--fp8", "--pp-schedule", "dualpipe", "--memory", "report", "--json"]
+            "--ep", "64", "--pp", "16", "--dp", "2", "--fp8", "--pp-schedule", "dualpipe",
+            "--memory", "report", "--json"]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["memory_per_gpu"]["fp8"]["fits"] is True
@@ -115,13 +117,14 @@ def test_implied_mfu_prints_only_its_answer(capsys):
 ])
 def test_bubble_follows_the_reports_table(schedule, bubble):
     cfg = ModelConfig.from_preset("v3")
-    layout = est.make_layout(cfg, gpus=2048, ep=64, pp=16, schedule=schedule)
+    layout = est.gpu_split(cfg, gpus=2048, ep=64, pp=16, schedule=schedule)
     terms = {t.name: t.value for t in est.bubble_terms(layout, 120)}
     assert terms["bubble"] == bubble
     work = 120 * (2 if schedule == "dualpipev" else 1) * 3
     assert terms["bubble fraction"] == pytest.approx(bubble / (bubble + work))
     measured = {t.name: t.value for t in est.bubble_terms(layout, 120, (1.0, 1.5, 0.5, 2.0))}
-    assert measured["bubble"] == {"1f1b": 15 * 2.5, "zb1p": 15 * 1.5, "dualpipe": 7 * 2.0, "dualpipev": 15 * 2.0}[schedule]
+    assert measured["bubble"] == {"1f1b": 15 * 2.5, "zb1p": 15 * 1.5, "dualpipe": 7 * 2.0,
+                                  "dualpipev": 15 * 2.0}[schedule]
 
 
 def test_dualpipe_memory_two_copies_dualpipev_one(v3):
@@ -129,7 +132,7 @@ def test_dualpipe_memory_two_copies_dualpipev_one(v3):
     embedding and the head (and MTP) on GPU 0, as the V places them."""
     cfg, p = v3
     def weights(schedule):
-        stages = est.training_memory(p, est.make_layout(cfg, gpus=512, ep=32, pp=16, schedule=schedule), 4096, 1, True)
+        stages = est.training_memory(p, est.gpu_split(cfg, gpus=512, ep=32, pp=16, schedule=schedule), 4096, 1, True)
         return stages, sum(next(t.value for t in s.terms if t.name == "weights") for s in stages)
     one, w1 = weights("1f1b")
     dual, w2 = weights("dualpipe")
@@ -179,7 +182,8 @@ def test_gpu_table_and_spec():
     (["--gpu", "h900"], "unknown GPU 'h900'; known: h800, h100"),
     (["--ep", "48"], "--ep 48 does not divide the 256 routed experts"),
     (["--pp", "62"], "--pp 62 is more pipeline stages than the model's 61 layers"),
-    (["--pp", "32"], "--pp 32 with dualpipev needs 64 chunks of at least one decoder layer, more than the model's 61 layers"),
+    (["--pp", "32"], "--pp 32 with dualpipev needs 64 chunks of at least one decoder layer, "
+                     "more than the model's 61 layers"),
     (["--fbw", "1,x,1"], "--fbw '1,x,1': expected numbers"),
     (["--gpus", "2048", "--ep", "64", "--pp", "16", "--dp", "4"], "dp x ep x pp = 4 x 64 x 16 = 4096"),
     (["--gpus", "100", "--ep", "64"], "100 GPUs cannot be split into ep x pp"),
@@ -198,10 +202,10 @@ def test_bad_input_is_one_clear_line(argv, message, capsys):
 def test_dense_model_rejects_expert_parallelism():
     cfg = ModelConfig.from_preset("tiny", first_k_dense_replace=4, num_nextn_predict_layers=0)
     with pytest.raises(ValueError, match="no MoE layers"):
-        est.make_layout(cfg, ep=2)
-    assert est.make_layout(cfg, gpus=8, pp=4, schedule="1f1b").dp == 2
+        est.gpu_split(cfg, ep=2)
+    assert est.gpu_split(cfg, gpus=8, pp=4, schedule="1f1b").dp == 2
     with pytest.raises(ValueError, match="dualpipev needs 8 chunks"):       # two chunks per GPU
-        est.make_layout(cfg, gpus=8, pp=4)
+        est.gpu_split(cfg, gpus=8, pp=4)
 
 
 def test_model_from_a_config_file(tmp_path, capsys):
@@ -229,7 +233,7 @@ def test_search_finds_the_fewest_gpus_that_fit(capsys):
 
     def worst(gpus, ep, pp):
         try:
-            layout = est.make_layout(cfg, gpus=gpus, ep=ep, pp=pp)
+            layout = est.gpu_split(cfg, gpus=gpus, ep=ep, pp=pp)
         except ValueError:               # not a layout the model takes
             return None
         return max(s.total for s in est.training_memory(p, layout, 512, 1, False))
@@ -306,7 +310,8 @@ def test_fewchips_memory_counts_the_bytes_the_trainer_allocates(tmp_path):
         nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)        # noqa: E731
         held = {"weights": nbytes(model.parameters()), "gradients": nbytes(q.grad for q in model.parameters()),
                 "optimizer state": nbytes(v for st in opt.state.values() for k, v in st.items() if k != "step")}
-        (stage,) = est.training_memory(p, est.make_layout(cfg, gpus=1), 16, 2, False, "fewchips", bf16, accumulate=False)
+        (stage,) = est.training_memory(p, est.gpu_split(cfg, gpus=1), 16, 2, False, "fewchips", bf16,
+                                       accumulate=False)
         terms = {t.name: t.value for t in stage.terms}
         for name, got in held.items():                                   # the MTP module included
             assert got == pytest.approx(terms[name], rel=1e-9), (name, bf16)

@@ -82,7 +82,8 @@ def test_every_document_once_exactly_as_the_tokenizer_encodes_it(mixed, tok, tok
     sp = special_ids(tok)
     want = {"train": [], "val": []}
     for name, text in docs:                                       # the tokenizer itself, document by document
-        want["val" if is_val(name, 0.2) else "train"] += [sp.bos, *tok.encode(text, add_special_tokens=False).ids, sp.eos]
+        ids = tok.encode(text, add_special_tokens=False).ids
+        want["val" if is_val(name, 0.2) else "train"] += [sp.bos, *ids, sp.eos]
     train, val = streams(out)[os.path.basename(root)]
     assert train.tolist() == want["train"] and val.tolist() == want["val"] and len(val) > 0
     index = json.load(open(os.path.join(out, "index.json")))
@@ -250,7 +251,8 @@ def test_mixture_through_the_trainer_resumes_exactly(tmp_path):
     last = full[-1]
     assert {"val_loss_web", "val_loss_code", "val_bpb_web", "val_loss"} <= set(last)
     train = full[-2]
-    assert train["tokens_web"] + train["tokens_code"] == train["tokens"] and train["tokens_web"] == 3 * train["tokens_code"]
+    assert (train["tokens_web"] + train["tokens_code"] == train["tokens"]
+            and train["tokens_web"] == 3 * train["tokens_code"])
 
 
 # ---- the command and torchrun ---------------------------------------------------------------------
@@ -265,8 +267,9 @@ def test_data_prepare_command_and_training_on_its_folder(mixed, tok_file, tmp_pa
     assert "mixed" in said and "code" in said and "is ready" in said
     index = json.load(open(os.path.join(out, "index.json")))
     assert [s["weight"] for s in index["sources"]] == [2.0, 1.0]
-    args = ["train", "--preset", "tiny", "--vocab-size", "400", "--data", out, "--out", str(tmp_path / "run"), "--steps",
-            "2", "--batch-size", "2", "--seq-len", "32", "--no-progress", "--no-plots", "--eval-every", "2", "--threads", "1"]
+    args = ["train", "--preset", "tiny", "--vocab-size", "400", "--data", out, "--out", str(tmp_path / "run"),
+            "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--no-progress", "--no-plots", "--eval-every", "2",
+            "--threads", "1"]
     assert main(args) == 2                                     # --fim-rate 0.1 (the default) is not the folder's
     assert "--fim-rate 0.2" in capsys.readouterr().err
     assert main([*args, "--fim-rate", "0.2", "--data-workers", "2"]) == 2
@@ -281,7 +284,8 @@ def test_data_prepare_command_and_training_on_its_folder(mixed, tok_file, tmp_pa
 def test_two_torchrun_ranks_prepare_the_tokens_of_one_process(mixed, tok_file, tmp_path):
     root, _ = mixed
     pc = P.PrepareConfig(fim_rate=0.3, val_fraction=0.2)
-    one = streams(P.prepare(parse_sources(root), tok_file, str(tmp_path / "one"), pc, workers=1, log=quiet, progress=False))
+    one = streams(P.prepare(parse_sources(root), tok_file, str(tmp_path / "one"), pc, workers=1, log=quiet,
+                            progress=False))
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                         "fewchips", "data", "prepare", "--data", root, "--out", str(tmp_path / "two"), "--tokenizer",

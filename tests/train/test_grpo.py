@@ -108,7 +108,8 @@ def test_mtp_loss_does_not_steer_the_policy(sft_dir, tmp_path, monkeypatch):
     """With every advantage zero (no weight decay, no bias update), a step changes the MTP module and nothing the
     policy computes with."""
     tc = grpo_config(init=sft_dir, out=str(tmp_path / "z"), steps=1, batch_size=1, group_size=2, lr=3e-3,
-                     kl_beta=0.0, weight_decay=0.0, bias_update_speed=0.0, eval_every=100, plots=False, progress=False, dtype="fp32", threads=1, val_prompts=2)
+                     kl_beta=0.0, weight_decay=0.0, bias_update_speed=0.0, eval_every=100, plots=False, progress=False,
+                     dtype="fp32", threads=1, val_prompts=2)
     tr = GRPOTrainer(tc, quiet)
     monkeypatch.setattr(tr, "sample", lambda prompts, n, greedy=False, seed=0: [[10, 11, 12], [20, 21, 22]])
     monkeypatch.setattr(tr.task, "reward", lambda m, c, a: 1.0)
@@ -135,7 +136,8 @@ def test_tasks_and_prompt_files_fail_clearly(tmp_path):
     arithmetic = load_task("arithmetic")
     (m, answer) = arithmetic.sample(rng)
     assert arithmetic.reward(m, f" {answer} ", answer) == 1.0 and arithmetic.reward(m, answer + "0", answer) == 0.0
-    assert load_task("format").reward(m, "-12", answer) == 1.0 and load_task("format").reward(m, "12 apples", answer) == 0.0
+    assert (load_task("format").reward(m, "-12", answer) == 1.0
+            and load_task("format").reward(m, "12 apples", answer) == 0.0)
 
 
 # ---- the knobs, each honoured (issue 24) ---------------------------------------------------------
@@ -146,7 +148,8 @@ def _trainer(sft_dir, tmp_path, monkeypatch, name, completions, reward=None, log
                 kl_beta=0.0, eval_every=100, plots=False, progress=False, dtype="fp32", threads=1, val_prompts=2,
                 freeze_mtp=True)
     tr = GRPOTrainer(grpo_config(**{**base, **kw}), log)
-    monkeypatch.setattr(tr, "sample", lambda prompts, n, greedy=False, seed=0: [list(c) for c in completions] * len(prompts))
+    monkeypatch.setattr(tr, "sample",
+                        lambda prompts, n, greedy=False, seed=0: [list(c) for c in completions] * len(prompts))
     scores = {tr.completion_text(c): float(i == 0) for i, c in enumerate(completions)}
     monkeypatch.setattr(tr.task, "reward", reward or (lambda m, c, a: scores[c]))
     return tr
@@ -154,9 +157,11 @@ def _trainer(sft_dir, tmp_path, monkeypatch, name, completions, reward=None, log
 
 def test_logprobs_at_the_sampling_temperature_everywhere(sft_dir, tmp_path, monkeypatch):
     import fewchips.train.grpo as grpo_mod
-    tr = _trainer(sft_dir, tmp_path, monkeypatch, "t", [[10, 11], [20, 21]], temperature=0.7, kl_beta=0.04, iterations=2)
+    tr = _trainer(sft_dir, tmp_path, monkeypatch, "t", [[10, 11], [20, 21]], temperature=0.7, kl_beta=0.04,
+                  iterations=2)
     seen, orig = [], grpo_mod.token_logprobs
-    monkeypatch.setattr(grpo_mod, "token_logprobs", lambda *a, **k: (seen.append(k.get("temperature")), orig(*a, **k))[1])
+    monkeypatch.setattr(grpo_mod, "token_logprobs",
+                        lambda *a, **k: (seen.append(k.get("temperature")), orig(*a, **k))[1])
     tr.train_step()
     assert len(seen) == 4 and set(seen) == {0.7}               # π_old, π_ref, and each of the 2 updates
     ids = torch.tensor([[1, 10, 11, 20]])
@@ -215,7 +220,7 @@ def test_held_out_prompts_are_never_trained_on(sft_dir, tmp_path):
     tr = GRPOTrainer(tc, lines.append)
     from fewchips.train.grpo import _key
     held = tr.data.held_out
-    assert 30 < len(held) < 60 and any("never drawn for training" in l for l in lines)
+    assert 30 < len(held) < 60 and any("never drawn for training" in line for line in lines)
     drawn = {_key(m) for step in range(100) for m, _ in tr.data.prompts(step, 16)}
     assert drawn and not drawn & held
     assert len(drawn | held) == 200                          # the whole arithmetic task: 10 x 10 x {+, -}
@@ -226,7 +231,7 @@ def test_a_run_without_reward_spread_says_so(sft_dir, tmp_path, monkeypatch):
     tr = _trainer(sft_dir, tmp_path, monkeypatch, "q", [[10], [20]], reward=lambda m, c, a: 0.0, log=lines.append)
     for _ in range(3):
         tr.train_step()
-    assert sum("no gradient" in l for l in lines) == 1 and "--group-size" in lines[-1]
+    assert sum("no gradient" in line for line in lines) == 1 and "--group-size" in lines[-1]
 
 
 
@@ -265,7 +270,8 @@ def test_code_reward_runs_the_tests_in_a_limited_subprocess(tmp_path, monkeypatc
         server.bind(("127.0.0.1", 0))
         server.listen()
         port = server.getsockname()[1]
-        reach = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\ndef add(a, b):\n    return a + b"
+        reach = (f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+                 "def add(a, b):\n    return a + b")
         assert code_tests(reach, tests) == 0.0
     leak = tmp_path / "leak.txt"
     code_tests(f"open({str(leak)!r}, 'w').write('x' * 100)\ndef add(a, b):\n    return a + b", tests)

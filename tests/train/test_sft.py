@@ -275,7 +275,8 @@ def test_sft_reads_prompt_completion_text_and_parquet_rows(tmp_path, tokenizer_d
     assert ids[0] == sp.bos and ids[-1] == sp.eos and train == [False] + [True] * (len(ids) - 1)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "x"}) + "\n")
-    with pytest.raises(ChatDataError, match=r"bad\.jsonl:1: expected \"messages\", \"prompt\" \+ \"completion\", or \"text\""):
+    with pytest.raises(ChatDataError,
+                       match=r"bad\.jsonl:1: expected \"messages\", \"prompt\" \+ \"completion\", or \"text\""):
         read_chats(str(bad))
 
 
@@ -332,8 +333,8 @@ def test_sample_keeps_what_the_reward_accepts_and_sft_reads_it(pretrained, tmp_p
         assert main([*base, "--count", "3", "--out", str(tmp_path / "x.jsonl")]) == 2
     finally:
         sys.path.remove(str(tmp_path))
-    best = [json.loads(l) for l in open(tmp_path / "best.jsonl")]
-    every = [json.loads(l) for l in open(tmp_path / "all.jsonl")]
+    best = [json.loads(line) for line in open(tmp_path / "best.jsonl")]
+    every = [json.loads(line) for line in open(tmp_path / "all.jsonl")]
     assert 0 < len(best) <= 4 and len(every) >= len(best)
     for row in best + every:
         want = int(row["messages"][0]["content"].split()[1]) % 2
@@ -387,7 +388,8 @@ V31_STYLE = ("{% set ns = namespace(system='') %}{% for m in messages %}{% if m[
 R1_STYLE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
             "{% elif m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
             "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'].split('</think>')[-1] }}"
-            "<｜end▁of▁sentence｜>{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}")
+            "<｜end▁of▁sentence｜>{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}")
 LAST_ONLY = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
              "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}{% if loop.last %}"
              "<｜end▁of▁sentence｜>{% endif %}{% endif %}{% endfor %}")

@@ -228,7 +228,8 @@ def test_ramped_run_logs_the_batch_and_resumes_mid_ramp_exactly(tmp_path, corpus
     want = [r for r in records(full.metrics_path) if "loss" in r]
     batches = [r["batch"] for r in want]
     assert batches[0] == 2 and batches[-1] == 6 and set(batches) == {2, 4, 6} and batches == sorted(batches)
-    assert all(b - a == r["batch"] * 32 for (a, b, r) in zip([0] + [r["tokens"] for r in want], [r["tokens"] for r in want], want))
+    assert all(b - a == r["batch"] * 32
+               for (a, b, r) in zip([0] + [r["tokens"] for r in want], [r["tokens"] for r in want], want))
     stop = 2
     assert full.schedule.micro_batches[stop] < 3                   # the split lands inside the ramp
     Trainer(micro_config(), train_config(tmp_path / "split", corpus, stop_at=stop, **kw), log=quiet).train()
@@ -250,7 +251,8 @@ def test_no_weight_decay_on_norms_and_biases(corpus, tmp_path):
 def test_activation_checkpointing_gives_the_same_gradients(corpus, tmp_path):
     grads = []
     for ac in (False, True):
-        tr = Trainer(micro_config(), train_config(tmp_path / f"run{ac}", corpus, activation_checkpointing=ac), log=quiet)
+        tr = Trainer(micro_config(), train_config(tmp_path / f"run{ac}", corpus, activation_checkpointing=ac),
+                     log=quiet)
         ids = torch.from_numpy(tr.sampler.next_batch(2)[0])
         main, mtp, bal, stats = L.compute_losses(tr.model, ids, 0.3, None)
         assert stats.load.shape[0] == 3

@@ -186,7 +186,7 @@ def test_init_from_a_model_directory_starts_from_its_weights(tmp_path, corpus, l
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
         hf.save_pretrained(src)
     else:
-        from fewchips.fp8.checkpoint import save_fp8
+        from fewchips.checkpoint.fp8 import save_fp8
         save_fp8(fewchips.from_pretrained(tmp_path / "base", dtype=torch.float32), src)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tmp_path / "base" / f, src / f)

@@ -85,10 +85,11 @@ def test_split_shards_and_determinism(corpus, tok, tmp_path):
     assert {n for n, _ in D.split_documents(list(reversed(docs)), 0.2)[1]} == {n for n, _ in val}  # by name
     save_tokenizer(tok, tmp_path / "tok")
     pc = PrepareConfig(fim_rate=0.1, val_fraction=0.2)
-    a, b = (open_prepared(prepare(parse_sources(corpus), str(tmp_path / "tok" / "tokenizer.json"), str(tmp_path / k), pc,
-                                  log=quiet, progress=False))[0] for k in "ab")
+    a, b = (open_prepared(prepare(parse_sources(corpus), str(tmp_path / "tok" / "tokenizer.json"),
+                                  str(tmp_path / k), pc, log=quiet, progress=False))[0] for k in "ab")
     assert a.train[0:len(a.train)].dtype == np.uint16
-    assert np.array_equal(a.train[0:len(a.train)], b.train[0:len(b.train)]) and np.array_equal(a.val[0:10**9], b.val[0:10**9])
+    assert (np.array_equal(a.train[0:len(a.train)], b.train[0:len(b.train)])
+            and np.array_equal(a.val[0:10**9], b.val[0:10**9]))
     idx = json.load(open(os.path.join(tmp_path / "a", "index.json")))
     assert idx["splits"]["val"]["fim_documents"] == 0 and idx["splits"]["val"]["documents"] == len(val)
     assert idx["splits"]["train"]["tokens"] == len(a.train)
@@ -167,7 +168,8 @@ def test_training_with_an_existing_tokenizer(corpus, tok, tmp_path):
     assert tr.tok.to_str() == tok.to_str()
     assert not any(f.startswith("tokenizer-") for f in os.listdir(tmp_path / "run" / "cache"))   # none trained
     with pytest.raises(D.DataError, match="vocab_size"):
-        Trainer(micro_config().replace(vocab_size=64), train_config(tmp_path / "run2", corpus, tokenizer=str(path)), log=quiet)
+        Trainer(micro_config().replace(vocab_size=64), train_config(tmp_path / "run2", corpus, tokenizer=str(path)),
+                log=quiet)
     bare = tmp_path / "bare.json"
     Tokenizer(models.BPE()).save(str(bare))
     with pytest.raises(ValueError, match="special token"):

@@ -116,7 +116,8 @@ def test_damaged_checkpoint_file_is_named_and_the_previous_one_used(tmp_path, co
     assert any(str(f) in m for m in said) and any("previous checkpoint" in m for m in said)
     # with no earlier checkpoint: one clear error naming the file, and what to do
     shutil_rm(tmp_path / "checkpoint.old")
-    with pytest.raises(TrainError, match=rf"{damage}.*(cannot be read|not a readable).*no earlier checkpoint.*--overwrite"):
+    with pytest.raises(TrainError,
+                       match=rf"{damage}.*(cannot be read|not a readable).*no earlier checkpoint.*--overwrite"):
         Trainer(micro_config(), train_config(tmp_path, corpus, steps=N, resume=True), log=quiet)
 
 

@@ -24,6 +24,10 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
 
 from ..config import ModelConfig
 from ..files import swap_dir
+from ..model import DeepseekV3
+from ..parallel.fsdp import fsdp_modules
+from ..parallel.shards import RowGather
+from .hf_format import hf_state_dict, save_pretrained
 
 
 def save(path: str, model, optimizer=None, extra: dict | None = None, before_commit=None, group=None,
@@ -110,9 +114,6 @@ def save_hf(model, out_dir: str, device, dtype=None, max_shard_bytes: int = 4 * 
     """Collective: a model sharded over the processes in any layout (FSDP, experts over ep, pipeline
     stages) written by rank 0 as one Hugging Face directory, streamed: rank 0 assembles one tensor (one
     expert) at a time from the ranks that hold it and writes each safetensors file as soon as it fills."""
-    from ..checkpoint import hf_state_dict, save_pretrained
-    from .fsdp import fsdp_modules
-    from .shards import RowGather
 
     for m in fsdp_modules(model):          # shards, not gathered weights a forward left behind
         m.reshard()
@@ -127,8 +128,6 @@ def save_hf(model, out_dir: str, device, dtype=None, max_shard_bytes: int = 4 * 
 def export_hf(path: str, out_dir: str, dtype=None, config: ModelConfig | None = None):
     """A sharded checkpoint → one Hugging Face directory (config.json + safetensors), in this one
     process with no process group: DCP reassembles every tensor from the shards."""
-    from ..checkpoint import save_pretrained
-    from ..model import DeepseekV3
 
     if config is None:
         config = ModelConfig.from_json(os.path.join(path, "config.json"))

@@ -15,12 +15,12 @@ import shutil
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, CheckpointReader
+from .load import CheckpointError, CheckpointReader
 from ..config import ConfigError, ModelConfig
 from ..files import FolderLock, FolderLockedError, atomic_write_text
-from .config import TrainConfig, TrainError
-from .schedule import RunSchedule, switch_step
-from .tokenizer import load_tokenizer, save_tokenizer, special_ids
+from ..train.config import TrainConfig, TrainError
+from ..train.schedule import RunSchedule, switch_step
+from ..train.tokenizer import load_tokenizer, save_tokenizer, special_ids
 
 
 class RunDir:

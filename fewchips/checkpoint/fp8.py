@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import (FP8_DTYPES, INDEX_FILE, CheckpointError, CheckpointReader, Fill, disk_name,
+from .load import (FP8_DTYPES, INDEX_FILE, CheckpointError, CheckpointReader, Fill, disk_name,
                           expert_disk_name, hf_state_dict, write_index, write_safetensors, write_shards)
 from ..config import ModelConfig
 from ..files import atomic_write_text
 from ..model import DeepseekV3, ExpertDispatch, RoutedExperts, Router
-from .gemm import fp8_mm, resolve_backend
-from .quant import BLOCK, TILE, dequantize, quantize
-from .recipe import FP8_EXPERTS_RE, is_fp8_linear, is_fp8_weight
+from ..fp8.gemm import fp8_mm, resolve_backend
+from ..fp8.quant import BLOCK, TILE, dequantize, quantize
+from ..fp8.recipe import FP8_EXPERTS_RE, is_fp8_linear, is_fp8_weight
 
 QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                        "weight_block_size": [128, 128]}

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import ModelConfig
-from .fp8.quant import dequantize
+from ..config import ModelConfig
+from ..fp8.quant import dequantize
 from .hf_format import (_EXPERT_RE, _FUSED_RE, FP8_DTYPES, INDEX_FILE, SINGLE_FILE, _memory_name,  # noqa: F401
                         disk_name, hf_state_dict, save_pretrained, stream_safetensors, write_index,
                         write_safetensors, write_shards)
-from .model import DeepseekV3
+from ..model import DeepseekV3
 
 log = logging.getLogger("fewchips")
 

@@ -19,8 +19,8 @@ import struct
 import torch
 from safetensors.torch import save_file
 
-from .config import ModelConfig
-from .files import atomic_path, atomic_write_text
+from ..config import ModelConfig
+from ..files import atomic_path, atomic_write_text
 
 
 INDEX_FILE = "model.safetensors.index.json"
