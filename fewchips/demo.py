@@ -7,17 +7,15 @@ import sys
 import time
 
 import torch
+from tokenizers import Tokenizer
 
 from fewchips import from_pretrained
+from fewchips.inference.generate import generate
 
 PROMPTS = ["def", "import os\n\n\nclass", "    for i in range("]
 
 
 def main(out="runs/demo"):
-    from tokenizers import Tokenizer
-
-    from fewchips.inference.generate import generate
-
     torch.manual_seed(0)
     model = from_pretrained(out, dtype=torch.float32).eval()
     tok = Tokenizer.from_file(os.path.join(out, "tokenizer.json"))

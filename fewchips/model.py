@@ -19,6 +19,7 @@ and `LatentCache` is the only inference state (owned by the caller, passed in).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint.hf_format import save_pretrained
 from .config import ModelConfig, yarn_mscale
 from .ops import (causal_attention, expert_swiglu, gather_rows, gathered_swiglu, positional_attention,
                   use_gathered_experts)
@@ -682,7 +684,6 @@ class DeepseekV3(nn.Module):
 
     def save_pretrained(self, path, **kw):
         """This model as a Hugging Face directory: `hf_format.save_pretrained(self, path, **kw)`."""
-        from .checkpoint.hf_format import save_pretrained
         return save_pretrained(self, path, **kw)
 
     def num_parameters(self) -> dict[str, int]:
@@ -718,7 +719,6 @@ def _seeded_normal(local, row_ids, shape, std: float, key: str):
     """Fill `local` (rows `row_ids` of a tensor of `shape`; None: all of it) with N(0, std) values that
     depend only on (key, row): rows come in blocks of ~INIT_BLOCK elements, each drawn on the CPU from a
     generator seeded by (key, block)."""
-    import hashlib
     n_rows = shape[0]
     row_shape = tuple(shape[1:])
     block = max(1, INIT_BLOCK // max(1, math.prod(row_shape)))

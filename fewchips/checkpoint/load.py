@@ -112,7 +112,8 @@ class CheckpointReader:
         try:
             return self._handle(name).get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({e}); is the file truncated?") from None
+            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({e}); "
+                                  "is the file truncated?") from None
 
     def scale(self, name: str, w, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The `weight_scale_inv` of FP8 tensor `name` (its block rows `rows`, default all), checked
@@ -142,7 +143,8 @@ class CheckpointReader:
         try:
             return tuple(self._handle(name).get_slice(name).get_shape())
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({e}); is the file truncated?") from None
+            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({e}); "
+                                  "is the file truncated?") from None
 
     def _handle(self, name: str):
         """The open file holding `name`; the others are closed (a mapped file's pages count as this
@@ -167,7 +169,8 @@ class CheckpointReader:
             lo, hi = start // bs * bs, min(-(-stop // bs) * bs, w_shape[0])
             w = sl[lo:hi]
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({e}); is the file truncated?") from None
+            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name!r} ({e}); "
+                                  "is the file truncated?") from None
         s = self.scale(name, w_shape, rows=(lo // bs, -(-hi // bs)))
         return dequantize(w, s, self.block)[start - lo:stop - lo]
 
@@ -273,7 +276,8 @@ def load_weights(model: DeepseekV3, ck: CheckpointReader, rows=None, skip_expert
             if fm:
                 for i, e in enumerate(range(t.shape[0]) if ids is None else ids.tolist()):
                     parts = [f"{disk_name(cfg, fm.group(1))}.{e}.{k}.weight" for k in kinds]
-                    value = torch.cat([_read_checked(ck, n, None, (t.shape[1] // len(kinds), *t.shape[2:])) for n in parts])
+                    value = torch.cat([_read_checked(ck, n, None, (t.shape[1] // len(kinds), *t.shape[2:]))
+                                       for n in parts])
                     local[i].copy_(value.to(local.dtype))
             else:
                 for start, stop, at in row_runs(ids, t.shape[0]):

@@ -18,6 +18,8 @@ import torch
 from .load import CheckpointError, CheckpointReader
 from ..config import ConfigError, ModelConfig
 from ..files import FolderLock, FolderLockedError, atomic_write_text
+from ..inference.tokenizer import ChatTemplate
+from ..model import DeepseekV3
 from ..train.config import TrainConfig, TrainError
 from ..train.schedule import RunSchedule, switch_step
 from ..train.tokenizer import load_tokenizer, save_tokenizer, special_ids
@@ -106,7 +108,8 @@ def check_resume(st: dict, cfg: ModelConfig, tc: TrainConfig, data, path: str, l
     saved_cfg = ModelConfig.from_dict(st["model_config"])
     if saved_cfg.to_dict() != cfg.to_dict():
         a, b = saved_cfg.to_dict(), cfg.to_dict()
-        diff = [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        diff = [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k)]
         raise TrainError(f"--resume: the model config does not match the checkpoint in {path} ({'; '.join(diff)})")
     check_resume_fields(st["train_config"], tc, log)
     check_same_data(st, data)
@@ -128,7 +131,8 @@ def check_resume_fields(saved: dict, tc: TrainConfig, log=print):
     was = dataclasses.replace(tc, **changed)
     old, new = RunSchedule.of(was), RunSchedule.of(tc)
     what = ", ".join(f"--{k.replace('_', '-')} {v} -> {getattr(tc, k)}" for k, v in changed.items())
-    plan = (f"the lr, γ and λ schedules are laid out over the run's tokens ({old.total_tokens:,} -> {new.total_tokens:,}): "
+    plan = (f"the lr, γ and λ schedules are laid out over the run's tokens "
+            f"({old.total_tokens:,} -> {new.total_tokens:,}): "
             f"the cosine would start after step {switch_step(was, old)} instead of step {switch_step(tc, new)}")
     if not tc.allow_schedule_change:
         raise TrainError(f"--resume with {what} changes the run's schedule: {plan}. Pass the checkpoint's values "
@@ -174,13 +178,13 @@ def truncate_metrics(path, step: int, log=print):
             if rec.get("step", 0) <= step:
                 keep.append(line if line.endswith("\n") else line + "\n")
     if bad:
-        log(f"warning: {path}: dropped {bad} line(s) that are not JSON (a write cut short?); the other records are kept")
+        log(f"warning: {path}: dropped {bad} line(s) that are not JSON (a write cut short?); "
+            "the other records are kept")
     atomic_write_text(path, "".join(keep))
 
 
 def model_tokenizer(folder: str):
     """A model directory's tokenizer.json and its special ids, or one error naming the file."""
-    from ..inference.tokenizer import ChatTemplate
     path = os.path.join(folder, "tokenizer.json")
     try:
         tok = load_tokenizer(path)
@@ -203,8 +207,8 @@ def init_config(path: str, log=print, changes: dict | None = None, extend_contex
         changes = {**yarn_extension(cfg, extend_context), **changes}
         rs = changes["rope_scaling"]
         log(f"--extend-context: {cfg.max_position_embeddings:,} -> {extend_context:,} positions, YaRN factor "
-            f"{rs['factor']:g} over the original {rs['original_max_position_embeddings']:,} (beta_fast 32, beta_slow 1; "
-            f"arXiv 2412.19437 §4.3)")
+            f"{rs['factor']:g} over the original {rs['original_max_position_embeddings']:,} "
+            f"(beta_fast 32, beta_slow 1; arXiv 2412.19437 §4.3)")
     return with_changes(cfg, changes) if changes else cfg
 
 
@@ -222,7 +226,6 @@ def yarn_extension(cfg: ModelConfig, length: int) -> dict:
 
 def with_changes(cfg: ModelConfig, changes: dict) -> ModelConfig:
     """cfg with `changes`, refused naming the fields that would change the shape of a weight."""
-    from ..model import DeepseekV3
 
     def shapes(c):
         with torch.device("meta"):
@@ -254,6 +257,7 @@ def rng_state() -> dict:
 def set_rng_state(st: dict):
     torch.set_rng_state(st["torch"])
     n = st["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     p = st["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))

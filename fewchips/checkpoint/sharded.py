@@ -19,7 +19,7 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from ..config import ModelConfig
@@ -68,8 +68,6 @@ def load(path: str, model, optimizer=None, owned: set[str] | None = None) -> dic
     """Collective: fill `model` (and `optimizer`) in place from a checkpoint written at any layout;
     returns its `extra` dict. With `owned` (a pipeline rank's names) only those tensors are read (the
     rank holds no others), and the optimizer keeps state only for what this rank trains."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     if not os.path.exists(os.path.join(path, ".metadata")):
         raise FileNotFoundError(f"{path}: not a fewchips sharded checkpoint (no .metadata)")
     state = {"model": get_model_state_dict(model), "extra": _saved_extra(path)}

@@ -1,5 +1,6 @@
 """`fewchips chat`: an interactive conversation in the terminal, streamed token by token."""
 
+# fewchips imports sit inside the functions, so that `fewchips --help` loads no torch: see fewchips/cli/__init__.py.
 from __future__ import annotations
 
 import sys

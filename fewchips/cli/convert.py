@@ -1,5 +1,6 @@
 """`fewchips convert`: a whole checkpoint between BF16 and the released FP8 layout, shard by shard."""
 
+# fewchips imports sit inside the functions, so that `fewchips --help` loads no torch: see fewchips/cli/__init__.py.
 from __future__ import annotations
 
 

@@ -1,6 +1,7 @@
 """`fewchips data prepare`: tokenise a corpus once, ahead of training, into a folder that any number of
 `fewchips train --data DIR` runs (and nodes) read. Under torchrun every rank takes its share."""
 
+# fewchips imports sit inside the functions, so that `fewchips --help` loads no torch: see fewchips/cli/__init__.py.
 from __future__ import annotations
 
 import os

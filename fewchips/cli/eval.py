@@ -2,6 +2,7 @@
 numbers the trainers log as validation (chats: the assistant's tokens only, samples packed with
 sample masking, as `fewchips sft` scores them)."""
 
+# fewchips imports sit inside the functions, so that `fewchips --help` loads no torch: see fewchips/cli/__init__.py.
 from __future__ import annotations
 
 import json

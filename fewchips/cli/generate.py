@@ -1,5 +1,6 @@
 """`fewchips generate`: complete one prompt with a saved model (optionally MTP-speculative)."""
 
+# fewchips imports sit inside the functions, so that `fewchips --help` loads no torch: see fewchips/cli/__init__.py.
 from __future__ import annotations
 
 import sys

@@ -1,5 +1,7 @@
 """`fewchips grpo`: GRPO with rule-based rewards on a model directory (default task: arithmetic)."""
 
+# fewchips imports sit inside the functions, so that `fewchips --help` loads no torch: see fewchips/cli/__init__.py.
+# Not yet true of register(): grpo_config comes from train.grpo, which imports the trainer and torch with it.
 from __future__ import annotations
 
 

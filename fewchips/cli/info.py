@@ -1,5 +1,6 @@
 """`fewchips info`: parameter counts and KV-cache bytes for a preset, config file or checkpoint."""
 
+# fewchips imports sit inside the functions, so that `fewchips --help` loads no torch: see fewchips/cli/__init__.py.
 from __future__ import annotations
 
 import json

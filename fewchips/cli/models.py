@@ -1,6 +1,7 @@
 """What the commands that load a saved model share (generate, chat, serve, eval, sample): the model
 flags, loading the model and its tokenizer onto the device, and the sampling flags."""
 
+# fewchips imports sit inside the functions, so that `fewchips --help` loads no torch: see fewchips/cli/__init__.py.
 from __future__ import annotations
 
 import os

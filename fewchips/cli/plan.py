@@ -6,6 +6,7 @@
     fewchips plan --preset v3 --gpu h800 --fp8 --search train  # the fewest GPUs that fit
 """
 
+# fewchips imports sit inside the functions, so that `fewchips --help` loads no torch: see fewchips/cli/__init__.py.
 from __future__ import annotations
 
 import dataclasses

@@ -1,5 +1,6 @@
 """`fewchips sample`: rejection sampling, a model's own completions kept as SFT chats when a reward accepts them."""
 
+# fewchips imports sit inside the functions, so that `fewchips --help` loads no torch: see fewchips/cli/__init__.py.
 from __future__ import annotations
 
 import sys

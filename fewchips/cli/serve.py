@@ -1,5 +1,6 @@
 """`fewchips serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) with continuous batching."""
 
+# fewchips imports sit inside the functions, so that `fewchips --help` loads no torch: see fewchips/cli/__init__.py.
 from __future__ import annotations
 
 import os

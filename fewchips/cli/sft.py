@@ -1,5 +1,7 @@
 """`fewchips sft`: supervised fine-tuning of a model directory on chats (default: the bundled set)."""
 
+# fewchips imports sit inside the functions, so that `fewchips --help` loads no torch: see fewchips/cli/__init__.py.
+# Not yet true of register(): sft_config comes from train.sft, which imports the trainer and torch with it.
 from __future__ import annotations
 
 

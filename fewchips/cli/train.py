@@ -1,6 +1,7 @@
 """`fewchips train`: DeepSeek-V3's pre-training recipe on a preset, by default on the Python
 standard library's own source (no downloads)."""
 
+# fewchips imports sit inside the functions, so that `fewchips --help` loads no torch: see fewchips/cli/__init__.py.
 from __future__ import annotations
 
 import dataclasses

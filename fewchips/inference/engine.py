@@ -79,9 +79,11 @@ class Engine:
         if speculative not in (None, "mtp"):
             raise ValueError(f"speculative must be None or 'mtp', got {speculative!r}")
         if speculative and len(getattr(model, "mtp", [])) < 1:
-            raise ValueError("speculative='mtp' needs a model with its MTP module loaded (num_nextn_predict_layers >= 1)")
+            raise ValueError("speculative='mtp' needs a model with its MTP module loaded "
+                             "(num_nextn_predict_layers >= 1)")
         if speculative and compile:
-            raise ValueError("speculative='mtp' and compile=True cannot be combined (the compiled step decodes one token)")
+            raise ValueError("speculative='mtp' and compile=True cannot be combined "
+                             "(the compiled step decodes one token)")
         if block_size < 1 or max_prefill_tokens < 1 or max_batch < 1:
             raise ValueError("block_size, max_prefill_tokens and max_batch must be >= 1")
         self.speculative = speculative

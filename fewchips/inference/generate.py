@@ -80,7 +80,8 @@ def generate(model, input_ids, max_new_tokens: int | None = None, temperature: f
     if rows_params[0].stop and tokenizer is None:
         raise ValueError("stop strings need tokenizer= to read the generated text")
     if compile and use_mtp:
-        raise ValueError("compile=True and use_mtp=True (--compile, --mtp) cannot be combined: only plain decoding is compiled")
+        raise ValueError("compile=True and use_mtp=True (--compile, --mtp) cannot be combined: "
+                         "only plain decoding is compiled")
     pad_id = rows_params[0].stop_token_ids[0] if rows_params[0].stop_token_ids else 0
     device = next(model.parameters()).device
     if max(len(r) for r in rows) + n_new + 1 > cfg.max_position_embeddings:
@@ -111,7 +112,8 @@ def engine_generate(model, rows, params, tokenizer=None, stats: dict | None = No
     return [r.output_ids for r in reqs]
 
 
-def plain_generate(model, rows, params, tokenizer=None, compile: bool = False, stats: dict | None = None) -> list[list[int]]:
+def plain_generate(model, rows, params, tokenizer=None, compile: bool = False,
+                   stats: dict | None = None) -> list[list[int]]:
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     B = len(rows)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .experts import replica_imbalance, replica_layers
+
 # vLLM's buckets (seconds)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -41,7 +43,8 @@ class EngineMetrics:
         self.prefix_hits = make(Counter, "prefix_cache_hits", "Prompt tokens found in the prefix cache")
         self.success = make(Counter, "request_success", "Requests finished", extra=["finished_reason"])
         self.ttft = make(Histogram, "time_to_first_token_seconds", "Time to first token", buckets=TTFT_BUCKETS)
-        self.itl = make(Histogram, "inter_token_latency_seconds", "Time between a request's tokens", buckets=ITL_BUCKETS)
+        self.itl = make(Histogram, "inter_token_latency_seconds", "Time between a request's tokens",
+                        buckets=ITL_BUCKETS)
         self.e2e = make(Histogram, "e2e_request_latency_seconds", "Arrival to last token", buckets=E2E_BUCKETS)
         self.req_prompt = make(Histogram, "request_prompt_tokens", "Prompt tokens per request", buckets=TOKEN_BUCKETS)
         self.req_gen = make(Histogram, "request_generation_tokens", "Generated tokens per request",
@@ -62,7 +65,6 @@ class EngineMetrics:
         self.waiting.labels(m).set_function(lambda: len(engine.waiting))
         self.cache_usage.labels(m).set_function(lambda: engine.pool.n_used / max(engine.pool.n_usable, 1))
         self.blocks_used.labels(m).set_function(lambda: engine.pool.n_used)
-        from .experts import replica_imbalance, replica_layers
         layers = replica_layers(engine.model)
         if layers:                     # --ep N --redundant-experts R: as served, and with the own experts alone
             self.imbalance.labels(m, "served").set_function(lambda: replica_imbalance(layers)[1])

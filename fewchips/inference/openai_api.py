@@ -133,12 +133,14 @@ def check_common(body: _Common, model_name: str, vocab_size: int, max_n: int):
             raise APIError(400, f"{name} (function calling) is not supported by this server", param=name)
     fmt = body.response_format
     if fmt is not None and fmt.get("type", "text") != "text":
-        raise APIError(400, f"response_format {fmt.get('type')!r} is not supported; only 'text'", param="response_format")
+        raise APIError(400, f"response_format {fmt.get('type')!r} is not supported; only 'text'",
+                       param="response_format")
     for key, bias in (body.logit_bias or {}).items():
         if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
             raise APIError(400, f"logit_bias: {key!r} is not a token id in [0, {vocab_size})", param="logit_bias")
         if not -100 <= bias <= 100:
-            raise APIError(400, f"logit_bias: the bias of token {key} is {bias}; allowed: -100 to 100", param="logit_bias")
+            raise APIError(400, f"logit_bias: the bias of token {key} is {bias}; allowed: -100 to 100",
+                           param="logit_bias")
 
 
 def sampling_params(body: _Common, max_tokens: int, choice: int, logprobs: int | None,

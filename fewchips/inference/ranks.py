@@ -21,17 +21,19 @@ then tells the other ranks to stop, which ignore the signal themselves.
 from __future__ import annotations
 
 import signal
+import sys
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from ..checkpoint.load import CheckpointReader, load_weights
 from ..checkpoint.fp8 import fill_fp8, fp8_meta_model, stores_fp8
 from ..config import ModelConfig
 from ..checkpoint.hf_format import disk_name, moe_expert_names
 from ..model import DeepseekV3, MoE
-from ..parallel.mesh import abort_on_failure
+from ..parallel.mesh import abort_on_failure, shutdown
 from .experts import COUNTERS, Placement, ServingExperts, replica_summary
 
 STOP = "stop"
@@ -82,7 +84,6 @@ def load_for_ranks(path: str, par, dtype=None, mtp: bool | None = None, weights:
 
 def held_bytes(model) -> int:
     """Bytes of the weights this rank holds (parameters and stored weights; not the load counters)."""
-    from torch.distributed.tensor import DTensor
     seen = {}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if name.rsplit(".", 1)[-1] not in COUNTERS:
@@ -187,9 +188,6 @@ class Ranks:
 
     def close(self):
         """Rank 0 tells the others to stop; every rank leaves the process group."""
-        import sys
-
-        from ..parallel.mesh import shutdown
         if self._lockstep is not None:
             self._lockstep.stop()
             summary = replica_summary(self._lockstep._model)

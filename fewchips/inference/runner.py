@@ -94,7 +94,8 @@ class ModelRunner:
         done = [i for i, (r, n) in enumerate(work) if n == r.pending and r.params.max_tokens > 0]
         if done:                                  # max_tokens 0 is scoring only (echo): nothing to sample
             last = torch.tensor([len(rows[i]) - 1 for i in done], device=self.device)
-            self._sample([outs[i] for i in done], self.model.lm_head(h_BTD[torch.tensor(done, device=self.device), last]))
+            self._sample([outs[i] for i in done],
+                         self.model.lm_head(h_BTD[torch.tensor(done, device=self.device), last]))
         if self.speculative:
             self._draft(outs, h_BTD, starts, [len(x) for x in rows], pos_BT, tables)
         return outs

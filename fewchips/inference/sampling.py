@@ -81,7 +81,8 @@ def adjust_logits(logits_BV: torch.Tensor, params: list[SamplingParams], generat
             logits_BV[i] -= (count_V * p.frequency_penalty + (count_V > 0) * p.presence_penalty).to(logits_BV.dtype)
         if p.logit_bias:
             ids = torch.tensor(list(p.logit_bias), device=logits_BV.device)
-            logits_BV[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits_BV.device, dtype=logits_BV.dtype)
+            logits_BV[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits_BV.device,
+                                              dtype=logits_BV.dtype)
     return logits_BV
 
 

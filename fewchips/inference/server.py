@@ -300,7 +300,8 @@ async def chat_complete(state: AppState, request: HTTPRequest, body: ChatBody, p
         max_tokens = max(state.engine.max_len - len(prompt), 0)
         if max_tokens == 0:
             raise APIError(400, f"the conversation ({len(prompt)} tokens) fills this model's maximum context "
-                                f"length of {state.engine.max_len} tokens", param="messages", code="context_length_exceeded")
+                                f"length of {state.engine.max_len} tokens", param="messages",
+                           code="context_length_exceeded")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     s = state.submit([prompt], body, [max_tokens], logprobs, request)
     cid, now, tok = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.tokenizer

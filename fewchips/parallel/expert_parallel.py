@@ -42,6 +42,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
+from ..fp8.linear import FP8RoutedExperts
+from ..fp8.quant import E4M3, TILE, dequantize, quantize
 from ..model import MoE, RoutedExperts
 from ..ops import expert_swiglu
 from .mesh import Parallel
@@ -106,7 +108,6 @@ def all_to_all(x, out_splits: list[int], in_splits: list[int], group, timer=None
 
 def _send_fp8(x, out_splits, in_splits, group, timer, inflight=None):
     """x [N, D] quantised, sent as (uint8 codes, fp32 scales), received as (q E4M3, s)."""
-    from ..fp8.quant import E4M3, TILE, quantize
     q, s = quantize(x, TILE, pow2=True)
     q_recv = _a2a(q.view(torch.uint8), out_splits, in_splits, group, timer, inflight).view(E4M3)
     s_recv = _a2a(s, out_splits, in_splits, group, timer, inflight)
@@ -123,7 +124,6 @@ class _FP8Dispatch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, out_splits, in_splits, group, timer, inflight=None, backward_group=None):
-        from ..fp8.quant import TILE, dequantize
         ctx.splits, ctx.group, ctx.timer = (out_splits, in_splits), backward_group or group, timer
         q, s = _send_fp8(x, out_splits, in_splits, group, timer, inflight)
         ctx.mark_non_differentiable(q, s)
@@ -155,7 +155,6 @@ class _FP8GradCombine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from ..fp8.quant import TILE, dequantize
         out_splits, in_splits = ctx.splits
         q, s = _send_fp8(grad, in_splits, out_splits, ctx.group, ctx.timer)
         return dequantize(q, s, TILE, ctx.dtype), None, None, None, None, None
@@ -259,7 +258,6 @@ class ExpertParallelExperts(ExpertExchange):
             down = experts.down_proj[sl].detach().clone().to(device)
         new = cls(E, gate_up, down, par)
         new.swiglu = experts.swiglu
-        from ..fp8.linear import FP8RoutedExperts
         if fp8_dispatch is None:                 # at ep 1 nothing travels: no reason to round the rows
             fp8_dispatch = isinstance(experts, FP8RoutedExperts) and par.ep > 1
         new.fp8_dispatch = fp8_dispatch

@@ -43,12 +43,16 @@ import warnings
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed import pipelining as P
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from ..model import DeepseekV3, MoE, MoEStats
 from ..stages import V_SCHEDULES, balanced_split, layer_costs, split_layers, stage_ranks, stages_per_rank
 from ..losses import Batch, head_row_losses
-from .expert_parallel import apply_expert_parallel
+from .expert_parallel import apply_expert_parallel, expert_modules
+from .fsdp import shard_blocks
+from .overlap import register
 
 SCHEDULES = {"dualpipev": "ScheduleDualPipeV", "1f1b": "Schedule1F1B", "interleaved1f1b": "ScheduleInterleaved1F1B",
              "zbv": "ScheduleZBVZeroBubble"}
@@ -160,8 +164,6 @@ def build_pipeline(model: DeepseekV3, pp_group, microbatch: tuple, schedule: str
     """This rank's stages and torch's schedule over them, for micro-batches of `microbatch` = (rows, *window).
     Returns (schedule, local Stage modules, tie group or None, their torch PipelineStages); the
     arguments are described in docs/parallel.md ("build_pipeline")."""
-    from torch.distributed import pipelining as P
-
     if schedule not in SCHEDULES:
         raise ValueError(f"--pp-schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     pp, rank = dist.get_world_size(pp_group), dist.get_rank(pp_group)
@@ -215,9 +217,6 @@ def shard_stages_over_data_ranks(stages: list[Stage], par, amp: torch.dtype | No
     reduce-scattered once, after the last backward. The embedding stays whole (its gradient averaged
     by `Pipeline._reduce_grads`): under V schedules it serves two stages, that is two FSDP roots, and
     under 1F1B its two replicas are tied by an all-reduce."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    from .fsdp import shard_blocks
     mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32, cast_forward_inputs=False)
     # Weights stay gathered from a stage's first forward to the end of the step (ZeRO-2, as torchtitan
     # does under a pipeline): the micro-batches do not all-gather them again, and the split weight
@@ -235,7 +234,6 @@ def shard_stages_over_data_ranks(stages: list[Stage], par, amp: torch.dtype | No
 def make_schedule(stages, schedule: str, n_microbatches: int, loss_fn: PipelineLoss):
     """torch's schedule over this rank's PipelineStages (a new one when the number of micro-batches
     changes: the stages are reused)."""
-    from torch.distributed import pipelining as P
     cls = getattr(P, SCHEDULES[schedule])
     return cls(stages if len(stages) > 1 else stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn,
                scale_grads=False)
@@ -292,7 +290,6 @@ class Pipeline:
         self.release_others(local)
         self.overlapped = overlap and schedule == "dualpipev"
         if self.overlapped:
-            from .overlap import register
             self._backward_groups()
             register(self.sched)
 
@@ -303,7 +300,6 @@ class Pipeline:
             return
         self.sched = make_schedule(self.pipeline_stages, self.schedule, n, self.loss)
         if self.overlapped:
-            from .overlap import register
             register(self.sched)
         self.n_microbatches = self.loss.n_microbatches = n
 
@@ -311,7 +307,6 @@ class Pipeline:
         """A second process group per expert-parallel group, for the all-to-alls of the backward, so a
         forward and a backward running on two threads each keep their collectives in one order.
         Collective: every rank creates every group."""
-        from .expert_parallel import expert_modules
         if self.par.data_size == 1:
             return                                  # no expert exchange inside the stages
         grid = self.par.full_mesh.mesh              # [pp, dp, ep] global ranks

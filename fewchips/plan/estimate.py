@@ -166,7 +166,7 @@ def count_params(cfg: ModelConfig) -> Params:
 def _count_params_cached(cfg_json: str) -> Params:
     import torch
 
-    from fewchips.model import DeepseekV3
+    from fewchips.model import DeepseekV3    # here: plan.estimate stays torch-free (fewchips plan)
 
     cfg = ModelConfig.from_dict(json.loads(cfg_json))
     with torch.device("meta"):
@@ -222,7 +222,8 @@ def flops_terms(p: Params, seq: int) -> list[Term]:
     K, E = cfg.num_experts_per_tok, cfg.n_routed_experts
     core = attention_core_flops(cfg, seq)
     terms = [
-        Term("attention projections", 2 * p.sum("attention"), f"2 x {human(p.sum('attention'))} MLA projection weights"),
+        Term("attention projections", 2 * p.sum("attention"),
+             f"2 x {human(p.sum('attention'))} MLA projection weights"),
         Term("attention core", L * core,
              f"{L} layers x 2 x {H} heads x ({cfg.qk_head_dim} + {cfg.v_head_dim}) x (S+1)/2, S = {seq} (causal)"),
         Term("dense FFN", 2 * p.sum("dense_ffn"), f"2 x {human(p.sum('dense_ffn'))} dense SwiGLU weights"),
@@ -410,13 +411,15 @@ def activation_bytes_per_token(cfg: ModelConfig, kind: str, fp8: bool, mtp: bool
                         f"{o_bytes}x{H}x{cfg.v_head_dim} ({'E5M6' if fp8 else 'BF16'}) + softmax stats 4x{H}"))
     if kind == "dense":
         F = cfg.intermediate_size
-        out.append(Term("dense FFN", 2 * D + lin * 2 * F, f"residual 2x{D} + SwiGLU inputs {lin:.3g}x2x{F} ({lin_name})"))
+        out.append(Term("dense FFN", 2 * D + lin * 2 * F,
+                        f"residual 2x{D} + SwiGLU inputs {lin:.3g}x2x{F} ({lin_name})"))
     if kind == "moe":
         K, E, F = cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.moe_intermediate_size
         Fs = F * cfg.n_shared_experts
         moe = 2 * D + 4 * E + lin * K * (D + 2 * F) + lin * 2 * Fs
         out.append(Term("MoE", moe, f"residual 2x{D} + router scores 4x{E} + {K} dispatched copies x "
-                        f"{lin:.3g}x({D} input + 2x{F} SwiGLU inputs) + shared SwiGLU inputs {lin:.3g}x2x{Fs} ({lin_name})"))
+                        f"{lin:.3g}x({D} input + 2x{F} SwiGLU inputs) + shared SwiGLU inputs "
+                        f"{lin:.3g}x2x{Fs} ({lin_name})"))
     if mtp:
         out.append(Term("MTP inputs", 2 * 2 * D, f"embedding and hidden state 2x2x{D} (their norms recomputed)"))
     return out
@@ -505,9 +508,10 @@ def _activation_terms(p: Params, split: GPUSplit, s: int, blocks, seq: int, micr
     for b in blocks:
         if b.kind in ("dense", "moe", "mtp"):
             kind = "moe" if "routed_experts" in b.params else "dense"
-            act += sum(t.value for t in activation_bytes_per_token(cfg, kind, fp8, mtp=b.kind == "mtp")) * tokens * in_flight
-    terms = [Term("activations", act, f"per-token layer bytes (see --explain activations) x {micro_batch} x {seq} tokens"
-                  f" x {flight_txt}")]
+            act += (sum(t.value for t in activation_bytes_per_token(cfg, kind, fp8, mtp=b.kind == "mtp"))
+                    * tokens * in_flight)
+    terms = [Term("activations", act, f"per-token layer bytes (see --explain activations) x {micro_batch} x "
+                  f"{seq} tokens x {flight_txt}")]
     if any(b.kind == "head" for b in blocks):
         terms.append(Term("logits", 4 * tokens * cfg.vocab_size * n_heads,
                           f"FP32 logits 4 x {micro_batch} x {seq} x {cfg.vocab_size} x {n_heads} head(s)"
@@ -564,7 +568,7 @@ def _fewchips_terms(p: Params, split: GPUSplit, s: int, blocks, seq: int, micro_
 def _param_shapes(cfg_json: str) -> tuple:
     import torch
 
-    from fewchips.model import DeepseekV3
+    from fewchips.model import DeepseekV3    # here: plan.estimate stays torch-free (fewchips plan)
     with torch.device("meta"):
         model = DeepseekV3(ModelConfig.from_dict(json.loads(cfg_json)))
     return tuple((n, tuple(t.shape)) for n, t in [*model.named_parameters(), *model.named_buffers()])
@@ -580,7 +584,7 @@ def serving_weight_bytes(cfg: ModelConfig, ep: int = 1, fp8: bool = False, redun
     tensor whole except the routed experts, of which E/N own plus R/N replicas per MoE layer. fp8
     (`--weights fp8`): the recipe's linears and experts as E4M3 with 128x128 FP32 scales (gate and up
     quantised apart, as the release stores them), the router bias FP32, the rest in the model dtype."""
-    from fewchips.fp8.recipe import is_fp8_linear
+    from fewchips.fp8.recipe import is_fp8_linear    # here: plan.estimate stays torch-free (fewchips plan)
     slots = cfg.n_routed_experts // ep + redundant // ep
     out = {"experts": 0, "rest": 0}
     for name, shape in _param_shapes(json.dumps(cfg.to_dict(), sort_keys=True)):
@@ -650,7 +654,8 @@ def implied_mfu_terms(tokens: float, gpu_hours: float, flops: Flops, gpu: GPU) -
     achieved = tokens * flops.training / (gpu_hours * 3600)
     achieved_main = tokens * flops.training_main / (gpu_hours * 3600)
     terms = [Term("achieved per GPU", achieved / 1e12,
-                  f"{human(tokens)} tokens x {flops.training / 1e9:.1f} GFLOP/token / ({human(gpu_hours)} GPU-h x 3600)",
+                  f"{human(tokens)} tokens x {flops.training / 1e9:.1f} GFLOP/token / "
+                  f"({human(gpu_hours)} GPU-h x 3600)",
                   "TFLOPS")]
     for prec, peak in (("BF16", gpu.bf16_tflops), ("FP8", gpu.fp8_tflops)):
         if peak:

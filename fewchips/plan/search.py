@@ -101,7 +101,8 @@ def render_search(found: dict) -> str:
                 f"rank holds {found['weights_gib']:,.1f} GiB of weights ({found['rest_gib']:,.1f} GiB whole + "
                 f"{found['experts_gib']:,.1f} GiB of experts, 1/{found['ep']} of them): {found['need_gib']:,.1f} of "
                 f"{found['capacity_gib']:g} GiB")
-    held = "as fewchips train holds it" if found.get("memory") == "fewchips" else f"the report's recipe, ZeRO-{found['zero']}"
+    held = ("as fewchips train holds it" if found.get("memory") == "fewchips"
+            else f"the report's recipe, ZeRO-{found['zero']}")
     what = (f"training ({prec}, micro-batch {found['micro_batch']} x {found['seq']} tokens, {held}, "
             f"{found['schedule']})")
     if found["gpus"] is None:

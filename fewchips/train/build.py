@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import torch
 from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
+from ..fp8 import apply_fp8
+from ..fp8.optim import AdamWBF16Moments
 from ..model import DeepseekV3
 from .config import TrainConfig
 from .schedule import RunSchedule
@@ -43,7 +46,6 @@ def build_model(cfg: ModelConfig, tc: TrainConfig) -> DeepseekV3:
         for p in model.mtp.parameters():
             p.requires_grad_(False)
     if tc.fp8:
-        from ..fp8 import apply_fp8
         apply_fp8(model, backend=tc.fp8_backend, cache_activations=tc.fp8_activations == "cached")
     if tc.activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -67,8 +69,6 @@ def apply_activation_checkpointing(model: DeepseekV3):
     change. The MoE statistics are outputs of the checkpointed region like the hidden state, so the
     recomputation cannot count them twice. Without grad (evaluation, decoding with a cache) nothing
     is recomputed and the layer runs as it is."""
-    from torch.utils.checkpoint import checkpoint
-
     for layer in [*model.model.layers, *model.mtp]:
         def forward(*args, _orig=layer.forward, **kwargs):
             if not torch.is_grad_enabled():
@@ -94,7 +94,6 @@ def build_optimizer(model: DeepseekV3, tc: TrainConfig, schedule: RunSchedule | 
     kinds = {isinstance(p, DTensor) for p in decay + no_decay}
     fused = len(kinds) == 1
     if tc.bf16_moments:
-        from ..fp8.optim import AdamWBF16Moments
         opt = AdamWBF16Moments(groups, **kw)
     else:
         try:

@@ -26,7 +26,7 @@ import torch
 
 from .config import TrainError
 from ..losses import Batch
-from .tokenizer import ASSISTANT, BOS, EOS, USER
+from .tokenizer import ASSISTANT, BOS, EOS, USER, token_byte_lengths
 
 ROLES = ("system", "user", "assistant")
 
@@ -350,7 +350,6 @@ class ChatData:
         self.unigram_entropy = None
         self.val_bytes = 0
         if self.val is not None:
-            from .tokenizer import token_byte_lengths
             vb = batch_of(self.val, np.arange(len(self.val.ids)))
             mask = vb.target_mask(0).numpy()
             self.val_bytes = int(token_byte_lengths(tok)[self.val.ids[:, 1:]][mask].sum())

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from ..losses import Batch, bits_per_byte  # noqa: F401 - the data's types, re-exported
-from .prepare import (TOKENIZER_SAMPLE_MB, PrepareConfig, Solo, TokenStream, every_rank, file_hash,  # noqa: F401
-                      is_prepared, load_index, open_prepared, prepare, sample_texts, tokenizer_cache_path,
+from .prepare import (TOKENIZER_SAMPLE_MB, PrepareConfig, Solo, TokenStream, encode_batch, every_rank,  # noqa: F401
+                      file_hash, is_prepared, load_index, open_prepared, prepare, sample_texts, tokenizer_cache_path,
                       trained_tokenizer)
 from .sources import (TEXT_SUFFIXES, DataError, default_corpus_root, doc_hash, fim_split, is_val,  # noqa: F401
                       parse_sources, plan_units, psm, read_documents, read_unit)
@@ -52,7 +52,6 @@ def parse_psm(body, sp: SpecialIds):
 def encode_documents(docs, tok, sp: SpecialIds, fim_rate: float = 0.0, seed: int = 0, batch: int = 256):
     """Yield (ids, is_fim) per document, BOS body EOS, with FIM (PSM) where the name's hash says so:
     exactly what preparation writes for a training document."""
-    from .prepare import encode_batch
     pc = PrepareConfig(fim_rate=fim_rate, seed=seed, val_fraction=0.0)
     for start in range(0, len(docs), batch):
         for _, ids, is_fim, _ in encode_batch(docs[start:start + batch], tok, sp, pc):

@@ -19,6 +19,8 @@ import threading
 import torch
 from torch.distributed.tensor import DTensor
 
+from ..parallel.fsdp import fsdp_modules
+
 
 def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if isinstance(p, DTensor) else p
@@ -86,7 +88,6 @@ class ParameterEMA:
     @torch.no_grad()
     def swap(self, model: torch.nn.Module):
         """Exchange the average and the live parameters in place (bitwise; call again to swap back)."""
-        from ..parallel.fsdp import fsdp_modules
         self.wait()
         for m in fsdp_modules(model):      # drop gathered weights, so the next forward reads the shards
             m.reshard()

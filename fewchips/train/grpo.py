@@ -37,6 +37,8 @@ from .bundled import ARITHMETIC_SYSTEM, arithmetic_problem
 from .chat import ChatDataError, check_messages, encode_chat, read_jsonl
 from .config import TrainConfig, TrainError
 from ..checkpoint.run_dir import model_tokenizer
+from ..inference.engine import Engine, Request
+from ..inference.sampling import SamplingParams
 from .trainer import StepResult, Trainer
 
 
@@ -324,8 +326,6 @@ class GRPOTrainer(Trainer):
         """n completions per prompt from the current policy with the batched engine: token lists. One
         engine serves every step (rebuilt only to grow); its prefix cache is cleared first, since the
         weights changed, and then each prompt's full blocks are prefilled once for its n samples."""
-        from ..inference.engine import Request
-        from ..inference.sampling import SamplingParams
         tc = self.tc
         engine = self.engine(len(prompt_ids) * n, max(len(p) for p in prompt_ids) + tc.max_new_tokens + 1)
         engine.reset_prefix_cache()
@@ -339,7 +339,6 @@ class GRPOTrainer(Trainer):
         return [r.output_ids for r in reqs]
 
     def engine(self, batch: int, max_len: int):
-        from ..inference.engine import Engine
         e = getattr(self, "_engine", None)
         if e is None or e.max_batch < batch or e.max_len < max_len:
             if e is not None:
@@ -480,7 +479,7 @@ class GRPOTrainer(Trainer):
         return ev
 
     def plot(self):
-        from .plots import write_grpo_plots
+        from .plots import write_grpo_plots    # here, not at the top: plots imports matplotlib (~350 ms)
         write_grpo_plots(self.metrics_path, self.tc.out)
 
 

@@ -26,12 +26,19 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import sharded as pckpt
 from ..checkpoint.hf_format import save_pretrained
 from ..checkpoint.load import CheckpointError, CheckpointReader, load_weights
 from ..files import swap_dir, temp_dir_beside
-from ..losses import FIELDS, Batch, compute_losses, evaluate
+from ..losses import FIELDS, Batch, bits_per_byte, compute_losses, evaluate
+from ..parallel import abort_on_failure, grad_norm_sq, init_parallel, parallelize
+from ..parallel.fsdp import gather_once, set_gradient_sync
+from ..parallel.overlap import check_torch
+from ..parallel.pipeline import Pipeline
+from ..parallel.shards import held_rows
 from ..stages import stages_per_rank
 from .config import TrainConfig, TrainError
+from .prepare import Solo
 
 EMA_FILE = "ema.safetensors"           # a one-process checkpoint's parameter EMA (HF names, fp32)
 
@@ -40,14 +47,14 @@ def make_layout(tc: TrainConfig, device="cpu") -> "Layout":
     """One process unless the run is distributed (a layout flag, or torchrun's WORLD_SIZE > 1)."""
     if tc.pp == 1:
         given = [f for f, v, default in (("--pp-schedule", tc.pp_schedule, "dualpipev"),
-                                         ("--microbatches", tc.microbatches, None), ("--pp-overlap", tc.pp_overlap, "auto"))
+                                         ("--microbatches", tc.microbatches, None),
+                                         ("--pp-overlap", tc.pp_overlap, "auto"))
                  if v != default]
         if given:
             raise TrainError(f"{', '.join(given)} set the pipeline of --pp N (N > 1), which this run does not have",
                              every_rank=True)
     if not tc.distributed:
         return Layout(device)
-    from ..parallel import init_parallel
     try:
         par = init_parallel(dp=tc.dp, ep=tc.ep, timeout_s=tc.timeout_s, pp=tc.pp)
     except ValueError as e:
@@ -78,7 +85,6 @@ class Layout:
 
     def team(self):
         """The processes that prepare data together (rank, size, barrier, all_gather)."""
-        from .prepare import Solo
         return Solo()
 
     # ---- placement -----------------------------------------------------------------------------
@@ -268,7 +274,6 @@ class Sharded(Layout):
     def place(self, model, tc: TrainConfig, amp, packed: bool = False):
         """Under bf16 autocast FSDP all-gathers the weights in bf16 (half the traffic) while master
         weights, gradient reduction and optimizer state stay fp32."""
-        from ..parallel import parallelize
         self.experts_per_rank = model.config.n_routed_experts // self.par.ep
         try:
             return parallelize(model, self.par, param_dtype=amp)
@@ -280,11 +285,9 @@ class Sharded(Layout):
 
     @staticmethod
     def rows(name, t):
-        from ..parallel.shards import held_rows
         return held_rows(name, t)
 
     def fill(self, model, tc: TrainConfig):
-        from ..parallel.fsdp import gather_once
         super().fill(model, tc)
         gather_once(model)
 
@@ -309,11 +312,9 @@ class Sharded(Layout):
 
     def sync_gradients(self, model, last_micro_batch: bool):
         """FSDP reduce-scatters only after the last micro-batch of a step (the others accumulate unsharded)."""
-        from ..parallel.fsdp import set_gradient_sync
         set_gradient_sync(model, last_micro_batch)
 
     def grad_norm_sq(self, model):
-        from ..parallel import grad_norm_sq
         return grad_norm_sq(model, self.par)
 
     def reduce_loads(self, loads_LE):
@@ -340,8 +341,6 @@ class Sharded(Layout):
         return evaluate(model, local, data.val_bytes, amp, self.device, reduce=self.sum)
 
     def save_checkpoint(self, ckpt_dir, model, opt, state, write_files, ema=None):
-        from ..checkpoint import sharded as pckpt
-
         def with_state(tmp):
             write_files(tmp)
             torch.save(state, os.path.join(tmp, "train_state.pt"))
@@ -352,14 +351,12 @@ class Sharded(Layout):
 
     def load_checkpoint(self, path, model, opt, st):
         """Each rank reads its shards of the weights and optimizer state (any layout wrote them)."""
-        from ..checkpoint import sharded as pckpt
         if not os.path.exists(os.path.join(path, ".metadata")):
             raise TrainError(f"--resume: {path} is a single-process checkpoint; resume it without torchrun")
         pckpt.load(path, model, opt, owned=self.owned())
 
     def load_ema(self, path, ema, updates: int):
         """Each rank reads its shards of the average (saved at any layout) into the host copy."""
-        from ..checkpoint import sharded as pckpt
         try:
             pckpt.load_tensors(path, "ema", ema.sharded_state_dict())
         except (KeyError, RuntimeError, ValueError) as e:
@@ -368,15 +365,12 @@ class Sharded(Layout):
 
     def export(self, model, out, write_files):
         """One Hugging Face directory, streamed by rank 0 from the ranks' shards (no rank holds the model)."""
-
-        from ..checkpoint.sharded import save_hf
-        save_hf(model, out, self.device)
+        pckpt.save_hf(model, out, self.device)
         if self.par.is_main:
             write_files(out)
         dist.barrier(group=self.slow_group)
 
     def guard(self, what: str):
-        from ..parallel import abort_on_failure
         return abort_on_failure(self.par, what)
 
 
@@ -395,7 +389,8 @@ class Pipelined(Sharded):
     def describe(self) -> str:
         par = self.par
         return (f"parallel: {par.world_size} processes, pp {par.pp} ({self.tc.pp_schedule}, {self.microbatches} "
-                f"micro-batches) x dp {par.dp} x ep {par.ep} ({self.experts_per_rank} experts per rank), {par.device.type}")
+                f"micro-batches) x dp {par.dp} x ep {par.ep} ({self.experts_per_rank} experts per rank), "
+                f"{par.device.type}")
 
     def place(self, model, tc: TrainConfig, amp, packed: bool = False):
         """Every rank keeps only its stages' parameters (the pipeline releases the others, on meta) and
@@ -403,11 +398,9 @@ class Pipelined(Sharded):
         hides the all-to-alls (GPUs); measured 23% slower on 2 CPU cores (benchmarks/RESULTS.md). Never
         with activation checkpointing, whose recomputation issues forward all-to-alls from the backward's
         thread."""
-        from ..parallel.pipeline import Pipeline
         par = self.par
         self.experts_per_rank = model.config.n_routed_experts // par.ep
         rows = tc.batch_size * tc.grad_accum // (self.microbatches * par.data_size)
-        from ..parallel.overlap import check_torch
         untested = check_torch()
         if untested and tc.pp_overlap == "on":
             raise TrainError(f"--pp-overlap on: {untested}; use --pp-overlap off", every_rank=True)
@@ -452,9 +445,9 @@ class Pipelined(Sharded):
                              f"(--batch-size {tc.batch_size} x --grad-accum {tc.grad_accum})", every_rank=True)
         if tc.batch_ramp_tokens:
             if m % tc.grad_accum:
-                raise TrainError(f"--batch-ramp-tokens with --pp: --microbatches {m} must be a multiple of --grad-accum "
-                                 f"{tc.grad_accum} (each micro-batch of the ramp is {m // tc.grad_accum or 1}+ pipeline "
-                                 f"micro-batches of one shape)", every_rank=True)
+                raise TrainError(f"--batch-ramp-tokens with --pp: --microbatches {m} must be a multiple of "
+                                 f"--grad-accum {tc.grad_accum} (each micro-batch of the ramp is "
+                                 f"{m // tc.grad_accum or 1}+ pipeline micro-batches of one shape)", every_rank=True)
             start = max(1, (tc.batch_size_start or tc.batch_size) // tc.batch_size)     # trainer micro-batches
             first = start * (m // tc.grad_accum)
             if first < n_stages:                  # torch's schedules need a micro-batch for every stage
@@ -485,8 +478,6 @@ class Pipelined(Sharded):
     def evaluate(self, model, data, batch_size: int, amp) -> dict:
         """The validation windows through the pipeline in steps of the training shapes (the last step
         padded with filler rows that are not counted); the same numbers as one process."""
-
-        from ..losses import bits_per_byte
         batches = data.val_batches(batch_size)
         if not batches:
             return {}

@@ -33,7 +33,7 @@ import numpy as np
 from ..files import atomic_path, atomic_write_text
 from .sources import (UNIT_BYTES, DataError, Plan, ReadStats, Source, Unit, fim_choice, fim_split, is_val, plan_units,
                       psm, read_unit)
-from .tokenizer import train_tokenizer
+from .tokenizer import load_tokenizer, special_ids, tokenizer_hash, train_tokenizer
 
 FORMAT, VERSION = "fewchips-tokens", 2
 SHARD_TOKENS = 1 << 26                 # 64M tokens (128 MiB as uint16): a bound on any file we write
@@ -70,7 +70,6 @@ class Solo:
 
 def file_hash(path: str) -> str:
     """The tokenizer's own hash (its JSON as `tokenizers` writes it), whatever the file's formatting."""
-    from .tokenizer import load_tokenizer, tokenizer_hash
     return tokenizer_hash(load_tokenizer(path))
 
 
@@ -83,7 +82,6 @@ _TOKENIZERS: dict = {}
 
 def _tokenizer(path: str):
     if path not in _TOKENIZERS:
-        from .tokenizer import load_tokenizer, special_ids
         tok = load_tokenizer(path)
         _TOKENIZERS[path] = (tok, special_ids(tok, path))
     return _TOKENIZERS[path]

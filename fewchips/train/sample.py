@@ -13,8 +13,11 @@ import json
 import random
 
 from ..files import atomic_write_text
+from ..inference.engine import Engine, Request
+from ..inference.sampling import SamplingParams
 from .chat import encode_chat
 from .config import TrainError
+from .grpo import read_prompts
 
 KEEP = ("best", "all-correct")
 
@@ -23,8 +26,6 @@ def rejection_sample(model, tok, sp, task, prompts, n: int = 8, keep: str = "bes
                      temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch: int = 64, log=print):
     """`prompts`: [(messages, what the reward needs)] (a task's samples). Returns (kept chats as
     {"messages": [...], "reward": r} rows, per-prompt best rewards)."""
-    from ..inference.engine import Engine, Request
-    from ..inference.sampling import SamplingParams
     if keep not in KEEP:
         raise TrainError(f"--keep must be one of {', '.join(KEEP)}, got {keep!r}")
     kept, best = [], []
@@ -57,7 +58,6 @@ def write_chats(path: str, rows: list[dict]):
 
 def prompts_of(task, prompts_file: str | None, count: int, seed: int):
     """Every row of a file task's prompts, or `count` of a generated task's (seeded)."""
-    from .grpo import read_prompts
     if task.from_file:
         return [(r.messages, r) for r in read_prompts(prompts_file)]
     rng = random.Random(f"{seed}-sample")

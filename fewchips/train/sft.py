@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from .bundled import bundled_chats
 from .chat import ChatData, read_chats
 from .config import TrainConfig, TrainError
 from ..checkpoint.run_dir import model_tokenizer
@@ -57,7 +58,6 @@ class SFTTrainer(Trainer):
         if chats is None and self.tc.data:
             chats = read_chats(self.tc.data)
         if chats is None:
-            from .bundled import bundled_chats
             chats = bundled_chats(self.tc.seed)
             self.log(f"data: the bundled chats ({len(chats):,} conversations: "
                      "standard-library functions and arithmetic)")

@@ -28,7 +28,8 @@ def test_e5m6_rounds_to_the_nearest_value_ties_to_even():
     V = e5m6_values()
     assert V[-1] == E5M6_MAX
     g = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.randn(50_000, generator=g) * torch.exp2(torch.randint(-24, 16, (50_000,), generator=g).float()),
+    x = torch.cat([torch.randn(50_000, generator=g)
+                   * torch.exp2(torch.randint(-24, 16, (50_000,), generator=g).float()),
                    V.float(), ((V[1:] + V[:-1]) / 2).float()])              # every value and every midpoint
     x = torch.cat([x, -x])
     x = x[x.abs() <= E5M6_MAX]
@@ -89,7 +90,9 @@ def test_swiglu_mlp_caches_x_and_h_in_fp8_and_recomputes():
     assert torch.equal(grads["cached"][0], grads["full"][0])                 # the same forward, bit for bit
     for a, b, r in zip(grads["cached"][1:], grads["full"][1:], grads["fp32"][1:]):
         assert rel(a, b) < 0.08 and rel(a, r) < 1.25 * rel(b, r), (rel(a, b), rel(a, r), rel(b, r))
-    scales = lambda rows, cols: rows * -(-cols // 128) * 4
+    def scales(rows, cols):
+        return rows * -(-cols // 128) * 4
+
     weights_fp8 = sum(p.numel() + scales(-(-p.shape[0] // 128), p.shape[1]) for p in mlp.parameters())
     assert saved["cached"] == M * D + scales(M, D) + M * 2 * Fw + scales(M, 2 * Fw) + weights_fp8   # x, h: E4M3
     assert saved["full"] - weights_fp8 >= 2 * M * D + 13 * M * Fw          # x twice, g, u, silu(g) fp32, down input

@@ -26,7 +26,8 @@ def test_generate_plain_and_mtp(model_dir, capsys):
     spec = capsys.readouterr()
     assert spec.out == plain.out                                   # greedy: MTP changes speed, not text
     assert "MTP acceptance" in spec.err and "tokens per forward" in spec.err
-    assert main(["generate", "--model", model_dir, "--prompt", "hello world", "--max-new-tokens", "6", "--compile"]) == 0
+    assert main(["generate", "--model", model_dir, "--prompt", "hello world", "--max-new-tokens", "6",
+                 "--compile"]) == 0
     assert capsys.readouterr().out == plain.out                    # compiled decode steps: same greedy text
     assert main(["generate", "--model", model_dir, "--prompt", "hi", "--temperature", "0.8", "--seed", "3",
                  "--top-p", "0.9", "--top-k", "50", "--chat"]) == 0
@@ -76,7 +77,8 @@ def test_serve_command_starts_and_answers(model_dir):
                     break
             except httpx.HTTPError:
                 pass
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+            assert proc.poll() is None and time.time() < deadline, (proc.stdout.read() if proc.poll() is not None
+                                                                    else "timeout")
             time.sleep(0.5)
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hello", "max_tokens": 3}, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1

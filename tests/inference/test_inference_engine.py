@@ -17,7 +17,8 @@ from inference_utils import tiny_model
 
 def prompts(n, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 320, (int(torch.randint(1, 12, (), generator=g)),), generator=g).tolist() for _ in range(n)]
+    return [torch.randint(3, 320, (int(torch.randint(1, 12, (), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
 
 
 def test_engine_matches_generate_with_joins_and_leaves():

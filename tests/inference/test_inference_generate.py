@@ -17,7 +17,8 @@ def prompts(n, lens, seed=0, vocab=320):
     return [torch.randint(3, vocab, (k,), generator=g).tolist() for k in lens[:n]]
 
 
-@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None, "rope_scaling": YARN}], ids=["q_lora", "yarn_no_q_lora"])
+@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None, "rope_scaling": YARN}],
+                         ids=["q_lora", "yarn_no_q_lora"])
 def test_greedy_matches_transformers(tmp_path, overrides):
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
@@ -195,7 +196,8 @@ def test_gathered_experts_equal_the_grouped_path():
                                    rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("lens,overrides", [([9], {}), ([5, 12], {}), ([70], {"q_lora_rank": None, "rope_scaling": YARN})],
+@pytest.mark.parametrize("lens,overrides", [([9], {}), ([5, 12], {}),
+                                           ([70], {"q_lora_rank": None, "rope_scaling": YARN})],
                          ids=["batch1_one_graph", "ragged_batch2", "batch1_yarn_no_q_lora"])
 @pytest.mark.slow
 def test_compiled_decoding_equals_eager(lens, overrides):

@@ -65,7 +65,8 @@ def test_paged_logits_equal_contiguous(block_size, rope):
 
 def test_positional_attention_equals_its_twin():
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 3, 5, 12, generator=g), torch.randn(2, 3, 9, 12, generator=g), torch.randn(2, 3, 9, 8, generator=g)
+    q, k, v = (torch.randn(2, 3, 5, 12, generator=g), torch.randn(2, 3, 9, 12, generator=g),
+               torch.randn(2, 3, 9, 8, generator=g))
     pos = torch.tensor([[4, 5, 6, 7, 8], [0, 1, 2, 3, 4]])
     torch.testing.assert_close(positional_attention(q, k, v, 0.3, pos),
                                attention_reference(q, k, v, 0.3, positions_BT=pos), rtol=0, atol=1e-6)

@@ -215,7 +215,8 @@ def test_disconnected_stream_frees_its_slot(served, monkeypatch):
     aborted = []
     real_abort = served.engine.abort
     monkeypatch.setattr(served.engine, "abort", lambda r: (aborted.append(r), real_abort(r)))
-    real_decode = served.engine.runner.decode     # 120 tokens take >= 1.2 s: the hang-up lands first even on an idle machine
+    # 120 tokens take >= 1.2 s: the hang-up lands first even on an idle machine
+    real_decode = served.engine.runner.decode
     monkeypatch.setattr(served.engine.runner, "decode", lambda reqs: (time.sleep(0.01), real_decode(reqs))[1])
     with httpx.stream("POST", served.url + "/v1/completions", json={
             "model": NAME, "prompt": "hello", "max_tokens": 120, "stream": True, "temperature": 0}, timeout=30) as r:

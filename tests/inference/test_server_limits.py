@@ -102,7 +102,8 @@ def test_oversized_body_is_refused_before_it_is_read(served):
 
 def test_too_many_prompts_or_choices_are_400(served):
     r = post(served, {"prompt": ["hi"] * 9, "max_tokens": 1})
-    assert r.status_code == 400 and "at most 8" in r.json()["error"]["message"] and r.json()["error"]["param"] == "prompt"
+    assert (r.status_code == 400 and "at most 8" in r.json()["error"]["message"]
+            and r.json()["error"]["param"] == "prompt")
     r = post(served, {"prompt": "hi", "max_tokens": 1, "n": 5})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
     r = post(served, {"prompt": ["a", "b", "c"], "max_tokens": 1, "n": 2})      # 6 generations > 4 queued
