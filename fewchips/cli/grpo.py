@@ -1,12 +1,11 @@
 """`fewchips grpo`: GRPO with rule-based rewards on a model directory (default task: arithmetic)."""
 
 # fewchips imports sit inside the functions, so that `fewchips --help` loads no torch: see fewchips/cli/__init__.py.
-# Not yet true of register(): grpo_config comes from train.grpo, which imports the trainer and torch with it.
 from __future__ import annotations
 
 
 def register(sub):
-    from fewchips.train.grpo import grpo_config
+    from fewchips.train.config import grpo_config
 
     from .train import add_run_flags, set_defaults_from
     p = sub.add_parser("grpo", help="reinforce a model with GRPO and rule-based rewards",

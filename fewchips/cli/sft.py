@@ -1,12 +1,11 @@
 """`fewchips sft`: supervised fine-tuning of a model directory on chats (default: the bundled set)."""
 
 # fewchips imports sit inside the functions, so that `fewchips --help` loads no torch: see fewchips/cli/__init__.py.
-# Not yet true of register(): sft_config comes from train.sft, which imports the trainer and torch with it.
 from __future__ import annotations
 
 
 def register(sub):
-    from fewchips.train.sft import sft_config
+    from fewchips.train.config import sft_config
 
     from .train import add_run_flags, set_defaults_from
     p = sub.add_parser("sft", help="fine-tune a model on chats (sample-masked packing, assistant-only loss)",

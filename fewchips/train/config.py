@@ -136,3 +136,56 @@ class TrainConfig:
                      "batch_ramp_tokens", "batch_size_start", "freeze_mtp", "init")
     # fields that lay out the schedule: changing them on --resume needs --allow-schedule-change
     SCHEDULE_FIELDS = ("steps", "warmup_steps")
+
+
+# ---- post-training's settings (here, torch-free, so the commands' --help loads no torch) ----
+
+SFT_DEFAULTS = dict(steps=200, batch_size=8, seq_len=512, lr=3e-4, lr_schedule="cosine", min_lr_ratio=0.2,
+                    mtp_lambda=0.1, mtp_lambda_late=0.1, val_fraction=0.05, eval_every=50, save_every=100,
+                    fim_rate=0.0)
+
+
+def sft_config(**kw) -> TrainConfig:
+    """SFT's settings. λ (`--mtp-lambda`) holds for every step: pre-training's late value follows it. The
+    run's length is --steps or --epochs (passes over the packed rows, turned into steps once the data is
+    packed), not both."""
+    kw.setdefault("mtp_lambda_late", kw.get("mtp_lambda", SFT_DEFAULTS["mtp_lambda"]))
+    if kw.get("epochs") is not None and kw.get("steps") is not None:
+        raise TrainError(f"--steps {kw['steps']} and --epochs {kw['epochs']:g} both set the run's length; give one")
+    if kw.get("steps") is None:
+        kw["steps"] = 1 if kw.get("epochs") is not None else SFT_DEFAULTS["steps"]   # epochs: set from the data
+    return TrainConfig(**{**SFT_DEFAULTS, **kw})
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    task: str = "arithmetic"             # arithmetic | format | module:function
+    prompts: str | None = None           # .jsonl of prompts for a module:function task
+    group_size: int = 16                 # G completions per prompt
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    clip_eps: float = 0.2                # ε
+    kl_beta: float = 0.04                # β (DeepSeekMath's value)
+    iterations: int = 1                  # μ: updates per batch of rollouts, the ratio taken against the rollout policy
+    val_prompts: int | str = 50          # held-out prompts drawn apart from training's (never trained on), or a .jsonl
+    no_signal_steps: int = 3             # say so when this many first steps had no group with a reward spread
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.iterations < 1:
+            raise TrainError(f"--iterations must be >= 1, got {self.iterations}")
+        if (self.batch_size * self.group_size) % self.grad_accum:
+            raise TrainError(f"--grad-accum {self.grad_accum} must divide the step's {self.batch_size} x "
+                             f"{self.group_size} completions")
+
+
+GRPO_DEFAULTS = dict(steps=100, batch_size=16, lr=1e-4, lr_schedule="cosine", min_lr_ratio=1.0, warmup_steps=0,
+                     mtp_lambda=0.1, mtp_lambda_late=0.1, eval_every=20, save_every=50, log_every=1, seq_len=128,
+                     fim_rate=0.0)
+
+
+def grpo_config(**kw) -> GRPOConfig:
+    """GRPO's settings. λ (`--mtp-lambda`) holds for every step: pre-training's late value follows it."""
+    kw.setdefault("mtp_lambda_late", kw.get("mtp_lambda", GRPO_DEFAULTS["mtp_lambda"]))
+    return GRPOConfig(**{**GRPO_DEFAULTS, **kw})

@@ -35,45 +35,11 @@ import torch.nn.functional as F
 from . import rewards
 from .bundled import ARITHMETIC_SYSTEM, arithmetic_problem
 from .chat import ChatDataError, check_messages, encode_chat, read_jsonl
-from .config import TrainConfig, TrainError
+from .config import GRPO_DEFAULTS, GRPOConfig, TrainConfig, TrainError, grpo_config  # noqa: F401  (re-exported)
 from ..checkpoint.run_dir import model_tokenizer
 from ..inference.engine import Engine, Request
 from ..inference.sampling import SamplingParams
 from .trainer import StepResult, Trainer
-
-
-@dataclass
-class GRPOConfig(TrainConfig):
-    task: str = "arithmetic"             # arithmetic | format | module:function
-    prompts: str | None = None           # .jsonl of prompts for a module:function task
-    group_size: int = 16                 # G completions per prompt
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    clip_eps: float = 0.2                # ε
-    kl_beta: float = 0.04                # β (DeepSeekMath's value)
-    iterations: int = 1                  # μ: updates per batch of rollouts, the ratio taken against the rollout policy
-    val_prompts: int | str = 50          # held-out prompts drawn apart from training's (never trained on), or a .jsonl
-    no_signal_steps: int = 3             # say so when this many first steps had no group with a reward spread
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.iterations < 1:
-            raise TrainError(f"--iterations must be >= 1, got {self.iterations}")
-        if (self.batch_size * self.group_size) % self.grad_accum:
-            raise TrainError(f"--grad-accum {self.grad_accum} must divide the step's {self.batch_size} x "
-                             f"{self.group_size} completions")
-
-
-GRPO_DEFAULTS = dict(steps=100, batch_size=16, lr=1e-4, lr_schedule="cosine", min_lr_ratio=1.0, warmup_steps=0,
-                     mtp_lambda=0.1, mtp_lambda_late=0.1, eval_every=20, save_every=50, log_every=1, seq_len=128,
-                     fim_rate=0.0)
-
-
-def grpo_config(**kw) -> GRPOConfig:
-    """GRPO's settings. λ (`--mtp-lambda`) holds for every step: pre-training's late value follows it."""
-    kw.setdefault("mtp_lambda_late", kw.get("mtp_lambda", GRPO_DEFAULTS["mtp_lambda"]))
-    return GRPOConfig(**{**GRPO_DEFAULTS, **kw})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,28 +18,11 @@ import math
 
 from .bundled import bundled_chats
 from .chat import ChatData, read_chats
-from .config import TrainConfig, TrainError
+from .config import SFT_DEFAULTS, TrainConfig, TrainError, sft_config  # noqa: F401  (re-exported)
 from ..checkpoint.run_dir import model_tokenizer
 from .trainer import Trainer
 
 # Defaults where fine-tuning differs from pre-training (the rest are TrainConfig's).
-SFT_DEFAULTS = dict(steps=200, batch_size=8, seq_len=512, lr=3e-4, lr_schedule="cosine", min_lr_ratio=0.2,
-                    mtp_lambda=0.1, mtp_lambda_late=0.1, val_fraction=0.05, eval_every=50, save_every=100,
-                    fim_rate=0.0)
-
-
-def sft_config(**kw) -> TrainConfig:
-    """SFT's settings. λ (`--mtp-lambda`) holds for every step: pre-training's late value follows it. The
-    run's length is --steps or --epochs (passes over the packed rows, turned into steps once the data is
-    packed), not both."""
-    kw.setdefault("mtp_lambda_late", kw.get("mtp_lambda", SFT_DEFAULTS["mtp_lambda"]))
-    if kw.get("epochs") is not None and kw.get("steps") is not None:
-        raise TrainError(f"--steps {kw['steps']} and --epochs {kw['epochs']:g} both set the run's length; give one")
-    if kw.get("steps") is None:
-        kw["steps"] = 1 if kw.get("epochs") is not None else SFT_DEFAULTS["steps"]   # epochs: set from the data
-    return TrainConfig(**{**SFT_DEFAULTS, **kw})
-
-
 class SFTTrainer(Trainer):
     """The trainer on chats. `chats` (a list of conversations) overrides `tc.data` (a .jsonl file);
     with neither, the bundled set (`fewchips.train.bundled`)."""

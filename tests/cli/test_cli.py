@@ -114,3 +114,18 @@ def test_serve_over_ranks_without_torchrun_says_how_to_launch(tmp_path, capsys, 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert main(["serve", "--model", str(tmp_path), "--ep", "2"]) == 2
     assert "torchrun --nproc_per_node=2 -m fewchips serve --ep 2" in capsys.readouterr().err
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("argv", [["--help"], ["plan", "--help"], ["sft", "--help"], ["grpo", "--help"],
+                                  ["data", "prepare", "--help"]])
+def test_help_starts_without_torch(argv):
+    """Building the commands' parser imports no torch (1.2 s of a 2-core machine's start-up): imports
+    that load it sit inside the commands (fewchips/cli/__init__.py)."""
+    import subprocess
+    import sys
+    code = ("import sys; import fewchips.cli as c\n"
+            f"try: c.main({argv!r})\nexcept SystemExit: pass\n"
+            "print('TORCH', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert out.strip().endswith("TORCH False"), out[-500:]
