@@ -103,6 +103,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
+        self.forwards = 0             # main-model forwards: a step runs one for its chunks, one for its decodes
         self.peak_batch = 0           # most requests decoded together so far
         self.peak_running = 0         # most requests holding cache at once
         self.metrics.watch(self)
@@ -169,11 +170,14 @@ class Engine:
             batch = self.scheduler.schedule()
         self.peak_running = max(self.peak_running, len(self.running))
         try:
+            for r in batch.requests:
+                r.forwards += 1
             if batch.prefill:
                 self._record(self.runner.prefill(batch.prefill))
             if batch.decode:
                 self.peak_batch = max(self.peak_batch, len(batch.decode))
                 self._record(self.runner.decode(batch.decode))
+            self.forwards += bool(batch.prefill) + bool(batch.decode)
         except Exception as e:          # a failed forward fails its requests, not the engine
             log.exception("engine step failed")
             for r in batch.requests:
@@ -192,8 +196,9 @@ class Engine:
             self.metrics.speculation(len(drafted), sum(o.accepted for o in drafted))
         for o in outs:
             r = o.request
+            if o.prompt_logprobs:                    # from position 0 (again, after a preemption): afresh
+                r.prompt_logprob_list = (r.prompt_logprob_list if r.n_computed else []) + o.prompt_logprobs
             self.scheduler.computed(r, o.n_computed)   # before the new tokens: a draft's block is not full yet
-            r.prompt_logprob_list += o.prompt_logprobs
             r.drafted, r.accepted = r.drafted + o.drafted, r.accepted + o.accepted
             r.draft, r.draft_q = o.draft, o.draft_q
             for t, item in zip(o.tokens, o.logprobs):

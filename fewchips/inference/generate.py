@@ -96,7 +96,9 @@ def generate(model, input_ids, max_new_tokens: int | None = None, temperature: f
 
 
 def engine_generate(model, rows, params, tokenizer=None, stats: dict | None = None) -> list[list[int]]:
-    """The rows as engine requests with MTP speculation, all admitted and prefilled in the first step."""
+    """The rows as engine requests with MTP speculation, admitted together (max_batch and the prefill
+    budget hold them all). `stats`: drafts and acceptance; `forwards`, the main-model forwards;
+    `tokens_per_forward`, tokens per row-forward (each row's prefill chunks and decode steps)."""
     cfg = model.config
     if cfg.num_nextn_predict_layers < 1 or len(getattr(model, "mtp", [])) < 1:
         raise ValueError("use_mtp needs a model with an MTP module (num_nextn_predict_layers >= 1 and its weights)")
@@ -106,9 +108,9 @@ def engine_generate(model, rows, params, tokenizer=None, stats: dict | None = No
     if stats is not None:
         n_tokens, drafted = sum(len(r.output_ids) for r in reqs), sum(r.drafted for r in reqs)
         accepted = sum(r.accepted for r in reqs)
-        stats.update(drafted=drafted, accepted=accepted, forwards=engine.steps, tokens=n_tokens,
+        stats.update(drafted=drafted, accepted=accepted, forwards=engine.forwards, tokens=n_tokens,
                      acceptance_rate=accepted / max(drafted, 1),
-                     tokens_per_forward=n_tokens / (len(rows) + drafted))   # per row: a prefill, then verifies
+                     tokens_per_forward=n_tokens / sum(r.forwards for r in reqs))
     return [r.output_ids for r in reqs]
 
 

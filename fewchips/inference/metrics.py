@@ -60,11 +60,12 @@ class EngineMetrics:
             m.labels(model_name)            # exported (at 0) before the first event, as dashboards expect
 
     def watch(self, engine):
-        m = self.model_name
-        self.running.labels(m).set_function(lambda: len(engine.running))
-        self.waiting.labels(m).set_function(lambda: len(engine.waiting))
-        self.cache_usage.labels(m).set_function(lambda: engine.pool.n_used / max(engine.pool.n_usable, 1))
-        self.blocks_used.labels(m).set_function(lambda: engine.pool.n_used)
+        # the gauges read the scheduler, not the engine: no reference cycle keeps an engine's cache alive
+        m, sched = self.model_name, engine.scheduler
+        self.running.labels(m).set_function(lambda: len(sched.running))
+        self.waiting.labels(m).set_function(lambda: len(sched.waiting))
+        self.cache_usage.labels(m).set_function(lambda: sched.pool.n_used / max(sched.pool.n_usable, 1))
+        self.blocks_used.labels(m).set_function(lambda: sched.pool.n_used)
         layers = replica_layers(engine.model)
         if layers:                     # --ep N --redundant-experts R: as served, and with the own experts alone
             self.imbalance.labels(m, "served").set_function(lambda: replica_imbalance(layers)[1])

@@ -57,6 +57,7 @@ class Request:
     draft_q: torch.Tensor | None = None   # the distribution the draft was drawn from (None: greedy)
     drafted: int = 0                      # MTP drafts verified / accepted
     accepted: int = 0
+    forwards: int = 0                     # main-model forwards it took part in (prefill chunks, decodes)
 
     @property
     def tokens(self) -> list[int]:
@@ -69,8 +70,9 @@ class Request:
 
     @property
     def is_decode(self) -> bool:
-        """Everything but its newest token is computed (and no prompt scoring): one token this step."""
-        return self.pending == 1 and self.prompt_logprobs is None
+        """Everything but its newest token is computed, and a token is wanted (no prompt scoring, not
+        max_tokens 0): one token this step."""
+        return self.pending == 1 and self.prompt_logprobs is None and self.params.max_tokens > 0
 
     def notify(self, kind, payload):
         if self.on_event is not None:

@@ -143,9 +143,14 @@ class ModelRunner:
             if all(p.greedy for p in params):   # exact match: the same rule with one-hot p and q, minus the softmaxes
                 best_S2 = logits_B2V[sel].argmax(-1)
                 ok_S, fix_S, bonus_S = best_S2[:, 0] == d_S, best_S2[:, 0], best_S2[:, 1]
-            else:
-                ok_S, fix_S = verify(probabilities(logits_B2V[sel, 0], params),
-                                     torch.stack([r.draft_q for r in sr]), d_S, params, rngs)
+            else:                               # a draft made in an all-greedy batch has q one-hot at it
+                q_SV = torch.zeros(len(sr), logits_B2V.shape[-1], device=self.device)   # fp32, as probabilities
+                for j, r in enumerate(sr):
+                    if r.draft_q is not None:
+                        q_SV[j] = r.draft_q
+                    else:
+                        q_SV[j, r.draft] = 1.0
+                ok_S, fix_S = verify(probabilities(logits_B2V[sel, 0], params), q_SV, d_S, params, rngs)
                 bonus_S = draw(probabilities(logits_B2V[sel, 1], params), rngs)
             for j, (i, ok) in enumerate(zip(spec, ok_S.tolist())):
                 o = outs[i]

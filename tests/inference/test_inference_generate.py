@@ -260,3 +260,25 @@ def test_generate_takes_sampling_params_and_max_tokens():
     assert fewchips.generate(model, rows, params=params) == want
     assert fewchips.generate(model, rows, max_tokens=9, stop_token_ids=[], **kw) == want
     assert SamplingParams(max_new_tokens=9).max_tokens == 9
+
+
+def test_mtp_generate_frees_its_engine_and_counts_every_decode():
+    """generate(use_mtp=True) builds an engine per call: its paged cache is freed when the call returns
+    (no reference cycle waits for the collector). A row that never drafts (a frequency penalty) counts
+    its plain decode steps as forwards: one token per forward, as plain decoding."""
+    import gc
+
+    from fewchips.inference.paged import PagedLatentCache
+    model = copy_drafter_model(0.05)
+    rows = prompts(2, [6, 9], seed=8)
+    gc.collect()
+    gc.disable()
+    try:
+        fewchips.generate(model, rows, max_new_tokens=10, stop_token_ids=[], use_mtp=True)
+        assert not any(isinstance(o, PagedLatentCache) for o in gc.get_objects())
+    finally:
+        gc.enable()
+    stats = {}
+    params = SamplingParams(max_tokens=20, stop_token_ids=[], frequency_penalty=0.5)
+    fewchips.generate(model, [rows[0]], params=params, use_mtp=True, stats=stats)
+    assert stats["drafted"] == 0 and stats["tokens_per_forward"] == 1.0 and stats["forwards"] == 20

@@ -281,6 +281,24 @@ def test_speculative_greedy_equals_plain_greedy_in_a_batch():
     assert engine.steps < chunked.steps                     # one or two tokens per request per step
 
 
+def test_speculative_greedy_and_sampled_requests_verify_together():
+    """A greedy request drafts alone (its drafts' q one-hot, not stored), then a sampled one joins the
+    decode batch: both are verified in one step by the general rule; the greedy output is still plain
+    greedy's."""
+    from inference_utils import copy_drafter_model
+    model = copy_drafter_model(0.05)
+    want = Engine(model, max_batch=2, max_len=64).run([Request([5, 6, 7, 8, 9], SamplingParams(max_tokens=20))])[0]
+    engine = Engine(model, max_batch=4, max_len=64, speculative="mtp")
+    greedy = engine.add(Request([5, 6, 7, 8, 9], SamplingParams(max_tokens=20)))
+    for _ in range(3):
+        engine.step()
+    sampled = engine.add(Request([11, 12, 13], SamplingParams(max_tokens=20, temperature=0.9, seed=1)))
+    while engine.has_work():
+        engine.step()
+    assert greedy.error is None and sampled.error is None
+    assert greedy.output_ids == want.output_ids and len(sampled.output_ids) == 20
+
+
 def test_speculative_pool_stays_within_the_cap():
     """With MTP speculation the pool holds one more layer per token: --cache-gb still bounds it."""
     model = tiny_model(0)
@@ -303,3 +321,36 @@ def test_speculative_refusals():
     assert speculation_for(with_mtp, "mtp", 8) == "mtp"
     with pytest.raises(ValueError, match="auto, mtp or none"):
         speculation_for(with_mtp, "eagle")
+
+
+def test_preempted_echo_request_scores_its_prompt_once():
+    """A prompt_logprobs request preempted mid-prefill recomputes from position 0: its prompt logprobs
+    are the prompt's, once (not appended to the first attempt's), and equal an unpreempted run's."""
+    model = tiny_model(0)
+    bb = model.config.kv_cache_bytes_per_token(4) * 4
+    engine = Engine(model, max_batch=4, max_len=16, block_size=4, max_cache_bytes=6 * bb, prefix_caching=False)
+    older = engine.add(Request([5, 6, 7, 8], SamplingParams(max_tokens=12)))
+    engine.step()
+    echo = engine.add(Request(list(range(9, 17)), SamplingParams(max_tokens=8), prompt_logprobs=1))
+    while engine.has_work():
+        engine.step()
+    assert echo.preemptions + older.preemptions > 0
+    alone = Engine(model, max_batch=1, max_len=16, block_size=4).run(
+        [Request(list(range(9, 17)), SamplingParams(max_tokens=8), prompt_logprobs=1)])[0]
+    assert len(echo.prompt_logprob_list) == 8 and echo.prompt_logprob_list[0] is None
+    assert [x.token for x in echo.prompt_logprob_list[1:]] == list(range(10, 17))
+    torch.testing.assert_close(torch.tensor([x.logprob for x in echo.prompt_logprob_list[1:]]),
+                               torch.tensor([x.logprob for x in alone.prompt_logprob_list[1:]]), rtol=0, atol=1e-5)
+
+
+def test_max_tokens_zero_never_samples():
+    """max_tokens 0 computes the prompt and returns no token, also when only its last token is left to
+    compute (a one-token prompt, or a prompt the prefix cache holds but for its last token)."""
+    model = tiny_model(0)
+    engine = Engine(model, max_batch=2, max_len=64, block_size=4)
+    p = ids_of(9, 31)
+    engine.run([Request(p, SamplingParams(max_tokens=2))])
+    for prompt in ([7], p):
+        r = engine.run([Request(prompt, SamplingParams(max_tokens=0))])[0]
+        assert r.output_ids == [] and r.finish_reason == "length"
+    assert r.cached_tokens == 8
