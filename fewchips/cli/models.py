@@ -4,8 +4,23 @@ flags, loading the model and its tokenizer onto the device, and the sampling fla
 # fewchips imports sit inside the functions, so that `fewchips --help` loads no torch: see fewchips/cli/__init__.py.
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+
+
+def int_at_least(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi]; otherwise argparse's one line naming the flag."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be {f'in [{lo}, {hi}]' if hi is not None else f'>= {lo}'}, "
+                                             f"got {v}")
+        return v
+    return parse
 
 
 def add_model_flags(p):

@@ -7,7 +7,7 @@ import sys
 
 
 def register(sub):
-    from .models import add_model_flags
+    from .models import add_model_flags, int_at_least
     p = sub.add_parser("sample",
                        help="rejection sampling: keep a model's completions that a reward accepts, as SFT chats",
                        description="Sample --n completions per prompt with the batched engine, score them with a "
@@ -18,13 +18,13 @@ def register(sub):
     g.add_argument("--reward", default="arithmetic",
                    help="arithmetic | format (generated prompts) | math | code | module:function (with --prompts)")
     g.add_argument("--prompts", metavar="PROMPTS_JSONL", help="{\"prompt\" or \"messages\", ...fields} rows")
-    g.add_argument("--count", type=int, default=None,
+    g.add_argument("--count", type=int_at_least(1), default=None,
                    help="prompts of a generated task (arithmetic, format; default 100)")
-    g.add_argument("--n", type=int, default=8, help="completions per prompt")
+    g.add_argument("--n", type=int_at_least(1), default=8, help="completions per prompt")
     g.add_argument("--keep", choices=["best", "all-correct"], default="best",
                    help="best: each prompt's highest-rewarded completion (reward > 0); all-correct: every distinct "
                         "completion with reward >= 1")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="longest completion")
+    g.add_argument("--max-new-tokens", type=int_at_least(1), default=256, help="longest completion")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass")
     g.add_argument("--seed", type=int, default=0, help="seeds the prompts of a generated task and the samples")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 
-from .models import add_ep_flag, add_model_flags, load_model_and_tokenizer, ranked, refuse_replica_flags, wants_mtp
+from .models import (add_ep_flag, add_model_flags, int_at_least, load_model_and_tokenizer, ranked,
+                     refuse_replica_flags, wants_mtp)
 
 
 def register(sub):
@@ -13,17 +14,17 @@ def register(sub):
     add_model_flags(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 exposes it to the network")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=int_at_least(1, 65535), default=8000)
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     g.add_argument("--model-name", default=None, help="the id clients send as `model` (default: directory name)")
     e = p.add_argument_group("engine")
-    e.add_argument("--max-batch", type=int, default=16, help="requests running together (holding cache)")
+    e.add_argument("--max-batch", type=int_at_least(1), default=16, help="requests running together (holding cache)")
     e.add_argument("--max-len", type=int, default=None,
                    help="prompt + completion tokens per request (default: max_position_embeddings, at most 4096)")
     e.add_argument("--cache-gb", type=float, default=None,
                    help="latent-cache pool size (default: --max-batch requests of --max-len tokens); requests "
                         "take blocks as they grow, the newest is preempted if they run out")
-    e.add_argument("--block-size", type=int, default=16, help="tokens per cache block")
+    e.add_argument("--block-size", type=int_at_least(1), default=16, help="tokens per cache block")
     e.add_argument("--no-prefix-cache", action="store_true",
                    help="do not reuse cached blocks of earlier requests' prompts")
     e.add_argument("--speculative", default="auto", choices=["auto", "mtp", "none"],
@@ -31,7 +32,7 @@ def register(sub):
                         "auto: on for models with an MTP module on a GPU (or with --max-batch 1), off for a CPU "
                         "server, where it does not pay at batch > 1")
     add_ep_flag(e, "serve")
-    e.add_argument("--max-prefill-tokens", type=int, default=512,
+    e.add_argument("--max-prefill-tokens", type=int_at_least(1), default=512,
                    help="prompt tokens computed per step; longer prompts are prefilled in chunks beside "
                         "the running decodes")
     from fewchips.inference.server_limits import ServerLimits

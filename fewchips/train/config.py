@@ -3,6 +3,7 @@ No torch here: the command line reads the defaults from this dataclass without l
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -89,6 +90,7 @@ class TrainConfig:
     max_bad_steps: int = 5               # consecutive non-finite steps before stopping
 
     def __post_init__(self):
+        self._check_ranges()
         full = self.batch_size * self.grad_accum
         if self.batch_size < 1 or self.grad_accum < 1:
             raise TrainError(f"--batch-size ({self.batch_size}) and --grad-accum ({self.grad_accum}) must be >= 1")
@@ -119,6 +121,24 @@ class TrainConfig:
             raise TrainError(f"--batch-size-start {start} must be a multiple of --batch-size {self.batch_size} "
                              f"(the batch grows in whole micro-batches) between {self.batch_size} and "
                              f"--batch-size x --grad-accum = {full}")
+
+    def _check_ranges(self):
+        """Every number a run is made of, checked before any work (a tokenizer trained, data tokenised)."""
+        checks = [("--steps", self.steps, self.steps >= 1, ">= 1"),
+                  ("--seq-len", self.seq_len, self.seq_len >= 1, ">= 1"),
+                  ("--lr", self.lr, math.isfinite(self.lr) and self.lr > 0, "> 0"),
+                  ("--min-lr-ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+                  ("--weight-decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+                  ("--grad-clip", self.grad_clip, self.grad_clip > 0, "> 0"),
+                  ("--val-fraction", self.val_fraction, 0 <= self.val_fraction < 1, "in [0, 1)"),
+                  ("--fim-rate", self.fim_rate, 0 <= self.fim_rate <= 1, "in [0, 1]"),
+                  ("--log-every", self.log_every, self.log_every >= 1, ">= 1"),
+                  ("--eval-every", self.eval_every, self.eval_every >= 1, ">= 1"),
+                  ("--save-every", self.save_every, self.save_every >= 1, ">= 1"),
+                  ("--warmup-steps", self.warmup_steps, self.warmup_steps is None or self.warmup_steps >= 0, ">= 0")]
+        for flag, value, ok, allowed in checks:
+            if not ok:
+                raise TrainError(f"{flag} must be {allowed}, got {value}")
 
     @property
     def distributed(self) -> bool:

@@ -77,6 +77,10 @@ class Trainer:
             cfg = init_config(tc.init, log, tc.init_set, tc.extend_context)
         elif tc.init_set or tc.extend_context:
             raise TrainError("init_set and --extend-context change a model being continued: they need --init")
+        if cfg is not None and tc.seq_len > cfg.max_position_embeddings:
+            raise TrainError(f"--seq-len {tc.seq_len} is longer than the model's context "
+                             f"(max_position_embeddings {cfg.max_position_embeddings}); lower it, or extend the "
+                             "context (--extend-context)")
 
         def setup():                       # rank 0 first: it checks OUT and takes the lock
             self.run.open()

@@ -129,3 +129,33 @@ def test_help_starts_without_torch(argv):
             "print('TORCH', 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
     assert out.strip().endswith("TORCH False"), out[-500:]
+
+
+BAD_NUMBERS = [  # (argv after the command's required flags, the words the one line must hold)
+    (["train", "--steps", "-3"], "--steps must be >= 1, got -3"),
+    (["train", "--steps", "0"], "--steps must be >= 1, got 0"),
+    (["train", "--lr", "-1"], "--lr must be > 0, got -1.0"),
+    (["train", "--seq-len", "0"], "--seq-len must be >= 1, got 0"),
+    (["train", "--seq-len", "1000000"], "--seq-len 1000000 is longer than the model's context"),
+    (["train", "--val-fraction", "1"], "--val-fraction must be in [0, 1), got 1.0"),
+    (["sample", "--model", "M", "--n", "0"], "argument --n: must be >= 1, got 0"),
+    (["serve", "--model", "M", "--port", "99999"], "argument --port: must be in [1, 65535], got 99999"),
+]
+
+
+@pytest.mark.parametrize("argv,words", BAD_NUMBERS, ids=[" ".join(a) for a, _ in BAD_NUMBERS])
+def test_a_bad_number_is_one_line_before_any_work(argv, words, tmp_path, capsys):
+    """Refused before a tokenizer is trained or data read: a non-zero exit, the flag and its value named
+    in one line (argparse's usage line aside), no traceback, and no output folder left behind."""
+    out = tmp_path / "out"
+    argv = [a.replace("M", str(tmp_path / "no-model")) if a == "M" else a for a in argv]
+    argv += ["--out", str(out)] if argv[0] != "serve" else []
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if not line.startswith(("usage:", " "))]
+    assert code not in (0, None) and "Traceback" not in err
+    assert len(lines) == 1 and words in lines[0], err
+    assert not out.exists()
