@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     import os
 
     from ..runtime import tune_allocator
+    from ..train.config import TrainError             # torch-free, like everything imported here
     tune_allocator(int(os.environ.get("WORLD_SIZE", "1")))    # one process: speed; one of N: memory per rank
     try:
         return args.func(args) or 0
@@ -69,6 +70,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:   # bad input: one clear line, no traceback
         print(f"fewchips {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainError as e:                        # a run (or its data) that cannot go on: the command says why
+        print(f"fewchips {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -89,8 +89,8 @@ def _schedule_flags(p, pretrain: bool, batch_help: str):
         g.add_argument("--min-lr-ratio", type=float,
                        help="the lr ends at this fraction of the peak (the report: 1e-6/5e-6)")
     g.add_argument("--steps", type=int,
-                   help="optimizer steps (300 x 4096 tokens: ~7 min for tiny on 2 CPU cores); "
-                        "all schedules scale to it")
+                   help=("optimizer steps (300 x 4096 tokens: ~7 min for tiny on 2 CPU cores); all schedules scale "
+                         "to it" if pretrain else "optimizer steps; the schedule scales to it"))
     g.add_argument("--batch-size", type=int, help=batch_help)
     g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (bigger effective batch)")
     if pretrain:
@@ -101,7 +101,8 @@ def _schedule_flags(p, pretrain: bool, batch_help: str):
                        help="sequences per step when the ramp starts: a multiple of --batch-size "
                             "(default: one micro-batch)")
     g.add_argument("--seq-len", type=int, help="tokens per training sequence")
-    g.add_argument("--lr", type=float, help="peak learning rate (2e-3 suits tiny; ~6e-4 for small)")
+    g.add_argument("--lr", type=float, help="peak learning rate" + (" (2e-3 suits tiny; ~6e-4 for small)" if pretrain
+                                                                     else ""))
     g.add_argument("--warmup", type=int, dest="warmup_steps", help="warm-up steps (default 3%% of --steps)")
     g.add_argument("--weight-decay", type=float, help="AdamW decay on matrices (never on norms/biases)")
     g.add_argument("--grad-clip", type=float, help="global gradient-norm clip")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -276,6 +277,8 @@ class Trainer:
                 self.run.close()
         self.save_checkpoint()
         self.export()
+        if self.step >= tc.steps and self.layout.is_main:   # the run is done: the fallback's job too
+            shutil.rmtree(self.ckpt_dir + ".old", ignore_errors=True)
         if self.tc.plots:
             self.plot()
         self.run.close()

@@ -74,6 +74,7 @@ def test_signal_anywhere_in_a_step_resumes_exactly(tmp_path, corpus, uninterrupt
     again = Trainer(micro_config(), train_config(tmp_path, corpus, steps=N, resume=True), log=quiet)
     assert again.step == 4
     again.train()
+    assert os.path.exists(tmp_path / "checkpoint") and not os.path.exists(tmp_path / "checkpoint.old")   # done
     got = losses(again.metrics_path)
     assert sorted(got) == sorted(want)
     for k in want:
