@@ -73,9 +73,12 @@ def write_plots(metrics_path, load_LE, out_dir, unigram_entropy=None, layer_name
         rel = (load / load.mean(-1, keepdim=True).clamp_min(1e-9)).numpy()
         fig, a = plt.subplots(figsize=(max(5, 0.35 * rel.shape[1] + 2), 0.5 * rel.shape[0] + 2))
         im = a.imshow(rel, aspect="auto", cmap="coolwarm", vmin=0, vmax=2)
-        a.set(xlabel="expert", title="expert load / mean load (whole run)")
+        top = float(rel.max())
+        a.set(xlabel="expert", title="expert load / mean load (whole run)"
+              + (f"\nthe busiest expert {top:.1f}x; colours stop at 2" if top > 2 else ""))
         a.set_yticks(range(rel.shape[0]), layer_names or [f"MoE layer {i}" for i in range(rel.shape[0])])
-        fig.colorbar(im, ax=a)
+        bar = fig.colorbar(im, ax=a, extend="max" if top > 2 else "neither")   # an arrow: values beyond 2
+        bar.set_ticks([0, 0.5, 1, 1.5, 2], labels=["0", "0.5", "1", "1.5", "≥ 2" if top > 2 else "2"])
         fig.tight_layout()
         _save(fig, os.path.join(out_dir, "expert_load.png"))
 

@@ -31,6 +31,7 @@ import torch
 
 from ..config import ModelConfig
 from ..checkpoint.hf_format import write_expert_loads
+from ..fp8.gemm import resolve_backend
 from ..losses import max_violation, moe_routers, update_biases
 from ..model import DeepseekV3
 from .build import autocast_dtype, build_model, build_optimizer, clip_grad_norm
@@ -97,6 +98,12 @@ class Trainer:
         self.amp = autocast_dtype(tc.dtype, self.device)
         torch.manual_seed(tc.seed)
         self.model = self.build(cfg)
+        if tc.fp8:                         # say what FP8 means on this device: Hopper's GEMMs, or their twin
+            fast = resolve_backend(tc.fp8_backend, str(self.device)) == "scaled_mm"
+            how = "cuBLAS block-scaled GEMMs" if fast else "emulated: the same quantised values, FP32 matmuls, slower"
+            kept = "FP8" if tc.fp8_activations == "cached" else "full-precision"
+            self.log(f"fp8: the recipe's linears and experts compute in E4M3 ({how}); the backward keeps {kept} "
+                     "activations")
         self.routers = moe_routers(self.model)
         self.schedule = RunSchedule.of(tc)
         self.opt, self.sched = build_optimizer(self.model, tc, self.schedule)      # once, on the placed model

@@ -11,7 +11,7 @@ from fewchips.cli.train import train_config as cli_train_config
 from fewchips.fp8 import FP8Linear, FP8RoutedExperts
 from fewchips.checkpoint.fp8 import load_fp8, save_fp8
 from fewchips.train import Trainer
-from train_utils import micro_config, quiet, train_config, write_corpus
+from train_utils import micro_config, train_config, write_corpus
 
 
 def test_cli_flag_reaches_the_train_config(tmp_path):
@@ -24,7 +24,9 @@ def test_cli_flag_reaches_the_train_config(tmp_path):
 def test_train_fp8_end_to_end(tmp_path):
     data = write_corpus(tmp_path / "corpus", n_files=6, funcs=12)
     tc = train_config(tmp_path / "run", data, steps=6, eval_every=6, fp8=True, fp8_backend="emulate")
-    tr = Trainer(micro_config(), tc, log=quiet)
+    said = []
+    tr = Trainer(micro_config(), tc, log=said.append)
+    assert any(m.startswith("fp8: ") and "emulated" in m for m in said)     # the run says what FP8 means here
     fp8_mods = [m for m in tr.model.modules() if isinstance(m, (FP8Linear, FP8RoutedExperts))]
     assert len(fp8_mods) == 4 * 5 + 3 + 3 * 4            # attention in 4 layers, 1 dense MLP, 3x (experts + shared)
     out = tr.train()
