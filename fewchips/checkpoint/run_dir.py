@@ -41,6 +41,7 @@ class RunDir:
         if has_ckpt and not self.tc.resume and not self.tc.overwrite:
             raise TrainError(f"{self.out} already holds a training run; pass --resume to continue it or "
                              f"--overwrite to start over (the tokenised data cache is kept)")
+        self.created = not os.path.exists(self.out)
         os.makedirs(self.out, exist_ok=True)
         if self.writer:
             try:
@@ -51,6 +52,16 @@ class RunDir:
     def close(self):
         if self.writer:
             self.lock.release()
+
+    def abandon(self):
+        """The run failed before its first step: release OUT, and remove it if this run made it and
+        nothing was written there (a tokenised-data cache or a log is kept)."""
+        self.close()
+        if self.writer and getattr(self, "created", False):
+            try:
+                os.rmdir(self.out)
+            except OSError:
+                pass
 
     def resume_dir(self) -> str:
         """The newest checkpoint that can be read: OUT/checkpoint, else OUT/checkpoint.old (the one before

@@ -39,8 +39,12 @@ def read_jsonl(path: str):
     """(where, object) for each non-empty line of a .jsonl file; `where` is "path:line" for messages."""
     if not os.path.exists(path):
         raise ChatDataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    with open(path, "rb") as f:                        # bytes: a bad line is named, not a codec error
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ChatDataError(f"{path}:{n}: not UTF-8 text (byte {e.start} of the line)") from None
             if not line.strip():
                 continue
             try:

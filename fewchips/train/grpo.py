@@ -253,6 +253,8 @@ class GRPOTrainer(Trainer):
     the sharded policy (the same prompts and seeds, so the same completions) and trains on its slice of
     them; the frozen reference is sharded the same way, and not built at all when β = 0."""
 
+    positions_span_the_row = False       # rollouts are as long as prompt + completion, not --seq-len
+
     def __init__(self, tc: GRPOConfig, log=print, device="cpu"):
         if not tc.init:
             raise TrainError("fewchips grpo needs a model to start from: --model DIR")

@@ -27,6 +27,8 @@ class SFTTrainer(Trainer):
     """The trainer on chats. `chats` (a list of conversations) overrides `tc.data` (a .jsonl file);
     with neither, the bundled set (`fewchips.train.bundled`)."""
 
+    positions_span_the_row = False       # packed chats: each sample's positions restart at 0
+
     def __init__(self, tc: TrainConfig, log=print, device="cpu", chats=None):
         if not tc.init:
             raise TrainError("fewchips sft needs a model to start from: --model DIR")

@@ -79,7 +79,7 @@ class Trainer:
             cfg = init_config(tc.init, log, tc.init_set, tc.extend_context)
         elif tc.init_set or tc.extend_context:
             raise TrainError("init_set and --extend-context change a model being continued: they need --init")
-        if cfg is not None and tc.seq_len > cfg.max_position_embeddings:
+        if cfg is not None and self.positions_span_the_row and tc.seq_len > cfg.max_position_embeddings:
             raise TrainError(f"--seq-len {tc.seq_len} is longer than the model's context "
                              f"(max_position_embeddings {cfg.max_position_embeddings}); lower it, or extend the "
                              "context (--extend-context)")
@@ -89,6 +89,14 @@ class Trainer:
             return self.run.resume_dir() if tc.resume else None
 
         resume_from = self.layout.main_first(setup, lambda: self.run.resume_dir() if tc.resume else None)
+        try:
+            self._start(cfg, resume_from)
+        except BaseException:
+            self.run.abandon()             # nothing trained: the lock released, an empty OUT made here removed
+            raise
+
+    def _start(self, cfg: ModelConfig | None, resume_from: str | None):
+        """The data, the model and its optimizer, and a resumed run's state, once OUT is taken."""
         self.data = self.layout.main_first(lambda: self.make_data(cfg, resume_from)) if self.data_first_on_main \
             else self.make_data(cfg, resume_from)
         tc = self.tc                       # the data may have set the run's length (SFT's --epochs)
@@ -135,6 +143,7 @@ class Trainer:
         return model
 
     data_first_on_main = False           # pre-training data: every rank prepares its share together
+    positions_span_the_row = True        # a row is one run of positions 0..seq_len-1 (packed chats restart)
 
     def make_data(self, cfg: ModelConfig, resume_from: str | None):
         """The data this run trains on (pre-training text here; chats for `fewchips sft`)."""

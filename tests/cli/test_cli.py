@@ -159,3 +159,24 @@ def test_a_bad_number_is_one_line_before_any_work(argv, words, tmp_path, capsys)
     assert code not in (0, None) and "Traceback" not in err
     assert len(lines) == 1 and words in lines[0], err
     assert not out.exists()
+
+
+def test_bad_data_is_one_line_naming_the_file_and_leaves_no_folder(tmp_path, capsys):
+    """Non-UTF-8 bytes in a text file: one line with the file, and the output folder the run made is gone
+    again (no lock file left in an empty folder)."""
+    text = tmp_path / "a.txt"
+    text.write_bytes(b"hello \xff\xfe world")
+    out = tmp_path / "out"
+    code = main(["train", "--preset", "tiny", "--data", str(text), "--steps", "1", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code not in (0, None) and "Traceback" not in err
+    assert f"{text}: not UTF-8 text" in err.splitlines()[-1], err
+    assert not out.exists()
+
+
+def test_chats_that_are_not_utf8_are_named_by_file_and_line(tmp_path):
+    from fewchips.train.chat import ChatDataError, read_jsonl
+    chats = tmp_path / "c.jsonl"
+    chats.write_bytes(b'{"messages": []}\n{"messages": [{"role": "user", "content": "h\xff"}]}\n')
+    with pytest.raises(ChatDataError, match=f"{chats}:2: not UTF-8 text"):
+        list(read_jsonl(str(chats)))
