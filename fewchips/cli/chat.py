@@ -47,26 +47,34 @@ def run(args, stdin=None, stdout=None):
         return 0
     engine = Engine(model if ranks is None else ranks.lockstep(model), tok, **engine_kw)
     try:
-        return _converse(args, engine, tok, stdin, stdout)
+        return _converse(args, engine, tok, stdin, stdout, stop_on_ctrl_c=ranks is None)
     finally:
         if ranks is not None:
             ranks.close()
 
 
-def _converse(args, engine, tok, stdin, stdout) -> int:
+def _converse(args, engine, tok, stdin, stdout, stop_on_ctrl_c: bool = True) -> int:
+    """As a shell does: an empty line asks again, Ctrl-D (or /exit) quits, Ctrl-C stops the reply being
+    written and keeps what it said (over ranks Ctrl-C ends the session: the ranks' step is collective)."""
     from fewchips.inference.engine import Request
     from fewchips.inference.sampling import SamplingParams
     from fewchips.inference.tokenizer import TextStream
 
     base = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(base)
-    print("fewchips chat: empty line or /exit quits, /reset starts over", file=sys.stderr)
+    print("fewchips chat: /exit or Ctrl-D quits, /reset starts over, Ctrl-C stops a reply", file=sys.stderr)
     while True:
         stdout.write("> ")
         stdout.flush()
-        line = stdin.readline()
-        if not line or line.strip() in ("", "/exit", "/quit"):
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:
+            stdout.write("\n")
+            continue
+        if not line or line.strip() in ("/exit", "/quit"):
             return 0
+        if not line.strip():
+            continue
         if line.strip() == "/reset":
             messages = list(base)
             continue
@@ -87,6 +95,15 @@ def _converse(args, engine, tok, stdin, stdout) -> int:
         stops = [tok.eos_token_id] if tok.eos_token_id is not None else []
         req = Request(ids, SamplingParams(max_tokens=budget, temperature=args.temperature, top_p=args.top_p,
                                           top_k=args.top_k, seed=args.seed, stop_token_ids=stops), on_event=show)
-        engine.run([req])
-        stdout.write(stream.flush() + "\n")
+        try:
+            engine.run([req])
+            end = "\n"
+        except KeyboardInterrupt:
+            if not stop_on_ctrl_c:
+                raise
+            engine.abort(req)                  # the next step finishes it and frees its blocks
+            while req.finish_reason is None:
+                engine.step()
+            end = " [stopped]\n"
+        stdout.write(stream.flush() + end)
         messages.append({"role": "assistant", "content": stream.text})

@@ -102,3 +102,24 @@ def test_tokenizer_config_bos_and_chat_template(model_dir, tmp_path):
     tok = Tokenizer.from_dir(tmp_path)
     assert tok.encode("hello")[0] == tok.bos_token_id and tok.eos_token_id == tok.tok.token_to_id("<eos>")
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}])     # no template: a plain transcript
+
+
+def test_chat_goes_on_after_an_empty_line_and_a_stopped_reply(model_dir):
+    """An empty line asks again; Ctrl-C while a reply is written stops that reply (the engine aborts it)
+    and the session goes on; /exit quits."""
+    args = build_parser().parse_args(["chat", "--model", model_dir, "--max-new-tokens", "20", "--temperature", "0"])
+
+    class CtrlCOnce(io.StringIO):              # the terminal's Ctrl-C, arriving during the first reply
+        fired = False
+
+        def write(self, s):
+            if not self.fired and s and s != "> " and self.getvalue().endswith("> "):
+                CtrlCOnce.fired = True
+                raise KeyboardInterrupt
+            return super().write(s)
+
+    out = CtrlCOnce()
+    from fewchips.cli import chat
+    assert chat.run(args, stdin=io.StringIO("hello\n\nhi\n/exit\n"), stdout=out) == 0
+    text = out.getvalue()
+    assert CtrlCOnce.fired and text.count("[stopped]") == 1 and text.count("> ") == 4
