@@ -34,6 +34,7 @@ class RunDir:
         self.ckpt_dir = os.path.join(tc.out, "checkpoint")
         self.metrics_path = os.path.join(tc.out, "metrics.jsonl")
         self.lock = FolderLock(tc.out)
+        self.created = False                          # whether open() made OUT (abandon() may remove it)
 
     def open(self):
         """Refuse to start over a run unless told (--resume, --overwrite), then take the lock."""
@@ -57,7 +58,7 @@ class RunDir:
         """The run failed before its first step: release OUT, and remove it if this run made it and
         nothing was written there (a tokenised-data cache or a log is kept)."""
         self.close()
-        if self.writer and getattr(self, "created", False):
+        if self.writer and self.created:
             try:
                 os.rmdir(self.out)
             except OSError:

@@ -69,13 +69,19 @@ def generate(model, input_ids, max_new_tokens: int | None = None, temperature: f
         raise ValueError("every prompt needs at least one token")
     if max_tokens is not None and max_new_tokens not in (None, max_tokens):
         raise ValueError(f"max_tokens={max_tokens} and max_new_tokens={max_new_tokens} are one setting: give one")
-    max_new_tokens = next((n for n in (max_tokens, max_new_tokens) if n is not None), MAX_TOKENS)
-    if params is not None:
+    max_new_tokens = max_tokens if max_tokens is not None else max_new_tokens
+    if params is not None:                 # every sampling setting comes from params: one given beside it is refused
+        given = [name for name, value, default in (
+            ("max_new_tokens", max_new_tokens, None), ("temperature", temperature, 0.0), ("top_p", top_p, 1.0),
+            ("top_k", top_k, 0), ("seed", seed, None), ("stop_token_ids", stop_token_ids, None), ("stop", stop, None))
+            if value != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} given beside params=SamplingParams(...): set it there")
         rows_params = [dataclasses.replace(params, seed=None if params.seed is None else params.seed + i)
                        for i in range(len(rows))]
     else:
-        rows_params = row_params(len(rows), max_new_tokens, temperature, top_p, top_k, seed, stop, stop_token_ids,
-                                 cfg.eos_token_id)
+        rows_params = row_params(len(rows), MAX_TOKENS if max_new_tokens is None else max_new_tokens, temperature,
+                                 top_p, top_k, seed, stop, stop_token_ids, cfg.eos_token_id)
     n_new = rows_params[0].max_tokens
     if rows_params[0].stop and tokenizer is None:
         raise ValueError("stop strings need tokenizer= to read the generated text")

@@ -152,14 +152,14 @@ class ModelRunner:
                         q_SV[j, r.draft] = 1.0
                 ok_S, fix_S = verify(probabilities(logits_B2V[sel, 0], params), q_SV, d_S, params, rngs)
                 bonus_S = draw(probabilities(logits_B2V[sel, 1], params), rngs)
-            for j, (i, ok) in enumerate(zip(spec, ok_S.tolist())):
-                o = outs[i]
+            for i, ok, fix, bonus in zip(spec, ok_S.tolist(), fix_S.tolist(), bonus_S.tolist()):
+                o = outs[i]                             # one host copy per tensor above, not one per row
                 o.drafted = True
                 if ok:                                  # position p+1 (the draft) is computed too
                     o.accepted, o.n_computed = True, 2
-                    o.tokens, o.logits = [reqs[i].draft, int(bonus_S[j])], [logits_B2V[i, 0], logits_B2V[i, 1]]
+                    o.tokens, o.logits = [reqs[i].draft, bonus], [logits_B2V[i, 0], logits_B2V[i, 1]]
                 else:
-                    o.tokens, o.logits = [int(fix_S[j])], [logits_B2V[i, 0]]
+                    o.tokens, o.logits = [fix], [logits_B2V[i, 0]]
                 o.logprobs = [None] * len(o.tokens)
         # MTP over [p, p+1] with tokens [p+1, p+2]; an entry at p+1 after a rejection is rewritten next step
         self._draft(outs, h_B2D, pos, [2] * len(outs), pos_B2, tables, at=[len(o.tokens) - 1 for o in outs])

@@ -260,6 +260,10 @@ def test_generate_takes_sampling_params_and_max_tokens():
     assert fewchips.generate(model, rows, params=params) == want
     assert fewchips.generate(model, rows, max_tokens=9, stop_token_ids=[], **kw) == want
     assert SamplingParams(max_new_tokens=9).max_tokens == 9
+    with pytest.raises(ValueError, match="temperature, seed given beside params"):      # refused, not ignored
+        fewchips.generate(model, rows, params=params, temperature=0.5, seed=3)
+    with pytest.raises(ValueError, match="are one setting"):
+        fewchips.generate(model, rows, max_tokens=9, max_new_tokens=8)
 
 
 def test_mtp_generate_frees_its_engine_and_counts_every_decode():
