@@ -16,7 +16,12 @@ def register(sub):
     add_model_flags(p)
     g = p.add_argument_group("prompts and reward")
     g.add_argument("--reward", default="arithmetic",
-                   help="arithmetic | format (generated prompts) | math | code | module:function (with --prompts)")
+                   help="arithmetic | format (generated prompts) | math | code | code-fraction | module:function "
+                        "(with --prompts)")
+    g.add_argument("--unsafe-code-reward", action="store_true",
+                   help="run the code rewards even where no sandbox (user, network, mount and PID namespaces) can be "
+                        "made: the completions' code then runs with CPU and memory limits only, able to read your "
+                        "files and reach the network")
     g.add_argument("--prompts", metavar="PROMPTS_JSONL", help="{\"prompt\" or \"messages\", ...fields} rows")
     g.add_argument("--count", type=int_at_least(1), default=None,
                    help="prompts of a generated task (arithmetic, format; default 100)")
@@ -34,7 +39,8 @@ def register(sub):
 
 def run(args):
     from fewchips.train import TrainError
-    from fewchips.train.grpo import load_task
+    from fewchips.train.grpo import CODE_TASKS, load_task
+    from fewchips.train.rewards import code_sandbox
     from fewchips.checkpoint.run_dir import model_tokenizer
     from fewchips.train.sample import prompts_of, rejection_sample, write_chats
 
@@ -44,7 +50,9 @@ def run(args):
               file=sys.stderr)
         return 2
     try:
-        task = load_task(args.reward, args.prompts)
+        task = load_task(args.reward, args.prompts, unsafe_code=args.unsafe_code_reward)
+        if args.reward in CODE_TASKS:        # how the completions' code runs, said once
+            print(code_sandbox(args.unsafe_code_reward), file=sys.stderr)
         prompts = prompts_of(task, args.prompts, args.count or 100, args.seed)
         model, _ = load_model_and_tokenizer(args)
         tok, sp = model_tokenizer(args.model)

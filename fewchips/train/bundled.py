@@ -4,8 +4,8 @@ library's own source) does: nothing is downloaded.
   - Code requests: for functions of the standard library with a docstring, the user asks for the
     function (its name, signature and the docstring's first paragraph) and the assistant answers
     with its source. The pre-trained demo model has read these files; SFT teaches it the chat form.
-  - Arithmetic: "What is 7 + 5?" answered by the number alone, a task with an exactly checkable answer
-    (what GRPO's rule-based reward needs; `fewchips grpo --task arithmetic`).
+  - Arithmetic: "What is 7 + 5?" answered \\boxed{12}, a task with an exactly checkable answer in the
+    designated format (what GRPO's rule-based reward needs; `fewchips grpo --task arithmetic`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import random
 
 from . import data as D
 
-ARITHMETIC_SYSTEM = "Answer with the number only."
+ARITHMETIC_SYSTEM = "Answer in \\boxed{}."
 
 
 def stdlib_function_chats(max_chats: int = 3000, max_chars: int = 1200, seed: int = 0) -> list[list[dict]]:
@@ -51,7 +51,7 @@ def arithmetic_chats(n: int = 1500, seed: int = 0) -> list[list[dict]]:
     for _ in range(n):
         q, a = arithmetic_problem(rng)
         chats.append([{"role": "system", "content": ARITHMETIC_SYSTEM}, {"role": "user", "content": q},
-                      {"role": "assistant", "content": a}])
+                      {"role": "assistant", "content": f"\\boxed{{{a}}}"}])
     return chats
 
 

@@ -179,8 +179,9 @@ def sft_config(**kw) -> TrainConfig:
 
 @dataclass
 class GRPOConfig(TrainConfig):
-    task: str = "arithmetic"             # arithmetic | format | module:function
-    prompts: str | None = None           # .jsonl of prompts for a module:function task
+    task: str = "arithmetic"             # arithmetic | format | math | code | code-fraction | module:function
+    prompts: str | None = None           # .jsonl of prompts for a math, code or module:function task
+    unsafe_code_reward: bool = False     # run the code tasks where no sandbox can be made (limits only)
     group_size: int = 16                 # G completions per prompt
     max_new_tokens: int = 16
     temperature: float = 1.0

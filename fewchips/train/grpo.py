@@ -12,9 +12,10 @@ One step:
 The MTP module is kept in step with the policy: it is trained (weight λ) to predict the sampled
 completions' next-next tokens, so speculative decoding keeps drafting what the policy now writes.
 
-Tasks: built-in `arithmetic` (exact answer: reward 1 when the reply is the number, else 0) and `format`
-(reward 1 when the reply is a bare integer), or any `module:function` taking (prompt, completion) and
-returning a float, with prompts from --prompts (a .jsonl of {"prompt": ...} or {"messages": ...}).
+Tasks: built-in `arithmetic` (exact answer: reward 1 when the reply's \\boxed{...} holds the number, else 0)
+and `format` (reward 1 when it boxes an integer); `math`, `code` and `code-fraction` on the rows of --prompts
+(`rewards.py`); or any `module:function` taking (prompt, completion) and returning a float, with prompts from
+--prompts (a .jsonl of {"prompt": ...} or {"messages": ...}).
 """
 
 from __future__ import annotations
@@ -70,27 +71,40 @@ def _arithmetic_prompt(rng):
 
 _INTEGER = re.compile(r"^-?\d+$")
 
-BUILTIN_TASKS = {         # generated prompts, the answer beside each
-    "arithmetic": Task("arithmetic", _arithmetic_prompt, lambda m, c, a: float(c.strip() == a)),
-    "format": Task("format", _arithmetic_prompt, lambda m, c, a: float(bool(_INTEGER.match(c.strip())))),
-}
-FILE_TASKS = {            # prompts from --prompts, the field the reward checks against
-    "math": ("answer", lambda c, row: rewards.math_answer(c, row.fields["answer"])),
-    "code": ("tests", lambda c, row: rewards.code_tests(c, row.fields["tests"])),
-}
+
+def _boxed(completion: str) -> str:
+    return (rewards.boxed(completion) or "").strip()
 
 
-def load_task(name: str, prompts_file: str | None = None) -> Task:
+BUILTIN_TASKS = {         # generated prompts, the answer beside each; the reply's final answer is its last \boxed{}
+    "arithmetic": Task("arithmetic", _arithmetic_prompt, lambda m, c, a: float(_boxed(c) == a)),
+    "format": Task("format", _arithmetic_prompt, lambda m, c, a: float(bool(_INTEGER.match(_boxed(c))))),
+}
+FILE_TASKS = {            # prompts from --prompts, the field the reward checks against; (completion, row, unsafe)
+    "math": ("answer", lambda c, row, unsafe: rewards.math_answer(c, row.fields["answer"], where=row.where)),
+    "code": ("tests", lambda c, row, unsafe: rewards.code_tests(c, row.fields["tests"], unsafe=unsafe)),
+    "code-fraction": ("tests", lambda c, row, unsafe: rewards.code_tests(c, row.fields["tests"], fraction=True,
+                                                                         unsafe=unsafe)),
+}
+CODE_TASKS = tuple(k for k, (field, _) in FILE_TASKS.items() if field == "tests")
+
+
+def load_task(name: str, prompts_file: str | None = None, unsafe_code: bool = False) -> Task:
     """A built-in task (arithmetic, format: generated prompts), a file task (math: the row's `answer`
-    checked by math-verify; code: the row's `tests` run against the completion), or `module:function`
-    called with (prompt, completion, the row's fields it names). An error in a reward names the row."""
+    checked by math-verify against the completion's \\boxed{} answer; code: the row's `tests` run against
+    the completion, all or nothing; code-fraction: the share of them that pass), or `module:function`
+    called with (prompt, completion, the row's fields it names). An error in a reward names the row. The
+    code tasks refuse to run without a sandbox unless `unsafe_code` (--unsafe-code-reward)."""
     if name in BUILTIN_TASKS:
         if prompts_file:
             raise TrainError(f"--prompts applies to the math, code and module:function tasks; {name} makes its own")
         return BUILTIN_TASKS[name]
     if name in FILE_TASKS:
-        field, score = FILE_TASKS[name]
+        field, rule = FILE_TASKS[name]
         check = field
+
+        def score(c, row):
+            return rule(c, row, unsafe_code)
     else:
         module, sep, func = name.partition(":")
         if not sep or not module or not func:
@@ -111,6 +125,8 @@ def load_task(name: str, prompts_file: str | None = None) -> Task:
         missing = next((r for r in rows if check not in r.fields), None)
         if missing is not None:
             raise ChatDataError(f"{missing.where}: the {name} task needs a {check!r} field in every row")
+    if name in CODE_TASKS:
+        rewards.code_sandbox(unsafe_code)                      # refuses here, before a model is loaded
 
     def reward(messages, completion, row):
         try:
@@ -265,7 +281,7 @@ class GRPOTrainer(Trainer):
         for bad, why in refuse:
             if bad:
                 raise TrainError(f"fewchips grpo: {why}", every_rank=True)
-        self.task = load_task(tc.task, tc.prompts)
+        self.task = load_task(tc.task, tc.prompts, unsafe_code=tc.unsafe_code_reward)
         self._signal_seen, self._quiet_steps = False, 0
         super().__init__(None, tc, log, device)
         rows = tc.batch_size * tc.group_size

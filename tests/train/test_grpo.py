@@ -5,7 +5,6 @@ prompt files fail with the row or name at fault."""
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -120,7 +119,7 @@ def test_mtp_loss_does_not_steer_the_policy(sft_dir, tmp_path, monkeypatch):
 
 
 def test_tasks_and_prompt_files_fail_clearly(tmp_path):
-    with pytest.raises(TrainError, match="arithmetic, format, math, code, or module:function"):
+    with pytest.raises(TrainError, match="arithmetic, format, math, code, code-fraction, or module:function"):
         load_task("nonsense")
     with pytest.raises(TrainError, match="needs --prompts"):
         load_task("json:dumps")
@@ -135,9 +134,12 @@ def test_tasks_and_prompt_files_fail_clearly(tmp_path):
     assert messages == [{"role": "user", "content": "2+2?"}]
     arithmetic = load_task("arithmetic")
     (m, answer) = arithmetic.sample(rng)
-    assert arithmetic.reward(m, f" {answer} ", answer) == 1.0 and arithmetic.reward(m, answer + "0", answer) == 0.0
-    assert (load_task("format").reward(m, "-12", answer) == 1.0
-            and load_task("format").reward(m, "12 apples", answer) == 0.0)
+    assert "\\boxed{" in m[0]["content"]                                     # the prompt asks for the format
+    assert arithmetic.reward(m, f"it is \\boxed{{ {answer} }}", answer) == 1.0
+    assert arithmetic.reward(m, f"\\boxed{{{answer}0}}", answer) == 0.0 and arithmetic.reward(m, answer, answer) == 0.0
+    assert (load_task("format").reward(m, "\\boxed{-12}", answer) == 1.0
+            and load_task("format").reward(m, "\\boxed{12 apples}", answer) == 0.0
+            and load_task("format").reward(m, "12", answer) == 0.0)
 
 
 # ---- the knobs, each honoured (issue 24) ---------------------------------------------------------
@@ -235,51 +237,7 @@ def test_a_run_without_reward_spread_says_so(sft_dir, tmp_path, monkeypatch):
 
 
 
-# ---- rewards that see the data ----------------------------------------------------------------
-
-@pytest.mark.parametrize("answer, completion, want", [
-    ("1/2", "0.5", 1.0), ("\\frac{1}{2}", "The answer is $\\frac{2}{4}$.", 1.0), ("7", "so it is 7", 1.0),
-    ("7", "-7", 0.0), ("7", "seven", 0.0), ("3", "", 0.0), ("2", "$\\sqrt{4}$", 1.0), ("0.25", "1/3", 0.0)])
-def test_math_reward_accepts_equivalent_forms_and_rejects_wrong_ones(answer, completion, want):
-    pytest.importorskip("math_verify")
-    from fewchips.train.rewards import math_answer
-    assert math_answer(completion, answer) == want
-
-
-@pytest.mark.multiprocess
-@pytest.mark.parametrize("namespaces", [True, False], ids=["sandboxed", "no-namespaces"])
-def test_code_reward_runs_the_tests_in_a_limited_subprocess(tmp_path, monkeypatch, namespaces):
-    """Passing code scores 1, failing 0; an infinite loop is killed at its CPU limit; the network is
-    unreachable (a listening port on this machine is refused); nothing is written outside the working
-    folder (no file at all in the sandbox; no byte without namespaces), which is gone afterwards."""
-    import socket
-    import time
-    import fewchips.train.rewards as R
-    from fewchips.train.rewards import code_tests
-    if namespaces and not R._sandbox():
-        pytest.skip("this system allows no user namespaces (unshare -rnm)")
-    if not namespaces:
-        monkeypatch.setattr(R, "_sandbox", lambda: ())
-    tests = "assert add(2, 3) == 5"
-    assert code_tests("```python\ndef add(a, b):\n    return a + b\n```", tests) == 1.0
-    assert code_tests("def add(a, b):\n    return a - b", tests) == 0.0
-    t0 = time.time()
-    assert code_tests("def add(a, b):\n    while True:\n        pass", tests, cpu_s=1) == 0.0
-    assert time.time() - t0 < 5                              # the CPU limit, not the wall-clock timeout (7 s)
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        port = server.getsockname()[1]
-        reach = (f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
-                 "def add(a, b):\n    return a + b")
-        assert code_tests(reach, tests) == 0.0
-    leak = tmp_path / "leak.txt"
-    code_tests(f"open({str(leak)!r}, 'w').write('x' * 100)\ndef add(a, b):\n    return a + b", tests)
-    assert not leak.exists() if namespaces else (not leak.exists() or leak.stat().st_size == 0)
-    import glob
-    import tempfile
-    assert not glob.glob(os.path.join(tempfile.gettempdir(), "fewchips-reward-*"))
-
+# ---- rewards that see the data (the rules themselves: test_rewards.py) -------------------------------
 
 def test_a_users_reward_sees_the_rows_fields_and_its_errors_name_the_row(tmp_path):
     import sys
@@ -300,7 +258,7 @@ def test_a_users_reward_sees_the_rows_fields_and_its_errors_name_the_row(tmp_pat
             load_task("code", str(f))
         math = load_task("math", str(f))
         pytest.importorskip("math_verify")
-        assert math.reward(messages, "It is 4.", row) == 1.0
+        assert math.reward(messages, "It is \\boxed{4}.", row) == 1.0 and math.reward(messages, "It is 4.", row) == 0.0
     finally:
         sys.path.remove(str(tmp_path))
 
