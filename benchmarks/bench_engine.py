@@ -68,20 +68,21 @@ def run_timed(engine, reqs):
     return times, time.perf_counter() - t0
 
 
-def concurrency(model, pairs):
+def concurrency(model, pairs, n_requests=96, prompt=100, new=100, max_len=2048, cap_requests=8):
+    """n_requests chats (prompt + new tokens) at once under a cache of cap_requests x max_len tokens."""
     cfg = model.config
-    per_token = cfg.kv_cache_bytes_per_token(4)
-    cap = 8 * 2048 * per_token
-    rows = [ids(100, i) for i in range(96)]
+    per_token = cfg.kv_cache_bytes_per_token(next(model.parameters()).element_size())
+    cap = cap_requests * max_len * per_token
+    rows = [ids(prompt, i) for i in range(n_requests)]
     out = {"slot": [], "paged": []}
     for _ in range(pairs):
         for name in ("slot", "paged"):
-            bs = 2048 if name == "slot" else 16
-            engine = Engine(model, max_batch=256, max_len=2048, max_cache_bytes=cap + bs * per_token, block_size=bs,
-                            prefix_caching=name == "paged", max_prefill_tokens=2048)
-            reqs = [Request(r, SamplingParams(max_tokens=100)) for r in rows]
+            bs = max_len if name == "slot" else 16
+            engine = Engine(model, max_batch=256, max_len=max_len, max_cache_bytes=cap + bs * per_token,
+                            block_size=bs, prefix_caching=name == "paged", max_prefill_tokens=max_len)
+            reqs = [Request(r, SamplingParams(max_tokens=new)) for r in rows]
             _, wall = run_timed(engine, reqs)
-            out[name].append((engine.peak_batch, len(rows) * 100 / wall, engine.preemptions))
+            out[name].append((engine.peak_batch, len(rows) * new / wall, engine.preemptions))
     for name, runs in out.items():
         print(f"  {name:5s}: {runs[0][0]} requests decoded together at most (cache {cap / 2**20:.0f} MiB), "
               f"{statistics.median(r[1] for r in runs):.0f} tokens/s (runs {', '.join(f'{r[1]:.0f}' for r in runs)}), "
@@ -89,20 +90,28 @@ def concurrency(model, pairs):
     ratio = statistics.median(p[1] / s[1] for p, s in zip(out["paged"], out["slot"]))
     print(f"  => {out['paged'][0][0] / out['slot'][0][0]:.1f}x requests decoded together, "
           f"{ratio:.2f}x tokens/s (median of pairs)")
+    return {"requests": n_requests, "prompt": prompt, "new": new, "max_len": max_len, "cache_mib": cap / 2**20,
+            **{f"{name}_{k}": v for name, runs in out.items() for k, v in (
+                ("peak_batch", runs[0][0]), ("tokens_per_s", statistics.median(r[1] for r in runs)),
+                ("preemptions", runs[0][2]))},
+            "ratio_tokens_per_s": ratio}
 
 
-def prefix(model, pairs, rate, active):
-    shared = ids(1024, 99)
-    rows = [shared + ids(16, 200 + i) for i in range(16)]
+def prefix(model, pairs, rate, active, prefix_len=1024, n=16, tail=16):
+    """Time to first token of n requests sharing a prefix_len-token prefix, prefix cache on against off.
+    rate: a measured matmul FLOP/s; active: activated parameters (the share of it the prefill reaches)."""
+    shared = ids(prefix_len, 99)
+    rows = [shared + ids(tail, 200 + i) for i in range(n)]
     out = {"on": [], "off": []}
     for _ in range(pairs):
         for name in ("off", "on"):
-            engine = Engine(model, max_batch=16, max_len=1100, prefix_caching=name == "on")
+            engine = Engine(model, max_batch=n, max_len=prefix_len + tail + 60, prefix_caching=name == "on")
             reqs = [Request(r, SamplingParams(max_tokens=1)) for r in rows]
             times, wall = run_timed(engine, reqs)
             ttft = sorted(times[r.id][0] - r.t_add for r in reqs)
             computed = sum(len(r.prompt_ids) - r.cached_tokens for r in reqs)
             out[name].append((statistics.mean(ttft), ttft[-1], computed, wall))
+    res = {"requests": n, "prefix": prefix_len}
     for name, runs in out.items():
         mean = statistics.median(r[0] for r in runs)
         last = statistics.median(r[1] for r in runs)
@@ -110,39 +119,66 @@ def prefix(model, pairs, rate, active):
         util = 2 * active * runs[0][2] / wall / rate
         print(f"  prefix cache {name:3s}: TTFT mean {mean * 1e3:.0f} ms, last {last * 1e3:.0f} ms; "
               f"{runs[0][2]} prompt tokens computed; ~{util:.0%} of the matmul rate (2 x active params / token)")
+        res.update({f"{name}_ttft_mean_s": mean, f"{name}_ttft_last_s": last, f"{name}_tokens_computed": runs[0][2],
+                    f"{name}_matmul_share": util})
     r_mean = statistics.median(f[0] / n[0] for f, n in zip(out["off"], out["on"]))
     r_last = statistics.median(f[1] / n[1] for f, n in zip(out["off"], out["on"]))
     print(f"  => {r_mean:.1f}x faster mean TTFT, {r_last:.1f}x faster last TTFT (median of pairs)")
+    return {**res, "ratio_ttft_mean": r_mean, "ratio_ttft_last": r_last}
 
 
-def chunking(model, pairs):
+def chunking(model, pairs, long=4096, chunk=512, streams=4):
+    """`streams` running decodes while a `long`-token prompt arrives: their gaps, chunked against one-shot."""
     out = {"chunked": [], "one-shot": []}
     for _ in range(pairs):
         for name in ("one-shot", "chunked"):
-            engine = Engine(model, max_batch=8, max_len=4200, max_prefill_tokens=512 if name == "chunked" else 8192)
-            streams = [engine.add(Request(ids(8, 300 + i), SamplingParams(max_tokens=4000))) for i in range(4)]
+            engine = Engine(model, max_batch=streams + 4, max_len=long + 104,
+                            max_prefill_tokens=chunk if name == "chunked" else 2 * long)
+            running = [engine.add(Request(ids(8, 300 + i), SamplingParams(max_tokens=long - 96)))
+                       for i in range(streams)]
             for _ in range(5):
                 engine.step()
-            stamp = {r.id: [] for r in streams}
-            for r in streams:
+            stamp = {r.id: [] for r in running}
+            for r in running:
                 r.on_event = lambda req, kind, p: (stamp[req.id].append(time.perf_counter())
                                                    if kind == "tokens" else None)
-            long = engine.add(Request(ids(4096, 7), SamplingParams(max_tokens=1)))
+            arriving = engine.add(Request(ids(long, 7), SamplingParams(max_tokens=1)))
             t0 = time.perf_counter()
-            while long.finish_reason is None:
+            while arriving.finish_reason is None:
                 engine.step()
             ttft = time.perf_counter() - t0
-            gaps = [b - a for r in streams for a, b in zip(stamp[r.id], stamp[r.id][1:])]
+            gaps = [b - a for r in running for a, b in zip(stamp[r.id], stamp[r.id][1:])]
             out[name].append((max(gaps) if gaps else ttft, statistics.median(gaps) if gaps else ttft, ttft))
-            for r in streams:
+            for r in running:
                 engine.abort(r)
             engine.step()
+    res = {"prompt": long, "chunk": chunk, "streams": streams}
     for name, runs in out.items():
-        print(f"  {name:8s}: running streams' worst gap {statistics.median(r[0] for r in runs) * 1e3:.0f} ms, "
-              f"median {statistics.median(r[1] for r in runs) * 1e3:.0f} ms; the 4K prompt's first token after "
-              f"{statistics.median(r[2] for r in runs) * 1e3:.0f} ms")
+        worst, median, first = (statistics.median(r[i] for r in runs) for i in range(3))
+        print(f"  {name:8s}: running streams' worst gap {worst * 1e3:.0f} ms, "
+              f"median {median * 1e3:.0f} ms; the {long}-token prompt's first token after {first * 1e3:.0f} ms")
+        res.update({f"{name}_worst_gap_s": worst, f"{name}_median_gap_s": median, f"{name}_ttft_s": first})
     ratio = statistics.median(o[0] / c[0] for o, c in zip(out["one-shot"], out["chunked"]))
     print(f"  => worst inter-token gap {ratio:.1f}x smaller with chunking (median of pairs)")
+    return {**res, "ratio_worst_gap": ratio}
+
+
+def decode_rate(engine, rows, params):
+    """Decode tokens/s of `rows` admitted together (their prefill first, untimed), their outputs and
+    their finished Requests."""
+    reqs = [Request(r, params) for r in rows]
+    for r in reqs:
+        engine.add(r)
+    while any(not r.output_ids for r in reqs):
+        engine.step()
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    sync()
+    t0, n0 = time.perf_counter(), sum(len(r.output_ids) for r in reqs)
+    while any(r.finish_reason is None for r in reqs):
+        engine.step()
+    sync()
+    wall = time.perf_counter() - t0
+    return (sum(len(r.output_ids) for r in reqs) - n0) / wall, [r.output_ids for r in reqs], reqs
 
 
 def stdlib_prompts(tok, n, length=64):
@@ -166,18 +202,9 @@ def mtp(model_dir, pairs, batches=(1, 8)):
         for _ in range(pairs):
             for name in ("plain", "mtp"):
                 engine = Engine(model, max_batch=B, max_len=256, speculative="mtp" if name == "mtp" else None)
-                reqs = [Request(r, SamplingParams(max_tokens=128)) for r in rows]
-                for r in reqs:                        # time the decode only: prefill first
-                    engine.add(r)
-                while any(not r.output_ids for r in reqs):
-                    engine.step()
-                t0, n0 = time.perf_counter(), sum(len(r.output_ids) for r in reqs)
-                while any(r.finish_reason is None for r in reqs):
-                    engine.step()
-                wall = time.perf_counter() - t0
+                rate, outputs, reqs = decode_rate(engine, rows, SamplingParams(max_tokens=128))
                 acc = sum(r.accepted for r in reqs) / max(sum(r.drafted for r in reqs), 1)
-                out[name].append(((sum(len(r.output_ids) for r in reqs) - n0) / wall, acc,
-                                  [r.output_ids for r in reqs]))
+                out[name].append((rate, acc, outputs))
         assert all(a[2] == b[2] for a, b in zip(out["plain"], out["mtp"])), "speculative greedy output differs"
         for name, runs in out.items():
             print(f"  batch {B} {name:5s}: {statistics.median(r[0] for r in runs):.0f} tokens/s "

@@ -69,6 +69,137 @@ def section(results, name, path):
     return deco
 
 
+def correctness(dev, backend):
+    """Relative error of the fast path against the emulation (y, dx, dw) and of FP8 against fp32."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(512, 1024, device=dev, generator=g)
+    w = torch.randn(768, 1024, device=dev, generator=g) * 0.02
+    dy = torch.randn(512, 768, device=dev, generator=g)
+    outs = {}
+    for b in ("emulate", backend):
+        xb, wb = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        y = fp8_linear(xb, wb, b)
+        y.backward(dy)
+        outs[b] = (y, xb.grad, wb.grad)
+    ref = x @ w.t()
+    return {"y": rel(outs[backend][0], outs["emulate"][0]), "dx": rel(outs[backend][1], outs["emulate"][1]),
+            "dw": rel(outs[backend][2], outs["emulate"][2]), "fp8_vs_fp32_y": rel(outs[backend][0], ref)}
+
+
+def gemm_case(dev, backend, m, k, n, b_block, it):
+    a = torch.randn(m, k, device=dev)
+    bm = torch.randn(n, k, device=dev) * 0.02
+    aq, as_ = quantize(a, TILE)
+    bq, bs = quantize(bm, b_block)
+    a16, b16 = a.bfloat16(), bm.bfloat16()
+    t16 = timed(lambda: a16 @ b16.t(), dev, **it)
+    t8 = timed(lambda: fp8_mm(aq, as_, bq, bs, b_block, torch.bfloat16, backend), dev, **it)
+    tq = timed(lambda: quantize(a16, TILE), dev, **it)
+    fl = 2 * m * k * n
+    return {"shape_MKN": [m, k, n], "bf16_tflops": fl / t16 / 1e12, "fp8_tflops": fl / t8 / 1e12,
+            "speedup": t16 / t8, "quantise_1x128_ms": tq * 1e3, "bf16_ms": t16 * 1e3, "fp8_ms": t8 * 1e3}
+
+
+def gemm_cases(dev, backend, M, D, FD, FE, it):
+    """The V3 GEMMs (hidden D, dense FFN FD, expert FFN FE; M tokens), operands pre-quantised."""
+    return {"dense up  x[M,7168] W[18432,7168]": gemm_case(dev, backend, M, D, FD, BLOCK, it),
+            "dense down x[M,18432] W[7168,18432]": gemm_case(dev, backend, M, FD, D, BLOCK, it),
+            "expert up x[M,7168] W[2048,7168]": gemm_case(dev, backend, M, D, FE, BLOCK, it),
+            "wgrad dense up dy^T[18432,M] x^T[7168,M]": gemm_case(dev, backend, FD, M, D, TILE, it)}
+
+
+def quantise_cost(dev, M, D, FD, it):
+    out = {}
+    cq = torch.compile(quantize, dynamic=False)
+    for name, shape, block in (("activation 1x128", (M, D), TILE), ("weight 128x128", (FD, D), BLOCK)):
+        x = torch.randn(*shape, device=dev, dtype=torch.bfloat16)
+        te = timed(lambda: quantize(x, block), dev, **it)
+        tc = timed(lambda: cq(x, block), dev, **it)
+        q1, s1 = quantize(x, block)
+        q2, s2 = cq(x, block)
+        same = torch.equal(q1.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s1, s2)
+        gbps = x.numel() * 3 / 1e9                                  # read bf16 + write fp8, ideal
+        out[name] = {"shape": list(shape), "eager_ms": te * 1e3, "compiled_ms": tc * 1e3,
+                     "compiled_GBps_ideal": gbps / tc, "bitwise_equal": same}
+    return out
+
+
+def linear_case(dev, backend, M, k, n, it):
+    x = torch.randn(M, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(M, n, device=dev, dtype=torch.bfloat16)
+    lin = torch.nn.Linear(k, n, bias=False, device=dev)                          # fp32 master weight
+    f8 = FP8Linear.from_linear(lin, backend)
+
+    def step(layer):
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            y = layer(x)
+        y.backward(dy)
+        x.grad = lin.weight.grad = None
+    t16, t8 = timed(lambda: step(lin), dev, **it), timed(lambda: step(f8), dev, **it)
+    fl = 6 * M * k * n
+    return {"shape_MKN": [M, k, n], "bf16_tflops": fl / t16 / 1e12, "fp8_tflops": fl / t8 / 1e12,
+            "speedup": t16 / t8, "bf16_ms": t16 * 1e3, "fp8_ms": t8 * 1e3}
+
+
+def experts_case(dev, backend, M, D, FE, E, it):
+    """SwiGLU over E local experts, ~2 copies of each of M tokens, a little imbalance; bf16 against FP8."""
+    ex = RoutedExperts(E, D, FE).to(dev)
+    torch.nn.init.normal_(ex.gate_up_proj, std=0.006)
+    torch.nn.init.normal_(ex.down_proj, std=0.006)
+    per = M * 2 // E                                                # 2 copies per token on average
+    counts = torch.full((E,), per, device=dev)
+    counts[0] += per // 2
+    counts[1] -= per // 2                                           # a little imbalance
+    x = torch.randn(int(counts.sum()), D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(x.shape[0], D, device=dev, dtype=torch.bfloat16)
+    ex16 = RoutedExperts(E, D, FE).to(dev).bfloat16()
+    with torch.no_grad():
+        ex16.gate_up_proj.copy_(ex.gate_up_proj)
+        ex16.down_proj.copy_(ex.down_proj)
+    f8 = FP8RoutedExperts.from_experts(ex, backend)
+
+    def step(mod):
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            y = mod.expert_ffn(x, counts)
+        y.backward(dy)
+        x.grad = None
+        for p_ in mod.parameters():
+            p_.grad = None
+    t16, t8 = timed(lambda: step(ex16), dev, **it), timed(lambda: step(f8), dev, **it)
+    fl = 6 * x.shape[0] * 3 * D * FE
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
+        err = rel(f8.expert_ffn(x, counts), ex16.expert_ffn(x, counts))
+    return {"experts": E, "rows": x.shape[0], "bf16_tflops": fl / t16 / 1e12, "fp8_tflops": fl / t8 / 1e12,
+            "speedup": t16 / t8, "bf16_ms": t16 * 1e3, "fp8_ms": t8 * 1e3, "fp8_vs_bf16_rel_err": err,
+            "note": "the FP8 path runs one block-wise scaled_mm per expert (torch has no block-wise grouped GEMM)"}
+
+
+def train_run(model, ids, dev, fp8_backend=None, warmup=2, iters=5):
+    """Whole training steps of `model` (autocast bf16, fp32 master weights, AdamW) on one repeated batch of
+    windows ids [B, T+1]: the median step, and every step's loss (warm-up first). fp8_backend: the FP8
+    recipe applied first."""
+    if fp8_backend:
+        apply_fp8(model, fp8_backend)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    losses = []
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            logits = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = timed(step, dev, warmup=warmup, iters=iters)
+    tokens = ids.shape[0] * (ids.shape[1] - 1)
+    return {"params": sum(p_.numel() for p_ in model.parameters()), "tokens": tokens, "step_s": t,
+            "tok_per_s": tokens / t, "losses": losses,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "runs"), help="folder for device_fp8.json")
@@ -97,108 +228,24 @@ def main():
 
     @section(results, "correctness: fast path vs emulation (relative error)", path)
     def _():
-        g = torch.Generator(device=dev).manual_seed(0)
-        x = torch.randn(512, 1024, device=dev, generator=g)
-        w = torch.randn(768, 1024, device=dev, generator=g) * 0.02
-        dy = torch.randn(512, 768, device=dev, generator=g)
-        outs = {}
-        for b in ("emulate", backend):
-            xb, wb = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-            y = fp8_linear(xb, wb, b)
-            y.backward(dy)
-            outs[b] = (y, xb.grad, wb.grad)
-        ref = x @ w.t()
-        return {"y": rel(outs[backend][0], outs["emulate"][0]), "dx": rel(outs[backend][1], outs["emulate"][1]),
-                "dw": rel(outs[backend][2], outs["emulate"][2]), "fp8_vs_fp32_y": rel(outs[backend][0], ref)}
-
-    def gemm_case(m, k, n, b_block):
-        a = torch.randn(m, k, device=dev)
-        bm = torch.randn(n, k, device=dev) * 0.02
-        aq, as_ = quantize(a, TILE)
-        bq, bs = quantize(bm, b_block)
-        a16, b16 = a.bfloat16(), bm.bfloat16()
-        t16 = timed(lambda: a16 @ b16.t(), dev, **it)
-        t8 = timed(lambda: fp8_mm(aq, as_, bq, bs, b_block, torch.bfloat16, backend), dev, **it)
-        tq = timed(lambda: quantize(a16, TILE), dev, **it)
-        fl = 2 * m * k * n
-        return {"shape_MKN": [m, k, n], "bf16_tflops": fl / t16 / 1e12, "fp8_tflops": fl / t8 / 1e12,
-                "speedup": t16 / t8, "quantise_1x128_ms": tq * 1e3, "bf16_ms": t16 * 1e3, "fp8_ms": t8 * 1e3}
+        return correctness(dev, backend)
 
     @section(results, "gemm only (operands pre-quantised)", path)
     def _():
-        return {"dense up  x[M,7168] W[18432,7168]": gemm_case(M, D, FD, BLOCK),
-                "dense down x[M,18432] W[7168,18432]": gemm_case(M, FD, D, BLOCK),
-                "expert up x[M,7168] W[2048,7168]": gemm_case(M, D, FE, BLOCK),
-                "wgrad dense up dy^T[18432,M] x^T[7168,M]": gemm_case(FD, M, D, TILE)}
+        return gemm_cases(dev, backend, M, D, FD, FE, it)
 
     @section(results, "quantisation cost: eager PyTorch vs torch.compile (the fusion the fast path needs)", path)
     def _():
-        out = {}
-        cq = torch.compile(quantize, dynamic=False)
-        for name, shape, block in (("activation 1x128", (M, D), TILE), ("weight 128x128", (FD, D), BLOCK)):
-            x = torch.randn(*shape, device=dev, dtype=torch.bfloat16)
-            te = timed(lambda: quantize(x, block), dev, **it)
-            tc = timed(lambda: cq(x, block), dev, **it)
-            q1, s1 = quantize(x, block)
-            q2, s2 = cq(x, block)
-            same = torch.equal(q1.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s1, s2)
-            gbps = x.numel() * 3 / 1e9                                  # read bf16 + write fp8, ideal
-            out[name] = {"shape": list(shape), "eager_ms": te * 1e3, "compiled_ms": tc * 1e3,
-                         "compiled_GBps_ideal": gbps / tc, "bitwise_equal": same}
-        return out
-
-    def linear_case(k, n):
-        x = torch.randn(M, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        dy = torch.randn(M, n, device=dev, dtype=torch.bfloat16)
-        lin = torch.nn.Linear(k, n, bias=False, device=dev)                          # fp32 master weight
-        f8 = FP8Linear.from_linear(lin, backend)
-
-        def step(layer):
-            with torch.autocast(dev.type, dtype=torch.bfloat16):
-                y = layer(x)
-            y.backward(dy)
-            x.grad = lin.weight.grad = None
-        t16, t8 = timed(lambda: step(lin), dev, **it), timed(lambda: step(f8), dev, **it)
-        fl = 6 * M * k * n
-        return {"shape_MKN": [M, k, n], "bf16_tflops": fl / t16 / 1e12, "fp8_tflops": fl / t8 / 1e12,
-                "speedup": t16 / t8, "bf16_ms": t16 * 1e3, "fp8_ms": t8 * 1e3}
+        return quantise_cost(dev, M, D, FD, it)
 
     @section(results, "linear forward+backward (autocast bf16, fp32 master weight, quantisation included)", path)
     def _():
-        return {"dense up 7168->18432": linear_case(D, FD), "dense down 18432->7168": linear_case(FD, D)}
+        return {"dense up 7168->18432": linear_case(dev, backend, M, D, FD, it),
+                "dense down 18432->7168": linear_case(dev, backend, M, FD, D, it)}
 
     @section(results, "grouped experts forward+backward (SwiGLU, 32 local experts, 7168x2048)", path)
     def _():
-        E = 8 if smoke else 32
-        ex = RoutedExperts(E, D, FE).to(dev)
-        torch.nn.init.normal_(ex.gate_up_proj, std=0.006)
-        torch.nn.init.normal_(ex.down_proj, std=0.006)
-        per = M * 2 // E                                                # 2 copies per token on average
-        counts = torch.full((E,), per, device=dev)
-        counts[0] += per // 2
-        counts[1] -= per // 2                                           # a little imbalance
-        x = torch.randn(int(counts.sum()), D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        dy = torch.randn(x.shape[0], D, device=dev, dtype=torch.bfloat16)
-        ex16 = RoutedExperts(E, D, FE).to(dev).bfloat16()
-        with torch.no_grad():
-            ex16.gate_up_proj.copy_(ex.gate_up_proj)
-            ex16.down_proj.copy_(ex.down_proj)
-        f8 = FP8RoutedExperts.from_experts(ex, backend)
-
-        def step(mod):
-            with torch.autocast(dev.type, dtype=torch.bfloat16):
-                y = mod.expert_ffn(x, counts)
-            y.backward(dy)
-            x.grad = None
-            for p_ in mod.parameters():
-                p_.grad = None
-        t16, t8 = timed(lambda: step(ex16), dev, **it), timed(lambda: step(f8), dev, **it)
-        fl = 6 * x.shape[0] * 3 * D * FE
-        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
-            err = rel(f8.expert_ffn(x, counts), ex16.expert_ffn(x, counts))
-        return {"experts": E, "rows": x.shape[0], "bf16_tflops": fl / t16 / 1e12, "fp8_tflops": fl / t8 / 1e12,
-                "speedup": t16 / t8, "bf16_ms": t16 * 1e3, "fp8_ms": t8 * 1e3, "fp8_vs_bf16_rel_err": err,
-                "note": "the FP8 path runs one block-wise scaled_mm per expert (torch has no block-wise grouped GEMM)"}
+        return experts_case(dev, backend, M, D, FE, 8 if smoke else 32, it)
 
     if not args.skip_step:
         @section(results, "training step (~1.5B-parameter MoE, AdamW, autocast bf16)", path)
@@ -218,28 +265,10 @@ def main():
             for kind in ("bf16", "fp8"):
                 torch.manual_seed(0)
                 model = DeepseekV3(cfg).to(dev).init_weights()
-                if kind == "fp8":
-                    apply_fp8(model, backend)
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
                 ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device=dev)
-                losses = []
-
-                def step():
-                    with torch.autocast(dev.type, dtype=torch.bfloat16):
-                        logits = model(ids[:, :-1])
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    losses.append(loss.item())
-                if dev.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                t = timed(step, dev, warmup=2, iters=1 if smoke else 5)
-                n_params = sum(p_.numel() for p_ in model.parameters())
-                out[kind] = {"params": n_params, "tokens": B * T, "step_s": t, "tok_per_s": B * T / t,
-                             "first_losses": losses[:3],
-                             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None}
-                del model, opt
+                r = train_run(model, ids, dev, backend if kind == "fp8" else None, warmup=2, iters=1 if smoke else 5)
+                out[kind] = {**{k: v for k, v in r.items() if k != "losses"}, "first_losses": r["losses"][:3]}
+                del model
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
             out["speedup"] = out["bf16"]["step_s"] / out["fp8"]["step_s"]

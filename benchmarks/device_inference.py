@@ -56,16 +56,18 @@ class Ours:
         from fewchips import LatentCache
         cfg = self.model.config
         B, T = ids.shape
-        self.cache = LatentCache(cfg, B, T + n_new + 8, n_layers=cfg.num_hidden_layers, dtype=DTYPE,
+        dtype = next(self.model.parameters()).dtype
+        self.cache = LatentCache(cfg, B, T + n_new + 8, n_layers=cfg.num_hidden_layers, dtype=dtype,
                                  device=ids.device, static=self.graph)
         tok = self.model(ids, cache=self.cache)[:, -1].argmax(-1)
         self.pos = torch.full((B, 1), T, device=ids.device)
-        if self.graph and DEVICE == "cuda":
+        self.replay = self.graph and ids.device.type == "cuda"     # on CPU: the static cache, no graph
+        if self.replay:
             self._capture(B)
         return tok
 
     def _capture(self, B):
-        self.tok_in = torch.zeros(B, 1, dtype=torch.long, device=DEVICE)
+        self.tok_in = torch.zeros(B, 1, dtype=torch.long, device=self.pos.device)
         self.pos_in = self.pos.clone()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -78,7 +80,7 @@ class Ours:
             self.logits_out = self.model(self.tok_in, positions=self.pos_in, cache=self.cache)
 
     def step(self, tok):
-        if self.graph and DEVICE == "cuda":
+        if self.replay:
             self.tok_in.copy_(tok[:, None])
             self.pos_in.copy_(self.pos)
             self.g.replay()

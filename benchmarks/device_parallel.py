@@ -27,13 +27,11 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
-def main() -> int:
-    cpu = "--cpu" in sys.argv          # a dry run of the same checks with gloo on CPU (tiny preset)
-    if not torch.cuda.is_available() and not cpu:
-        print("device_parallel: no CUDA device; skipped")
-        return 0
+def run_checks(cpu: bool, on_row=None) -> tuple[list[dict], bool]:
+    """The five checks in this process (one-rank group: NCCL, or gloo with cpu=True); every row is
+    printed and handed to on_row(rows so far) as soon as it is measured. Returns (rows, all passed)."""
     import torch.distributed as dist
-    from conftest import lm_loss, random_model, tiny_config, train_step
+    from model_utils import lm_loss, random_model, tiny_config, train_step
 
     from fewchips import DeepseekV3, ModelConfig, from_pretrained
     from fewchips.parallel import (ExpertParallelExperts, init_parallel, parallelize,
@@ -49,9 +47,8 @@ def main() -> int:
         row = {"check": name, "passed": bool(passed), **kw}
         results.append(row)
         print(json.dumps(row), flush=True)
-        if os.environ.get("OUT"):      # after every check: a crash or timeout keeps what was measured
-            with open(os.path.join(os.environ["OUT"], "results.json"), "w") as f:
-                json.dump(results, f, indent=1)
+        if on_row:
+            on_row(results)
 
     par = init_parallel(ep=1, backend="gloo" if cpu else "nccl", timeout_s=120)
     dev = par.device
@@ -133,6 +130,20 @@ def main() -> int:
 
     dist.barrier()
     shutdown()
+    return results, ok
+
+
+def main() -> int:
+    cpu = "--cpu" in sys.argv          # a dry run of the same checks with gloo on CPU (tiny preset)
+    if not torch.cuda.is_available() and not cpu:
+        print("device_parallel: no CUDA device; skipped")
+        return 0
+
+    def save(rows):                    # after every check: a crash or timeout keeps what was measured
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "results.json"), "w") as f:
+                json.dump(rows, f, indent=1)
+    _, ok = run_checks(cpu, save)
     print("device_parallel:", "all checks passed" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -29,35 +29,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE)]          # the device machine has no installed fewchips
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cpu", action="store_true", help="smoke run on CPU (tiny preset, fp32, short sequences)")
-    ap.add_argument("--preset", default=None, help="default: small on GPU, tiny on CPU")
-    ap.add_argument("--layers", type=int, default=2, help="decoder layers in the chunk")
-    ap.add_argument("--rows", type=int, default=None, help="sequences per micro-batch (default 4 GPU, 2 CPU)")
-    ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 2048 GPU, 64 CPU)")
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    if not args.cpu and not torch.cuda.is_available():
-        print("device_pipeline: no CUDA device; nothing measured (use --cpu for a smoke run)")
-        return 0
+def measure(dev, preset: str, layers: int, rows: int, seq: int, repeats: int) -> dict:
+    """F, B, I and W of one chunk of `layers` MoE layers of `preset` (bf16 autocast on CUDA, fp32 on
+    CPU), medians over `repeats` after two warm-ups, and the bubble shares they give; printed as it goes."""
     from fewchips import DeepseekV3, ModelConfig
     from fewchips.plan.estimate import GPUSplit, bubble_terms
 
-    dev = torch.device("cpu" if args.cpu else "cuda")
-    torch.set_num_threads(2)
-    preset = args.preset or ("tiny" if args.cpu else "small")
-    rows, seq = args.rows or (2 if args.cpu else 4), args.seq or (64 if args.cpu else 2048)
-    amp = None if args.cpu else torch.bfloat16
+    amp = torch.bfloat16 if dev.type == "cuda" else None
     cfg = ModelConfig.from_preset(preset, max_position_embeddings=max(seq, 256))
     torch.manual_seed(0)
     model = DeepseekV3(cfg).init_weights().to(dev).train()
     first = cfg.first_k_dense_replace
-    layers = list(model.model.layers)[first:first + args.layers]
-    if len(layers) < args.layers:
-        raise SystemExit(f"{preset} has {len(layers)} MoE layers, fewer than --layers {args.layers}")
-    params = [p for layer in layers for p in layer.parameters()]
+    chunk = list(model.model.layers)[first:first + layers]
+    if len(chunk) < layers:
+        raise SystemExit(f"{preset} has {len(chunk)} MoE layers, fewer than --layers {layers}")
+    params = [p for layer in chunk for p in layer.parameters()]
     pos = torch.arange(seq, device=dev).expand(rows, seq)
     cos, sin = model.rotary(pos)
 
@@ -68,7 +54,7 @@ def main():
     def forward(h):
         with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
             bal = torch.zeros((), device=dev)
-            for layer in layers:
+            for layer in chunk:
                 h, st = layer(h, cos, sin, with_stats=True)
                 bal = bal + st.seq_balance.float()
         return h, bal
@@ -81,7 +67,7 @@ def main():
         return time.perf_counter() - t0
 
     F, B, Ig = [], [], []
-    for i in range(args.repeats + 2):
+    for i in range(repeats + 2):
         h0 = torch.randn(rows, seq, cfg.hidden_size, device=dev, requires_grad=True)
         grad = torch.randn(rows, seq, cfg.hidden_size, device=dev)
         out = {}
@@ -102,7 +88,7 @@ def main():
     f, b, i_med = (statistics.median(x) * 1e3 for x in (F, B, Ig))
     w = max(b - i_med, 0.0)
     res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "preset": preset,
-           "layers_per_chunk": args.layers, "rows": rows, "seq": seq, "dtype": "bf16 autocast" if amp else "fp32",
+           "layers_per_chunk": layers, "rows": rows, "seq": seq, "dtype": "bf16 autocast" if amp else "fp32",
            "F_ms": f, "B_ms": b, "I_ms": i_med, "W_ms": w, "B_over_F": b / f, "W_over_F": w / f, "bubble": []}
     print(json.dumps({k: v for k, v in res.items() if k != "bubble"}))
     M = 32
@@ -116,6 +102,26 @@ def main():
             res["bubble"].append(row)
             print(json.dumps(row))
     print(f"fewchips plan --fbw {f:.3g},{b:.3g},{w:.3g}   (per-chunk ms: F, B, W)")
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu", action="store_true", help="smoke run on CPU (tiny preset, fp32, short sequences)")
+    ap.add_argument("--preset", default=None, help="default: small on GPU, tiny on CPU")
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers in the chunk")
+    ap.add_argument("--rows", type=int, default=None, help="sequences per micro-batch (default 4 GPU, 2 CPU)")
+    ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 2048 GPU, 64 CPU)")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if not args.cpu and not torch.cuda.is_available():
+        print("device_pipeline: no CUDA device; nothing measured (use --cpu for a smoke run)")
+        return 0
+    dev = torch.device("cpu" if args.cpu else "cuda")
+    torch.set_num_threads(2)
+    res = measure(dev, args.preset or ("tiny" if args.cpu else "small"), args.layers,
+                  args.rows or (2 if args.cpu else 4), args.seq or (64 if args.cpu else 2048), args.repeats)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:

@@ -26,25 +26,21 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cpu-smoke", action="store_true")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+PASSES = {"": ([], []),                                        # tag: (flags of both servers, of the ranked one)
+          "fp8_replicas_": (["--weights", "fp8"], ["--redundant-experts", "{n}", "--rebalance-every", "4"])}
+
+
+def measure(n: int, cpu: bool, passes=tuple(PASSES), ranked: bool = True) -> dict:
+    """For each pass: one `fewchips serve` process, then (ranked) `torchrun --nproc_per_node=n ... --ep n`,
+    on the same prompts; tokens, logprobs, seconds and what each rank holds. ranked=False: the one-process
+    server only (what one GPU can check)."""
     import httpx
     import torch
 
     from inference_utils import save_tiny_model_dir
-    n = 2 if args.cpu_smoke else torch.cuda.device_count()
-    result = {"ranks": n, "device": "cpu" if args.cpu_smoke else torch.cuda.get_device_name(0)}
-    if n < 2:
-        result["skipped"] = f"needs 2+ GPUs, found {n}"
-        print(json.dumps(result))
-        if args.json:
-            json.dump(result, open(args.json, "w"), indent=2)
-        return
-    device = "cpu" if args.cpu_smoke else "auto"
-    model_dir = save_tiny_model_dir(tempfile.mkdtemp(prefix="serve_ranks_"), n_routed_experts=8 * n)
+    result = {"ranks": n, "device": "cpu" if cpu else torch.cuda.get_device_name(0)}
+    device = "cpu" if cpu else "auto"
+    model_dir = save_tiny_model_dir(tempfile.mkdtemp(prefix="serve_ranks_"), n_routed_experts=8 * max(n, 1))
     prompts = [list(range(5, 5 + k)) for k in (3, 17, 40, 9, 70, 1)]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -75,17 +71,36 @@ def main():
         lps = [g["choices"][0]["logprobs"] for g in got]
         return [x["tokens"] for x in lps], [x["token_logprobs"] for x in lps], seconds, out
 
-    for tag, extra, rank_extra in (("", [], []),
-                                   ("fp8_replicas_", ["--weights", "fp8"],
-                                    ["--redundant-experts", str(n), "--rebalance-every", "4"])):
+    for tag in passes:
+        extra, rank_extra = PASSES[tag][0], [a.format(n=n) for a in PASSES[tag][1]]
         one = answers([*serve, *extra])
-        ranked = answers(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *serve, *extra,
-                          *rank_extra, "--ep", str(n)])
-        result[f"{tag}tokens_equal"] = one[0] == ranked[0]
-        result[f"{tag}max_logprob_diff"] = max(abs(a - b) for x, y in zip(one[1], ranked[1]) for a, b in zip(x, y))
-        result[f"{tag}seconds_one_process"], result[f"{tag}seconds_ranked"] = one[2], ranked[2]
-        result[f"{tag}held"] = [line for line in ranked[3].splitlines() if "MiB of weights" in line]
-        result[f"{tag}replicas"] = [line for line in ranked[3].splitlines() if line.startswith("expert replicas")]
+        result[f"{tag}seconds_one_process"] = one[2]
+        result[f"{tag}tokens_one_process"] = sum(map(len, one[0]))
+        if not ranked:
+            continue
+        ranked_ = answers(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *serve, *extra,
+                           *rank_extra, "--ep", str(n)])
+        result[f"{tag}tokens_equal"] = one[0] == ranked_[0]
+        result[f"{tag}max_logprob_diff"] = max(abs(a - b) for x, y in zip(one[1], ranked_[1]) for a, b in zip(x, y))
+        result[f"{tag}seconds_ranked"] = ranked_[2]
+        result[f"{tag}held"] = [line for line in ranked_[3].splitlines() if "MiB of weights" in line]
+        result[f"{tag}replicas"] = [line for line in ranked_[3].splitlines() if line.startswith("expert replicas")]
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cpu-smoke", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    import torch
+
+    n = 2 if args.cpu_smoke else torch.cuda.device_count()
+    if n < 2:
+        result = {"ranks": n, "device": torch.cuda.get_device_name(0) if n else "cpu",
+                  "skipped": f"needs 2+ GPUs, found {n}"}
+    else:
+        result = measure(n, args.cpu_smoke)
     print(json.dumps(result, indent=2))
     if args.json:
         json.dump(result, open(args.json, "w"), indent=2)
