@@ -32,7 +32,7 @@ def worker(args):
     from fewchips import DeepseekV3, ModelConfig
     from fewchips.parallel import init_parallel, parallelize, shutdown
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from conftest import train_step          # the trainer's step pieces on a dp x ep model
+    from model_utils import train_step          # the trainer's step pieces on a dp x ep model
     from fewchips.parallel.expert_parallel import comm_seconds, expert_modules
 
     n = int(os.environ["WORLD_SIZE"])

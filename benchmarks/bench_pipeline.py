@@ -118,6 +118,8 @@ def run_layout(name: str, args) -> dict:
     if p.returncode:
         raise SystemExit(f"{name} failed:\n{p.stderr[-3000:]}")
     ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(n)]
+    if any(r["code"] for r in ranks):              # a rank's trainer refused or failed: its words, not a ZeroDivision
+        raise SystemExit(f"{name}: fewchips train exited {[r['code'] for r in ranks]}:\n{p.stderr[-3000:]}")
     step = max(sum(r["step_s"]) / len(r["step_s"]) for r in ranks)       # the slowest rank sets the pace
     res = {"layout": name, "procs": n, "step_s": step, "tokens_per_s": args.batch * args.seq / step,
            "idle_share": [sum(r["wait_s"]) / sum(r["step_s"]) for r in ranks],

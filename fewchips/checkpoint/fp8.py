@@ -249,6 +249,10 @@ def convert(src, dst, to: str, pow2_scales: bool = False, progress=None) -> dict
         raise FileNotFoundError(f"{src}: not a directory")
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError("--in and --out must be different directories")
+    if os.path.isdir(dst) and os.listdir(dst):     # another model's shards or index would mix with these
+        raise ValueError(f"--out {dst} is not empty; the converted checkpoint goes to a new or empty folder")
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise ValueError(f"--out {dst} is a file; it names the converted checkpoint's folder")
     with open(os.path.join(src, "config.json")) as f:
         config = json.load(f)
     ck = CheckpointReader(src)

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 
 import numpy as np
@@ -25,6 +26,13 @@ from ..train.schedule import RunSchedule, switch_step
 from ..train.tokenizer import load_tokenizer, save_tokenizer, special_ids
 
 
+# What a run writes in OUT (a folder holding only these is a run, perhaps stopped before its first save)
+RUN_FILES = {".lock", "cache", "checkpoint", "checkpoint.old", "metrics.jsonl", "config.json", "generation_config.json",
+             "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+             "loss.png", "expert_load.png", "expert_loads.json", "grpo.png", "ema"}
+SHARD = re.compile(r"model-\d+-of-\d+\.safetensors|checkpoint\.tmp|\.tmp-.*|\..*\.tmp-.*")   # shards, temps
+
+
 class RunDir:
     """OUT as the trainer sees it. Only the main process (`writer`) takes the lock and writes metrics."""
 
@@ -38,10 +46,20 @@ class RunDir:
 
     def open(self):
         """Refuse to start over a run unless told (--resume, --overwrite), then take the lock."""
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise TrainError(f"--out {self.out} is a file; it names the run's folder")
         has_ckpt = any(os.path.exists(self.ckpt_dir + s) for s in ("", ".old"))
+        if self.tc.resume and not has_ckpt:        # before OUT is made: a mistyped --out leaves nothing behind
+            raise TrainError(f"--resume: no checkpoint in {self.ckpt_dir}")
         if has_ckpt and not self.tc.resume and not self.tc.overwrite:
             raise TrainError(f"{self.out} already holds a training run; pass --resume to continue it or "
                              f"--overwrite to start over (the tokenised data cache is kept)")
+        foreign = sorted(set(os.listdir(self.out)) - RUN_FILES) if os.path.isdir(self.out) and not has_ckpt else []
+        foreign = [f for f in foreign if not SHARD.fullmatch(f)]
+        if foreign and not self.tc.overwrite:      # `--out .` or `--out ~` by mistake: write nothing there
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise TrainError(f"--out {self.out} holds files that are not a fewchips run ({shown}); name a new or "
+                             f"empty folder, or pass --overwrite to write the run beside them")
         self.created = not os.path.exists(self.out)
         os.makedirs(self.out, exist_ok=True)
         if self.writer:

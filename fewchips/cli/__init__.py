@@ -13,6 +13,8 @@ import importlib
 import logging
 import sys
 
+from .errors import say_error
+
 # Command modules, in the order `--help` lists them.
 COMMANDS = ["info", "data", "train", "sft", "grpo", "sample", "eval", "plan", "convert", "generate", "chat", "serve"]
 
@@ -68,10 +70,10 @@ def main(argv=None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError) as e:   # bad input: one clear line, no traceback
-        print(f"fewchips {args.command}: error: {e}", file=sys.stderr)
+        say_error(args.command, e)
         return 2
     except TrainError as e:                        # a run (or its data) that cannot go on: the command says why
-        print(f"fewchips {args.command}: error: {e}", file=sys.stderr)
+        say_error(args.command, e)
         return 1
 
 

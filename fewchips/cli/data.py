@@ -43,14 +43,17 @@ def run(args):
     from fewchips.train.prepare import (TOKENIZER_SAMPLE_MB, PrepareConfig, Solo, load_index, prepare, summary_lines,
                                         tokenizer_cache_path, trained_tokenizer)     # no torch: a light process
     from fewchips.train.sources import parse_sources, plan_units
-    from fewchips.train.tokenizer import load_tokenizer, special_ids
+    from fewchips.train.tokenizer import check_vocab_size, load_tokenizer, special_ids
 
     if args.data_workers is not None and args.data_workers < 1:
         raise ValueError(f"--data-workers must be >= 1, got {args.data_workers}")
     if not args.unit_mb > 0:
         raise ValueError(f"--unit-mb must be > 0, got {args.unit_mb}")
     if bool(args.tokenizer) == bool(args.vocab_size):
-        raise ValueError("give --tokenizer FILE (use an existing tokenizer) or --vocab-size N (train one), not both")
+        raise ValueError("give --tokenizer FILE (use an existing tokenizer) or --vocab-size N (train one): exactly "
+                         "one of them")
+    if args.vocab_size:
+        check_vocab_size(args.vocab_size)
     if args.tokenizer and args.tokenizer_sample_mb is not None:
         raise ValueError("--tokenizer-sample-mb trains a tokenizer; --tokenizer gives one: drop one of them")
     team = _team()

@@ -9,7 +9,7 @@ import json
 import math
 import os
 
-from .models import add_model_flags, load_model
+from .models import add_model_flags, int_at_least, load_model
 
 
 def register(sub):
@@ -19,8 +19,8 @@ def register(sub):
                    help="text file, folder, .jsonl (text field) or .parquet; "
                         "or a chats .jsonl ({\"messages\": ...} rows)")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet rows")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per evaluated sequence")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
+    p.add_argument("--seq-len", type=int_at_least(2), default=512, help="tokens per evaluated sequence")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="sequences per forward")
     p.add_argument("--max-mb", type=float, default=4.0, help="read at most this many MB of text")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
@@ -29,9 +29,13 @@ def register(sub):
 def is_chats(path: str) -> bool:
     if not (os.path.isfile(path) and path.endswith(".jsonl")):
         return False
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
             if line.strip():
+                try:
+                    line = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not UTF-8 text (byte {e.start} of the line)") from None
                 try:
                     return "messages" in json.loads(line)
                 except ValueError:

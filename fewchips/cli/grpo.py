@@ -3,7 +3,7 @@
 # fewchips imports sit inside the functions, so that `fewchips --help` loads no torch: see fewchips/cli/__init__.py.
 from __future__ import annotations
 
-import sys
+from .errors import say_error
 
 
 def register(sub):
@@ -66,8 +66,7 @@ def run(args):
         try:
             line = code_sandbox(args.unsafe_code_reward)
         except TrainError as e:
-            if main_rank:
-                print(f"fewchips grpo: error: {e}", file=sys.stderr)
+            say_error("grpo", e, show=main_rank)
             return 1
         if main_rank:
             print(line)

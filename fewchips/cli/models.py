@@ -8,6 +8,8 @@ import argparse
 import os
 import sys
 
+from .errors import say_error
+
 
 def int_at_least(lo: int, hi: int | None = None):
     """An argparse type: an integer in [lo, hi]; otherwise argparse's one line naming the flag."""
@@ -29,7 +31,7 @@ def add_model_flags(p):
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and cache dtype (auto: bfloat16 on GPU, float32 on CPU, where bf16 is slow)")
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=int_at_least(1), default=None,
                    help="torch CPU threads (default: torch's choice); tiny models decode fastest on 1")
     g.add_argument("--weights", default="auto", choices=["auto", "fp8", "dense"],
                    help="fp8: keep the linear layers' and experts' weights in E4M3 with 128x128 scales (1 byte "
@@ -78,7 +80,7 @@ def wants_mtp(args, torch, max_batch: int = 1) -> bool:
 
 def add_sampling_flags(p, max_new_tokens: int, temperature: float):
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
+    g.add_argument("--max-new-tokens", type=int_at_least(1), default=max_new_tokens, help="tokens to generate at most")
     g.add_argument("--temperature", type=float, default=temperature,
                    help="0 is greedy; 0.2-0.7 for coherent text, 1.0 samples the model's own distribution")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off); try 0.95")
@@ -146,8 +148,7 @@ def open_ranks(args, command: str, mtp: bool):
     ep = args.ep or world
 
     def refuse(msg):
-        if rank == 0:
-            print(f"fewchips {command}: error: {msg}", file=sys.stderr)
+        say_error(command, msg, show=rank == 0)
         return None, 2
     if world == 1:
         return refuse(f"--ep {ep} splits the experts over {ep} processes: start them with torchrun "

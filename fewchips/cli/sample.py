@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sys
 
+from .errors import say_error
+
 
 def register(sub):
     from .models import add_model_flags, int_at_least
@@ -60,7 +62,7 @@ def run(args):
                                       args.temperature, args.top_p, args.seed,
                                       log=lambda m: print(m, file=sys.stderr))
     except TrainError as e:
-        print(f"fewchips sample: error: {e}", file=sys.stderr)
+        say_error("sample", e)
         return 1
     write_chats(args.out, kept)
     solved = sum(b > 0 for b in best)

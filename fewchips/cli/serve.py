@@ -53,16 +53,18 @@ def run(args):
     import torch
 
     from fewchips.inference.engine import speculation_for
+    from fewchips.inference.server import listen
 
     if ranked(args):
         return run_ranked(args)
     if refuse_replica_flags(args):
         raise ValueError(refuse_replica_flags(args))
+    sock = listen(args.host, args.port)            # a bad address or a port in use: said before the model loads
     model, tok = load_model_and_tokenizer(args, mtp=wants_mtp(args, torch, args.max_batch))
     spec = speculation_for(model, args.speculative, args.max_batch)
     engine = make_engine(args, model, tok, spec)
     print(banner(args, engine, spec))
-    serve_http(args, engine, tok)
+    serve_http(args, engine, tok, sock)
     return 0
 
 
@@ -95,13 +97,14 @@ def banner(args, engine, spec) -> str:
             f"{'on' if spec else 'off'}; metrics at /metrics)")
 
 
-def serve_http(args, engine, tok):
+def serve_http(args, engine, tok, sock=None):
     from fewchips.inference.server import serve
     from fewchips.inference.server_limits import ServerLimits
 
     limits = ServerLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_prompts=args.max_prompts, max_n=args.max_n,
                           max_waiting=args.max_waiting, shutdown_timeout=args.shutdown_timeout)
-    serve(engine, tok, model_name(args), host=args.host, port=args.port, api_key=args.api_key, limits=limits)
+    serve(engine, tok, model_name(args), host=args.host, port=args.port, api_key=args.api_key, limits=limits,
+          sock=sock)
 
 
 def run_ranked(args) -> int:
@@ -112,6 +115,7 @@ def run_ranked(args) -> int:
     import torch
 
     from fewchips.inference.engine import speculation_for
+    from fewchips.inference.server import listen
     from fewchips.inference.tokenizer import Tokenizer
 
     from .models import open_ranks
@@ -127,12 +131,13 @@ def run_ranked(args) -> int:
         return 0
     for sig in (signal.SIGTERM, signal.SIGINT):   # uvicorn re-raises the signal it drained on: not before the
         signal.signal(sig, lambda *_: None)        # other ranks are told to stop (uvicorn's own handler drains)
-    tok = Tokenizer.from_dir(args.model)
-    engine = make_engine(args, ranks.lockstep(model), tok, spec)
-    print(banner(args, engine, spec).replace("serving", f"serving over {ranks.par.ep} ranks (expert parallel),", 1),
-          flush=True)
-    try:
-        serve_http(args, engine, tok)
+    try:                                           # a port in use: the other ranks are told to stop, then one line
+        sock = listen(args.host, args.port)
+        tok = Tokenizer.from_dir(args.model)
+        engine = make_engine(args, ranks.lockstep(model), tok, spec)
+        print(banner(args, engine, spec).replace("serving", f"serving over {ranks.par.ep} ranks (expert parallel),",
+                                                 1), flush=True)
+        serve_http(args, engine, tok, sock)
     finally:
         ranks.close()
     return 0

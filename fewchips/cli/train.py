@@ -8,6 +8,8 @@ import dataclasses
 import os
 import sys
 
+from .errors import say_error
+
 
 def register(sub):
     # Long on purpose: one flat list of flag declarations, in the groups --help shows them in.
@@ -201,8 +203,7 @@ def run_trainer(command: str, make_config, runner, args, done=None) -> int:
     try:
         result = runner(make_config(**{k: v for k, v in vars(args).items() if k in names}))
     except TrainError as e:
-        if main_rank or not e.every_rank:
-            print(f"fewchips {command}: error: {e}", file=sys.stderr)
+        say_error(command, e, show=main_rank or not e.every_rank)
         return 1
     except TrainInterrupted as e:
         if main_rank:
@@ -222,6 +223,7 @@ def model_config(args):
     import json
 
     from fewchips.config import ConfigError, ModelConfig
+    from fewchips.train.tokenizer import check_vocab_size
     sets = {}
     for item in args.set:
         key, eq, value = item.partition("=")
@@ -242,7 +244,10 @@ def model_config(args):
     cfg = ModelConfig.from_json(args.config) if args.config else ModelConfig.from_preset(args.preset)
     if args.vocab_size:
         sets = {"vocab_size": args.vocab_size, **sets}
-    return ModelConfig.from_dict({**cfg.to_dict(), **sets}, source="--set") if sets else cfg
+    cfg = ModelConfig.from_dict({**cfg.to_dict(), **sets}, source="--set") if sets else cfg
+    if not args.tokenizer:                         # a tokenizer will be trained to this size: say now if it cannot
+        check_vocab_size(cfg.vocab_size, "--vocab-size" if args.vocab_size else "vocab_size")
+    return cfg
 
 
 def _token_count(text) -> int:
@@ -264,8 +269,7 @@ def run(args):
     try:
         cfg = model_config(args)
     except (ConfigError, ValueError) as e:          # the same on every rank of a launch: rank 0 says it
-        if os.environ.get("RANK", "0") == "0":
-            print(f"fewchips train: error: {e}", file=sys.stderr)
+        say_error("train", e, show=os.environ.get("RANK", "0") == "0")
         return 2
     return run_trainer("train", train_config_class(), lambda tc: train(cfg, tc), args, lambda r: (
         f"done: step {r['step']} ({r['stopped']}), val loss {r['val_loss']:.3f} nats/token "

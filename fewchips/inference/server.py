@@ -16,6 +16,7 @@ firewall it).
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -332,15 +333,30 @@ async def chat_complete(state: AppState, request: HTTPRequest, body: ChatBody, p
             "choices": choices, "usage": api.usage([prompt], s.reqs)}
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound now (before a model is loaded), so that a bad --host or a
+    port in use is one line and not a server that announces itself and then fails."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except (OSError, OverflowError) as e:
+        raise ValueError(f"cannot listen on --host {host} --port {port}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def serve(engine: Engine, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, log_level: str = "info", limits: ServerLimits | None = None):
+          api_key: str | None = None, log_level: str = "info", limits: ServerLimits | None = None,
+          sock: socket.socket | None = None):
     """Run until SIGINT/SIGTERM: then stop accepting, give in-flight requests `limits.shutdown_timeout`
-    seconds to finish, cancel the rest (which aborts their generations), stop the engine."""
+    seconds to finish, cancel the rest (which aborts their generations), stop the engine. `sock`: a socket
+    from `listen` (else host and port are bound here)."""
     import uvicorn
     limits = limits or ServerLimits()
+    sock = sock or listen(host, port)
     engine.start()
     try:
-        uvicorn.run(create_app(engine, tokenizer, model_name, api_key, limits), host=host, port=port,
-                    log_level=log_level, timeout_graceful_shutdown=limits.shutdown_timeout)
+        config = uvicorn.Config(create_app(engine, tokenizer, model_name, api_key, limits), host=host, port=port,
+                                log_level=log_level, timeout_graceful_shutdown=limits.shutdown_timeout)
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         engine.stop()
+        sock.close()

@@ -135,7 +135,9 @@ class TrainConfig:
                   ("--log-every", self.log_every, self.log_every >= 1, ">= 1"),
                   ("--eval-every", self.eval_every, self.eval_every >= 1, ">= 1"),
                   ("--save-every", self.save_every, self.save_every >= 1, ">= 1"),
-                  ("--warmup-steps", self.warmup_steps, self.warmup_steps is None or self.warmup_steps >= 0, ">= 0")]
+                  ("--warmup", self.warmup_steps, self.warmup_steps is None or self.warmup_steps >= 0, ">= 0"),
+                  ("--threads", self.threads, self.threads is None or self.threads >= 1, ">= 1"),
+                  ("--stop-at", self.stop_at, self.stop_at is None or self.stop_at >= 1, ">= 1")]
         for flag, value, ok, allowed in checks:
             if not ok:
                 raise TrainError(f"{flag} must be {allowed}, got {value}")

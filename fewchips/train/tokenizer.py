@@ -26,6 +26,14 @@ FIM_END = "<｜fim▁end｜>"
 USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
 SPECIAL_TOKENS = [BOS, EOS, FIM_HOLE, FIM_BEGIN, FIM_END, USER, ASSISTANT]   # ids 0..6 in a tokenizer we train
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS)          # a byte-level BPE holds every byte and the special tokens
+
+
+def check_vocab_size(n: int, flag: str = "--vocab-size"):
+    """A size a byte-level BPE can be trained to, said before any text is read."""
+    if n < MIN_VOCAB:
+        raise ValueError(f"{flag} {n} is below the smallest byte-level BPE: {MIN_VOCAB} (256 bytes + "
+                         f"{len(SPECIAL_TOKENS)} special tokens)")
 
 # DeepSeek-V3's chat format, as its released tokenizer_config.json renders it without tools:
 #   BOS, the system prompts joined by blank lines, then <｜User｜>{user} and <｜Assistant｜>{assistant}EOS

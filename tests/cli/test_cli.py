@@ -118,7 +118,7 @@ def test_serve_over_ranks_without_torchrun_says_how_to_launch(tmp_path, capsys, 
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("argv", [["--help"], ["plan", "--help"], ["sft", "--help"], ["grpo", "--help"],
-                                  ["data", "prepare", "--help"]])
+                                  ["data", "prepare", "--help"], ["train", "--bogus"]])
 def test_help_starts_without_torch(argv):
     """Building the commands' parser imports no torch (1.2 s of a 2-core machine's start-up): imports
     that load it sit inside the commands (fewchips/cli/__init__.py)."""
