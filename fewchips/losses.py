@@ -2,7 +2,8 @@
 parallelism so that the trainer and the pipeline's last stage compute the same loss:
 
     loss = CE(main) + λ·mean_k CE(MTP depth k) + α·Σ_layers seq_balance
-    b ← b + γ·sign(mean(load) − load)          per MoE layer, after the step (aux-loss-free balancing)
+    b ← b + γ·sign(mean(load) − load)          per MoE layer, after the step (aux-loss-free balancing;
+                                               a load counts real tokens, never padding: `Batch.load_mask`)
 
 Shape legend: B rows, T positions (a row holds T + 1 tokens: inputs [:-1], targets [1:]), D hidden,
 V vocabulary, L MoE layers, E routed experts.
@@ -57,6 +58,11 @@ class Batch:
             mask = mask & (self.segment[:, k + 1:] == self.segment[:, : T - k])
         return mask
 
+    def load_mask(self):
+        """[B, T] bool: the input positions that hold a real token (not padding), whose expert loads the
+        bias update counts; None when every position does (pre-training rows)."""
+        return None if self.segment is None else self.segment[:, :-1] >= 0
+
     def target_count(self) -> int:
         """Scored next-token targets: what the main loss is averaged over."""
         mask = self.target_mask(0)
@@ -98,7 +104,8 @@ def compute_losses(model: DeepseekV3, batch, mtp_lambda: float, amp_dtype, count
     pos_BT = None if batch.position is None else batch.position[:, :-1]
     seg_BT = None if batch.segment is None else batch.segment[:, :-1]
     with torch.autocast(ids.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        h_BTD, stats = model.hidden_states(inp_BT, positions=pos_BT, segments=seg_BT, with_stats=True)
+        h_BTD, stats = model.hidden_states(inp_BT, positions=pos_BT, segments=seg_BT, with_stats=True,
+                                           load_mask=batch.load_mask())
         main, mtp, mtp_stats = head_losses(model, h_BTD, batch, mtp_lambda, count)
     stats = stats.cat(mtp_stats)
     return main, mtp, stats.seq_balance.float().sum(), stats
@@ -124,7 +131,7 @@ def head_row_losses(model: DeepseekV3, h_BTD, batch: Batch, mtp_lambda: float):
     main_B = summed_ce(model.lm_head(h_BTD), tgt_BT, batch.target_mask(0))
     mtp_terms, stats = [], MoEStats.stack([], model.config.n_routed_experts, ids.device)
     if mtp_lambda > 0 and len(model.mtp):
-        logits_k, stats = model.mtp_forward(inp_BT, h_BTD, pos_BT, seg_BT, with_stats=True)
+        logits_k, stats = model.mtp_forward(inp_BT, h_BTD, pos_BT, seg_BT, with_stats=True, load_mask=batch.load_mask())
         for k, logits in enumerate(logits_k, start=1):                              # targets t_{i+k+1}
             mtp_terms.append(summed_ce(logits, ids[:, k + 1:], batch.target_mask(k)))
     mtp_B = torch.stack(mtp_terms).mean(0) if mtp_terms else torch.zeros_like(main_B)

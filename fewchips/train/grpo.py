@@ -4,8 +4,8 @@ arXiv 2402.03300 §4.1; DeepSeek-V3's RL stage, arXiv 2412.19437 §5.2.2) and ru
 One step:
     P prompts from the task; G completions each, sampled by the project's own batched engine
     rewards r_i from the task's rule; advantages A_i = (r_i - mean_group r) / std_group r  (no critic)
-    per completion token t of output i, with ρ = π_θ / π_old (π_old = π_θ at sampling: one update per
-    batch, so ρ = 1 in value and its gradient is ∇ log π_θ):
+    per completion token t of output i, with ρ = π_θ / π_old (π_old: the policy that sampled the batch, on
+    which μ ≥ 1 updates train (--iterations); in the first, ρ = 1 in value and its gradient is ∇ log π_θ):
         J = 1/G Σ_i 1/|o_i| Σ_t [ min(ρ A_i, clip(ρ, 1-ε, 1+ε) A_i) - β D_KL ]
         D_KL = π_ref/π_θ - log(π_ref/π_θ) - 1           (the unbiased, always positive k3 estimator)
     loss = -J averaged over the P groups; π_ref is the model RL started from, frozen.
@@ -170,8 +170,8 @@ def group_advantages(rewards_PG: torch.Tensor, eps: float = 1e-4) -> torch.Tenso
 
 
 def grpo_loss(logp_NT, logp_old_NT, logp_ref_NT, mask_NT, adv_N, clip_eps: float, beta: float):
-    """-J for N sampled outputs (rows), their completion tokens marked by `mask_NT`. Returns the loss and
-    (mean k3 KL per token, share of tokens where the clip binds)."""
+    """-J for N sampled outputs (rows), their completion tokens marked by `mask_NT`. Returns the loss and,
+    per completion token, the mean k3 KL, the share where the clip binds and the mean ratio ρ."""
     ratio = torch.exp(logp_NT - logp_old_NT)
     a = adv_N[:, None]
     surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
@@ -183,7 +183,7 @@ def grpo_loss(logp_NT, logp_old_NT, logp_ref_NT, mask_NT, adv_N, clip_eps: float
     n = mask_NT.sum().clamp_min(1)
     # the clip binds where the clipped term is smaller (TRL's clip_ratio): ρ < 1-ε with A < 0, ρ > 1+ε with A > 0
     clipped = (((ratio < 1 - clip_eps) & (a < 0)) | ((ratio > 1 + clip_eps) & (a > 0))).float()
-    return loss, ((kl * mask_NT).sum() / n).detach(), ((clipped * mask_NT).sum() / n).detach()
+    return loss, *(((x * mask_NT).sum() / n).detach() for x in (kl, clipped, ratio))
 
 
 def token_logprobs(model, ids_NT, return_hidden=False, temperature: float = 1.0, load_mask=None):
@@ -292,6 +292,15 @@ class GRPOTrainer(Trainer):
             raise TrainError("fewchips grpo: under torchrun the MTP module cannot follow the policy (its loss would "
                              "reach the shared embedding and head through FSDP's gradients); pass --freeze-mtp or "
                              "--mtp-lambda 0", every_rank=True)
+        taken, want = self.sched.last_epoch, self.step * tc.iterations     # optimizer steps: μ per batch
+        if taken != want:                                                  # a checkpoint taken at another μ
+            what = (f"--resume: the checkpoint's lr schedule took {taken} optimizer steps in its {self.step} steps, "
+                    f"--iterations {tc.iterations} takes {want}")
+            if not tc.allow_schedule_change:
+                self.run.abandon()
+                raise TrainError(f"{what}; pass the checkpoint's --iterations to continue exactly, or "
+                                 f"--allow-schedule-change to continue on the new schedule", every_rank=True)
+            self.log(f"warning: {what} (--allow-schedule-change)")
         self.ref = None
         if tc.kl_beta > 0:                 # π_ref: the starting model, frozen, placed like the policy
             ref_tc = dataclasses.replace(tc, fp8=False, activation_checkpointing=False, compile=False, freeze_mtp=False)
@@ -357,8 +366,10 @@ class GRPOTrainer(Trainer):
     def train_step(self) -> StepResult:
         """One batch of rollouts, then μ (`--iterations`) updates on it: the ratio against the rollout
         policy π_old, whose log-probabilities (at the sampling temperature) are taken once before the
-        first update; each update's gradient accumulated over `--grad-accum` micro-batches of completions.
-        The expert loads of the bias update count the completion tokens only."""
+        first update; each update's gradient accumulated over `--grad-accum` micro-batches of completions,
+        then an optimizer step and a step of the lr schedule (μ of each per batch). KL, clip share and
+        ratio are per completion token over all μ updates. The expert loads of the bias update count the
+        completion tokens only, in the policy's layers and the MTP module's alike."""
         tc = self.tc
         P, G, mu = tc.batch_size, tc.group_size, tc.iterations
         ids, mask, rewards = self.rollouts(self.data.prompts(self.step, P))
@@ -371,9 +382,10 @@ class GRPOTrainer(Trainer):
             old = [token_logprobs(self.model, ids[c], temperature=tc.temperature) for c in chunks] if mu > 1 else None
             ref = [token_logprobs(self.ref, ids[c], temperature=tc.temperature) for c in chunks] \
                 if self.ref is not None else None
-        frac = self.schedule.fraction(self.step)
-        grad_norm, losses, mtps, sums = float("nan"), [], [], torch.zeros(3, device=self.device)
+        grad_norm, losses, mtps = float("nan"), [], []
+        sums = torch.zeros(4, device=self.device)        # KL, clip share, ρ (each x its tokens), tokens: all updates
         for it in range(mu):
+            frac = self.schedule.fraction(self.step * mu + it)           # the schedule counts optimizer steps
             loads_LE = torch.zeros(len(self.routers), self.cfg.n_routed_experts, device=self.device)
             loss_it, mtp_it, finite = 0.0, 0.0, True
             for i, c in enumerate(chunks):
@@ -383,7 +395,8 @@ class GRPOTrainer(Trainer):
                                                     load_mask=mask[c])
                     logp_old = logp.detach() if old is None else old[i]
                     logp_ref = logp.detach() if ref is None else ref[i]
-                    loss, kl, clip_frac = grpo_loss(logp, logp_old, logp_ref, mask[c], adv[c], tc.clip_eps, tc.kl_beta)
+                    loss, kl, clip_frac, ratio = grpo_loss(logp, logp_old, logp_ref, mask[c], adv[c], tc.clip_eps,
+                                                           tc.kl_beta)
                     loss = self.layout.global_value(loss * (len(c) / len(ids)))   # the mean over every row
                     mtp = None
                     if self._trains_mtp():
@@ -402,23 +415,23 @@ class GRPOTrainer(Trainer):
                 loss.backward()
                 loads_LE[:len(stats.load)] += stats.load
                 loss_it += loss.item()
-                if it == 0:                  # the rollout policy's KL and clip share, per completion token
-                    n = mask[c].sum()
-                    sums += torch.stack([kl * n, clip_frac * n, n]).detach()
+                n = mask[c].sum()
+                sums += torch.stack([kl * n, clip_frac * n, ratio * n, n]).detach()
             grad_norm = self.update(loads_LE, finite, frac)
+            self.sched.step()
             losses.append(loss_it if math.isfinite(grad_norm) else float("nan"))
             mtps.append(mtp_it)
-        self.sched.step()
         self.step += 1
-        kl, clip_frac, tokens = self.layout.sum(sums)
-        kl, clip_frac = kl / tokens.clamp_min(1), clip_frac / tokens.clamp_min(1)
+        kl, clip_frac, ratio, counted, tokens = self.layout.sum(torch.cat([sums, mask.sum()[None]]))
+        kl, clip_frac, ratio = (x / counted.clamp_min(1) for x in (kl, clip_frac, ratio))
         self.tokens_seen += int(tokens)
         signal = int((rewards.std(-1) > 0).sum())
         self._watch_signal(signal)
         finite = math.isfinite(grad_norm)
         extra = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
-                 "kl": kl.item(), "clip_frac": clip_frac.item(), "completion_len": tokens.item() / (P * G),
-                 "groups_with_signal": signal, **({"loss_last_iteration": losses[-1]} if mu > 1 else {})}
+                 "kl": kl.item(), "clip_frac": clip_frac.item(), "ratio_mean": ratio.item(),
+                 "completion_len": tokens.item() / (P * G), "groups_with_signal": signal,
+                 **({"loss_last_iteration": losses[-1]} if mu > 1 else {})}
         return StepResult(losses[0] if finite else float("nan"), mtps[0], 0.0, grad_norm, loads_LE.cpu(), not finite,
                           P * G, extra, tokens=int(tokens))
 
@@ -435,8 +448,9 @@ class GRPOTrainer(Trainer):
     def _mtp_loss(self, ids, h, mask):
         """MTP depth 1 on the sampled rows: position t predicts token t+2, scored on completion tokens. It
         reads the policy's hidden states detached, and only its own parameters take this loss's gradient.
-        Returns the loss and the MTP layers' MoEStats."""
-        logits, stats = self.model.mtp_forward(ids[:, :-1], h.detach(), with_stats=True)
+        Returns the loss and the MTP layers' MoEStats, their loads counted where the target is a completion
+        token (the positions the loss scores: as many as the policy's layers count)."""
+        logits, stats = self.model.mtp_forward(ids[:, :-1], h.detach(), with_stats=True, load_mask=mask)
         logits = logits[0]                                                            # [N, T-2, V]
         target_mask = mask[:, 1:]
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 2:].reshape(-1), reduction="none")

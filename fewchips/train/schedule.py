@@ -49,27 +49,31 @@ def mtp_weight(frac: float, early: float, late: float) -> float:
 
 @dataclass(frozen=True)
 class RunSchedule:
-    """Each step's micro-batches and the tokens seen before it. With a ramp, the global batch grows
+    """Each optimizer step's micro-batches and the tokens seen before it. With a ramp, the global batch grows
     linearly in tokens (as Megatron's batch-size ramp-up) from `batch_size_start` sequences to
     `batch_size x grad_accum`, one micro-batch at a time, reaching the full batch after `batch_ramp_tokens`.
-    Deterministic from the config, so a resumed run recomputes exactly the same schedule."""
-    micro_batches: tuple[int, ...]      # per step
-    tokens_before: tuple[int, ...]      # per step, and the run's total at the end
+    A trainer step is one optimizer step, except GRPO's: μ = `iterations` of them, one per update on its
+    batch of rollouts, so the lr's warm-up and decay count μ·steps. Deterministic from the config, so a
+    resumed run recomputes exactly the same schedule."""
+    micro_batches: tuple[int, ...]      # per optimizer step
+    tokens_before: tuple[int, ...]      # per optimizer step, and the run's total at the end
     kind: str = "v3"                    # the lr shape: v3 (pre-training) or cosine (SFT)
     min_ratio: float = 0.2
+    updates_per_step: int = 1           # optimizer steps per trainer step (GRPO's μ)
 
     @classmethod
     def of(cls, tc: TrainConfig) -> "RunSchedule":
         full, ramp = tc.grad_accum, tc.batch_ramp_tokens
         first = (tc.batch_size_start or tc.batch_size) // tc.batch_size if ramp else full
         per_micro = tc.batch_size * tc.seq_len
+        updates = getattr(tc, "iterations", 1)          # GRPOConfig's μ; every other run steps once per batch
         micro, before, seen = [], [], 0
-        for _ in range(tc.steps):
+        for _ in range(tc.steps * updates):
             n = full if seen >= ramp else min(full, first + (full - first) * seen // ramp)
             micro.append(n)
             before.append(seen)
             seen += n * per_micro
-        return cls(tuple(micro), tuple(before) + (seen,), tc.lr_schedule, tc.min_lr_ratio)
+        return cls(tuple(micro), tuple(before) + (seen,), tc.lr_schedule, tc.min_lr_ratio, updates)
 
     @property
     def total_tokens(self) -> int:
@@ -85,4 +89,5 @@ class RunSchedule:
 
 def switch_step(tc: TrainConfig, schedule: RunSchedule) -> int:
     """The first step past 67.6% of the run's tokens (where the cosine starts and λ drops)."""
-    return next((i for i in range(tc.steps) if schedule.fraction(i) >= CONSTANT_END), tc.steps)
+    return next((i // schedule.updates_per_step for i in range(len(schedule.micro_batches))
+                 if schedule.fraction(i) >= CONSTANT_END), tc.steps)

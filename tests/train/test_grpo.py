@@ -33,8 +33,8 @@ def test_grpo_loss_equals_the_objective_by_hand():
     ref = torch.tensor([[-1.2, -0.4, -2.5], [-0.2, -1.0, -0.9]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])           # output 2 has two tokens
     adv = torch.tensor([0.8, -1.3])
-    loss, kl, clip_frac = grpo_loss(logp, old, ref, mask, adv, eps, beta)
-    J, kls, clipped, n = 0.0, 0.0, 0, 0
+    loss, kl, clip_frac, ratio = grpo_loss(logp, old, ref, mask, adv, eps, beta)
+    J, kls, clipped, rhos, n = 0.0, 0.0, 0, 0.0, 0
     for i in range(2):
         per_output = 0.0
         for t in range(3):
@@ -47,11 +47,13 @@ def test_grpo_loss_equals_the_objective_by_hand():
             per_output += surrogate - beta * d
             kls += d
             clipped += (rho < 1 - eps and a < 0) or (rho > 1 + eps and a > 0)     # where the clip binds (TRL)
+            rhos += rho
             n += 1
         J += per_output / mask[i].sum().item()
     J /= 2
     assert loss.item() == pytest.approx(-J, rel=1e-6)
     assert kl.item() == pytest.approx(kls / n, rel=1e-6) and clip_frac.item() == pytest.approx(clipped / n)
+    assert ratio.item() == pytest.approx(rhos / n, rel=1e-6)
     assert 0 < clipped < n
     loss.backward()                                                    # the gradient reaches log π_θ
     assert logp.grad.abs().sum() > 0
@@ -175,19 +177,112 @@ def test_logprobs_at_the_sampling_temperature_everywhere(sft_dir, tmp_path, monk
 
 def test_iterations_update_against_the_rollout_policy(sft_dir, tmp_path, monkeypatch):
     """μ = 2: two optimizer steps per batch of rollouts, the second with the ratio to the rollout policy
-    (not 1: π_old is not re-taken), and the schedule moves one step."""
+    (not 1: π_old is not re-taken), and the lr schedule moves with each."""
     import fewchips.train.grpo as grpo_mod
     tr = _trainer(sft_dir, tmp_path, monkeypatch, "mu", [[10, 11], [20, 21]], iterations=2)
     ratios, orig = [], grpo_mod.grpo_loss
     monkeypatch.setattr(grpo_mod, "grpo_loss", lambda logp, old, *a: (ratios.append((logp - old).abs().max().item()),
                                                                        orig(logp, old, *a))[1])
     steps = []
-    opt_step = tr.opt.step
-    monkeypatch.setattr(tr.opt, "step", lambda *a, **k: (steps.append(1), opt_step(*a, **k))[1])
+    tr.opt.register_step_pre_hook(lambda *a: steps.append(1))
     r = tr.train_step()
-    assert len(steps) == 2 and tr.step == 1
+    assert len(steps) == 2 and tr.step == 1 and tr.sched.last_epoch == 2
     assert ratios[0] == 0.0 and ratios[1] > 1e-4, ratios
     assert r.extra["loss_last_iteration"] != r.loss
+
+
+def _by_hand(calls, eps):
+    """KL (k3), clip share and mean ρ per completion token over recorded (logp, old, ref, mask, adv) lists."""
+    kl = clipped = rhos = n = 0.0
+    for logp, old, ref, mask, adv in calls:
+        for i, row in enumerate(mask):
+            for t, m in enumerate(row):
+                if not m:
+                    continue
+                rho, d, a = math.exp(logp[i][t] - old[i][t]), ref[i][t] - logp[i][t], adv[i]
+                kl += math.exp(d) - d - 1
+                clipped += (rho < 1 - eps and a < 0) or (rho > 1 + eps and a > 0)
+                rhos += rho
+                n += 1
+    return kl / n, clipped / n, rhos / n
+
+
+def test_logged_figures_cover_every_update_of_the_batch(sft_dir, tmp_path, monkeypatch):
+    """μ = 3 (two micro-batches each): the logged KL, clip share and mean ratio are per completion token over
+    all three updates, computed here by hand from each update's log-probabilities. The first update alone
+    (ρ = 1, π_θ = π_ref) would log a clip share and a KL of 0."""
+    import fewchips.train.grpo as grpo_mod
+    tr = _trainer(sft_dir, tmp_path, monkeypatch, "fig", [[10, 11, 12], [20, 21], [30, 31, 32, 33], [40]],
+                  iterations=3, kl_beta=0.04, grad_accum=2)
+    calls, orig = [], grpo_mod.grpo_loss
+
+    def record(logp, old, ref, mask, adv, *a):
+        calls.append([x.detach().tolist() for x in (logp, old, ref, mask, adv)])
+        return orig(logp, old, ref, mask, adv, *a)
+
+    monkeypatch.setattr(grpo_mod, "grpo_loss", record)
+    r = tr.train_step()
+    assert len(calls) == 3 * 2
+    kl, clip, rho = _by_hand(calls, tr.tc.clip_eps)
+    first = _by_hand(calls[:2], tr.tc.clip_eps)
+    assert first[0] == pytest.approx(0.0, abs=1e-6) and first[1] == 0.0 and first[2] == pytest.approx(1.0)
+    assert clip > 0.1 and kl > 1e-3, (clip, kl)                         # the later updates moved the policy
+    assert r.extra["clip_frac"] == pytest.approx(clip, abs=1e-6)
+    assert r.extra["kl"] == pytest.approx(kl, rel=1e-4)
+    assert r.extra["ratio_mean"] == pytest.approx(rho, rel=1e-5)
+    assert r.extra["completion_len"] == 2.5                             # tokens counted once, not per update
+
+
+def test_the_lr_schedule_steps_with_the_optimizer(sft_dir, tmp_path, monkeypatch, recwarn):
+    """μ = 3 over 2 steps: six optimizer steps, each at its own point of a schedule laid over six (warm-up 2,
+    then the cosine to 0.1 x the peak), computed here by hand; torch does not warn that the optimizer's step
+    was replaced behind the scheduler (the tests count steps with a hook)."""
+    tr = _trainer(sft_dir, tmp_path, monkeypatch, "lr", [[10, 11], [20, 21]], iterations=3, steps=2, lr=1e-2,
+                  warmup_steps=2, min_lr_ratio=0.1)
+    lrs = []
+    tr.opt.register_step_pre_hook(lambda opt, *a: lrs.append(opt.param_groups[0]["lr"]))
+    tr.train_step()
+    tr.train_step()
+    want = [0.5, 1.0] + [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / 6)) for s in range(2, 6)]
+    assert lrs == pytest.approx([1e-2 * w for w in want], rel=1e-6)
+    assert tr.sched.last_epoch == 6 and tr.step == 2
+    assert not [w for w in recwarn if "lr_scheduler" in str(w.message) or "optimizer.step" in str(w.message)]
+
+
+def test_resume_with_iterations_continues_exactly(sft_dir, tmp_path, monkeypatch):
+    """μ = 3: 2 steps equal 1 step, --resume, 1 step (every optimizer step's lr, the weights, the schedule's
+    count); resuming with another μ, which lays the schedule out over other steps, is refused by name."""
+    completions = [[10, 11, 12], [20, 21]]
+    kw = dict(iterations=3, steps=2, lr=1e-2, warmup_steps=2, min_lr_ratio=0.1)
+
+    def run(name, **more):
+        tr = _trainer(sft_dir, tmp_path, monkeypatch, name, completions, **kw, **more)
+        lrs = []
+        tr.opt.register_step_pre_hook(lambda opt, *a: lrs.append(opt.param_groups[0]["lr"]))
+        tr.train()
+        return tr, lrs
+
+    full, lrs = run("full")
+    first, lrs1 = run("split", stop_at=1)
+    second, lrs2 = run("split", resume=True)
+    assert first.step == 1 and len(lrs) == 6 and lrs1 + lrs2 == lrs
+    assert second.sched.last_epoch == full.sched.last_epoch == 6
+    a, b = full.model.state_dict(), second.model.state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
+    with pytest.raises(TrainError, match=r"took 6 optimizer steps in its 2 steps, --iterations 2 takes 4"):
+        _trainer(sft_dir, tmp_path, monkeypatch, "split", completions, **{**kw, "iterations": 2}, resume=True)
+
+
+def test_the_mtp_layers_loads_count_completion_tokens(sft_dir, tmp_path, monkeypatch):
+    """The MTP module trained beside the policy: its MoE layer's loads count the completion tokens, K copies
+    each, as the policy's layers do; not the prompt, not the padding."""
+    completions = [[10, 11, 12, 13], [20, 21], [30], [40, 41, 42]]
+    tr = _trainer(sft_dir, tmp_path, monkeypatch, "mtpload", completions, freeze_mtp=False)
+    cfg = tr.cfg
+    assert cfg.is_moe_layer(cfg.num_hidden_layers)                      # the MTP layer routes
+    r = tr.train_step()
+    assert r.loads_LE.sum(-1).tolist() == [cfg.num_experts_per_tok * sum(map(len, completions))] * len(tr.routers)
 
 
 def test_grad_accum_gives_the_same_update_and_loads_count_completion_tokens(sft_dir, tmp_path, monkeypatch):
@@ -196,10 +291,9 @@ def test_grad_accum_gives_the_same_update_and_loads_count_completion_tokens(sft_
     completions = [[10, 11, 12, 13], [20, 21], [30], [40, 41, 42]]
     grads = []
 
-    def step_of(tr):
-        opt_step = tr.opt.step                  # the gradients AdamW gets (its first step amplifies their noise)
-        monkeypatch.setattr(tr.opt, "step", lambda *a, **k: (grads.append(
-            {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}), opt_step(*a, **k))[1])
+    def step_of(tr):                            # the gradients AdamW gets (its first step amplifies their noise)
+        tr.opt.register_step_pre_hook(lambda *a: grads.append(
+            {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}))
         return tr.train_step()
 
     one = _trainer(sft_dir, tmp_path, monkeypatch, "ga1", completions)

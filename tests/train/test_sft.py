@@ -111,6 +111,23 @@ def test_sft_loss_counts_assistant_tokens_only(tokenizer_dir):
         assert abs(L.compute_losses(model, everything, 0.3, None)[0].item() - main.item()) > 1e-3
 
 
+def test_padding_is_no_expert_load(tokenizer_dir):
+    """A packed row that ends in padding: every MoE layer's loads, the MTP layer's too, count the real tokens
+    only (K copies each), so padding never moves the balancing biases."""
+    _, tok = tokenizer_dir
+    cfg = tiny_config(vocab_size=300)
+    model = random_model(cfg, std=0.1)
+    _, rows = packed_three(tok)
+    batch = batch_of(rows, [0])
+    assert (batch.segment == -1).sum() > 10
+    with torch.no_grad():
+        load = L.compute_losses(model, batch, 0.3, None)[3].load
+    K, main = cfg.num_experts_per_tok, sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    real = int((batch.segment[:, :-1] >= 0).sum())           # the inputs the decoder layers route
+    real_mtp = int((batch.segment[:, 1:-1] >= 0).sum())      # MTP position i reads token i + 1
+    assert load.sum(-1).tolist() == [K * real] * main + [K * real_mtp]
+
+
 def test_bad_chat_rows_are_named(tmp_path):
     f = tmp_path / "c.jsonl"
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
@@ -162,6 +179,24 @@ def test_sft_lowers_held_out_assistant_loss_and_writes_a_model_dir(pretrained, t
     model, tok = from_pretrained(out), Tokenizer.from_dir(out)
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}])[-1] == tok.tok.token_to_id("<｜Assistant｜>")
     assert model.config.num_nextn_predict_layers == 1
+
+
+def test_a_steps_expert_loads_count_no_padding(pretrained, tmp_path):
+    """The loads an SFT step hands the bias update count the packed rows' real tokens (prompts and replies),
+    K copies each in every MoE layer, the MTP layer's too: not the padding that fills a row."""
+    from fewchips.train.sft import SFTTrainer, sft_config
+    tc = sft_config(init=pretrained, out=str(tmp_path / "p"), steps=1, batch_size=4, grad_accum=2, seq_len=64,
+                    plots=False, progress=False, dtype="fp32", threads=1)
+    tr = SFTTrainer(tc, quiet, chats=small_chats(40))
+    seen, draw = [], tr.data.next_batch
+    tr.data.next_batch = lambda n: (lambda b: (seen.append(b), b)[1])(draw(n))
+    r = tr.train_step()
+    segment = torch.cat([b.segment for b in seen])
+    assert len(seen) == 2 and (segment == -1).sum() > 10
+    K, cfg = tr.cfg.num_experts_per_tok, tr.cfg
+    main = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    real, real_mtp = int((segment[:, :-1] >= 0).sum()), int((segment[:, 1:-1] >= 0).sum())
+    assert r.loads_LE.sum(-1).tolist() == [K * real] * main + [K * real_mtp]
 
 
 def test_freeze_mtp_leaves_the_mtp_module_alone(pretrained, tmp_path):
