@@ -17,6 +17,18 @@ def register(sub):
     g.add_argument("--port", type=int_at_least(1, 65535), default=8000)
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     g.add_argument("--model-name", default=None, help="the id clients send as `model` (default: directory name)")
+    g.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
+                   help="sampling defaults (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens) "
+                        "from the model's generation_config.json (auto), another folder's, or none (vllm: "
+                        "OpenAI's); a request's own values win")
+    g.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template (a file, or the template itself) in place of the model's")
+    g.add_argument("--reasoning-parser", default="auto", choices=["auto", "deepseek_r1", "none"],
+                   help="split chat replies at </think> into message.reasoning_content and content (vLLM's "
+                        "deepseek_r1); auto: on when the chat template opens <think> (R1's does)")
+    g.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
+                   help="CORS: origins browsers may call from, comma-separated or a JSON list "
+                        "(e.g. http://localhost:3000; '*' for any); default: none")
     e = p.add_argument_group("engine")
     e.add_argument("--max-batch", type=int_at_least(1), default=16, help="requests running together (holding cache)")
     e.add_argument("--max-len", type=int, default=None,
@@ -60,12 +72,44 @@ def run(args):
     if refuse_replica_flags(args):
         raise ValueError(refuse_replica_flags(args))
     sock = listen(args.host, args.port)            # a bad address or a port in use: said before the model loads
+    options = http_options(args)                   # a bad template or config: said before the model loads
     model, tok = load_model_and_tokenizer(args, mtp=wants_mtp(args, torch, args.max_batch))
     spec = speculation_for(model, args.speculative, args.max_batch)
     engine = make_engine(args, model, tok, spec)
     print(banner(args, engine, spec))
-    serve_http(args, engine, tok, sock)
+    serve_http(args, engine, tok, sock, options)
     return 0
+
+
+def http_options(args) -> dict:
+    """What the HTTP side takes from the flags: sampling defaults, the chat template, CORS origins."""
+    import json
+
+    from fewchips.inference.generation_config import generation_defaults
+    from fewchips.inference.tokenizer import ChatTemplate
+
+    template = None
+    if args.chat_template:
+        if os.path.isfile(args.chat_template):
+            with open(args.chat_template, encoding="utf-8") as f:
+                template = f.read()
+        elif "{{" in args.chat_template or "{%" in args.chat_template:
+            template = args.chat_template
+        else:
+            raise FileNotFoundError(f"--chat-template {args.chat_template}: no such file (nor a Jinja template)")
+        try:
+            ChatTemplate(template)
+        except Exception as e:                     # jinja2's TemplateSyntaxError and kin
+            raise ValueError(f"--chat-template: not a valid Jinja template ({e})") from None
+    origins = None
+    if args.allowed_origins:
+        text = args.allowed_origins.strip()
+        try:
+            origins = json.loads(text) if text.startswith("[") else [o.strip() for o in text.split(",") if o.strip()]
+        except ValueError as e:
+            raise ValueError(f"--allowed-origins: not a JSON list ({e})") from None
+    defaults = generation_defaults(args.model, args.generation_config)
+    return {"defaults": defaults, "chat_template": template, "allowed_origins": origins}
 
 
 def make_engine(args, model, tok, spec):
@@ -97,14 +141,28 @@ def banner(args, engine, spec) -> str:
             f"{'on' if spec else 'off'}; metrics at /metrics)")
 
 
-def serve_http(args, engine, tok, sock=None):
+def serve_http(args, engine, tok, sock=None, options=None):
     from fewchips.inference.server import serve
     from fewchips.inference.server_limits import ServerLimits
 
     limits = ServerLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_prompts=args.max_prompts, max_n=args.max_n,
                           max_waiting=args.max_waiting, shutdown_timeout=args.shutdown_timeout)
+    from fewchips.inference.reasoning import opens_thinking
+
+    options = options or {}
+    if options.get("chat_template"):
+        tok.set_chat_template(options["chat_template"])
+    reasoning = args.reasoning_parser == "deepseek_r1" or (args.reasoning_parser == "auto"
+                                                           and opens_thinking(tok.chat_template))
+    if reasoning:
+        print("reasoning parser deepseek_r1: chat replies split at </think> into reasoning_content and content",
+              flush=True)
+    if options.get("defaults"):
+        print("sampling defaults from generation_config.json: "
+              + ", ".join(f"{k} {v}" for k, v in options["defaults"].items()), flush=True)
     serve(engine, tok, model_name(args), host=args.host, port=args.port, api_key=args.api_key, limits=limits,
-          sock=sock)
+          sock=sock, defaults=options.get("defaults"), allowed_origins=options.get("allowed_origins"),
+          reasoning=reasoning)
 
 
 def run_ranked(args) -> int:
@@ -133,11 +191,12 @@ def run_ranked(args) -> int:
         signal.signal(sig, lambda *_: None)        # other ranks are told to stop (uvicorn's own handler drains)
     try:                                           # a port in use: the other ranks are told to stop, then one line
         sock = listen(args.host, args.port)
+        options = http_options(args)
         tok = Tokenizer.from_dir(args.model)
         engine = make_engine(args, ranks.lockstep(model), tok, spec)
         print(banner(args, engine, spec).replace("serving", f"serving over {ranks.par.ep} ranks (expert parallel),",
                                                  1), flush=True)
-        serve_http(args, engine, tok, sock)
+        serve_http(args, engine, tok, sock, options)
     finally:
         ranks.close()
     return 0

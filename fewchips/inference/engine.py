@@ -247,6 +247,11 @@ class Engine:
         self._thread.start()
         return self
 
+    @property
+    def is_running(self) -> bool:
+        """Whether the engine's thread is stepping (started, not stopped, not dead of an error)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
     def stop(self):
         with self._cv:
             self._stopping = True

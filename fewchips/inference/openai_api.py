@@ -4,13 +4,16 @@ functions of a body and a tokenizer, no HTTP: `server.py` wires them to routes.
 
 What real clients send: `prompt` as a string, a list of strings, a list of token ids or a list of
 token-id lists (evaluation harnesses score with the last form, `echo` and `logprobs`); chat `messages`
-whose `content` is a string or a list of text parts; unknown but harmless fields are accepted. What
-fewchips cannot honour (tools, structured output) is refused by name rather than silently ignored.
+whose `content` is a string or a list of text parts; vLLM's extra sampling fields (`min_p`,
+`repetition_penalty`, `stop_token_ids`, `min_tokens`, `ignore_eos`, `include_stop_str_in_output`,
+`skip_special_tokens`, `chat_template_kwargs`). A field fewchips cannot honour is refused by name
+(400); a field it does not know is accepted and named in the server's log, as vLLM does.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,6 +22,7 @@ from .request import TokenLogprob
 from .sampling import MAX_TOKENS, SamplingParams
 
 INT64 = 2**63
+log = logging.getLogger("fewchips.server")
 
 
 class APIError(Exception):
@@ -71,10 +75,22 @@ class _Common(BaseModel):
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # vLLM's sampling fields
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    stop_token_ids: list[int] | None = None
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     # what fewchips does not do: accepted only in their do-nothing form
     tools: list | None = None
     functions: list | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
     response_format: dict | None = None
+    best_of: int | None = None
+    priority: int = 0
 
 
 class CompletionBody(_Common):
@@ -82,6 +98,7 @@ class CompletionBody(_Common):
     max_tokens: int | None = Field(MAX_TOKENS, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool | None = False
+    suffix: str | None = None
 
 
 class TextPart(BaseModel):
@@ -102,6 +119,25 @@ class ChatBody(_Common):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    chat_template_kwargs: dict | None = None
+
+
+class TokenizeBody(BaseModel):
+    """vLLM's /tokenize: a completion prompt, or chat messages rendered by the template."""
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool | None = None          # default: True for a prompt, False for messages (vLLM's)
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    tokens: list[int]
 
 
 def parse_body(raw: bytes, model: type[BaseModel]):
@@ -131,6 +167,30 @@ def check_common(body: _Common, model_name: str, vocab_size: int, max_n: int):
     for name in ("tools", "functions"):
         if getattr(body, name):
             raise APIError(400, f"{name} (function calling) is not supported by this server", param=name)
+    choice = body.tool_choice
+    if choice not in (None, "none", "auto"):
+        raise APIError(400, f"tool_choice {choice!r} needs tools, which this server does not take", param="tool_choice")
+    if body.best_of not in (None, body.n):
+        raise APIError(400, f"best_of {body.best_of} (ranking more samples than are returned) is not supported; "
+                            f"ask for n choices instead", param="best_of")
+    if body.priority:
+        raise APIError(400, "priority is not supported: requests are served first come, first served",
+                       param="priority")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options applies only with stream: true", param="stream_options")
+    if getattr(body, "suffix", None):
+        raise APIError(400, "suffix (text after the completion) is not supported", param="suffix")
+    if isinstance(body, ChatBody):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        for m in body.messages:
+            for part in m.content if isinstance(m.content, list) else []:
+                if part.type != "text":
+                    raise APIError(400, f"content part of type {part.type!r}: this model takes text only",
+                                   param="messages")
+    for t in body.stop_token_ids or []:
+        if not 0 <= t < vocab_size:
+            raise APIError(400, f"stop_token_ids: {t} is not a token id in [0, {vocab_size})", param="stop_token_ids")
     fmt = body.response_format
     if fmt is not None and fmt.get("type", "text") != "text":
         raise APIError(400, f"response_format {fmt.get('type')!r} is not supported; only 'text'",
@@ -143,14 +203,32 @@ def check_common(body: _Common, model_name: str, vocab_size: int, max_n: int):
                            param="logit_bias")
 
 
+def warn_unknown(body: BaseModel, endpoint: str):
+    """Fields this server does not know: accepted (clients send extras), named in the log."""
+    if body.model_extra:
+        log.warning(f"{endpoint}: ignored fields not known to this server: {', '.join(sorted(body.model_extra))}")
+
+
+# the defaults a model's generation_config.json may set, and OpenAI's where it does not
+DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
 def sampling_params(body: _Common, max_tokens: int, choice: int, logprobs: int | None,
-                    stop_ids: list[int]) -> SamplingParams:
-    """The engine's parameters for one choice; choice j of a seeded request draws with seed + j."""
+                    stop_ids: list[int], defaults: dict | None = None) -> SamplingParams:
+    """The engine's parameters for one choice; choice j of a seeded request draws with seed + j. A field
+    the request sets wins, then the model's `defaults` (generation_config.json), then OpenAI's."""
+    given = body.model_fields_set
+
+    def pick(name):
+        value = getattr(body, name) if name in given else None
+        return value if value is not None else (defaults or {}).get(name, DEFAULTS[name])
+    eos = [] if body.ignore_eos else stop_ids
     return SamplingParams(
-        max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
+        max_tokens=max_tokens, temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k") or 0,
+        min_p=pick("min_p"), repetition_penalty=pick("repetition_penalty"), min_tokens=body.min_tokens,
         seed=None if body.seed is None else body.seed + choice,
-        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []), stop_token_ids=stop_ids,
+        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        stop_token_ids=eos + [t for t in body.stop_token_ids or [] if t not in eos],
         logprobs=logprobs, frequency_penalty=body.frequency_penalty or 0.0,
         presence_penalty=body.presence_penalty or 0.0,
         logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()})
@@ -195,12 +273,48 @@ def chat_prompt(body: ChatBody, tokenizer) -> list[int]:
         text = c if isinstance(c, str) else "".join(part.text for part in c or [] if part.type == "text")
         msgs.append({"role": m.role, "content": text})
     try:
-        ids = tokenizer.apply_chat_template(msgs)
+        ids = tokenizer.apply_chat_template(msgs, **(body.chat_template_kwargs or {}))
     except Exception as e:   # the template rejected the conversation (roles out of order, ...)
         raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
     if not ids:
         raise APIError(400, "the conversation is empty", param="messages")
     return ids
+
+
+def _same_model(name: str | None, model_name: str):
+    if name not in (None, "", model_name):
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
+                       "not_found_error", "model", "model_not_found")
+
+
+def tokenize(raw: bytes, tokenizer, model_name: str, max_model_len: int) -> dict:
+    """vLLM's /tokenize answer: {count, max_model_len, tokens, token_strs}."""
+    body = parse_body(raw, TokenizeBody)
+    _same_model(body.model, model_name)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give prompt (text) or messages (a conversation), one of them", param="prompt")
+    if body.prompt is not None:
+        ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+    else:
+        msgs = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
+                 "".join(p.text for p in m.content or [] if p.type == "text")} for m in body.messages]
+        try:
+            ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=body.add_generation_prompt,
+                                                **(body.chat_template_kwargs or {}))
+        except Exception as e:
+            raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
+    return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids,
+            "token_strs": [tokenizer.token_text(t) for t in ids] if body.return_token_strs else None}
+
+
+def detokenize(raw: bytes, tokenizer, model_name: str, vocab_size: int) -> dict:
+    """vLLM's /detokenize answer: {prompt}."""
+    body = parse_body(raw, DetokenizeBody)
+    _same_model(body.model, model_name)
+    bad = [t for t in body.tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise APIError(400, f"tokens: {bad[0]} is not a token id in [0, {vocab_size})", param="tokens")
+    return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
 
 # ---------------------------------------------------------------------------------------------

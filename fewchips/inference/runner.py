@@ -170,7 +170,7 @@ class ModelRunner:
         """Each row's next token (after its penalties and logit bias; logprobs stay the model's own)."""
         reqs = [o.request for o in outs]
         params = [r.params for r in reqs]
-        adjusted_BV = adjust_logits(logits_BV, params, [r.output_ids for r in reqs])
+        adjusted_BV = adjust_logits(logits_BV, params, [r.output_ids for r in reqs], [r.prompt_ids for r in reqs])
         for o, r, t, logits_V in zip(outs, reqs, sample(adjusted_BV, params, [r.rng for r in reqs]).tolist(),
                                      logits_BV):
             o.tokens, o.logits = [t], [logits_V]

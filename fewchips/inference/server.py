@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP server over the engine (FastAPI + uvicorn).
 
-Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions; `stream: true`
-answers with server-sent events ending in `data: [DONE]`. Every error is a 4xx/5xx with
+Routes: GET /health (503 when the engine is not running), GET /v1/models, POST /v1/completions,
+POST /v1/chat/completions, and vLLM's POST /tokenize and /detokenize; `stream: true` answers with
+server-sent events ending in `data: [DONE]`. Every error is a 4xx/5xx with
 {"error": {"message", "type", "param", "code"}}, the shape the `openai` client raises from. What a
 request may be and become (bodies, prompts, sampling, response pieces) is `openai_api.py`; this module
 is the HTTP side: limits, routes, and the loop that turns engine events into responses.
@@ -32,6 +33,7 @@ from . import openai_api as api
 from .engine import Engine, Request
 from .openai_api import APIError, ChatBody, CompletionBody
 from .server_limits import ServerLimits
+from .reasoning import ReasoningSplit
 from .tokenizer import TextStream
 
 
@@ -74,9 +76,11 @@ class RequireAPIKey:
 class Session:
     """One HTTP request's generations: submitted together, their events read back in order."""
 
-    def __init__(self, app_state, reqs: list[Request], queue: asyncio.Queue, http: HTTPRequest):
+    def __init__(self, app_state, reqs: list[Request], queue: asyncio.Queue, http: HTTPRequest, body):
         self.state, self.reqs, self.queue, self.http = app_state, reqs, queue, http
-        self.streams = [TextStream(app_state.tokenizer, r.params.stop) for r in reqs]
+        text = ReasoningSplit if app_state.reasoning and isinstance(body, ChatBody) else TextStream
+        self.streams = [text(app_state.tokenizer, r.params.stop, body.skip_special_tokens,
+                             body.include_stop_str_in_output) for r in reqs]
 
     async def events(self, watch_disconnect: bool):
         """(choice index, kind, payload) until every generation is done. Leaving early (the client hung
@@ -144,6 +148,8 @@ class AppState:
     limits: ServerLimits
     stop_ids: list[int]
     created: int
+    defaults: dict             # sampling defaults from the model's generation_config.json (openai_api.DEFAULTS' keys)
+    reasoning: bool = False    # chat replies split at </think> into reasoning_content and content (deepseek_r1)
 
     def submit(self, prompts: list[list[int]], body, max_tokens: list[int], logprobs, http: HTTPRequest,
                prompt_logprobs=None) -> Session:
@@ -168,28 +174,51 @@ class AppState:
         def on_event(req, kind, payload):
             loop.call_soon_threadsafe(queue.put_nowait, (req, kind, payload))
 
-        reqs = [Request(p, api.sampling_params(body, m, j, logprobs, self.stop_ids), on_event=on_event,
+        reqs = [Request(p, api.sampling_params(body, m, j, logprobs, self.stop_ids, self.defaults), on_event=on_event,
                         prompt_logprobs=prompt_logprobs)
                 for p, m in zip(prompts, max_tokens) for j in range(body.n)]
         for r in reqs:
             self.engine.add(r)
-        return Session(self, reqs, queue, http)
+        return Session(self, reqs, queue, http, body)
 
 
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
-               limits: ServerLimits | None = None) -> FastAPI:
+               limits: ServerLimits | None = None, defaults: dict | None = None,
+               allowed_origins: list[str] | None = None, reasoning: bool = False) -> FastAPI:
+    """`defaults`: sampling defaults (generation_config.json's); `allowed_origins`: CORS, off when None;
+    `reasoning`: split chat replies at </think> (`reasoning.ReasoningSplit`)."""
     app = FastAPI(title="fewchips", docs_url=None, redoc_url=None)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else engine.model.config.eos_token_id
     state = AppState(engine, tokenizer, model_name, limits or ServerLimits(),
-                     [] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), int(time.time()))
+                     [] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), int(time.time()),
+                     dict(defaults or {}), reasoning)
     add_error_handlers(app)
 
     if api_key:
         app.add_middleware(RequireAPIKey, api_key=api_key)
+    if allowed_origins:
+        from starlette.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "running": len(engine.running), "waiting": len(engine.waiting)}
+        body = {"status": "ok", "running": len(engine.running), "waiting": len(engine.waiting)}
+        if not engine.is_running:                  # stopped, or its thread died: a load balancer should move on
+            return JSONResponse(status_code=503, content={**body, "status": "the engine is not running"})
+        return body
+
+    @app.post("/tokenize")
+    async def tokenize(request: HTTPRequest):
+        """vLLM's: {prompt} or {messages, add_generation_prompt, chat_template_kwargs} -> {count, max_model_len,
+        tokens, token_strs}."""
+        raw = await read_body(request, state.limits.max_body_bytes)
+        return await run_in_threadpool(api.tokenize, raw, state.tokenizer, state.model_name, engine.max_len)
+
+    @app.post("/detokenize")
+    async def detokenize(request: HTTPRequest):
+        raw = await read_body(request, state.limits.max_body_bytes)
+        return await run_in_threadpool(api.detokenize, raw, state.tokenizer, state.model_name,
+                                       engine.model.config.vocab_size)
 
     @app.get("/metrics")
     async def metrics():
@@ -242,6 +271,7 @@ def add_error_handlers(app: FastAPI):
 
 def prepare_completion(raw: bytes, state: AppState):
     body = api.parse_body(raw, CompletionBody)
+    api.warn_unknown(body, "/v1/completions")
     api.check_common(body, state.model_name, state.engine.model.config.vocab_size, state.limits.max_n)
     prompts, texts = api.completion_prompts(body, state.tokenizer, state.limits.max_prompts)
     return body, prompts, texts
@@ -249,12 +279,14 @@ def prepare_completion(raw: bytes, state: AppState):
 
 def prepare_chat(raw: bytes, state: AppState):
     body = api.parse_body(raw, ChatBody)
+    api.warn_unknown(body, "/v1/chat/completions")
     api.check_common(body, state.model_name, state.engine.model.config.vocab_size, state.limits.max_n)
     return body, api.chat_prompt(body, state.tokenizer)
 
 
 async def complete(state: AppState, request: HTTPRequest, body: CompletionBody, prompts, texts):
-    max_tokens = api.MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    max_tokens = body.max_tokens if "max_tokens" in body.model_fields_set and body.max_tokens is not None \
+        else state.defaults.get("max_tokens", api.MAX_TOKENS)
     scoring = body.echo and body.logprobs is not None
     s = state.submit(prompts, body, [max_tokens] * len(prompts), body.logprobs, request,
                      prompt_logprobs=body.logprobs if scoring else None)
@@ -296,7 +328,7 @@ async def complete(state: AppState, request: HTTPRequest, body: CompletionBody, 
 
 
 async def chat_complete(state: AppState, request: HTTPRequest, body: ChatBody, prompt: list[int]):
-    max_tokens = body.max_completion_tokens or body.max_tokens
+    max_tokens = body.max_completion_tokens or body.max_tokens or state.defaults.get("max_tokens")
     if max_tokens is None:
         max_tokens = max(state.engine.max_len - len(prompt), 0)
         if max_tokens == 0:
@@ -311,13 +343,23 @@ async def chat_complete(state: AppState, request: HTTPRequest, body: ChatBody, p
         return {"id": cid, "object": "chat.completion.chunk", "created": now, "model": state.model_name,
                 "choices": [{"index": k, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
+    def message_delta(text) -> dict:
+        """A text delta as the message's fields: content, or (reasoning parser on) reasoning and content."""
+        if not state.reasoning:
+            return {"content": text} if text else {}
+        reasoning, content = text
+        return {**({"reasoning_content": reasoning, "reasoning": reasoning} if reasoning else {}),
+                **({"content": content} if content else {})}
+
     if body.stream:
         def delta(k, text, payload):
             lp = api.chat_logprobs(tok, payload) if logprobs is not None else None
-            return chunk(k, {"content": text}, lp=lp) if text or lp else None
+            d = message_delta(text)
+            return chunk(k, d, lp=lp) if d or lp else None
 
         def finish(k, rest, reason):
-            return ([chunk(k, {"content": rest})] if rest else []) + [chunk(k, {}, finish=reason)]
+            d = message_delta(rest)
+            return ([chunk(k, d)] if d else []) + [chunk(k, {}, finish=reason)]
 
         usage = ((lambda: {"id": cid, "object": "chat.completion.chunk", "created": now, "model": state.model_name,
                            "choices": [], "usage": api.usage([prompt], s.reqs)})
@@ -325,8 +367,14 @@ async def chat_complete(state: AppState, request: HTTPRequest, body: ChatBody, p
         first = [chunk(k, {"role": "assistant", "content": ""}) for k in range(len(s.reqs))]
         return StreamingResponse(s.sse(first, delta, finish, usage), media_type="text/event-stream")
 
+    def message(k) -> dict:
+        if not state.reasoning:
+            return {"role": "assistant", "content": s.streams[k].text}
+        reasoning, content = s.streams[k].text
+        return {"role": "assistant", "content": content, "reasoning_content": reasoning, "reasoning": reasoning}
+
     await s.collect()
-    choices = [{"index": k, "message": {"role": "assistant", "content": s.streams[k].text},
+    choices = [{"index": k, "message": message(k),
                 "logprobs": api.chat_logprobs(tok, r.logprobs) if logprobs is not None else None,
                 "finish_reason": r.finish_reason} for k, r in enumerate(s.reqs)]
     return {"id": cid, "object": "chat.completion", "created": now, "model": state.model_name,
@@ -345,7 +393,8 @@ def listen(host: str, port: int) -> socket.socket:
 
 def serve(engine: Engine, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, log_level: str = "info", limits: ServerLimits | None = None,
-          sock: socket.socket | None = None):
+          sock: socket.socket | None = None, defaults: dict | None = None, allowed_origins: list[str] | None = None,
+          reasoning: bool = False):
     """Run until SIGINT/SIGTERM: then stop accepting, give in-flight requests `limits.shutdown_timeout`
     seconds to finish, cancel the rest (which aborts their generations), stop the engine. `sock`: a socket
     from `listen` (else host and port are bound here)."""
@@ -354,7 +403,8 @@ def serve(engine: Engine, tokenizer, model_name: str, host: str = "127.0.0.1", p
     sock = sock or listen(host, port)
     engine.start()
     try:
-        config = uvicorn.Config(create_app(engine, tokenizer, model_name, api_key, limits), host=host, port=port,
+        app = create_app(engine, tokenizer, model_name, api_key, limits, defaults, allowed_origins, reasoning)
+        config = uvicorn.Config(app, host=host, port=port,
                                 log_level=log_level, timeout_graceful_shutdown=limits.shutdown_timeout)
         uvicorn.Server(config).run(sockets=[sock])
     finally:

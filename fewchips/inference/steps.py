@@ -19,6 +19,8 @@ from .sampling import SamplingParams
 def stop_reason(gen_ids: list[int], params: SamplingParams, tokenizer=None) -> str | None:
     """'stop' if the last token is a stop token or the generated text now holds a stop string,
     'length' at max_tokens, else None."""
+    if len(gen_ids) < params.min_tokens:
+        return "length" if len(gen_ids) >= params.max_tokens else None
     if gen_ids and gen_ids[-1] in params.stop_token_ids:
         return "stop"
     if params.stop and tokenizer is not None and gen_ids:

@@ -27,9 +27,10 @@ class ChatTemplate:
         self.source, self.bos_token, self.eos_token = source, bos_token or "", eos_token or ""
         self._template = env.from_string(source)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token, eos_token=self.eos_token)
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
+        """`kwargs`: more template variables (a request's chat_template_kwargs, e.g. `thinking`)."""
+        return self._template.render(**{**kwargs, "messages": messages, "add_generation_prompt": add_generation_prompt,
+                                        "bos_token": self.bos_token, "eos_token": self.eos_token})
 
     @classmethod
     def of_dir(cls, path) -> "ChatTemplate | None":
@@ -106,34 +107,40 @@ class Tokenizer:
         """One token's text as clients see it (for logprobs); special tokens keep their name."""
         return self.tok.decode([token_id], skip_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        """Token ids of the conversation followed by the assistant's turn opening."""
+    def set_chat_template(self, source: str):
+        """Use `source` (a Jinja chat template) in place of the model's (`fewchips serve --chat-template`)."""
+        self.chat_template, self._template = source, ChatTemplate(source, self.bos_token, self.eos_token)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        """Token ids of the conversation followed by the assistant's turn opening; `kwargs` reach the template."""
         if self.chat_template:
             if self._template is None:
                 self._template = ChatTemplate(self.chat_template, self.bos_token, self.eos_token)
-            text = self._template.render(messages, add_generation_prompt=True)
+            text = self._template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
             return self.encode(text, add_special_tokens=False)
         # No template: a plain transcript.
-        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
-        return self.encode(text)
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages)
+        return self.encode(text + "Assistant:" if add_generation_prompt else text)
 
 
 class TextStream:
     """Turns a growing list of token ids into text deltas. Holds back an incomplete UTF-8 character
     and any tail that could be the start of a stop string; cuts the text at the first stop string."""
 
-    def __init__(self, tokenizer, stops: list[str]):
+    def __init__(self, tokenizer, stops: list[str], skip_special_tokens: bool = True, include_stop: bool = False):
         self.tok, self.stops = tokenizer, [s for s in stops if s]
+        self.skip_special, self.include_stop = skip_special_tokens, include_stop
         self.ids: list[int] = []
         self.sent = 0
         self.stopped = False
 
     def _text(self):
-        text = self.tok.decode(self.ids)
-        cuts = [text.find(s) for s in self.stops if s in text]
+        text = self.tok.decode(self.ids, skip_special_tokens=self.skip_special)
+        cuts = [(text.find(s), s) for s in self.stops if s in text]
         if cuts:
             self.stopped = True
-            return text[: min(cuts)], True
+            at, stop = min(cuts)
+            return text[: at + (len(stop) if self.include_stop else 0)], True
         return text, False
 
     def push(self, ids: list[int]) -> str:

@@ -27,14 +27,14 @@ NAME = "tiny-test"
 
 
 class Served:
-    def __init__(self, path, api_key=None, limits=None, max_batch=16, speculative=None):
+    def __init__(self, path, api_key=None, limits=None, max_batch=16, speculative=None, **app):
         self.model = from_pretrained(path, dtype=torch.float32)
         self.tok = Tokenizer.from_dir(path)
         self.engine = Engine(self.model, self.tok, max_batch=max_batch, max_len=128, speculative=speculative).start()
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        config = uvicorn.Config(create_app(self.engine, self.tok, NAME, api_key=api_key, limits=limits),
+        config = uvicorn.Config(create_app(self.engine, self.tok, NAME, api_key=api_key, limits=limits, **app),
                                 host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
