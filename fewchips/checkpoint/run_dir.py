@@ -123,10 +123,11 @@ class RunDir:
         if self.writer:
             truncate_metrics(self.metrics_path, step, self.log)
 
-    def write_tokenizer(self, tok, folder: str):
-        """tokenizer.json and tokenizer_config.json; a run started from a model directory keeps that
+    def write_tokenizer(self, tok, folder: str, model_max_length: int | None = None):
+        """tokenizer.json and tokenizer_config.json (`model_max_length`: the model's context, so that
+        transformers does not warn below it); a run started from a model directory keeps that
         directory's tokenizer_config.json (its own chat template, e.g. a released checkpoint's)."""
-        save_tokenizer(tok, folder, self.tc.seq_len)
+        save_tokenizer(tok, folder, model_max_length or self.tc.seq_len)
         source = os.path.join(self.tc.init, "tokenizer_config.json") if self.tc.init else None
         if source and os.path.exists(source):
             with open(source, encoding="utf-8") as f:

@@ -40,7 +40,7 @@ def register(sub):
     g.add_argument("--kl-beta", type=float, help="β of the KL penalty to the starting model (0: no reference model)")
     g.add_argument("--iterations", type=int,
                    help="μ: updates per batch of rollouts, each with the ratio against the rollout policy "
-                        "(DeepSeekMath)")
+                        "(DeepSeekMath); the lr schedule and --warmup count optimizer steps (μ per batch)")
     g.add_argument("--val-prompts", type=_count_or_file,
                    help="held-out prompts answered greedily at each evaluation: a number (drawn apart from training's, "
                         "which never sees them) or a prompts .jsonl")

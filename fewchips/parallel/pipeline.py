@@ -101,8 +101,9 @@ class Stage(nn.Module):
             torch.arange(T, device=ids.device).expand(ids.shape[0], T)
         segments = batch.segment[:, :-1] if batch.segment is not None else None
         cos, sin = self.rotary(positions)
+        load_mask = batch.load_mask()                  # padding routes but does not count in the loads
         for i, layer in zip(self.layer_ids, self.layers):
-            h, stats = layer(h, cos, sin, segments=segments, with_stats=True)
+            h, stats = layer(h, cos, sin, segments=segments, with_stats=True, load_mask=load_mask)
             balance = self._add_stats(balance, stats, i)
         if not self.last:
             return h, window, balance

@@ -359,9 +359,10 @@ class Trainer:
         """Every file to a temp folder beside the checkpoint, then swapped in by renames, keeping the one
         before as checkpoint.old (a fallback if this one is later found damaged). Any failure (a full
         disk) leaves the old checkpoints alone."""
+        context = self.cfg.max_position_embeddings     # tokenizer_config's model_max_length, not --seq-len
         try:
             self.layout.save_checkpoint(self.ckpt_dir, self.model, self.opt, self.state(),
-                                        lambda folder: self.run.write_tokenizer(self.tok, folder), self.ema)
+                                        lambda folder: self.run.write_tokenizer(self.tok, folder, context), self.ema)
         except OSError as e:
             kept = f"the previous checkpoint in {self.ckpt_dir} is intact" if os.path.exists(self.ckpt_dir) \
                 else "no earlier checkpoint exists"
@@ -381,7 +382,7 @@ class Trainer:
 
     def _export(self, out: str):
         def files(folder):
-            self.run.write_tokenizer(self.tok, folder)
+            self.run.write_tokenizer(self.tok, folder, self.cfg.max_position_embeddings)
             write_expert_loads(folder, self.cfg, self.load_accum_LE, self.tokens_seen)
         try:
             self.layout.export(self.model, out, files)

@@ -73,6 +73,7 @@ def test_output_loads_in_fewchips_and_transformers(tmp_path, corpus):
         torch.testing.assert_close(hf(ids).logits, ref, rtol=1e-4, atol=1e-4)
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
     assert tok.decode(tok.encode("def f(x): return x", add_special_tokens=False)) == "def f(x): return x"
+    assert tok.model_max_length == tr.cfg.max_position_embeddings != tr.tc.seq_len   # no warning below the context
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path, corpus):
