@@ -16,6 +16,16 @@ def _raise(message):
     raise ValueError(f"chat template: {message}")
 
 
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    """transformers' `tojson` (Jinja's own escapes <, >, & and ' for HTML: tool schemas would differ)."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    import datetime
+    return datetime.datetime.now().strftime(fmt)
+
+
 class ChatTemplate:
     """A checkpoint's Jinja `chat_template`, rendered as transformers renders it: a sandboxed environment
     with trim_blocks and lstrip_blocks, `raise_exception`, and the special tokens' strings as variables."""
@@ -24,11 +34,14 @@ class ChatTemplate:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise          # what Hugging Face templates call
+        env.globals["strftime_now"] = _strftime_now
+        env.filters["tojson"] = _tojson
         self.source, self.bos_token, self.eos_token = source, bos_token or "", eos_token or ""
         self._template = env.from_string(source)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
-        """`kwargs`: more template variables (a request's chat_template_kwargs, e.g. `thinking`)."""
+        """`kwargs`: more template variables: `tools` (OpenAI's tool list, as transformers passes it), a
+        request's chat_template_kwargs (e.g. `thinking`)."""
         return self._template.render(**{**kwargs, "messages": messages, "add_generation_prompt": add_generation_prompt,
                                         "bos_token": self.bos_token, "eos_token": self.eos_token})
 

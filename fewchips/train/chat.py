@@ -8,6 +8,11 @@ tokenizer never merges across, so the ids equal those of the rendered template (
 against `transformers.AutoTokenizer.apply_chat_template`), and each piece knows whether it is the
 assistant's: its content and the closing EOS are trained on, nothing else.
 
+Tool use in OpenAI's form: an assistant message's `tool_calls` ([{"type": "function", "function":
+{"name", "arguments"}}], `content` may be null), `tool` messages with the results, and the row's
+`tools` (the function schemas). Such chats render through the model's template, or DeepSeek-V3's tool
+format (`tokenizer.TOOL_CHAT_TEMPLATE`): the assistant's tool calls are trained on, the results not.
+
 A packed row of T + 1 tokens holds whole samples back to back (a sample longer than T + 1 is cut) and
 padding; per token it stores the id, whether it is a training target (assistant), its sample number
 (padding: -1) and its position within the sample. `Batch` carries the rows to the loss.
@@ -25,10 +30,19 @@ import numpy as np
 import torch
 
 from .config import TrainError
+from ..inference.tokenizer import ChatTemplate
 from ..losses import Batch
-from .tokenizer import ASSISTANT, BOS, EOS, USER, token_byte_lengths
+from .tokenizer import ASSISTANT, BOS, EOS, TOOL_CHAT_TEMPLATE, TOOL_TOKENS, USER, token_byte_lengths
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class Conversation(list):
+    """A conversation's messages, and the tools its row offers (`tools`: OpenAI function schemas)."""
+    tools: list | None = None
+
+    def uses_tools(self) -> bool:
+        return bool(self.tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in self)
 
 
 class ChatDataError(TrainError):
@@ -125,7 +139,12 @@ def sample_of(row, where: str):
     if not isinstance(row, dict):
         raise ChatDataError(f"{where}: expected an object with messages, prompt/completion or text")
     if "messages" in row:
-        return check_messages(row["messages"], where)
+        chat = check_messages(row["messages"], where)
+        tools = row.get("tools")
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            raise ChatDataError(f"{where}: `tools` must be a list of function schemas (objects)")
+        chat.tools = tools or None
+        return chat
     if "prompt" in row and "completion" in row:
         p, c = row["prompt"], row["completion"]
         if isinstance(p, str) and isinstance(c, str):
@@ -155,14 +174,23 @@ def check_messages(messages, where: str) -> list[dict]:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise ChatDataError(f"{where}: messages[{i}].role must be one of {', '.join(ROLES)}, "
                                 f"got {m.get('role') if isinstance(m, dict) else m!r}")
-        if m.get("tool_calls"):            # trained as a bare EOS otherwise: refused, never dropped
-            raise ChatDataError(f"{where}: messages[{i}] has tool_calls, which this chat format has no syntax for; "
-                                f"drop the row or write the call into the content")
-        if not isinstance(m.get("content"), str):
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if m["role"] != "assistant" or not isinstance(calls, list) or not calls:
+                raise ChatDataError(f"{where}: messages[{i}].tool_calls must be a non-empty list on an assistant "
+                                    f"message")
+            for j, c in enumerate(calls):
+                f = c.get("function") if isinstance(c, dict) else None
+                if not isinstance(f, dict) or not isinstance(f.get("name"), str) \
+                        or not isinstance(f.get("arguments"), (str, dict)):
+                    raise ChatDataError(f"{where}: messages[{i}].tool_calls[{j}] must be {{\"type\": \"function\", "
+                                        f"\"function\": {{\"name\": str, \"arguments\": JSON string}}}}")
+        if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
             raise ChatDataError(f"{where}: messages[{i}].content must be a string")
     if not any(m["role"] == "assistant" for m in messages):
         raise ChatDataError(f"{where}: no assistant message, so nothing to learn from")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    keep = ("role", "content", "tool_calls", "tool_call_id", "name")
+    return Conversation({k: m[k] for k in keep if k in m} for m in messages)
 
 
 def encode_chat(tok, messages: list[dict], add_generation_prompt: bool = False,
@@ -170,8 +198,16 @@ def encode_chat(tok, messages: list[dict], add_generation_prompt: bool = False,
     """Token ids of a conversation and, per token, whether it is the assistant's (trained on). With the
     model directory's `template` (a ChatTemplate), in the checkpoint's own format (`encode_templated`);
     without one, DeepSeek-V3's: BOS system USER user ASSISTANT assistant EOS ... [ASSISTANT]."""
+    tools = getattr(messages, "tools", None)
+    if template is None and isinstance(messages, Conversation) and messages.uses_tools():
+        missing = [t for t in TOOL_TOKENS if tok.token_to_id(t) is None]
+        if missing:
+            raise ChatDataError(f"a chat with tool calls needs DeepSeek-V3's tool tokens, and the tokenizer lacks "
+                                f"{', '.join(missing[:3])}...: retrain it with this fewchips, or give the model "
+                                f"directory a chat_template that writes tool calls")
+        template = ChatTemplate(TOOL_CHAT_TEMPLATE, BOS, EOS)
     if template is not None:
-        return encode_templated(tok, template, messages, add_generation_prompt)
+        return encode_templated(tok, template, messages, add_generation_prompt, tools=tools)
     for special in (USER, ASSISTANT):
         if tok.token_to_id(special) is None:
             raise ChatDataError(f"the tokenizer has no {special} token: chat data needs DeepSeek-V3's chat tokens, as "
@@ -194,22 +230,22 @@ def encode_chat(tok, messages: list[dict], add_generation_prompt: bool = False,
     return ids, train
 
 
-def encode_templated(tok, template, messages: list[dict], add_generation_prompt: bool = False):
+def encode_templated(tok, template, messages: list[dict], add_generation_prompt: bool = False, **variables):
     """The conversation rendered by the checkpoint's Jinja template, tokenised whole (as
     `transformers.apply_chat_template` does), and the assistant mask derived from that rendering: assistant
     turn i spans what the rendering up to and including it adds beyond the turns before it with the
     generation prompt (their common prefix: R1's prompt opens a `<think>` its rendered history does not
     show); a token is trained on if it lies inside such a span. A template that renders a turn
     differently once later turns follow has no such spans and is refused by name."""
-    full = template.render(messages, add_generation_prompt=add_generation_prompt)
+    full = template.render(messages, add_generation_prompt=add_generation_prompt, **variables)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = template.render(messages[:i], add_generation_prompt=True)
-        through = template.render(messages[: i + 1])
+        before = template.render(messages[:i], add_generation_prompt=True, **variables)
+        through = template.render(messages[: i + 1], **variables)
         start = len(os.path.commonprefix([before, through]))
-        if not full.startswith(through) or start < len(template.render(messages[:i])):
+        if not full.startswith(through) or start < len(template.render(messages[:i], **variables)):
             raise ChatDataError(f"the model's chat template renders turn {i} differently once later turns follow "
                                 f"(it rewrites earlier turns), so the assistant's tokens cannot be told from the "
                                 f"rendering; train on one assistant turn per row, or use a template without that")

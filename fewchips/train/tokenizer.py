@@ -25,7 +25,16 @@ FIM_BEGIN = "<｜fim▁begin｜>"
 FIM_END = "<｜fim▁end｜>"
 USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
-SPECIAL_TOKENS = [BOS, EOS, FIM_HOLE, FIM_BEGIN, FIM_END, USER, ASSISTANT]   # ids 0..6 in a tokenizer we train
+# DeepSeek-V3's tool-call tokens and R1's reasoning markers (tokenizer.json of the releases)
+TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
+TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+THINK, THINK_END = "<think>", "</think>"
+TOOL_TOKENS = [TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP, TOOL_OUTPUTS_BEGIN,
+               TOOL_OUTPUTS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END]
+# ids 0..6 the core ones, then the tool and reasoning tokens, in a tokenizer we train
+SPECIAL_TOKENS = [BOS, EOS, FIM_HOLE, FIM_BEGIN, FIM_END, USER, ASSISTANT, *TOOL_TOKENS, THINK, THINK_END]
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)          # a byte-level BPE holds every byte and the special tokens
 
 
@@ -52,6 +61,51 @@ CHAT_TEMPLATE = (
     "{% elif message['role'] == 'assistant' %}{{ '" + ASSISTANT + "' + message['content'] + '" + EOS + "' }}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{% endif %}")
+
+# The same, with tools as DeepSeek-V3 renders them (its released template, the single-call case closed with
+# tool_calls_end as in its multi-call case): an assistant turn's tool calls after its content,
+#   <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGS\n```<｜tool▁call▁end｜>
+#   (\n and the next call) <｜tool▁calls▁end｜>EOS
+# tool results as <｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>RESULT<｜tool▁output▁end｜>(\n...)
+#   <｜tool▁outputs▁end｜>
+# after which the reply follows without <｜Assistant｜>; the `tools` given, as JSON after the system prompt
+# (vLLM's DeepSeek-V3 tool template's wording). A chat without tools renders as CHAT_TEMPLATE does.
+TOOL_CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(system_prompt='', is_first_sp=true, is_tool=false, is_output_first=true) %}"
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{% if ns.is_first_sp %}{% set ns.system_prompt = ns.system_prompt + message['content'] %}"
+    "{% set ns.is_first_sp = false %}"
+    "{% else %}{% set ns.system_prompt = ns.system_prompt + '\n\n' + message['content'] %}{% endif %}"
+    "{% endif %}{% endfor %}"
+    "{{ bos_token }}{{ ns.system_prompt }}"
+    "{% if tools %}{{ '\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}"
+    "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}"
+    "{{ '\n</tools>\n\nFor each function call, return " + TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + "function"
+    + TOOL_SEP + "<function_name>\n```json\n<function_arguments_in_json_format>\n```" + TOOL_CALL_END
+    + ", the calls separated by a new line, then " + TOOL_CALLS_END + EOS + "' }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{% set ns.is_tool = false %}{{ '" + USER + "' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% if ns.is_tool %}{{ '" + TOOL_OUTPUTS_END + "' }}{% set ns.is_tool = false %}"
+    "{% else %}{{ '" + ASSISTANT + "' }}{% endif %}"
+    "{% if message['content'] %}{{ message['content'] }}{% endif %}"
+    "{% if message['tool_calls'] %}{{ '" + TOOL_CALLS_BEGIN + "' }}"
+    "{% for call in message['tool_calls'] %}{% set args = call['function']['arguments'] %}"
+    "{% if args is not string %}{% set args = args | tojson %}{% endif %}"
+    "{% if not loop.first %}{{ '\n' }}{% endif %}"
+    "{{ '" + TOOL_CALL_BEGIN + "' + (call['type'] or 'function') + '" + TOOL_SEP + "' + call['function']['name']"
+    " + '\n```json\n' + args + '\n```" + TOOL_CALL_END + "' }}"
+    "{% endfor %}{{ '" + TOOL_CALLS_END + "' }}{% endif %}"
+    "{{ '" + EOS + "' }}{% set ns.is_output_first = true %}"
+    "{% elif message['role'] == 'tool' %}"
+    "{% if ns.is_output_first %}{{ '" + TOOL_OUTPUTS_BEGIN + "' }}{% set ns.is_output_first = false %}"
+    "{% else %}{{ '\n' }}{% endif %}"
+    "{{ '" + TOOL_OUTPUT_BEGIN + "' + message['content'] + '" + TOOL_OUTPUT_END + "' }}{% set ns.is_tool = true %}"
+    "{% endif %}{% endfor %}"
+    "{% if ns.is_tool %}{{ '" + TOOL_OUTPUTS_END + "' }}{% endif %}"
+    "{% if add_generation_prompt and not ns.is_tool %}{{ '" + ASSISTANT + "' }}{% endif %}")
 
 
 @dataclass(frozen=True)
@@ -112,7 +166,8 @@ def save_tokenizer(tok: Tokenizer, out_dir: str, model_max_length: int = 2048):
            "pad_token": EOS, "add_bos_token": True, "add_eos_token": False,
            "model_max_length": model_max_length, "clean_up_tokenization_spaces": False}
     if tok.token_to_id(USER) is not None and tok.token_to_id(ASSISTANT) is not None:
-        cfg["chat_template"] = CHAT_TEMPLATE
+        tools = all(tok.token_to_id(t) is not None for t in TOOL_TOKENS)
+        cfg["chat_template"] = TOOL_CHAT_TEMPLATE if tools else CHAT_TEMPLATE
     atomic_write_text(os.path.join(out_dir, "tokenizer_config.json"),
                       json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 

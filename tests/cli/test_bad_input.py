@@ -35,7 +35,7 @@ CASES = [
     ("train --threads 0 --out {O}", "--threads must be >= 1, got 0", 1),
     ("train --stop-at 0 --out {O}", "--stop-at must be >= 1, got 0", 1),
     ("train --ema 2 --out {O}", "--ema takes the decay, between 0 and 1", 1),
-    ("train --vocab-size 10 --out {O}", "--vocab-size 10 is below the smallest byte-level BPE: 263", 2),
+    ("train --vocab-size 10 --out {O}", "--vocab-size 10 is below the smallest byte-level BPE: 274", 2),
     ("train --batch-size-start 3 --out {O}", "--batch-size-start 3 must be a multiple of --batch-size", 1),
     # train: flags and their combinations
     ("train --preset huge --out {O}", "argument --preset: invalid choice: 'huge'", 2),

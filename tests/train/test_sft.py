@@ -225,9 +225,9 @@ def test_a_bad_chats_file_loses_nothing_already_written(pretrained, tmp_path):
     assert {p: (out / p).read_bytes() for p in before} == before
 
 
-def test_mtp_lambda_holds_for_every_step_and_tool_calls_are_refused(pretrained, tmp_path):
+def test_mtp_lambda_holds_for_every_step_and_malformed_tool_calls_are_refused(pretrained, tmp_path):
     """`--mtp-lambda 0` trains no MTP at any step (pre-training's late λ follows it); an assistant turn with
-    tool_calls is refused by name, not trained as a bare EOS."""
+    tool_calls not in OpenAI's form is refused by name, not trained as a bare EOS."""
     from fewchips import from_pretrained
     from fewchips.train.sft import SFTTrainer, sft_config
     assert sft_config(mtp_lambda=0.0).mtp_lambda_late == 0.0 and sft_config().mtp_lambda_late == 0.1
@@ -239,7 +239,7 @@ def test_mtp_lambda_holds_for_every_step_and_tool_calls_are_refused(pretrained, 
     f = tmp_path / "tools.jsonl"
     f.write_text(json.dumps({"messages": [{"role": "user", "content": "weather?"},
                                           {"role": "assistant", "content": "", "tool_calls": [{"name": "w"}]}]}) + "\n")
-    with pytest.raises(ChatDataError, match=r"tools\.jsonl:1: messages\[1\] has tool_calls"):
+    with pytest.raises(ChatDataError, match=r"tools\.jsonl:1: messages\[1\]\.tool_calls\[0\] must be"):
         read_chats(str(f))
 
 
