@@ -13,11 +13,17 @@
   mtp          (needs --model, a trained model with its MTP module, e.g. `make demo`'s runs/demo) decode
                tokens/s with MTP speculation against plain decoding at batch 1 and 8: greedy, 128 tokens
                after 64-token prompts cut from the standard library's sources; acceptance rate.
+  grammar      decode tokens/s with a JSON schema active (structured outputs, llguidance) against none at
+               batch 1 and 8: 128 tokens sampled at temperature 1 (seeded, the same in both) after 64-token
+               prompts, compact JSON; the schema's records cannot close within 128 tokens, so both runs decode
+               the same counts. A byte-level BPE of the preset's vocabulary is trained on the standard library's
+               sources first. Also: the grammar's compile time (the tokenizer's llguidance view, built once
+               per tokenizer; the schema, once per request) and the mask's time per step.
 
-    python benchmarks/bench_engine.py [--parts concurrency,prefix,chunking,mtp] [--pairs 3] [--model DIR]
+    python benchmarks/bench_engine.py [--parts concurrency,prefix,chunking,mtp,grammar] [--pairs 3] [--model DIR]
 
 The model is the `tiny` preset at random init (max_position_embeddings raised to 8192 for the 4K
-prompt), fp32, greedy, EOS never stops a request, 2 threads. Prefill FLOPs (2 x activated parameters
+prompt), fp32, greedy, EOS never stops a request, 2 threads (--threads). Prefill FLOPs (2 x activated parameters
 per token; attention not counted) are set against a measured fp32 matmul rate.
 """
 
@@ -163,10 +169,10 @@ def chunking(model, pairs, long=4096, chunk=512, streams=4):
     return {**res, "ratio_worst_gap": ratio}
 
 
-def decode_rate(engine, rows, params):
+def decode_rate(engine, rows, params, grammar=None):
     """Decode tokens/s of `rows` admitted together (their prefill first, untimed), their outputs and
-    their finished Requests."""
-    reqs = [Request(r, params) for r in rows]
+    their finished Requests. `grammar`: each request gets a matcher of it (structured outputs)."""
+    reqs = [Request(r, params, grammar=grammar.start() if grammar is not None else None) for r in rows]
     for r in reqs:
         engine.add(r)
     while any(not r.output_ids for r in reqs):
@@ -214,20 +220,91 @@ def mtp(model_dir, pairs, batches=(1, 8)):
         print(f"  => batch {B}: {ratio:.2f}x tokens/s with MTP speculation, same tokens (median of pairs)")
 
 
+# records that cannot close within 128 tokens (16 of them, ~30 tokens each at the least)
+RECORD = {"type": "object", "additionalProperties": False, "required": ["id", "name", "score", "tags", "ok"],
+          "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99999},
+                         "name": {"type": "string", "maxLength": 24},
+                         "score": {"type": "number", "minimum": 0, "maximum": 1}, "ok": {"type": "boolean"},
+                         "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 4}}}
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["results"],
+          "properties": {"results": {"type": "array", "minItems": 16, "items": RECORD}}}
+
+
+def grammar(model, pairs, batches=(1, 8), new=128, compiles=20):
+    import inspect
+    import fewchips.inference.runner as runner
+    from fewchips.inference.grammar import Grammar, ll_tokenizer
+    from fewchips.inference.tokenizer import Tokenizer
+    from fewchips.train.tokenizer import EOS, train_tokenizer
+    import json as m1, argparse as m2, textwrap as m3, statistics as m4, fractions as m5, calendar as m6, \
+        string as m7, heapq as m8, typing as m9, dataclasses as m10, pathlib as m11  # noqa: E401
+    V = model.config.vocab_size
+    texts = [inspect.getsource(m) for m in (m1, m2, m3, m4, m5, m6, m7, m8, inspect, m9, m10, m11)]
+    tok = Tokenizer(train_tokenizer(texts, V), {"eos_token": EOS})
+    t0 = time.perf_counter()
+    ll_tokenizer(tok, V, (tok.eos_token_id,))
+    t_tok = time.perf_counter() - t0
+    times = []
+    for _ in range(compiles):
+        t0 = time.perf_counter()
+        g = Grammar("json_schema", SCHEMA, tok, V, [tok.eos_token_id], compact=True)
+        times.append(time.perf_counter() - t0)
+    t_schema = statistics.median(times)
+    print(f"  compile: the tokenizer's llguidance view {t_tok * 1e3:.1f} ms (once per tokenizer, {V} tokens); "
+          f"the schema {t_schema * 1e3:.2f} ms (median of {compiles}; once per request)")
+    res = {"vocab": V, "new": new, "tokenizer_ms": t_tok * 1e3, "schema_compile_ms": t_schema * 1e3}
+    mask_s, plain_mask = [], runner.allowed_mask
+
+    def timed_mask(*a):                 # the mask's share of a step: llguidance's fill and the unpacking
+        t0 = time.perf_counter()
+        out = plain_mask(*a)
+        mask_s.append(time.perf_counter() - t0)
+        return out
+    runner.allowed_mask = timed_mask
+    try:
+        for B in batches:
+            rows = stdlib_prompts(tok, B)
+            params = SamplingParams(max_tokens=new, temperature=1.0, seed=0)
+            out = {"none": [], "json": []}
+            mask_s.clear()
+            for _ in range(pairs):
+                for name in ("none", "json"):
+                    engine = Engine(model, tok, max_batch=B, max_len=256)
+                    rate, outputs, reqs = decode_rate(engine, rows, params, g if name == "json" else None)
+                    assert all(len(o) == new for o in outputs), "a request stopped early: the batch changed"
+                    out[name].append((rate, outputs))
+            sample = tok.decode(out["json"][0][1][0])
+            for name, runs in out.items():
+                print(f"  batch {B} {name:4s}: {statistics.median(r[0] for r in runs):.0f} tokens/s "
+                      f"(runs {', '.join(f'{r[0]:.0f}' for r in runs)})")
+            ratio = statistics.median(j[0] / n[0] for j, n in zip(out["json"], out["none"]))
+            mask_ms = statistics.median(mask_s) * 1e3
+            print(f"  => batch {B}: {ratio:.2f}x tokens/s with the schema (median of pairs); the mask "
+                  f"{mask_ms:.2f} ms a step (median); output starts {sample[:60]!r}")
+            res.update({f"b{B}_none_tokens_per_s": statistics.median(r[0] for r in out["none"]),
+                        f"b{B}_json_tokens_per_s": statistics.median(r[0] for r in out["json"]),
+                        f"b{B}_ratio": ratio, f"b{B}_mask_ms": mask_ms})
+    finally:
+        runner.allowed_mask = plain_mask
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="concurrency,prefix,chunking")
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--model", default=None, help="a trained model directory (for --parts mtp)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads; 1 when another job holds a core (2 threads then wait on each other)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("tiny").replace(max_position_embeddings=8192)
     model = DeepseekV3(cfg).init_weights(0.02).eval()
     rate = matmul_rate()
     active = model.num_parameters()["active"]
-    print(f"{cpu_name()}, torch {torch.__version__}, 2 threads, fp32; tiny preset ({active / 1e6:.1f}M active); "
-          f"fp32 matmul {rate / 1e9:.0f} GFLOP/s")
+    print(f"{cpu_name()}, torch {torch.__version__}, {args.threads} threads, fp32; "
+          f"tiny preset ({active / 1e6:.1f}M active); fp32 matmul {rate / 1e9:.0f} GFLOP/s")
     with torch.inference_mode():
         for part in args.parts.split(","):
             print(part)
@@ -241,6 +318,8 @@ def main():
                 if not args.model:
                     raise SystemExit("--parts mtp needs --model DIR (a trained model, e.g. runs/demo)")
                 mtp(args.model, args.pairs)
+            elif part == "grammar":
+                grammar(model, args.pairs)
             else:
                 raise SystemExit(f"unknown part {part!r}")
 

@@ -8,7 +8,8 @@ A step is schedule -> run -> record:
   prefixes and preempts the newest request when blocks run out.
 - `runner.ModelRunner` runs the forwards (prefill chunks, decodes or MTP verification) and returns each
   request's sampled tokens, their logits and logprobs, and its next draft.
-- the engine records them: blocks offered to the prefix cache, tokens appended and streamed, stops.
+- the engine records them: blocks offered to the prefix cache, tokens appended and streamed, stops
+  (a stop token or string, max_tokens, or a structured-output grammar that is complete).
 
 A request computes its tokens in order; once all of them (prompt and output so far) are in the cache,
 the logits at the last one give its next token. So a long prompt is prefilled over several steps beside
@@ -218,8 +219,18 @@ class Engine:
             r.logprobs.append(item)
         r.notify("tokens", [t if item is None else item])
         reason = stop_reason(r.output_ids, r.params, self.tokenizer)
+        if reason is None and r.grammar is not None:
+            reason = self._follow_grammar(r, t)
         if reason is not None:
             self._finish(r, reason)
+
+    @staticmethod
+    def _follow_grammar(r: Request, t: int) -> str | None:
+        """r's grammar takes token t: "stop" once its output is complete, "error" if it refuses t."""
+        if not r.grammar.advance(t):
+            r.error = f"structured output: token {t} refused by the grammar: {r.grammar.error}"
+            return "error"
+        return "stop" if r.grammar.finished else None
 
     def _finish(self, r: Request, reason: str):
         r.finish_reason = reason

@@ -6,8 +6,10 @@ What real clients send: `prompt` as a string, a list of strings, a list of token
 token-id lists (evaluation harnesses score with the last form, `echo` and `logprobs`); chat `messages`
 whose `content` is a string or a list of text parts; vLLM's extra sampling fields (`min_p`,
 `repetition_penalty`, `stop_token_ids`, `min_tokens`, `ignore_eos`, `include_stop_str_in_output`,
-`skip_special_tokens`, `chat_template_kwargs`). A field fewchips cannot honour is refused by name
-(400); a field it does not know is accepted and named in the server's log, as vLLM does.
+`skip_special_tokens`, `chat_template_kwargs`); output constraints (`response_format` json_object and
+json_schema, vLLM's `structured_outputs` and `guided_*`: `output_constraint`). A field fewchips cannot
+honour is refused by name (400); a field it does not know is accepted and named in the server's log, as
+vLLM does.
 """
 
 from __future__ import annotations
@@ -83,12 +85,18 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # output constraints (structured outputs): response_format below, and vLLM's fields
+    structured_outputs: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # what fewchips does not do: accepted only in their do-nothing form
     tools: list | None = None
     functions: list | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict | None = None
+    response_format: dict | None = None     # text, json_object or json_schema (output_constraint)
     best_of: int | None = None
     priority: int = 0
 
@@ -191,16 +199,57 @@ def check_common(body: _Common, model_name: str, vocab_size: int, max_n: int):
     for t in body.stop_token_ids or []:
         if not 0 <= t < vocab_size:
             raise APIError(400, f"stop_token_ids: {t} is not a token id in [0, {vocab_size})", param="stop_token_ids")
-    fmt = body.response_format
-    if fmt is not None and fmt.get("type", "text") != "text":
-        raise APIError(400, f"response_format {fmt.get('type')!r} is not supported; only 'text'",
-                       param="response_format")
     for key, bias in (body.logit_bias or {}).items():
         if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
             raise APIError(400, f"logit_bias: {key!r} is not a token id in [0, {vocab_size})", param="logit_bias")
         if not -100 <= bias <= 100:
             raise APIError(400, f"logit_bias: the bias of token {key} is {bias}; allowed: -100 to 100",
                            param="logit_bias")
+
+
+# vLLM's structured_outputs keys -> our constraint kinds
+STRUCTURED = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
+              "json_object": "json_object"}
+
+
+def output_constraint(body: _Common) -> dict | None:
+    """The one constraint a request puts on its output, as {kind, spec, param, lenient, compact}: kind one of
+    grammar.KINDS, param the request field it came from (for errors), lenient for a json_schema with strict
+    false (keywords llguidance cannot enforce are dropped, not refused), compact for vLLM's
+    disable_any_whitespace. None when there is none; two or more are a 400."""
+    found = []
+    fmt = body.response_format
+    if fmt is not None:
+        kind = fmt.get("type", "text")
+        if kind == "json_object":
+            found.append({"kind": "json_object", "spec": None, "param": "response_format"})
+        elif kind == "json_schema":
+            js = fmt.get("json_schema")
+            if not isinstance(js, dict) or "schema" not in js:
+                raise APIError(400, "response_format json_schema needs json_schema: {name, schema, strict}",
+                               param="response_format")
+            found.append({"kind": "json_schema", "spec": js["schema"], "param": "response_format",
+                          "lenient": not js.get("strict")})
+        elif kind != "text":
+            raise APIError(400, f"response_format {kind!r} is not supported; text, json_object or json_schema",
+                           param="response_format")
+    so = body.structured_outputs or {}
+    compact = bool(so.get("disable_any_whitespace"))
+    for key, value in so.items():
+        if key == "disable_any_whitespace" or value is None or (key == "json_object" and value is False):
+            continue
+        if key not in STRUCTURED:
+            raise APIError(400, f"structured_outputs.{key} is not supported; one of {', '.join(STRUCTURED)} "
+                                "(and disable_any_whitespace)", param="structured_outputs")
+        found.append({"kind": STRUCTURED[key], "spec": value, "param": "structured_outputs"})
+    for kind, name in (("json_schema", "guided_json"), ("regex", "guided_regex"), ("choice", "guided_choice"),
+                       ("grammar", "guided_grammar")):
+        if getattr(body, name) is not None:
+            found.append({"kind": kind, "spec": getattr(body, name), "param": name})
+    if len(found) > 1:
+        raise APIError(400, f"one output constraint per request; this one sets {', '.join(c['param'] for c in found)}"
+                       f" ({', '.join(c['kind'] for c in found)})", param=found[1]["param"])
+    return {"lenient": False, **found[0], "compact": compact} if found else None
 
 
 def warn_unknown(body: BaseModel, endpoint: str):

@@ -1,6 +1,6 @@
 """One generation request as the engine's parts share it: what the caller asked for (prompt, sampling,
-callbacks), what it produced (tokens, logprobs, finish reason) and its per-request state, every field
-declared here: the scheduler's (block table, computed and registered counts, block hashes,
+callbacks, a grammar), what it produced (tokens, logprobs, finish reason) and its per-request state, every
+field declared here: the scheduler's (block table, computed and registered counts, block hashes,
 preemptions) and the runner's (random generator, MTP draft and its distribution).
 
 The scheduler and the runner read a request; only the engine and the scheduler write it."""
@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from .grammar import GrammarMatcher
 from .sampling import SamplingParams
 
 _ids = itertools.count()
@@ -33,6 +34,8 @@ class Request:
     on_event: Callable | None = None      # on_event(request, kind, payload) from the engine thread:
     #                                       ("tokens", [TokenLogprob | int]), ("done", reason), ("error", msg)
     prompt_logprobs: int | None = None    # top-N logprobs of the prompt tokens too (echo scoring)
+    grammar: GrammarMatcher | None = None  # structured outputs: the tokens allowed at each step; the engine
+    #                                        moves it on by each token recorded and stops the request when complete
     id: int = field(default_factory=lambda: next(_ids))
     # what it produced
     output_ids: list[int] = field(default_factory=list)

@@ -4,7 +4,9 @@
 prefix hit or an earlier chunk); `decode` computes one token per request (absorbed MLA, compiled if
 asked) or, with MTP speculation, verifies [last token, draft] per request in one T=2 forward. Each
 returns one `Output` per request: the tokens sampled, the logits they came from, logprobs, and the
-next MTP draft. The runner reads requests and never writes them: the engine records the outputs.
+next MTP draft. The runner reads requests and never writes them: the engine records the outputs (and
+moves a grammar's matcher on by the tokens it records). Sampling applies each grammar row's mask of allowed
+tokens (structured outputs, `grammar.py`); those rows draft no MTP token.
 
 MTP speculation (arXiv 2412.19437 §5.4.3): the MTP module runs after every main forward over the same
 positions (its latents are one more layer of the same blocks) and drafts each request's next-but-one
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .grammar import allowed_mask
 from .paged import NULL_BLOCK, PagedLatentCache
 from .request import Request, TokenLogprob
 from .sampling import adjust_logits, draw, probabilities, sample
@@ -56,8 +59,8 @@ def token_logprobs(logits_TV, tokens: list[int], top_n: int) -> list[TokenLogpro
 
 
 def drafts_for(r: Request) -> bool:
-    """Penalties and logit bias change p after the draft; logprobs report one token a step: no draft."""
-    return not (r.params.adjusts_logits or r.params.logprobs is not None)
+    """Penalties, logit bias and a grammar change p after the draft; logprobs report one token a step: no draft."""
+    return not (r.params.adjusts_logits or r.params.logprobs is not None or r.grammar is not None)
 
 
 class ModelRunner:
@@ -167,10 +170,17 @@ class ModelRunner:
 
     # ---- sampling, drafts, logprobs ----------------------------------------------------------
     def _sample(self, outs: list[Output], logits_BV):
-        """Each row's next token (after its penalties and logit bias; logprobs stay the model's own)."""
+        """Each row's next token (after its penalties, logit bias and grammar; logprobs stay the model's own)."""
         reqs = [o.request for o in outs]
         params = [r.params for r in reqs]
         adjusted_BV = adjust_logits(logits_BV, params, [r.output_ids for r in reqs], [r.prompt_ids for r in reqs])
+        rows = [i for i, r in enumerate(reqs) if r.grammar is not None and r.grammar.active]
+        if rows:                                  # tokens a grammar does not allow next: -inf (a new tensor)
+            allowed_BV = allowed_mask([reqs[i].grammar for i in rows], logits_BV.shape[-1], self.device)
+            if len(rows) < len(reqs):             # rows without a grammar allow everything
+                allowed_GV, allowed_BV = allowed_BV, torch.ones_like(logits_BV, dtype=torch.bool)
+                allowed_BV[torch.tensor(rows, device=self.device)] = allowed_GV
+            adjusted_BV = adjusted_BV.masked_fill(~allowed_BV, float("-inf"))
         for o, r, t, logits_V in zip(outs, reqs, sample(adjusted_BV, params, [r.rng for r in reqs]).tolist(),
                                      logits_BV):
             o.tokens, o.logits = [t], [logits_V]

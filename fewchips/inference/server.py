@@ -8,8 +8,9 @@ request may be and become (bodies, prompts, sampling, response pieces) is `opena
 is the HTTP side: limits, routes, and the loop that turns engine events into responses.
 
 The engine steps on its own thread; each request's tokens come back to the event loop through a queue.
-Bodies are read with a size cap and parsed and tokenised on a worker thread, so the event loop (and
-/health) stays responsive whatever a client sends. `ServerLimits` bounds what one client can ask for.
+Bodies are read with a size cap and parsed, tokenised and their output constraint compiled (`grammar.py`)
+on a worker thread, so the event loop (and /health) stays responsive whatever a client sends.
+`ServerLimits` bounds what one client can ask for.
 /metrics serves the engine's Prometheus metrics (unauthenticated, as vLLM's: bind to localhost or
 firewall it).
 """
@@ -31,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import openai_api as api
 from .engine import Engine, Request
+from .grammar import Grammar
 from .openai_api import APIError, ChatBody, CompletionBody
 from .server_limits import ServerLimits
 from .reasoning import ReasoningSplit
@@ -152,8 +154,9 @@ class AppState:
     reasoning: bool = False    # chat replies split at </think> into reasoning_content and content (deepseek_r1)
 
     def submit(self, prompts: list[list[int]], body, max_tokens: list[int], logprobs, http: HTTPRequest,
-               prompt_logprobs=None) -> Session:
-        """One engine request per (prompt, choice): all are checked, and the queue's room, before any is queued."""
+               prompt_logprobs=None, grammar: Grammar | None = None) -> Session:
+        """One engine request per (prompt, choice): all are checked, and the queue's room, before any is queued.
+        Each gets its own matcher of `grammar` (structured outputs)."""
         param = "messages" if isinstance(body, ChatBody) else "prompt"
         for p, m in zip(prompts, max_tokens):
             try:
@@ -175,7 +178,7 @@ class AppState:
             loop.call_soon_threadsafe(queue.put_nowait, (req, kind, payload))
 
         reqs = [Request(p, api.sampling_params(body, m, j, logprobs, self.stop_ids, self.defaults), on_event=on_event,
-                        prompt_logprobs=prompt_logprobs)
+                        prompt_logprobs=prompt_logprobs, grammar=grammar.start() if grammar is not None else None)
                 for p, m in zip(prompts, max_tokens) for j in range(body.n)]
         for r in reqs:
             self.engine.add(r)
@@ -233,14 +236,14 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
         raw = await read_body(request, state.limits.max_body_bytes)
-        body, prompts, texts = await run_in_threadpool(prepare_completion, raw, state)
-        return await complete(state, request, body, prompts, texts)
+        body, prompts, texts, grammar = await run_in_threadpool(prepare_completion, raw, state)
+        return await complete(state, request, body, prompts, texts, grammar)
 
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
         raw = await read_body(request, state.limits.max_body_bytes)
-        body, prompt = await run_in_threadpool(prepare_chat, raw, state)
-        return await chat_complete(state, request, body, prompt)
+        body, prompt, grammar = await run_in_threadpool(prepare_chat, raw, state)
+        return await chat_complete(state, request, body, prompt, grammar)
 
     return app
 
@@ -274,22 +277,49 @@ def prepare_completion(raw: bytes, state: AppState):
     api.warn_unknown(body, "/v1/completions")
     api.check_common(body, state.model_name, state.engine.model.config.vocab_size, state.limits.max_n)
     prompts, texts = api.completion_prompts(body, state.tokenizer, state.limits.max_prompts)
-    return body, prompts, texts
+    return body, prompts, texts, compile_constraint(body, state)
 
 
 def prepare_chat(raw: bytes, state: AppState):
     body = api.parse_body(raw, ChatBody)
     api.warn_unknown(body, "/v1/chat/completions")
     api.check_common(body, state.model_name, state.engine.model.config.vocab_size, state.limits.max_n)
-    return body, api.chat_prompt(body, state.tokenizer)
+    prompt = api.chat_prompt(body, state.tokenizer)
+    return body, prompt, compile_constraint(body, state, prompt)
 
 
-async def complete(state: AppState, request: HTTPRequest, body: CompletionBody, prompts, texts):
+def compile_constraint(body, state: AppState, prompt: list[int] | None = None) -> Grammar | None:
+    """The request's output constraint (`api.output_constraint`) compiled once, or None; one that does not
+    compile is a 400 naming its field. With the reasoning parser on, a chat's constraint applies after the
+    `</think>` token (vLLM's default), or from the start when the prompt has closed the reasoning already."""
+    c = api.output_constraint(body)
+    if c is None:
+        return None
+    try:
+        grammar = Grammar(c["kind"], c["spec"], state.tokenizer, state.engine.model.config.vocab_size,
+                          state.stop_ids, lenient=c["lenient"], compact=c["compact"])
+    except ValueError as e:
+        raise APIError(400, f"{c['param']}: the {c['kind']} constraint does not compile: {e}",
+                       param=c["param"]) from None
+    if grammar.warnings:
+        api.log.warning(f"{c['param']}: not enforced (strict is false): {'; '.join(grammar.warnings)}")
+    if state.reasoning and isinstance(body, ChatBody):
+        split = ReasoningSplit(state.tokenizer, [])
+        if split.end_id is None:
+            raise APIError(400, f"{c['param']}: with the reasoning parser on, a constraint applies after </think>, "
+                                "which this tokenizer does not hold as one token", param=c["param"])
+        if next((t for t in reversed(prompt) if t in (split.start_id, split.end_id)), None) != split.end_id:
+            grammar.after = split.end_id
+    return grammar
+
+
+async def complete(state: AppState, request: HTTPRequest, body: CompletionBody, prompts, texts,
+                   grammar: Grammar | None = None):
     max_tokens = body.max_tokens if "max_tokens" in body.model_fields_set and body.max_tokens is not None \
         else state.defaults.get("max_tokens", api.MAX_TOKENS)
     scoring = body.echo and body.logprobs is not None
     s = state.submit(prompts, body, [max_tokens] * len(prompts), body.logprobs, request,
-                     prompt_logprobs=body.logprobs if scoring else None)
+                     prompt_logprobs=body.logprobs if scoring else None, grammar=grammar)
     cid, now, tok = f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.tokenizer
 
     def echo(k):          # the prompt as the client sent it: its own text, or its token ids decoded
@@ -327,7 +357,8 @@ async def complete(state: AppState, request: HTTPRequest, body: CompletionBody, 
     return obj(choices, usage=api.usage(prompts, s.reqs))
 
 
-async def chat_complete(state: AppState, request: HTTPRequest, body: ChatBody, prompt: list[int]):
+async def chat_complete(state: AppState, request: HTTPRequest, body: ChatBody, prompt: list[int],
+                        grammar: Grammar | None = None):
     max_tokens = body.max_completion_tokens or body.max_tokens or state.defaults.get("max_tokens")
     if max_tokens is None:
         max_tokens = max(state.engine.max_len - len(prompt), 0)
@@ -336,7 +367,7 @@ async def chat_complete(state: AppState, request: HTTPRequest, body: ChatBody, p
                                 f"length of {state.engine.max_len} tokens", param="messages",
                            code="context_length_exceeded")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    s = state.submit([prompt], body, [max_tokens], logprobs, request)
+    s = state.submit([prompt], body, [max_tokens], logprobs, request, grammar=grammar)
     cid, now, tok = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.tokenizer
 
     def chunk(k, delta, finish=None, lp=None):
