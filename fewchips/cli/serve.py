@@ -26,6 +26,13 @@ def register(sub):
     g.add_argument("--reasoning-parser", default="auto", choices=["auto", "deepseek_r1", "none"],
                    help="split chat replies at </think> into message.reasoning_content and content (vLLM's "
                         "deepseek_r1); auto: on when the chat template opens <think> (R1's does)")
+    g.add_argument("--tool-call-parser", default="auto", choices=["auto", "deepseek_v3", "none"],
+                   help="read DeepSeek-V3's tool calls from chat replies into message.tool_calls (vLLM's "
+                        "deepseek_v3); auto: on when the chat template writes tool calls and the tokenizer holds "
+                        "their tokens")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="vLLM's switch for tool_choice auto: on whenever the tool-call parser is; given without "
+                        "one, refused")
     g.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
                    help="CORS: origins browsers may call from, comma-separated or a JSON list "
                         "(e.g. http://localhost:3000; '*' for any); default: none")
@@ -148,6 +155,7 @@ def serve_http(args, engine, tok, sock=None, options=None):
     limits = ServerLimits(max_body_bytes=int(args.max_body_mb * 2**20), max_prompts=args.max_prompts, max_n=args.max_n,
                           max_waiting=args.max_waiting, shutdown_timeout=args.shutdown_timeout)
     from fewchips.inference.reasoning import opens_thinking
+    from fewchips.inference.tool_calls import marker_ids, renders_tool_calls
 
     options = options or {}
     if options.get("chat_template"):
@@ -157,12 +165,20 @@ def serve_http(args, engine, tok, sock=None, options=None):
     if reasoning:
         print("reasoning parser deepseek_r1: chat replies split at </think> into reasoning_content and content",
               flush=True)
+    tools = args.tool_call_parser == "deepseek_v3" or (args.tool_call_parser == "auto" and marker_ids(tok)
+                                                        and renders_tool_calls(tok.chat_template))
+    if args.enable_auto_tool_choice and not tools:
+        raise ValueError("--enable-auto-tool-choice needs the tool-call parser: --tool-call-parser deepseek_v3 (and "
+                         "a chat template that writes tool calls)")
+    if tools:
+        print("tool-call parser deepseek_v3: tools accepted on /v1/chat/completions, calls returned in "
+              "message.tool_calls", flush=True)
     if options.get("defaults"):
         print("sampling defaults from generation_config.json: "
               + ", ".join(f"{k} {v}" for k, v in options["defaults"].items()), flush=True)
     serve(engine, tok, model_name(args), host=args.host, port=args.port, api_key=args.api_key, limits=limits,
           sock=sock, defaults=options.get("defaults"), allowed_origins=options.get("allowed_origins"),
-          reasoning=reasoning)
+          reasoning=reasoning, tool_parser=bool(tools))
 
 
 def run_ranked(args) -> int:

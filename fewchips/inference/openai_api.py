@@ -119,6 +119,9 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict] | None = None          # an assistant turn's calls: [{id, type, function: {name, arguments}}]
+    tool_call_id: str | None = None               # a tool turn: the call it answers
+    name: str | None = None
 
 
 class ChatBody(_Common):
@@ -139,6 +142,7 @@ class TokenizeBody(BaseModel):
     add_special_tokens: bool | None = None          # default: True for a prompt, False for messages (vLLM's)
     add_generation_prompt: bool = True
     chat_template_kwargs: dict | None = None
+    tools: list | None = None
     return_token_strs: bool = False
 
 
@@ -164,20 +168,17 @@ def parse_body(raw: bytes, model: type[BaseModel]):
         raise APIError(400, msg, param=param) from None
 
 
-def check_common(body: _Common, model_name: str, vocab_size: int, max_n: int):
+def check_common(body: _Common, model_name: str, vocab_size: int, max_n: int, tool_parser: bool = False):
     """What every endpoint refuses: another model, too many choices, fields fewchips cannot honour,
-    a logit_bias naming tokens that do not exist."""
+    a logit_bias naming tokens that do not exist. `tool_parser`: the server reads tool calls (chat only)."""
     if body.model not in (None, "", model_name):
         raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
                        "not_found_error", "model", "model_not_found")
     if body.n > max_n:
         raise APIError(400, f"n is {body.n}; this server returns at most {max_n} choices per prompt", param="n")
-    for name in ("tools", "functions"):
-        if getattr(body, name):
-            raise APIError(400, f"{name} (function calling) is not supported by this server", param=name)
-    choice = body.tool_choice
-    if choice not in (None, "none", "auto"):
-        raise APIError(400, f"tool_choice {choice!r} needs tools, which this server does not take", param="tool_choice")
+    if body.functions:
+        raise APIError(400, "functions (the legacy form) is not supported; send tools", param="functions")
+    check_tools(body, tool_parser and isinstance(body, ChatBody))
     if body.best_of not in (None, body.n):
         raise APIError(400, f"best_of {body.best_of} (ranking more samples than are returned) is not supported; "
                             f"ask for n choices instead", param="best_of")
@@ -252,6 +253,48 @@ def output_constraint(body: _Common) -> dict | None:
     return {"lenient": False, **found[0], "compact": compact} if found else None
 
 
+def check_tools(body: _Common, tool_parser: bool):
+    """tools as OpenAI defines them, a tool_choice among them; tools need the server's tool-call parser."""
+    choice = body.tool_choice
+    if not body.tools:
+        if choice not in (None, "none", "auto"):
+            raise APIError(400, f"tool_choice {choice!r} needs tools", param="tool_choice")
+        return
+    if not tool_parser:
+        raise APIError(400, "tools need a chat endpoint on a server that reads tool calls (fewchips serve "
+                            "--tool-call-parser deepseek_v3, for a model whose chat template writes them)",
+                       param="tools")
+    names = []
+    for i, t in enumerate(body.tools):
+        f = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(f, dict) \
+                or not isinstance(f.get("name"), str) or not isinstance(f.get("parameters", {}), dict):
+            raise APIError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": str, "
+                                f"\"parameters\": JSON schema}}}}", param="tools")
+        names.append(f["name"])
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if choice.get("type") != "function" or name not in names:
+            raise APIError(400, f"tool_choice names {name!r}, which is not among the tools ({', '.join(names)})",
+                           param="tool_choice")
+    elif choice not in (None, "none", "auto", "required"):
+        raise APIError(400, f"tool_choice {choice!r}: none, auto, required or {{\"type\": \"function\", ...}}",
+                       param="tool_choice")
+    if choice not in (None, "none", "auto") and output_constraint(body) is not None:
+        raise APIError(400, "tool_choice required or named is itself an output constraint: drop response_format or "
+                            "the structured_outputs/guided_* fields", param="tool_choice")
+
+
+def tool_mode(body) -> str | None:
+    """How a chat request uses tools: None (none given, or tool_choice none), "auto", "required" or the
+    named function."""
+    if not getattr(body, "tools", None) or body.tool_choice == "none":
+        return None
+    if isinstance(body.tool_choice, dict):
+        return body.tool_choice["function"]["name"]
+    return body.tool_choice or "auto"
+
+
 def warn_unknown(body: BaseModel, endpoint: str):
     """Fields this server does not know: accepted (clients send extras), named in the log."""
     if body.model_extra:
@@ -313,16 +356,28 @@ def completion_prompts(body: CompletionBody, tokenizer, max_prompts: int) -> tup
     return ids, texts
 
 
+def template_messages(messages: list[Message]) -> list[dict]:
+    """Messages as the chat template reads them: every field, as transformers passes them (text parts
+    joined; an assistant turn's null content beside its tool_calls kept null)."""
+    out = []
+    for m in messages:
+        c = m.content
+        text = c if isinstance(c, str) or (c is None and m.tool_calls) else \
+            "".join(part.text for part in c or [] if part.type == "text")
+        out.append({"role": m.role, "content": text,
+                    **{k: getattr(m, k) for k in ("tool_calls", "tool_call_id", "name") if getattr(m, k) is not None}})
+    return out
+
+
 def chat_prompt(body: ChatBody, tokenizer) -> list[int]:
     if not body.messages:
         raise APIError(400, "messages must be a non-empty list", param="messages")
-    msgs = []
-    for m in body.messages:
-        c = m.content
-        text = c if isinstance(c, str) else "".join(part.text for part in c or [] if part.type == "text")
-        msgs.append({"role": m.role, "content": text})
+    msgs = template_messages(body.messages)
+    variables = dict(body.chat_template_kwargs or {})
+    if body.tools:
+        variables["tools"] = body.tools
     try:
-        ids = tokenizer.apply_chat_template(msgs, **(body.chat_template_kwargs or {}))
+        ids = tokenizer.apply_chat_template(msgs, **variables)
     except Exception as e:   # the template rejected the conversation (roles out of order, ...)
         raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
     if not ids:
@@ -345,11 +400,10 @@ def tokenize(raw: bytes, tokenizer, model_name: str, max_model_len: int) -> dict
     if body.prompt is not None:
         ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
     else:
-        msgs = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
-                 "".join(p.text for p in m.content or [] if p.type == "text")} for m in body.messages]
+        variables = {**(body.chat_template_kwargs or {}), **({"tools": body.tools} if body.tools else {})}
         try:
-            ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=body.add_generation_prompt,
-                                                **(body.chat_template_kwargs or {}))
+            ids = tokenizer.apply_chat_template(template_messages(body.messages),
+                                                add_generation_prompt=body.add_generation_prompt, **variables)
         except Exception as e:
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
     return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids,

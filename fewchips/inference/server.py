@@ -36,6 +36,7 @@ from .grammar import Grammar
 from .openai_api import APIError, ChatBody, CompletionBody
 from .server_limits import ServerLimits
 from .reasoning import ReasoningSplit
+from .tool_calls import ToolCallStream, marker_ids, tool_grammar
 from .tokenizer import TextStream
 
 
@@ -80,9 +81,12 @@ class Session:
 
     def __init__(self, app_state, reqs: list[Request], queue: asyncio.Queue, http: HTTPRequest, body):
         self.state, self.reqs, self.queue, self.http = app_state, reqs, queue, http
-        text = ReasoningSplit if app_state.reasoning and isinstance(body, ChatBody) else TextStream
-        self.streams = [text(app_state.tokenizer, r.params.stop, body.skip_special_tokens,
-                             body.include_stop_str_in_output) for r in reqs]
+        tok, skip, keep = app_state.tokenizer, body.skip_special_tokens, body.include_stop_str_in_output
+        if isinstance(body, ChatBody) and app_state.tool_markers and api.tool_mode(body):
+            self.streams = [ToolCallStream(tok, app_state.tool_markers, r.params.stop, skip, keep) for r in reqs]
+        else:
+            text = ReasoningSplit if app_state.reasoning and isinstance(body, ChatBody) else TextStream
+            self.streams = [text(tok, r.params.stop, skip, keep) for r in reqs]
 
     async def events(self, watch_disconnect: bool):
         """(choice index, kind, payload) until every generation is done. Leaving early (the client hung
@@ -152,6 +156,7 @@ class AppState:
     created: int
     defaults: dict             # sampling defaults from the model's generation_config.json (openai_api.DEFAULTS' keys)
     reasoning: bool = False    # chat replies split at </think> into reasoning_content and content (deepseek_r1)
+    tool_markers: dict | None = None   # the tool-call markers' ids when the server reads tool calls (deepseek_v3)
 
     def submit(self, prompts: list[list[int]], body, max_tokens: list[int], logprobs, http: HTTPRequest,
                prompt_logprobs=None, grammar: Grammar | None = None) -> Session:
@@ -187,14 +192,21 @@ class AppState:
 
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
                limits: ServerLimits | None = None, defaults: dict | None = None,
-               allowed_origins: list[str] | None = None, reasoning: bool = False) -> FastAPI:
+               allowed_origins: list[str] | None = None, reasoning: bool = False,
+               tool_parser: bool = False) -> FastAPI:
     """`defaults`: sampling defaults (generation_config.json's); `allowed_origins`: CORS, off when None;
-    `reasoning`: split chat replies at </think> (`reasoning.ReasoningSplit`)."""
+    `reasoning`: split chat replies at </think> (`reasoning.ReasoningSplit`); `tool_parser`: read V3's tool
+    calls from chat replies (`tool_calls.ToolCallStream`; the tokenizer must hold the markers)."""
     app = FastAPI(title="fewchips", docs_url=None, redoc_url=None)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else engine.model.config.eos_token_id
     state = AppState(engine, tokenizer, model_name, limits or ServerLimits(),
                      [] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), int(time.time()),
                      dict(defaults or {}), reasoning)
+    if tool_parser:
+        state.tool_markers = marker_ids(tokenizer)
+        if state.tool_markers is None:
+            raise ValueError("the tool-call parser deepseek_v3 needs DeepSeek-V3's tool-call tokens, which this "
+                             "tokenizer lacks")
     add_error_handlers(app)
 
     if api_key:
@@ -275,7 +287,8 @@ def add_error_handlers(app: FastAPI):
 def prepare_completion(raw: bytes, state: AppState):
     body = api.parse_body(raw, CompletionBody)
     api.warn_unknown(body, "/v1/completions")
-    api.check_common(body, state.model_name, state.engine.model.config.vocab_size, state.limits.max_n)
+    api.check_common(body, state.model_name, state.engine.model.config.vocab_size, state.limits.max_n,
+                     state.tool_markers is not None)
     prompts, texts = api.completion_prompts(body, state.tokenizer, state.limits.max_prompts)
     return body, prompts, texts, compile_constraint(body, state)
 
@@ -283,8 +296,19 @@ def prepare_completion(raw: bytes, state: AppState):
 def prepare_chat(raw: bytes, state: AppState):
     body = api.parse_body(raw, ChatBody)
     api.warn_unknown(body, "/v1/chat/completions")
-    api.check_common(body, state.model_name, state.engine.model.config.vocab_size, state.limits.max_n)
+    api.check_common(body, state.model_name, state.engine.model.config.vocab_size, state.limits.max_n,
+                     state.tool_markers is not None)
     prompt = api.chat_prompt(body, state.tokenizer)
+    mode = api.tool_mode(body)
+    if mode not in (None, "auto"):                 # required or a named function: the calls' format enforced
+        lark = tool_grammar(body.tools, state.tool_markers, None if mode == "required" else mode,
+                            parallel=body.parallel_tool_calls is not False)
+        try:
+            return body, prompt, Grammar("grammar", lark, state.tokenizer, state.engine.model.config.vocab_size,
+                                         state.stop_ids, lenient=True)
+        except ValueError as e:
+            raise APIError(400, f"tools: a function's parameters do not compile as a JSON schema: {e}",
+                           param="tools") from None
     return body, prompt, compile_constraint(body, state, prompt)
 
 
@@ -374,8 +398,17 @@ async def chat_complete(state: AppState, request: HTTPRequest, body: ChatBody, p
         return {"id": cid, "object": "chat.completion.chunk", "created": now, "model": state.model_name,
                 "choices": [{"index": k, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
+    tools = isinstance(s.streams[0], ToolCallStream)
+
+    def reason(k, r):                              # a choice that ended in its tool calls says so
+        return "tool_calls" if tools and s.streams[k].calls and r == "stop" else r
+
     def message_delta(text) -> dict:
-        """A text delta as the message's fields: content, or (reasoning parser on) reasoning and content."""
+        """A text delta as the message's fields: content, or (reasoning parser on) reasoning and content, or
+        (tools) content and tool-call deltas."""
+        if tools:
+            content, calls = text
+            return {**({"content": content} if content else {}), **({"tool_calls": calls} if calls else {})}
         if not state.reasoning:
             return {"content": text} if text else {}
         reasoning, content = text
@@ -388,9 +421,9 @@ async def chat_complete(state: AppState, request: HTTPRequest, body: ChatBody, p
             d = message_delta(text)
             return chunk(k, d, lp=lp) if d or lp else None
 
-        def finish(k, rest, reason):
+        def finish(k, rest, r):
             d = message_delta(rest)
-            return ([chunk(k, d)] if d else []) + [chunk(k, {}, finish=reason)]
+            return ([chunk(k, d)] if d else []) + [chunk(k, {}, finish=reason(k, r))]
 
         usage = ((lambda: {"id": cid, "object": "chat.completion.chunk", "created": now, "model": state.model_name,
                            "choices": [], "usage": api.usage([prompt], s.reqs)})
@@ -399,6 +432,9 @@ async def chat_complete(state: AppState, request: HTTPRequest, body: ChatBody, p
         return StreamingResponse(s.sse(first, delta, finish, usage), media_type="text/event-stream")
 
     def message(k) -> dict:
+        if tools:
+            content, calls = s.streams[k].text
+            return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
         if not state.reasoning:
             return {"role": "assistant", "content": s.streams[k].text}
         reasoning, content = s.streams[k].text
@@ -407,7 +443,7 @@ async def chat_complete(state: AppState, request: HTTPRequest, body: ChatBody, p
     await s.collect()
     choices = [{"index": k, "message": message(k),
                 "logprobs": api.chat_logprobs(tok, r.logprobs) if logprobs is not None else None,
-                "finish_reason": r.finish_reason} for k, r in enumerate(s.reqs)]
+                "finish_reason": reason(k, r.finish_reason)} for k, r in enumerate(s.reqs)]
     return {"id": cid, "object": "chat.completion", "created": now, "model": state.model_name,
             "choices": choices, "usage": api.usage([prompt], s.reqs)}
 
@@ -425,7 +461,7 @@ def listen(host: str, port: int) -> socket.socket:
 def serve(engine: Engine, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, log_level: str = "info", limits: ServerLimits | None = None,
           sock: socket.socket | None = None, defaults: dict | None = None, allowed_origins: list[str] | None = None,
-          reasoning: bool = False):
+          reasoning: bool = False, tool_parser: bool = False):
     """Run until SIGINT/SIGTERM: then stop accepting, give in-flight requests `limits.shutdown_timeout`
     seconds to finish, cancel the rest (which aborts their generations), stop the engine. `sock`: a socket
     from `listen` (else host and port are bound here)."""
@@ -434,7 +470,8 @@ def serve(engine: Engine, tokenizer, model_name: str, host: str = "127.0.0.1", p
     sock = sock or listen(host, port)
     engine.start()
     try:
-        app = create_app(engine, tokenizer, model_name, api_key, limits, defaults, allowed_origins, reasoning)
+        app = create_app(engine, tokenizer, model_name, api_key, limits, defaults, allowed_origins, reasoning,
+                         tool_parser)
         config = uvicorn.Config(app, host=host, port=port,
                                 log_level=log_level, timeout_graceful_shutdown=limits.shutdown_timeout)
         uvicorn.Server(config).run(sockets=[sock])

@@ -126,3 +126,22 @@ class ToolCallStream:
         """(content, tool calls) of the whole output; content None when it is only tool calls."""
         content = self.content.text
         return (content if content or not self.calls else None), self.calls
+
+
+def tool_grammar(tools: list[dict], markers: dict, name: str | None = None, parallel: bool = True) -> str:
+    """A Lark grammar (llguidance's dialect: `<[id]>` a token, `%json` a JSON schema) for output that is
+    only tool calls in V3's format, each call's arguments valid for its function's schema: what
+    tool_choice "required" (any of `tools`; one call unless `parallel`) and a named function (that one,
+    once) are enforced with."""
+    chosen = [t for t in tools if name is None or t["function"]["name"] == name]
+    rules, alts = [], []
+    for k, t in enumerate(chosen):
+        f = t["function"]
+        schema = f.get("parameters") or {"type": "object"}
+        rules.append(f"fn{k}: {json.dumps(f['name'] + chr(10) + '```json' + chr(10))} args{k} \"\\n```\"")
+        rules.append(f"args{k}: %json {json.dumps(schema)}")
+        alts.append(f"fn{k}")
+    more = ' ("\\n" call)*' if parallel and name is None else ""
+    return "\n".join([f"start: <[{markers[CALLS_BEGIN]}]> call{more} <[{markers[CALLS_END]}]>",
+                      f"call: <[{markers[CALL_BEGIN]}]> \"function\" <[{markers[SEP]}]> ({' | '.join(alts)}) "
+                      f"<[{markers[CALL_END]}]>", *rules])

@@ -27,10 +27,11 @@ NAME = "tiny-test"
 
 
 class Served:
-    def __init__(self, path, api_key=None, limits=None, max_batch=16, speculative=None, **app):
+    def __init__(self, path, api_key=None, limits=None, max_batch=16, speculative=None, max_len=128, **app):
         self.model = from_pretrained(path, dtype=torch.float32)
         self.tok = Tokenizer.from_dir(path)
-        self.engine = Engine(self.model, self.tok, max_batch=max_batch, max_len=128, speculative=speculative).start()
+        self.engine = Engine(self.model, self.tok, max_batch=max_batch, max_len=max_len,
+                             speculative=speculative).start()
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]

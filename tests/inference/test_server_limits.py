@@ -255,7 +255,7 @@ BAD = [
     ({"prompt": "hi", "seed": 99999999999999999999999}, "seed"),
     ({"prompt": "hi", "seed": -(2**63) - 1}, "seed"),
     ({"prompt": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"prompt": "hi", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"prompt": "hi", "response_format": {"type": "xml"}}, "response_format"),
     ({"prompt": "hi", "logit_bias": {"99999": 1}}, "logit_bias"),
     ({"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias"),
     ({"prompt": "hi", "frequency_penalty": 3}, "frequency_penalty"),
