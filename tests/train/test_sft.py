@@ -474,3 +474,25 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tokenizer_dir, tmp_pa
     template = ChatTemplate.of_dir(str(template_dir(base, tmp_path, LAST_ONLY)))
     with pytest.raises(ChatDataError, match="renders turn 1 differently once later turns follow"):
         encode_chat(tok, CONVERSATIONS[1][2:], template=template)
+
+
+def test_sft_trains_on_tool_call_chats_and_the_model_dir_writes_tool_calls(pretrained, tmp_path):
+    """`fewchips sft` on OpenAI-form tool chats (from a .jsonl, with the row's tools): it trains, only the
+    assistant's tokens count (the tool results do not), and the model directory's template renders tools."""
+    from fewchips.inference.tokenizer import Tokenizer
+    from fewchips.train.sft import SFTTrainer, sft_config
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 3, "b": 4}'}}
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    rows = [{"tools": tools, "messages": [{"role": "user", "content": f"What is {i} + 4?"},
+                                          {"role": "assistant", "content": None, "tool_calls": [call]},
+                                          {"role": "tool", "tool_call_id": "c1", "content": str(i + 4)},
+                                          {"role": "assistant", "content": f"{i + 4}"}]} for i in range(24)]
+    f = tmp_path / "tools.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tc = sft_config(init=pretrained, out=str(tmp_path / "t"), steps=3, batch_size=4, seq_len=256, plots=False,
+                    progress=False, dtype="fp32", threads=1, data=str(f), val_fraction=0.2)
+    tr = SFTTrainer(tc, quiet)
+    assert tr.train()["step"] == 3
+    tok = Tokenizer.from_dir(str(tmp_path / "t"))
+    ids = tok.apply_chat_template(rows[0]["messages"][:1], tools=tools)
+    assert "<｜tool▁calls▁begin｜>" in tok.decode(ids, skip_special_tokens=False)       # the tools' instructions
