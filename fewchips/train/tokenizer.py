@@ -44,18 +44,23 @@ def check_vocab_size(n: int, flag: str = "--vocab-size"):
         raise ValueError(f"{flag} {n} is below the smallest byte-level BPE: {MIN_VOCAB} (256 bytes + "
                          f"{len(SPECIAL_TOKENS)} special tokens)")
 
-# DeepSeek-V3's chat format, as its released tokenizer_config.json renders it without tools:
-#   BOS, the system prompts joined by blank lines, then <｜User｜>{user} and <｜Assistant｜>{assistant}EOS
-#   turns with nothing in between, and <｜Assistant｜> to open the reply.
-CHAT_TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{% set ns = namespace(system_prompt='', is_first_sp=true) %}"
+# BOS and the system prompts joined by blank lines (both templates below; their `ns` holds system_prompt, is_first_sp)
+_SYSTEM_PROMPT = (
     "{% for message in messages %}{% if message['role'] == 'system' %}"
     "{% if ns.is_first_sp %}{% set ns.system_prompt = ns.system_prompt + message['content'] %}"
     "{% set ns.is_first_sp = false %}"
     "{% else %}{% set ns.system_prompt = ns.system_prompt + '\n\n' + message['content'] %}{% endif %}"
     "{% endif %}{% endfor %}"
     "{{ bos_token }}{{ ns.system_prompt }}"
+)
+
+# DeepSeek-V3's chat format, as its released tokenizer_config.json renders it without tools:
+#   BOS, the system prompts joined by blank lines, then <｜User｜>{user} and <｜Assistant｜>{assistant}EOS
+#   turns with nothing in between, and <｜Assistant｜> to open the reply.
+CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(system_prompt='', is_first_sp=true) %}"
+    + _SYSTEM_PROMPT +
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}{{ '" + USER + "' + message['content'] }}"
     "{% elif message['role'] == 'assistant' %}{{ '" + ASSISTANT + "' + message['content'] + '" + EOS + "' }}"
@@ -73,12 +78,7 @@ CHAT_TEMPLATE = (
 TOOL_CHAT_TEMPLATE = (
     "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
     "{% set ns = namespace(system_prompt='', is_first_sp=true, is_tool=false, is_output_first=true) %}"
-    "{% for message in messages %}{% if message['role'] == 'system' %}"
-    "{% if ns.is_first_sp %}{% set ns.system_prompt = ns.system_prompt + message['content'] %}"
-    "{% set ns.is_first_sp = false %}"
-    "{% else %}{% set ns.system_prompt = ns.system_prompt + '\n\n' + message['content'] %}{% endif %}"
-    "{% endif %}{% endfor %}"
-    "{{ bos_token }}{{ ns.system_prompt }}"
+    + _SYSTEM_PROMPT +
     "{% if tools %}{{ '\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}"
     "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}"

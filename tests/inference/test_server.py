@@ -57,14 +57,20 @@ class Served:
         return self.tok.decode(out[len(prompt_ids):])
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def serving(path, **kw):
+    """A module's server fixture body: `Served(path, **kw)` on one torch thread (tiny models decode fastest
+    so), closed and the thread count restored after."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    s = Served(save_tiny_model_dir(tmp_path_factory.mktemp("model") / "m"))
+    s = Served(path, **kw)
     yield s
     s.close()
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    yield from serving(save_tiny_model_dir(tmp_path_factory.mktemp("model") / "m"))
 
 
 @pytest.fixture

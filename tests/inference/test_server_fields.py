@@ -18,7 +18,7 @@ from fewchips.inference.sampling import SamplingParams, adjust_logits, probabili
 from fewchips.inference.tokenizer import Tokenizer
 
 from inference_utils import save_tiny_model_dir
-from test_server import NAME, Served
+from test_server import NAME, Served, serving
 
 openai = pytest.importorskip("openai")
 
@@ -30,12 +30,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(model_dir):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    s = Served(model_dir)
-    yield s
-    s.close()
-    torch.set_num_threads(n)
+    yield from serving(model_dir)
 
 
 @pytest.fixture

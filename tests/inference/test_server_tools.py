@@ -8,12 +8,11 @@ import json
 from typing import Literal
 
 import pytest
-import torch
 
 from fewchips.train.tokenizer import save_tokenizer, train_tokenizer
 
 from inference_utils import save_tiny_model_dir
-from test_server import NAME, Served
+from test_server import NAME, serving
 
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
@@ -46,12 +45,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(model_dir):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    s = Served(model_dir, tool_parser=True, max_len=1536)        # the tools' schemas fill ~800 tokens
-    yield s
-    s.close()
-    torch.set_num_threads(n)
+    yield from serving(model_dir, tool_parser=True, max_len=1536)        # the tools' schemas fill ~800 tokens
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-import torch
 
 from fewchips.inference.engine import Engine, Request
 from fewchips.inference.grammar import Grammar, allowed_mask
@@ -21,7 +20,7 @@ from fewchips.inference.server import compile_constraint
 from fewchips.inference.tokenizer import Tokenizer
 
 from inference_utils import save_tiny_model_dir, tiny_model, tiny_tokenizer
-from test_server import NAME, Served
+from test_server import NAME, Served, serving
 
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
@@ -43,12 +42,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(model_dir):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    s = Served(model_dir)
-    yield s
-    s.close()
-    torch.set_num_threads(n)
+    yield from serving(model_dir)
 
 
 @pytest.fixture
