@@ -19,12 +19,17 @@ def opens_thinking(template: str | None) -> bool:
 class ReasoningSplit:
     """A TextStream in two: `push(ids)` and `flush()` return (reasoning delta, content delta)."""
 
-    def __init__(self, tokenizer, stops: list[str], skip_special_tokens: bool = True, include_stop: bool = False):
+    def __init__(self, tokenizer, stops: list[str], skip_special_tokens: bool = True, include_stop: bool = False,
+                 prompt: list[int] | None = None):
+        """`prompt`: the request's ids; when its last think token is `</think>` (a V3.1-style non-thinking
+        prompt closes the block itself), the output is all content."""
         ids = [tokenizer.encode(t, add_special_tokens=False) for t in (START, END)]
         self.start_id, self.end_id = (x[0] if len(x) == 1 else None for x in ids)
         self.reasoning_ids = TextStream(tokenizer, stops, skip_special_tokens, include_stop)
         self.content_ids = TextStream(tokenizer, stops, skip_special_tokens, include_stop)
-        self.ended = False                        # </think> seen
+        self.ended = self.end_id is not None and next(
+            (t for t in reversed(prompt or []) if t in (self.start_id, self.end_id)), None) == self.end_id
+        self.no_reasoning = self.ended            # the prompt closed it: reasoning_content is null
         self.held = ""                            # text mode: reasoning text that may be the start of </think>
         self.started = False                      # text mode: past a leading <think>, if any
 
@@ -67,13 +72,14 @@ class ReasoningSplit:
         return text[: len(text) - keep], ""
 
     @property
-    def text(self) -> tuple[str, str | None]:
-        """(reasoning, content) of the whole output; content None when </think> never came."""
-        if self.end_id is None:
+    def text(self) -> tuple[str | None, str | None]:
+        """(reasoning, content) of the whole output; content None when </think> never came, reasoning None
+        when the prompt had closed the block."""
+        if self.end_id is None:                   # text mode
             whole = self.reasoning_ids.text
             whole = whole[len(START):] if whole.startswith(START) else whole
             if END not in whole:
                 return whole, None
             before, after = whole.split(END, 1)
             return before, after
-        return self.reasoning_ids.text, (self.content_ids.text if self.ended else None)
+        return (None if self.no_reasoning else self.reasoning_ids.text), (self.content_ids.text if self.ended else None)

@@ -85,8 +85,9 @@ class Session:
         if isinstance(body, ChatBody) and app_state.tool_markers and api.tool_mode(body):
             self.streams = [ToolCallStream(tok, app_state.tool_markers, r.params.stop, skip, keep) for r in reqs]
         else:
-            text = ReasoningSplit if app_state.reasoning and isinstance(body, ChatBody) else TextStream
-            self.streams = [text(tok, r.params.stop, skip, keep) for r in reqs]
+            split = app_state.reasoning and isinstance(body, ChatBody)
+            self.streams = [ReasoningSplit(tok, r.params.stop, skip, keep, r.prompt_ids) if split
+                            else TextStream(tok, r.params.stop, skip, keep) for r in reqs]
 
     async def events(self, watch_disconnect: bool):
         """(choice index, kind, payload) until every generation is done. Leaving early (the client hung

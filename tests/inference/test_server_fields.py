@@ -231,6 +231,18 @@ def test_reasoning_split_streams_and_whole(tmp_path, with_tokens):
         assert "".join(r for r, _ in parts) == reasoning and "".join(c for _, c in parts) == (content or "")
 
 
+def test_a_prompt_that_closes_the_reasoning_gives_content_only(tmp_path):
+    """A V3.1-style non-thinking prompt ends in </think>: the whole output is content."""
+    tok = think_tokenizer(tmp_path, True)
+    prompt = tok.encode("<think></think>", add_special_tokens=False)
+    split = ReasoningSplit(tok, [], prompt=prompt)
+    assert split.push(tok.encode("hello world", add_special_tokens=False)) == ("", "hello world")
+    assert split.text == (None, "hello world")
+    still_open = ReasoningSplit(tok, [], prompt=tok.encode("</think> x <think>", add_special_tokens=False))
+    still_open.push(tok.encode("a b", add_special_tokens=False))
+    assert still_open.text == ("a b", None)
+
+
 def test_server_splits_reasoning_in_both_modes(model_dir):
     s = Served(model_dir, reasoning=True)
     try:
