@@ -20,13 +20,15 @@ class ReasoningSplit:
     """A TextStream in two: `push(ids)` and `flush()` return (reasoning delta, content delta)."""
 
     def __init__(self, tokenizer, stops: list[str], skip_special_tokens: bool = True, include_stop: bool = False,
-                 prompt: list[int] | None = None):
+                 prompt: list[int] | None = None, content=None):
         """`prompt`: the request's ids; when its last think token is `</think>` (a V3.1-style non-thinking
-        prompt closes the block itself), the output is all content."""
+        prompt closes the block itself), the output is all content. `content`: the stream the ids after
+        `</think>` go to (token mode; a `tool_calls.ToolCallStream` to read tool calls there), whose deltas
+        and text `push`, `flush` and `text` return as the content part."""
         ids = [tokenizer.encode(t, add_special_tokens=False) for t in (START, END)]
         self.start_id, self.end_id = (x[0] if len(x) == 1 else None for x in ids)
         self.reasoning_ids = TextStream(tokenizer, stops, skip_special_tokens, include_stop)
-        self.content_ids = TextStream(tokenizer, stops, skip_special_tokens, include_stop)
+        self.content_ids = content or TextStream(tokenizer, stops, skip_special_tokens, include_stop)
         self.ended = self.end_id is not None and next(
             (t for t in reversed(prompt or []) if t in (self.start_id, self.end_id)), None) == self.end_id
         self.no_reasoning = self.ended            # the prompt closed it: reasoning_content is null
@@ -44,7 +46,7 @@ class ReasoningSplit:
                 c.append(t)
             elif not (t == self.start_id and not self.reasoning_ids.ids and not r):
                 r.append(t)
-        return (self.reasoning_ids.push(r) if r else ""), (self.content_ids.push(c) if c else "")
+        return (self.reasoning_ids.push(r) if r else ""), self.content_ids.push(c)
 
     def flush(self) -> tuple[str, str]:
         if self.end_id is None:

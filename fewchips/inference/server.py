@@ -82,12 +82,18 @@ class Session:
     def __init__(self, app_state, reqs: list[Request], queue: asyncio.Queue, http: HTTPRequest, body):
         self.state, self.reqs, self.queue, self.http = app_state, reqs, queue, http
         tok, skip, keep = app_state.tokenizer, body.skip_special_tokens, body.include_stop_str_in_output
-        if isinstance(body, ChatBody) and app_state.tool_markers and api.tool_mode(body):
-            self.streams = [ToolCallStream(tok, app_state.tool_markers, r.params.stop, skip, keep) for r in reqs]
+        chat = isinstance(body, ChatBody)
+        tools = chat and app_state.tool_markers and api.tool_mode(body)
+
+        def content(r):
+            return ToolCallStream(tok, app_state.tool_markers, r.params.stop, skip, keep) if tools \
+                else TextStream(tok, r.params.stop, skip, keep)
+        if chat and app_state.reasoning and (not tools or ReasoningSplit(tok, []).end_id is not None):
+            # reasoning first, then the content (tool calls read in it): on token ids where </think> is one
+            self.streams = [ReasoningSplit(tok, r.params.stop, skip, keep, r.prompt_ids,
+                                           content(r) if tools else None) for r in reqs]
         else:
-            split = app_state.reasoning and isinstance(body, ChatBody)
-            self.streams = [ReasoningSplit(tok, r.params.stop, skip, keep, r.prompt_ids) if split
-                            else TextStream(tok, r.params.stop, skip, keep) for r in reqs]
+            self.streams = [content(r) for r in reqs]
 
     async def events(self, watch_disconnect: bool):
         """(choice index, kind, payload) until every generation is done. Leaving early (the client hung
@@ -305,11 +311,12 @@ def prepare_chat(raw: bytes, state: AppState):
         lark = tool_grammar(body.tools, state.tool_markers, None if mode == "required" else mode,
                             parallel=body.parallel_tool_calls is not False)
         try:
-            return body, prompt, Grammar("grammar", lark, state.tokenizer, state.engine.model.config.vocab_size,
-                                         state.stop_ids, lenient=True)
+            grammar = Grammar("grammar", lark, state.tokenizer, state.engine.model.config.vocab_size,
+                              state.stop_ids, lenient=True)
         except ValueError as e:
             raise APIError(400, f"tools: a function's parameters do not compile as a JSON schema: {e}",
                            param="tools") from None
+        return body, prompt, after_reasoning(grammar, body, state, prompt, "tool_choice")
     return body, prompt, compile_constraint(body, state, prompt)
 
 
@@ -328,12 +335,18 @@ def compile_constraint(body, state: AppState, prompt: list[int] | None = None) -
                        param=c["param"]) from None
     if grammar.warnings:
         api.log.warning(f"{c['param']}: not enforced (strict is false): {'; '.join(grammar.warnings)}")
+    return after_reasoning(grammar, body, state, prompt, c["param"])
+
+
+def after_reasoning(grammar: Grammar, body, state: AppState, prompt: list[int] | None, param: str) -> Grammar:
+    """With the reasoning parser on, a chat's constraint applies after the `</think>` token (vLLM's
+    default), or from the start when the prompt has closed the reasoning already."""
     if state.reasoning and isinstance(body, ChatBody):
-        split = ReasoningSplit(state.tokenizer, [])
+        split = ReasoningSplit(state.tokenizer, [], prompt=prompt)
         if split.end_id is None:
-            raise APIError(400, f"{c['param']}: with the reasoning parser on, a constraint applies after </think>, "
-                                "which this tokenizer does not hold as one token", param=c["param"])
-        if next((t for t in reversed(prompt) if t in (split.start_id, split.end_id)), None) != split.end_id:
+            raise APIError(400, f"{param}: with the reasoning parser on, a constraint applies after </think>, "
+                                "which this tokenizer does not hold as one token", param=param)
+        if not split.ended:
             grammar.after = split.end_id
     return grammar
 
@@ -399,22 +412,24 @@ async def chat_complete(state: AppState, request: HTTPRequest, body: ChatBody, p
         return {"id": cid, "object": "chat.completion.chunk", "created": now, "model": state.model_name,
                 "choices": [{"index": k, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
-    tools = isinstance(s.streams[0], ToolCallStream)
+    split = isinstance(s.streams[0], ReasoningSplit)
+    calls_of = [(st.content_ids if split else st) for st in s.streams]
+    tools = isinstance(calls_of[0], ToolCallStream)
 
     def reason(k, r):                              # a choice that ended in its tool calls says so
-        return "tool_calls" if tools and s.streams[k].calls and r == "stop" else r
+        return "tool_calls" if tools and calls_of[k].calls and r == "stop" else r
+
+    def parts(text) -> tuple:
+        """A stream's output as (reasoning, content, tool calls)."""
+        reasoning, text = text if split else (None, text)
+        content, calls = text if tools else (text, [])
+        return reasoning, content, calls
 
     def message_delta(text) -> dict:
-        """A text delta as the message's fields: content, or (reasoning parser on) reasoning and content, or
-        (tools) content and tool-call deltas."""
-        if tools:
-            content, calls = text
-            return {**({"content": content} if content else {}), **({"tool_calls": calls} if calls else {})}
-        if not state.reasoning:
-            return {"content": text} if text else {}
-        reasoning, content = text
+        """A delta as the message's fields: reasoning (parser on), content, tool calls (tools given)."""
+        reasoning, content, calls = parts(text)
         return {**({"reasoning_content": reasoning, "reasoning": reasoning} if reasoning else {}),
-                **({"content": content} if content else {})}
+                **({"content": content} if content else {}), **({"tool_calls": calls} if calls else {})}
 
     if body.stream:
         def delta(k, text, payload):
@@ -433,13 +448,12 @@ async def chat_complete(state: AppState, request: HTTPRequest, body: ChatBody, p
         return StreamingResponse(s.sse(first, delta, finish, usage), media_type="text/event-stream")
 
     def message(k) -> dict:
-        if tools:
-            content, calls = s.streams[k].text
-            return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
-        if not state.reasoning:
-            return {"role": "assistant", "content": s.streams[k].text}
-        reasoning, content = s.streams[k].text
-        return {"role": "assistant", "content": content, "reasoning_content": reasoning, "reasoning": reasoning}
+        text = s.streams[k].text
+        if split and tools and text[1] is None:      # no </think>: no content, no calls
+            text = (text[0], (None, []))
+        reasoning, content, calls = parts(text)
+        return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {}),
+                **({"reasoning_content": reasoning, "reasoning": reasoning} if split else {})}
 
     await s.collect()
     choices = [{"index": k, "message": message(k),

@@ -136,3 +136,24 @@ def test_the_openai_agents_sdk_completes_a_tool_round_trip(served):
     outputs = [i for i in result.new_items if i.type == "tool_call_output_item"]
     assert calls and outputs and outputs[0].output.startswith("sunny in")
     assert isinstance(result.final_output, str)                                     # then a reply after the result
+
+
+def test_reasoning_then_tool_calls_in_one_reply(model_dir):
+    """Both parsers on (an R1-style model with tools): the text before </think> is reasoning_content, the
+    calls after it are parsed, and tool_choice required applies after </think>."""
+    with_both = serving(model_dir, tool_parser=True, reasoning=True, max_len=1536)
+    s = next(with_both)
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        end = s.tok.tok.token_to_id("</think>")
+        kw = dict(model=NAME, messages=HISTORY[:1], tools=TOOLS, tool_choice="required", max_tokens=120,
+                  temperature=0, logit_bias={str(end): 100})           # think for no token, then call
+        r = c.chat.completions.create(**kw).choices[0]
+        assert r.finish_reason == "tool_calls" and r.message.reasoning_content == ""
+        check_calls(r.message.tool_calls, ["get_weather", "get_time"])
+        streamed = [ch.choices[0] for ch in c.chat.completions.create(**kw, stream=True) if ch.choices]
+        names = "".join(t.function.name or "" for ch in streamed for t in ch.delta.tool_calls or [] if t.function)
+        assert names == "".join(t.function.name for t in r.message.tool_calls)
+        assert streamed[-1].finish_reason == "tool_calls"
+    finally:
+        next(with_both, None)
