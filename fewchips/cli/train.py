@@ -141,8 +141,8 @@ def _systems_flags(p):
     g.add_argument("--fp8-backend", choices=["auto", "scaled_mm", "emulate"],
                    help="auto: cuBLAS block-wise scaled_mm on Hopper, emulation elsewhere")
     g.add_argument("--fp8-activations", choices=["cached", "full"],
-                   help="cached (default): what the backward keeps is FP8 too, as in the report (SwiGLU input in "
-                        "E4M3 with its output recomputed, o_proj's input in E5M6); full: kept in the activation dtype")
+                   help="cached (default): what the backward keeps is 8-12 bits too (x in E4M3, the SwiGLU's input "
+                        "and o_proj's in 12-bit E5M6, the SwiGLU recomputed); full: kept in the activation dtype")
     g.add_argument("--bf16-moments", action="store_true",
                    help="store AdamW's two moments in BF16 as DeepSeek-V3 does (half the optimizer memory)")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

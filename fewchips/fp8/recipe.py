@@ -39,7 +39,7 @@ def apply_fp8(model: nn.Module, backend: str = "auto", pow2_scales: bool = False
     """Swap the recipe's layers (recipe.py) for FP8 ones in place; returns the converted module names.
     Parameters are kept (same objects), so this may run before or after the optimiser is built.
     `cache_activations`: what the backward keeps is FP8 too (the report's §3.3.3, `fp8.cached`): SwiGLU
-    MLPs become one function caching x and h in E4M3, o_proj caches its input in E5M6."""
+    MLPs become one function caching x in E4M3 and h in E5M6, o_proj caches its input in E5M6."""
     if any(isinstance(p, DTensor) for p in model.parameters()):
         raise ValueError("apply_fp8 must run before parallelize: the layers it swaps are then held by FSDP "
                          "(FP8 experts carry over into expert parallelism)")

@@ -1,10 +1,10 @@
-"""FP8-cached activations (arXiv 2412.19437 §3.3.3): E5M6 rounding is exact, each cached layer's forward
-is the uncached FP8 layer's bit for bit, its gradients stay within FP8's own error, and what autograd
-keeps for the backward (counted with saved_tensors_hooks) shrinks to the sizes the recipe says.
+"""FP8-cached activations (arXiv 2412.19437 §3.3.3): E5M6 rounding and its 12-bit packing are exact, each
+cached layer's forward is the uncached FP8 layer's bit for bit, its gradients are as close to FP32 as the
+uncached FP8 layer's, and what autograd keeps for the backward (counted with saved_tensors_hooks) shrinks
+to the sizes the recipe says.
 
-FP8 tolerance: E4M3 keeps 3 mantissa bits (a relative step of 6-12%), so a gradient through one more FP8
-copy (the SwiGLU's recomputation from h in E4M3) moves by a few percent: measured 4-6% against today's
---fp8 path per tensor, and 1.02x its distance from FP32 for the whole model's gradient."""
+Tolerance: h = [g, u] cached in E4M3 (3 mantissa bits) put every SwiGLU gradient 7-17% farther from FP32
+than the uncached FP8 path's; in E5M6 the ratio is 1.00 +- 0.005, so the tests allow 3%."""
 
 import pytest
 import torch
@@ -14,8 +14,9 @@ from model_utils import random_model, tiny_config
 from fewchips.fp8 import apply_fp8
 from fewchips.fp8.cached import FP8CachedMLP, fp8_cached_expert_swiglu
 from fewchips.fp8.linear import FP8Linear, fp8_expert_swiglu
-from fewchips.fp8.quant import E5M6_MAX, quantize_e5m6, round_e5m6
+from fewchips.fp8.quant import E5M6_MAX, dequantize_e5m6, pack_e5m6, quantize_e5m6, round_e5m6, unpack_e5m6
 from fewchips.model import MLP
+from fewchips.ops import expert_swiglu
 
 
 def e5m6_values() -> torch.Tensor:
@@ -39,9 +40,20 @@ def test_e5m6_rounds_to_the_nearest_value_ties_to_even():
     up = (hi - a < a - lo) | ((hi - a == a - lo) & (i % 2 == 0))             # a tie goes to the even mantissa
     want = torch.where(a == hi, a, torch.where(up, hi, lo)) * x.double().sign()
     assert torch.equal(round_e5m6(x).double(), want)
-    q, s = quantize_e5m6(torch.randn(5, 300, generator=g) * 1e3)
-    assert q.dtype == torch.float16 and torch.equal(s, torch.exp2(torch.log2(s).round()))   # power-of-two scales
-    assert float(q.float().abs().max()) <= E5M6_MAX
+    x = torch.randn(5, 300, generator=g) * 1e3
+    q, s = quantize_e5m6(x)
+    assert q.dtype == torch.uint8 and q.numel() == 5 * 300 * 3 // 2                # 12 bits a value
+    assert torch.equal(s, torch.exp2(torch.log2(s).round()))                       # power-of-two scales
+    want = round_e5m6(x / s.repeat_interleave(128, 1)[:, :300]) * s.repeat_interleave(128, 1)[:, :300]
+    assert torch.equal(dequantize_e5m6(q, s, x.shape), want)
+
+
+def test_e5m6_packing_round_trips_every_value():
+    V = e5m6_values().float()
+    v = torch.cat((V, -V, V[:1]))                                                   # odd count, -0 included
+    h = v.to(torch.float16)
+    assert torch.equal(h.float(), v)                                                # FP16 holds every E5M6 value
+    assert torch.equal(unpack_e5m6(pack_e5m6(h), h.shape).view(torch.int32), v.view(torch.int32))
 
 
 def saved_bytes(fn, *params):
@@ -88,13 +100,13 @@ def test_swiglu_mlp_caches_x_and_h_in_fp8_and_recomputes():
         y.backward(dy)
         grads[key] = (y.detach(), xi.grad, *(p.grad for p in m.parameters()))
     assert torch.equal(grads["cached"][0], grads["full"][0])                 # the same forward, bit for bit
-    for a, b, r in zip(grads["cached"][1:], grads["full"][1:], grads["fp32"][1:]):
-        assert rel(a, b) < 0.08 and rel(a, r) < 1.25 * rel(b, r), (rel(a, b), rel(a, r), rel(b, r))
+    for a, b, r in zip(grads["cached"][1:], grads["full"][1:], grads["fp32"][1:]):   # dx, dW_gate, dW_up, dW_down
+        assert rel(a, b) < 0.03 and rel(a, r) < 1.03 * rel(b, r), (rel(a, b), rel(a, r), rel(b, r))
     def scales(rows, cols):
         return rows * -(-cols // 128) * 4
 
     weights_fp8 = sum(p.numel() + scales(-(-p.shape[0] // 128), p.shape[1]) for p in mlp.parameters())
-    assert saved["cached"] == M * D + scales(M, D) + M * 2 * Fw + scales(M, 2 * Fw) + weights_fp8   # x, h: E4M3
+    assert saved["cached"] == M * D + scales(M, D) + M * 3 * Fw + scales(M, 2 * Fw) + weights_fp8   # x E4M3, h E5M6
     assert saved["full"] - weights_fp8 >= 2 * M * D + 13 * M * Fw          # x twice, g, u, silu(g) fp32, down input
 
 
@@ -107,17 +119,18 @@ def test_grouped_experts_cache_in_fp8():
     w2 = (torch.randn(E, D, Fw, generator=g) * 0.05)
     dy = torch.randn(x.shape[0], D, generator=g)
     out = {}
-    for key, fn in (("full", fp8_expert_swiglu), ("cached", fp8_cached_expert_swiglu)):
+    for key, fn in (("fp32", lambda *a, backend: expert_swiglu(*a)), ("full", fp8_expert_swiglu),
+                    ("cached", fp8_cached_expert_swiglu)):
         xi, a, b = (t.clone().requires_grad_() for t in (x, w1, w2))
         y, n = saved_bytes(lambda: fn(xi, counts, a, b, backend="emulate"), a, b)
         y.backward(dy)
         out[key] = (y.detach(), xi.grad, a.grad, b.grad, n)
     assert torch.equal(out["cached"][0], out["full"][0])
-    for a, b in zip(out["cached"][1:4], out["full"][1:4]):
-        assert rel(a, b) < 0.08
+    for a, b, r in zip(out["cached"][1:4], out["full"][1:4], out["fp32"][1:4]):
+        assert rel(a, b) < 0.03 and rel(a, r) < 1.03 * rel(b, r), (rel(a, b), rel(a, r), rel(b, r))
     M, tiles = x.shape[0], lambda cols: -(-cols // 128) * 4                 # fp32 scales per row
     weights_fp8 = w1.numel() + E * 3 * tiles(D) + w2.numel() + E * 1 * tiles(Fw)
-    assert out["cached"][4] == M * (D + tiles(D)) + M * (2 * Fw + tiles(2 * Fw)) + weights_fp8 + E * 8   # + offsets
+    assert out["cached"][4] == M * (D + tiles(D)) + M * (3 * Fw + tiles(2 * Fw)) + weights_fp8 + E * 8   # + offsets
     assert out["full"][4] - weights_fp8 >= M * (D + 13 * Fw)               # h and silu(g) in fp32, down input
 
 
