@@ -29,8 +29,8 @@ from ..train.tokenizer import load_tokenizer, save_tokenizer, special_ids
 # What a run writes in OUT (a folder holding only these is a run, perhaps stopped before its first save)
 RUN_FILES = {".lock", "cache", "checkpoint", "checkpoint.old", "metrics.jsonl", "config.json", "generation_config.json",
              "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
-             "loss.png", "expert_load.png", "expert_loads.json", "grpo.png", "ema"}
-SHARD = re.compile(r"model-\d+-of-\d+\.safetensors|checkpoint\.tmp|\.tmp-.*|\..*\.tmp-.*")   # shards, temps
+             "loss.png", "expert_load.png", "expert_loads.json", "grpo.png", "ema", "lost+found"}
+SHARD = re.compile(r"model-\d+-of-\d+\.safetensors|checkpoint\.tmp|\.tmp-.*|\..*\.tmp-.*|\.part-\d+\.safetensors")
 
 
 class RunDir:

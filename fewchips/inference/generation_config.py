@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 
+from .sampling import SamplingParams
+
 # generation_config.json's name -> the request field it is the default of
 FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
           "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
@@ -28,7 +30,10 @@ def generation_defaults(model_dir: str, setting: str = "auto") -> dict:
             config = json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f"{file}: not readable JSON ({e})") from None
-    if config.get("do_sample") is False:           # greedy by the model's own choice
-        config = {**config, "temperature": 0.0}
-    return {field: config[key] for key, field in FIELDS.items() if isinstance(config.get(key), (int, float))
-            and not isinstance(config.get(key), bool)}
+    out = {field: config[key] for key, field in FIELDS.items() if isinstance(config.get(key), (int, float))
+           and not isinstance(config.get(key), bool)}
+    try:                                           # a bad value is said at start, not as a 500 on every request
+        SamplingParams(**{k: v for k, v in out.items()})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{file}: {e}") from None
+    return out

@@ -273,7 +273,8 @@ def check_tools(body: _Common, tool_parser: bool):
                                 f"\"parameters\": JSON schema}}}}", param="tools")
         names.append(f["name"])
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name")
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
         if choice.get("type") != "function" or name not in names:
             raise APIError(400, f"tool_choice names {name!r}, which is not among the tools ({', '.join(names)})",
                            param="tool_choice")

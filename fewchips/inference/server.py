@@ -354,7 +354,8 @@ def after_reasoning(grammar: Grammar, body, state: AppState, prompt: list[int] |
 async def complete(state: AppState, request: HTTPRequest, body: CompletionBody, prompts, texts,
                    grammar: Grammar | None = None):
     max_tokens = body.max_tokens if "max_tokens" in body.model_fields_set and body.max_tokens is not None \
-        else state.defaults.get("max_tokens", api.MAX_TOKENS)
+        else max(0, min(state.defaults.get("max_tokens", api.MAX_TOKENS),
+                        state.engine.max_len - max(len(p) for p in prompts)))   # a default fits the context
     scoring = body.echo and body.logprobs is not None
     s = state.submit(prompts, body, [max_tokens] * len(prompts), body.logprobs, request,
                      prompt_logprobs=body.logprobs if scoring else None, grammar=grammar)
@@ -397,7 +398,9 @@ async def complete(state: AppState, request: HTTPRequest, body: CompletionBody, 
 
 async def chat_complete(state: AppState, request: HTTPRequest, body: ChatBody, prompt: list[int],
                         grammar: Grammar | None = None):
-    max_tokens = body.max_completion_tokens or body.max_tokens or state.defaults.get("max_tokens")
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is None and "max_tokens" in state.defaults:   # the model's default, within the room left (vLLM)
+        max_tokens = min(state.defaults["max_tokens"], state.engine.max_len - len(prompt)) or None
     if max_tokens is None:
         max_tokens = max(state.engine.max_len - len(prompt), 0)
         if max_tokens == 0:
@@ -467,7 +470,7 @@ def listen(host: str, port: int) -> socket.socket:
     """The server's listening socket, bound now (before a model is loaded), so that a bad --host or a
     port in use is one line and not a server that announces itself and then fails."""
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET      # as uvicorn picks it
         return socket.create_server((host, port), family=family, backlog=2048)
     except (OSError, OverflowError) as e:
         raise ValueError(f"cannot listen on --host {host} --port {port}: {getattr(e, 'strerror', None) or e}") from None

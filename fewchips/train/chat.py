@@ -206,6 +206,10 @@ def encode_chat(tok, messages: list[dict], add_generation_prompt: bool = False,
                                 f"{', '.join(missing[:3])}...: retrain it with this fewchips, or give the model "
                                 f"directory a chat_template that writes tool calls")
         template = ChatTemplate(TOOL_CHAT_TEMPLATE, BOS, EOS)
+    if template is not None and isinstance(messages, Conversation) and messages.uses_tools() \
+            and "tool_calls" not in template.source:
+        raise ChatDataError("a chat with tool calls, and the model directory's chat_template does not write tool "
+                            "calls (they would be trained as a bare EOS): give it one that does")
     if template is not None:
         return encode_templated(tok, template, messages, add_generation_prompt, tools=tools)
     for special in (USER, ASSISTANT):

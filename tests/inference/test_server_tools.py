@@ -108,6 +108,9 @@ def test_tools_refused_where_they_cannot_be_honoured(served, client):
     with pytest.raises(openai.BadRequestError, match="not among the tools"):
         client.chat.completions.create(model=NAME, messages=HISTORY[:1], tools=TOOLS, max_tokens=2,
                                        tool_choice={"type": "function", "function": {"name": "nope"}})
+    with pytest.raises(openai.BadRequestError, match="not among the tools"):          # malformed: a 400, not a 500
+        client.chat.completions.create(model=NAME, messages=HISTORY[:1], tools=TOOLS, max_tokens=2,
+                                       tool_choice={"type": "function", "function": "get_time"})
     with pytest.raises(openai.BadRequestError, match="output constraint"):
         client.chat.completions.create(model=NAME, messages=HISTORY[:1], tools=TOOLS, tool_choice="required",
                                        response_format={"type": "json_object"}, max_tokens=2)

@@ -82,6 +82,15 @@ def test_sft_trains_the_tool_calls_and_not_the_results(tok_dir):
     assert '{"temp": 21}' in tok.decode(ids, skip_special_tokens=False) and '"temp"' not in trained
 
 
+def test_a_template_that_cannot_write_tool_calls_is_refused(tok_dir):
+    from fewchips.inference.tokenizer import ChatTemplate
+    from fewchips.train.chat import ChatDataError
+    from fewchips.train.tokenizer import BOS
+    d, tok = tok_dir
+    with pytest.raises(ChatDataError, match="does not write tool calls"):
+        encode_chat(tok, read_chats_of(d, [{"messages": CHATS[0]}])[0], template=ChatTemplate(CHAT_TEMPLATE, BOS, EOS))
+
+
 def test_chats_without_tools_render_as_before(tok_dir):
     from fewchips.inference.tokenizer import ChatTemplate
     from fewchips.train.tokenizer import BOS, TOOL_CHAT_TEMPLATE
